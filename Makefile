@@ -1,0 +1,35 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: venv test test-fast demo data clean
+
+# The CPU torch wheel that lies on this machine's disk is installed first, so that pip never resolves a
+# CUDA build; pyproject only asks torch>=2.4, which keeps a GPU machine's own build.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[dev]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+data: $(STAMP)
+	$(PY) -m dalle2.data.synthetic --out data_builtin --num-train 4096 --num-val 512 --image-size 64
+
+demo: $(STAMP)
+	$(PY) -m dalle2.demo
+
+clean:
+	rm -rf $(VENV) runs outputs multirun demo_out data_builtin .pytest_cache

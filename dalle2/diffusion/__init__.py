@@ -1,0 +1,1 @@
+"""dalle2.diffusion"""

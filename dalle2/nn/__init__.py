@@ -1,0 +1,17 @@
+"""Shared building blocks: attention (SDPA), transformer blocks, timestep embeddings, EMA."""
+
+from dalle2.nn.attention import MLP, Attention, QuickGELU
+from dalle2.nn.ema import EMA
+from dalle2.nn.embeddings import TimestepEmbedding, timestep_embedding
+from dalle2.nn.transformer import ResidualAttentionBlock, Transformer
+
+__all__ = [
+    "Attention",
+    "EMA",
+    "MLP",
+    "QuickGELU",
+    "ResidualAttentionBlock",
+    "TimestepEmbedding",
+    "Transformer",
+    "timestep_embedding",
+]

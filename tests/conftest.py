@@ -1,0 +1,29 @@
+"""Shared fixtures. Tests are CPU-only, build tiny models and data themselves, and need no network."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+import pytest
+import torch
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_threads():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture(scope="session")
+def builtin_shards(tmp_path_factory):
+    """Small built-in captioned shards (img2dataset layout) at 32 px: {"train": urls, "val": urls, "root": dir}."""
+    from dalle2.data.synthetic import write_shards
+
+    root = tmp_path_factory.mktemp("builtin")
+    urls = write_shards(root, num_train=256, num_val=64, image_size=32, samples_per_shard=64, seed=0)
+    return {"train": urls["train"], "val": urls["val"], "root": str(root)}
