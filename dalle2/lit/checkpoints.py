@@ -1,0 +1,42 @@
+"""Stage-checked checkpoint loading: a checkpoint of the wrong stage gives one clear error."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import torch
+
+STAGE_KEY = "dalle2_stage"
+STAGE_CLASSES = {
+    "clip": "dalle2.lit.clip_module:CLIPModule",
+    "prior": "dalle2.lit.prior_module:PriorModule",
+    "decoder": "dalle2.lit.decoder_module:DecoderModule",
+    "upsampler": "dalle2.lit.decoder_module:UpsamplerModule",
+}
+
+
+class WrongStageError(ValueError):
+    pass
+
+
+def checkpoint_stage(path: str | Path) -> str | None:
+    """The stage a Lightning ``.ckpt`` of ours was written by (None when it is not one of ours)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    return ckpt.get(STAGE_KEY) if isinstance(ckpt, dict) else None
+
+
+def load_stage_module(path: str | Path, stage: str, *, map_location="cpu"):
+    """``<StageModule>.load_from_checkpoint(path)`` after checking the checkpoint was written by ``stage``."""
+    if stage not in STAGE_CLASSES:
+        raise ValueError(f"unknown stage {stage!r}; expected one of {sorted(STAGE_CLASSES)}")
+    found = checkpoint_stage(path)
+    if found != stage:
+        what = f"a {found!r} checkpoint" if found else "not a dalle2 Lightning checkpoint"
+        raise WrongStageError(f"{path} is {what}, but a {stage!r} checkpoint was expected")
+    mod_name, cls_name = STAGE_CLASSES[stage].split(":")
+    cls = getattr(importlib.import_module(mod_name), cls_name)
+    return cls.load_from_checkpoint(str(path), map_location=map_location, weights_only=False)

@@ -1,0 +1,89 @@
+"""LightningModule for contrastive CLIP training with zero-shot retrieval validation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import lightning as L
+import torch
+
+from dalle2.clip.loss import ClipLoss
+from dalle2.clip.model import CLIP, preprocess_for_clip
+from dalle2.clip.retrieval import retrieval_metrics
+from dalle2.lit.checkpoints import STAGE_KEY
+from dalle2.lit.distributed import gather_ragged
+from dalle2.lit.optim import build_optimizers
+
+
+class CLIPModule(L.LightningModule):
+    """Batches are dicts from ``WebDataModule``: ``image`` (B,3,S,S) in [-1,1], ``tokens`` (B,L) long.
+
+    ``network`` is the plain keyword dict of ``dalle2.clip.model.CLIP`` (conf/model/clip/*.yaml), stored in the
+    checkpoint so ``CLIPModule.load_from_checkpoint(path)`` rebuilds the model with no config at hand.
+    """
+
+    stage = "clip"
+
+    def __init__(
+        self,
+        *,
+        network: dict,
+        local_loss: bool = True,
+        gather_with_grad: bool = False,
+        image_key: str = "image",
+        optimizer: Callable | None = None,
+        scheduler: Callable | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.model = CLIP(**network)
+        self.loss_fn = ClipLoss(local_loss=local_loss, gather_with_grad=gather_with_grad)
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self._val_image: list[torch.Tensor] = []
+        self._val_text: list[torch.Tensor] = []
+
+    # -- encoders used by the later stages -------------------------------------------------------------
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """images: (B,3,H,W) in [-1,1] -> unnormalised image embeddings (B,D)."""
+        return self.model.encode_image(preprocess_for_clip(images, self.model.image_size))
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict:
+        return self.model(preprocess_for_clip(images, self.model.image_size), tokens)
+
+    # -- training ---------------------------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        out = self(batch[self.hparams.image_key], batch["tokens"])
+        losses = self.loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
+        self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=False)
+        self.log("train/loss", losses["loss"], prog_bar=True)
+        return losses["loss"]
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        out = self(batch[self.hparams.image_key], batch["tokens"])
+        self._val_image.append(out["image_features"].float())
+        self._val_text.append(out["text_features"].float())
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val_image:
+            return
+        img = gather_ragged(torch.cat(self._val_image))
+        txt = gather_ragged(torch.cat(self._val_text))
+        self._val_image.clear()
+        self._val_text.clear()
+        metrics = retrieval_metrics(img, txt)
+        scale = self.model.logit_scale.exp().clamp(max=100.0)
+        logits = scale * img @ txt.t()
+        labels = torch.arange(len(img), device=img.device)
+        val_loss = 0.5 * (
+            torch.nn.functional.cross_entropy(logits, labels) + torch.nn.functional.cross_entropy(logits.t(), labels)
+        )
+        log = {f"val/{k}": float(v) for k, v in metrics.items()}
+        log["val/loss"] = float(val_loss)
+        # every rank holds the same gathered values: no further reduction needed
+        self.log_dict(log, sync_dist=False, rank_zero_only=False)
+
+    def configure_optimizers(self):
+        return build_optimizers(self.model, self.optimizer_factory, self.scheduler_factory, default_lr=5e-4)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[STAGE_KEY] = self.stage
