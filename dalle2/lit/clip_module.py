@@ -87,3 +87,18 @@ class CLIPModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint[STAGE_KEY] = self.stage
+
+
+def load_clip(path: str, *, map_location="cpu") -> CLIPModule:
+    """A ``CLIPModule`` in eval mode from a stage=clip ``.ckpt`` or from CLIP weights (OpenAI / open_clip / ours as
+    safetensors).  A Lightning checkpoint of another stage raises ``WrongStageError``."""
+    from dalle2.clip.pretrained import load_clip_checkpoint, load_safetensors
+    from dalle2.lit.checkpoints import load_stage_module
+
+    if str(path).endswith(".ckpt"):
+        module = load_stage_module(path, "clip", map_location=map_location)
+    else:
+        model = load_safetensors(path) if str(path).endswith(".safetensors") else load_clip_checkpoint(path)
+        module = CLIPModule(network=model.config)
+        module.model.load_state_dict(model.state_dict())
+    return module.eval().requires_grad_(False)
