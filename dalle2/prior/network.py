@@ -1,0 +1,334 @@
+"""The diffusion prior's network: a causal transformer that maps (text, t, noised CLIP image embedding) to a prediction.
+
+The sequence is ``[text tokens (L), text embedding, timestep, noised image embedding, query]`` and the output at the
+final (query) position, after a final LayerNorm and a projection back to the CLIP dimension, is the prediction.
+Whether that prediction is x0, eps or v is the diffusion's business; this network knows nothing of noise.
+
+Classifier-free guidance: where ``drop_text`` is True the text tokens and the text embedding are replaced by learned
+null embeddings (the null tokens are all "valid", so the unconditional branch has a learned context to attend to).
+Guidance itself is a wrapper around the model function (``dalle2.diffusion.guidance``), not a flag here.
+
+``EmbeddingScaler`` holds the embedding normalisation: CLIP image embeddings are L2-normalised and multiplied by
+``scale`` before diffusion; samples are divided by it (and optionally re-normalised) afterwards.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from dalle2.nn import MLP, Attention, TimestepEmbedding
+
+Positional = Literal["learned", "rotary"]
+
+# Number of non-text tokens after the text: text embedding, timestep, noised image embedding, query.
+NUM_TRAILING_TOKENS = 4
+
+# Constructor kwargs; ``embed_dim`` and ``text_token_dim`` come from the CLIP model unless the preset fixes them.
+PRIOR_PRESETS: dict[str, dict[str, Any]] = {
+    # trains on 2 CPU cores in minutes
+    "tiny": {"width": 256, "depth": 4, "heads": 4, "dim_head": 64, "mlp_ratio": 4, "max_text_len": 77},
+    # the paper's shape (DALL-E 2 appendix C, decoder-only transformer for D=768): width 2048, 24 layers, 32 heads
+    "paper": {"width": 2048, "depth": 24, "heads": 32, "dim_head": 64, "mlp_ratio": 4, "max_text_len": 77},
+    # throughput benchmark shape: CLIP ViT-B dimensions
+    "bench": {
+        "embed_dim": 512,
+        "text_token_dim": 512,
+        "width": 512,
+        "depth": 6,
+        "heads": 8,
+        "dim_head": 64,
+        "mlp_ratio": 4,
+        "max_text_len": 77,
+    },
+}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# embedding normalisation
+
+
+@dataclass(frozen=True)
+class EmbeddingScaler:
+    """L2-normalise then multiply by ``scale`` (into the diffusion's space); divide by it to come back.
+
+    ``scale`` of about ``sqrt(D)`` gives unit-variance coordinates; ``EmbeddingScaler.for_dim(D)`` builds that.
+    """
+
+    scale: float
+
+    def __post_init__(self):
+        if not self.scale > 0:
+            raise ValueError(f"EmbeddingScaler scale must be positive, got {self.scale}")
+
+    @classmethod
+    def for_dim(cls, dim: int) -> "EmbeddingScaler":
+        return cls(scale=math.sqrt(dim))
+
+    def scale_embed(self, emb: torch.Tensor) -> torch.Tensor:
+        """emb: (..., D) raw CLIP embedding -> (..., D) with norm ``scale``."""
+        return F.normalize(emb.float(), dim=-1) * self.scale
+
+    def unscale_embed(self, emb: torch.Tensor, *, renormalize: bool = True) -> torch.Tensor:
+        """emb: (..., D) in the diffusion's space -> (..., D) CLIP space (unit norm if ``renormalize``)."""
+        out = emb.float() / self.scale
+        return F.normalize(out, dim=-1) if renormalize else out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# rotary position embedding
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (RoFormer) over the whole head dimension, "rotate-half" layout.
+
+    forward(positions: (N,) long) -> (cos, sin), each (N, dim_head) float32; apply with ``apply_rotary``.
+    """
+
+    def __init__(self, dim_head: int, *, base: float = 10000.0):
+        super().__init__()
+        if dim_head % 2:
+            raise ValueError(f"rotary embeddings need an even head dimension, got {dim_head}")
+        inv_freq = base ** (-torch.arange(0, dim_head, 2, dtype=torch.float32) / dim_head)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.float()[:, None] * self.inv_freq[None]  # (N, dim_head / 2)
+        freqs = torch.cat([freqs, freqs], dim=-1)
+        return freqs.cos(), freqs.sin()
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, H, N, d); cos/sin: (N, d) -> (B, H, N, d), computed in float32, returned in x's dtype."""
+    xf = x.float()
+    return (xf * cos + _rotate_half(xf) * sin).to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# transformer block
+
+
+class PriorBlock(nn.Module):
+    """Pre-LN block ``x + attn(ln_1(x))``, ``x + mlp(ln_2(x))`` with optional rotary q/k.
+
+    Reuses ``dalle2.nn.Attention`` for its projections; the attention itself runs here so that rotary embeddings
+    can be applied to q and k.  forward(x: (B, N, W), mask: (B, 1, N, N) bool, rotary: (cos, sin) | None)
+    """
+
+    def __init__(self, width: int, *, heads: int, dim_head: int, mlp_ratio: float, dropout: float):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn = Attention(width, heads=heads, dim_head=dim_head, dropout=dropout)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = MLP(width, hidden_dim=int(width * mlp_ratio), dropout=dropout)
+
+    def _attention(
+        self, x: torch.Tensor, mask: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> torch.Tensor:
+        attn = self.attn
+        b, n, _ = x.shape
+        h, d = attn.heads, attn.dim_head
+        q, k, v = attn.qkv(x).view(b, n, 3, h, d).permute(2, 0, 3, 1, 4)
+        if rotary is not None:
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=attn.dropout if self.training else 0.0
+        )
+        return attn.proj(out.transpose(1, 2).reshape(b, n, h * d))
+
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        x = x + self._attention(self.ln_1(x), mask, rotary)
+        return x + self.mlp(self.ln_2(x))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the prior network
+
+
+class PriorNetwork(nn.Module):
+    """Decoder-only causal transformer over ``[text tokens, text emb, t, noised image emb, query]``.
+
+    Positions: text token ``i`` sits at position ``i``; the four trailing tokens always sit at ``max_text_len + 0..3``
+    so that their positions do not depend on the padded text length.
+
+    forward(x: (B, D), t: (B,), *, text_embed: (B, D), text_tokens: (B, L, Dt) | None, text_mask: (B, L) bool | None,
+            drop_text: (B,) bool | None) -> (B, D)
+    """
+
+    def __init__(
+        self,
+        *,
+        embed_dim: int,
+        text_token_dim: int,
+        width: int,
+        depth: int,
+        heads: int,
+        dim_head: int = 64,
+        mlp_ratio: float = 4,
+        max_text_len: int = 77,
+        positional: Positional = "learned",
+        dropout: float = 0.0,
+        grad_checkpointing: bool = False,
+    ):
+        super().__init__()
+        if positional not in ("learned", "rotary"):
+            raise ValueError(f"unknown positional {positional!r}; expected 'learned' or 'rotary'")
+        self.embed_dim, self.text_token_dim, self.width = embed_dim, text_token_dim, width
+        self.max_text_len, self.positional = max_text_len, positional
+        self.grad_checkpointing = grad_checkpointing
+
+        self.text_token_proj = nn.Linear(text_token_dim, width)
+        self.text_embed_proj = nn.Linear(embed_dim, width)
+        self.time_embed = TimestepEmbedding(width)
+        self.x_proj = nn.Linear(embed_dim, width)
+        self.query = nn.Parameter(torch.randn(width) * width**-0.5)
+        # classifier-free guidance: learned null text embedding (CLIP space, unit-ish norm) and null tokens (width)
+        self.null_text_embed = nn.Parameter(torch.randn(embed_dim) * embed_dim**-0.5)
+        self.null_text_tokens = nn.Parameter(torch.randn(max_text_len, width) * width**-0.5)
+
+        n_pos = max_text_len + NUM_TRAILING_TOKENS
+        if positional == "learned":
+            self.pos_embed = nn.Parameter(torch.randn(n_pos, width) * 0.01)
+            self.rotary = None
+        else:
+            self.register_parameter("pos_embed", None)
+            self.rotary = RotaryEmbedding(dim_head)
+
+        self.blocks = nn.ModuleList(
+            PriorBlock(width, heads=heads, dim_head=dim_head, mlp_ratio=mlp_ratio, dropout=dropout)
+            for _ in range(depth)
+        )
+        self.ln_final = nn.LayerNorm(width)
+        self.out_proj = nn.Linear(width, embed_dim)
+
+    # ----------------------------------------------------------------------------------------------------------------
+
+    def _text_tokens(
+        self,
+        text_tokens: torch.Tensor,
+        text_mask: torch.Tensor | None,
+        drop_text: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> tokens (B, L, W), valid (B, L) bool; padded inputs zeroed, dropped rows replaced by null tokens."""
+        b, length, dt = text_tokens.shape
+        if length > self.max_text_len:
+            raise ValueError(f"text_tokens has length {length} > max_text_len {self.max_text_len}")
+        if dt != self.text_token_dim:
+            raise ValueError(f"text_tokens has width {dt}, expected text_token_dim {self.text_token_dim}")
+        if text_mask is None:
+            valid = torch.ones(b, length, dtype=torch.bool, device=text_tokens.device)
+        else:
+            if text_mask.shape != (b, length):
+                raise ValueError(f"text_mask shape {tuple(text_mask.shape)} != {(b, length)}")
+            valid = text_mask.bool()
+        # where() rather than multiply so that garbage (even NaN) in padded slots cannot leak
+        raw = torch.where(valid[..., None], text_tokens, torch.zeros_like(text_tokens))
+        tokens = self.text_token_proj(raw.to(self.text_token_proj.weight.dtype))
+        if drop_text is not None:
+            null = self.null_text_tokens[:length].to(tokens.dtype).expand(b, -1, -1)
+            tokens = torch.where(drop_text[:, None, None], null, tokens)
+            valid = valid | drop_text[:, None]
+        return tokens, valid
+
+    def _attention_mask(self, key_valid: torch.Tensor) -> torch.Tensor:
+        """key_valid: (B, N) bool -> (B, 1, N, N) bool: causal, valid keys only, and always the diagonal.
+
+        The diagonal keeps every row (padded text rows included) non-empty, so SDPA never sees a fully masked row
+        (which gives NaN that would leak through later layers' values).  Padded rows only see themselves, and no
+        unpadded row ever sees a padded key, so padded content cannot reach the output.
+        """
+        n = key_valid.shape[1]
+        causal = torch.ones(n, n, dtype=torch.bool, device=key_valid.device).tril()
+        eye = torch.eye(n, dtype=torch.bool, device=key_valid.device)
+        return ((causal & key_valid[:, None, :]) | eye)[:, None]
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        *,
+        text_embed: torch.Tensor,
+        text_tokens: torch.Tensor | None = None,
+        text_mask: torch.Tensor | None = None,
+        drop_text: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x: (B, D) noised (scaled) image embedding; t: (B,) timesteps; text_embed: (B, D) CLIP text embedding
+        (L2-normalised here); text_tokens: (B, L, Dt) CLIP text-encoder token features; text_mask: (B, L) True for
+        real tokens; drop_text: (B,) True to replace the text by the learned null text.  Returns (B, D)."""
+        b, d = x.shape
+        if d != self.embed_dim:
+            raise ValueError(f"x has dim {d}, expected embed_dim {self.embed_dim}")
+        if text_embed.shape != (b, d):
+            raise ValueError(f"text_embed shape {tuple(text_embed.shape)} != {(b, d)}")
+        if t.dim() == 0:
+            t = t.expand(b)
+        dtype = self.x_proj.weight.dtype
+        if drop_text is not None:
+            drop_text = drop_text.to(device=x.device, dtype=torch.bool).reshape(b)
+
+        text_embed = F.normalize(text_embed.float(), dim=-1)
+        if drop_text is not None:
+            text_embed = torch.where(drop_text[:, None], self.null_text_embed.float()[None], text_embed)
+
+        trailing = torch.stack(
+            [
+                self.text_embed_proj(text_embed.to(dtype)),
+                self.time_embed(t).to(dtype),
+                self.x_proj(x.to(dtype)),
+                self.query.to(dtype)[None].expand(b, -1),
+            ],
+            dim=1,
+        )  # (B, 4, W)
+        trailing_pos = torch.arange(NUM_TRAILING_TOKENS, device=x.device) + self.max_text_len
+        trailing_valid = torch.ones(b, NUM_TRAILING_TOKENS, dtype=torch.bool, device=x.device)
+
+        if text_tokens is not None:
+            tokens, text_valid = self._text_tokens(text_tokens, text_mask, drop_text)
+            h = torch.cat([tokens.to(trailing.dtype), trailing], dim=1)
+            key_valid = torch.cat([text_valid, trailing_valid], dim=1)
+            positions = torch.cat([torch.arange(tokens.shape[1], device=x.device), trailing_pos])
+        else:
+            h, key_valid, positions = trailing, trailing_valid, trailing_pos
+
+        rotary = None
+        if self.pos_embed is not None:
+            h = h + self.pos_embed[positions].to(h.dtype)
+        else:
+            rotary = self.rotary(positions)
+        mask = self._attention_mask(key_valid)
+
+        for block in self.blocks:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                h = checkpoint(block, h, mask, rotary, use_reentrant=False)
+            else:
+                h = block(h, mask, rotary)
+        return self.out_proj(self.ln_final(h[:, -1]))
+
+
+def prior_from_preset(name: str, *, embed_dim: int | None = None, text_token_dim: int | None = None, **overrides):
+    """Build a ``PriorNetwork`` from ``PRIOR_PRESETS[name]``; CLIP dims (and any other kwarg) override the preset."""
+    if name not in PRIOR_PRESETS:
+        raise ValueError(f"unknown prior preset {name!r}; expected one of {sorted(PRIOR_PRESETS)}")
+    kwargs = dict(PRIOR_PRESETS[name])
+    if embed_dim is not None:
+        kwargs["embed_dim"] = embed_dim
+    if text_token_dim is not None:
+        kwargs["text_token_dim"] = text_token_dim
+    kwargs.update(overrides)
+    missing = [k for k in ("embed_dim", "text_token_dim") if k not in kwargs]
+    if missing:
+        raise ValueError(f"prior preset {name!r} needs {', '.join(missing)} (take them from the CLIP model)")
+    return PriorNetwork(**kwargs)

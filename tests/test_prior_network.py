@@ -1,0 +1,169 @@
+"""PriorNetwork: shapes, masking, CFG null text, gradients, rotary, checkpointing, autocast, save/load, scaler."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+
+from dalle2.prior import PRIOR_PRESETS, EmbeddingScaler, PriorNetwork, prior_from_preset
+
+D, DT, L, B = 32, 24, 6, 3
+
+
+def make_net(**kw) -> PriorNetwork:
+    args = dict(embed_dim=D, text_token_dim=DT, width=64, depth=2, heads=2, dim_head=16, max_text_len=8)
+    args.update(kw)
+    return PriorNetwork(**args).eval()
+
+
+def make_inputs(b: int = B):
+    x = torch.randn(b, D)
+    t = torch.randint(0, 1000, (b,))
+    text_embed = torch.randn(b, D)
+    tokens = torch.randn(b, L, DT)
+    mask = torch.ones(b, L, dtype=torch.bool)
+    mask[0, 4:] = False
+    return x, t, text_embed, tokens, mask
+
+
+@pytest.mark.parametrize("positional", ["learned", "rotary"])
+def test_output_shape_and_finite(positional):
+    net = make_net(positional=positional)
+    x, t, te, tok, mask = make_inputs()
+    out = net(x, t, text_embed=te, text_tokens=tok, text_mask=mask)
+    assert out.shape == (B, D) and torch.isfinite(out).all()
+    # without token features and with float timesteps
+    out = net(x, t.float() + 0.5, text_embed=te)
+    assert out.shape == (B, D) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("positional", ["learned", "rotary"])
+def test_padded_tokens_do_not_matter(positional):
+    net = make_net(positional=positional)
+    x, t, te, tok, mask = make_inputs()
+    out = net(x, t, text_embed=te, text_tokens=tok, text_mask=mask)
+    tok2 = tok.clone()
+    tok2[0, 4:] = torch.randn(L - 4, DT) * 100
+    tok2[0, 5] = float("nan")  # even garbage in a padded slot must not leak
+    out2 = net(x, t, text_embed=te, text_tokens=tok2, text_mask=mask)
+    torch.testing.assert_close(out, out2)
+    # changing a real token does change the output
+    tok3 = tok.clone()
+    tok3[0, 1] += 1.0
+    assert not torch.allclose(out[0], net(x, t, text_embed=te, text_tokens=tok3, text_mask=mask)[0])
+
+
+def test_fully_padded_text_is_finite():
+    net = make_net()
+    x, t, te, tok, _ = make_inputs()
+    mask = torch.zeros(B, L, dtype=torch.bool)
+    mask[2] = True
+    out = net(x, t, text_embed=te, text_tokens=tok, text_mask=mask)
+    assert torch.isfinite(out).all()
+    # also with gradients: no NaN grads from empty softmax rows
+    net.train()
+    net(x, t, text_embed=te, text_tokens=tok, text_mask=mask).sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
+
+
+def test_drop_text_makes_output_independent_of_text():
+    net = make_net()
+    x, t, te, tok, mask = make_inputs()
+    drop = torch.tensor([True, False, True])
+    out = net(x, t, text_embed=te, text_tokens=tok, text_mask=mask, drop_text=drop)
+    te2, tok2 = torch.randn_like(te), torch.randn_like(tok)
+    out2 = net(x, t, text_embed=te2, text_tokens=tok2, text_mask=mask, drop_text=drop)
+    torch.testing.assert_close(out[drop], out2[drop])
+    assert not torch.allclose(out[~drop], out2[~drop])
+    # text embedding alone also matters when not dropped
+    out3 = net(x, t, text_embed=te2, text_tokens=tok, text_mask=mask, drop_text=drop)
+    assert not torch.allclose(out[~drop], out3[~drop])
+    # the null branch does not depend on the padding mask either
+    out4 = net(x, t, text_embed=te, text_tokens=tok, text_mask=torch.ones_like(mask), drop_text=drop)
+    torch.testing.assert_close(out[drop], out4[drop])
+
+
+@pytest.mark.parametrize("positional", ["learned", "rotary"])
+def test_gradients_reach_every_parameter(positional):
+    net = make_net(positional=positional).train()
+    x, t, te, tok, mask = make_inputs(4)
+    drop = torch.tensor([True, False, False, False])  # null params are used only on dropped rows
+    net(x, t, text_embed=te, text_tokens=tok, text_mask=mask, drop_text=drop).pow(2).sum().backward()
+    for name, p in net.named_parameters():
+        assert p.grad is not None, name
+        assert p.grad.abs().sum() > 0, name
+
+
+def test_grad_checkpointing_same_grads():
+    torch.manual_seed(1)
+    a = make_net(positional="rotary").train()
+    b = make_net(positional="rotary", grad_checkpointing=True).train()
+    b.load_state_dict(a.state_dict())
+    x, t, te, tok, mask = make_inputs()
+    outs = []
+    for net in (a, b):
+        out = net(x, t, text_embed=te, text_tokens=tok, text_mask=mask)
+        out.pow(2).sum().backward()
+        outs.append(out)
+    torch.testing.assert_close(outs[0], outs[1])
+    for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pa.grad, pb.grad, msg=n)
+
+
+def test_bf16_autocast_finite():
+    net = make_net()
+    x, t, te, tok, mask = make_inputs()
+    mask[1] = False
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = net(x, t, text_embed=te, text_tokens=tok, text_mask=mask, drop_text=torch.tensor([False, True, False]))
+    assert out.shape == (B, D) and torch.isfinite(out.float()).all()
+
+
+@pytest.mark.parametrize("positional", ["learned", "rotary"])
+def test_save_load_identical(positional):
+    net = make_net(positional=positional)
+    x, t, te, tok, mask = make_inputs()
+    buf = io.BytesIO()
+    torch.save(net.state_dict(), buf)
+    buf.seek(0)
+    torch.manual_seed(123)
+    net2 = make_net(positional=positional)
+    net2.load_state_dict(torch.load(buf, weights_only=True))
+    a = net(x, t, text_embed=te, text_tokens=tok, text_mask=mask)
+    b = net2(x, t, text_embed=te, text_tokens=tok, text_mask=mask)
+    assert torch.equal(a, b)
+
+
+def test_scaler_round_trip():
+    scaler = EmbeddingScaler.for_dim(D)
+    assert scaler.scale == pytest.approx(math.sqrt(D))
+    e = torch.randn(5, D) * 3
+    s = scaler.scale_embed(e)
+    torch.testing.assert_close(s.norm(dim=-1), torch.full((5,), math.sqrt(D)))
+    back = scaler.unscale_embed(s)
+    torch.testing.assert_close(back, torch.nn.functional.normalize(e, dim=-1))
+    torch.testing.assert_close(EmbeddingScaler(scale=17.2).unscale_embed(s * 2, renormalize=False) * 17.2, s * 2)
+    with pytest.raises(ValueError):
+        EmbeddingScaler(scale=0.0)
+
+
+def test_presets_and_errors():
+    assert set(PRIOR_PRESETS) == {"tiny", "paper", "bench"}
+    with torch.device("meta"):
+        bench = prior_from_preset("bench")
+        paper = prior_from_preset("paper", embed_dim=768, text_token_dim=768)
+    assert bench.embed_dim == 512 and len(bench.blocks) == 6
+    assert 1.0e9 < sum(p.numel() for p in paper.parameters()) < 1.5e9
+    tiny = prior_from_preset("tiny", embed_dim=D, text_token_dim=DT, depth=1)
+    assert tiny(torch.randn(2, D), torch.zeros(2), text_embed=torch.randn(2, D)).shape == (2, D)
+    with pytest.raises(ValueError, match="needs embed_dim"):
+        prior_from_preset("tiny")
+    with pytest.raises(ValueError, match="unknown prior preset"):
+        prior_from_preset("huge", embed_dim=D, text_token_dim=DT)
+    with pytest.raises(ValueError, match="unknown positional"):
+        make_net(positional="alibi")
+    with pytest.raises(ValueError, match="max_text_len"):
+        make_net()(torch.randn(1, D), torch.zeros(1), text_embed=torch.randn(1, D), text_tokens=torch.randn(1, 9, DT))
