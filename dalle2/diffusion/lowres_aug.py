@@ -1,0 +1,116 @@
+"""Conditioning augmentation of the low-resolution image for the upsamplers (DALL-E 2 sec. 2.2, Imagen).
+
+- :func:`gaussian_blur`: separable Gaussian blur with a per-sample sigma (no torchvision).
+- :class:`LowResAugmentation`: blur (training only) then Gaussian noise from a *separate* augmentation schedule.
+  ``aug(x, train=...) -> (x_aug, aug_level)``; the upsampler is conditioned on ``aug_level`` (``(B,)`` int64 in
+  ``[0, num_levels]``): level 0 is the clean image, level ``k >= 1`` noises with ``alpha_bar[k - 1]`` of the
+  augmentation schedule.  Training draws levels uniformly in ``[0, max_train_level]``; sampling uses the
+  fixed small ``level`` given to the call.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .schedules import Schedule
+
+__all__ = ["gaussian_blur", "LowResAugmentation"]
+
+
+def _uniform(n: int, lo: float, hi: float, *, generator, device) -> Tensor:
+    gen_device = generator.device if generator is not None else device
+    return (torch.rand(n, generator=generator, device=gen_device) * (hi - lo) + lo).to(device)
+
+
+def gaussian_blur(x: Tensor, sigma: float | Tensor) -> Tensor:
+    """Blur ``x: (B, C, H, W)`` with a Gaussian of std ``sigma`` pixels (float, or ``(B,)`` per sample).
+
+    Kernel radius ``ceil(3 max sigma)``, reflect padding, normalised kernels (so a constant image is unchanged);
+    sigma = 0 is the identity.  Computed in float32, returned in ``x``'s dtype.
+    """
+    if x.ndim != 4:
+        raise ValueError(f"gaussian_blur expects (B, C, H, W), got {tuple(x.shape)}")
+    B, C, H, W = x.shape
+    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1).expand(B)
+    if bool((sigma < 0).any()):
+        raise ValueError("gaussian_blur: sigma must be >= 0")
+    s_max = float(sigma.max())
+    if s_max <= 0.0:
+        return x
+    r = max(1, math.ceil(3.0 * s_max))
+    k = torch.arange(-r, r + 1, device=x.device, dtype=torch.float32)
+    w = torch.exp(-(k[None] ** 2) / (2.0 * sigma[:, None].clamp(min=1e-6) ** 2))
+    w = (w / w.sum(dim=1, keepdim=True)).repeat_interleave(C, dim=0)  # (B*C, 2r+1)
+    mode = "reflect" if r < min(H, W) else "replicate"
+    y = x.float().reshape(1, B * C, H, W)
+    y = F.conv2d(F.pad(y, (r, r, 0, 0), mode=mode), w[:, None, None, :], groups=B * C)
+    y = F.conv2d(F.pad(y, (0, 0, r, r), mode=mode), w[:, None, :, None], groups=B * C)
+    return y.reshape(B, C, H, W).to(x.dtype)
+
+
+class LowResAugmentation:
+    """Blur + noise augmentation of the low-res conditioning image.
+
+    Args (keyword-only):
+        schedule: the augmentation noise schedule (default: linear, 1000 steps), separate from the upsampler's.
+        max_train_level: training levels are uniform in ``[0, max_train_level]`` (default: half the schedule).
+        blur_sigma: ``(lo, hi)`` range of the training blur std in pixels; ``blur_prob``: chance per sample.
+    """
+
+    def __init__(
+        self,
+        *,
+        schedule: Schedule | None = None,
+        max_train_level: int | None = None,
+        blur_sigma: Sequence[float] = (0.4, 0.6),
+        blur_prob: float = 0.5,
+    ):
+        self.schedule = schedule if schedule is not None else Schedule.make("linear", 1000)
+        self.num_levels = self.schedule.num_timesteps
+        self.max_train_level = self.num_levels // 2 if max_train_level is None else int(max_train_level)
+        if not 0 <= self.max_train_level <= self.num_levels:
+            raise ValueError(f"max_train_level must be in [0, {self.num_levels}], got {max_train_level}")
+        self.blur_sigma = (float(blur_sigma[0]), float(blur_sigma[1]))
+        self.blur_prob = float(blur_prob)
+        # alpha_bar per level: level 0 -> 1 (clean)
+        self.alphas_cumprod = torch.cat([torch.ones(1, dtype=torch.float64), self.schedule.alphas_cumprod])
+
+    def noise(self, x: Tensor, level: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
+        """``sqrt(abar) x + sqrt(1 - abar) eps`` at augmentation ``level (B,)`` (level 0: x unchanged)."""
+        abar = self.alphas_cumprod.to(x.device)[level.long()].to(torch.float32)
+        abar = abar.reshape(-1, *([1] * (x.ndim - 1)))
+        gen_device = generator.device if generator is not None else x.device
+        eps = torch.randn(x.shape, generator=generator, device=gen_device, dtype=torch.float32).to(x.device)
+        out = abar.sqrt() * x.float() + (1.0 - abar).sqrt() * eps
+        return torch.where(level.reshape(abar.shape) == 0, x.float(), out).to(x.dtype)
+
+    def __call__(
+        self,
+        x: Tensor,
+        *,
+        train: bool,
+        level: int = 0,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """``x: (B, C, H, W)`` (already upsampled or not; any size) -> ``(augmented, aug_level (B,) int64)``.
+
+        ``train=True``: random blur (prob ``blur_prob``) and random levels; ``train=False``: no blur, ``level``.
+        """
+        B = x.shape[0]
+        if train:
+            if self.blur_prob > 0:
+                sig = _uniform(B, *self.blur_sigma, generator=generator, device=x.device)
+                keep = _uniform(B, 0.0, 1.0, generator=generator, device=x.device) < self.blur_prob
+                x = gaussian_blur(x, torch.where(keep, sig, torch.zeros_like(sig)))
+            gen_device = generator.device if generator is not None else x.device
+            lv = torch.randint(0, self.max_train_level + 1, (B,), generator=generator, device=gen_device).to(x.device)
+        else:
+            if not 0 <= int(level) <= self.num_levels:
+                raise ValueError(f"aug level must be in [0, {self.num_levels}], got {level}")
+            lv = torch.full((B,), int(level), dtype=torch.int64, device=x.device)
+        return self.noise(x, lv, generator=generator), lv
