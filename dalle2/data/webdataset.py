@@ -1,0 +1,378 @@
+"""Reading img2dataset-style WebDataset shards into training batches.
+
+A sample is ``{key}.jpg|jpeg|png|webp`` + ``{key}.txt`` (caption) [+ ``{key}.json``] [+ ``{key}.img_emb.npy``,
+``{key}.txt_emb.npy``, ``{key}.txt_tokens.npy`` for embedding shards]. :func:`make_dataset` yields batches:
+
+    "image":      float32 (B, 3, S, S) in [-1, 1]            (when load_image)
+    "tokens":     int64 (B, context_length)
+    "caption":    list[str];  "key": list[str];  "meta": list[dict]  (the json, {} if absent)
+    "img_emb":    float32 (B, D);  "txt_emb": (B, D);  "txt_tokens": (B, L, Dt)   (when load_embeddings)
+    "skipped":    dict[str, int]  samples/shards skipped in this worker since its previous batch
+
+Training streams are resampled (shards drawn with replacement, per rank and worker seeds): any number of
+shards works with any number of ranks and workers, and every rank yields the same number of batches per
+epoch. Validation is one deterministic pass, every sample read exactly once over all ranks:
+
+* shards >= ranks: rank ``r`` reads shards ``r, r+W, ...`` (split further over its workers); ranks may
+  get different numbers of batches (uneven shards), never zero unless a whole shard is empty or corrupt.
+* shards < ranks: every rank opens every shard and keeps sample ``j`` of shard ``i`` when
+  ``(i + j) % W == r``, so each rank still gets ~N/W samples (a rank gets none only if N < W).
+
+Bad samples are skipped and counted by reason (``corrupt_image``, ``missing_image``, ``missing_caption``,
+``empty_caption``, ``corrupt_json``, ``missing_embedding``, ``corrupt_embedding``, ``bad_shard``); a
+truncated or unreadable tar warns, counts ``bad_shard`` and the stream moves on.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import io
+import json
+import os
+import random
+import tarfile
+import warnings
+from collections import Counter
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+import webdataset as wds
+from braceexpand import braceexpand
+from PIL import Image
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+EMBED_KEYS = {"img_emb": "img_emb.npy", "txt_emb": "txt_emb.npy", "txt_tokens": "txt_tokens.npy"}
+SKIP_REASONS = (
+    "corrupt_image", "missing_image", "missing_caption", "empty_caption", "corrupt_json",
+    "missing_embedding", "corrupt_embedding", "bad_shard",
+)
+_REMOTE_PREFIXES = ("pipe:", "s3://", "http://", "https://", "gs://", "hf://")
+
+Tokenizer = Callable[..., torch.Tensor]
+
+
+# --------------------------------------------------------------------------------------------- urls
+
+
+def expand_urls(urls: str | Sequence[str]) -> list[str]:
+    """Expand shard URLs: braces (``/d/{00000..00099}.tar``), ``::``-separated strings, lists of either.
+
+    Local paths must exist (globs ``*`` are expanded too); ``pipe:``, ``s3://``, ``http(s)://`` pass
+    through unchecked. Raises ``FileNotFoundError`` naming the pattern and its first missing path, and
+    ``ValueError`` when nothing is given.
+    """
+    if isinstance(urls, (str, os.PathLike)):
+        patterns = [p for p in os.fspath(urls).split("::") if p.strip()]
+    else:
+        patterns = [os.fspath(p) for p in urls]
+    if not patterns:
+        raise ValueError(f"no shard urls given: {urls!r}")
+    out: list[str] = []
+    for pattern in patterns:
+        pattern = pattern.strip()
+        for url in braceexpand(pattern):
+            if url.startswith(_REMOTE_PREFIXES):
+                out.append(url)
+                continue
+            path = url[len("file:"):] if url.startswith("file:") else url
+            if any(c in path for c in "*?["):
+                matches = sorted(glob.glob(path))
+                if not matches:
+                    raise FileNotFoundError(f"shard pattern {pattern!r} matches no file ({path!r})")
+                out.extend(matches)
+            elif not os.path.isfile(path):
+                raise FileNotFoundError(f"shard pattern {pattern!r}: missing shard {path!r}")
+            else:
+                out.append(path)
+    return out
+
+
+def count_samples(urls: Sequence[str]) -> int:
+    """Number of samples in local tar shards (reads only the tar headers); remote urls raise ``ValueError``."""
+    total = 0
+    for url in urls:
+        if url.startswith(_REMOTE_PREFIXES):
+            raise ValueError(f"cannot count samples of remote shard {url!r}; set epoch_size explicitly")
+        keys = set()
+        try:
+            with tarfile.open(url) as tar:
+                for m in tar:
+                    if m.isfile() and "." in os.path.basename(m.name):
+                        keys.add(m.name.split(".", 1)[0])
+        except (tarfile.TarError, OSError) as exn:
+            warnings.warn(f"while counting samples, shard {url!r} is unreadable ({exn}); counted what was read")
+        total += len(keys)
+    return total
+
+
+def _rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    return 0, 1
+
+
+def _worker() -> tuple[int, int]:
+    info = torch.utils.data.get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+def _worker_seed(seed: int, rank: int) -> int:
+    worker, _ = _worker()
+    return (seed * 1_000_003 + rank * 1009 + worker) % (2**31)
+
+
+# --------------------------------------------------------------------------------------------- decoding
+
+
+def load_rgb(data: bytes, *, image_size: int, random_crop: bool = False, rng: random.Random | None = None) -> torch.Tensor:
+    """Decode image bytes → float32 (3, S, S) in [-1, 1]: RGB, shorter side resized to S (bicubic,
+    antialiased), then centre crop (or a random crop when ``random_crop``)."""
+    with Image.open(io.BytesIO(data)) as img:
+        img.draft("RGB", (image_size, image_size))  # JPEG: decode at reduced scale when much larger
+        if img.mode in ("RGBA", "LA", "P") and (img.mode != "P" or "transparency" in img.info):
+            img = img.convert("RGBA")
+            canvas = Image.new("RGBA", img.size, (255, 255, 255, 255))
+            img = Image.alpha_composite(canvas, img)
+        img = img.convert("RGB")
+        w, h = img.size
+        scale = image_size / min(w, h)
+        nw, nh = max(image_size, round(w * scale)), max(image_size, round(h * scale))
+        if (nw, nh) != (w, h):
+            img = img.resize((nw, nh), Image.Resampling.BICUBIC, reducing_gap=None)
+        if random_crop:
+            rng = rng or random
+            left, top = rng.randint(0, nw - image_size), rng.randint(0, nh - image_size)
+        else:
+            left, top = (nw - image_size) // 2, (nh - image_size) // 2
+        img = img.crop((left, top, left + image_size, top + image_size))
+        arr = np.asarray(img, dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+
+
+class _Stages:
+    """The per-worker decode and batch stages; holds the skip counter (one copy per worker process)."""
+
+    def __init__(
+        self, *, image_size: int, tokenizer: Tokenizer, context_length: int, batch_size: int, partial: bool,
+        random_crop: bool, load_image: bool, load_embeddings: bool, seed: int, rank: int,
+        skip_counter: Counter | None,
+    ) -> None:
+        self.image_size = image_size
+        self.tokenizer = tokenizer
+        self.context_length = context_length
+        self.batch_size = batch_size
+        self.partial = partial
+        self.random_crop = random_crop
+        self.load_image = load_image
+        self.load_embeddings = load_embeddings
+        self.seed = seed
+        self.rank = rank
+        self.counts: Counter = skip_counter if skip_counter is not None else Counter()
+        self._rng: random.Random | None = None
+
+    # handler for tar-level errors: truncated/unreadable shard → warn, count, continue
+    def handle(self, exn: Exception) -> bool:
+        self.counts["bad_shard"] += 1
+        warnings.warn(f"skipping unreadable shard data: {type(exn).__name__}: {exn}", stacklevel=2)
+        return True
+
+    def _decode_one(self, sample: dict[str, Any]) -> dict[str, Any] | str:
+        key = str(sample.get("__key__", ""))
+        txt = sample.get("txt")
+        if txt is None:
+            return "missing_caption"
+        caption = txt.decode("utf-8", errors="replace").strip() if isinstance(txt, bytes) else str(txt).strip()
+        if not caption:
+            return "empty_caption"
+        meta: dict = {}
+        if sample.get("json") is not None:
+            try:
+                meta = json.loads(sample["json"])
+            except (ValueError, UnicodeDecodeError):
+                return "corrupt_json"
+            if not isinstance(meta, dict):
+                return "corrupt_json"
+        out: dict[str, Any] = {"key": os.path.basename(key), "caption": caption, "meta": meta}
+        if self.load_image:
+            data = next((sample[e] for e in IMAGE_EXTS if sample.get(e) is not None), None)
+            if data is None:
+                return "missing_image"
+            if self._rng is None:
+                self._rng = random.Random(_worker_seed(self.seed, self.rank))
+            try:
+                out["image"] = load_rgb(data, image_size=self.image_size, random_crop=self.random_crop, rng=self._rng)
+            except Exception:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError, ...)
+                return "corrupt_image"
+        if self.load_embeddings:
+            for name, ext in EMBED_KEYS.items():
+                if sample.get(ext) is None:
+                    return "missing_embedding"
+                try:
+                    out[name] = torch.from_numpy(np.load(io.BytesIO(sample[ext]), allow_pickle=False).astype(np.float32))
+                except Exception:
+                    return "corrupt_embedding"
+        return out
+
+    def decode(self, src: Iterable[dict]) -> Iterator[dict]:
+        for sample in src:
+            out = self._decode_one(sample)
+            if isinstance(out, str):
+                self.counts[out] += 1
+                continue
+            yield out
+
+    def collate(self, samples: list[dict]) -> dict[str, Any]:
+        captions = [s["caption"] for s in samples]
+        tokens = self.tokenizer(captions, context_length=self.context_length)
+        tokens = torch.as_tensor(tokens, dtype=torch.long)
+        if tokens.shape != (len(samples), self.context_length):
+            raise ValueError(
+                f"tokenizer returned shape {tuple(tokens.shape)}, expected ({len(samples)}, {self.context_length})"
+            )
+        batch: dict[str, Any] = {
+            "tokens": tokens,
+            "caption": captions,
+            "key": [s["key"] for s in samples],
+            "meta": [s["meta"] for s in samples],
+        }
+        if self.load_image:
+            batch["image"] = torch.stack([s["image"] for s in samples])
+        if self.load_embeddings:
+            for name in EMBED_KEYS:
+                try:
+                    batch[name] = torch.stack([s[name] for s in samples])
+                except RuntimeError as exn:
+                    raise ValueError(f"embedding {name!r} has different shapes within a batch: {exn}") from None
+        batch["skipped"] = dict(self.counts)
+        self.counts.clear()
+        return batch
+
+    def batch(self, src: Iterable[dict]) -> Iterator[dict]:
+        buf: list[dict] = []
+        for sample in src:
+            buf.append(sample)
+            if len(buf) == self.batch_size:
+                yield self.collate(buf)
+                buf = []
+        if buf and self.partial:
+            yield self.collate(buf)
+
+
+# --------------------------------------------------------------------------------------------- validation split
+
+
+class _ValShards(torch.utils.data.IterableDataset):
+    """Deterministic shard list for one rank, split over its workers (see the module docstring)."""
+
+    def __init__(self, urls: list[str], *, rank: int, world_size: int) -> None:
+        super().__init__()
+        self.urls, self.rank, self.world_size = urls, rank, world_size
+        self.by_sample = len(urls) < world_size
+
+    def __iter__(self) -> Iterator[dict]:
+        worker, num_workers = _worker()
+        indexed = list(enumerate(self.urls))
+        if not self.by_sample:
+            indexed = indexed[self.rank :: self.world_size]
+        for idx, url in indexed[worker::num_workers]:
+            yield {"url": url, "shard_index": idx}
+
+
+def _keep_rank_samples(src: Iterable[dict], *, urls: list[str], rank: int, world_size: int) -> Iterator[dict]:
+    """When shards < ranks: keep sample j of shard i iff (i + j) % world_size == rank."""
+    index = {u: i for i, u in enumerate(urls)}
+    current, j = None, 0
+    for sample in src:
+        url = sample.get("__url__")
+        if url != current:
+            current, j = url, 0
+        i = index.get(url, 0)
+        if (i + j) % world_size == rank:
+            yield sample
+        j += 1
+
+
+# --------------------------------------------------------------------------------------------- dataset
+
+
+def make_dataset(
+    urls: str | Sequence[str],
+    *,
+    image_size: int,
+    tokenizer: Tokenizer,
+    train: bool,
+    batch_size: int,
+    context_length: int = 77,
+    random_crop: bool = False,
+    shuffle_buffer: int = 1000,
+    epoch_size: int | None = None,
+    num_workers: int = 0,
+    seed: int = 0,
+    load_image: bool = True,
+    load_embeddings: bool = False,
+    skip_counter: Counter | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
+) -> wds.DataPipeline:
+    """An iterable of batches (see the module docstring for the batch dict) over ``urls``.
+
+    Args:
+        urls: shard urls, expanded and checked by :func:`expand_urls`.
+        tokenizer: ``tokenizer(list_of_str, context_length=L) -> LongTensor (B, L)``; must be picklable.
+        train: resampled, shuffled, endless stream cut into epochs (else one deterministic pass).
+        batch_size: samples per batch (training drops the last partial batch, validation keeps it).
+        epoch_size: training samples per rank per epoch; ``None`` counts the samples of local shards and
+            divides by the world size. The pipeline is cut per worker, so a rank yields
+            ``max(1, num_workers) * ceil(epoch_size / batch_size / max(1, num_workers))`` batches.
+        num_workers: DataLoader workers that will iterate this dataset (only used to size the epoch).
+        skip_counter: a ``Counter`` the decode stage adds skip counts to (per worker process copy); counts
+            also travel with each batch as ``batch["skipped"]``.
+        rank, world_size: default to torch.distributed (or RANK/WORLD_SIZE), read at construction.
+    """
+    if image_size < 1 or batch_size < 1:
+        raise ValueError(f"image_size and batch_size must be >= 1, got {image_size} and {batch_size}")
+    if not load_image and not load_embeddings and tokenizer is None:
+        raise ValueError("nothing to load: load_image=False, load_embeddings=False and no tokenizer")
+    shard_urls = expand_urls(urls)
+    if rank is None or world_size is None:
+        rank, world_size = _rank_world()
+    stages = _Stages(
+        image_size=image_size, tokenizer=tokenizer, context_length=context_length, batch_size=batch_size,
+        partial=not train, random_crop=random_crop and train, load_image=load_image,
+        load_embeddings=load_embeddings, seed=seed, rank=rank, skip_counter=skip_counter,
+    )
+    if train:
+        if epoch_size is None:
+            epoch_size = max(1, count_samples(shard_urls) // world_size)
+        workers = max(1, num_workers)
+        per_worker = max(1, -(-epoch_size // (batch_size * workers)))
+        pipeline = wds.DataPipeline(
+            wds.ResampledShards(
+                shard_urls, seed=seed, worker_seed=functools.partial(_worker_seed, seed, rank), deterministic=True
+            ),
+            wds.tarfile_to_samples(handler=stages.handle),
+            wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), seed=_worker_seed(seed, rank))
+            if shuffle_buffer > 1 else _identity,
+            stages.decode,
+            stages.batch,
+        ).with_epoch(per_worker)
+        pipeline.batches_per_epoch = per_worker * workers
+    else:
+        shards = _ValShards(shard_urls, rank=rank, world_size=world_size)
+        stages_list: list[Any] = [shards, wds.tarfile_to_samples(handler=stages.handle)]
+        if shards.by_sample:
+            stages_list.append(
+                functools.partial(_keep_rank_samples, urls=shard_urls, rank=rank, world_size=world_size)
+            )
+        pipeline = wds.DataPipeline(*stages_list, stages.decode, stages.batch)
+        pipeline.batches_per_epoch = None
+    pipeline.stages_obj = stages
+    return pipeline
+
+
+def _identity(src: Iterable) -> Iterable:
+    return src
