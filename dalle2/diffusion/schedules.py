@@ -77,7 +77,7 @@ def make_betas(
     """Betas ``(num_timesteps,)`` in float64.
 
     - ``linear``: ``linspace(beta_start, beta_end)`` (DDPM); with ``scale_to_num_timesteps`` both ends are
-      multiplied by ``1000 / T`` so that any T has the same total noise as T=1000 (guided-diffusion).
+      multiplied by ``1000 / T`` so that any T has the same total noise as T=1000 (guided-diffusion); capped.
     - ``cosine``: Nichol & Dhariwal 2021, ``abar(u) = cos((u + s)/(1 + s) * pi/2)^2``, betas capped at ``max_beta``.
     - ``sigmoid``: Chen 2023 / Jabri et al., ``abar(u)`` from a sigmoid over ``[start, end] / tau``, capped.
     - ``zero_terminal_snr``: rescale afterwards (:func:`rescale_zero_terminal_snr`).
@@ -87,7 +87,7 @@ def make_betas(
     T = num_timesteps
     if kind == "linear":
         scale = 1000.0 / T if scale_to_num_timesteps else 1.0
-        betas = torch.linspace(beta_start * scale, beta_end * scale, T, dtype=torch.float64)
+        betas = torch.linspace(beta_start * scale, beta_end * scale, T, dtype=torch.float64).clamp(max=max_beta)
     elif kind in ("cosine", "sigmoid"):
         u = torch.arange(T + 1, dtype=torch.float64) / T
         if kind == "cosine":
