@@ -1,0 +1,312 @@
+"""Decoder networks: shapes, conditioning, CFG null embeddings, masks, checkpointing, memory formats, presets."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+
+from dalle2.decoder import UNET_PRESETS, UNet, count_parameters, unet_from_preset
+
+B, CLIP, TEXT = 2, 8, 6
+
+
+def tiny_base(**overrides) -> UNet:
+    kw = dict(
+        model_channels=16,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attention_levels=(1,),
+        head_channels=16,
+        clip_dim=CLIP,
+        text_dim=TEXT,
+        cond_dim=16,
+    )
+    kw.update(overrides)
+    return UNet(**kw)
+
+
+def tiny_sr(**overrides) -> UNet:
+    kw = dict(model_channels=16, channel_mult=(1, 2), num_res_blocks=1, mid_attention=False, lowres_cond=True)
+    kw.update(overrides)
+    return UNet(**kw)
+
+
+def randomize_zeros(model: torch.nn.Module) -> torch.nn.Module:
+    """Zero-initialised output layers / null embeddings make outputs trivially constant; give them values."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(0.0, 0.1)
+    return model.eval()
+
+
+def base_cond(length: int = 5) -> dict:
+    return dict(
+        image_embed=torch.randn(B, CLIP),
+        text_tokens=torch.randn(B, length, TEXT),
+        text_mask=torch.tensor([[True] * 3 + [False] * (length - 3), [True] * length]),
+    )
+
+
+def sr_cond(h: int = 8, w: int = 8) -> dict:
+    return dict(lowres_image=torch.randn(B, 3, h, w), lowres_aug_level=torch.tensor([0, 250]))
+
+
+T = torch.tensor([3, 700])
+
+
+# ---------------------------------------------------------------------------------------------------------------- shapes
+
+
+@pytest.mark.parametrize("learned_variance", [False, True])
+def test_base_output_shape(learned_variance):
+    model = tiny_base(learned_variance=learned_variance)
+    out = model(torch.randn(B, 3, 16, 16), T, **base_cond())
+    assert out.shape == (B, 6 if learned_variance else 3, 16, 16)
+    assert model.out_channels == out.shape[1]
+
+
+@pytest.mark.parametrize(("size", "lowres"), [((16, 16), (8, 8)), ((12, 20), (6, 10)), ((32, 32), (16, 16)), ((8, 8), (8, 8))])
+def test_sr_shapes_crops_and_full_size(size, lowres):
+    model = tiny_sr(learned_variance=True)
+    out = model(torch.randn(B, 3, *size), T, **sr_cond(*lowres))
+    assert out.shape == (B, 6, *size)
+
+
+def test_float_timesteps_and_scalar_t():
+    model = randomize_zeros(tiny_base())
+    x, cond = torch.randn(B, 3, 16, 16), base_cond()
+    a = model(x, torch.tensor([5.0, 5.0]), **cond)
+    b = model(x, torch.tensor(5), **cond)
+    torch.testing.assert_close(a, b)
+    assert model(x, torch.tensor([0.5, 999.5]), **cond).isfinite().all()
+
+
+# ------------------------------------------------------------------------------------------------------------- gradients
+
+
+def _all_grads_nonzero(model, loss):
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    zero = [n for n, p in model.named_parameters() if p.grad is not None and not p.grad.any()]
+    return missing, zero
+
+
+def test_gradients_reach_every_parameter_with_conditioning():
+    model = randomize_zeros(tiny_base(text_embed_dim=5, learned_variance=True)).train()
+    cond = base_cond()
+    # one row keeps everything, the other drops everything: the null embeddings get gradient too
+    out = model(
+        torch.randn(B, 3, 16, 16),
+        T,
+        **cond,
+        text_embed=torch.randn(B, 5),
+        drop_image_embed=torch.tensor([False, True]),
+        drop_text=torch.tensor([True, False]),
+    )
+    missing, zero = _all_grads_nonzero(model, out.square().mean())
+    assert not missing and not zero, (missing, zero)
+
+
+def test_gradients_reach_every_parameter_sr_and_unconditional():
+    sr = randomize_zeros(tiny_sr()).train()
+    missing, zero = _all_grads_nonzero(sr, sr(torch.randn(B, 3, 16, 16), T, **sr_cond()).square().mean())
+    assert not missing and not zero, (missing, zero)
+    plain = randomize_zeros(UNet(model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,), head_channels=16)).train()
+    missing, zero = _all_grads_nonzero(plain, plain(torch.randn(B, 3, 16, 16), T).square().mean())
+    assert not missing and not zero, (missing, zero)
+
+
+def test_fresh_model_zero_init_still_has_grads():
+    """Freshly built: residual branches and the output conv are zero, so the output is 0 but every parameter that
+    conditioning uses still gets a (possibly zero) gradient, and the output conv's is non-zero."""
+    model = tiny_base().train()
+    out = model(torch.randn(B, 3, 16, 16), T, **base_cond(), drop_image_embed=torch.tensor([False, True]))
+    assert not out.any()
+    (out - 1.0).square().mean().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None and n != "null_text_token"]
+    assert not missing, missing
+    assert model.out[-1].weight.grad.abs().sum() > 0
+
+
+# --------------------------------------------------------------------------------------------------------- conditioning
+
+
+def test_drop_image_embed_replaces_it_by_learned_null():
+    model = randomize_zeros(tiny_base())
+    x, cond = torch.randn(B, 3, 16, 16), base_cond()
+    other = dict(cond, image_embed=torch.randn(B, CLIP))
+    drop = torch.ones(B, dtype=torch.bool)
+    with torch.no_grad():
+        a = model(x, T, **cond, drop_image_embed=drop)
+        b = model(x, T, **other, drop_image_embed=drop)
+        c = model(x, T, **{**cond, "image_embed": None}, drop_image_embed=drop)
+        keep = torch.zeros(B, dtype=torch.bool)
+        d = model(x, T, **cond, drop_image_embed=keep)
+        e = model(x, T, **other, drop_image_embed=keep)
+        f = model(x, T, **cond)
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(a, c)
+    assert not torch.allclose(d, e)
+    torch.testing.assert_close(d, f)
+
+
+def test_drop_text_is_independent_of_text_and_length():
+    model = randomize_zeros(tiny_base(text_embed_dim=5))
+    x, img = torch.randn(B, 3, 16, 16), torch.randn(B, CLIP)
+    drop = torch.ones(B, dtype=torch.bool)
+    with torch.no_grad():
+        a = model(x, T, image_embed=img, text_tokens=torch.randn(B, 5, TEXT), text_embed=torch.randn(B, 5), drop_text=drop)
+        b = model(x, T, image_embed=img, text_tokens=torch.randn(B, 9, TEXT), text_embed=torch.randn(B, 5), drop_text=drop)
+        c = model(x, T, image_embed=img, drop_text=drop)
+        d = model(x, T, image_embed=img, text_tokens=torch.randn(B, 5, TEXT), text_embed=torch.randn(B, 5))
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(a, c)
+    assert not torch.allclose(a, d)
+
+
+def test_masked_out_text_tokens_do_not_matter():
+    model = randomize_zeros(tiny_base())
+    x, cond = torch.randn(B, 3, 16, 16), base_cond(length=6)
+    tokens = cond["text_tokens"].clone()
+    tokens[0, 3:] = float("nan")  # even NaN in padding must not leak
+    with torch.no_grad():
+        a = model(x, T, **cond)
+        b = model(x, T, **dict(cond, text_tokens=tokens))
+        tokens2 = cond["text_tokens"].clone()
+        tokens2[0, 0] += 1.0  # a real token does matter
+        c = model(x, T, **dict(cond, text_tokens=tokens2))
+    torch.testing.assert_close(a, b)
+    assert not torch.allclose(a[0], c[0])
+
+
+def test_sr_depends_on_lowres_and_aug_level():
+    model = randomize_zeros(tiny_sr())
+    x, cond = torch.randn(B, 3, 16, 16), sr_cond()
+    with torch.no_grad():
+        a = model(x, T, **cond)
+        b = model(x, T, **dict(cond, lowres_image=torch.randn(B, 3, 8, 8)))
+        c = model(x, T, **dict(cond, lowres_aug_level=torch.tensor([500, 10])))
+    assert not torch.allclose(a, b) and not torch.allclose(a, c)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        (dict(image_embed=None), "image_embed"),
+        (dict(image_embed=torch.randn(B, CLIP + 1)), "image_embed"),
+        (dict(text_tokens=None), "text_tokens"),
+        (dict(text_tokens=torch.randn(B, 5, TEXT + 2)), "text_tokens"),
+        (dict(text_mask=torch.ones(B, 4, dtype=torch.bool)), "text_mask"),
+        (dict(drop_image_embed=torch.ones(B + 1, dtype=torch.bool)), "drop_image_embed"),
+        (dict(lowres_image=torch.randn(B, 3, 8, 8)), "lowres_image"),
+    ],
+)
+def test_bad_base_conditioning_names_the_argument(kwargs, name):
+    model = tiny_base()
+    with pytest.raises(ValueError, match=name):
+        model(torch.randn(B, 3, 16, 16), T, **{**base_cond(), **kwargs})
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        (dict(lowres_image=None), "lowres_image"),
+        (dict(lowres_image=torch.randn(B, 1, 8, 8)), "lowres_image"),
+        (dict(lowres_aug_level=None), "lowres_aug_level"),
+        (dict(lowres_aug_level=torch.zeros(B + 1)), "lowres_aug_level"),
+        (dict(image_embed=torch.randn(B, CLIP)), "image_embed"),
+    ],
+)
+def test_bad_sr_conditioning_names_the_argument(kwargs, name):
+    model = tiny_sr()
+    with pytest.raises(ValueError, match=name):
+        model(torch.randn(B, 3, 16, 16), T, **{**sr_cond(), **kwargs})
+
+
+def test_bad_input_sizes():
+    with pytest.raises(ValueError, match="divisible"):
+        tiny_sr()(torch.randn(B, 3, 15, 16), T, **sr_cond())
+    with pytest.raises(ValueError, match=r"\bx\b"):
+        tiny_sr()(torch.randn(B, 4, 16, 16), T, **sr_cond())
+    with pytest.raises(ValueError, match="attention_levels"):
+        tiny_base(attention_levels=(2,))
+
+
+# ------------------------------------------------------------------------------------------- memory, precision, state
+
+
+def test_grad_checkpointing_gives_same_grads():
+    ref = randomize_zeros(tiny_base(learned_variance=True)).train()
+    ckpt = copy.deepcopy(ref)
+    ckpt.grad_checkpointing = True
+    x, cond = torch.randn(B, 3, 16, 16), base_cond()
+    grads = []
+    for model in (ref, ckpt):
+        model(x, T, **cond).square().mean().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_channels_last_equals_contiguous():
+    model = randomize_zeros(tiny_base())
+    x, cond = torch.randn(B, 3, 16, 16), base_cond()
+    with torch.no_grad():
+        ref = model(x, T, **cond)
+        cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
+        out = cl(x.to(memory_format=torch.channels_last), T, **cond)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_autocast_is_finite():
+    model = randomize_zeros(tiny_base(learned_variance=True)).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.randn(B, 3, 16, 16), T, **base_cond(), drop_text=torch.tensor([True, False]))
+    assert out.isfinite().all()
+    out.float().square().mean().backward()
+    assert all(p.grad.isfinite().all() for p in model.parameters() if p.grad is not None)
+
+
+def test_state_dict_roundtrip_identical_output():
+    model = randomize_zeros(tiny_base())
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    buf.seek(0)
+    fresh = tiny_base().eval()
+    fresh.load_state_dict(torch.load(buf, weights_only=True))
+    x, cond = torch.randn(B, 3, 16, 16), base_cond()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x, T, **cond), model(x, T, **cond), rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------- presets
+
+
+def test_bench_preset_parameter_count():
+    with torch.device("meta"):
+        model = unet_from_preset("bench")
+    assert 40e6 <= count_parameters(model) <= 60e6
+
+
+@pytest.mark.parametrize("name", sorted(UNET_PRESETS))
+def test_presets_build(name):
+    with torch.device("meta"):
+        model = unet_from_preset(name, clip_dim=UNET_PRESETS[name].get("clip_dim", 512 if "sr" not in name else None))
+    assert count_parameters(model) > 0
+    with pytest.raises(ValueError, match="unknown UNet preset"):
+        unet_from_preset("nope")
+
+
+def test_tiny_presets_forward():
+    base = unet_from_preset("tiny32", clip_dim=CLIP, text_dim=TEXT)
+    assert 1e6 <= count_parameters(base) <= 3e6
+    out = base(torch.randn(1, 3, 32, 32), T[:1], image_embed=torch.randn(1, CLIP), text_tokens=torch.randn(1, 4, TEXT))
+    assert out.shape == (1, 3, 32, 32)
+    sr = unet_from_preset("tiny_sr32_64")
+    out = sr(torch.randn(1, 3, 64, 64), T[:1], lowres_image=torch.randn(1, 3, 32, 32), lowres_aug_level=torch.zeros(1))
+    assert out.shape == (1, 3, 64, 64)
