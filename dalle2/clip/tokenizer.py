@@ -1,0 +1,462 @@
+"""CLIP's byte-level BPE tokenizer: text cleaning, pre-tokenizing, merges, specials, padding — and BPE training.
+
+Ids follow OpenAI CLIP's layout, so a tokenizer loaded from OpenAI's ``bpe_simple_vocab_16e6.txt.gz``
+gives the ids pretrained CLIP checkpoints expect::
+
+    ids 0..255        the 256 bytes, each as a printable unicode char (see :func:`bytes_to_unicode`)
+    ids 256..511      the same chars + "</w>" (a symbol that ends a word)
+    ids 512..         one symbol per merge, in merge order
+    last two ids      "<|startoftext|>", "<|endoftext|>"   (so argmax(ids) finds the end token)
+
+A merges file has a version header on its first line, then one merge per line: two symbols separated
+by one space (``"i n"``, ``"t h</w>"``). :func:`train_bpe` + :func:`write_merges` produce such a file::
+
+    python -m dalle2.clip.tokenizer train --urls '/data/{00000..00099}.tar' --vocab-size 8192 --out bpe.txt.gz
+    python -m dalle2.clip.tokenizer encode --merges bpe.txt.gz "a photo of a cat"
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import gzip
+import heapq
+import html
+import io
+import os
+import sys
+import tarfile
+from functools import lru_cache
+from typing import Iterable, Iterator, Sequence
+
+import ftfy
+import regex
+import torch
+
+SOT = "<|startoftext|>"
+EOT = "<|endoftext|>"
+END_OF_WORD = "</w>"
+DEFAULT_CONTEXT_LENGTH = 77
+# OpenAI's CLIP keeps only the first 49152 - 256 - 2 merges of its file: 49408 ids in all.
+CLIP_NUM_MERGES = 49152 - 256 - 2
+MERGES_HEADER = "#version: 0.2"
+BUILTIN_VOCAB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "bpe_builtin.txt.gz")
+
+# Specials, English contractions, runs of letters, single digits, runs of anything else but whitespace.
+_PRETOKENIZE = (
+    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+)
+_WORD_CACHE_SIZE = 100_000
+
+
+# --------------------------------------------------------------------------------------------- text
+
+
+@lru_cache(maxsize=1)
+def bytes_to_unicode() -> dict[int, str]:
+    """The reversible byte -> printable char table of GPT-2/CLIP (256 entries).
+
+    Bytes that are already visible latin-1 chars (``!``..``~``, ``¡``..``¬``, ``®``..``ÿ``) stand for
+    themselves; the other 68 bytes (controls, space, soft hyphen, ...) take chr(256), chr(257), ... in
+    increasing byte order. The table's values, sorted by code point, are ids 0..255.
+    """
+    visible = set(range(ord("!"), ord("~") + 1)) | set(range(ord("¡"), ord("¬") + 1))
+    visible |= set(range(ord("®"), ord("ÿ") + 1))
+    table: dict[int, str] = {}
+    extra = 0
+    for byte in range(256):
+        if byte in visible:
+            table[byte] = chr(byte)
+        else:
+            table[byte] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def clean_text(text: str) -> str:
+    """CLIP's cleaning: ftfy ``fix_text``, HTML unescape twice, whitespace runs -> one space, strip, lower."""
+    text = ftfy.fix_text(text)
+    text = html.unescape(html.unescape(text))
+    return " ".join(text.split()).lower()
+
+
+@lru_cache(maxsize=1)
+def _pretokenizer() -> regex.Pattern:
+    return regex.compile(_PRETOKENIZE, regex.IGNORECASE)
+
+
+def pretokenize(text: str) -> list[str]:
+    """Cleaned text -> pre-tokens (words, digits, punctuation runs, specials), each as byte-chars.
+
+    ``"a café!"`` -> ``["a", "cafÃ©", "!"]`` (é is two UTF-8 bytes, each shown as its table char).
+    """
+    table = bytes_to_unicode()
+    return ["".join(table[b] for b in piece.encode("utf-8")) for piece in _pretokenizer().findall(clean_text(text))]
+
+
+def _merge_pair(word: Sequence[str], first: str, second: str) -> list[str]:
+    """Replace each non-overlapping (first, second) in ``word``, scanning left to right, by first+second."""
+    out: list[str] = []
+    i, n = 0, len(word)
+    while i < n:
+        if i < n - 1 and word[i] == first and word[i + 1] == second:
+            out.append(first + second)
+            i += 2
+        else:
+            out.append(word[i])
+            i += 1
+    return out
+
+
+def _word_symbols(piece: str) -> list[str]:
+    """A pre-token as its initial symbols: one per byte-char, the last one marked as the word's end."""
+    return [*piece[:-1], piece[-1] + END_OF_WORD]
+
+
+# --------------------------------------------------------------------------------------------- tokenizer
+
+
+class Tokenizer:
+    """CLIP byte-level BPE: ``tok(texts) -> (B, context_length)`` ids with start/end tokens and zero padding.
+
+    Build with :meth:`from_file` (a merges file, e.g. OpenAI's ``bpe_simple_vocab_16e6.txt.gz``) or
+    :meth:`default` (the small vocabulary shipped with the package). Picklable (dataloader workers).
+    """
+
+    def __init__(self, *, merges: Sequence[tuple[str, str]], context_length: int = DEFAULT_CONTEXT_LENGTH):
+        if context_length < 2:
+            raise ValueError(f"context_length={context_length} must be >= 2 (room for start and end tokens)")
+        byte_chars = sorted(bytes_to_unicode().values())
+        vocab = byte_chars + [c + END_OF_WORD for c in byte_chars]
+        known = set(vocab)
+        for i, (first, second) in enumerate(merges):
+            if first not in known or second not in known:
+                bad = first if first not in known else second
+                raise ValueError(f"merge {i} ({first!r}, {second!r}): symbol {bad!r} is neither a byte nor made by an earlier merge")
+            known.add(first + second)
+            vocab.append(first + second)
+        vocab += [SOT, EOT]
+        self.merges: list[tuple[str, str]] = [(a, b) for a, b in merges]
+        self.context_length = int(context_length)
+        self._vocab = vocab
+        # Two merges may make the same string; like CLIP, the later id wins for encoding.
+        self._encoder = {symbol: i for i, symbol in enumerate(vocab)}
+        self._ranks = {pair: i for i, pair in enumerate(self.merges)}
+        self._byte_decoder = {c: b for b, c in bytes_to_unicode().items()}
+        self._cache: collections.OrderedDict[str, list[int]] = collections.OrderedDict()
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, *, max_merges: int | None = None, context_length: int = DEFAULT_CONTEXT_LENGTH) -> "Tokenizer":
+        """Load a merges file (gzip or plain text; first line a ``#version`` header).
+
+        ``max_merges=None`` keeps at most 48894 merges, as CLIP does with OpenAI's file (49408 ids).
+        """
+        return cls(merges=read_merges(path, max_merges=CLIP_NUM_MERGES if max_merges is None else max_merges), context_length=context_length)
+
+    @classmethod
+    def default(cls, *, context_length: int = DEFAULT_CONTEXT_LENGTH) -> "Tokenizer":
+        """The vocabulary shipped with the package (``dalle2/clip/assets/bpe_builtin.txt.gz``)."""
+        return cls.from_file(BUILTIN_VOCAB, context_length=context_length)
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids (the text embedding table's size); the end token is ``vocab_size - 1``."""
+        return len(self._vocab)
+
+    @property
+    def sot_token(self) -> int:
+        return len(self._vocab) - 2
+
+    @property
+    def eot_token(self) -> int:
+        return len(self._vocab) - 1
+
+    # ------------------------------------------------------------------ encoding
+
+    def _bpe(self, piece: str) -> list[int]:
+        """Ids of one pre-token (byte-chars), merging the lowest-ranked pair until none is left."""
+        cached = self._cache.get(piece)
+        if cached is not None:
+            self._cache.move_to_end(piece)
+            return cached
+        if piece in (SOT, EOT):  # CLIP turns literal specials in the text into the special tokens
+            ids = [self._encoder[piece]]
+        else:
+            word = _word_symbols(piece)
+            ranks = self._ranks
+            while len(word) > 1:
+                pairs = {(word[i], word[i + 1]) for i in range(len(word) - 1)}
+                best = min(pairs, key=lambda p: ranks.get(p, float("inf")))
+                if best not in ranks:
+                    break
+                word = _merge_pair(word, *best)
+            ids = [self._encoder[s] for s in word]
+        self._cache[piece] = ids
+        if len(self._cache) > _WORD_CACHE_SIZE:
+            self._cache.popitem(last=False)
+        return ids
+
+    def encode(self, text: str) -> list[int]:
+        """Ids of ``text`` after cleaning and lower-casing, without start/end tokens."""
+        if not isinstance(text, str):
+            raise TypeError(f"encode expects a str, got {type(text).__name__}")
+        ids: list[int] = []
+        for piece in pretokenize(text):
+            ids.extend(self._bpe(piece))
+        return ids
+
+    def decode(self, ids: Iterable[int] | torch.Tensor) -> str:
+        """Text of ``ids`` (start/end tokens and padding dropped, word ends -> spaces, stripped)."""
+        if isinstance(ids, torch.Tensor):
+            if ids.dim() != 1:
+                raise ValueError(f"decode expects one sequence of ids, got a tensor of shape {tuple(ids.shape)}")
+            ids = ids.tolist()
+        ids = [int(i) for i in ids]
+        for i in ids:
+            if not 0 <= i < len(self._vocab):
+                raise ValueError(f"id {i} is outside the vocabulary (0..{len(self._vocab) - 1})")
+        # Trailing zeros are padding: id 0 is "!" without a word end, which never ends an encoded text.
+        while ids and ids[-1] == 0:
+            ids.pop()
+        symbols = [self._vocab[i] for i in ids if i not in (self.sot_token, self.eot_token)]
+        return self._symbols_to_text(symbols)
+
+    def _symbols_to_text(self, symbols: list[str]) -> str:
+        chars = "".join(symbols)
+        out = bytearray()
+        for part in chars.split(END_OF_WORD):
+            out.extend(self._byte_decoder[c] for c in part)
+            out.extend(b" ")
+        return out.decode("utf-8", errors="replace").strip()
+
+    def __call__(self, texts: str | Sequence[str], *, context_length: int | None = None) -> torch.Tensor:
+        """Texts -> ``(B, L)`` long ids: start, text, end, zero padding; ``L = context_length or self.context_length``.
+
+        Too long texts are cut so that the end token is still the last one (position ``L - 1``).
+        """
+        if isinstance(texts, str):
+            texts = [texts]
+        if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
+            raise TypeError(f"texts must be a str or a list of str, got {type(texts).__name__}"
+                            + ("" if not isinstance(texts, (list, tuple)) else f" holding {sorted({type(t).__name__ for t in texts})}"))
+        length = self.context_length if context_length is None else int(context_length)
+        if length < 2:
+            raise ValueError(f"context_length={length} must be >= 2 (room for start and end tokens)")
+        out = torch.zeros(len(texts), length, dtype=torch.long)
+        for row, text in enumerate(texts):
+            ids = [self.sot_token, *self.encode(text)][: length - 1] + [self.eot_token]
+            out[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        return out
+
+    # ------------------------------------------------------------------ pickling / repr
+
+    def __getstate__(self) -> dict:
+        return {"merges": self.merges, "context_length": self.context_length}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(merges=state["merges"], context_length=state["context_length"])
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(vocab_size={self.vocab_size}, context_length={self.context_length})"
+
+
+def get_tokenizer(path: str | os.PathLike | None = None, *, context_length: int = DEFAULT_CONTEXT_LENGTH) -> Tokenizer:
+    """The tokenizer of a merges file at ``path``, or the shipped default vocabulary when ``path`` is None."""
+    if path is None:
+        return Tokenizer.default(context_length=context_length)
+    return Tokenizer.from_file(path, context_length=context_length)
+
+
+# --------------------------------------------------------------------------------------------- merges files
+
+
+def _open_text(path: str | os.PathLike):
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"merges file not found: {path}")
+    with open(path, "rb") as f:
+        gzipped = f.read(2) == b"\x1f\x8b"
+    return gzip.open(path, "rt", encoding="utf-8") if gzipped else open(path, encoding="utf-8")
+
+
+def read_merges(path: str | os.PathLike, *, max_merges: int | None = None) -> list[tuple[str, str]]:
+    """Merges of a CLIP-format file: a ``#version`` header line, then ``"first second"`` per line.
+
+    Reads at most ``max_merges`` merges (None: all). A malformed line raises ``ValueError`` naming it.
+    """
+    if max_merges is not None and max_merges < 0:
+        raise ValueError(f"max_merges={max_merges} must be >= 0")
+    merges: list[tuple[str, str]] = []
+    with _open_text(path) as f:
+        header = f.readline().rstrip("\n")
+        if "#version" not in header:
+            raise ValueError(f"{os.fspath(path)} line 1: expected a version header like {MERGES_HEADER!r}, got {header[:80]!r}")
+        for lineno, line in enumerate(f, start=2):
+            if max_merges is not None and len(merges) >= max_merges:
+                break
+            line = line.rstrip("\n").rstrip("\r")
+            if not line:
+                continue
+            parts = line.split(" ")
+            if len(parts) != 2 or not parts[0] or not parts[1]:
+                raise ValueError(f"{os.fspath(path)} line {lineno}: expected two symbols separated by one space, got {line[:80]!r}")
+            merges.append((parts[0], parts[1]))
+    return merges
+
+
+def write_merges(merges: Sequence[tuple[str, str]], path: str | os.PathLike) -> str:
+    """Write ``merges`` in CLIP's format (gzip when ``path`` ends in ``.gz``); returns the path."""
+    path = os.fspath(path)
+    for i, pair in enumerate(merges):
+        if len(pair) != 2 or any(not s or " " in s or "\n" in s for s in pair):
+            raise ValueError(f"merge {i} {pair!r}: expected two non-empty symbols without spaces")
+    text = MERGES_HEADER + "\n" + "".join(f"{a} {b}\n" for a, b in merges)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if path.endswith(".gz"):
+        with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as f:
+            f.write(text.encode("utf-8"))
+    else:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+    return path
+
+
+# --------------------------------------------------------------------------------------------- training
+
+
+def train_bpe(texts: Iterable[str], *, vocab_size: int, min_frequency: int = 2) -> list[tuple[str, str]]:
+    """Learn up to ``vocab_size - 514`` merges from ``texts`` (the tokenizer then has <= ``vocab_size`` ids).
+
+    Texts are cleaned and pre-tokenized as :meth:`Tokenizer.encode` does; words are counted once, pair
+    counts are kept up to date incrementally (only words holding the merged pair are touched) and the
+    most frequent pair comes off a lazy max-heap (ties: the smaller pair). Stops early when no pair is
+    seen ``min_frequency`` times.
+    """
+    num_merges = vocab_size - 2 * 256 - 2
+    if num_merges < 0:
+        raise ValueError(f"vocab_size={vocab_size} must be >= 514 (256 bytes, 256 word-end bytes, 2 specials)")
+    text_counts = collections.Counter(texts)
+    for t in text_counts:
+        if not isinstance(t, str):
+            raise TypeError(f"train_bpe expects texts as str, got {type(t).__name__}")
+    word_counts: collections.Counter[str] = collections.Counter()
+    for text, n in text_counts.items():
+        for piece in pretokenize(text):
+            if piece not in (SOT, EOT):
+                word_counts[piece] += n
+    words = [_word_symbols(w) for w in word_counts]
+    freqs = list(word_counts.values())
+
+    pair_counts: collections.defaultdict[tuple[str, str], int] = collections.defaultdict(int)
+    where: collections.defaultdict[tuple[str, str], set[int]] = collections.defaultdict(set)
+    for idx, (word, freq) in enumerate(zip(words, freqs)):
+        for pair in zip(word, word[1:]):
+            pair_counts[pair] += freq
+            where[pair].add(idx)
+    heap = [(-count, pair) for pair, count in pair_counts.items()]
+    heapq.heapify(heap)
+
+    merges: list[tuple[str, str]] = []
+    while len(merges) < num_merges and heap:
+        neg, pair = heapq.heappop(heap)
+        if pair_counts.get(pair, 0) != -neg:
+            continue  # stale entry
+        if -neg < min_frequency:
+            break
+        merges.append(pair)
+        touched: set[tuple[str, str]] = set()
+        for idx in where.pop(pair):
+            word, freq = words[idx], freqs[idx]
+            new = _merge_pair(word, *pair)
+            if len(new) == len(word):
+                continue  # stale index: the pair was merged away by an earlier merge
+            for p in zip(word, word[1:]):
+                pair_counts[p] -= freq
+                touched.add(p)
+            for p in zip(new, new[1:]):
+                pair_counts[p] += freq
+                where[p].add(idx)
+                touched.add(p)
+            words[idx] = new
+        pair_counts.pop(pair, None)
+        for p in touched:
+            count = pair_counts.get(p, 0)
+            if count > 0:
+                heapq.heappush(heap, (-count, p))
+            elif p in pair_counts:
+                del pair_counts[p]
+    return merges
+
+
+def iter_texts(urls: Sequence[str], *, max_texts: int | None = None) -> Iterator[str]:
+    """Captions from brace-expanded URLs: webdataset ``.tar`` shards (their ``.txt`` members) or ``.txt``
+    files (one caption per line, blank lines skipped). Stops after ``max_texts``."""
+    from braceexpand import braceexpand
+
+    count = 0
+    for spec in urls:
+        for path in braceexpand(spec):
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"caption source not found: {path} (from {spec!r})")
+            if path.endswith((".tar", ".tar.gz", ".tgz")):
+                with tarfile.open(path) as tar:
+                    for member in tar:
+                        if not (member.isfile() and member.name.endswith(".txt")):
+                            continue
+                        data = tar.extractfile(member).read()
+                        yield data.decode("utf-8", errors="replace").strip()
+                        count += 1
+                        if max_texts is not None and count >= max_texts:
+                            return
+            elif path.endswith((".txt", ".txt.gz")):
+                opener = gzip.open if path.endswith(".gz") else open
+                with opener(path, "rt", encoding="utf-8", errors="replace") as f:
+                    for line in f:
+                        if line.strip():
+                            yield line.strip()
+                            count += 1
+                            if max_texts is not None and count >= max_texts:
+                                return
+            else:
+                raise ValueError(f"caption source {path}: expected a .tar shard or a .txt file")
+
+
+# --------------------------------------------------------------------------------------------- CLI
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m dalle2.clip.tokenizer", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="learn a merges file from captions")
+    train.add_argument("--urls", nargs="+", required=True, help="brace-expanded .tar shards or .txt files (one caption a line)")
+    train.add_argument("--vocab-size", type=int, default=8192, help="ids in the resulting vocabulary (at most)")
+    train.add_argument("--out", required=True, help="merges file to write (.gz: gzipped)")
+    train.add_argument("--max-texts", type=int, default=None, help="read at most this many captions")
+    train.add_argument("--min-frequency", type=int, default=2, help="stop when no pair is seen this often")
+    enc = sub.add_parser("encode", help="print the ids of texts")
+    enc.add_argument("texts", nargs="+")
+    enc.add_argument("--merges", default=None, help="merges file (default: the shipped vocabulary)")
+    enc.add_argument("--context-length", type=int, default=None, help="pad/truncate to this length (default: no specials, no padding)")
+    args = parser.parse_args(argv)
+
+    if args.command == "train":
+        texts = list(iter_texts(args.urls, max_texts=args.max_texts))
+        if not texts:
+            parser.error(f"no captions found in {args.urls}")
+        merges = train_bpe(texts, vocab_size=args.vocab_size, min_frequency=args.min_frequency)
+        write_merges(merges, args.out)
+        tok = Tokenizer(merges=merges)
+        print(f"{len(texts)} captions -> {len(merges)} merges, vocab_size={tok.vocab_size}, wrote {args.out}")
+    else:
+        tok = get_tokenizer(args.merges)
+        for text in args.texts:
+            ids = tok(text, context_length=args.context_length)[0].tolist() if args.context_length else tok.encode(text)
+            print(" ".join(map(str, ids)))
+
+
+if __name__ == "__main__":
+    main()
