@@ -177,8 +177,36 @@ class _Stages:
     # handler for tar-level errors: truncated/unreadable shard → warn, count, continue
     def handle(self, exn: Exception) -> bool:
         self.counts["bad_shard"] += 1
-        warnings.warn(f"skipping unreadable shard data: {type(exn).__name__}: {exn}", stacklevel=2)
+        warnings.warn(f"skipping unreadable shard data: {exn}", stacklevel=2)
         return True
+
+    def tar_samples(self, src: Iterable[dict]) -> Iterator[dict]:
+        """``{"url": ...}`` → samples ``{"__key__", "__url__", ext: bytes}``; a truncated tar (cut inside a
+        member or a header) warns and counts ``bad_shard``, keeping the complete samples before the cut."""
+        for source in wds.tariterators.url_opener(src, handler=self.handle):
+            url = source["url"]
+            files = self._tar_members(source["stream"], url)
+            yield from wds.tariterators.group_by_keys(files, handler=self.handle)
+
+    def _tar_members(self, stream: Any, url: str) -> Iterator[dict]:
+        try:
+            tar = tarfile.open(fileobj=stream, mode="r|*")
+            for info in tar:
+                if info.isreg() and "." in os.path.basename(info.name) and not info.name.startswith("__"):
+                    data = tar.extractfile(info).read()
+                    if len(data) != info.size:
+                        raise tarfile.ReadError(f"member {info.name!r} truncated")
+                    yield {"fname": info.name, "data": data, "__url__": url}
+                tar.members = []
+            # tarfile ends silently on a header cut short; a complete tar ends with a full zero block
+            if tar.fileobj.pos - tar.offset < tarfile.BLOCKSIZE:
+                raise tarfile.ReadError("truncated tar (ends inside a header)")
+        except Exception as exn:
+            self.handle(tarfile.ReadError(f"shard {url!r}: {exn}"))
+        finally:
+            close = getattr(stream, "close", None)
+            if close is not None:
+                close()
 
     def _decode_one(self, sample: dict[str, Any]) -> dict[str, Any] | str:
         key = str(sample.get("__key__", ""))
@@ -354,7 +382,7 @@ def make_dataset(
             wds.ResampledShards(
                 shard_urls, seed=seed, worker_seed=functools.partial(_worker_seed, seed, rank), deterministic=True
             ),
-            wds.tarfile_to_samples(handler=stages.handle),
+            stages.tar_samples,
             wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), seed=_worker_seed(seed, rank))
             if shuffle_buffer > 1 else _identity,
             stages.decode,
@@ -363,7 +391,7 @@ def make_dataset(
         pipeline.batches_per_epoch = per_worker * workers
     else:
         shards = _ValShards(shard_urls, rank=rank, world_size=world_size)
-        stages_list: list[Any] = [shards, wds.tarfile_to_samples(handler=stages.handle)]
+        stages_list: list[Any] = [shards, stages.tar_samples]
         if shards.by_sample:
             stages_list.append(
                 functools.partial(_keep_rank_samples, urls=shard_urls, rank=rank, world_size=world_size)

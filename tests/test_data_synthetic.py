@@ -1,0 +1,95 @@
+"""Built-in synthetic data: captions parse back, the pixel checker scores clean renders ~1 and shuffles ~chance."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dalle2.data.synthetic import (
+    ATTRIBUTES, check_images, make_caption, parse_caption, random_captions, render, sample_attributes, write_shards,
+)
+
+
+def _attrs(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return [sample_attributes(rng) for _ in range(n)], rng
+
+
+def test_every_template_parses_back():
+    attrs, rng = _attrs(200)
+    for a in attrs:
+        assert parse_caption(make_caption(a, rng)) == a
+
+
+def test_parse_caption_errors_and_synonyms():
+    assert parse_caption("a big grey square", strict=False) == {"shape": "square", "background": "gray", "size": "large"}
+    with pytest.raises(ValueError, match="does not name"):
+        parse_caption("a red circle")
+    with pytest.raises(ValueError, match="two values for color"):
+        parse_caption("a red blue circle", strict=False)
+
+
+def test_render_shapes_and_bad_attrs():
+    attrs, rng = _attrs(1)
+    img = render(attrs[0], 32, rng)
+    assert img.shape == (32, 32, 3) and img.dtype == np.uint8
+    with pytest.raises(ValueError, match="shape='hexagon'"):
+        render({**attrs[0], "shape": "hexagon"}, 32)
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_checker_clean_is_perfect_and_shuffled_is_chance(size):
+    attrs, rng = _attrs(120, seed=size)
+    imgs = np.stack([render(a, size, rng) for a in attrs])
+    clean = check_images(imgs, attrs)
+    assert clean["accuracy/all"] == 1.0 and clean["accuracy/mean"] == 1.0
+    shuffled = list(attrs)
+    np.random.default_rng(1).shuffle(shuffled)
+    bad = check_images(imgs, shuffled)
+    assert bad["accuracy/all"] < 0.1
+    assert bad["accuracy/shape"] < 0.45 and bad["accuracy/color"] < 0.4
+
+
+def test_checker_float_input_and_mild_noise():
+    attrs, rng = _attrs(80, seed=3)
+    imgs = np.stack([render(a, 32, rng) for a in attrs])
+    x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1
+    assert check_images(x, attrs)["accuracy/all"] == 1.0
+    assert check_images((x + 1) / 2, attrs, value_range=(0, 1))["accuracy/all"] == 1.0
+    noisy = (x + 0.08 * torch.randn_like(x)).clamp(-1, 1)
+    assert check_images(noisy, attrs)["accuracy/mean"] > 0.97
+    with pytest.raises(ValueError, match="images but"):
+        check_images(x, attrs[:3])
+
+
+def test_write_shards_layout(builtin_shards):
+    assert builtin_shards["train"].endswith("train/{00000..00003}.tar")
+    assert builtin_shards["val"].endswith("val/{00000..00000}.tar")
+    path = builtin_shards["root"] + "/train/00000.tar"
+    with tarfile.open(path) as tar:
+        names = tar.getnames()
+        assert names[:3] == ["000000000.jpg", "000000000.txt", "000000000.json"]
+        meta = json.loads(tar.extractfile("000000000.json").read())
+        caption = tar.extractfile("000000000.txt").read().decode()
+        img = np.asarray(Image.open(io.BytesIO(tar.extractfile("000000000.jpg").read())))
+    assert meta["key"] == "000000000" and meta["status"] == "success" and meta["width"] == 32
+    assert parse_caption(caption) == {a: meta[a] for a in ATTRIBUTES}
+    assert check_images(img[None], [meta])["accuracy/all"] == 1.0
+
+
+def test_write_shards_deterministic(tmp_path):
+    a = write_shards(tmp_path / "a", num_train=10, num_val=3, image_size=16, samples_per_shard=4, seed=5)
+    b = write_shards(tmp_path / "b", num_train=10, num_val=3, image_size=16, samples_per_shard=4, seed=5)
+    assert a["train"].endswith("{00000..00002}.tar")
+    assert (tmp_path / "a/train/00002.tar").read_bytes() == (tmp_path / "b/train/00002.tar").read_bytes()
+
+
+def test_random_captions():
+    caps = random_captions(50, seed=1)
+    assert len(caps) == 50 and caps == random_captions(50, seed=1) and len(set(caps)) > 30
