@@ -298,8 +298,23 @@ def test_presets_build(name):
     with torch.device("meta"):
         model = unet_from_preset(name, clip_dim=UNET_PRESETS[name].get("clip_dim", 512 if "sr" not in name else None))
     assert count_parameters(model) > 0
+
+
+def test_unknown_preset():
     with pytest.raises(ValueError, match="unknown UNet preset"):
         unet_from_preset("nope")
+
+
+def test_sr_with_optional_clip_conditioning():
+    """SR UNet without attention: the CLIP embedding conditions through the time embedding only (no tokens)."""
+    model = randomize_zeros(tiny_sr(clip_dim=CLIP)).train()
+    assert model.num_image_tokens == 0
+    x, cond = torch.randn(B, 3, 16, 16), sr_cond()
+    out = model(x, T, **cond, image_embed=torch.randn(B, CLIP), drop_image_embed=torch.tensor([False, True]))
+    missing, zero = _all_grads_nonzero(model, out.square().mean())
+    assert not missing and not zero, (missing, zero)
+    with pytest.raises(ValueError, match="text_dim"):
+        tiny_sr(text_dim=TEXT)
 
 
 def test_tiny_presets_forward():

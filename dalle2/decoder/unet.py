@@ -172,7 +172,11 @@ class UNet(nn.Module):
         self.channel_mult, self.num_res_blocks = channel_mult, num_res_blocks
         self.learned_variance, self.lowres_cond = learned_variance, lowres_cond
         self.clip_dim, self.text_dim, self.text_embed_dim = clip_dim, text_dim, text_embed_dim
-        self.num_image_tokens = num_image_tokens if clip_dim is not None else 0
+        has_attention = bool(attention_levels) or mid_attention
+        if text_dim is not None and not has_attention:
+            raise ValueError("text_dim needs attention layers to attend to the text tokens (attention_levels / mid_attention)")
+        # without attention layers the CLIP embedding conditions through the time embedding only
+        self.num_image_tokens = num_image_tokens if clip_dim is not None and has_attention else 0
         self.out_channels = in_channels * (2 if learned_variance else 1)
         self.grad_checkpointing = grad_checkpointing
         time_dim = 4 * model_channels
