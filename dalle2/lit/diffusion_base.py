@@ -1,0 +1,94 @@
+"""What the prior, decoder and upsampler LightningModules share: the diffusion built from a plain dict, the
+EMA copy of the network, optimisers, a frozen CLIP for on-the-fly embeddings, per-quartile loss logging and
+the stage tag that makes a wrong-stage checkpoint a clear error.
+
+A subclass builds ``self.net`` and then calls ``self._init_ema()``; it implements ``training_step`` with
+``self.diffusion.training_losses(self.net, x0, model_kwargs=...)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import lightning as L
+import torch
+
+from dalle2.diffusion import GaussianDiffusion, Schedule
+from dalle2.lit.checkpoints import STAGE_KEY
+from dalle2.lit.optim import build_optimizers
+from dalle2.nn import EMA
+
+
+def build_diffusion(config: dict | None) -> GaussianDiffusion:
+    """``{"schedule": "cosine", "num_timesteps": 1000, "zero_terminal_snr": False, "objective": ..., ...}`` ->
+    ``GaussianDiffusion``; keys other than the schedule's go to ``GaussianDiffusion`` as they are."""
+    cfg = dict(config or {})
+    kind = cfg.pop("schedule", "cosine")
+    steps = int(cfg.pop("num_timesteps", 1000))
+    zero_terminal_snr = bool(cfg.pop("zero_terminal_snr", False))
+    return GaussianDiffusion(schedule=Schedule.make(kind, steps, zero_terminal_snr=zero_terminal_snr), **cfg)
+
+
+def loss_by_quartile(per_sample_loss: torch.Tensor, t: torch.Tensor, num_timesteps: int) -> dict[str, torch.Tensor]:
+    """Mean loss of the samples whose timestep falls in each quarter of [0, T): ``{"loss_q0": ..., ...}``
+    (quartiles with no sample in the batch are left out)."""
+    q = (t * 4 // num_timesteps).clamp(0, 3)
+    sums = torch.zeros(4, device=t.device).scatter_add_(0, q, per_sample_loss.detach().float())
+    counts = torch.bincount(q, minlength=4)
+    return {f"loss_q{i}": sums[i] / counts[i] for i in range(4) if counts[i] > 0}
+
+
+class DiffusionStageModule(L.LightningModule):
+    stage: str = "diffusion"
+
+    def __init__(
+        self,
+        *,
+        diffusion: dict | None = None,
+        ema_decay: float = 0.9999,
+        ema_warmup: int = 10,
+        ema_update_every: int = 1,
+        optimizer: Callable | None = None,
+        scheduler: Callable | None = None,
+        default_lr: float = 1e-4,
+    ):
+        super().__init__()
+        self.diffusion = build_diffusion(diffusion)
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self._default_lr = default_lr
+        self._ema_args = dict(decay=ema_decay, warmup=ema_warmup, update_every=ema_update_every)
+        self.ema: EMA | None = None
+
+    def _init_ema(self) -> None:
+        self.ema = EMA(self.net, **self._ema_args)
+
+    @property
+    def ema_net(self) -> torch.nn.Module:
+        """The EMA network (what validation and sampling use)."""
+        return self.ema.module if self.ema is not None else self.net
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self.ema is not None:
+            self.ema.update(self.net, self.global_step)
+
+    def log_losses(self, losses: dict, per_sample: dict | None, prefix: str = "train") -> None:
+        self.log_dict({f"{prefix}/{k}": v for k, v in losses.items()}, prog_bar=False)
+        self.log(f"{prefix}/loss", losses["loss"], prog_bar=True)
+        if per_sample is not None:
+            quart = loss_by_quartile(per_sample["loss"], per_sample["t"], self.diffusion.num_timesteps)
+            self.log_dict({f"{prefix}/{k}": v for k, v in quart.items()})
+
+    def configure_optimizers(self):
+        return build_optimizers(self.net, self.optimizer_factory, self.scheduler_factory, default_lr=self._default_lr)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[STAGE_KEY] = self.stage
+
+
+def load_frozen_clip(path: str | None):
+    """The frozen CLIP (a ``CLIPModule`` in eval mode, no grads) for on-the-fly embeddings, or None."""
+    if not path:
+        return None
+    from dalle2.lit.clip_module import load_clip
+
+    return load_clip(path)
