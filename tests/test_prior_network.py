@@ -167,3 +167,14 @@ def test_presets_and_errors():
         make_net(positional="alibi")
     with pytest.raises(ValueError, match="max_text_len"):
         make_net()(torch.randn(1, D), torch.zeros(1), text_embed=torch.randn(1, D), text_tokens=torch.randn(1, 9, DT))
+
+
+def test_attention_mask_rows_never_empty_and_causal():
+    net = make_net()
+    valid = torch.tensor([[False, False, True, True, True], [True, True, True, True, True]])
+    mask = net._attention_mask(valid)  # (B, 1, N, N)
+    assert mask.shape == (2, 1, 5, 5)
+    assert mask.any(dim=-1).all()  # every query row sees at least one key (no NaN rows in SDPA kernels)
+    assert not mask[:, 0].triu(1).any()  # causal
+    assert not mask[0, 0, 2:, :2].any()  # valid rows never see padded keys
+    assert torch.equal(mask[1, 0], torch.ones(5, 5, dtype=torch.bool).tril())
