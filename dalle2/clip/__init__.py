@@ -1,1 +1,36 @@
-"""dalle2.clip"""
+"""CLIP: model (ViT / modified ResNet + causal text transformer), contrastive loss, retrieval metrics, weights.
+
+The tokenizer lives in ``dalle2.clip.tokenizer`` (imported lazily by its users: it needs ``regex``/``ftfy``).
+"""
+
+from dalle2.clip.loss import ClipLoss
+from dalle2.clip.model import (
+    CLIP,
+    CLIP_MEAN,
+    CLIP_PRESETS,
+    CLIP_STD,
+    ModifiedResNet,
+    TextTransformer,
+    VisionTransformer,
+    clip_preset,
+    preprocess_for_clip,
+)
+from dalle2.clip.pretrained import load_clip_checkpoint, load_safetensors, save_safetensors
+from dalle2.clip.retrieval import retrieval_metrics
+
+__all__ = [
+    "CLIP",
+    "CLIP_MEAN",
+    "CLIP_PRESETS",
+    "CLIP_STD",
+    "ClipLoss",
+    "ModifiedResNet",
+    "TextTransformer",
+    "VisionTransformer",
+    "clip_preset",
+    "load_clip_checkpoint",
+    "load_safetensors",
+    "preprocess_for_clip",
+    "retrieval_metrics",
+    "save_safetensors",
+]
