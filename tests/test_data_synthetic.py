@@ -93,3 +93,14 @@ def test_write_shards_deterministic(tmp_path):
 def test_random_captions():
     caps = random_captions(50, seed=1)
     assert len(caps) == 50 and caps == random_captions(50, seed=1) and len(set(caps)) > 30
+
+
+def test_cli_writes_shards(tmp_path, capsys):
+    from dalle2.data.synthetic import main
+
+    main(["--out", str(tmp_path), "--num-train", "5", "--num-val", "2", "--image-size", "16", "--samples-per-shard", "3"])
+    out = capsys.readouterr().out
+    assert "train: " in out and "{00000..00001}.tar" in out
+    assert sorted(p.name for p in (tmp_path / "train").iterdir()) == ["00000.tar", "00001.tar"]
+    with pytest.raises(ValueError, match="image_format"):
+        write_shards(tmp_path, num_train=1, num_val=0, image_format="gif")
