@@ -1,0 +1,481 @@
+"""The cascaded decoder's LightningModules: the base decoder (CLIP image embedding -> image) and the upsamplers
+(low-res image -> high-res image).  Thin: the network is :class:`dalle2.decoder.UNet`, the maths is
+:mod:`dalle2.diffusion`; EMA, optimisers, quartile logging and the stage tag come from
+:class:`~dalle2.lit.diffusion_base.DiffusionStageModule`.
+
+Conventions (both modules):
+- batches are ``WebDataModule`` dicts: ``image`` (B, 3, S, S) in [-1, 1], ``tokens`` (B, 77); with precomputed
+  embeddings also ``img_emb`` (B, D), ``txt_tokens`` (B, L, Dt).
+- validation (``val/loss``) and sampling use the EMA network; the EMA weights are in the checkpoint.
+- ``diffusion`` is the plain dict of ``build_diffusion``; its ``learned_variance`` follows the network's.
+- ``channels_last`` puts the networks and the inputs in channels-last memory format (faster convs on GPU).
+
+CLIP image embeddings are **L2-normalised** before they reach the UNet, both when training and when sampling
+(``sample`` normalises whatever it is given), so a precomputed ``img_emb`` and an on-the-fly one, or a prior's
+output of another scale, all condition the decoder the same way.
+
+The frozen CLIP used to embed images on the fly (when a batch has no ``img_emb`` and ``clip_ckpt`` is given) is
+NOT a registered submodule: it is loaded lazily (in ``setup`` or at first use), never trained, never in the
+state_dict or checkpoint (the checkpoint only keeps the ``clip_ckpt`` path as a hyperparameter).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from dalle2.decoder import UNet
+from dalle2.diffusion import LowResAugmentation, Schedule, cfg_model_fn, dynamic_threshold, sample, static_clip
+from dalle2.lit.diffusion_base import DiffusionStageModule, load_frozen_clip
+
+Threshold = Literal["static", "dynamic", "none"]
+
+__all__ = ["DecoderModule", "UpsamplerModule", "psnr", "downsample"]
+
+
+def _diffusion_config(diffusion: dict | None, network: dict) -> dict:
+    """The diffusion dict with ``learned_variance`` taken from the network (an explicit mismatch is an error)."""
+    cfg = dict(diffusion or {})
+    lv = bool(network.get("learned_variance", False))
+    if "learned_variance" in cfg and bool(cfg["learned_variance"]) != lv:
+        raise ValueError(
+            f"diffusion.learned_variance={cfg['learned_variance']} but the network has learned_variance={lv}"
+        )
+    cfg["learned_variance"] = lv
+    return cfg
+
+
+def _x0_transform(threshold: Threshold, percentile: float) -> Callable[[Tensor], Tensor] | None:
+    if threshold == "static":
+        return static_clip
+    if threshold == "dynamic":
+        return lambda x0: dynamic_threshold(x0, percentile)
+    if threshold == "none":
+        return None
+    raise ValueError(f"unknown threshold {threshold!r}; expected 'static', 'dynamic' or 'none'")
+
+
+def downsample(images: Tensor, size: int, *, mode: Literal["bicubic", "area", "bilinear"] = "bicubic") -> Tensor:
+    """Antialiased resize of ``images (B, C, H, W)`` in [-1, 1] to ``(size, size)`` (clamped back to [-1, 1])."""
+    if mode == "area":
+        out = F.interpolate(images.float(), size=(size, size), mode="area")
+    else:
+        out = F.interpolate(images.float(), size=(size, size), mode=mode, antialias=True, align_corners=False)
+    return out.clamp(-1.0, 1.0).to(images.dtype)
+
+
+def psnr(pred: Tensor, target: Tensor) -> Tensor:
+    """Per-image PSNR in dB of ``pred`` vs ``target`` (both (B, C, H, W) in [-1, 1], peak-to-peak 2)."""
+    mse = (pred.float() - target.float()).pow(2).flatten(1).mean(1).clamp(min=1e-10)
+    return 10.0 * torch.log10(4.0 / mse)
+
+
+class _CascadeStageModule(DiffusionStageModule):
+    """What the decoder and the upsamplers share: the UNet, its EMA, channels-last, the EMA validation loss."""
+
+    def _build_net(self, network: dict, *, channels_last: bool, grad_checkpointing: bool) -> None:
+        kwargs = dict(network)
+        if grad_checkpointing:
+            kwargs["grad_checkpointing"] = True
+        self.net = UNet(**kwargs)
+        if channels_last:
+            self.net = self.net.to(memory_format=torch.channels_last)
+        self._channels_last = channels_last
+        self._init_ema()
+
+    def _image_input(self, x: Tensor) -> Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self._channels_last else x
+
+    def _network(self, use_ema: bool) -> torch.nn.Module:
+        return self.ema_net if use_ema else self.net
+
+    def model_kwargs(self, batch: dict, *, train: bool, generator: torch.Generator | None = None) -> dict:
+        raise NotImplementedError
+
+    def target_images(self, batch: dict, *, train: bool, generator: torch.Generator | None = None) -> Tensor:
+        return batch["image"]
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        x0 = self._image_input(self.target_images(batch, train=True))
+        kwargs = self.model_kwargs(batch, train=True)
+        # a module whose conditioning changes the target (the upsampler's random crop) returns it as "_x0"
+        x0 = kwargs.pop("_x0", x0)
+        losses, per_sample = self.diffusion.training_losses(
+            self.net, x0, model_kwargs=kwargs, return_per_sample=True
+        )
+        if not torch.isfinite(losses["loss"]):
+            raise FloatingPointError(
+                f"{self.stage}: non-finite training loss {float(losses['loss'])} at step {self.global_step} "
+                "(lower the learning rate, enable gradient clipping, or check the data)"
+            )
+        self.log_losses(losses, per_sample)
+        return losses["loss"]
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        # fixed noise/timesteps per batch so that val/loss is comparable between evaluations
+        seed = 1_000_003 * (batch_idx + 1) + 7919 * self.global_rank
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        x0 = self._image_input(self.target_images(batch, train=False, generator=gen))
+        kwargs = self.model_kwargs(batch, train=False, generator=gen)
+        x0 = kwargs.pop("_x0", x0)
+        losses = self.diffusion.training_losses(self.ema_net, x0, generator=gen, model_kwargs=kwargs)
+        bs = x0.shape[0]
+        self.log("val/loss", losses["loss"], on_epoch=True, sync_dist=True, batch_size=bs, prog_bar=True)
+        for k, v in losses.items():
+            if k != "loss":
+                self.log(f"val/{k}", v, on_epoch=True, sync_dist=True, batch_size=bs)
+
+    def preview(self, batch: dict, **kwargs: Any) -> dict:
+        """Samples for the sample-grid callback: ``{"samples", "reference", "metrics", "captions"}``."""
+        raise NotImplementedError
+
+
+class DecoderModule(_CascadeStageModule):
+    """Base decoder: ``p(image | CLIP image embedding [, text])``.
+
+    Args (keyword-only):
+        network: keyword dict of :class:`~dalle2.decoder.UNet` (conf/model/decoder/*.yaml); ``clip_dim`` must be
+            the CLIP's embedding size, ``text_dim`` its text width when ``use_text``.
+        diffusion: dict for ``build_diffusion`` (schedule, num_timesteps, objective eps/v/x0, loss, weighting).
+        clip_ckpt: CLIP weights used to embed ``image`` (and, with ``use_text``, ``tokens``) on the fly when the
+            batch has no ``img_emb`` (``txt_tokens``); never saved in this module's checkpoint.
+        image_embed_drop_prob / text_drop_prob: classifier-free guidance drop rates (DALL-E 2: 0.1 / 0.5).
+        use_text: condition on the CLIP text-encoder token states (``txt_tokens``, mask ``tokens != 0``).
+        image_size: the side of the images this decoder generates (``sample``'s default).
+        sample_every_n_steps: default period of :class:`~dalle2.lit.sample_grid.SampleGrid` (None: its own).
+    """
+
+    stage = "decoder"
+
+    def __init__(
+        self,
+        *,
+        network: dict,
+        diffusion: dict | None = None,
+        clip_ckpt: str | None = None,
+        image_embed_drop_prob: float = 0.1,
+        text_drop_prob: float = 0.5,
+        use_text: bool = False,
+        image_size: int = 64,
+        ema_decay: float = 0.9999,
+        ema_warmup: int = 10,
+        ema_update_every: int = 1,
+        channels_last: bool = False,
+        grad_checkpointing: bool = False,
+        sample_every_n_steps: int | None = None,
+        optimizer: Callable | None = None,
+        scheduler: Callable | None = None,
+    ):
+        super().__init__(
+            diffusion=_diffusion_config(diffusion, network),
+            ema_decay=ema_decay,
+            ema_warmup=ema_warmup,
+            ema_update_every=ema_update_every,
+            optimizer=optimizer,
+            scheduler=scheduler,
+        )
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        if network.get("clip_dim") is None:
+            raise ValueError("the decoder network needs clip_dim (the CLIP embedding size)")
+        if use_text and network.get("text_dim") is None:
+            raise ValueError("use_text=True needs network.text_dim (the CLIP text width)")
+        for name, p in (("image_embed_drop_prob", image_embed_drop_prob), ("text_drop_prob", text_drop_prob)):
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {p}")
+        self.image_embed_drop_prob, self.text_drop_prob = float(image_embed_drop_prob), float(text_drop_prob)
+        self.use_text, self.image_size = bool(use_text), int(image_size)
+        self._build_net(network, channels_last=channels_last, grad_checkpointing=grad_checkpointing)
+        # the frozen CLIP lives outside the registered submodules (not in state_dict / checkpoints)
+        self.__dict__["_clip"] = None
+
+    # -- frozen CLIP ------------------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        if self.hparams.clip_ckpt and self._clip is None:
+            self.set_clip(load_frozen_clip(self.hparams.clip_ckpt))
+
+    def set_clip(self, clip_module) -> None:
+        """Use ``clip_module`` (a ``CLIPModule``) as the frozen on-the-fly embedder (not saved)."""
+        if clip_module is not None:
+            clip_module = clip_module.eval().requires_grad_(False)
+        self.__dict__["_clip"] = clip_module
+
+    @property
+    def clip(self):
+        """The frozen CLIP (loaded from ``clip_ckpt`` at first use), or None."""
+        if self._clip is None and self.hparams.clip_ckpt:
+            self.set_clip(load_frozen_clip(self.hparams.clip_ckpt))
+        if self._clip is not None and self._clip.device != self.device:
+            self._clip.to(self.device)
+        return self._clip
+
+    # -- conditioning -------------------------------------------------------------------------------------------
+    @staticmethod
+    def normalize_embed(image_embed: Tensor) -> Tensor:
+        return F.normalize(image_embed.float(), dim=-1)
+
+    @torch.no_grad()
+    def image_embeddings(self, batch: dict) -> Tensor:
+        """Unit-norm CLIP image embeddings ``(B, D)``: ``img_emb`` when the batch has it, else the frozen CLIP."""
+        if batch.get("img_emb") is not None:
+            emb = batch["img_emb"]
+        else:
+            clip = self.clip
+            if clip is None:
+                raise ValueError("batch has no 'img_emb' and no clip_ckpt was given to embed images on the fly "
+                                 "(use data=embeddings shards or set clip_ckpt=...)")
+            emb = clip.encode_image(batch["image"])
+        return self.normalize_embed(emb)
+
+    @torch.no_grad()
+    def text_conditioning(self, batch: dict) -> tuple[Tensor, Tensor]:
+        """``(text_tokens (B, L, Dt) float32, text_mask (B, L) bool)`` from ``txt_tokens`` or the frozen CLIP."""
+        tokens = batch["tokens"]
+        if batch.get("txt_tokens") is not None:
+            states = batch["txt_tokens"].float()
+        else:
+            clip = self.clip
+            if clip is None:
+                raise ValueError("use_text=True but the batch has no 'txt_tokens' and no clip_ckpt was given")
+            states = clip.model.encode_text_tokens(tokens)[0].float()
+        mask = tokens[:, : states.shape[1]] != 0
+        if mask.shape[1] < states.shape[1]:
+            mask = F.pad(mask, (0, states.shape[1] - mask.shape[1]), value=False)
+        mask[:, 0] = True  # never an all-masked row (SOT is always there)
+        return states, mask
+
+    def drop_masks(self, batch_size: int, *, device=None, generator: torch.Generator | None = None) -> dict:
+        """CFG training drops: ``drop_image_embed`` with p = image_embed_drop_prob and (with text) ``drop_text``
+        with p = text_drop_prob, drawn independently per sample."""
+        gen_device = generator.device if generator is not None else device
+        u = torch.rand(2, batch_size, generator=generator, device=gen_device).to(device)
+        out = {"drop_image_embed": u[0] < self.image_embed_drop_prob}
+        if self.use_text:
+            out["drop_text"] = u[1] < self.text_drop_prob
+        return out
+
+    def conditioning(self, batch: dict) -> dict:
+        """Model kwargs with nothing dropped (for validation and sampling)."""
+        emb = self.image_embeddings(batch)
+        B = emb.shape[0]
+        kw = {"image_embed": emb, "drop_image_embed": torch.zeros(B, dtype=torch.bool, device=emb.device)}
+        if self.use_text:
+            kw["text_tokens"], kw["text_mask"] = self.text_conditioning(batch)
+            kw["drop_text"] = torch.zeros(B, dtype=torch.bool, device=emb.device)
+        return kw
+
+    def model_kwargs(self, batch: dict, *, train: bool, generator: torch.Generator | None = None) -> dict:
+        kw = self.conditioning(batch)
+        if train:
+            kw.update(self.drop_masks(kw["image_embed"].shape[0], device=kw["image_embed"].device, generator=generator))
+        return kw
+
+    # -- sampling ---------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(
+        self,
+        image_embed: Tensor,
+        *,
+        steps: int = 50,
+        sampler: str = "ddim",
+        guidance_scale: float = 1.0,
+        generator: torch.Generator | None = None,
+        eta: float = 0.0,
+        text_tokens: Tensor | None = None,
+        text_mask: Tensor | None = None,
+        threshold: Threshold = "static",
+        dynamic_percentile: float = 0.995,
+        image_size: int | None = None,
+        use_ema: bool = True,
+        x_T: Tensor | None = None,
+    ) -> Tensor:
+        """Images ``(B, 3, S, S)`` in [-1, 1] for CLIP image embeddings ``image_embed (B, D)`` (normalised here).
+
+        ``guidance_scale != 1`` uses classifier-free guidance (unconditional = image embedding and text dropped);
+        ``threshold``: ``static`` clips x0 to [-1, 1], ``dynamic`` is Imagen's dynamic thresholding.  With
+        ``use_text`` and no ``text_tokens`` the text is dropped (the text-unconditional branch).  The noise comes
+        from ``generator`` (same seed -> same images).
+        """
+        net = self._network(use_ema)
+        was_training = net.training
+        net.eval()
+        try:
+            emb = self.normalize_embed(image_embed.to(self.device))
+            B = emb.shape[0]
+            kw: dict[str, Any] = {"image_embed": emb, "drop_image_embed": torch.zeros(B, dtype=torch.bool, device=self.device)}
+            if self.use_text:
+                if text_tokens is not None:
+                    kw["text_tokens"] = text_tokens.to(self.device).float()
+                    kw["text_mask"] = None if text_mask is None else text_mask.to(self.device)
+                    kw["drop_text"] = torch.zeros(B, dtype=torch.bool, device=self.device)
+                else:
+                    kw["drop_text"] = torch.ones(B, dtype=torch.bool, device=self.device)
+            model_fn = net
+            if guidance_scale != 1.0:
+                model_fn = cfg_model_fn(net, guidance_scale=guidance_scale, learned_variance=self.diffusion.learned_variance)
+            size = int(image_size or self.image_size)
+            shape = (B, self.net.in_channels, size, size)
+            out = sample(
+                model_fn,
+                x_T.to(self.device) if x_T is not None else shape,
+                diffusion=self.diffusion,
+                sampler=sampler,
+                steps=steps,
+                eta=eta,
+                generator=generator,
+                model_kwargs=kw,
+                x0_transform=_x0_transform(threshold, dynamic_percentile),
+                device=self.device,
+            )
+        finally:
+            net.train(was_training)
+        return out.float().clamp(-1.0, 1.0)
+
+    def preview(self, batch: dict, *, steps: int = 20, sampler: str = "ddim", guidance_scale: float = 1.0,
+                generator: torch.Generator | None = None) -> dict:
+        kw = self.conditioning(batch)
+        imgs = self.sample(kw["image_embed"], steps=steps, sampler=sampler, guidance_scale=guidance_scale,
+                           generator=generator, text_tokens=kw.get("text_tokens"), text_mask=kw.get("text_mask"))
+        return {"samples": imgs, "reference": batch.get("image"), "metrics": {}, "captions": batch.get("caption")}
+
+
+class UpsamplerModule(_CascadeStageModule):
+    """Super-resolution stage: ``p(high-res image | low-res image)``.
+
+    The low-res conditioning image is the batch image downsampled (antialiased ``downsample_mode``) by
+    ``image_size / lowres_size``, then augmented (:class:`~dalle2.diffusion.LowResAugmentation`: Gaussian blur
+    and noise at a random level when training; no blur and ``sample_aug_level`` when sampling).  The network is
+    fully convolutional: with ``train_crop_size`` it trains on random crops of that size (of the high-res image,
+    the low-res crop being its downsampled copy) and still samples at full size.
+
+    Args (keyword-only):
+        network: keyword dict of the SR :class:`~dalle2.decoder.UNet` (``lowres_cond: true``).
+        lowres_size / image_size: the low-res input side and the high-res output side (full images).
+        lowres_aug: ``{"blur_sigma": [lo, hi], "blur_prob": p, "max_train_level": k, "schedule": "linear",
+            "num_levels": 1000}``; training noise levels are uniform in ``[0, max_train_level]``.
+        sample_aug_level: the (small) augmentation level used when sampling and validating.
+        train_crop_size: random-crop side of the high-res training image (None: whole images).
+    """
+
+    stage = "upsampler"
+
+    def __init__(
+        self,
+        *,
+        network: dict,
+        diffusion: dict | None = None,
+        lowres_size: int = 64,
+        image_size: int = 256,
+        lowres_aug: dict | None = None,
+        sample_aug_level: int = 0,
+        train_crop_size: int | None = None,
+        downsample_mode: Literal["bicubic", "area", "bilinear"] = "bicubic",
+        ema_decay: float = 0.9999,
+        ema_warmup: int = 10,
+        ema_update_every: int = 1,
+        channels_last: bool = False,
+        grad_checkpointing: bool = False,
+        sample_every_n_steps: int | None = None,
+        optimizer: Callable | None = None,
+        scheduler: Callable | None = None,
+    ):
+        super().__init__(
+            diffusion=_diffusion_config(diffusion, network),
+            ema_decay=ema_decay,
+            ema_warmup=ema_warmup,
+            ema_update_every=ema_update_every,
+            optimizer=optimizer,
+            scheduler=scheduler,
+        )
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        if not network.get("lowres_cond", False):
+            raise ValueError("the upsampler network needs lowres_cond: true")
+        if image_size % lowres_size:
+            raise ValueError(f"image_size {image_size} must be a multiple of lowres_size {lowres_size}")
+        self.scale = image_size // lowres_size
+        if train_crop_size is not None and train_crop_size % self.scale:
+            raise ValueError(f"train_crop_size {train_crop_size} must be a multiple of the scale {self.scale}")
+        aug = dict(lowres_aug or {})
+        schedule = Schedule.make(aug.pop("schedule", "linear"), int(aug.pop("num_levels", 1000)))
+        self.lowres_aug = LowResAugmentation(schedule=schedule, **aug)
+        if not 0 <= sample_aug_level <= self.lowres_aug.num_levels:
+            raise ValueError(f"sample_aug_level must be in [0, {self.lowres_aug.num_levels}], got {sample_aug_level}")
+        self.sample_aug_level = int(sample_aug_level)
+        self._build_net(network, channels_last=channels_last, grad_checkpointing=grad_checkpointing)
+
+    def lowres(self, images: Tensor) -> Tensor:
+        """High-res images ``(B, C, H, W)`` -> their clean low-res copies ``(B, C, H/scale, W/scale)``."""
+        return downsample(images, images.shape[-1] // self.scale, mode=self.hparams.downsample_mode)
+
+    def _random_crop(self, images: Tensor) -> Tensor:
+        c, H, W = self.hparams.train_crop_size, images.shape[-2], images.shape[-1]
+        if c is None or (c >= H and c >= W):
+            return images
+        s = self.scale
+        top = int(torch.randint(0, (H - c) // s + 1, ())) * s
+        left = int(torch.randint(0, (W - c) // s + 1, ())) * s
+        return images[..., top : top + c, left : left + c]
+
+    def model_kwargs(self, batch: dict, *, train: bool, generator: torch.Generator | None = None) -> dict:
+        hi = batch["image"]
+        if train:
+            hi = self._random_crop(hi)
+        lo, level = self.lowres_aug(self.lowres(hi), train=train, level=self.sample_aug_level, generator=generator)
+        return {"_x0": self._image_input(hi), "lowres_image": self._image_input(lo), "lowres_aug_level": level}
+
+    @torch.no_grad()
+    def upsample(
+        self,
+        lowres_images: Tensor,
+        *,
+        steps: int = 50,
+        sampler: str = "ddim",
+        generator: torch.Generator | None = None,
+        aug_level: int | None = None,
+        eta: float = 0.0,
+        threshold: Threshold = "static",
+        dynamic_percentile: float = 0.995,
+        use_ema: bool = True,
+        x_T: Tensor | None = None,
+    ) -> Tensor:
+        """``lowres_images (B, C, h, w)`` in [-1, 1] -> ``(B, C, h * scale, w * scale)`` in [-1, 1].
+
+        The low-res images are noised at ``aug_level`` (default ``sample_aug_level``, no blur) with noise from
+        ``generator``, as in training; the network sees that level.
+        """
+        level = self.sample_aug_level if aug_level is None else int(aug_level)
+        net = self._network(use_ema)
+        was_training = net.training
+        net.eval()
+        try:
+            lo = lowres_images.to(self.device).float()
+            lo_aug, lv = self.lowres_aug(lo, train=False, level=level, generator=generator)
+            B, C, h, w = lo.shape
+            out = sample(
+                net,
+                x_T.to(self.device) if x_T is not None else (B, C, h * self.scale, w * self.scale),
+                diffusion=self.diffusion,
+                sampler=sampler,
+                steps=steps,
+                eta=eta,
+                generator=generator,
+                model_kwargs={"lowres_image": lo_aug, "lowres_aug_level": lv},
+                x0_transform=_x0_transform(threshold, dynamic_percentile),
+                device=self.device,
+            )
+        finally:
+            net.train(was_training)
+        return out.float().clamp(-1.0, 1.0)
+
+    def preview(self, batch: dict, *, steps: int = 20, sampler: str = "ddim", guidance_scale: float = 1.0,
+                generator: torch.Generator | None = None) -> dict:
+        hi = batch["image"].to(self.device).float()
+        lo = self.lowres(hi)
+        up = self.upsample(lo, steps=steps, sampler=sampler, generator=generator)
+        bicubic = F.interpolate(lo, size=hi.shape[-2:], mode="bicubic", align_corners=False).clamp(-1, 1)
+        metrics = {"val/psnr": float(psnr(up, hi).mean()), "val/psnr_bicubic": float(psnr(bicubic, hi).mean())}
+        return {"samples": up, "reference": hi, "baseline": bicubic, "metrics": metrics,
+                "captions": batch.get("caption")}
