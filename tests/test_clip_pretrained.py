@@ -63,7 +63,9 @@ def openai_vit_state_dict(seed: int = 0, *, meta_keys: bool = True) -> dict[str,
     for i in range(T_LAYERS):
         sd.update(_block_params(f"transformer.resblocks.{i}", T_WIDTH, g))
     if meta_keys:  # what OpenAI's TorchScript archives carry besides the weights
-        sd.update(input_resolution=torch.tensor(IMAGE), context_length=torch.tensor(CTX), vocab_size=torch.tensor(VOCAB))
+        sd.update(
+            input_resolution=torch.tensor(IMAGE), context_length=torch.tensor(CTX), vocab_size=torch.tensor(VOCAB)
+        )
     return sd
 
 
@@ -221,7 +223,8 @@ def test_safetensors_round_trip(tmp_path):
     from safetensors.torch import save_file
 
     save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "open_clip_model.safetensors"))
-    _assert_matches_reference(load_clip_checkpoint(tmp_path / "open_clip_model.safetensors", activation="quick_gelu"), sd)
+    from_hf = load_clip_checkpoint(tmp_path / "open_clip_model.safetensors", activation="quick_gelu")
+    _assert_matches_reference(from_hf, sd)
 
 
 def test_wrong_files_give_clear_errors(tmp_path):

@@ -5,8 +5,9 @@ Gradient bookkeeping under DDP (which *averages* gradients over the W ranks), fo
 - ``gather_with_grad=True`` (either ``local_loss``): the all-gather's backward sums every rank's gradient into the
   owner of each feature, so the DDP-averaged gradient equals dL/dθ exactly.  ``local_loss=True`` computes only the
   local rows (B x WB logits instead of WB x WB), so it is the cheap exact choice — the default.
-- ``gather_with_grad=False, local_loss=False``: every rank computes L, gradients reach local features only; the
-  *sum* over ranks equals dL/dθ, so DDP's average is dL/dθ / W (a 1/W learning-rate scale).
+- ``gather_with_grad=False, local_loss=False``: every rank computes L, gradients reach local features only; for
+  the towers the *sum* over ranks equals dL/dθ (DDP's average is 1/W of it) while ``logit_scale``, which every
+  rank sees whole, gets the right gradient — an inconsistent scaling, avoid.
 - ``gather_with_grad=False, local_loss=True``: the loss value is right but the gradient misses the terms of other
   ranks' rows through this rank's columns — it is not the full-batch gradient (open_clip's cheap approximation).
 """
@@ -25,6 +26,24 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
+class _AllGatherWithGrad(torch.autograd.Function):
+    """All-gather whose backward sums every rank's gradient and returns this rank's slice."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        rank, world = _world()
+        ctx.rows = (rank * x.shape[0], (rank + 1) * x.shape[0])
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad[ctx.rows[0] : ctx.rows[1]]
+
+
 def gather_features(x: torch.Tensor, *, with_grad: bool) -> torch.Tensor:
     """x: (B, D) on every rank (same B) -> (W*B, D) in rank order.  Identity when not distributed.
 
@@ -35,9 +54,7 @@ def gather_features(x: torch.Tensor, *, with_grad: bool) -> torch.Tensor:
     if world == 1:
         return x
     if with_grad:
-        import torch.distributed.nn.functional as dist_fn
-
-        return torch.cat(dist_fn.all_gather(x.contiguous()), dim=0)
+        return _AllGatherWithGrad.apply(x)
     parts = [torch.empty_like(x) for _ in range(world)]
     dist.all_gather(parts, x.detach().contiguous())
     parts[rank] = x

@@ -356,7 +356,11 @@ class CLIP(nn.Module):
             )
         else:
             self.visual = ModifiedResNet(
-                layers=vision_layers, output_dim=embed_dim, heads=vision_heads, image_size=image_size, width=vision_width
+                layers=vision_layers,
+                output_dim=embed_dim,
+                heads=vision_heads,
+                image_size=image_size,
+                width=vision_width,
             )
         self.text = TextTransformer(
             context_length=context_length,

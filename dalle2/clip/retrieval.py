@@ -20,7 +20,11 @@ def _ranks(queries: torch.Tensor, keys: torch.Tensor, chunk_size: int) -> torch.
 
 @torch.no_grad()
 def retrieval_metrics(
-    image_features: torch.Tensor, text_features: torch.Tensor, *, ks: tuple[int, ...] = (1, 5, 10), chunk_size: int = 256
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    *,
+    ks: tuple[int, ...] = (1, 5, 10),
+    chunk_size: int = 256,
 ) -> dict[str, float]:
     """image_features, text_features: (N, D), pair i matches pair i (cosine similarity; normalised here) ->
     ``{"image_to_text_R@1", ..., "text_to_image_R@10", "image_to_text_mean_rank", "text_to_image_mean_rank",
