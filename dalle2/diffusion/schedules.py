@@ -227,30 +227,33 @@ def respace_timesteps(num_timesteps: int, steps: int, kind: Spacing = "trailing"
     return ts.flip(0)
 
 
-def karras_timesteps(schedule: Schedule, steps: int, *, rho: float = 7.0) -> torch.Tensor:
+def karras_timesteps(schedule: Schedule, steps: int, *, rho: float = 7.0, sigma_max: float | None = 80.0) -> torch.Tensor:
     """Karras et al. 2022 sigmas ``(s_max^(1/rho) + i/(n-1) (s_min^(1/rho) - s_max^(1/rho)))^rho`` snapped to
-    the nearest training timestep (in log sigma), made strictly decreasing; descending int64.
+    the nearest training timestep (in log sigma), made strictly decreasing; descending int64, starting at T-1.
 
-    Snapping keeps the model on the timesteps it was trained on.  With zero-terminal SNR the last timestep
-    (sigma = inf) is kept as the first step and the ramp starts from the largest finite sigma.
+    Snapping keeps the model on the timesteps it was trained on.  ``s_max`` is the schedule's largest finite
+    sigma capped at ``sigma_max`` (EDM's 80: cosine / zero-terminal-SNR schedules reach sigma 1e4..inf, where
+    a Karras ramp would spend its steps on pure noise); the first step is always T-1 (where x_T ~ N(0, I)).
     """
     T = schedule.num_timesteps
     if not 1 <= steps <= T:
         raise ValueError(f"steps must be in [1, {T}], got {steps}")
+    if steps == 1:
+        return torch.tensor([T - 1], dtype=torch.int64)
     log_sig = schedule.sigmas.log()
-    finite = torch.isfinite(log_sig)
-    hi = int(finite.nonzero().max())
-    n = steps - (1 if hi < T - 1 else 0)
+    hi = int(torch.isfinite(log_sig).nonzero().max())
     s_min, s_max = schedule.sigmas[0], schedule.sigmas[hi]
-    ramp = torch.linspace(0, 1, max(n, 1), dtype=torch.float64)
+    if sigma_max is not None:
+        s_max = s_max.clamp(max=sigma_max)
+    prepend = hi < T - 1 or bool(s_max < schedule.sigmas[T - 1])
+    n = steps - 1 if prepend else steps
+    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
     sig = (s_max ** (1 / rho) + ramp * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
     idx = (sig.log()[:, None] - log_sig[None, : hi + 1]).abs().argmin(dim=1)
-    out = []
+    out = [T - 1] if prepend else []
     for i, t in enumerate(idx.tolist()):  # strictly decreasing, leaving room for the remaining steps
         t = min(t, out[-1] - 1) if out else t
         out.append(max(t, n - 1 - i))
-    if hi < T - 1:
-        out = [T - 1] + out
     return torch.tensor(out, dtype=torch.int64)
 
 
