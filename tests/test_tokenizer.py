@@ -55,6 +55,8 @@ TEXTS = [
     "fish &amp; chips",
     "&lt;b&gt;bold&lt;/b&gt; &quot;quoted&quot;",
     "double escaped &amp;amp; ampersand",
+    "triple escaped &amp;amp;amp; and &amp;lt;tag&amp;gt;",
+    "<i>tagged</i> &amp;amp; escaped",
     "tabs\tand\nnew lines\r\n and   many    spaces  ",
     "3.14159 is pi, 2024-01-31, 1,000,000 and 42nd",
     "version v1.2.3-rc4 of model_x",
@@ -87,10 +89,14 @@ def openai_bpe_path() -> str:
     wheels = [f for f in os.listdir(wheel_dir) if f.startswith("open_clip_torch") and f.endswith(".whl")]
     if not wheels:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "open_clip_torch", "-d", wheel_dir]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+            error = proc.stderr.strip()[-300:] if proc.returncode != 0 else ""
+        except (OSError, subprocess.TimeoutExpired) as e:
+            error = f"{type(e).__name__}: {e}"
         wheels = [f for f in os.listdir(wheel_dir) if f.startswith("open_clip_torch") and f.endswith(".whl")]
-        if proc.returncode != 0 or not wheels:
-            reason = f"cannot download the open_clip_torch wheel (for OpenAI's BPE merges): {proc.stderr.strip()[-300:]}"
+        if error or not wheels:
+            reason = f"cannot download the open_clip_torch wheel (for OpenAI's BPE merges): {error or 'no wheel saved'}"
             if os.environ.get("CI", "").lower() == "true":
                 pytest.fail(reason)
             pytest.skip(reason)
@@ -101,8 +107,10 @@ def openai_bpe_path() -> str:
             ("open_clip/bpe_simple_vocab_16e6.txt.gz", os.path.join(REFERENCE_DIR, "bpe_simple_vocab_16e6.txt.gz")),
             ("open_clip/tokenizer.py", os.path.join(REFERENCE_DIR, "tokenizer.py")),
         ]:
-            with open(dest, "wb") as f:
+            tmp = f"{dest}.{os.getpid()}.tmp"  # other test sessions may extract at the same time
+            with open(tmp, "wb") as f:
                 f.write(whl.read(name))
+            os.replace(tmp, dest)
     return OPENAI_BPE
 
 
@@ -204,6 +212,9 @@ def test_decode_round_trip(openai_tok):
 @pytest.mark.network
 def test_cleaning(openai_tok):
     assert clean_text("  Fish &amp;amp; CHIPS\t\n ") == "fish & chips"
+    # ftfy unescapes entities unless the text holds HTML tags; then CLIP's two HTML unescapes do it.
+    assert clean_text("R&amp;amp;amp;D") == "r&d"
+    assert clean_text("<b>R&amp;amp;D</b>") == "<b>r&d</b>"
     assert openai_tok.encode("fish &amp; chips") == openai_tok.encode("FISH   &   chips")
     # Literal specials in the text become the special tokens, as in OpenAI's CLIP.
     assert openai_tok.encode("a <|endoftext|> b") == [320, openai_tok.eot_token, 321]
@@ -285,6 +296,48 @@ def test_train_write_read_round_trip(tmp_path):
     assert train_bpe(_captions(300, seed=0), vocab_size=600) == merges
     with pytest.raises(ValueError, match="vocab_size=100"):
         train_bpe(["a"], vocab_size=100)
+
+
+def _naive_bpe(texts: list[str], num_merges: int) -> list[tuple[str, str]]:
+    """Textbook BPE: recount every pair after every merge; most frequent first, ties to the smaller pair."""
+    from collections import Counter
+
+    from dalle2.clip.tokenizer import pretokenize
+
+    words = Counter(tuple([*w[:-1], w[-1] + "</w>"]) for t in texts for w in pretokenize(t))
+    merges = []
+    for _ in range(num_merges):
+        pairs = Counter()
+        for word, n in words.items():
+            for pair in zip(word, word[1:]):
+                pairs[pair] += n
+        if not pairs:
+            break
+        count, best = min((-n, p) for p, n in pairs.items())
+        if -count < 2:
+            break
+        merges.append(best)
+        new_words = Counter()
+        for word, n in words.items():
+            out, i = [], 0
+            while i < len(word):
+                if i + 1 < len(word) and (word[i], word[i + 1]) == best:
+                    out.append(word[i] + word[i + 1])
+                    i += 2
+                else:
+                    out.append(word[i])
+                    i += 1
+            new_words[tuple(out)] += n
+        words = new_words
+    return merges
+
+
+def test_training_matches_textbook_bpe():
+    texts = _captions(150, seed=5) + ["aaaa aaa banana bandana", "mississippi missing", "x1 x2 x3 ..."] * 3
+    assert train_bpe(texts, vocab_size=514 + 120) == _naive_bpe(texts, 120)
+    # Pairs seen fewer than min_frequency times are not merged.
+    assert train_bpe(["abc"], vocab_size=600) == []
+    assert train_bpe(["abc"], vocab_size=600, min_frequency=1) == [("a", "b"), ("ab", "c</w>")]
 
 
 def test_training_shortens_held_out_captions():
