@@ -7,6 +7,8 @@ form, so sampler error is pure discretisation error.  For every sampler and step
 - ``sw2``: sliced 2-Wasserstein distance between the samples and fresh target samples (all samplers; the
   Monte-Carlo floor, target vs target, is printed too);
 - ``nfe``: model evaluations.
+Timesteps use ``spacing="trailing"`` unless the row says karras; schedule cosine (T=1000), eps objective.
+On the 4-mode mixture the sliced-W2 is dominated by mode-weight sampling noise: read the ODE error there.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ import torch
 from dalle2.diffusion import GaussianDiffusion, Schedule, sample
 from dalle2.diffusion.gaussian import eps_from_x0, v_from_x0_eps
 
-SAMPLERS = ["ddpm", "ddim", "dpmpp_2m", "euler", "heun"]
+# (row name, sampler, spacing); euler on "trailing" is algebraically ddim, so it is shown with karras spacing
+VARIANTS = [("ddpm", "ddpm", "trailing"), ("ddim", "ddim", "trailing"), ("dpmpp_2m", "dpmpp_2m", "trailing"),
+            ("heun", "heun", "trailing"), ("euler_karras", "euler", "karras"), ("heun_karras", "heun", "karras")]
 STEPS = [5, 10, 20, 50]
 
 
@@ -79,19 +83,19 @@ def run(target: str, schedule: str, objective: str, n: int, seed: int) -> dict:
     floor = sliced_w2(means[comp2] + std * torch.randn(n, 2, generator=g, dtype=torch.float64), ref_data)
     x_ref = sample(model, x_T, diffusion=d, sampler="heun", steps=1000, spacing="uniform", dtype=torch.float64)
     rows = []
-    for sampler in SAMPLERS:
+    for name, sampler, spacing in VARIANTS:
         for steps in STEPS:
             counter[0] = 0
             t0 = time.perf_counter()
-            x = sample(model, x_T, diffusion=d, sampler=sampler, steps=steps, dtype=torch.float64,
+            x = sample(model, x_T, diffusion=d, sampler=sampler, steps=steps, spacing=spacing, dtype=torch.float64,
                        generator=torch.Generator().manual_seed(seed + 1))
             rows.append({
-                "sampler": sampler, "steps": steps, "nfe": counter[0],
+                "sampler": name, "spacing": spacing, "steps": steps, "nfe": counter[0],
                 "ode_err": None if sampler == "ddpm" else (x - x_ref).abs().mean().item(),
                 "sw2": sliced_w2(x, ref_data), "seconds": time.perf_counter() - t0,
             })
     return {"target": target, "schedule": schedule, "objective": objective, "n": n, "sw2_floor": floor,
-            "ode_ref": "heun, 1000 uniform steps", "spacing": "trailing",
+            "ode_ref": "heun, 1000 uniform steps",
             "rows": rows}
 
 
@@ -100,7 +104,7 @@ def print_table(res: dict) -> None:
           f"(sliced-W2 floor {res['sw2_floor']:.4f})")
     print("| sampler | " + " | ".join(f"{s} steps: ODE err / SW2 (NFE)" for s in STEPS) + " |")
     print("|---" * (len(STEPS) + 1) + "|")
-    for sampler in SAMPLERS:
+    for sampler, _, _ in VARIANTS:
         cells = []
         for r in (r for r in res["rows"] if r["sampler"] == sampler):
             ode = "—" if r["ode_err"] is None else f"{r['ode_err']:.4f}"

@@ -346,11 +346,13 @@ def sample(
     spacing: Literal["uniform", "trailing", "leading", "karras"] = "trailing",
     rho: float = 7.0,
     device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Draw samples: the one entry point the prior, decoder and pipeline use.
 
-    ``shape_or_x_T``: a shape (noise drawn from ``generator`` on ``device``) or the starting noise itself.
+    ``shape_or_x_T``: a shape (noise drawn from ``generator`` on ``device``, in ``dtype``, default float32) or the
+    starting noise itself (kept in its dtype unless ``dtype`` is given).  The sampler state stays in that dtype
+    (model outputs are cast to it), so run the network under autocast rather than sampling in half precision.
     ``spacing``: how the ``steps`` timesteps are chosen (``trailing`` measured best on the analytic benchmark
     for every sampler; ``karras`` snaps Karras sigmas, rho = ``rho``, to training timesteps).
     ``eta`` only applies to ``ddim``.  ``x0_transform`` (e.g. :func:`~dalle2.diffusion.guidance.static_clip`)
@@ -359,11 +361,12 @@ def sample(
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; expected one of {sorted(SAMPLERS)}")
     if isinstance(shape_or_x_T, Tensor):
-        x = shape_or_x_T.to(dtype=dtype) if shape_or_x_T.dtype != dtype else shape_or_x_T
+        x = shape_or_x_T if dtype is None else shape_or_x_T.to(dtype=dtype)
     else:
         shape = tuple(int(s) for s in shape_or_x_T)
         gen_device = generator.device if generator is not None else device
-        x = torch.randn(shape, generator=generator, device=gen_device, dtype=dtype).to(device or gen_device)
+        x = torch.randn(shape, generator=generator, device=gen_device, dtype=dtype or torch.float32)
+        x = x.to(device or gen_device)
     timesteps = make_timesteps(diffusion, steps, spacing, rho=rho)
     kwargs: dict[str, Any] = dict(diffusion=diffusion, model_kwargs=model_kwargs, x0_transform=x0_transform,
                                   callback=callback)
