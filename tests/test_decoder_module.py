@@ -149,7 +149,7 @@ def test_overfit_handful_of_images():
         loss.backward()
         opt.step()
         m.ema.update(m.net, step)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     assert last < 0.5 * first, (first, last)
     # EMA moved away from the online weights and is what sampling uses
