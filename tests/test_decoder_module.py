@@ -332,8 +332,8 @@ DDP_SCRIPT = textwrap.dedent(
                   enable_progress_bar=False, enable_model_summary=False, default_root_dir=out,
                   callbacks=[SampleGrid(every_n_steps=3, num_samples=2, steps=2)])
     t.fit(m, datamodule=dm)
+    t.save_checkpoint(out + "/dec.ckpt")  # collective: every rank calls it
     if t.is_global_zero:
-        t.save_checkpoint(out + "/dec.ckpt")
         print("DDP_OK", t.global_step)
     """
 )
@@ -350,3 +350,4 @@ def test_ddp_two_processes(builtin_shards, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert "DDP_OK 3" in res.stdout
     assert (tmp_path / "samples" / "step_0000003.png").is_file()
+    assert (tmp_path / "dec.ckpt").is_file()
