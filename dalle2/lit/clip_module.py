@@ -54,8 +54,8 @@ class CLIPModule(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         out = self(batch[self.hparams.image_key], batch["tokens"])
         losses = self.loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
-        self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=False)
         self.log("train/loss", losses["loss"], prog_bar=True)
+        self.log_dict({f"train/{k}": v for k, v in losses.items() if k != "loss"})
         return losses["loss"]
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:

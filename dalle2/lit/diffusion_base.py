@@ -72,8 +72,8 @@ class DiffusionStageModule(L.LightningModule):
             self.ema.update(self.net, self.global_step)
 
     def log_losses(self, losses: dict, per_sample: dict | None, prefix: str = "train") -> None:
-        self.log_dict({f"{prefix}/{k}": v for k, v in losses.items()}, prog_bar=False)
         self.log(f"{prefix}/loss", losses["loss"], prog_bar=True)
+        self.log_dict({f"{prefix}/{k}": v for k, v in losses.items() if k != "loss"})
         if per_sample is not None:
             quart = loss_by_quartile(per_sample["loss"], per_sample["t"], self.diffusion.num_timesteps)
             self.log_dict({f"{prefix}/{k}": v for k, v in quart.items()})
