@@ -11,7 +11,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict, read_write
 
 from conftest import REPO_ROOT
 
@@ -27,9 +27,13 @@ def compose_resolved(overrides: list[str]):
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("config", overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg), read_write(cfg):
+        cfg.hydra.runtime.output_dir = "/tmp/dalle2-compose-test"
     HydraConfig.instance().set_config(cfg)
-    cfg.hydra.runtime.output_dir = "/tmp/dalle2-compose-test"
-    container = OmegaConf.to_container(cfg, resolve=True)  # raises on any broken interpolation
+    job_cfg = cfg.copy()
+    with open_dict(job_cfg):
+        del job_cfg["hydra"]  # the sweep dir needs a job number; ${hydra:...} still resolves via HydraConfig
+    container = OmegaConf.to_container(job_cfg, resolve=True)  # raises on any broken interpolation
     return cfg, container
 
 
@@ -43,7 +47,7 @@ def test_stage_options_exist():
 @pytest.mark.parametrize("stage", STAGES)
 @pytest.mark.parametrize("experiment", [None, *options("experiment")])
 def test_stage_x_experiment_composes(stage, experiment):
-    overrides = [f"stage={stage}"] + ([f"+experiment={experiment}"] if experiment else [])
+    overrides = [f"stage={stage}"] + ([f"experiment={experiment}"] if experiment else [])
     cfg, c = compose_resolved(overrides)
     assert c["module"]["_target_"].startswith("dalle2.lit.")
     assert c["data"]["_target_"] == "dalle2.data.datamodule.WebDataModule"

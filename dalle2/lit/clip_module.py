@@ -29,7 +29,7 @@ class CLIPModule(L.LightningModule):
         *,
         network: dict,
         local_loss: bool = True,
-        gather_with_grad: bool = False,
+        gather_with_grad: bool = True,
         image_key: str = "image",
         optimizer: Callable | None = None,
         scheduler: Callable | None = None,
@@ -71,7 +71,7 @@ class CLIPModule(L.LightningModule):
         self._val_image.clear()
         self._val_text.clear()
         metrics = retrieval_metrics(img, txt)
-        scale = self.model.logit_scale.exp().clamp(max=100.0)
+        scale = self.model.clamped_logit_scale()
         logits = scale * img @ txt.t()
         labels = torch.arange(len(img), device=img.device)
         val_loss = 0.5 * (
