@@ -28,8 +28,23 @@ test-fast: $(STAMP)
 data: $(STAMP)
 	$(PY) -m dalle2.data.synthetic --out data_builtin --num-train 4096 --num-val 512 --image-size 64
 
+DEMO_OUT ?= demo_out
+DEMO_CLIP_STEPS ?= 600
+DEMO_DECODER_STEPS ?= 600
+DEMO_OVERRIDES ?=
+
+# What exists so far (the full text->image demo lands with the pipeline issue): built-in data -> tiny CLIP ->
+# zero-shot retrieval on held-out shards -> tiny 32 px decoder on the CLIP's image embeddings -> report.md.
 demo: $(STAMP)
-	$(PY) -m dalle2.demo
+	test -f data_builtin/val/00001.tar || $(PY) -m dalle2.data.synthetic --out data_builtin --num-train 4096 --num-val 512 --image-size 64
+	$(PY) train/train.py experiment=clip_tiny trainer.max_steps=$(DEMO_CLIP_STEPS) trainer.val_check_interval=200 \
+		hydra.run.dir=$(DEMO_OUT)/clip $(DEMO_OVERRIDES)
+	$(PY) eval/evaluate.py task=retrieval clip_ckpt=$(DEMO_OUT)/clip/checkpoints/last.ckpt \
+		"data.urls='data_builtin/val/{00000..00001}.tar'" out=$(DEMO_OUT)/clip_retrieval.json
+	$(PY) train/train.py experiment=decoder_tiny clip_ckpt=$(DEMO_OUT)/clip/checkpoints/last.ckpt \
+		trainer.max_steps=$(DEMO_DECODER_STEPS) trainer.val_check_interval=200 module.sample_every_n_steps=200 \
+		hydra.run.dir=$(DEMO_OUT)/decoder $(DEMO_OVERRIDES)
+	$(PY) train/demo_report.py $(DEMO_OUT)
 
 clean:
 	rm -rf $(VENV) runs outputs multirun demo_out data_builtin .pytest_cache

@@ -1,0 +1,80 @@
+"""CLIPModule: trains through Lightning on built-in shards, save -> load gives identical embeddings, stage checks,
+and eval/evaluate.py task=retrieval writes the metrics JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import lightning as L
+import pytest
+import torch
+
+from conftest import REPO_ROOT
+from dalle2.clip.model import clip_preset
+from dalle2.data.datamodule import WebDataModule
+from dalle2.lit.checkpoints import WrongStageError, load_stage_module
+from dalle2.lit.clip_module import CLIPModule, load_clip
+
+NET = clip_preset("tiny", vision_width=32, vision_layers=1, vision_heads=2, vision_patch_size=8, text_width=32,
+                  text_layers=1, text_heads=2, embed_dim=32)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def trained_ckpt(builtin_shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("clipmod")
+    dm = WebDataModule(train_urls=builtin_shards["train"], val_urls=builtin_shards["val"], image_size=32,
+                       batch_size=32, num_workers=0)  # fmt: skip
+    module = CLIPModule(network=NET)
+    trainer = L.Trainer(accelerator="cpu", max_steps=4, val_check_interval=4, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(module, datamodule=dm)
+    path = out / "clip.ckpt"
+    trainer.save_checkpoint(path)
+    return path, module, trainer.callback_metrics
+
+
+def test_training_logs_retrieval_over_whole_val_set(trained_ckpt):
+    _, _, metrics = trained_ckpt
+    assert int(metrics["val/num_samples"]) == 64
+    for k in ("val/text_to_image_R@1", "val/image_to_text_R@5", "val/loss"):
+        assert torch.isfinite(metrics[k])
+
+
+def test_save_load_identical_embeddings(trained_ckpt):
+    path, module, _ = trained_ckpt
+    loaded = load_clip(str(path))
+    images = torch.rand(3, 3, 32, 32) * 2 - 1
+    tokens = torch.randint(1, 100, (3, 77))
+    tokens[:, 10] = NET["vocab_size"] - 1
+    module.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode_image(images), module.encode_image(images), rtol=0, atol=0)
+        torch.testing.assert_close(loaded.model.encode_text(tokens), module.model.encode_text(tokens), rtol=0, atol=0)
+
+
+def test_wrong_stage_is_a_clear_error(trained_ckpt, tmp_path):
+    path, _, _ = trained_ckpt
+    with pytest.raises(WrongStageError, match="'clip' checkpoint, but a 'decoder'"):
+        load_stage_module(path, "decoder")
+    other = tmp_path / "x.ckpt"
+    torch.save({"state_dict": {}}, other)
+    with pytest.raises(WrongStageError, match="not a dalle2 Lightning checkpoint"):
+        load_clip(str(other))
+
+
+def test_evaluate_cli_writes_retrieval_json(trained_ckpt, builtin_shards, tmp_path):
+    path, _, _ = trained_ckpt
+    out = tmp_path / "r.json"
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT)
+    proc = subprocess.run(
+        [sys.executable, "eval/evaluate.py", "task=retrieval", f"clip_ckpt={path}",
+         f"data.urls='{builtin_shards['val']}'", f"out={out}", "data.num_workers=0", "trainer.accelerator=cpu"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["num_samples"] == 64
+    assert 0.0 <= result["text_to_image_R@1"] <= 1.0 and 1.0 <= result["image_to_text_mean_rank"] <= 64
