@@ -78,3 +78,28 @@ def test_evaluate_cli_writes_retrieval_json(trained_ckpt, builtin_shards, tmp_pa
     result = json.loads(out.read_text())
     assert result["num_samples"] == 64
     assert 0.0 <= result["text_to_image_R@1"] <= 1.0 and 1.0 <= result["image_to_text_mean_rank"] <= 64
+
+
+def test_precompute_embeddings_shards_are_readable_and_resumable(trained_ckpt, builtin_shards, tmp_path):
+    path, module, _ = trained_ckpt
+    out_dir = tmp_path / "emb"
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT)
+    cmd = [sys.executable, "train/precompute_embeddings.py", f"clip_ckpt={path}",
+           f"data.urls='{builtin_shards['val']}'", f"out_dir={out_dir}", "trainer.accelerator=cpu", "dtype=float32"]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "64 samples embedded" in proc.stdout
+    shards = sorted(p.name for p in out_dir.glob("*.tar"))
+    dm = WebDataModule(train_urls=None, val_urls=[str(out_dir / s) for s in shards],
+                       image_size=32, batch_size=64, num_workers=0, load_embeddings=True)  # fmt: skip
+    dm.setup("validate")
+    batch = next(iter(dm.val_dataloader()))
+    assert batch["img_emb"].shape == (64, NET["embed_dim"]) and batch["txt_emb"].shape == (64, NET["embed_dim"])
+    assert batch["txt_tokens"].shape == (64, 77, NET["text_width"])
+    module.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(batch["img_emb"], module.encode_image(batch["image"]), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(batch["txt_emb"], module.model.encode_text(batch["tokens"]), rtol=1e-4, atol=1e-4)
+    # rerun: complete shards are skipped
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0 and f"{len(shards)} shards already complete" in proc.stdout

@@ -404,3 +404,13 @@ def make_dataset(
 
 def _identity(src: Iterable) -> Iterable:
     return src
+
+
+def iter_raw_samples(url: str) -> Iterator[dict]:
+    """The undecoded samples ``{"__key__", "__url__", ext: bytes, ...}`` of one shard, in file order (a truncated
+    tar warns and yields the complete samples before the cut, as in training)."""
+    stages = _Stages(
+        image_size=0, tokenizer=None, context_length=0, batch_size=1, partial=True, random_crop=False,
+        load_image=False, load_embeddings=False, seed=0, rank=0, skip_counter=None,
+    )  # fmt: skip
+    yield from stages.tar_samples([{"url": url}])
