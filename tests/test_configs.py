@@ -87,3 +87,12 @@ def test_unknown_stage_is_a_clear_error():
     out = run_train("stage=nope", "--cfg", "job")
     assert out.returncode != 0
     assert "nope" in out.stderr
+
+
+@pytest.mark.parametrize("launcher", ["local", "slurm"])
+def test_hydra_launchers_compose(launcher):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
+    target = cfg.hydra.launcher._target_
+    assert ("SlurmLauncher" in target) if launcher == "slurm" else ("BasicLauncher" in target)
