@@ -80,7 +80,9 @@ def sample_prior_candidates(
         model_kwargs["text_tokens"] = rep(text_tokens)
         if text_mask is not None:
             model_kwargs["text_mask"] = rep(text_mask)
-    model_fn = network if guidance_scale == 1.0 else cfg_model_fn(network, guidance_scale=guidance_scale)
+    model_fn = network if guidance_scale == 1.0 else cfg_model_fn(
+        network, guidance_scale=guidance_scale, learned_variance=diffusion.learned_variance
+    )
     x = sample(
         model_fn,
         (b * k, d),
