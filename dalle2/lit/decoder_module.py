@@ -194,8 +194,7 @@ class DecoderModule(_CascadeStageModule):
 
     # -- frozen CLIP ------------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        if self.hparams.clip_ckpt and self._clip is None:
-            self.set_clip(load_frozen_clip(self.hparams.clip_ckpt))
+        self.clip  # load the frozen CLIP now (the property loads it lazily) so a bad path fails before training
 
     def set_clip(self, clip_module) -> None:
         """Use ``clip_module`` (a ``CLIPModule``) as the frozen on-the-fly embedder (not saved)."""

@@ -25,11 +25,3 @@ def gather_ragged(x: torch.Tensor) -> torch.Tensor:
     dist.all_gather(out, padded.contiguous())
     return torch.cat([o[:s] for o, s in zip(out, sizes)])
 
-
-def gather_objects(obj) -> list:
-    """``[obj_rank0, obj_rank1, ...]`` (pickled through all_gather_object); ``[obj]`` in one process."""
-    if not is_distributed():
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
