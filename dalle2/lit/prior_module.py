@@ -1,0 +1,245 @@
+"""The diffusion prior's LightningModule: CLIP text (embedding + token states) -> CLIP image embedding.
+
+Thin: the network is :class:`dalle2.prior.PriorNetwork`, the maths is :mod:`dalle2.diffusion`, sampling with
+rerank is :func:`dalle2.prior.sample_prior`; EMA, optimisers, quartile logging and the stage tag come from
+:class:`~dalle2.lit.diffusion_base.DiffusionStageModule`.
+
+Batches are ``WebDataModule`` dicts.  From embedding shards (``data=embeddings``): ``img_emb`` (B, D), ``txt_emb``
+(B, D), ``txt_tokens`` (B, L, Dt) and ``tokens`` (B, 77) (the text mask is ``tokens != 0``).  Without them a frozen
+CLIP (``clip_ckpt``, never saved in this checkpoint) embeds ``image`` and ``tokens`` on the fly.
+
+The diffusion runs in a scaled space: image embeddings are L2-normalised and multiplied by ``embed_scale`` (default
+sqrt(D), the paper's 17.2 for D = 768 ~ sqrt(768) * 0.62; see :class:`~dalle2.prior.EmbeddingScaler`); samples are
+divided by it and re-normalised.
+
+Validation (EMA weights, fixed noise): ``val/loss`` and three cosine similarities against the true image embedding:
+``val/cos_sampled`` (prior samples with rerank), ``val/cos_text_baseline`` (the text embedding itself) and
+``val/cos_shuffled`` (prior samples conditioned on another sample's caption: the control).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from dalle2.lit.diffusion_base import DiffusionStageModule, load_frozen_clip
+from dalle2.prior import EmbeddingScaler, PriorNetwork, sample_prior
+
+__all__ = ["PriorModule", "load_prior", "trim_text"]
+
+
+def trim_text(text_tokens: Tensor | None, text_mask: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+    """Drop the trailing token columns that are padding in every row: ``(B, L, Dt), (B, L)`` -> ``(B, L', Dt),
+    (B, L')`` with L' the longest valid length in the batch.  The network's output does not change (padded keys are
+    never attended and the trailing tokens' positions do not depend on L), but the sequence is ~5x shorter for
+    short captions padded to 77."""
+    if text_tokens is None or text_mask is None:
+        return text_tokens, text_mask
+    valid_cols = text_mask.any(dim=0).nonzero()
+    length = int(valid_cols.max()) + 1 if valid_cols.numel() else 1
+    return text_tokens[:, :length], text_mask[:, :length]
+
+
+class PriorModule(DiffusionStageModule):
+    """``p(CLIP image embedding | CLIP text)``.
+
+    Args (keyword-only):
+        network: keyword dict of :class:`~dalle2.prior.PriorNetwork` (conf/model/prior/*.yaml); ``embed_dim`` /
+            ``text_token_dim`` must be the CLIP's embedding size / text width.
+        diffusion: dict for ``build_diffusion`` (schedule, num_timesteps, objective x0 | eps | v, loss, weighting).
+        clip_ckpt: CLIP used to embed ``image`` / ``tokens`` on the fly when a batch has no ``img_emb``.
+        embed_scale: multiplier of the unit-norm image embedding in diffusion space (None: sqrt(embed_dim)).
+        cond_drop_prob: classifier-free guidance: probability of dropping the text (tokens and embedding).
+        use_text_tokens: attend to the CLIP text-encoder token states (False: text embedding only).
+        val_sample_steps / val_candidates / val_sampler: how validation samples (few DDIM steps, rerank).
+    """
+
+    stage = "prior"
+
+    def __init__(
+        self,
+        *,
+        network: dict,
+        diffusion: dict | None = None,
+        clip_ckpt: str | None = None,
+        embed_scale: float | None = None,
+        cond_drop_prob: float = 0.1,
+        use_text_tokens: bool = True,
+        ema_decay: float = 0.9999,
+        ema_warmup: int = 10,
+        ema_update_every: int = 1,
+        val_sample_steps: int = 16,
+        val_candidates: int = 2,
+        val_sampler: str = "ddim",
+        optimizer: Callable | None = None,
+        scheduler: Callable | None = None,
+    ):
+        diffusion = {"objective": "x0", **(diffusion or {})}
+        super().__init__(
+            diffusion=diffusion,
+            ema_decay=ema_decay,
+            ema_warmup=ema_warmup,
+            ema_update_every=ema_update_every,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            default_lr=1.1e-4,
+        )
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        if not 0.0 <= cond_drop_prob <= 1.0:
+            raise ValueError(f"cond_drop_prob must be in [0, 1], got {cond_drop_prob}")
+        self.net = PriorNetwork(**network)
+        self._init_ema()
+        self.embed_dim = int(self.net.embed_dim)
+        self.scaler = (
+            EmbeddingScaler.for_dim(self.embed_dim) if embed_scale is None else EmbeddingScaler(float(embed_scale))
+        )
+        self.cond_drop_prob, self.use_text_tokens = float(cond_drop_prob), bool(use_text_tokens)
+        self.__dict__["_clip"] = None  # the frozen CLIP: not a submodule, never in the state_dict
+
+    @property
+    def clip_ckpt(self) -> str | None:
+        """The CLIP checkpoint this prior was trained with (its embedding space), as given at construction."""
+        return self.hparams.clip_ckpt
+
+    # -- frozen CLIP --------------------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        self.clip  # a bad clip_ckpt fails before training
+
+    def set_clip(self, clip_module) -> None:
+        """Use ``clip_module`` (a ``CLIPModule``) as the frozen on-the-fly embedder (not saved)."""
+        if clip_module is not None:
+            clip_module = clip_module.eval().requires_grad_(False)
+        self.__dict__["_clip"] = clip_module
+
+    @property
+    def clip(self):
+        """The frozen CLIP (loaded from ``clip_ckpt`` at first use), or None."""
+        if self._clip is None and self.hparams.clip_ckpt:
+            self.set_clip(load_frozen_clip(self.hparams.clip_ckpt))
+        if self._clip is not None and self._clip.device != self.device:
+            self._clip.to(self.device)
+        return self._clip
+
+    def _require_clip(self, what: str):
+        if self.clip is None:
+            raise ValueError(f"batch has no {what!r} and no clip_ckpt was given to embed on the fly "
+                             "(use data=embeddings shards or set clip_ckpt=...)")
+        return self.clip
+
+    # -- conditioning -------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def embeddings(self, batch: dict) -> dict:
+        """``{"image_embed" (B, D) unit-norm, "text_embed" (B, D), "text_tokens" (B, L, Dt) | None,
+        "text_mask" (B, L) | None}`` from embedding shards or the frozen CLIP."""
+        tokens = batch["tokens"]
+        if batch.get("img_emb") is not None:
+            img = batch["img_emb"]
+        else:
+            img = self._require_clip("img_emb").encode_image(batch["image"])
+        states = batch.get("txt_tokens")
+        txt = batch.get("txt_emb")
+        if txt is None or (self.use_text_tokens and states is None):
+            states, txt = self._require_clip("txt_emb").model.encode_text_tokens(tokens)
+        out = {"image_embed": F.normalize(img.float(), dim=-1), "text_embed": txt.float(),
+               "text_tokens": None, "text_mask": None}
+        if self.use_text_tokens:
+            states = states.float()
+            mask = tokens[:, : states.shape[1]] != 0
+            if mask.shape[1] < states.shape[1]:
+                mask = F.pad(mask, (0, states.shape[1] - mask.shape[1]), value=False)
+            mask[:, 0] = True  # SOT is always there: never an all-masked row
+            out["text_tokens"], out["text_mask"] = trim_text(states, mask)
+        return out
+
+    @staticmethod
+    def _text_kwargs(emb: dict) -> dict:
+        return {"text_embed": emb["text_embed"], "text_tokens": emb["text_tokens"], "text_mask": emb["text_mask"]}
+
+    # -- training -----------------------------------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        emb = self.embeddings(batch)
+        x0 = self.scaler.scale_embed(emb["image_embed"])
+        B = x0.shape[0]
+        kwargs = self._text_kwargs(emb)
+        kwargs["drop_text"] = torch.rand(B, device=x0.device) < self.cond_drop_prob
+        losses, per_sample = self.diffusion.training_losses(self.net, x0, model_kwargs=kwargs, return_per_sample=True)
+        self.log_losses(losses, per_sample)
+        return losses["loss"]
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        seed = 1_000_003 * (batch_idx + 1) + 7919 * self.global_rank
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        emb = self.embeddings(batch)
+        true = emb["image_embed"]
+        x0 = self.scaler.scale_embed(true)
+        B = x0.shape[0]
+        kwargs = self._text_kwargs(emb)
+        losses = self.diffusion.training_losses(self.ema_net, x0, generator=gen, model_kwargs=kwargs)
+        opts = dict(steps=self.hparams.val_sample_steps, sampler=self.hparams.val_sampler,
+                    n_samples_per_prompt=self.hparams.val_candidates)
+        sampled = self.sample(**kwargs, generator=gen, **opts)
+        # control: each embedding sampled from another sample's caption (the batch rolled by one)
+        shuffled_kwargs = {k: (None if v is None else v.roll(1, dims=0)) for k, v in kwargs.items()}
+        shuffled = self.sample(**shuffled_kwargs, generator=gen, **opts)
+        metrics = {
+            "val/loss": losses["loss"],
+            "val/cos_sampled": F.cosine_similarity(sampled, true, dim=-1).mean(),
+            "val/cos_text_baseline": F.cosine_similarity(emb["text_embed"], true, dim=-1).mean(),
+            "val/cos_shuffled": F.cosine_similarity(shuffled, true, dim=-1).mean(),
+        }
+        for k, v in metrics.items():
+            self.log(k, v, on_epoch=True, sync_dist=True, batch_size=B, prog_bar=k in ("val/loss", "val/cos_sampled"))
+
+    # -- sampling -----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(
+        self,
+        *,
+        text_embed: Tensor,
+        text_tokens: Tensor | None = None,
+        text_mask: Tensor | None = None,
+        n_samples_per_prompt: int = 2,
+        steps: int = 64,
+        sampler: str = "ddim",
+        guidance_scale: float = 1.0,
+        eta: float = 0.0,
+        generator: torch.Generator | None = None,
+        use_ema: bool = True,
+    ) -> Tensor:
+        """Unit-norm CLIP image embeddings ``(B, D)`` for text conditioning ``text_embed (B, D)``, ``text_tokens
+        (B, L, Dt)``, ``text_mask (B, L)`` bool: ``n_samples_per_prompt`` candidates per prompt, the one with the
+        highest dot product with the text embedding kept.  ``guidance_scale != 1``: classifier-free guidance."""
+        net = self.ema_net if use_ema else self.net
+        was_training = net.training
+        net.eval()
+        dev = self.device
+        if not self.use_text_tokens:
+            text_tokens, text_mask = None, None
+        text_tokens, text_mask = trim_text(text_tokens, text_mask)
+        try:
+            return sample_prior(
+                net,
+                self.diffusion,
+                text_embed=text_embed.to(dev).float(),
+                text_tokens=None if text_tokens is None else text_tokens.to(dev).float(),
+                text_mask=None if text_mask is None else text_mask.to(dev),
+                n_samples_per_prompt=n_samples_per_prompt,
+                steps=steps,
+                sampler=sampler,
+                guidance_scale=guidance_scale,
+                eta=eta,
+                generator=generator,
+                scaler=self.scaler,
+            )
+        finally:
+            net.train(was_training)
+
+
+def load_prior(path: str, *, map_location="cpu") -> PriorModule:
+    """A ``PriorModule`` in eval mode from a stage=prior ``.ckpt`` (another stage's raises ``WrongStageError``)."""
+    from dalle2.lit.checkpoints import load_stage_module
+
+    return load_stage_module(path, "prior", map_location=map_location).eval().requires_grad_(False)
