@@ -158,13 +158,19 @@ class PriorModule(DiffusionStageModule):
     def _text_kwargs(emb: dict) -> dict:
         return {"text_embed": emb["text_embed"], "text_tokens": emb["text_tokens"], "text_mask": emb["text_mask"]}
 
+    def drop_text_mask(self, batch_size: int, *, device=None, generator: torch.Generator | None = None) -> Tensor:
+        """Classifier-free guidance training drop: ``(B,)`` bool, True with p = ``cond_drop_prob`` per sample
+        (the text tokens and the text embedding are then both replaced by the network's learned null text)."""
+        gen_device = generator.device if generator is not None else device
+        return (torch.rand(batch_size, generator=generator, device=gen_device) < self.cond_drop_prob).to(device)
+
     # -- training -----------------------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         emb = self.embeddings(batch)
         x0 = self.scaler.scale_embed(emb["image_embed"])
         B = x0.shape[0]
         kwargs = self._text_kwargs(emb)
-        kwargs["drop_text"] = torch.rand(B, device=x0.device) < self.cond_drop_prob
+        kwargs["drop_text"] = self.drop_text_mask(B, device=x0.device)
         losses, per_sample = self.diffusion.training_losses(self.net, x0, model_kwargs=kwargs, return_per_sample=True)
         self.log_losses(losses, per_sample)
         return losses["loss"]
@@ -180,10 +186,12 @@ class PriorModule(DiffusionStageModule):
         losses = self.diffusion.training_losses(self.ema_net, x0, generator=gen, model_kwargs=kwargs)
         opts = dict(steps=self.hparams.val_sample_steps, sampler=self.hparams.val_sampler,
                     n_samples_per_prompt=self.hparams.val_candidates)
-        sampled = self.sample(**kwargs, generator=gen, **opts)
+        sample_seed = seed + 1  # the same noise for the real and the shuffled captions: only the text differs
+        sampled = self.sample(**kwargs, generator=torch.Generator(self.device).manual_seed(sample_seed), **opts)
         # control: each embedding sampled from another sample's caption (the batch rolled by one)
         shuffled_kwargs = {k: (None if v is None else v.roll(1, dims=0)) for k, v in kwargs.items()}
-        shuffled = self.sample(**shuffled_kwargs, generator=gen, **opts)
+        shuffled = self.sample(**shuffled_kwargs, generator=torch.Generator(self.device).manual_seed(sample_seed),
+                               **opts)
         metrics = {
             "val/loss": losses["loss"],
             "val/cos_sampled": F.cosine_similarity(sampled, true, dim=-1).mean(),
