@@ -6,6 +6,9 @@
   ``[0, num_levels]``): level 0 is the clean image, level ``k >= 1`` noises with ``alpha_bar[k - 1]`` of the
   augmentation schedule.  Training draws levels uniformly in ``[0, max_train_level]``; sampling uses the
   fixed small ``level`` given to the call.
+
+``generator`` is one ``torch.Generator``, or a sequence of them, one per group of consecutive rows (per-sample
+noise streams, as in :func:`dalle2.diffusion.samplers.randn`).
 """
 
 from __future__ import annotations
@@ -17,14 +20,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .samplers import Generators, _per_row_draw, rand, randn
 from .schedules import Schedule
 
 __all__ = ["gaussian_blur", "LowResAugmentation"]
 
 
-def _uniform(n: int, lo: float, hi: float, *, generator, device) -> Tensor:
-    gen_device = generator.device if generator is not None else device
-    return (torch.rand(n, generator=generator, device=gen_device) * (hi - lo) + lo).to(device)
+def _uniform(n: int, lo: float, hi: float, *, generator: Generators, device) -> Tensor:
+    return rand((n,), generator=generator, device=device) * (hi - lo) + lo
+
+
+def _randint(high: int, n: int, *, generator: Generators, device) -> Tensor:
+    def draw(shape, *, generator, device, dtype):
+        return torch.randint(0, high, shape, generator=generator, device=device, dtype=dtype)
+
+    return _per_row_draw(draw, (n,), generator, device, torch.int64)
 
 
 def gaussian_blur(x: Tensor, sigma: float | Tensor) -> Tensor:
@@ -80,12 +90,11 @@ class LowResAugmentation:
         # alpha_bar per level: level 0 -> 1 (clean)
         self.alphas_cumprod = torch.cat([torch.ones(1, dtype=torch.float64), self.schedule.alphas_cumprod])
 
-    def noise(self, x: Tensor, level: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
+    def noise(self, x: Tensor, level: Tensor, *, generator: Generators = None) -> Tensor:
         """``sqrt(abar) x + sqrt(1 - abar) eps`` at augmentation ``level (B,)`` (level 0: x unchanged)."""
         abar = self.alphas_cumprod.to(x.device)[level.long()].to(torch.float32)
         abar = abar.reshape(-1, *([1] * (x.ndim - 1)))
-        gen_device = generator.device if generator is not None else x.device
-        eps = torch.randn(x.shape, generator=generator, device=gen_device, dtype=torch.float32).to(x.device)
+        eps = randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
         out = abar.sqrt() * x.float() + (1.0 - abar).sqrt() * eps
         return torch.where(level.reshape(abar.shape) == 0, x.float(), out).to(x.dtype)
 
@@ -95,7 +104,7 @@ class LowResAugmentation:
         *,
         train: bool,
         level: int = 0,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
     ) -> tuple[Tensor, Tensor]:
         """``x: (B, C, H, W)`` (already upsampled or not; any size) -> ``(augmented, aug_level (B,) int64)``.
 
@@ -107,8 +116,7 @@ class LowResAugmentation:
                 sig = _uniform(B, *self.blur_sigma, generator=generator, device=x.device)
                 keep = _uniform(B, 0.0, 1.0, generator=generator, device=x.device) < self.blur_prob
                 x = gaussian_blur(x, torch.where(keep, sig, torch.zeros_like(sig)))
-            gen_device = generator.device if generator is not None else x.device
-            lv = torch.randint(0, self.max_train_level + 1, (B,), generator=generator, device=gen_device).to(x.device)
+            lv = _randint(self.max_train_level + 1, B, generator=generator, device=x.device)
         else:
             if not 0 <= int(level) <= self.num_levels:
                 raise ValueError(f"aug level must be in [0, {self.num_levels}], got {level}")

@@ -18,8 +18,11 @@ Algorithms (``abar`` = alpha_bar at the current timestep, ``abar'`` at the next 
   Euler on the same timesteps is algebraically DDIM(eta=0); Heun costs 2 model calls per step (1 on the last).
   Pair them with ``spacing="karras"`` for Karras sigmas (snapped to training timesteps).
 
-``callback(info)`` is called after every step with ``{"i", "t", "x", "x0"}``; ``generator`` (a
-``torch.Generator``) draws all noise, so a seed fixes the result.
+``callback(info)`` is called after every step with ``{"i", "t", "x", "x0"}``; ``generator`` draws all noise, so
+a seed fixes the result.  It is a ``torch.Generator`` (one stream for the whole batch) or a *sequence* of ``n``
+generators, one per group of ``B / n`` consecutive rows (per-sample streams: row ``r`` only ever draws from
+``generator[r // (B / n)]``, so a sample does not depend on which other samples share its batch); see
+:func:`randn`.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from .schedules import karras_timesteps, respace_timesteps
 
 SamplerName = Literal["ddpm", "ddim", "dpmpp_2m", "euler", "heun"]
 Callback = Callable[[dict], None]
+Generators = torch.Generator | Sequence[torch.Generator] | None
 
 __all__ = [
     "sample",
@@ -47,6 +51,7 @@ __all__ = [
     "ddim_step",
     "ddim_invert",
     "make_timesteps",
+    "randn",
     "SAMPLERS",
 ]
 
@@ -64,9 +69,39 @@ def _abars(diffusion: GaussianDiffusion, ts: list[int]) -> list[float]:
     return [float(ac[t]) for t in ts] + [1.0]
 
 
-def _randn(x: Tensor, generator: torch.Generator | None) -> Tensor:
-    device = generator.device if generator is not None else x.device
-    return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+def _per_row_draw(draw: Callable[..., Tensor], shape: Sequence[int], generator: Generators, device, dtype) -> Tensor:
+    """``draw(shape, generator=, device=, dtype=)`` with one generator or one per group of consecutive rows."""
+    shape = tuple(int(s) for s in shape)
+    if generator is None or isinstance(generator, torch.Generator):
+        gen_device = generator.device if generator is not None else device
+        return draw(shape, generator=generator, device=gen_device, dtype=dtype).to(device)
+    gens = list(generator)
+    n, B = len(gens), shape[0]
+    if n == 0 or B % n:
+        raise ValueError(f"{n} generators cannot split a batch of {B} rows into equal groups")
+    rows = (B // n, *shape[1:])
+    # a loop over generators only to draw noise (the model calls stay batched)
+    parts = [draw(rows, generator=g, device=g.device, dtype=dtype).to(device) for g in gens]
+    return torch.cat(parts, dim=0)
+
+
+def randn(shape: Sequence[int], *, generator: Generators = None, device=None, dtype: torch.dtype | None = None) -> Tensor:
+    """Standard normal noise of ``shape`` on ``device``, drawn on each generator's own device.
+
+    ``generator``: None (global RNG), one ``torch.Generator`` for the whole tensor, or a sequence of ``n``
+    generators where ``n`` divides ``shape[0]``: generator ``j`` draws rows ``[j B/n, (j+1) B/n)`` (as one
+    ``(B/n, ...)`` draw), so those rows depend only on that generator's seed, never on the rest of the batch.
+    """
+    return _per_row_draw(torch.randn, shape, generator, device, dtype or torch.float32)
+
+
+def rand(shape: Sequence[int], *, generator: Generators = None, device=None, dtype: torch.dtype | None = None) -> Tensor:
+    """Uniform [0, 1) counterpart of :func:`randn` (same generator conventions)."""
+    return _per_row_draw(torch.rand, shape, generator, device, dtype or torch.float32)
+
+
+def _randn(x: Tensor, generator: Generators) -> Tensor:
+    return randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
 
 def _denoiser(diffusion, model_fn, model_kwargs, x0_transform) -> Callable[[Tensor, int], Denoised]:
@@ -131,7 +166,7 @@ def sample_ddpm(
     timesteps: Tensor | Sequence[int],
     *,
     diffusion: GaussianDiffusion,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     model_kwargs: Mapping[str, Any] | None = None,
     x0_transform: X0Transform | None = None,
     callback: Callback | None = None,
@@ -157,7 +192,7 @@ def sample_ddim(
     *,
     diffusion: GaussianDiffusion,
     eta: float = 0.0,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     model_kwargs: Mapping[str, Any] | None = None,
     x0_transform: X0Transform | None = None,
     callback: Callback | None = None,
@@ -339,7 +374,7 @@ def sample(
     sampler: SamplerName = "ddim",
     steps: int = 50,
     eta: float = 0.0,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     callback: Callback | None = None,
     model_kwargs: Mapping[str, Any] | None = None,
     x0_transform: X0Transform | None = None,
@@ -350,7 +385,8 @@ def sample(
 ) -> Tensor:
     """Draw samples: the one entry point the prior, decoder and pipeline use.
 
-    ``shape_or_x_T``: a shape (noise drawn from ``generator`` on ``device``, in ``dtype``, default float32) or the
+    ``shape_or_x_T``: a shape (noise drawn from ``generator``, see :func:`randn`, moved to ``device``, in ``dtype``,
+    default float32) or the
     starting noise itself (kept in its dtype unless ``dtype`` is given).  The sampler state stays in that dtype
     (model outputs are cast to it), so run the network under autocast rather than sampling in half precision.
     ``spacing``: how the ``steps`` timesteps are chosen (``trailing`` measured best on the analytic benchmark
@@ -363,10 +399,9 @@ def sample(
     if isinstance(shape_or_x_T, Tensor):
         x = shape_or_x_T if dtype is None else shape_or_x_T.to(dtype=dtype)
     else:
-        shape = tuple(int(s) for s in shape_or_x_T)
-        gen_device = generator.device if generator is not None else device
-        x = torch.randn(shape, generator=generator, device=gen_device, dtype=dtype or torch.float32)
-        x = x.to(device or gen_device)
+        if device is None and isinstance(generator, torch.Generator):
+            device = generator.device
+        x = randn(shape_or_x_T, generator=generator, device=device, dtype=dtype or torch.float32)
     timesteps = make_timesteps(diffusion, steps, spacing, rho=rho)
     kwargs: dict[str, Any] = dict(diffusion=diffusion, model_kwargs=model_kwargs, x0_transform=x0_transform,
                                   callback=callback)

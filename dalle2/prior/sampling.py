@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from dalle2.diffusion.gaussian import GaussianDiffusion
 from dalle2.diffusion.guidance import cfg_model_fn
-from dalle2.diffusion.samplers import SamplerName, sample
+from dalle2.diffusion.samplers import Generators, SamplerName, sample
 from dalle2.prior.network import EmbeddingScaler
 
 __all__ = ["rerank_by_similarity", "sample_prior", "sample_prior_candidates"]
@@ -53,14 +53,16 @@ def sample_prior_candidates(
     sampler: SamplerName = "ddim",
     guidance_scale: float = 1.0,
     eta: float = 0.0,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     scaler: EmbeddingScaler,
     renormalize: bool = True,
 ) -> Tensor:
     """-> (B, k, D) candidate CLIP image embeddings (unit norm if ``renormalize``), k = ``n_samples_per_prompt``.
 
     text_embed: (B, D); text_tokens: (B, L, Dt) | None; text_mask: (B, L) bool | None.  Noise for all B * k
-    samples is drawn from ``generator`` (so a seed fixes the result).  ``network`` is called as
+    samples is drawn from ``generator`` (so a seed fixes the result): one ``torch.Generator``, or a sequence of B
+    generators, one per prompt, that draws that prompt's k candidates (so a prompt's embedding does not depend on
+    the other prompts in the batch).  ``network`` is called as
     ``network(x, t, text_embed=, text_tokens=, text_mask=, drop_text=)``; put it in eval mode first.
     """
     if n_samples_per_prompt < 1:
@@ -110,7 +112,7 @@ def sample_prior(
     sampler: SamplerName = "ddim",
     guidance_scale: float = 1.0,
     eta: float = 0.0,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     scaler: EmbeddingScaler,
     renormalize: bool = True,
 ) -> Tensor:

@@ -1,0 +1,457 @@
+"""Text -> image with the whole unCLIP cascade: CLIP text encoder -> prior -> decoder -> upsamplers.
+
+    pipe = UnCLIPPipeline.from_checkpoints(clip="clip.ckpt", prior="prior.ckpt", decoder="decoder.ckpt",
+                                           upsamplers=["sr.ckpt"], device="cuda")
+    images = pipe(["a red circle", "a blue square"], seed=0)        # (2, 3, H, W) in [0, 1]
+    small = pipe(["a red circle"], seed=0, size=pipe.sizes[0])      # stop the cascade after the decoder
+    var = pipe.variations(images)                                   # image -> CLIP embedding -> decoder (no prior)
+    frames = pipe.interpolate("a red circle", "a blue square", num=5)  # slerp of the two image embeddings
+
+Every stage uses its EMA weights.  Classifier-free guidance, steps, sampler and eta are set per stage with
+:class:`SamplingSettings`.
+
+**Determinism.**  Image ``i`` of a call draws all of its noise (the prior's initial noise for its
+``n_prior_samples`` candidates, the decoder's ``x_T``, each upsampler's low-res augmentation noise and ``x_T``,
+and any stochastic sampler noise: ddpm, ddim with eta > 0) from its own CPU ``torch.Generator``, one per stage,
+seeded by :func:`sample_seed` ``(seed_i, index_i, stage)``.  ``seed`` is one int (shared) or one per prompt;
+``indices`` default to ``range(B)``; an index may be an int ``i`` or a pair ``(i, k)`` (``i`` is the same as
+``(i, 0)``; ``eval/sample.py`` uses ``(prompt line, sample number)``).  So an image depends only on its prompt,
+seed, index and settings, never on the other prompts of its batch (up to float rounding of batched matmuls, which
+in practice leaves the 8-bit PNG unchanged), nor on the device the noise ends up on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dalle2.prior.sampling import sample_prior
+
+__all__ = [
+    "StageSettings",
+    "SamplingSettings",
+    "UnCLIPPipeline",
+    "sample_seed",
+    "sample_generators",
+    "slerp",
+]
+
+Index = int | tuple[int, ...]
+
+# generator streams: one independent noise stream per stage and image
+STREAM_PRIOR, STREAM_DECODER, STREAM_UPSAMPLER = 1, 2, 3
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def sample_seed(seed: int, index: Index, stream: int = 0) -> int:
+    """A 63-bit generator seed for ``(seed, index, stream)``: splitmix64 folded over the integers (no Python
+    ``hash``, so it is the same in every process).  ``index`` is an int ``i`` (= ``(i, 0)``) or a tuple ``(i, k)``."""
+    idx = (int(index), 0) if isinstance(index, (int,)) or (isinstance(index, Tensor) and index.ndim == 0) else tuple(
+        int(v) for v in index
+    )
+    h = 0x5DA1_1E2D
+    for v in (int(stream), int(seed), *idx):
+        h = _splitmix64(h ^ (v & _MASK64))
+    return h & ((1 << 63) - 1)
+
+
+def sample_generators(seeds: Sequence[int], indices: Sequence[Index], stream: int) -> list[torch.Generator]:
+    """One CPU ``torch.Generator`` per image, seeded by :func:`sample_seed` ``(seeds[i], indices[i], stream)``."""
+    return [torch.Generator().manual_seed(sample_seed(s, i, stream)) for s, i in zip(seeds, indices)]
+
+
+def slerp(a: Tensor, b: Tensor, t: Tensor) -> Tensor:
+    """Spherical interpolation of unit vectors ``a, b: (D,)`` at ``t: (N,)`` -> ``(N, D)`` unit vectors
+    (linear interpolation, renormalised, when they are (anti)parallel)."""
+    a, b = F.normalize(a.float(), dim=-1), F.normalize(b.float(), dim=-1)
+    t = t.float().reshape(-1, 1).to(a.device)
+    omega = torch.arccos((a * b).sum().clamp(-1.0, 1.0))
+    if float(torch.sin(omega)) < 1e-4:
+        return F.normalize((1 - t) * a + t * b, dim=-1)
+    so = torch.sin(omega)
+    out = (torch.sin((1 - t) * omega) / so) * a + (torch.sin(t * omega) / so) * b
+    return F.normalize(out, dim=-1)
+
+
+# --------------------------------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class StageSettings:
+    """How one diffusion stage samples: ``steps``, ``sampler`` (ddpm | ddim | dpmpp_2m | euler | heun),
+    ``guidance_scale`` (classifier-free guidance; 1 = off) and ``eta`` (ddim only)."""
+
+    steps: int = 50
+    sampler: str = "ddim"
+    guidance_scale: float = 1.0
+    eta: float = 0.0
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """Per-stage sampling settings of :class:`UnCLIPPipeline`.
+
+    ``n_prior_samples``: prior candidates per prompt, the one most similar to the text embedding is kept (DALL-E 2
+    reranking).  ``threshold``: x0 clipping of the decoder and upsamplers (static | dynamic | none).
+    ``upsampler_aug_level``: low-res noise augmentation level when upsampling (None: each upsampler's own
+    ``sample_aug_level``).  The upsamplers are not text-conditioned: their ``guidance_scale`` must stay 1.
+    """
+
+    prior: StageSettings = field(default_factory=lambda: StageSettings(steps=64, guidance_scale=1.0))
+    decoder: StageSettings = field(default_factory=lambda: StageSettings(steps=50, guidance_scale=3.0))
+    upsampler: StageSettings = field(default_factory=lambda: StageSettings(steps=25))
+    n_prior_samples: int = 2
+    threshold: Literal["static", "dynamic", "none"] = "static"
+    upsampler_aug_level: int | None = None
+
+    STAGES = ("prior", "decoder", "upsampler")
+
+    def __post_init__(self) -> None:
+        for name in self.STAGES:
+            st = getattr(self, name)
+            if isinstance(st, dict):
+                object.__setattr__(self, name, StageSettings(**st))
+            elif not isinstance(st, StageSettings):
+                raise TypeError(f"SamplingSettings.{name} must be StageSettings or a dict, got {type(st).__name__}")
+            st = getattr(self, name)
+            if int(st.steps) < 1:
+                raise ValueError(f"{name}.steps must be >= 1, got {st.steps}")
+        if self.upsampler.guidance_scale != 1.0:
+            raise ValueError("the upsamplers have no classifier-free guidance: upsampler.guidance_scale must be 1")
+        if int(self.n_prior_samples) < 1:
+            raise ValueError(f"n_prior_samples must be >= 1, got {self.n_prior_samples}")
+        if self.threshold not in ("static", "dynamic", "none"):
+            raise ValueError(f"threshold must be static, dynamic or none, got {self.threshold!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (JSON-able); ``SamplingSettings.from_dict(s.to_dict()) == s``."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SamplingSettings":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown sampling settings {sorted(unknown)}; expected {sorted(known)}")
+        return cls(**d)
+
+    @classmethod
+    def from_overrides(
+        cls,
+        *,
+        steps: dict[str, int] | None = None,
+        sampler: dict[str, str] | None = None,
+        guidance: dict[str, float] | None = None,
+        eta: dict[str, float] | None = None,
+        **top: Any,
+    ) -> "SamplingSettings":
+        """Defaults overridden per kind then stage, the CLI's ``steps.decoder=50 sampler.prior=ddpm ...`` layout:
+        ``from_overrides(steps={"decoder": 50}, guidance={"decoder": 4.0}, n_prior_samples=4)``; None = default."""
+        base = cls()
+        stages: dict[str, dict[str, Any]] = {s: dataclasses.asdict(getattr(base, s)) for s in cls.STAGES}
+        for key, per_stage in (("steps", steps), ("sampler", sampler), ("guidance_scale", guidance), ("eta", eta)):
+            for stage, value in (per_stage or {}).items():
+                if stage not in stages:
+                    raise ValueError(f"unknown stage {stage!r} in {key} overrides; expected one of {list(cls.STAGES)}")
+                if value is not None:
+                    stages[stage][key] = type(stages[stage][key])(value)
+        top = {k: v for k, v in top.items() if v is not None}
+        return cls.from_dict({**{s: StageSettings(**v) for s, v in stages.items()}, **top})
+
+
+# --------------------------------------------------------------------------------------------------- pipeline
+
+
+class UnCLIPPipeline(nn.Module):
+    """The composed cascade.  Build it with :meth:`from_checkpoints` or from loaded modules:
+
+    Args (keyword-only):
+        clip: a ``CLIPModule`` (text encoder for prompts, image encoder for variations).
+        decoder: a ``DecoderModule``; ``upsamplers``: ``UpsamplerModule`` s, in order (each one's ``lowres_size``
+            must be the previous stage's output size).
+        prior: a ``PriorModule`` (None: only :meth:`variations` and embedding/image :meth:`interpolate` work).
+        tokenizer: a ``Tokenizer`` (default: the shipped vocabulary at the CLIP's context length).
+    """
+
+    def __init__(self, *, clip, decoder, prior=None, upsamplers: Sequence = (), tokenizer=None):
+        super().__init__()
+        from dalle2.clip.tokenizer import get_tokenizer
+
+        self.clip, self.decoder, self.prior = clip.eval(), decoder.eval(), None if prior is None else prior.eval()
+        self.upsamplers = nn.ModuleList([u.eval() for u in upsamplers])
+        self.requires_grad_(False)
+        clip_cfg = clip.model.config
+        embed_dim, text_width = int(clip_cfg["embed_dim"]), int(clip_cfg["text_width"])
+        net = decoder.hparams.network
+        if int(net["clip_dim"]) != embed_dim:
+            raise ValueError(f"decoder expects CLIP embeddings of size {net['clip_dim']}, the CLIP gives {embed_dim}")
+        if decoder.use_text and int(net["text_dim"]) != text_width:
+            raise ValueError(f"decoder expects CLIP text states of width {net['text_dim']}, the CLIP has {text_width}")
+        if prior is not None:
+            if int(prior.embed_dim) != embed_dim:
+                raise ValueError(f"prior samples embeddings of size {prior.embed_dim}, the CLIP's are {embed_dim}")
+            tdim = prior.hparams.network.get("text_token_dim")
+            if prior.use_text_tokens and tdim is not None and int(tdim) != text_width:
+                raise ValueError(f"prior expects CLIP text states of width {tdim}, the CLIP has {text_width}")
+        sizes = [int(decoder.image_size)]
+        for j, up in enumerate(self.upsamplers):
+            lo, hi = int(up.hparams.lowres_size), int(up.hparams.image_size)
+            if lo != sizes[-1]:
+                raise ValueError(f"upsampler {j} takes {lo} px images but the stage before it makes {sizes[-1]} px")
+            sizes.append(hi)
+        self.sizes: tuple[int, ...] = tuple(sizes)
+        self.tokenizer = tokenizer if tokenizer is not None else get_tokenizer(context_length=clip.model.context_length)
+
+    @classmethod
+    def from_checkpoints(
+        cls,
+        *,
+        clip: str,
+        prior: str | None = None,
+        decoder: str,
+        upsamplers: Sequence[str] = (),
+        device: str | torch.device = "cpu",
+        tokenizer: str | None = None,
+    ) -> "UnCLIPPipeline":
+        """Load each stage with a stage check (a checkpoint of the wrong stage raises ``WrongStageError`` naming the
+        file).  ``clip``: a stage=clip ``.ckpt`` or CLIP weights (OpenAI / open_clip / safetensors); ``tokenizer``:
+        a BPE merges file (None: the shipped vocabulary)."""
+        from dalle2.clip.tokenizer import get_tokenizer
+        from dalle2.lit.checkpoints import load_stage_module
+        from dalle2.lit.clip_module import load_clip
+
+        if isinstance(upsamplers, str):
+            upsamplers = [upsamplers]
+        clip_m = load_clip(clip)
+        prior_m = None if not prior else load_stage_module(prior, "prior")
+        dec_m = load_stage_module(decoder, "decoder")
+        ups = [load_stage_module(p, "upsampler") for p in upsamplers]
+        tok = get_tokenizer(tokenizer, context_length=clip_m.model.context_length)
+        return cls(clip=clip_m, prior=prior_m, decoder=dec_m, upsamplers=ups, tokenizer=tok).to(device)
+
+    # -- devices: keep the LightningModules' `.device` in step when this plain nn.Module is moved ------------------
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        from lightning.fabric.utilities.device_dtype_mixin import _DeviceDtypeModuleMixin
+
+        for m in self.modules():
+            if isinstance(m, _DeviceDtypeModuleMixin):
+                p = next(m.parameters(), None)
+                if p is not None:
+                    m._device = p.device
+        return out
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.decoder.parameters()).device
+
+    # -- helpers --------------------------------------------------------------------------------------------------
+    def _num_upsamplers(self, size: int | None) -> int:
+        if size is None:
+            return len(self.upsamplers)
+        if int(size) not in self.sizes:
+            raise ValueError(f"size={size} is not one this cascade can produce; expected one of {list(self.sizes)}")
+        return self.sizes.index(int(size))
+
+    @staticmethod
+    def _seeds_indices(n: int, seed: int | Sequence[int], indices: Sequence[Index] | None) -> tuple[list, list]:
+        if isinstance(seed, (int,)) or (isinstance(seed, Tensor) and seed.ndim == 0):
+            seeds = [int(seed)] * n
+        else:
+            seeds = [int(s) for s in seed]
+            if len(seeds) != n:
+                raise ValueError(f"got {len(seeds)} seeds for {n} images (give one int or one seed per image)")
+        if indices is None:
+            idx: list[Index] = list(range(n))
+        else:
+            idx = [i if isinstance(i, int) else tuple(int(v) for v in i) for i in indices]
+            if len(idx) != n:
+                raise ValueError(f"got {len(idx)} indices for {n} images")
+        return seeds, idx
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str]) -> dict[str, Tensor]:
+        """Prompts -> ``{"text_embed" (B, D), "text_tokens" (B, L, Dt), "text_mask" (B, L) bool}`` (CLIP text
+        encoder; the mask is ``tokens != 0`` with the start token always on, as in training)."""
+        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+            raise TypeError("prompts must be a list of str")
+        tokens = self.tokenizer(list(prompts)).to(self.device)
+        states, pooled = self.clip.model.encode_text_tokens(tokens)
+        mask = tokens[:, : states.shape[1]] != 0
+        mask[:, 0] = True
+        return {"text_embed": pooled.float(), "text_tokens": states.float(), "text_mask": mask}
+
+    @torch.no_grad()
+    def encode_images(self, images: Tensor) -> Tensor:
+        """Images ``(B, 3, h, w)`` in [0, 1] -> unit-norm CLIP image embeddings ``(B, D)``."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be (B, 3, H, W) in [0, 1], got {tuple(images.shape)}")
+        x = images.to(self.device).float() * 2.0 - 1.0
+        return F.normalize(self.clip.encode_image(x).float(), dim=-1)
+
+    @torch.no_grad()
+    def prior_embeddings(self, text: dict[str, Tensor], *, seeds: list[int], indices: list[Index],
+                         settings: SamplingSettings) -> Tensor:
+        """Text conditioning (from :meth:`encode_prompts`) -> unit-norm image embeddings ``(B, D)`` via the prior."""
+        if self.prior is None:
+            raise ValueError("text-to-image needs a prior checkpoint (from_checkpoints(prior=...)); without one, "
+                             "use variations() or interpolate() between images/embeddings")
+        st, prior = settings.prior, self.prior
+        net = prior.ema_net
+        was_training = net.training
+        net.eval()
+        # Not PriorModule.sample: it trims the text to the batch's longest prompt, and the null text of the CFG
+        # branch has one token per position, so the guided result would depend on the other prompts of the batch.
+        # Here the text keeps the CLIP's full context length (fixed), the same for every batch.
+        use_tokens = bool(prior.use_text_tokens)
+        try:
+            return sample_prior(
+                net, prior.diffusion, text_embed=text["text_embed"].to(prior.device),
+                text_tokens=text["text_tokens"].to(prior.device) if use_tokens else None,
+                text_mask=text["text_mask"].to(prior.device) if use_tokens else None,
+                n_samples_per_prompt=int(settings.n_prior_samples), steps=int(st.steps), sampler=st.sampler,
+                guidance_scale=float(st.guidance_scale), eta=float(st.eta),
+                generator=sample_generators(seeds, indices, STREAM_PRIOR), scaler=prior.scaler,
+            )
+        finally:
+            net.train(was_training)
+
+    @torch.no_grad()
+    def decode(
+        self,
+        image_embed: Tensor,
+        *,
+        seeds: list[int],
+        indices: list[Index],
+        settings: SamplingSettings,
+        num_upsamplers: int,
+        text: dict[str, Tensor] | None = None,
+    ) -> Tensor:
+        """Image embeddings ``(B, D)`` -> images ``(B, 3, S, S)`` in [0, 1] (decoder, then ``num_upsamplers``)."""
+        st = settings.decoder
+        text_tokens = text_mask = None
+        if self.decoder.use_text and text is not None:
+            text_tokens, text_mask = text["text_tokens"], text["text_mask"]
+        x = self.decoder.sample(
+            image_embed.to(self.device), steps=int(st.steps), sampler=st.sampler,
+            guidance_scale=float(st.guidance_scale), eta=float(st.eta), text_tokens=text_tokens, text_mask=text_mask,
+            threshold=settings.threshold, generator=sample_generators(seeds, indices, STREAM_DECODER), use_ema=True,
+        )  # fmt: skip
+        su = settings.upsampler
+        for j in range(num_upsamplers):
+            x = self.upsamplers[j].upsample(
+                x, steps=int(su.steps), sampler=su.sampler, eta=float(su.eta), aug_level=settings.upsampler_aug_level,
+                threshold=settings.threshold, generator=sample_generators(seeds, indices, STREAM_UPSAMPLER + j),
+                use_ema=True,
+            )  # fmt: skip
+        return ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+
+    # -- the three entry points -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def forward(
+        self,
+        prompts: Sequence[str],
+        *,
+        seed: int | Sequence[int] = 0,
+        indices: Sequence[Index] | None = None,
+        size: int | None = None,
+        settings: SamplingSettings | None = None,
+    ) -> Tensor:
+        """Prompts (B) -> images ``(B, 3, size, size)`` in [0, 1] (``size`` in :attr:`sizes`; None: the largest)."""
+        settings = settings or SamplingSettings()
+        n_up = self._num_upsamplers(size)
+        prompts = list(prompts)
+        if not prompts:
+            s = self.sizes[n_up]
+            return torch.empty(0, 3, s, s, device=self.device)
+        seeds, idx = self._seeds_indices(len(prompts), seed, indices)
+        text = self.encode_prompts(prompts)
+        emb = self.prior_embeddings(text, seeds=seeds, indices=idx, settings=settings)
+        return self.decode(emb, seeds=seeds, indices=idx, settings=settings, num_upsamplers=n_up, text=text)
+
+    @torch.no_grad()
+    def variations(
+        self,
+        images: Tensor,
+        *,
+        seed: int | Sequence[int] = 0,
+        indices: Sequence[Index] | None = None,
+        size: int | None = None,
+        settings: SamplingSettings | None = None,
+    ) -> Tensor:
+        """Image variations: images ``(B, 3, h, w)`` in [0, 1] -> CLIP image embedding -> decoder (+ upsamplers)
+        -> ``(B, 3, size, size)`` in [0, 1].  No prior and no text (a text-conditioned decoder drops its text)."""
+        settings = settings or SamplingSettings()
+        n_up = self._num_upsamplers(size)
+        seeds, idx = self._seeds_indices(images.shape[0], seed, indices)
+        emb = self.encode_images(images)
+        return self.decode(emb, seeds=seeds, indices=idx, settings=settings, num_upsamplers=n_up)
+
+    def _endpoint_embedding(self, x: str | Tensor, *, seed: int, index: Index, settings: SamplingSettings) -> Tensor:
+        if isinstance(x, str):
+            text = self.encode_prompts([x])
+            return self.prior_embeddings(text, seeds=[seed], indices=[index], settings=settings)[0]
+        if not isinstance(x, Tensor):
+            raise TypeError(f"interpolate endpoints are prompts (str), embeddings (D,) or images (3, H, W); got {type(x)}")
+        if x.ndim == 2 and x.shape[0] == 1:
+            x = x[0]
+        if x.ndim == 1:
+            return F.normalize(x.to(self.device).float(), dim=-1)
+        if x.ndim == 3:
+            x = x[None]
+        if x.ndim == 4 and x.shape[0] == 1:
+            return self.encode_images(x)[0]
+        raise ValueError(f"interpolate endpoints must be (D,), (1, D), (3, H, W) or (1, 3, H, W); got {tuple(x.shape)}")
+
+    @torch.no_grad()
+    def interpolate(
+        self,
+        a: str | Tensor,
+        b: str | Tensor,
+        *,
+        num: int = 5,
+        seed: int = 0,
+        index: Index = 0,
+        size: int | None = None,
+        settings: SamplingSettings | None = None,
+    ) -> Tensor:
+        """Decode ``num`` points of the slerp between two image embeddings -> ``(num, 3, S, S)`` in [0, 1].
+
+        Endpoints: CLIP image embeddings ``(D,)``, images ``(3, H, W)`` in [0, 1] (CLIP-encoded) or prompts (their
+        prior embedding for ``(seed, index)``; needs a prior).  Every frame uses the same noise (``seed``,
+        ``index``), so only the embedding changes along the path; text conditioning of the decoder is dropped.
+        """
+        if num < 2:
+            raise ValueError(f"num must be >= 2, got {num}")
+        settings = settings or SamplingSettings()
+        n_up = self._num_upsamplers(size)
+        ea = self._endpoint_embedding(a, seed=seed, index=index, settings=settings)
+        eb = self._endpoint_embedding(b, seed=seed, index=index, settings=settings)
+        if ea.shape != eb.shape:
+            raise ValueError(f"endpoint embeddings differ in shape: {tuple(ea.shape)} vs {tuple(eb.shape)}")
+        emb = slerp(ea, eb, torch.linspace(0.0, 1.0, num))
+        return self.decode(emb, seeds=[seed] * num, indices=[index] * num, settings=settings, num_upsamplers=n_up)
+
+    def describe(self) -> dict[str, Any]:
+        """What the pipeline is made of (for manifests and servers)."""
+        return {
+            "sizes": list(self.sizes),
+            "has_prior": self.prior is not None,
+            "decoder_use_text": bool(self.decoder.use_text),
+            "embed_dim": int(self.clip.model.config["embed_dim"]),
+        }
+
