@@ -8,8 +8,8 @@
 Arguments (``key=value`` or ``--key value``): stage prior|decoder|upsampler|clip; config (model preset; default
 prior/bench, decoder/bench, upsampler/sr_bench, clip/tiny); batch; steps (timed, median reported); warmup;
 precision fp32|bf16 (bf16 = autocast); compile 0|1 (``torch.compile`` of the network); channels_last 0|1 (UNets);
-threads (CPU); device; ema 0|1; optimizer foreach|forloop (``foreach`` = ``dalle2.lit.optim.default_adamw``: fused
-on CUDA, foreach elsewhere); compare <flag> (run the flag off and on in one process, steps interleaved, and report
+threads (CPU); device; ema 0|1; optimizer default|foreach|forloop (``default`` = ``dalle2.lit.optim.default_adamw``:
+the fused kernel, on CPU too); compare <flag> (run the flag off and on in one process, steps interleaved, and report
 the speed ratio: channels_last, compile, precision, optimizer, ema); peak_tflops (for MFU; default by GPU name);
 profile N (print the N top ops of one profiled step to stderr).
 
@@ -36,11 +36,11 @@ from dalle2.nn import EMA
 
 DEFAULTS = {
     "stage": "prior", "config": None, "batch": 0, "steps": 20, "warmup": 3, "precision": "fp32", "compile": False,
-    "channels_last": False, "threads": 2, "device": "cpu", "ema": True, "optimizer": "foreach", "compare": None,
+    "channels_last": False, "threads": 2, "device": "cpu", "ema": True, "optimizer": "default", "compare": None,
     "peak_tflops": 0.0, "lr": 1e-4, "weight_decay": 0.0, "seed": 0, "flops": True, "profile": 0, "out": None,
 }
 COMPARABLE = {"channels_last": (False, True), "compile": (False, True), "precision": ("fp32", "bf16"),
-              "optimizer": ("forloop", "foreach"), "ema": (False, True)}
+              "optimizer": ("foreach", "default"), "ema": (False, True)}
 
 
 class Runner:
@@ -52,12 +52,12 @@ class Runner:
         self.setup = s = setup_stage(a["stage"], a["config"], a["batch"] or None, device, channels_last=a["channels_last"])
         self.net = s.net.train()
         groups = param_groups(self.net, weight_decay=a["weight_decay"])
-        if a["optimizer"] == "foreach":
+        if a["optimizer"] == "default":
             self.opt = default_adamw(groups, lr=a["lr"])
-        elif a["optimizer"] == "forloop":
-            self.opt = torch.optim.AdamW(groups, lr=a["lr"], foreach=False, fused=False)
+        elif a["optimizer"] in ("foreach", "forloop"):
+            self.opt = torch.optim.AdamW(groups, lr=a["lr"], foreach=a["optimizer"] == "foreach", fused=False)
         else:
-            raise SystemExit(f"unknown optimizer {a['optimizer']!r}; expected foreach or forloop")
+            raise SystemExit(f"unknown optimizer {a['optimizer']!r}; expected default, foreach or forloop")
         self.ema = EMA(self.net, decay=0.9999, warmup=10) if a["ema"] else None
         self.model = torch.compile(self.net) if a["compile"] else self.net
         self.batch = s.make_batch()  # one prefetched batch: the data pipeline is benchmarked by dataloader.py
@@ -112,6 +112,7 @@ def result_for(runner: Runner, times: list[float], a: dict, device: torch.device
     s = runner.setup
     out = summarize(times)
     out["samples_per_s"] = s.info["batch"] / out["s_per_step"]
+    out["optimizer_impl"] = {k: runner.opt.defaults.get(k) for k in ("foreach", "fused")}
     out["final_loss"] = float(runner.last_loss)
     if not math.isfinite(out["final_loss"]):
         raise FloatingPointError(f"non-finite loss {out['final_loss']} in the benchmark")
@@ -152,7 +153,6 @@ def main(argv: list[str] | None = None) -> dict:
         "params": sum(p.numel() for p in s.net.parameters()), **s.info,
         "steps": a["steps"], "warmup": a["warmup"], "precision": a["precision"], "compile": a["compile"],
         "channels_last": a["channels_last"], "optimizer": a["optimizer"], "ema": a["ema"],
-        "optimizer_impl": {k: runners[0].opt.defaults.get(k) for k in ("foreach", "fused")},
     }
     if a["compare"]:
         key = a["compare"]
