@@ -123,7 +123,9 @@ class PriorBlock(nn.Module):
     """Pre-LN block ``x + attn(ln_1(x))``, ``x + mlp(ln_2(x))`` with optional rotary q/k.
 
     Reuses ``dalle2.nn.Attention`` for its projections; the attention itself runs here so that rotary embeddings
-    can be applied to q and k.  forward(x: (B, N, W), mask: (B, 1, N, N) bool, rotary: (cos, sin) | None)
+    can be applied to q and k.  forward(x: (B, N, W), mask: (B, 1, N, N) bool, rotary: (cos, sin) | None,
+    last_only: bool) -> (B, N, W), or (B, 1, W) with ``last_only``: only the last position's output (every
+    position still gives keys and values), which is all the network's final block has to compute.
     """
 
     def __init__(self, width: int, *, heads: int, dim_head: int, mlp_ratio: float, dropout: float):
@@ -134,23 +136,46 @@ class PriorBlock(nn.Module):
         self.mlp = MLP(width, hidden_dim=int(width * mlp_ratio), dropout=dropout)
 
     def _attention(
-        self, x: torch.Tensor, mask: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None,
+        last_only: bool,
     ) -> torch.Tensor:
         attn = self.attn
         b, n, _ = x.shape
         h, d = attn.heads, attn.dim_head
-        q, k, v = attn.qkv(x).view(b, n, 3, h, d).permute(2, 0, 3, 1, 4)
-        if rotary is not None:
-            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        if last_only:
+            # q of the last position only; k, v of all (rows of the fused qkv weight: [q; k; v])
+            inner = h * d
+            w, bias = attn.qkv.weight, attn.qkv.bias
+            q = F.linear(x[:, -1:], w[:inner], None if bias is None else bias[:inner]).view(b, 1, h, d).transpose(1, 2)
+            kv = F.linear(x, w[inner:], None if bias is None else bias[inner:])
+            k, v = kv.view(b, n, 2, h, d).permute(2, 0, 3, 1, 4)
+            mask = mask[..., -1:, :]
+            if rotary is not None:
+                cos, sin = rotary
+                q, k = apply_rotary(q, cos[-1:], sin[-1:]), apply_rotary(k, cos, sin)
+            n_out = 1
+        else:
+            q, k, v = attn.qkv(x).view(b, n, 3, h, d).permute(2, 0, 3, 1, 4)
+            if rotary is not None:
+                q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+            n_out = n
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=attn.dropout if self.training else 0.0
         )
-        return attn.proj(out.transpose(1, 2).reshape(b, n, h * d))
+        return attn.proj(out.transpose(1, 2).reshape(b, n_out, h * d))
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None = None
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
-        x = x + self._attention(self.ln_1(x), mask, rotary)
+        a = self._attention(self.ln_1(x), mask, rotary, last_only)
+        x = (x[:, -1:] if last_only else x) + a
         return x + self.mlp(self.ln_2(x))
 
 
@@ -310,11 +335,13 @@ class PriorNetwork(nn.Module):
             rotary = self.rotary(positions)
         mask = self._attention_mask(key_valid)
 
-        for block in self.blocks:
+        # only the last (query) position is read out, so the final block computes that position alone
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                h = checkpoint(block, h, mask, rotary, use_reentrant=False)
+                h = checkpoint(block, h, mask, rotary, i == last, use_reentrant=False)
             else:
-                h = block(h, mask, rotary)
+                h = block(h, mask, rotary, i == last)
         return self.out_proj(self.ln_final(h[:, -1]))
 
 
