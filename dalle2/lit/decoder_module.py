@@ -107,11 +107,7 @@ class _CascadeStageModule(DiffusionStageModule):
         losses, per_sample = self.diffusion.training_losses(
             self.net, x0, model_kwargs=kwargs, return_per_sample=True
         )
-        if not torch.isfinite(losses["loss"]):
-            raise FloatingPointError(
-                f"{self.stage}: non-finite training loss {float(losses['loss'])} at step {self.global_step} "
-                "(lower the learning rate, enable gradient clipping, or check the data)"
-            )
+        # a non-finite loss is skipped and counted by dalle2.lit.fault_tolerance.NonFiniteGuard (callbacks.nonfinite)
         self.log_losses(losses, per_sample)
         return losses["loss"]
 
