@@ -1,0 +1,184 @@
+"""The pipeline under Lightning ``Trainer.predict``: sample many prompts on N devices with the same images as on 1.
+
+- :func:`make_items` expands prompts into one item per image: prompt line ``i``, sample ``k`` (the pipeline index
+  ``(i, k)``), seed and file name (``{i:05d}.png``, ``{i:05d}_{k}.png`` for k > 0).
+- :class:`PromptBatches` (a LightningDataModule) cuts the items into FIXED batches (batch ``j`` = items
+  ``[j bs, (j + 1) bs)``) and gives rank ``r`` of ``W`` the batches ``r, r + W, ...``: every batch holds the same
+  images at any world size, so the images (whose noise comes from ``(seed, i, k)`` only) are the same too.
+  Use it with ``Trainer(use_distributed_sampler=False)``.
+- :class:`PipelineModule`: ``predict_step(items)`` runs :class:`~dalle2.pipeline.UnCLIPPipeline` and returns
+  8-bit images.
+- :class:`SampleWriter` (a prediction-writer callback): every rank writes its own PNGs; after a barrier rank 0
+  writes ``manifest.jsonl`` (prompt order) and ``grid.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+from PIL import Image, ImageDraw, ImageFont
+
+from dalle2.pipeline import SamplingSettings, UnCLIPPipeline
+
+__all__ = ["make_items", "PromptBatches", "PipelineModule", "SampleWriter", "image_grid", "to_uint8"]
+
+
+def make_items(prompts: Sequence[str | None], *, n_per_prompt: int = 1, seed: int = 0) -> list[dict]:
+    """One dict per image, in prompt order: ``{"file", "prompt", "index": i, "k", "seed"}``.  ``prompts[i]`` is
+    prompt line ``i``; None (a blank line) is skipped but keeps its number."""
+    if n_per_prompt < 1:
+        raise ValueError(f"n_per_prompt must be >= 1, got {n_per_prompt}")
+    items = []
+    for i, p in enumerate(prompts):
+        if p is None:
+            continue
+        for k in range(n_per_prompt):
+            name = f"{i:05d}.png" if k == 0 else f"{i:05d}_{k}.png"
+            items.append({"file": name, "prompt": p, "index": i, "k": k, "seed": int(seed)})
+    return items
+
+
+def _identity(x):
+    return x
+
+
+class _Batches(torch.utils.data.Dataset):
+    def __init__(self, items: list[dict], batch_size: int):
+        self.items, self.batch_size = items, batch_size
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.items) / self.batch_size)
+
+    def __getitem__(self, j: int) -> list[dict]:
+        return self.items[j * self.batch_size : (j + 1) * self.batch_size]
+
+
+class PromptBatches(L.LightningDataModule):
+    """Fixed batches of items, batch ``j`` to rank ``j % world_size`` (see the module docstring)."""
+
+    def __init__(self, items: list[dict], *, batch_size: int = 8):
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.items, self.batch_size = list(items), int(batch_size)
+
+    def batches_for_rank(self, rank: int, world_size: int) -> list[int]:
+        return list(range(rank, len(_Batches(self.items, self.batch_size)), world_size))
+
+    def predict_dataloader(self) -> torch.utils.data.DataLoader:
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        return torch.utils.data.DataLoader(
+            _Batches(self.items, self.batch_size), batch_size=None, sampler=self.batches_for_rank(rank, world),
+            collate_fn=_identity, num_workers=0,
+        )  # fmt: skip
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """``(B, 3, H, W)`` in [0, 1] -> ``(B, H, W, 3)`` uint8 on the CPU (round half to even, as ``torch.round``)."""
+    return (images.float().clamp(0, 1) * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
+class PipelineModule(L.LightningModule):
+    """Wraps an :class:`UnCLIPPipeline`; ``predict_step(items)`` -> ``{"images": (B, H, W, 3) uint8, "items"}``.
+
+    ``items`` are :func:`make_items` dicts (prompt, index i, sample k, seed); the pipeline index of an item is
+    ``(i, k)``.  ``settings`` / ``size`` as in :meth:`UnCLIPPipeline.__call__`.
+    """
+
+    def __init__(self, pipeline: UnCLIPPipeline, *, settings: SamplingSettings | None = None, size: int | None = None):
+        super().__init__()
+        self.pipeline = pipeline
+        self.settings = settings or SamplingSettings()
+        self.pipeline._num_upsamplers(size)  # a size the cascade cannot produce fails here, before any work
+        self.size = size
+
+    @torch.no_grad()
+    def predict_step(self, items: list[dict], batch_idx: int = 0) -> dict[str, Any]:
+        images = self.pipeline(
+            [it["prompt"] for it in items], seed=[it["seed"] for it in items],
+            indices=[(it["index"], it["k"]) for it in items], size=self.size, settings=self.settings,
+        )  # fmt: skip
+        return {"images": to_uint8(images), "items": items}
+
+
+def image_grid(images: Sequence[np.ndarray], captions: Sequence[str] | None = None, *, ncol: int | None = None,
+               caption_height: int = 14) -> Image.Image:
+    """Equal-size ``(H, W, 3)`` uint8 images -> one PIL grid, each cell captioned underneath (PIL's default font,
+    text cut to the cell width) when ``captions`` are given."""
+    if not images:
+        raise ValueError("image_grid needs at least one image")
+    n = len(images)
+    ncol = ncol or math.ceil(math.sqrt(n))
+    nrow = math.ceil(n / ncol)
+    h, w = images[0].shape[:2]
+    ch = caption_height if captions is not None else 0
+    pad = 2
+    grid = Image.new("RGB", (ncol * (w + pad) + pad, nrow * (h + ch + pad) + pad), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    font = ImageFont.load_default()
+    for j, img in enumerate(images):
+        r, c = divmod(j, ncol)
+        x, y = pad + c * (w + pad), pad + r * (h + ch + pad)
+        grid.paste(Image.fromarray(np.asarray(img)), (x, y))
+        if captions is not None:
+            text = str(captions[j])
+            while text and draw.textlength(text, font=font) > w:
+                text = text[:-1]
+            draw.text((x, y + h), text, fill=(0, 0, 0), font=font)
+    return grid
+
+
+class SampleWriter(BasePredictionWriter):
+    """Writes each predicted image to ``out_dir/<item file>`` on the rank that made it; at the end of predict (after
+    a barrier) rank 0 writes ``manifest.jsonl`` (one JSON per image in prompt order: the item plus ``extra``) and
+    ``grid.png`` (the first ``grid_max`` images, captioned)."""
+
+    def __init__(self, out_dir: str | os.PathLike, items: list[dict], *, extra: dict | None = None,
+                 grid_max: int = 64, grid_ncol: int | None = None, grid_captions: bool = True):
+        super().__init__(write_interval="batch")
+        self.out_dir, self.items, self.extra = Path(out_dir), items, dict(extra or {})
+        self.grid_max, self.grid_ncol, self.grid_captions = grid_max, grid_ncol, grid_captions
+        self.written = 0
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        for img, it in zip(prediction["images"].numpy(), prediction["items"]):
+            path = self.out_dir / it["file"]
+            tmp = path.with_name(f".{path.name}.tmp")
+            Image.fromarray(img).save(tmp, format="PNG")
+            os.replace(tmp, path)
+            self.written += 1
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        trainer.strategy.barrier()
+        if trainer.is_global_zero:
+            self.write_manifest()
+            self.write_grid()
+        trainer.strategy.barrier()
+
+    def write_manifest(self) -> Path:
+        path = self.out_dir / "manifest.jsonl"
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with open(path, "w") as f:
+            for it in self.items:
+                f.write(json.dumps({**it, **self.extra}, sort_keys=False) + "\n")
+        return path
+
+    def write_grid(self) -> Path | None:
+        shown = [it for it in self.items if (self.out_dir / it["file"]).exists()][: self.grid_max]
+        if not shown:
+            return None
+        images = [np.asarray(Image.open(self.out_dir / it["file"]).convert("RGB")) for it in shown]
+        captions = [it["prompt"] for it in shown] if self.grid_captions else None
+        path = self.out_dir / "grid.png"
+        image_grid(images, captions, ncol=self.grid_ncol).save(path)
+        return path

@@ -1,0 +1,87 @@
+"""Sample images for a file of prompts with the whole cascade, on any number of devices.
+
+    python eval/sample.py ckpt.clip=clip.ckpt ckpt.prior=prior.ckpt ckpt.decoder=decoder.ckpt \
+        "ckpt.upsamplers=[sr.ckpt]" prompts=prompts.txt out_dir=samples [seed=0 n_per_prompt=4 batch_size=8 \
+        trainer.devices=8 trainer.strategy=ddp steps.decoder=50 guidance.decoder=3 size=64]
+
+Writes ``out_dir/{i:05d}.png`` for prompt line ``i`` (``{i:05d}_{k}.png`` for its sample ``k > 0``),
+``out_dir/manifest.jsonl`` (one JSON per image, prompt order: file, prompt, index i, k, seed, size, settings,
+checkpoints) and ``out_dir/grid.png``.  Sample ``k`` of prompt line ``i`` is exactly
+``UnCLIPPipeline(...)([prompt], seed=seed, indices=[(i, k)])`` (``indices=[i]`` for k = 0): its noise comes from
+``(seed, i, k)`` alone, so it does not change with ``n_per_prompt``, ``batch_size``'s batch mates (up to float
+rounding) or the number of devices (batches are fixed, then spread over ranks: identical PNGs at any N).
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+
+import hydra
+import lightning as L
+from omegaconf import DictConfig, OmegaConf
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from dalle2.lit.pipeline_module import PipelineModule, PromptBatches, SampleWriter, make_items  # noqa: E402
+from dalle2.pipeline import SamplingSettings, UnCLIPPipeline  # noqa: E402
+
+
+def read_prompts(path: str) -> list[str | None]:
+    """One prompt a line; blank lines -> None (skipped, but the line numbers of the others are kept)."""
+    p = Path(path)
+    if not p.is_file():
+        raise SystemExit(f"prompts file not found: {path}")
+    lines = p.read_text(encoding="utf-8").splitlines()
+    prompts = [line.strip() or None for line in lines]
+    if not any(prompts):
+        raise SystemExit(f"no prompts in {path} (expected one prompt a line)")
+    return prompts
+
+
+def settings_from_cfg(cfg: DictConfig) -> SamplingSettings:
+    per_stage = lambda key: dict(OmegaConf.to_container(cfg[key])) if cfg.get(key) else None  # noqa: E731
+    return SamplingSettings.from_overrides(
+        steps=per_stage("steps"), sampler=per_stage("sampler"), guidance=per_stage("guidance"), eta=per_stage("eta"),
+        n_prior_samples=cfg.get("n_prior_samples"), threshold=cfg.get("threshold"),
+        upsampler_aug_level=cfg.get("upsampler_aug_level"),
+    )  # fmt: skip
+
+
+def run(cfg: DictConfig) -> Path:
+    prompts = read_prompts(cfg.prompts)
+    settings = settings_from_cfg(cfg)
+    upsamplers = list(cfg.ckpt.upsamplers or [])
+    pipe = UnCLIPPipeline.from_checkpoints(clip=cfg.ckpt.clip, prior=cfg.ckpt.prior, decoder=cfg.ckpt.decoder,
+                                           upsamplers=upsamplers, tokenizer=cfg.tokenizer_path)  # fmt: skip
+    module = PipelineModule(pipe, settings=settings, size=cfg.size)
+    size = cfg.size or pipe.sizes[-1]
+    items = make_items(prompts, n_per_prompt=int(cfg.n_per_prompt), seed=int(cfg.seed))
+    out_dir = Path(cfg.out_dir)
+    extra = {"size": int(size), "settings": settings.to_dict(),
+             "ckpt": {"clip": cfg.ckpt.clip, "prior": cfg.ckpt.prior, "decoder": cfg.ckpt.decoder,
+                      "upsamplers": upsamplers[: pipe.sizes.index(size)]}}  # fmt: skip
+    writer = SampleWriter(out_dir, items, extra=extra, grid_max=int(cfg.grid.max_images), grid_ncol=cfg.grid.ncol,
+                          grid_captions=bool(cfg.grid.captions))  # fmt: skip
+    # the writer names files from the items themselves, not from Lightning's batch indices
+    warnings.filterwarnings("ignore", message=".*infer the batch indices.*")
+    trainer = L.Trainer(
+        accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices, strategy=cfg.trainer.strategy,
+        precision=cfg.trainer.precision, enable_progress_bar=bool(cfg.trainer.enable_progress_bar),
+        use_distributed_sampler=False, logger=False, enable_checkpointing=False, enable_model_summary=False,
+        callbacks=[writer],
+    )  # fmt: skip
+    trainer.predict(module, datamodule=PromptBatches(items, batch_size=int(cfg.batch_size)), return_predictions=False)
+    if trainer.is_global_zero:
+        print(f"[dalle2] {len(items)} images ({size} px) -> {out_dir}/ (manifest.jsonl, grid.png)")
+    return out_dir
+
+
+@hydra.main(config_path="../conf", config_name="sample", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()
