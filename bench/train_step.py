@@ -10,7 +10,7 @@ prior/bench, decoder/bench, upsampler/sr_bench, clip/tiny); batch; steps (timed,
 precision fp32|bf16 (bf16 = autocast); compile 0|1 (``torch.compile`` of the network); channels_last 0|1 (UNets);
 threads (CPU); device; ema 0|1; optimizer default|foreach|forloop (``default`` = ``dalle2.lit.optim.default_adamw``:
 the fused kernel, on CPU too); compare <flag> (run the flag off and on in one process, steps interleaved, and report
-the speed ratio: channels_last, compile, precision, optimizer, ema); peak_tflops (for MFU; default by GPU name);
+the speed ratio: channels_last, compile, precision, optimizer, ema, threads 1 vs 2); peak_tflops (for MFU; default by GPU name);
 profile N (print the N top ops of one profiled step to stderr).
 
 The loss is the library's: ``GaussianDiffusion.training_losses`` with the stage's diffusion settings
@@ -40,7 +40,7 @@ DEFAULTS = {
     "peak_tflops": 0.0, "lr": 1e-4, "weight_decay": 0.0, "seed": 0, "flops": True, "profile": 0, "out": None,
 }
 COMPARABLE = {"channels_last": (False, True), "compile": (False, True), "precision": ("fp32", "bf16"),
-              "optimizer": ("foreach", "default"), "ema": (False, True)}
+              "optimizer": ("foreach", "default"), "ema": (False, True), "threads": (1, 2)}
 
 
 class Runner:
@@ -77,6 +77,8 @@ class Runner:
         return loss
 
     def __call__(self) -> None:
+        if self.device.type == "cpu" and self.a["threads"]:
+            torch.set_num_threads(self.a["threads"])
         loss = self.forward_backward(self.model)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
