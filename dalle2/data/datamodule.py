@@ -9,6 +9,8 @@ Lightning in favour of the datamodule's hook).
 
 from __future__ import annotations
 
+import copy
+import warnings
 from collections import Counter
 from typing import Any, Callable
 
@@ -16,7 +18,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
-from dalle2.data.webdataset import expand_urls, make_dataset
+from dalle2.data.webdataset import _rank_world, expand_urls, make_dataset, stream_position
 
 
 class WebDataModule(pl.LightningDataModule):
@@ -81,6 +83,8 @@ class WebDataModule(pl.LightningDataModule):
         self.skipped: dict[str, int] = {}
         self._unlogged: Counter = Counter()
         self._train_shards: list[str] | None = None
+        self._position: dict | None = None  # the training stream position of the last consumed batch (this rank)
+        self._resume_position: dict | None = None
         self._val_shards: list[str] | None = None
 
     # ----------------------------------------------------------------------------------------- setup
@@ -100,7 +104,10 @@ class WebDataModule(pl.LightningDataModule):
         kw: dict[str, Any] = {}
         if self.num_workers > 0:
             kw = dict(persistent_workers=self.persistent_workers, prefetch_factor=self.prefetch_factor)
-        return DataLoader(dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory, **kw)
+        return StreamLoader(
+            dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
+            generator=torch.Generator().manual_seed(self.seed), **kw,
+        )
 
     def train_dataloader(self) -> DataLoader:
         if self._train_shards is None:
@@ -109,8 +116,9 @@ class WebDataModule(pl.LightningDataModule):
             self._train_shards, image_size=self.image_size, tokenizer=self.tokenizer, train=True,
             batch_size=self.batch_size, context_length=self.context_length, random_crop=self.random_crop,
             shuffle_buffer=self.shuffle_buffer, epoch_size=self.epoch_size, num_workers=self.num_workers,
-            seed=self.seed + 7919 * self.epoch, load_image=self.load_image, load_embeddings=self.load_embeddings,
+            seed=self.seed, load_image=self.load_image, load_embeddings=self.load_embeddings,
         )
+        ds.resume_from(self._resume_position, num_workers=self.num_workers)
         return self._loader(ds)
 
     def val_dataloader(self) -> DataLoader | list:
@@ -125,7 +133,10 @@ class WebDataModule(pl.LightningDataModule):
         )
         # a fresh pass every time: persistent workers would keep an exhausted iterator's state
         kw: dict[str, Any] = {"prefetch_factor": self.prefetch_factor} if self.num_workers > 0 else {}
-        return DataLoader(ds, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory, **kw)
+        return DataLoader(
+            ds, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
+            generator=torch.Generator().manual_seed(self.seed), **kw,  # leaves the global RNG alone
+        )
 
     def test_dataloader(self) -> DataLoader | list:
         return self.val_dataloader()
@@ -133,10 +144,13 @@ class WebDataModule(pl.LightningDataModule):
     # ----------------------------------------------------------------------------------------- skipped samples
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Move ``batch["skipped"]`` into :attr:`skipped` (totals) and the not-yet-logged counter."""
-        if isinstance(batch, dict) and "skipped" in batch:
-            counts = batch.pop("skipped")
-            self.record_skipped(counts)
+        """Move ``batch["skipped"]`` into :attr:`skipped` (totals) and the not-yet-logged counter, and
+        ``batch["_stream"]`` (training batches) into the stream position saved with checkpoints."""
+        if isinstance(batch, dict):
+            if "skipped" in batch:
+                self.record_skipped(batch.pop("skipped"))
+            if "_stream" in batch:
+                self._position = stream_position(self._position, batch.pop("_stream"), num_workers=self.num_workers)
         return batch
 
     def record_skipped(self, counts: dict[str, int]) -> None:
@@ -155,13 +169,40 @@ class WebDataModule(pl.LightningDataModule):
     # ----------------------------------------------------------------------------------------- state
 
     def state_dict(self) -> dict[str, Any]:
-        """Epoch, seed and skip totals; the exact stream position is not restored (resampled shards)."""
-        return {"epoch": self.epoch, "seed": self.seed, "skipped": dict(self.skipped)}
+        """Epoch, seed, skip totals and every rank's training stream position (``stream``: ``{rank: position}``,
+        gathered over ranks: call it on every rank, as Lightning's checkpointing does)."""
+        positions = {0: copy.deepcopy(self._position)}
+        rank, world = _rank_world()
+        if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list = [None] * world
+            torch.distributed.all_gather_object(gathered, self._position)
+            positions = dict(enumerate(gathered))
+        return {"epoch": self.epoch, "seed": self.seed, "skipped": dict(self.skipped), "stream": positions}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the state; the next :meth:`train_dataloader` continues this rank's stream where it stopped."""
         self.epoch = int(state_dict.get("epoch", 0))
         self.seed = int(state_dict.get("seed", self.seed))
         self.skipped = dict(state_dict.get("skipped", {}))
+        positions = state_dict.get("stream") or {}
+        rank, world = _rank_world()
+        if positions and len(positions) != world:
+            warnings.warn(f"data stream saved by {len(positions)} ranks, resumed on {world}: the stream restarts")
+            positions = {}
+        self._resume_position = copy.deepcopy(positions.get(rank))
+        self._position = copy.deepcopy(self._resume_position)
+
+
+class StreamLoader(DataLoader):
+    """A DataLoader over a :class:`~dalle2.data.webdataset.TrainStream` that keeps the stream's epoch counter
+    right when workers are not persistent (each epoch then pickles the main process's copy afresh)."""
+
+    def __iter__(self):
+        it = super().__iter__()
+        ds = self.dataset
+        if self.num_workers > 0 and not self.persistent_workers and hasattr(ds, "resume_from"):
+            ds.epoch, ds.resume = ds.epoch + 1, None
+        return it
 
 
 class SkippedSamplesLogger(pl.Callback):

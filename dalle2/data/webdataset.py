@@ -8,10 +8,12 @@ A sample is ``{key}.jpg|jpeg|png|webp`` + ``{key}.txt`` (caption) [+ ``{key}.jso
     "caption":    list[str];  "key": list[str];  "meta": list[dict]  (the json, {} if absent)
     "img_emb":    float32 (B, D);  "txt_emb": (B, D);  "txt_tokens": (B, L, Dt)   (when load_embeddings)
     "skipped":    dict[str, int]  samples/shards skipped in this worker since its previous batch
+    "_stream":    (epoch, worker, batches, samples)  training only: the stream position after this batch
+                  (:class:`TrainStream`; the datamodule pops it and checkpoints it for an exact resume)
 
-Training streams are resampled (shards drawn with replacement, per rank and worker seeds): any number of
-shards works with any number of ranks and workers, and every rank yields the same number of batches per
-epoch. Validation is one deterministic pass, every sample read exactly once over all ranks:
+Training streams are resampled (shards drawn with replacement, seeded by (seed, epoch, rank, worker)): any
+number of shards works with any number of ranks and workers, every rank yields the same number of batches
+per epoch, and a stream resumes exactly from a checkpointed position (:class:`TrainStream`). Validation is one deterministic pass, every sample read exactly once over all ranks:
 
 * shards >= ranks: rank ``r`` reads shards ``r, r+W, ...`` (split further over its workers); ranks may
   get different numbers of batches (uneven shards), never zero unless a whole shard is empty or corrupt.
@@ -28,6 +30,7 @@ from __future__ import annotations
 import functools
 import glob
 import io
+import itertools
 import json
 import os
 import random
@@ -378,16 +381,10 @@ def make_dataset(
             epoch_size = max(1, count_samples(shard_urls) // world_size)
         workers = max(1, num_workers)
         per_worker = max(1, -(-epoch_size // (batch_size * workers)))
-        pipeline = wds.DataPipeline(
-            wds.ResampledShards(
-                shard_urls, seed=seed, worker_seed=functools.partial(_worker_seed, seed, rank), deterministic=True
-            ),
-            stages.tar_samples,
-            wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), seed=_worker_seed(seed, rank))
-            if shuffle_buffer > 1 else _identity,
-            stages.decode,
-            stages.batch,
-        ).with_epoch(per_worker)
+        pipeline = TrainStream(
+            shard_urls, stages=stages, seed=seed, rank=rank, shuffle_buffer=shuffle_buffer,
+            batches_per_worker=per_worker,
+        )
         pipeline.batches_per_epoch = per_worker * workers
     else:
         shards = _ValShards(shard_urls, rank=rank, world_size=world_size)
@@ -400,6 +397,108 @@ def make_dataset(
         pipeline.batches_per_epoch = None
     pipeline.stages_obj = stages
     return pipeline
+
+
+# --------------------------------------------------------------------------------------------- resumable training stream
+
+
+def stream_seed(seed: int, epoch: int, rank: int, worker: int) -> int:
+    """The seed of one worker's stream in one epoch (shard draws, shuffle buffer, random crops)."""
+    return (((seed * 1_000_003 + epoch) * 1_000_033 + rank) * 1009 + worker) % (2**62)
+
+
+class TrainStream(torch.utils.data.IterableDataset):
+    """The resampled training stream: shards drawn with replacement, a shuffle buffer, decode, batch.
+
+    Every batch is a pure function of ``(seed, epoch, rank, worker)`` and its index, so a stream can be
+    resumed exactly: each batch carries ``batch["_stream"] = (epoch, worker, batches, samples)`` (that
+    worker's batches and raw samples consumed so far in the epoch); :meth:`resume_from` takes the position
+    of the last batch the trainer consumed per worker and the next ``__iter__`` skips those raw samples
+    (read and shuffled, never decoded) and starts with the worker whose turn it was (DataLoader workers are
+    served round-robin, so physical worker ``p`` plays logical worker ``(p + rotation) % W`` in that epoch).
+
+    ``epoch`` is the epoch the next ``__iter__`` plays; every ``__iter__`` advances the copy that runs it
+    (the worker's copy under persistent workers; :class:`dalle2.data.datamodule.StreamLoader` advances the
+    main copy when workers are not persistent).
+    """
+
+    def __init__(
+        self, urls: list[str], *, stages: _Stages, seed: int, rank: int, shuffle_buffer: int, batches_per_worker: int,
+    ) -> None:
+        super().__init__()
+        self.urls, self.stages, self.seed, self.rank = urls, stages, seed, rank
+        self.shuffle_buffer, self.batches_per_worker = shuffle_buffer, batches_per_worker
+        self.epoch = 0
+        self.resume: dict | None = None
+
+    def resume_from(self, position: dict | None, *, num_workers: int) -> None:
+        """Continue after ``position`` (see :func:`stream_position`); ``None`` starts at epoch 0."""
+        self.epoch, self.resume = 0, None
+        if not position:
+            return
+        workers = max(1, num_workers)
+        batches = list(position["batches"])
+        if len(batches) != workers:
+            warnings.warn(
+                f"data stream saved with {len(batches)} workers, resumed with {workers}: "
+                f"starting the next epoch ({position['epoch'] + 1}) instead of the exact position"
+            )
+            self.epoch = int(position["epoch"]) + 1
+            return
+        if all(b >= self.batches_per_worker for b in batches):
+            self.epoch = int(position["epoch"]) + 1
+            return
+        self.epoch = int(position["epoch"])
+        self.resume = {**position, "rotation": (int(position["last_worker"]) + 1) % workers}
+
+    def _shards(self, rng: random.Random) -> Iterator[dict]:
+        n = len(self.urls)
+        while True:
+            yield {"url": self.urls[rng.randrange(n)]}
+
+    def __iter__(self) -> Iterator[dict]:
+        worker, num_workers = _worker()
+        epoch, resume = self.epoch, self.resume
+        self.epoch, self.resume = epoch + 1, None
+        logical, done_batches, done_samples = worker, 0, 0
+        if resume is not None and int(resume["epoch"]) == epoch:
+            logical = (worker + int(resume["rotation"])) % num_workers
+            done_batches, done_samples = int(resume["batches"][logical]), int(resume["samples"][logical])
+        wseed = stream_seed(self.seed, epoch, self.rank, logical)
+        st = self.stages
+        samples: Iterator[dict] = st.tar_samples(self._shards(random.Random(wseed)))
+        if self.shuffle_buffer > 1:
+            samples = wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100), seed=wseed + 1)(samples)
+        samples = itertools.islice(samples, done_samples, None)  # resume: skip without decoding
+        pos = [done_samples]
+
+        def decode() -> Iterator[dict]:
+            for sample in samples:
+                pos[0] += 1
+                if st.random_crop:
+                    st._rng = random.Random(wseed * 7919 + pos[0])  # a crop per sample, not per history
+                out = st._decode_one(sample)
+                if isinstance(out, str):
+                    st.counts[out] += 1
+                    continue
+                yield out
+
+        todo = max(0, self.batches_per_worker - done_batches)
+        for i, batch in enumerate(itertools.islice(st.batch(decode()), todo)):
+            batch["_stream"] = (epoch, logical, done_batches + i + 1, pos[0])
+            yield batch
+
+
+def stream_position(position: dict | None, marker: tuple[int, int, int, int], *, num_workers: int) -> dict:
+    """Advance a stream position (``None`` at the start) by one consumed batch's ``batch["_stream"]`` marker."""
+    epoch, worker, batches, samples = (int(v) for v in marker)
+    workers = max(1, num_workers)
+    if position is None or int(position["epoch"]) != epoch or len(position["batches"]) != workers:
+        position = {"epoch": epoch, "batches": [0] * workers, "samples": [0] * workers, "last_worker": -1}
+    position["batches"][worker] = batches
+    position["samples"][worker] = samples
+    position["last_worker"] = worker
+    return position
 
 
 def _identity(src: Iterable) -> Iterable:
