@@ -1,0 +1,226 @@
+"""Fault tolerance for every stage: non-finite steps skipped, per-step seeds, preemption, atomic checkpoints.
+
+* :class:`NonFiniteGuard` — a non-finite gradient (a NaN/inf loss makes every gradient non-finite) skips the
+  optimizer step (the gradients are dropped, so AdamW leaves weights and moments alone), counts it as
+  ``train/nonfinite_skipped`` and stops the run after ``max_consecutive`` in a row with
+  :class:`NonFiniteLossError` naming the step and the last checkpoint.
+* :class:`StepSeed` — reseeds torch / numpy / random at every training batch from ``(seed, batch, rank)``:
+  the randomness of batch ``i`` (noise, timesteps, dropout, CFG drops) does not depend on what ran before,
+  so a resumed run draws the same numbers as an uninterrupted one (and validation or sampling in between
+  never shifts the training stream). This replaces saving and restoring RNG states.
+* :class:`Preemption` — SIGTERM (Lightning's handler) or SIGUSR1 (ours, unless Lightning's SLURM
+  auto-requeue owns it) finishes the current step, saves ``checkpoints/last.ckpt`` and ``train/train.py``
+  exits with :attr:`Preemption.exit_code` (143 by default: "terminated, resume me").
+* :class:`AtomicCheckpointIO` — local checkpoints are written to a temp file in the same directory, fsynced,
+  then renamed over the target: a kill mid-save leaves the previous file intact. (Lightning's own local save
+  goes through an fsspec transaction whose temp file lives in ``$TMPDIR``; across filesystems its final
+  move is a copy, which a kill can cut short.)
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+
+__all__ = ["AtomicCheckpointIO", "NonFiniteGuard", "NonFiniteLossError", "Preemption", "StepSeed", "last_checkpoint"]
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many non-finite steps in a row."""
+
+
+def last_checkpoint(trainer: L.Trainer) -> str | None:
+    """The newest checkpoint this run wrote (``ModelCheckpoint.last_model_path``, else its newest file)."""
+    cb = trainer.checkpoint_callback
+    if cb is None:
+        return None
+    if getattr(cb, "last_model_path", "") and os.path.isfile(cb.last_model_path):
+        return cb.last_model_path
+    files = sorted(Path(cb.dirpath).glob("*.ckpt"), key=lambda p: p.stat().st_mtime) if cb.dirpath else []
+    return str(files[-1]) if files else None
+
+
+class NonFiniteGuard(L.Callback):
+    """Skip optimizer steps whose gradients are not finite; stop after ``max_consecutive`` in a row.
+
+    Works for any LightningModule with automatic or manual optimization (it runs in
+    ``on_before_optimizer_step``, after backward and the DDP all-reduce, so every rank decides alike).
+    Under ``16-mixed`` precision the GradScaler already skips inf/NaN steps (and they are expected while it
+    calibrates its scale), so the guard stands aside there.
+    """
+
+    def __init__(self, *, max_consecutive: int = 10, log: bool = True) -> None:
+        if max_consecutive < 1:
+            raise ValueError(f"max_consecutive must be >= 1, got {max_consecutive}")
+        self.max_consecutive, self.log = max_consecutive, log
+        self.skipped = 0
+        self.consecutive = 0
+        self.last_good_step: int | None = None
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
+        if getattr(trainer.precision_plugin, "scaler", None) is not None:
+            return
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if not params:
+            return
+        norms = torch._foreach_norm([p.grad for p in params])
+        finite = bool(torch.isfinite(torch.stack([n.float() for n in norms])).all())  # one sync per step
+        if finite:
+            self.consecutive = 0
+            self.last_good_step = trainer.global_step
+        else:
+            for p in params:
+                p.grad = None  # AdamW (and SGD, ...) skip parameters without gradients: no update, no decay
+            self.skipped += 1
+            self.consecutive += 1
+            rank_zero_warn(
+                f"non-finite loss/gradients at step {trainer.global_step}: optimizer step skipped "
+                f"({self.consecutive} in a row, {self.skipped} in all)"
+            )
+        if self.log:
+            pl_module.log("train/nonfinite_skipped", float(self.skipped), on_step=True, on_epoch=False)
+        if self.consecutive >= self.max_consecutive:
+            good = "none yet" if self.last_good_step is None else f"step {self.last_good_step}"
+            raise NonFiniteLossError(
+                f"{self.consecutive} consecutive non-finite losses/gradients, the last at step {trainer.global_step} "
+                f"(last finite step: {good}); stopping. Last good checkpoint: {last_checkpoint(trainer) or 'none saved'}. "
+                "Resume from it with a lower learning rate, gradient clipping, or after checking the data."
+            )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"skipped": self.skipped, "consecutive": self.consecutive, "last_good_step": self.last_good_step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.skipped = int(state_dict.get("skipped", 0))
+        self.consecutive = int(state_dict.get("consecutive", 0))
+        self.last_good_step = state_dict.get("last_good_step")
+
+
+class StepSeed(L.Callback):
+    """Seed torch (all devices), numpy and random at the start of every training batch from
+    ``(seed, total batch index, global rank)``.
+
+    The batch index counts every batch of the fit (it survives a resume, unlike ``batch_idx`` which restarts
+    each epoch), so gradient accumulation still draws different numbers for each micro-batch.
+    """
+
+    def __init__(self, *, seed: int = 0) -> None:
+        self.seed = seed
+
+    def batch_seed(self, batch_index: int, rank: int) -> int:
+        return ((self.seed * 1_000_003 + batch_index) * 1009 + rank) % (2**32)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        s = self.batch_seed(trainer.fit_loop.total_batch_idx, trainer.global_rank)
+        torch.manual_seed(s)
+        np.random.seed(s)
+        random.seed(s)
+
+
+class Preemption(L.Callback):
+    """Save ``last.ckpt`` when the run is told to stop (SIGTERM, or SIGUSR1), at the end of the current step.
+
+    Lightning turns SIGTERM into ``SIGTERMException`` after the current batch (all ranks agree under DDP);
+    SIGUSR1 is routed to the same path unless Lightning's SLURM auto-requeue handles it (it then saves
+    ``hpc_ckpt_<n>.ckpt`` and requeues the job itself; the SIGTERM that follows still lands here). The
+    checkpoint goes to the ModelCheckpoint's directory as ``last.ckpt`` so that ``ckpt_path=last`` finds it.
+    ``train/train.py`` catches the exception and exits with :attr:`exit_code`.
+    """
+
+    def __init__(self, *, exit_code: int = 143, signals: tuple[str, ...] | list[str] = ("SIGUSR1",)) -> None:
+        self.exit_code = exit_code
+        self.signals = tuple(signals)
+        self.saved_path: str | None = None
+        self.saved_step: int | None = None
+        self._installed: dict[int, Any] = {}
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        env = trainer._accelerator_connector.cluster_environment
+        slurm_owned = isinstance(env, SLURMEnvironment) and env.auto_requeue
+        for name in self.signals:
+            signum = getattr(signal, name)
+            if slurm_owned and signum == env.requeue_signal:
+                continue
+            try:
+                self._installed[signum] = signal.signal(signum, self._make_handler(trainer))
+            except ValueError:  # not in the main thread
+                pass
+
+    @staticmethod
+    def _make_handler(trainer: L.Trainer):
+        def handler(signum, frame) -> None:
+            rank_zero_info(f"[dalle2] received {signal.Signals(signum).name}: saving a checkpoint after this step")
+            trainer._signal_connector.received_sigterm = True
+
+        return handler
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        for signum, old in self._installed.items():
+            try:
+                signal.signal(signum, old)
+            except (ValueError, TypeError):
+                pass
+        self._installed = {}
+
+    def checkpoint_path(self, trainer: L.Trainer) -> str:
+        cb = trainer.checkpoint_callback
+        if cb is not None and cb.dirpath:
+            return os.path.join(cb.dirpath, cb.CHECKPOINT_NAME_LAST + cb.FILE_EXTENSION)
+        return os.path.join(trainer.default_root_dir, "checkpoints", "last.ckpt")
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._restore()
+        if not isinstance(exception, SIGTERMException):
+            return
+        path = self.checkpoint_path(trainer)
+        cb = trainer.checkpoint_callback
+        if cb is not None and hasattr(cb, "last_model_path"):
+            cb.last_model_path = path
+        trainer.save_checkpoint(path)
+        self.saved_path, self.saved_step = path, trainer.global_step
+        rank_zero_info(f"[dalle2] preempted at step {trainer.global_step}: saved {path}")
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``torch.save`` to ``<path>.tmp-<pid>`` beside the target, fsync, then ``os.replace`` (remote paths:
+    Lightning's default)."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        path_str = os.fspath(path)
+        if "://" in path_str and not path_str.startswith("file://"):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path_str = path_str.removeprefix("file://")
+        directory = os.path.dirname(os.path.abspath(path_str))
+        os.makedirs(directory, exist_ok=True)
+        tmp = f"{path_str}.tmp-{os.getpid()}"
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path_str)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        try:  # make the rename itself durable
+            fd = os.open(directory, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError:
+            pass
