@@ -2,14 +2,24 @@
 
     python eval/evaluate.py task=retrieval clip_ckpt=runs/clip/.../last.ckpt data.urls='val/{00000..00001}.tar' out=r.json
 
+    python eval/evaluate.py task=samples samples=DIR "reference.urls='val/{00000..00001}.tar'" clip_ckpt=clip.ckpt \
+        [inception=pt_inception-2015-12-05-6726825d.pth] out=m.json [trainer.devices=N]
+
 task=retrieval: zero-shot image->text and text->image R@1/5/10 and mean rank over every sample of the shards,
 features gathered from all ranks (trainer.devices=N) before ranking.
+
+task=samples: a samples directory (eval/sample.py) against reference shards: FID and KID (with a local FID Inception
+weights file; skipped with a message without one), CLIP-FD and CLIP-KID on our CLIP's image features, the mean CLIP
+score of each sample against its prompt (and of the references against their captions, a ceiling), and the attribute
+checker's accuracy when the prompts are built-in synthetic captions. Features are gathered from all ranks and
+sorted before any distance is computed: the same numbers at any trainer.devices.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import hydra
@@ -20,6 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dalle2.data.datamodule import WebDataModule  # noqa: E402
 from dalle2.lit.clip_module import load_clip  # noqa: E402
+from dalle2.metrics.evaluator import SampleEvalData, SampleEvaluator, samples_summary_line  # noqa: E402
+from dalle2.metrics.inception import InceptionWeightsError, load_fid_inception  # noqa: E402
 
 
 def evaluate_retrieval(cfg: DictConfig) -> dict:
@@ -47,7 +59,45 @@ def evaluate_retrieval(cfg: DictConfig) -> dict:
     return result
 
 
-TASKS = {"retrieval": evaluate_retrieval}
+def evaluate_samples(cfg: DictConfig) -> dict | None:
+    """Metrics of ``cfg.samples`` against ``cfg.reference.urls``; the dict on rank 0, None on the other ranks."""
+    from dalle2.clip.tokenizer import get_tokenizer
+
+    if not cfg.samples or not cfg.reference.urls:
+        raise SystemExit("task=samples needs samples=DIR and reference.urls=SHARDS")
+    try:
+        data = SampleEvalData(
+            samples_dir=cfg.samples, reference_urls=cfg.reference.urls, image_size=cfg.reference.image_size,
+            max_reference=cfg.reference.max_samples, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
+        )  # fmt: skip
+        inception = load_fid_inception(cfg.inception) if cfg.inception else None
+    except (FileNotFoundError, InceptionWeightsError, ValueError) as exc:
+        raise SystemExit(f"error: {exc}") from None
+    clip = load_clip(cfg.clip_ckpt)
+    tokenizer = get_tokenizer(cfg.data.tokenizer_path, context_length=clip.model.context_length)
+    module = SampleEvaluator(clip=clip, tokenizer=tokenizer, inception=inception, kid_subsets=cfg.kid.subsets,
+                             kid_subset_size=cfg.kid.subset_size, kid_seed=cfg.kid.seed)  # fmt: skip
+    trainer = L.Trainer(
+        accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices, strategy=cfg.trainer.strategy,
+        precision=cfg.trainer.precision, enable_progress_bar=bool(cfg.trainer.enable_progress_bar),
+        use_distributed_sampler=False, logger=False, enable_checkpointing=False, enable_model_summary=False,
+    )  # fmt: skip
+    if inception is None and trainer.is_global_zero:
+        print("[dalle2] FID/KID skipped: no Inception weights given (inception=/path/to/"
+              "pt_inception-2015-12-05-6726825d.pth, a local file); CLIP-FD and CLIP-KID are reported instead")
+    with warnings.catch_warnings():  # predict_step returns nothing on purpose: results are gathered at epoch end
+        warnings.filterwarnings("ignore", message=".*predict returned None.*")
+        trainer.predict(module, datamodule=data, return_predictions=False)
+    result = dict(module.results)
+    result.update(samples=str(cfg.samples), reference_urls=str(cfg.reference.urls), clip_ckpt=str(cfg.clip_ckpt),
+                  inception=str(cfg.inception) if cfg.inception else None, image_size=data.image_size)  # fmt: skip
+    if not trainer.is_global_zero:
+        return None
+    print(f"[dalle2] {samples_summary_line(result)}")
+    return result
+
+
+TASKS = {"retrieval": evaluate_retrieval, "samples": evaluate_samples}
 
 
 @hydra.main(config_path="../conf", config_name="evaluate", version_base="1.3")
@@ -55,6 +105,8 @@ def main(cfg: DictConfig) -> None:
     if cfg.task not in TASKS:
         raise SystemExit(f"unknown task {cfg.task!r}; expected one of {sorted(TASKS)}")
     result = TASKS[cfg.task](cfg)
+    if result is None:  # a non-zero rank of a multi-process run: rank 0 writes
+        return
     text = json.dumps(result, indent=2, sort_keys=True)
     if cfg.out:
         Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,186 @@
+"""Sample evaluation under Lightning ``Trainer.predict``: FID/KID, CLIP-FD/CLIP-KID, CLIP score, attribute checker.
+
+:class:`SampleEvalData` serves two predict loaders (0: the samples directory, 1: reference shards), each item read
+by exactly one rank (see ``dalle2.metrics.samples``).  :class:`SampleEvaluator.predict_step` computes per item: our
+CLIP's image embedding, its CLIP score against the prompt/caption, Inception pool3 features (when an Inception is
+given) and, for samples whose prompt is a built-in synthetic caption, the attribute checker's verdicts.  At the end
+of the epoch every per-item tensor is gathered from all ranks and sorted by item id, then the distances are
+computed once on the whole sets (:mod:`dalle2.metrics.fid`): identical results at any ``trainer.devices``.
+``evaluator.results`` holds the metrics dict on every rank.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from dalle2.data.synthetic import ATTRIBUTES, parse_caption, read_attributes
+from dalle2.lit.distributed import gather_ragged
+from dalle2.metrics.clip_score import ClipScorer, clip_score
+from dalle2.metrics.fid import frechet_distance, kernel_distance
+from dalle2.metrics.inception import FIDInceptionV3
+from dalle2.metrics.samples import ReferenceImages, SampleFiles, read_manifest, samples_image_size
+
+__all__ = ["SampleEvalData", "SampleEvaluator", "caption_attributes", "samples_summary_line"]
+
+SOURCES = ("samples", "reference")
+
+
+def caption_attributes(prompt: str) -> dict[str, str] | None:
+    """The built-in synthetic attributes a prompt names (all of them), or None for any other prompt."""
+    try:
+        return parse_caption(prompt, strict=True)
+    except ValueError:
+        return None
+
+
+class SampleEvalData(L.LightningDataModule):
+    """Predict loaders over ``samples_dir`` (manifest + PNGs) and the first ``max_reference`` samples of
+    ``reference_urls``, all decoded at ``image_size`` (default: the samples' own size)."""
+
+    def __init__(self, *, samples_dir: str, reference_urls: str, image_size: int | None = None,
+                 max_reference: int | None = None, batch_size: int = 64, num_workers: int = 0):  # fmt: skip
+        super().__init__()
+        self.samples_dir = str(samples_dir)
+        self.rows = read_manifest(samples_dir)
+        self.image_size = int(image_size or samples_image_size(samples_dir, self.rows))
+        self.reference_urls, self.max_reference = reference_urls, max_reference
+        ReferenceImages(reference_urls, image_size=self.image_size)  # checks the urls now (missing shard -> error)
+        self.batch_size, self.num_workers = batch_size, num_workers
+
+    def predict_dataloader(self) -> list[DataLoader]:
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        samples = SampleFiles(self.samples_dir, self.rows, image_size=self.image_size, rank=rank, world_size=world)
+        reference = ReferenceImages(self.reference_urls, image_size=self.image_size, max_samples=self.max_reference,
+                                    rank=rank, world_size=world)  # fmt: skip
+        kw = dict(batch_size=self.batch_size, num_workers=self.num_workers, persistent_workers=False)
+        return [DataLoader(samples, **kw), DataLoader(reference, **kw)]
+
+
+class SampleEvaluator(L.LightningModule):
+    """Metrics of generated samples against reference images (see the module docstring).
+
+    Args:
+        clip: a ``CLIPModule`` (``load_clip``), frozen.
+        tokenizer: the CLIP's tokenizer (``get_tokenizer``).
+        inception: an ``FIDInceptionV3`` with the FID weights (``load_fid_inception``), or None to skip FID/KID.
+        kid_subsets, kid_subset_size, kid_seed: KID subsets (size clamped to the smaller set) and their seed.
+    """
+
+    def __init__(self, *, clip: torch.nn.Module, tokenizer, inception: FIDInceptionV3 | None = None,
+                 kid_subsets: int = 100, kid_subset_size: int = 1000, kid_seed: int = 0):  # fmt: skip
+        super().__init__()
+        self.scorer = ClipScorer(clip=clip.eval().requires_grad_(False), tokenizer=tokenizer)
+        self.inception = inception.eval().requires_grad_(False) if inception is not None else None
+        self.kid = dict(subsets=int(kid_subsets), subset_size=int(kid_subset_size), seed=int(kid_seed))
+        self._store: dict[str, dict[str, list[torch.Tensor]]] = {s: defaultdict(list) for s in SOURCES}
+        self.results: dict | None = None
+
+    # -- per batch ---------------------------------------------------------------------------------------
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        """batch: ``image`` (B,3,S,S) in [-1,1], ``id`` (B,), ``text`` B strings, ``valid`` (B,) bool."""
+        store = self._store[SOURCES[dataloader_idx]]
+        valid = batch["valid"].bool()
+        store["skipped"].append(torch.tensor([int((~valid).sum())], device=self.device))
+        if not bool(valid.any()):
+            return
+        keep = valid.nonzero().flatten().tolist()
+        images = batch["image"][valid]
+        texts = [batch["text"][i] for i in keep]
+        has_text = torch.tensor([bool(t) for t in texts], device=self.device)
+        img_emb = self.scorer.encode_images(images)
+        scores = torch.zeros(len(keep), device=self.device)
+        if bool(has_text.any()):
+            txt_emb = self.scorer.encode_texts([t for t in texts if t])
+            scores[has_text] = clip_score(img_emb[has_text], txt_emb)
+        store["id"].append(batch["id"][valid].long())
+        store["clip"].append(img_emb.float())
+        store["score"].append(scores)
+        store["has_text"].append(has_text)
+        if self.inception is not None:
+            store["inception"].append(self.inception((images.float() + 1.0) * 0.5).float())
+        if dataloader_idx == 0:
+            store["checker"].append(self._check(images, texts))
+
+    def _check(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """(B, A) verdicts per attribute: 1 right, 0 wrong, -1 when the prompt is not a synthetic caption."""
+        out = torch.full((len(prompts), len(ATTRIBUTES)), -1.0, device=self.device)
+        pixels = ((images.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
+        for i, prompt in enumerate(prompts):
+            want = caption_attributes(prompt)
+            if want is None:
+                continue
+            got = read_attributes(pixels[i].numpy())
+            out[i] = torch.tensor([float(got[a] == want[a]) for a in ATTRIBUTES], device=self.device)
+        return out
+
+    # -- end of epoch: gather, sort by id, compute ------------------------------------------------------------
+    def _gathered(self, source: str) -> dict[str, torch.Tensor]:
+        store = self._store[source]
+        dims = {"clip": (int(self.scorer.clip.model.embed_dim),), "inception": (FIDInceptionV3.num_features,),
+                "checker": (len(ATTRIBUTES),), "id": (), "score": (), "has_text": ()}  # fmt: skip
+        dtypes = {"id": torch.long, "has_text": torch.bool}
+        out = {}
+        for key, tail in dims.items():
+            if key == "inception" and self.inception is None or key == "checker" and source != "samples":
+                continue
+            parts = store.get(key) or [torch.zeros((0, *tail), dtype=dtypes.get(key, torch.float32), device=self.device)]
+            x = torch.cat(parts).to(self.device)
+            out[key] = gather_ragged(x.to(torch.uint8) if x.dtype == torch.bool else x)
+        order = torch.argsort(out["id"])
+        out = {k: v[order] for k, v in out.items()}
+        out["has_text"] = out["has_text"].bool()
+        skipped = torch.cat(store.get("skipped") or [torch.zeros(1, dtype=torch.long, device=self.device)]).sum()
+        out["skipped"] = gather_ragged(skipped.view(1)).sum()
+        return out
+
+    def on_predict_epoch_end(self) -> None:
+        fake, real = self._gathered("samples"), self._gathered("reference")
+        self._store = {s: defaultdict(list) for s in SOURCES}
+        n_fake, n_real = len(fake["id"]), len(real["id"])
+        if n_fake < 2 or n_real < 2:
+            raise ValueError(f"need >= 2 samples and >= 2 reference images, got {n_fake} and {n_real}")
+        res: dict = {"num_samples": n_fake, "num_reference": n_real, "reference_skipped": int(real["skipped"])}
+        kid = dict(self.kid)
+        res["kid_subset_size"] = min(kid["subset_size"], n_fake, n_real)
+        res["clip_fd"] = frechet_distance(real["clip"], fake["clip"])
+        res["clip_kid_mean"], res["clip_kid_std"] = kernel_distance(real["clip"], fake["clip"], **kid)
+        if self.inception is not None:
+            res["fid"] = frechet_distance(real["inception"], fake["inception"])
+            res["kid_mean"], res["kid_std"] = kernel_distance(real["inception"], fake["inception"], **kid)
+        else:
+            res["fid"] = res["kid_mean"] = res["kid_std"] = None
+        scores = fake["score"].double()
+        res["clip_score"], res["clip_score_std"] = float(scores.mean()), float(scores.std(unbiased=False))
+        ref_scores = real["score"][real["has_text"]].double()
+        res["reference_clip_score"] = float(ref_scores.mean()) if len(ref_scores) else None
+        res["checker"] = _checker_summary(fake["checker"])
+        self.results = res
+
+
+def _checker_summary(verdicts: torch.Tensor) -> dict | None:
+    """(N, A) verdicts (-1 rows: prompt not a synthetic caption) -> ``check_images``-style accuracies, or None."""
+    rows = verdicts[(verdicts >= 0).all(dim=1)].cpu().numpy()
+    if len(rows) == 0:
+        return None
+    out = {"num_samples": int(len(rows))}
+    out.update({f"accuracy/{a}": float(rows[:, j].mean()) for j, a in enumerate(ATTRIBUTES)})
+    out["accuracy/all"] = float(rows.min(axis=1).mean())
+    out["accuracy/mean"] = float(np.mean([out[f"accuracy/{a}"] for a in ATTRIBUTES]))
+    return out
+
+
+def samples_summary_line(results: dict) -> str:
+    """One human line for the log."""
+    parts = [f"{results['num_samples']} samples vs {results['num_reference']} reference images"]
+    if results.get("fid") is not None:
+        parts.append(f"FID {results['fid']:.2f}")
+    parts += [f"CLIP-FD {results['clip_fd']:.3f}", f"CLIP score {results['clip_score']:.2f}"]
+    if results.get("checker"):
+        parts.append(f"checker all-correct {results['checker']['accuracy/all']:.3f}")
+    return ", ".join(parts)
+

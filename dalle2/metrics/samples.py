@@ -1,0 +1,131 @@
+"""What the sample evaluation reads: a directory of generated samples and reference images from shards.
+
+Samples directory (``eval/sample.py`` writes it): ``DIR/manifest.jsonl``, one JSON object per image with at least
+``{"file": "00000.png", "prompt": "..."}`` (plus ``index``, ``k``, ``seed``, settings), and the PNG files.
+
+Both datasets are split over ranks and DataLoader workers by a global item number ``id`` (manifest row / reference
+sample number in shard order): item ``id`` goes to rank ``id % W`` (then worker ``(id // W) % num_workers``), so
+every item is read exactly once at any world size and the metrics, gathered and sorted by ``id``, do not depend on
+it.  Use the loaders with ``Trainer(use_distributed_sampler=False)``.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from dalle2.data.webdataset import IMAGE_EXTS, expand_urls, iter_raw_samples, load_rgb
+
+__all__ = ["read_manifest", "samples_image_size", "SampleFiles", "ReferenceImages"]
+
+MANIFEST = "manifest.jsonl"
+
+
+def read_manifest(samples_dir: str | Path) -> list[dict]:
+    """The rows of ``samples_dir/manifest.jsonl`` (each with ``file`` and ``prompt``); clear errors otherwise."""
+    root = Path(samples_dir)
+    path = root / MANIFEST
+    if not root.is_dir():
+        raise FileNotFoundError(f"samples directory not found: {root}")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found (a samples directory written by eval/sample.py has one)")
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            raise ValueError(f"{path}:{n}: not a JSON object: {line[:80]!r}") from None
+        if not isinstance(row, dict) or not isinstance(row.get("file"), str) or not isinstance(row.get("prompt"), str):
+            raise ValueError(f"{path}:{n}: expected an object with string 'file' and 'prompt', got {line[:80]!r}")
+        if not (root / row["file"]).is_file():
+            raise FileNotFoundError(f"{path}:{n}: sample file {root / row['file']} not found")
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"{path} lists no samples")
+    return rows
+
+
+def samples_image_size(samples_dir: str | Path, rows: list[dict]) -> int:
+    """The side of the first sample image (the samples of one run share a size)."""
+    with Image.open(Path(samples_dir) / rows[0]["file"]) as img:
+        w, h = img.size
+    return min(w, h)
+
+
+def _mine(item: int, rank: int, world_size: int) -> bool:
+    if item % world_size != rank:
+        return False
+    info = torch.utils.data.get_worker_info()
+    return info is None or (item // world_size) % info.num_workers == info.id
+
+
+class SampleFiles(torch.utils.data.IterableDataset):
+    """Yields ``{"image": (3, S, S) float in [-1, 1], "id": row number, "text": prompt, "valid": True}``."""
+
+    def __init__(self, samples_dir: str | Path, rows: list[dict], *, image_size: int, rank: int = 0,
+                 world_size: int = 1):  # fmt: skip
+        super().__init__()
+        self.root, self.rows, self.image_size = Path(samples_dir), rows, int(image_size)
+        self.rank, self.world_size = rank, world_size
+
+    def __iter__(self) -> Iterator[dict]:
+        for j, row in enumerate(self.rows):
+            if not _mine(j, self.rank, self.world_size):
+                continue
+            path = self.root / row["file"]
+            try:
+                image = load_rgb(path.read_bytes(), image_size=self.image_size)
+            except Exception as exc:
+                raise ValueError(f"sample image {path} could not be decoded ({type(exc).__name__}: {exc})") from None
+            yield {"image": image, "id": j, "text": row["prompt"], "valid": True}
+
+
+class ReferenceImages(torch.utils.data.IterableDataset):
+    """Reference images from WebDataset shards: the first ``max_samples`` samples in shard order, decoded at
+    ``image_size`` (shorter side resized, centre crop, as the training data loader does).
+
+    Yields ``{"image", "id", "text": caption or "", "valid"}``; a sample without a decodable image yields
+    ``valid=False`` (a zero image) so that the evaluator can count it as skipped.  Every rank reads the shard bytes
+    up to ``max_samples`` but decodes only its own items.
+    """
+
+    def __init__(self, urls: str, *, image_size: int, max_samples: int | None = None, rank: int = 0,
+                 world_size: int = 1):  # fmt: skip
+        super().__init__()
+        self.urls = expand_urls(urls)
+        self.image_size, self.max_samples = int(image_size), max_samples
+        self.rank, self.world_size = rank, world_size
+
+    def __iter__(self) -> Iterator[dict]:
+        j = 0
+        for url in self.urls:
+            for sample in iter_raw_samples(url):
+                if self.max_samples is not None and j >= self.max_samples:
+                    return
+                if _mine(j, self.rank, self.world_size):
+                    yield self._decode(sample, j)
+                j += 1
+
+    def _decode(self, sample: dict, j: int) -> dict:
+        txt = sample.get("txt")
+        text = txt.decode("utf-8", errors="replace").strip() if isinstance(txt, bytes) else ""
+        data = next((sample[e] for e in IMAGE_EXTS if sample.get(e) is not None), None)
+        out = {"image": torch.zeros(3, self.image_size, self.image_size), "id": j, "text": text, "valid": False}
+        if data is None:
+            warnings.warn(f"reference sample {sample.get('__key__')!r} in {sample.get('__url__')} has no image; "
+                          "skipped", stacklevel=2)  # fmt: skip
+            return out
+        try:
+            out["image"] = load_rgb(data, image_size=self.image_size)
+            out["valid"] = True
+        except Exception:
+            warnings.warn(f"reference sample {sample.get('__key__')!r} in {sample.get('__url__')}: corrupt image; "
+                          "skipped", stacklevel=2)  # fmt: skip
+        return out
