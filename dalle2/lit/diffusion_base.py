@@ -67,7 +67,10 @@ class DiffusionStageModule(L.LightningModule):
         """The EMA network (what validation and sampling use)."""
         return self.ema.module if self.ema is not None else self.net
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+    def optimizer_step(self, *args, **kwargs) -> None:
+        # right after the step, before callbacks' on_train_batch_end (where ModelCheckpoint saves): a checkpoint
+        # then holds this step's EMA, so a resumed run's EMA matches an uninterrupted one
+        super().optimizer_step(*args, **kwargs)
         if self.ema is not None:
             self.ema.update(self.net, self.global_step)
 
