@@ -9,6 +9,7 @@ Everything a stage needs is in conf/stage/<stage>.yaml and the classes it names.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -20,15 +21,41 @@ from omegaconf import DictConfig, OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
+from lightning.pytorch.utilities.exceptions import SIGTERMException  # noqa: E402
+
+from dalle2.lit.checkpoints import resolve_ckpt_path  # noqa: E402
+from dalle2.lit.fault_tolerance import AtomicCheckpointIO, Preemption  # noqa: E402
+
+
+def hydra_job() -> dict:
+    """This job's overrides and, in a multirun, the sweep's name and job number (empty outside Hydra)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return {"overrides": [], "sweep": None, "num": None}
+    hc = HydraConfig.get()
+    multirun = str(hc.mode) == "RunMode.MULTIRUN"
+    return {
+        "overrides": list(hc.overrides.task),
+        "sweep": os.path.basename(os.path.normpath(hc.sweep.dir)) if multirun else None,
+        "num": hc.job.num if multirun else None,
+    }
+
 
 def build_loggers(cfg: DictConfig) -> list:
     loggers = []
     for name, conf in (cfg.get("logger") or {}).items():
         if conf is None or "_target_" not in conf:
             continue
+        kw = {}
         if name == "wandb":
             os.environ.setdefault("WANDB_MODE", "offline" if conf.get("offline", True) else "online")
-        loggers.append(instantiate(conf))
+            job = hydra_job()
+            if conf.get("group") is None:  # a sweep's jobs share a group; a single run is grouped by stage
+                kw["group"] = job["sweep"] or cfg.get("stage_name")
+            if conf.get("name") is None and job["sweep"]:
+                kw["name"] = f"{job['sweep']}/{job['num']}:" + ",".join(job["overrides"])[:100]
+        loggers.append(instantiate(conf, **kw))
     return loggers
 
 
@@ -53,25 +80,40 @@ def instantiate_module(cfg: DictConfig):
 
 def train(cfg: DictConfig) -> dict:
     L.seed_everything(cfg.seed, workers=True)
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.output_dir)
     datamodule = instantiate(cfg.data, _convert_="all")
     module = instantiate_module(cfg)
     loggers = build_loggers(cfg)
     callbacks = build_callbacks(cfg)
-    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, _convert_="all")
+    plugins = {} if cfg.trainer.get("plugins") else {"plugins": [AtomicCheckpointIO()]}
+    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, _convert_="all", **plugins)
     log_run_config(loggers, cfg)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except SIGTERMException:
+        pre = next((c for c in callbacks if isinstance(c, Preemption)), None)
+        if trainer.is_global_zero:
+            saved = pre.saved_path if pre else "nothing (no Preemption callback)"
+            print(f"[dalle2] preempted at step {trainer.global_step}: saved {saved}; "
+                  f"continue with ckpt_path=last hydra.run.dir={cfg.paths.output_dir}")
+        sys.exit(pre.exit_code if pre else 143)
 
     ckpt_cb = trainer.checkpoint_callback
     result = {
         "output_dir": cfg.paths.output_dir,
+        "step": trainer.global_step,
         "last_ckpt": getattr(ckpt_cb, "last_model_path", None) or None,
         "best_ckpt": getattr(ckpt_cb, "best_model_path", None) or None,
         "metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1},
+        "overrides": hydra_job()["overrides"],
     }
     if trainer.is_global_zero:
         print(f"[dalle2] last checkpoint: {result['last_ckpt']}")
         if result["best_ckpt"]:
             print(f"[dalle2] best checkpoint: {result['best_ckpt']}")
+        # what train/sweep_table.py gathers from each job of a sweep
+        with open(os.path.join(cfg.paths.output_dir, "final_metrics.json"), "w") as f:
+            json.dump(result, f, indent=2)
     return result
 
 

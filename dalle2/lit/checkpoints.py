@@ -40,3 +40,30 @@ def load_stage_module(path: str | Path, stage: str, *, map_location="cpu"):
     mod_name, cls_name = STAGE_CLASSES[stage].split(":")
     cls = getattr(importlib.import_module(mod_name), cls_name)
     return cls.load_from_checkpoint(str(path), map_location=map_location, weights_only=False)
+
+
+def resolve_ckpt_path(ckpt_path: str | None, output_dir: str | Path) -> str | None:
+    """What ``trainer.fit(ckpt_path=...)`` should get for the ``ckpt_path`` config value.
+
+    * ``None`` / ``""``: start from scratch.
+    * ``"last"``: ``<output_dir>/checkpoints/last.ckpt`` when it exists, else from scratch (so one command line
+      works for the first launch and every requeue; pin the run dir with ``hydra.run.dir=...``).
+    * a run directory: its ``checkpoints/last.ckpt``;  a file: that file (``FileNotFoundError`` when missing).
+    """
+    if ckpt_path in (None, "", "null", "none"):
+        return None
+    if ckpt_path == "last":
+        last = Path(output_dir) / "checkpoints" / "last.ckpt"
+        if last.is_file():
+            return str(last)
+        print(f"[dalle2] ckpt_path=last: no {last} yet, starting from scratch")
+        return None
+    path = Path(ckpt_path)
+    if path.is_dir():
+        for cand in (path / "checkpoints" / "last.ckpt", path / "last.ckpt"):
+            if cand.is_file():
+                return str(cand)
+        raise FileNotFoundError(f"ckpt_path={ckpt_path!r}: a directory without checkpoints/last.ckpt")
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt_path={ckpt_path!r}: no such checkpoint")
+    return str(path)
