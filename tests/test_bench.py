@@ -74,6 +74,7 @@ def test_cli_parses_key_value_and_rejects_unknown():
 def test_prior_last_block_read_out_equals_full_block():
     from dalle2.prior.network import PriorBlock, prior_from_preset
 
+    torch.set_num_threads(1)  # tiny ops: one thread is faster on a shared machine
     for positional in ("learned", "rotary"):
         torch.manual_seed(0)
         net = prior_from_preset("tiny", embed_dim=32, text_token_dim=16, width=64, depth=2, heads=2, dim_head=32,
