@@ -96,3 +96,69 @@ def test_atomic_checkpoint_io_replaces_and_leaves_no_temp(tmp_path):
     with pytest.raises(RuntimeError, match="mid-save"):
         io.save_checkpoint({"a": torch.ones(2), "b": Boom()}, path)
     assert torch.equal(torch.load(path)["a"], torch.zeros(2)) and os.listdir(path.parent) == ["last.ckpt"]
+
+
+# ------------------------------------------------------------------------------------------------ preemption (train.py)
+
+
+class StepMarker(L.Callback):
+    """Touches ``<dir>/step_<global_step>`` after every training batch (for tests driving train.py)."""
+
+    def __init__(self, dir: str):
+        self.dir = dir
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        os.makedirs(self.dir, exist_ok=True)
+        open(os.path.join(self.dir, f"step_{trainer.global_step}"), "w").close()
+
+
+@pytest.mark.slow
+def test_sigterm_saves_exits_and_resumes(builtin_shards, tmp_path):
+    import json
+    import signal
+    import subprocess
+    import time
+
+    from test_resume import REPO_ROOT, decoder_cmd, run_env
+
+    clip = _clip_ckpt(tmp_path)
+    run_dir, marks = tmp_path / "run", tmp_path / "marks"
+    extra = [f"+callbacks.marker._target_=test_fault_tolerance.StepMarker", f"+callbacks.marker.dir={marks}",
+             "callbacks.model_checkpoint.every_n_train_steps=1000"]  # fmt: skip
+    proc = subprocess.Popen(decoder_cmd(builtin_shards, clip, run_dir, "trainer.max_steps=1000", *extra),
+                            cwd=REPO_ROOT, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.time() + 240
+    while not (marks / "step_3").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stderr.read()[-3000:]
+    t0 = time.time()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err[-3000:]
+    assert time.time() - t0 < 60
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert last.is_file() and "preempted at step" in out
+    saved = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
+    done = max(int(p.name.split("_")[1]) for p in marks.iterdir())
+    assert saved == done >= 3  # the step that was running when the signal came was finished and saved
+    assert not (run_dir / "final_metrics.json").exists()
+
+    res = subprocess.run(decoder_cmd(builtin_shards, clip, run_dir, f"trainer.max_steps={saved + 2}", "ckpt_path=last",
+                                     *extra), cwd=REPO_ROOT, env=run_env(), capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    final = json.loads((run_dir / "final_metrics.json").read_text())
+    assert final["step"] == saved + 2 and "ckpt_path=last" in final["overrides"]
+
+
+def _clip_ckpt(tmp_path):
+    from dalle2.clip.model import clip_preset
+    from dalle2.lit.checkpoints import STAGE_KEY
+    from dalle2.lit.clip_module import CLIPModule
+
+    net = clip_preset("tiny", vision_width=32, vision_layers=1, vision_heads=2, vision_patch_size=8, text_width=32,
+                      text_layers=1, text_heads=2, embed_dim=32)  # fmt: skip
+    clip = CLIPModule(network=net)
+    path = tmp_path / "clip.ckpt"
+    torch.save({"state_dict": clip.state_dict(), "hyper_parameters": dict(clip.hparams), STAGE_KEY: "clip",
+                "pytorch-lightning_version": L.__version__}, path)  # fmt: skip
+    return str(path)
