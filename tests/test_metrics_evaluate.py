@@ -1,0 +1,214 @@
+"""Sample evaluation: CLIP score ranks matched prompt/image pairs above shuffled ones for a trained tiny CLIP, and
+eval/evaluate.py task=samples writes the metrics JSON (FID skipped with a message without Inception weights, a
+clear error for a wrong weights file, the same numbers with 2 DDP processes as with 1)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+
+from conftest import REPO_ROOT
+from dalle2.clip.loss import ClipLoss
+from dalle2.clip.model import clip_preset
+from dalle2.clip.pretrained import save_safetensors
+from dalle2.clip.tokenizer import get_tokenizer
+from dalle2.data.synthetic import make_caption, render, sample_attributes
+from dalle2.lit.clip_module import CLIPModule, load_clip
+from dalle2.metrics.clip_score import ClipScorer, clip_score
+
+NET = clip_preset("tiny", vision_width=32, vision_layers=1, vision_heads=2, vision_patch_size=8, text_width=32,
+                  text_layers=1, text_heads=2, embed_dim=32)  # fmt: skip
+
+
+def synthetic(n: int, seed: int) -> tuple[torch.Tensor, list[str]]:
+    """n rendered 32 px pictures (B,3,32,32) in [-1,1] and their captions."""
+    rng = np.random.default_rng(seed)
+    attrs = [sample_attributes(rng) for _ in range(n)]
+    caps = [make_caption(a, rng) for a in attrs]
+    imgs = np.stack([render(a, 32, rng) for a in attrs])
+    return torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1.0, caps
+
+
+@pytest.fixture(scope="module")
+def trained_clip(tmp_path_factory) -> Path:
+    """A tiny CLIP trained for a few seconds on rendered pictures (a plain loop on preloaded tensors), saved as
+    safetensors (``load_clip`` reads it)."""
+    torch.manual_seed(0)
+    images, caps = synthetic(512, seed=0)
+    tokens = get_tokenizer(None)(caps)
+    module = CLIPModule(network=NET)
+    loss_fn = ClipLoss()
+    opt = torch.optim.AdamW(module.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(100):
+        idx = torch.randint(0, len(images), (64,), generator=g)
+        out = module(images[idx], tokens[idx])
+        loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    path = tmp_path_factory.mktemp("evalclip") / "clip.safetensors"
+    save_safetensors(module.model, path)
+    return path
+
+
+def write_samples_dir(root: Path, images: torch.Tensor, prompts: list[str]) -> Path:
+    """A samples directory as eval/sample.py writes it: {i:05d}.png + manifest.jsonl."""
+    root.mkdir(parents=True, exist_ok=True)
+    pixels = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    with open(root / "manifest.jsonl", "w") as f:
+        for i, (img, prompt) in enumerate(zip(pixels, prompts)):
+            Image.fromarray(img).save(root / f"{i:05d}.png")
+            f.write(json.dumps({"file": f"{i:05d}.png", "prompt": prompt, "index": i, "k": 0, "seed": 0}) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def samples_dir(tmp_path_factory) -> Path:
+    images, caps = synthetic(16, seed=7)
+    return write_samples_dir(tmp_path_factory.mktemp("samples") / "s", images, caps)
+
+
+def _evaluate_module():
+    spec = importlib.util.spec_from_file_location("eval_evaluate", os.path.join(REPO_ROOT, "eval", "evaluate.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _overrides(clip: Path, samples: Path, urls: str, extra=()) -> list[str]:
+    return ["task=samples", f"clip_ckpt={clip}", f"samples={samples}", f"reference.urls='{urls}'",
+            "reference.max_samples=48", "data.num_workers=0", "data.batch_size=16", "kid.subsets=10",
+            "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", *extra]  # fmt: skip
+
+
+def run_in_process(overrides: list[str]) -> dict:
+    """evaluate_samples(cfg) on conf/evaluate.yaml + overrides, in this process, with one intra-op thread (as each
+    of 2 DDP CPU processes gets on 2 cores)."""
+    cfg = OmegaConf.load(os.path.join(REPO_ROOT, "conf", "evaluate.yaml"))
+    cfg.pop("hydra"), cfg.pop("defaults")
+    cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return _evaluate_module().evaluate_samples(cfg)
+    finally:
+        torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------------------------------------ CLIP score
+
+
+def test_clip_score_closed_form():
+    a = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [3.0, 4.0]])
+    b = torch.tensor([[2.0, 0.0], [0.0, 5.0], [-1.0, 0.0], [4.0, 3.0]])
+    torch.testing.assert_close(clip_score(a, b), torch.tensor([100.0, 0.0, 0.0, 96.0]))
+    with pytest.raises(ValueError, match="two \\(B, D\\) embeddings"):
+        clip_score(a, b[:2])
+
+
+def test_clip_score_ranks_matched_pairs_above_shuffled(trained_clip):
+    scorer = ClipScorer(clip=load_clip(str(trained_clip)), tokenizer=get_tokenizer(None))
+    images, caps = synthetic(48, seed=11)  # held out: other seed than training
+    matched = scorer(images, caps)
+    shuffled = scorer(images, caps[1:] + caps[:1])
+    assert matched.shape == (48,) and ((matched >= 0) & (matched <= 100)).all()
+    assert matched.mean() > shuffled.mean() + 10
+    assert (matched > shuffled).float().mean() > 0.7
+    # an untrained CLIP does not tell them apart
+    untrained = ClipScorer(clip=CLIPModule(network=NET).eval(), tokenizer=get_tokenizer(None))
+    assert abs(float(untrained(images, caps).mean() - untrained(images, caps[1:] + caps[:1]).mean())) < 5
+
+
+# ------------------------------------------------------------------------------------------------ evaluate CLI
+
+
+def test_evaluate_samples_cli_writes_json(trained_clip, samples_dir, builtin_shards, tmp_path):
+    out = tmp_path / "m.json"
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT, PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, "eval/evaluate.py", *_overrides(trained_clip, samples_dir,
+                           builtin_shards["val"], [f"out={out}"])],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=env)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "FID/KID skipped: no Inception weights given" in proc.stdout
+    result = json.loads(out.read_text())
+    for key in ("fid", "kid_mean", "kid_std", "clip_fd", "clip_kid_mean", "clip_kid_std", "clip_score",
+                "clip_score_std", "reference_clip_score", "checker", "num_samples", "num_reference"):  # fmt: skip
+        assert key in result, key
+    assert result["fid"] is None and result["kid_mean"] is None
+    assert result["num_samples"] == 16 and result["num_reference"] == 48 and result["reference_skipped"] == 0
+    assert result["clip_fd"] > 0 and np.isfinite(result["clip_kid_mean"])
+    assert 0 < result["clip_score"] <= 100
+    assert result["checker"]["num_samples"] == 16 and result["checker"]["accuracy/all"] == 1.0  # clean renders
+
+
+def test_evaluate_samples_metrics_respond_to_the_samples(trained_clip, samples_dir, builtin_shards, tmp_path):
+    """Samples whose prompts are shuffled score lower on CLIP score and the checker; noise samples are far from the
+    reference in CLIP-FD; prompts that are not synthetic captions get no checker entry."""
+    base = run_in_process(_overrides(trained_clip, samples_dir, builtin_shards["val"]))
+    images, caps = synthetic(16, seed=7)
+    shuffled = write_samples_dir(tmp_path / "shuffled", images, caps[1:] + caps[:1])
+    res = run_in_process(_overrides(trained_clip, shuffled, builtin_shards["val"]))
+    assert res["clip_score"] < base["clip_score"] - 5
+    assert res["checker"]["accuracy/all"] < 0.5
+    assert res["clip_fd"] == pytest.approx(base["clip_fd"], rel=1e-5)  # same images, same distance
+    noise = write_samples_dir(tmp_path / "noise", torch.rand(16, 3, 32, 32) * 2 - 1, ["a photo of a dog"] * 16)
+    res = run_in_process(_overrides(trained_clip, noise, builtin_shards["val"]))
+    assert res["clip_fd"] > 2 * base["clip_fd"] and res["clip_kid_mean"] > base["clip_kid_mean"]
+    assert res["checker"] is None
+
+
+def test_evaluate_samples_clear_errors(trained_clip, samples_dir, builtin_shards, tmp_path):
+    bad = tmp_path / "not_inception.pth"
+    torch.save({"weight": torch.zeros(2)}, bad)
+    with pytest.raises(SystemExit, match=r"error: .*not_inception.pth does not hold the FID Inception weights"):
+        run_in_process(_overrides(trained_clip, samples_dir, builtin_shards["val"], [f"inception={bad}"]))
+    with pytest.raises(SystemExit, match="FID Inception weights not found"):
+        run_in_process(_overrides(trained_clip, samples_dir, builtin_shards["val"], [f"inception={tmp_path}/x.pth"]))
+    with pytest.raises(SystemExit, match="manifest.jsonl not found"):
+        run_in_process(_overrides(trained_clip, tmp_path, builtin_shards["val"]))
+    with pytest.raises(SystemExit, match="missing.tar"):
+        run_in_process(_overrides(trained_clip, samples_dir, str(tmp_path / "missing.tar")))
+
+
+@pytest.mark.slow
+def test_evaluate_with_inception_weights(trained_clip, samples_dir, builtin_shards, tmp_path):
+    """FID/KID with an Inception weights file (random init here: the real one is a download away)."""
+    from dalle2.metrics.inception import FIDInceptionV3
+
+    path = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
+    torch.save(FIDInceptionV3().state_dict(), path)
+    res = run_in_process(_overrides(trained_clip, samples_dir, builtin_shards["val"],
+                                    [f"inception={path}", "reference.max_samples=8"]))  # fmt: skip
+    assert res["num_reference"] == 8 and res["inception"] == str(path)
+    assert np.isfinite(res["fid"]) and res["fid"] >= -1e-6 and np.isfinite(res["kid_mean"])
+
+
+@pytest.mark.slow
+def test_two_ddp_processes_equal_one(trained_clip, samples_dir, builtin_shards, tmp_path):
+    one = run_in_process(_overrides(trained_clip, samples_dir, builtin_shards["val"]))
+    out = tmp_path / "ddp2.json"
+    env = {**os.environ, "PYTHONPATH": REPO_ROOT, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "eval/evaluate.py", *_overrides(trained_clip, samples_dir, builtin_shards["val"],
+           [f"out={out}", "trainer.devices=2", "trainer.strategy=ddp"])]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.loads(out.read_text())
+    assert two["num_samples"] == one["num_samples"] == 16 and two["num_reference"] == one["num_reference"] == 48
+    for key, value in one.items():
+        if isinstance(value, float):
+            assert two[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    assert two["checker"] == one["checker"]
