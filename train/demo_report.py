@@ -1,50 +1,360 @@
-"""Write demo_out/report.md from what `make demo` produced (metrics JSON, CSV logs, sample grids).
+"""Write out_dir/report.md and report.html from what train/train_all.py left in out_dir.
 
     python train/demo_report.py demo_out
+
+Reads, when present: <stage>/DONE.json (wall times), <stage>/csv/metrics.csv (loss curves, val metrics),
+retrieval/metrics.json (CLIP R@1), prior val cosines, sample/grid.png + manifest.jsonl (generated images and
+their prompts), evaluate/metrics.json (FID / CLIP-FD / CLIP score / attribute-checker accuracy), the decoder's and
+upsampler's sample grids. Anything missing is reported as "not run". Plots go to out_dir/report/*.png.
 """
 
 from __future__ import annotations
 
 import csv
+import html
 import json
+import math
 import sys
 from pathlib import Path
 
+STAGES = ("clip", "retrieval", "embeddings", "prior", "decoder", "upsampler", "sample", "evaluate")
+TRAINED = ("clip", "prior", "decoder", "upsampler")
+NOT_RUN = "not run"
 
-def last_metrics(csv_path: Path) -> dict[str, str]:
-    """The last logged value of every column of a Lightning CSVLogger metrics.csv."""
-    last: dict[str, str] = {}
-    if not csv_path.is_file():
-        return last
-    with csv_path.open() as f:
+
+# --------------------------------------------------------------------------------------------- reading
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def read_metrics_csv(path: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every numeric column of a Lightning CSVLogger metrics.csv as ``{column: [(step, value), ...]}``."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    if not path.is_file():
+        return series
+    with path.open() as f:
         for row in csv.DictReader(f):
-            last.update({k: v for k, v in row.items() if v not in ("", None)})
-    return last
+            try:
+                step = int(float(row.get("step") or 0))
+            except ValueError:
+                continue
+            for k, v in row.items():
+                if k in ("step", "epoch") or v in ("", None):
+                    continue
+                try:
+                    series.setdefault(k, []).append((step, float(v)))
+                except ValueError:
+                    pass
+    return series
 
 
-def main(out_dir: str) -> None:
+def last(series: dict, key: str) -> float | None:
+    return series[key][-1][1] if series.get(key) else None
+
+
+def fmt(v, digits: int = 4) -> str:
+    if v is None:
+        return NOT_RUN
+    if isinstance(v, float):
+        return f"{v:.{digits}f}" if math.isfinite(v) else str(v)
+    return str(v)
+
+
+def fmt_time(seconds: float | None) -> str:
+    if seconds is None:
+        return NOT_RUN
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m} min {s:02d} s" if m else f"{s} s"
+
+
+def checker_from_samples(sample_dir: Path) -> dict | None:
+    """Attribute-checker accuracy of the generated images vs the attributes their prompts name (built-in data)."""
+    manifest = sample_dir / "manifest.jsonl"
+    if not manifest.is_file():
+        return None
+    try:
+        import numpy as np
+        from PIL import Image
+
+        from dalle2.data.synthetic import check_images, parse_caption
+
+        images, attrs = [], []
+        for line in manifest.read_text().splitlines():
+            item = json.loads(line)
+            want = parse_caption(item["prompt"], strict=False)
+            if want and (sample_dir / item["file"]).is_file():
+                images.append(np.asarray(Image.open(sample_dir / item["file"]).convert("RGB")))
+                attrs.append(want)
+        if not images:
+            return None
+        return {**check_images(np.stack(images), attrs), "num_images": len(images)}
+    except Exception as e:  # noqa: BLE001 - a report must not fail on one section
+        print(f"[demo_report] attribute check skipped: {e}")
+        return None
+
+
+# --------------------------------------------------------------------------------------------- plots
+
+
+def plot_series(path: Path, title: str, curves: dict[str, list[tuple[int, float]]], *, smooth: int = 1) -> Path | None:
+    curves = {k: v for k, v in curves.items() if v}
+    if not curves:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    for name, pts in curves.items():
+        steps = [p[0] for p in pts]
+        vals = [p[1] for p in pts]
+        if smooth > 1 and len(vals) > smooth:
+            k = smooth
+            vals = [sum(vals[max(0, i - k + 1): i + 1]) / len(vals[max(0, i - k + 1): i + 1]) for i in range(len(vals))]
+        ax.plot(steps, vals, marker="o" if len(pts) < 15 else None, label=name)
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------------------------- document
+
+
+class Doc:
+    """A tiny document model rendered both as Markdown and as HTML (no extra dependency)."""
+
+    def __init__(self, root: Path):
+        self.root, self.blocks = root, []
+
+    def h(self, level: int, text: str):
+        self.blocks.append(("h", level, text))
+
+    def p(self, text: str):
+        self.blocks.append(("p", text))
+
+    def bullets(self, items: list[str]):
+        if items:
+            self.blocks.append(("ul", items))
+
+    def table(self, header: list[str], rows: list[list[str]]):
+        self.blocks.append(("table", header, rows))
+
+    def img(self, path: Path | None, alt: str):
+        if path is not None and path.is_file():
+            self.blocks.append(("img", path.relative_to(self.root).as_posix(), alt))
+
+    def markdown(self) -> str:
+        out = []
+        for b in self.blocks:
+            if b[0] == "h":
+                out += ["#" * b[1] + " " + b[2], ""]
+            elif b[0] == "p":
+                out += [b[1], ""]
+            elif b[0] == "ul":
+                out += [f"- {x}" for x in b[1]] + [""]
+            elif b[0] == "table":
+                out += ["| " + " | ".join(b[1]) + " |", "|" + "---|" * len(b[1])]
+                out += ["| " + " | ".join(r) + " |" for r in b[2]] + [""]
+            elif b[0] == "img":
+                out += [f"![{b[2]}]({b[1]})", ""]
+        return "\n".join(out)
+
+    def html(self, title: str) -> str:
+        e = html.escape
+        out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{e(title)}</title><style>"
+               "body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse}"
+               "td,th{border:1px solid #ccc;padding:2px 8px}img{max-width:100%}</style></head><body>"]  # fmt: skip
+        for b in self.blocks:
+            if b[0] == "h":
+                out.append(f"<h{b[1]}>{e(b[2])}</h{b[1]}>")
+            elif b[0] == "p":
+                out.append(f"<p>{e(b[1])}</p>")
+            elif b[0] == "ul":
+                out.append("<ul>" + "".join(f"<li>{e(x)}</li>" for x in b[1]) + "</ul>")
+            elif b[0] == "table":
+                out.append("<table><tr>" + "".join(f"<th>{e(x)}</th>" for x in b[1]) + "</tr>")
+                out += ["<tr>" + "".join(f"<td>{e(x)}</td>" for x in r) + "</tr>" for r in b[2]]
+                out.append("</table>")
+            elif b[0] == "img":
+                out.append(f"<p><img src='{e(b[1])}' alt='{e(b[2])}'></p>")
+        return "\n".join(out + ["</body></html>"])
+
+
+# --------------------------------------------------------------------------------------------- report
+
+
+def write_report(out_dir: str | Path) -> Path:
+    """Write ``out_dir/report.md`` and ``report.html``; returns the Markdown path."""
     out = Path(out_dir)
-    lines = ["# dalle2 demo report", ""]
-    retrieval = out / "clip_retrieval.json"
-    if retrieval.is_file():
-        r = json.loads(retrieval.read_text())
-        n = r.get("num_samples", 0)
-        lines += ["## CLIP zero-shot retrieval (held-out val shards)", "",
-                  f"- samples: {n}; chance R@1 = {1 / max(n, 1):.4f}"]
-        lines += [f"- {k}: {v:.4f}" for k, v in sorted(r.items()) if k != "num_samples"]
-        lines.append("")
-    for stage in ("clip", "decoder"):
-        m = last_metrics(out / stage / "csv" / "metrics.csv")
-        if m:
-            lines += [f"## {stage}: last logged metrics", ""]
-            lines += [f"- {k}: {v}" for k, v in sorted(m.items()) if "/" in k]
-            lines.append("")
-        grids = sorted((out / stage / "samples").glob("*.png")) if (out / stage / "samples").is_dir() else []
+    figs = out / "report"
+    doc = Doc(out)
+    done = {s: read_json(out / s / "DONE.json") for s in STAGES}
+    logs = {s: read_metrics_csv(out / s / "csv" / "metrics.csv") for s in TRAINED}
+    retrieval = read_json(out / "retrieval" / "metrics.json") or read_json(out / "clip_retrieval.json")
+    evaluation = read_json(out / "evaluate" / "metrics.json")
+    checker = None
+    if evaluation:
+        checker = {k: v for k, v in flat_items(evaluation) if "accuracy" in k} or None
+    if checker is None:
+        checker = checker_from_samples(out / "sample")
+    prior = logs["prior"]
+    cos = {k: last(prior, f"val/{k}") for k in ("cos_sampled", "cos_text_baseline", "cos_shuffled")}
+    r1 = (retrieval or {}).get("image_to_text_R@1"), (retrieval or {}).get("text_to_image_R@1")
+
+    doc.h(1, "dalle2: the whole unCLIP stack, trained, sampled and scored")
+    doc.p(f"Output directory: `{out}`. Every figure below is read from the files the stages wrote; "
+          f"\"{NOT_RUN}\" marks a stage or metric that is missing.")  # fmt: skip
+
+    # -- summary
+    doc.h(2, "Summary")
+    acc_all = pick(checker, "accuracy/all")
+    acc_mean = pick(checker, "accuracy/mean")
+    doc.bullets([
+        f"attribute-checker accuracy of generated images vs their prompts: all attributes right {pct(acc_all)}, "
+        f"mean over attributes {pct(acc_mean)}",
+        f"CLIP zero-shot retrieval R@1 on held-out shards: image->text {pct(r1[0])}, text->image {pct(r1[1])}"
+        + (f" (chance {pct(1 / retrieval['num_samples'])})" if retrieval and retrieval.get("num_samples") else ""),
+        f"prior val cosine(sampled, true image emb) {fmt(cos['cos_sampled'])} vs text-embedding baseline "
+        f"{fmt(cos['cos_text_baseline'])} vs shuffled-caption control {fmt(cos['cos_shuffled'])}",
+        f"FID {fmt(find(evaluation, 'fid')) if find(evaluation, 'fid') is not None or not evaluation else 'skipped (no Inception weights file: inception=...)'}, CLIP-FD {fmt(find(evaluation, 'clip_fd', 'fd_clip'))}, "
+        f"CLIP score {fmt(find(evaluation, 'clip_score'))}",
+    ])  # fmt: skip
+
+    # -- wall times
+    doc.h(2, "Wall time per stage")
+    total = 0.0
+    rows = []
+    for s in STAGES:
+        w = (done[s] or {}).get("wall_s")
+        total += w or 0.0
+        rows.append([s, fmt_time(w), (done[s] or {}).get("finished", "")])
+    rows.append(["total", fmt_time(total if any(done.values()) else None), ""])
+    doc.table(["stage", "wall time", "finished"], rows)
+
+    # -- samples
+    doc.h(2, "Generated samples (prompts: held-out captions)")
+    grid = out / "sample" / "grid.png"
+    if grid.is_file():
+        doc.img(grid, "samples with their prompts")
+    else:
+        doc.p(f"Samples: {NOT_RUN}.")
+    prompts = out / "sample" / "prompts.txt"
+    if prompts.is_file():
+        lines = [x for x in prompts.read_text().splitlines() if x.strip()]
+        doc.p(f"{len(lines)} prompts (sample/prompts.txt), e.g.: " + "; ".join(f"\"{x}\"" for x in lines[:4]))
+    if checker:
+        doc.table(["attribute-checker metric", "value"],
+                  [[k, pct(v) if isinstance(v, float) else fmt(v)] for k, v in sorted(checker.items())])  # fmt: skip
+    else:
+        doc.p(f"Attribute-checker accuracy: {NOT_RUN}.")
+
+    # -- evaluation
+    doc.h(2, "Image metrics (eval/evaluate.py task=samples)")
+    if evaluation:
+        doc.table(["metric", "value"], [[k, "skipped" if v is None else fmt(v)] for k, v in flat_items(evaluation)
+                                        if "accuracy" not in k])
+    else:
+        doc.p(f"Evaluation: {NOT_RUN}.")
+
+    # -- CLIP
+    doc.h(2, "CLIP")
+    if retrieval:
+        doc.table(["retrieval (held-out shards)", "value"], [[k, fmt(v)] for k, v in sorted(retrieval.items())])
+    else:
+        doc.p(f"Retrieval: {NOT_RUN}.")
+    loss_plot(doc, figs, "clip", logs["clip"])
+
+    # -- prior
+    doc.h(2, "Diffusion prior")
+    if any(v is not None for v in cos.values()):
+        doc.table(["val cosine with the true CLIP image embedding", "value"],
+                  [["sampled (prior)", fmt(cos["cos_sampled"])], ["text embedding (baseline)", fmt(cos["cos_text_baseline"])],
+                   ["sampled from shuffled captions (control)", fmt(cos["cos_shuffled"])]])  # fmt: skip
+        doc.img(plot_series(figs / "prior_cosine.png", "prior: val cosine with the true image embedding",
+                            {k: prior.get(f"val/{k}", []) for k in cos}), "prior cosines")  # fmt: skip
+    else:
+        doc.p(f"Prior validation: {NOT_RUN}.")
+    loss_plot(doc, figs, "prior", logs["prior"])
+
+    # -- decoder and upsampler
+    for s, title in (("decoder", "Decoder"), ("upsampler", "Upsampler")):
+        doc.h(2, title)
+        if not logs[s] and not done[s]:
+            doc.p(f"{title}: {NOT_RUN}.")
+            continue
+        if s == "upsampler" and last(logs[s], "val/psnr") is not None:
+            doc.p(f"val PSNR {fmt(last(logs[s], 'val/psnr'), 2)} dB vs bicubic {fmt(last(logs[s], 'val/psnr_bicubic'), 2)} dB")
+        loss_plot(doc, figs, s, logs[s])
+        grids = sorted((out / s / "samples").glob("*.png")) if (out / s / "samples").is_dir() else []
         if grids:
-            lines += [f"![{stage} samples]({grids[-1].relative_to(out)})", ""]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
-    print(f"[dalle2] wrote {out / 'report.md'}")
+            doc.p(f"Training-time sample grid ({grids[-1].stem}; "
+                  + ("rows: reference / upsampled / bicubic" if s == "upsampler" else "from val CLIP image embeddings")
+                  + ")")  # fmt: skip
+            doc.img(grids[-1], f"{s} samples")
+
+    md = out / "report.md"
+    md.write_text(doc.markdown())
+    (out / "report.html").write_text(doc.html("dalle2 report"))
+    print(f"[dalle2] wrote {md} and {out / 'report.html'}")
+    return md
+
+
+def loss_plot(doc: Doc, figs: Path, stage: str, series: dict) -> None:
+    curves = {k: v for k, v in series.items() if k in ("train/loss", "val/loss")}
+    smooth = max(1, len(series.get("train/loss", [])) // 30)
+    path = plot_series(figs / f"loss_{stage}.png", f"{stage}: loss", curves, smooth=smooth)
+    if path:
+        doc.img(path, f"{stage} loss")
+    else:
+        doc.p(f"{stage} loss curve: {NOT_RUN}.")
+
+
+def flat_items(d: dict, prefix: str = "") -> list[tuple[str, object]]:
+    items = []
+    for k, v in d.items():
+        if isinstance(v, dict):
+            items += flat_items(v, f"{prefix}{k}.")
+        elif isinstance(v, (int, float, str, bool)) or v is None:
+            items.append((f"{prefix}{k}", v))
+    return items
+
+
+def find(d: dict | None, *names: str):
+    """The first numeric value whose (flattened) key ends with one of ``names``."""
+    if not d:
+        return None
+    for k, v in flat_items(d):
+        key = k.lower().replace("-", "_")
+        if any(key == n or key.endswith("." + n) or key.endswith("/" + n) for n in names) and isinstance(v, (int, float)):
+            return float(v)
+    return None
+
+
+def pick(d: dict | None, key: str):
+    if not d:
+        return None
+    for k, v in d.items():
+        if k == key or k.endswith("." + key) or k.endswith(key):
+            return v
+    return None
+
+
+def pct(v) -> str:
+    return f"{100 * v:.1f} %" if isinstance(v, (int, float)) else NOT_RUN
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "demo_out")
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    write_report(sys.argv[1] if len(sys.argv) > 1 else "demo_out")

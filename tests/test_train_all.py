@@ -1,0 +1,233 @@
+"""train/train_all.py: override plumbing (fast), and the whole stack for a few steps per stage on the tiny built-in
+shards, every artefact read back, then a rerun that skips finished stages (slow)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import REPO_ROOT
+
+
+
+def load_script(name: str):
+    """train/<name>.py as a module (by path: `train` is not a package, and train/train.py shadows the name)."""
+    spec = importlib.util.spec_from_file_location(f"_dalle2_script_{name}", os.path.join(REPO_ROOT, "train", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+train_all = load_script("train_all")
+write_report = load_script("demo_report").write_report
+STAGES, flatten, format_value = train_all.STAGES, train_all.flatten, train_all.format_value
+mirrored_urls, overrides, run, stage_override_argv = (train_all.mirrored_urls, train_all.overrides, train_all.run,
+                                                      train_all.stage_override_argv)  # fmt: skip
+
+
+def compose(overrides_: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=os.path.join(REPO_ROOT, "conf", "train_all"), version_base="1.3"):
+        return hydra_compose("config", overrides=stage_override_argv(overrides_))
+
+
+# ------------------------------------------------------------------------------------------------ fast
+
+
+def test_format_value_is_hydra_override_grammar():
+    assert format_value(None) == "null" and format_value(True) == "true" and format_value(3) == "3"
+    assert format_value(1e-3) == "0.001"
+    assert format_value("clip_tiny") == "clip_tiny"
+    assert format_value("/d/{00000..00015}.tar") == "'/d/{00000..00015}.tar'"
+    assert format_value("it's") == "'it\\'s'"
+    assert format_value(["/a.ckpt", "b"]) == "[/a.ckpt,b]"
+    # the quoted forms parse back to the same values in Hydra's override parser
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    for v in ["/d/{00000..00015}.tar", "it's", "a b,c", "x=y", "/a.ckpt"]:
+        assert parser.parse_override(f"k={format_value(v)}").value() == v
+    assert parser.parse_override(f"k={format_value(['/a.ckpt', 'b c'])}").value() == ["/a.ckpt", "b c"]
+
+
+def test_flatten_and_stage_overrides_win():
+    section = {"experiment": "clip_tiny", "trainer": {"max_steps": 5, "val_check_interval": 2},
+               "data.train_urls": "mine.tar", "callbacks": {}}  # fmt: skip
+    assert flatten(section) == {"experiment": "clip_tiny", "trainer.max_steps": 5, "trainer.val_check_interval": 2,
+                                "data.train_urls": "mine.tar", "callbacks": {}}  # fmt: skip
+    out = overrides({"data.train_urls": "shared.tar", "hydra.run.dir": "/o/clip"}, section)
+    assert out[:2] == ["data.train_urls=mine.tar", "hydra.run.dir=/o/clip"]
+    assert "trainer.max_steps=5" in out and "experiment=clip_tiny" in out
+
+
+def test_cli_stage_overrides_become_stage_settings():
+    assert stage_override_argv(["clip.trainer.max_steps=3", "out_dir=x", "+prior.a=1", "data.val_urls=v"]) == [
+        "++clip.trainer.max_steps=3", "out_dir=x", "+prior.a=1", "data.val_urls=v"]  # fmt: skip
+    cfg = compose(["experiment=demo", "out_dir=/tmp/x", "clip.trainer.max_steps=7", "decoder.module.use_text=true",
+                   "decoder.trainer=gpu", "stages=[clip,decoder]"])  # fmt: skip
+    assert cfg.clip.trainer.max_steps == 7 and cfg.clip.trainer.val_check_interval == 200  # demo's value kept
+    assert cfg.decoder.module.use_text is True and cfg.decoder.trainer == "gpu"
+    assert list(cfg.stages) == ["clip", "decoder"]
+
+
+def test_embedding_urls_mirror_the_input_shards(tmp_path):
+    (tmp_path / "a").mkdir()
+    for n in ("00000.tar", "00001.tar"):
+        (tmp_path / "a" / n).write_bytes(b"")
+    assert mirrored_urls("/d/{00000..00015}.tar", tmp_path / "e") == str(tmp_path / "e" / "{00000..00015}.tar")
+    both = f"{tmp_path}/a/00000.tar::{tmp_path}/a/00001.tar"
+    assert mirrored_urls(both, tmp_path / "e") == f"{tmp_path}/e/00000.tar::{tmp_path}/e/00001.tar"
+
+
+def test_dry_run_plans_every_stage_with_the_right_inputs(tmp_path, capsys):
+    cfg = compose(["experiment=demo", f"out_dir={tmp_path}", "dry_run=true", "report=false",
+                   "data.train_urls='/d/train/{00000..00003}.tar'", "data.val_urls=/d/val/00000.tar"])  # fmt: skip
+    summary = run(cfg)
+    assert [s for s in STAGES if summary[s]["status"] == "would run"] == list(STAGES)
+    assert "train/train.py" in capsys.readouterr().out
+    assert not (tmp_path / "clip").exists()
+    plan = train_all.Plan(cfg)
+    argv = {s: plan.build(s).commands for s in STAGES}
+    assert len(argv["embeddings"]) == 2 and all(len(argv[s]) == 1 for s in STAGES if s != "embeddings")
+    emb = f"data.train_urls='{tmp_path}/embeddings/train/{{00000..00003}}.tar'"
+    assert emb in argv["prior"][0] and emb in argv["decoder"][0] and "data.load_embeddings=true" in argv["decoder"][0]
+    assert "data.train_urls='/d/train/{00000..00003}.tar'" in argv["clip"][0] + argv["upsampler"][0]
+    assert "trainer.max_steps=600" in argv["clip"][0] and "experiment=decoder_tiny" in argv["decoder"][0]
+    assert f"out_dir={tmp_path}/embeddings/val" in argv["embeddings"][1]
+    assert f"ckpt.upsamplers=[{tmp_path}/upsampler/checkpoints/last.ckpt]" in argv["sample"][0]
+    assert "task=samples" in argv["evaluate"][0] and f"samples={tmp_path}/sample" in argv["evaluate"][0]
+
+
+def test_unknown_stage_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="unknown stages.*'decodr'"):
+        run(compose([f"out_dir={tmp_path}", "stages=[clip,decodr]", "dry_run=true"]))
+    with pytest.raises(SystemExit, match="force names unknown"):
+        run(compose([f"out_dir={tmp_path}", "force=[priorr]", "dry_run=true"]))
+
+
+# ------------------------------------------------------------------------------------------------ slow
+
+
+def tiny_overrides(builtin_shards, out_dir) -> list[str]:
+    few = ["trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
+           "trainer.enable_progress_bar=false", "data.num_workers=0"]  # fmt: skip
+    diffusion = ["module.sample_every_n_steps=2", "callbacks.sample_grid.steps=2", "callbacks.sample_grid.num_samples=4"]
+    stage = lambda s, xs: [f"{s}.{x}" for x in xs]  # noqa: E731
+    return [
+        f"out_dir={out_dir}", f"data.train_urls={builtin_shards['train']}", f"data.val_urls={builtin_shards['val']}",
+        "prompts.num=4",
+        *stage("clip", few + ["data.batch_size=16"]),
+        *stage("retrieval", ["data.num_workers=0", "trainer.enable_progress_bar=false"]),
+        *stage("prior", few + ["data.batch_size=16", "module.val_sample_steps=2"]),
+        *stage("decoder", few + diffusion + ["data.batch_size=8"]),
+        *stage("upsampler", few + diffusion + ["data.batch_size=4"]),
+        *stage("sample", ["steps.prior=2", "steps.decoder=2", "steps.upsampler=2", "batch_size=4",
+                          "trainer.enable_progress_bar=false"]),
+        *stage("evaluate", ["reference.max_samples=16", "data.batch_size=16", "data.num_workers=0",
+                            "trainer.enable_progress_bar=false"]),
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_whole_stack_few_steps_every_artefact_then_rerun_skips(builtin_shards, tmp_path):
+    out = tmp_path / "demo"
+    args = tiny_overrides(builtin_shards, out)
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT, OMP_NUM_THREADS="1", WANDB_MODE="offline")
+    proc = subprocess.run([sys.executable, "train/train_all.py", *args], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=900, env=env)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    # every stage finished, with its wall time
+    for s in STAGES:
+        done = json.loads((out / s / "DONE.json").read_text())
+        assert done["stage"] == s and done["wall_s"] > 0 and done["commands"]
+    # checkpoints load as their stage's module
+    from dalle2.lit.clip_module import load_clip
+    from dalle2.lit.decoder_module import DecoderModule, UpsamplerModule
+    from dalle2.lit.prior_module import load_prior
+
+    assert load_clip(str(out / "clip/checkpoints/last.ckpt")).model.embed_dim == 128
+    assert load_prior(str(out / "prior/checkpoints/last.ckpt")).embed_dim == 128
+    DecoderModule.load_from_checkpoint(str(out / "decoder/checkpoints/last.ckpt"), map_location="cpu")
+    UpsamplerModule.load_from_checkpoint(str(out / "upsampler/checkpoints/last.ckpt"), map_location="cpu")
+    # embedding shards: one per input shard, each sample with its embeddings
+    from dalle2.data.webdataset import expand_urls, iter_raw_samples
+
+    for split in ("train", "val"):
+        names = sorted(Path(u).name for u in expand_urls(builtin_shards[split]))
+        assert sorted(p.name for p in (out / "embeddings" / split).glob("*.tar")) == names
+    first = next(iter_raw_samples(str(sorted((out / "embeddings/val").glob("*.tar"))[0])))
+    assert {"img_emb.npy", "txt_emb.npy", "txt_tokens.npy"} <= set(first)
+    # samples: 4 prompts from the val captions, one 64 px PNG each (decoder 32 px -> upsampler), manifest, grid
+    prompts = (out / "sample/prompts.txt").read_text().splitlines()
+    assert len(prompts) == 4 and all(prompts)
+    manifest = [json.loads(x) for x in (out / "sample/manifest.jsonl").read_text().splitlines()]
+    assert [m["prompt"] for m in manifest] == prompts
+    for m in manifest:
+        assert np.asarray(Image.open(out / "sample" / m["file"])).shape == (64, 64, 3)
+    Image.open(out / "sample/grid.png").verify()
+    # metrics
+    retrieval = json.loads((out / "retrieval/metrics.json").read_text())
+    assert 0.0 <= retrieval["image_to_text_R@1"] <= 1.0
+    evaluation = json.loads((out / "evaluate/metrics.json").read_text())
+    assert evaluation and json.dumps(evaluation)
+    # report and its plots
+    report = (out / "report.md").read_text()
+    assert "Wall time per stage" in report and "sample/grid.png" in report and "not run" not in report.split("##")[2]
+    for stage in ("clip", "prior", "decoder", "upsampler"):
+        assert f"report/loss_{stage}.png" in report
+        Image.open(out / "report" / f"loss_{stage}.png").verify()
+    Image.open(out / "report/prior_cosine.png").verify()
+    assert (out / "report.html").read_text().count("<img") >= 6
+
+    # rerun: every stage is skipped (no process started), the report is rewritten
+    stamps = {s: (out / s / "DONE.json").stat().st_mtime_ns for s in STAGES}
+    summary = run(compose(args))
+    assert {s: v["status"] for s, v in summary.items()} == {s: "skipped" for s in STAGES}
+    assert stamps == {s: (out / s / "DONE.json").stat().st_mtime_ns for s in STAGES}
+    # forcing one stage reruns it and what uses its output, nothing else
+    summary = run(compose([*args, "force=[upsampler]", "dry_run=true"]))
+    rerun = [s for s in STAGES if summary[s]["status"] == "would run"]
+    assert rerun == ["upsampler", "sample", "evaluate"]
+    summary = run(compose([*args, "force=[clip]", "dry_run=true"]))
+    assert [s for s in STAGES if summary[s]["status"] == "skipped"] == ["upsampler"]
+
+
+def test_report_says_not_run_for_missing_pieces(tmp_path):
+    (tmp_path / "clip" / "csv").mkdir(parents=True)
+    (tmp_path / "clip" / "csv" / "metrics.csv").write_text(
+        "epoch,step,train/loss,val/loss\n0,9,4.5,\n0,19,4.0,\n0,19,,3.9\n")
+    (tmp_path / "clip" / "DONE.json").write_text(json.dumps({"stage": "clip", "wall_s": 61.0}))
+    md = write_report(tmp_path).read_text()
+    assert "1 min 01 s" in md and "not run" in md
+    assert "report/loss_clip.png" in md and (tmp_path / "report/loss_clip.png").is_file()
+    assert (tmp_path / "report.html").is_file()
+
+
+def test_report_checks_generated_images_against_their_prompts(tmp_path):
+    """Without evaluate/metrics.json the report scores the samples itself with the built-in attribute checker."""
+    from dalle2.data.synthetic import make_caption, render, sample_attributes
+    rng = np.random.default_rng(0)
+    sample = tmp_path / "sample"
+    sample.mkdir()
+    with (sample / "manifest.jsonl").open("w") as f:
+        for i in range(6):
+            attrs = sample_attributes(rng)
+            img = render(attrs, 64, rng)
+            if i == 5:  # one image that does not follow its prompt
+                img = np.zeros_like(img)
+            Image.fromarray(img).save(sample / f"{i:05d}.png")
+            f.write(json.dumps({"file": f"{i:05d}.png", "prompt": make_caption(attrs, rng)}) + "\n")
+    md = write_report(tmp_path).read_text()
+    assert "all attributes right 83.3 %" in md

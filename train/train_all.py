@@ -1,0 +1,357 @@
+"""Train, sample and score the whole unCLIP stack with one command.
+
+    python train/train_all.py experiment=demo out_dir=demo_out
+    python train/train_all.py out_dir=runs/mine "data.train_urls='/data/{00000..00099}.tar'" \
+        "data.val_urls='/data/val/{00000..00001}.tar'" clip.trainer.max_steps=10000 prior.trainer.max_steps=20000
+    python train/train_all.py experiment=demo out_dir=demo_out force=[prior,decoder]     # retrain two stages
+    python train/train_all.py experiment=demo out_dir=demo_out stages=[clip,retrieval]   # only some stages
+
+Stages, in order, each a subprocess of the command a researcher would type (so every stage composes its own
+Hydra config, and its progress bars stream to this terminal):
+
+    clip        train/train.py (clip section)                     -> out_dir/clip/checkpoints/last.ckpt
+    retrieval   eval/evaluate.py task=retrieval on the val shards -> out_dir/retrieval/metrics.json
+    embeddings  train/precompute_embeddings.py, train + val      -> out_dir/embeddings/{train,val}/*.tar
+    prior       train/train.py on the embedding shards            -> out_dir/prior/checkpoints/last.ckpt
+    decoder     train/train.py on the embedding shards            -> out_dir/decoder/checkpoints/last.ckpt
+    upsampler   train/train.py on the image shards                -> out_dir/upsampler/checkpoints/last.ckpt
+    sample      eval/sample.py on a prompt file (val captions)    -> out_dir/sample/{00000.png,manifest.jsonl,grid.png}
+    evaluate    eval/evaluate.py task=samples                     -> out_dir/evaluate/metrics.json
+
+then train/demo_report.py writes out_dir/report.md (+ report.html). A stage that succeeded leaves
+out_dir/<stage>/DONE.json (wall time, commands, settings) and is skipped next time unless forced; a stage that
+runs makes the later stages that use its output run again. conf/train_all/config.yaml has every option.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+STAGES = ("clip", "retrieval", "embeddings", "prior", "decoder", "upsampler", "sample", "evaluate")
+TRAINED = ("clip", "prior", "decoder", "upsampler")  # stages that end in checkpoints/last.ckpt
+# Which earlier stages' outputs a stage reads (a stage that reruns makes these dependents rerun too).
+DEPENDS = {
+    "clip": (),
+    "retrieval": ("clip",),
+    "embeddings": ("clip",),
+    "prior": ("embeddings",),
+    "decoder": ("embeddings",),
+    "upsampler": (),
+    "sample": ("clip", "prior", "decoder", "upsampler"),
+    "evaluate": ("clip", "sample"),
+}
+_SAFE = re.compile(r"^[\w./\-+@:~%]+$")
+
+
+# --------------------------------------------------------------------------------------------- overrides
+
+
+def format_value(v) -> str:
+    """A Python value as Hydra override-grammar text (strings quoted when they hold special characters)."""
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ",".join(format_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ",".join(f"{k}:{format_value(x)}" for k, x in v.items()) + "}"
+    s = str(v)
+    if _SAFE.match(s):
+        return s
+    return "'" + s.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    """``{"trainer": {"max_steps": 5}, "experiment": "clip_tiny"}`` -> ``{"trainer.max_steps": 5, "experiment": ...}``.
+
+    An empty dict leaf is kept as ``{}``; keys may already be dotted.
+    """
+    flat: dict[str, object] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            flat.update(flatten(v, key + "."))
+        else:
+            flat[key] = v
+    return flat
+
+
+def overrides(defaults: dict[str, object], section: dict) -> list[str]:
+    """Hydra overrides: the orchestrator's ``defaults`` (data paths, run dir), then the stage section on top."""
+    merged = dict(defaults)
+    merged.update(flatten(section))
+    return [f"{k}={format_value(v)}" for k, v in merged.items()]
+
+
+def stage_override_argv(argv: list[str]) -> list[str]:
+    """Let ``clip.trainer.max_steps=5`` add keys that the stage section lacks: rewrite it to ``++clip...``."""
+    pattern = re.compile(rf"^({'|'.join(STAGES)})\.[^=]+=")
+    return [f"++{a}" if pattern.match(a) else a for a in argv]
+
+
+# --------------------------------------------------------------------------------------------- shards
+
+
+def shard_names(urls: str) -> list[str]:
+    from dalle2.data.webdataset import expand_urls
+
+    names = [Path(u).name for u in expand_urls(urls)]
+    if len(set(names)) != len(names):
+        raise SystemExit(f"shards of {urls!r} share file names; embedding shards are named after them")
+    return names
+
+
+def mirrored_urls(urls: str, out_dir: Path) -> str:
+    """Where train/precompute_embeddings.py puts the embedding shards of ``urls`` (same file names in out_dir)."""
+    if isinstance(urls, str) and "::" not in urls and "{" not in os.path.dirname(urls):
+        return str(out_dir / os.path.basename(urls))
+    return "::".join(str(out_dir / n) for n in shard_names(urls))
+
+
+def write_prompts(path: Path, *, file: str | None, num: int, val_urls: str) -> Path:
+    """The prompt file: a copy of ``file``, or the first ``num`` captions of the val shards (held out)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if file:
+        shutil.copyfile(file, path)
+        return path
+    from dalle2.data.webdataset import expand_urls, iter_raw_samples
+
+    captions: list[str] = []
+    for url in expand_urls(val_urls):
+        for sample in iter_raw_samples(url):
+            if isinstance(sample.get("txt"), bytes):
+                captions.append(" ".join(sample["txt"].decode("utf-8").split()))
+            if len(captions) >= num:
+                break
+        if len(captions) >= num:
+            break
+    if not captions:
+        raise SystemExit(f"no captions found in {val_urls!r} for the prompt file (give prompts.file=...)")
+    path.write_text("\n".join(captions) + "\n", encoding="utf-8")
+    return path
+
+
+# --------------------------------------------------------------------------------------------- stages
+
+
+def container(node) -> dict:
+    """A config section as a plain dict (``{}`` for a missing or empty one)."""
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node or {})
+
+
+@dataclass
+class Stage:
+    name: str
+    commands: list[list[str]] = field(default_factory=list)
+    prepare: object = None  # optional callable run before the commands (e.g. writes the prompt file)
+    outputs: dict[str, str] = field(default_factory=dict)
+
+
+class Plan:
+    """The commands of every stage, from the train_all config; paths of earlier stages' outputs are fixed by out_dir."""
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+        self.out = Path(cfg.out_dir).resolve()
+        self.py = sys.executable
+        self.section = {s: container(cfg.get(s)) for s in STAGES}
+        self.data = OmegaConf.to_container(cfg.data, resolve=True)
+        self.given = {k: v for k, v in OmegaConf.to_container(cfg.ckpt, resolve=True).items() if v}
+
+    def dir(self, stage: str) -> Path:
+        return self.out / stage
+
+    def ckpt(self, stage: str) -> str:
+        return str(self.given.get(stage) or self.dir(stage) / "checkpoints" / "last.ckpt")
+
+    def emb_urls(self, split: str) -> str:
+        return mirrored_urls(self.data[f"{split}_urls"], self.dir("embeddings") / split)
+
+    def train_cmd(self, stage: str, defaults: dict) -> list[str]:
+        base = {"hydra.run.dir": str(self.dir(stage)), **defaults}
+        return [self.py, str(ROOT / "train" / "train.py"), *overrides(base, self.section[stage])]
+
+    def build(self, stage: str) -> Stage:
+        d, data = self.dir(stage), self.data
+        if stage == "clip":
+            return Stage(stage, [self.train_cmd(stage, {"data.train_urls": data["train_urls"],
+                                                        "data.val_urls": data["val_urls"]})])  # fmt: skip
+        if stage == "retrieval":
+            base = {"task": "retrieval", "clip_ckpt": self.ckpt("clip"), "data.urls": data["val_urls"],
+                    "out": str(d / "metrics.json"), "hydra.run.dir": str(d)}  # fmt: skip
+            return Stage(stage, [[self.py, str(ROOT / "eval" / "evaluate.py"), *overrides(base, self.section[stage])]])
+        if stage == "embeddings":
+            cmds = []
+            for split in ("train", "val"):
+                base = {"clip_ckpt": self.ckpt("clip"), "data.urls": data[f"{split}_urls"],
+                        "out_dir": str(d / split), "hydra.run.dir": str(d)}  # fmt: skip
+                cmds.append([self.py, str(ROOT / "train" / "precompute_embeddings.py"),
+                             *overrides(base, self.section[stage])])  # fmt: skip
+            return Stage(stage, cmds, outputs={"train_urls": self.emb_urls("train"), "val_urls": self.emb_urls("val")})
+        if stage == "prior":
+            return Stage(stage, [self.train_cmd(stage, {"data.train_urls": self.emb_urls("train"),
+                                                        "data.val_urls": self.emb_urls("val"),
+                                                        "clip_ckpt": self.ckpt("clip")})])  # fmt: skip
+        if stage == "decoder":
+            return Stage(stage, [self.train_cmd(stage, {"data.train_urls": self.emb_urls("train"),
+                                                        "data.val_urls": self.emb_urls("val"),
+                                                        "data.load_embeddings": True,
+                                                        "clip_ckpt": self.ckpt("clip")})])  # fmt: skip
+        if stage == "upsampler":
+            return Stage(stage, [self.train_cmd(stage, {"data.train_urls": data["train_urls"],
+                                                        "data.val_urls": data["val_urls"]})])  # fmt: skip
+        if stage == "sample":
+            prompts = d / "prompts.txt"
+            base = {"ckpt.clip": self.ckpt("clip"), "ckpt.prior": self.ckpt("prior"),
+                    "ckpt.decoder": self.ckpt("decoder"),
+                    "ckpt.upsamplers": [self.ckpt("upsampler")] if "upsampler" in self.enabled_models() else [],
+                    "prompts": str(prompts), "out_dir": str(d), "hydra.run.dir": str(d)}  # fmt: skip
+            cmd = [self.py, str(ROOT / "eval" / "sample.py"), *overrides(base, self.section[stage])]
+            pcfg = self.cfg.prompts
+
+            def prepare() -> None:
+                write_prompts(prompts, file=pcfg.file, num=int(pcfg.num), val_urls=data["val_urls"])
+
+            return Stage(stage, [cmd], prepare=prepare)
+        if stage == "evaluate":
+            base = {"task": "samples", "samples": str(self.dir("sample")), "reference.urls": data["val_urls"],
+                    "clip_ckpt": self.ckpt("clip"), "out": str(d / "metrics.json"), "hydra.run.dir": str(d)}  # fmt: skip
+            return Stage(stage, [[self.py, str(ROOT / "eval" / "evaluate.py"), *overrides(base, self.section[stage])]])
+        raise SystemExit(f"unknown stage {stage!r}; expected some of {list(STAGES)}")
+
+    def enabled_models(self) -> set[str]:
+        """Trained stages whose checkpoint exists or will be made in this run (an upsampler is optional)."""
+        listed = set(self.cfg.stages)
+        return {s for s in TRAINED if s in listed or s in self.given or Path(self.ckpt(s)).is_file()}
+
+
+# --------------------------------------------------------------------------------------------- running
+
+
+def done_path(plan: Plan, stage: str) -> Path:
+    return plan.dir(stage) / "DONE.json"
+
+
+def forced_stages(force) -> set[str]:
+    if force is True:
+        return set(STAGES)
+    if not force:
+        return set()
+    if isinstance(force, str):
+        force = [force]
+    unknown = [s for s in force if s not in STAGES]
+    if unknown:
+        raise SystemExit(f"force names unknown stages {unknown}; expected some of {list(STAGES)}")
+    return set(force)
+
+
+def run_commands(stage: Stage, *, cwd: Path) -> None:
+    for argv in stage.commands:
+        print(f"[train_all] {stage.name}: {shlex.join(argv)}", flush=True)
+        rc = subprocess.call(argv, cwd=cwd)
+        if rc != 0:
+            raise SystemExit(f"[train_all] stage {stage.name} failed (exit status {rc}); fix it and rerun the same "
+                             "command: finished stages are skipped")  # fmt: skip
+
+
+def run(cfg: DictConfig) -> dict[str, dict]:
+    """Run the listed stages in order.
+
+    Returns ``{stage: {"status": "ran" | "skipped" | "given" | "would run" (dry_run), "wall_s": seconds}}``.
+    """
+    plan = Plan(cfg)
+    stages = [s for s in STAGES if s in set(cfg.stages)]
+    unknown = sorted(set(cfg.stages) - set(STAGES))
+    if unknown:
+        raise SystemExit(f"stages names unknown stages {unknown}; expected some of {list(STAGES)}")
+    force = forced_stages(cfg.force)
+    plan.out.mkdir(parents=True, exist_ok=True)
+    (plan.out / "train_all.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    ran: set[str] = set()
+    summary: dict[str, dict] = {}
+    for name in stages:
+        if name in plan.given:
+            print(f"[train_all] {name}: using the given checkpoint {plan.given[name]}", flush=True)
+            summary[name] = {"status": "given"}
+            continue
+        stage = plan.build(name)
+        marker = done_path(plan, name)
+        stale = [s for s in DEPENDS[name] if s in ran]
+        if marker.is_file() and name not in force and not stale:
+            prev = json.loads(marker.read_text())
+            if prev.get("commands") != stage.commands:
+                print(f"[train_all] {name}: finished before with other settings; kept (force=[{name}] reruns it)")
+            print(f"[train_all] {name}: done ({prev.get('wall_s', 0):.0f} s), skipped", flush=True)
+            summary[name] = {"status": "skipped", "wall_s": prev.get("wall_s")}
+            continue
+        why = "forced" if name in force else f"{', '.join(stale)} reran" if stale else "not done yet"
+        print(f"\n[train_all] ===== {name} ({why}) =====", flush=True)
+        if cfg.dry_run:
+            for argv in stage.commands:
+                print(shlex.join(argv))
+            ran.add(name)
+            summary[name] = {"status": "would run"}
+            continue
+        commands = [list(argv) for argv in stage.commands]  # as recorded (without a resume's ckpt_path)
+        resume_ckpt = plan.dir(name) / "checkpoints" / "last.ckpt"
+        if (name in force or stale or marker.is_file()) and plan.dir(name).exists():
+            shutil.rmtree(plan.dir(name))  # a fresh run: no stale checkpoints, logs or samples
+        elif name in TRAINED and cfg.resume and resume_ckpt.is_file():
+            print(f"[train_all] {name}: resuming from {resume_ckpt}", flush=True)
+            stage.commands[0].append(f"ckpt_path={format_value(str(resume_ckpt))}")
+        plan.dir(name).mkdir(parents=True, exist_ok=True)
+        t0 = time.time()
+        if stage.prepare is not None:
+            stage.prepare()
+        run_commands(stage, cwd=Path.cwd())
+        wall = time.time() - t0
+        record = {
+            "stage": name, "wall_s": round(wall, 2), "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "commands": commands, "settings": plan.section[name], "outputs": stage.outputs,
+        }  # fmt: skip
+        if name in TRAINED:
+            record["outputs"]["ckpt"] = plan.ckpt(name)
+            if not Path(plan.ckpt(name)).is_file():
+                raise SystemExit(f"[train_all] stage {name} ended without {plan.ckpt(name)}")
+        marker.write_text(json.dumps(record, indent=2) + "\n")
+        print(f"[train_all] {name}: done in {wall:.0f} s", flush=True)
+        ran.add(name)
+        summary[name] = {"status": "ran", "wall_s": wall}
+    if cfg.report and not cfg.dry_run:
+        rc = subprocess.call([sys.executable, str(ROOT / "train" / "demo_report.py"), str(plan.out)])
+        if rc != 0:
+            raise SystemExit(f"[train_all] train/demo_report.py failed (exit status {rc})")
+        print(f"[train_all] report: {plan.out / 'report.md'} (and report.html)", flush=True)
+    return summary
+
+
+@hydra.main(config_path="../conf/train_all", config_name="config", version_base="1.3")
+def _hydra_main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+def main() -> None:
+    sys.argv[1:] = stage_override_argv(sys.argv[1:])
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()
