@@ -35,8 +35,10 @@ DEFAULT_CONFIG = {"prior": "bench", "decoder": "bench", "upsampler": "sr_bench",
 DEFAULT_BATCH = {"prior": 32, "decoder": 8, "upsampler": 4, "clip": 64}
 # the low-res side of each SR preset (the output side is PRESET_IMAGE_SIZES)
 LOWRES_SIZES = {"sr_bench": 32, "tiny_sr32_64": 32, "sr64_256": 64, "sr256_1024": 256}
-# dense bf16 peak (TFLOP/s) by GPU name fragment, for MFU; override with peak_tflops=...
-PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "4090": 165.0}
+# dense bf16 tensor-core peak (TFLOP/s) by GPU name fragment (first match wins), for MFU; override with
+# peak_tflops=...  (fp32 runs are still divided by the bf16 peak: MFU is against what the GPU can do)
+PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H200": 989.0, "H100": 989.0, "GH200": 989.0,
+                    "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10G": 70.0, "4090": 165.0}
 # diffusion settings of conf/stage/*.yaml
 DIFFUSION = {
     "prior": {"schedule": "cosine", "num_timesteps": 1000, "objective": "x0"},

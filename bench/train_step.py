@@ -27,7 +27,7 @@ import math
 import sys
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from common import machine_info, parse_kv, peak_memory, peak_tflops, setup_stage, summarize, sync, time_steps
 
@@ -41,6 +41,21 @@ DEFAULTS = {
 }
 COMPARABLE = {"channels_last": (False, True), "compile": (False, True), "precision": ("fp32", "bf16"),
               "optimizer": ("foreach", "default"), "ema": (False, True), "threads": (1, 2)}
+
+
+def _sdpa_cpu(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query, key, value)
+
+
+def _sdpa_cpu_backward(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+# FlopCounterMode knows the CUDA SDPA kernels but not the CPU one; count it with the same formulas
+CPU_SDPA_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_cpu_backward,
+}
 
 
 class Runner:
@@ -89,7 +104,7 @@ class Runner:
 
     def count_flops(self) -> int:
         """Model FLOPs of one forward + backward (eager network, so compile does not hide them)."""
-        counter = FlopCounterMode(display=False)
+        counter = FlopCounterMode(display=False, custom_mapping=CPU_SDPA_FLOPS)
         with counter:
             self.forward_backward(self.net)
         self.opt.zero_grad(set_to_none=True)
