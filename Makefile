@@ -29,22 +29,17 @@ data: $(STAMP)
 	$(PY) -m dalle2.data.synthetic --out data_builtin --num-train 4096 --num-val 512 --image-size 64
 
 DEMO_OUT ?= demo_out
-DEMO_CLIP_STEPS ?= 600
-DEMO_DECODER_STEPS ?= 600
+DEMO_EXPERIMENT ?= demo
 DEMO_OVERRIDES ?=
 
-# What exists so far (the full text->image demo lands with the pipeline issue): built-in data -> tiny CLIP ->
-# zero-shot retrieval on held-out shards -> tiny 32 px decoder on the CLIP's image embeddings -> report.md.
+# The whole stack on the built-in data (~25 min on 2 CPU cores): CLIP -> retrieval eval -> embedding shards ->
+# prior -> 32 px decoder -> 32->64 px upsampler -> samples of 64 held-out captions -> FID/CLIP-FD/CLIP score and
+# attribute-checker accuracy -> $(DEMO_OUT)/report.md. Finished stages are skipped when rerun; e.g.
+#   make demo DEMO_OVERRIDES="decoder.trainer.max_steps=3000 force=[decoder]"
 demo: $(STAMP)
 	test -f data_builtin/val/00001.tar || $(PY) -m dalle2.data.synthetic --out data_builtin --num-train 4096 --num-val 512 --image-size 64
-	$(PY) train/train.py experiment=clip_tiny trainer.max_steps=$(DEMO_CLIP_STEPS) trainer.val_check_interval=200 \
-		hydra.run.dir=$(DEMO_OUT)/clip $(DEMO_OVERRIDES)
-	$(PY) eval/evaluate.py task=retrieval clip_ckpt=$(DEMO_OUT)/clip/checkpoints/last.ckpt \
-		"data.urls='data_builtin/val/{00000..00001}.tar'" out=$(DEMO_OUT)/clip_retrieval.json
-	$(PY) train/train.py experiment=decoder_tiny clip_ckpt=$(DEMO_OUT)/clip/checkpoints/last.ckpt \
-		trainer.max_steps=$(DEMO_DECODER_STEPS) trainer.val_check_interval=200 module.sample_every_n_steps=200 \
-		hydra.run.dir=$(DEMO_OUT)/decoder $(DEMO_OVERRIDES)
-	$(PY) train/demo_report.py $(DEMO_OUT)
+	$(PY) train/train_all.py experiment=$(DEMO_EXPERIMENT) out_dir=$(DEMO_OUT) $(DEMO_OVERRIDES)
+	@echo "[make demo] report: $(DEMO_OUT)/report.md (also $(DEMO_OUT)/report.html; samples in $(DEMO_OUT)/sample/)"
 
 clean:
 	rm -rf $(VENV) runs outputs multirun demo_out data_builtin .pytest_cache

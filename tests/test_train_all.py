@@ -74,10 +74,14 @@ def test_flatten_and_stage_overrides_win():
 def test_cli_stage_overrides_become_stage_settings():
     assert stage_override_argv(["clip.trainer.max_steps=3", "out_dir=x", "+prior.a=1", "data.val_urls=v"]) == [
         "++clip.trainer.max_steps=3", "out_dir=x", "+prior.a=1", "data.val_urls=v"]  # fmt: skip
+    assert stage_override_argv(["clip.model=clip/vit_b32", "clip.model.embed_dim=64", "sample.trainer=x"]) == [
+        "++clip.groups.model=clip/vit_b32", "++clip.model.embed_dim=64", "++sample.trainer=x"]  # fmt: skip
     cfg = compose(["experiment=demo", "out_dir=/tmp/x", "clip.trainer.max_steps=7", "decoder.module.use_text=true",
                    "decoder.trainer=gpu", "stages=[clip,decoder]"])  # fmt: skip
     assert cfg.clip.trainer.max_steps == 7 and cfg.clip.trainer.val_check_interval == 200  # demo's value kept
-    assert cfg.decoder.module.use_text is True and cfg.decoder.trainer == "gpu"
+    assert cfg.decoder.module.use_text is True and cfg.decoder.groups.trainer == "gpu"
+    argv = train_all.Plan(cfg).build("decoder").commands[0]
+    assert "trainer=gpu" in argv and "trainer.max_steps=1500" in argv and "experiment=decoder_tiny" in argv
     assert list(cfg.stages) == ["clip", "decoder"]
 
 
@@ -125,7 +129,7 @@ def tiny_overrides(builtin_shards, out_dir) -> list[str]:
     diffusion = ["module.sample_every_n_steps=2", "callbacks.sample_grid.steps=2", "callbacks.sample_grid.num_samples=4"]
     stage = lambda s, xs: [f"{s}.{x}" for x in xs]  # noqa: E731
     return [
-        f"out_dir={out_dir}", f"data.train_urls={builtin_shards['train']}", f"data.val_urls={builtin_shards['val']}",
+        f"out_dir={out_dir}", f"data.train_urls='{builtin_shards['train']}'", f"data.val_urls='{builtin_shards['val']}'",
         "prompts.num=4",
         *stage("clip", few + ["data.batch_size=16"]),
         *stage("retrieval", ["data.num_workers=0", "trainer.enable_progress_bar=false"]),
@@ -202,6 +206,12 @@ def test_whole_stack_few_steps_every_artefact_then_rerun_skips(builtin_shards, t
     assert rerun == ["upsampler", "sample", "evaluate"]
     summary = run(compose([*args, "force=[clip]", "dry_run=true"]))
     assert [s for s in STAGES if summary[s]["status"] == "skipped"] == ["upsampler"]
+    # a stage killed before its DONE.json resumes from its last.ckpt (here: already at max_steps, so no new steps)
+    (out / "upsampler" / "DONE.json").unlink()
+    summary = run(compose([*args, "stages=[upsampler]", "report=false"]))
+    done = json.loads((out / "upsampler" / "DONE.json").read_text())
+    assert summary["upsampler"]["status"] == "ran" and done["resumed"] is True
+    assert not any("ckpt_path" in a for a in done["commands"][0])  # recorded as the plain command
 
 
 def test_report_says_not_run_for_missing_pieces(tmp_path):

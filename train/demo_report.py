@@ -234,14 +234,17 @@ def write_report(out_dir: str | Path) -> Path:
 
     # -- wall times
     doc.h(2, "Wall time per stage")
-    total = 0.0
+    total, total_cpu = 0.0, 0.0
     rows = []
     for s in STAGES:
-        w = (done[s] or {}).get("wall_s")
-        total += w or 0.0
-        rows.append([s, fmt_time(w), (done[s] or {}).get("finished", "")])
-    rows.append(["total", fmt_time(total if any(done.values()) else None), ""])
-    doc.table(["stage", "wall time", "finished"], rows)
+        w, c = (done[s] or {}).get("wall_s"), (done[s] or {}).get("cpu_s")
+        total, total_cpu = total + (w or 0.0), total_cpu + (c or 0.0)
+        rows.append([s, fmt_time(w), fmt_time(c), (done[s] or {}).get("finished", "")])
+    ran = any(done.values())
+    rows.append(["total", fmt_time(total if ran else None), fmt_time(total_cpu if ran else None), ""])
+    doc.table(["stage", "wall time", "CPU time (all processes)", "finished"], rows)
+    doc.p("CPU time is the stage's processes' user + system time: on a loaded machine it tells the cost better "
+          "than the wall time (on N otherwise idle cores, wall ~ CPU / N).")
 
     # -- samples
     doc.h(2, "Generated samples (prompts: held-out captions)")

@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import shlex
 import shutil
 import subprocess
@@ -95,16 +96,31 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
 
 
 def overrides(defaults: dict[str, object], section: dict) -> list[str]:
-    """Hydra overrides: the orchestrator's ``defaults`` (data paths, run dir), then the stage section on top."""
+    """Hydra overrides: the orchestrator's ``defaults`` (data paths, run dir), then the stage section on top.
+
+    ``section["groups"]`` holds config-group choices (``{"trainer": "gpu"}`` -> ``trainer=gpu``), so that a group
+    and keys inside it (``trainer.devices``) can both be set.
+    """
+    section = dict(section)
+    groups = section.pop("groups", None) or {}
     merged = dict(defaults)
     merged.update(flatten(section))
+    merged.update(groups)
     return [f"{k}={format_value(v)}" for k, v in merged.items()]
 
 
 def stage_override_argv(argv: list[str]) -> list[str]:
-    """Let ``clip.trainer.max_steps=5`` add keys that the stage section lacks: rewrite it to ``++clip...``."""
-    pattern = re.compile(rf"^({'|'.join(STAGES)})\.[^=]+=")
-    return [f"++{a}" if pattern.match(a) else a for a in argv]
+    """Command-line stage overrides as additions to the stage sections (no ``+`` needed for new keys):
+    ``clip.trainer.max_steps=5`` -> ``++clip.trainer.max_steps=5``, and a config-group choice of a training stage
+    ``decoder.trainer=gpu`` (conf/trainer/ is a group) -> ``++decoder.groups.trainer=gpu``."""
+    pattern = re.compile(rf"^({'|'.join(STAGES)})\.([^=]+)=")
+    out = []
+    for a in argv:
+        m = pattern.match(a)
+        if m and m.group(1) in TRAINED and "." not in m.group(2) and (ROOT / "conf" / m.group(2)).is_dir():
+            a = f"{m.group(1)}.groups.{a[len(m.group(1)) + 1:]}"
+        out.append(f"++{a}" if m else a)
+    return out
 
 
 # --------------------------------------------------------------------------------------------- shards
@@ -263,6 +279,12 @@ def forced_stages(force) -> set[str]:
     return set(force)
 
 
+def children_cpu_s() -> float:
+    """CPU seconds (user + system) of the finished subprocesses so far: a load-independent cost of a stage."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 def run_commands(stage: Stage, *, cwd: Path) -> None:
     for argv in stage.commands:
         print(f"[train_all] {stage.name}: {shlex.join(argv)}", flush=True)
@@ -311,20 +333,27 @@ def run(cfg: DictConfig) -> dict[str, dict]:
             summary[name] = {"status": "would run"}
             continue
         commands = [list(argv) for argv in stage.commands]  # as recorded (without a resume's ckpt_path)
+        # A stage killed before it finished, with the same commands, resumes: training from its last.ckpt, the
+        # embeddings by skipping complete shards. Anything else starts from an empty out_dir/<stage>/.
+        started = plan.dir(name) / "STARTED.json"
         resume_ckpt = plan.dir(name) / "checkpoints" / "last.ckpt"
-        if (name in force or stale or marker.is_file()) and plan.dir(name).exists():
-            shutil.rmtree(plan.dir(name))  # a fresh run: no stale checkpoints, logs or samples
-        elif name in TRAINED and cfg.resume and resume_ckpt.is_file():
+        same = started.is_file() and json.loads(started.read_text()).get("commands") == commands
+        resumable = cfg.resume and same and not marker.is_file() and name not in force and not stale
+        resumed = resumable and name in TRAINED and resume_ckpt.is_file()
+        if plan.dir(name).exists() and not (resumable and name in (*TRAINED, "embeddings")):
+            shutil.rmtree(plan.dir(name))
+        if resumed:
             print(f"[train_all] {name}: resuming from {resume_ckpt}", flush=True)
             stage.commands[0].append(f"ckpt_path={format_value(str(resume_ckpt))}")
         plan.dir(name).mkdir(parents=True, exist_ok=True)
-        t0 = time.time()
+        started.write_text(json.dumps({"stage": name, "commands": commands}, indent=2) + "\n")
+        t0, cpu0 = time.time(), children_cpu_s()
         if stage.prepare is not None:
             stage.prepare()
         run_commands(stage, cwd=Path.cwd())
-        wall = time.time() - t0
+        wall, cpu = time.time() - t0, children_cpu_s() - cpu0
         record = {
-            "stage": name, "wall_s": round(wall, 2), "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "stage": name, "wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "resumed": bool(resumed), "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
             "commands": commands, "settings": plan.section[name], "outputs": stage.outputs,
         }  # fmt: skip
         if name in TRAINED:
@@ -332,7 +361,7 @@ def run(cfg: DictConfig) -> dict[str, dict]:
             if not Path(plan.ckpt(name)).is_file():
                 raise SystemExit(f"[train_all] stage {name} ended without {plan.ckpt(name)}")
         marker.write_text(json.dumps(record, indent=2) + "\n")
-        print(f"[train_all] {name}: done in {wall:.0f} s", flush=True)
+        print(f"[train_all] {name}: done in {wall:.0f} s ({cpu:.0f} CPU-s)", flush=True)
         ran.add(name)
         summary[name] = {"status": "ran", "wall_s": wall}
     if cfg.report and not cfg.dry_run:
