@@ -57,12 +57,19 @@ def _splitmix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
+def _as_index(index: Any) -> tuple[int, ...]:
+    if isinstance(index, Tensor):
+        index = index.tolist()
+    if isinstance(index, (tuple, list)):
+        return tuple(int(v) for v in index)
+    return (int(index),)
+
+
 def sample_seed(seed: int, index: Index, stream: int = 0) -> int:
     """A 63-bit generator seed for ``(seed, index, stream)``: splitmix64 folded over the integers (no Python
     ``hash``, so it is the same in every process).  ``index`` is an int ``i`` (= ``(i, 0)``) or a tuple ``(i, k)``."""
-    idx = (int(index), 0) if isinstance(index, (int,)) or (isinstance(index, Tensor) and index.ndim == 0) else tuple(
-        int(v) for v in index
-    )
+    idx = _as_index(index)
+    idx = (*idx, *([0] * (2 - len(idx))))  # i == (i,) == (i, 0)
     h = 0x5DA1_1E2D
     for v in (int(stream), int(seed), *idx):
         h = _splitmix64(h ^ (v & _MASK64))
@@ -278,7 +285,7 @@ class UnCLIPPipeline(nn.Module):
         if indices is None:
             idx: list[Index] = list(range(n))
         else:
-            idx = [i if isinstance(i, int) else tuple(int(v) for v in i) for i in indices]
+            idx = [_as_index(i) for i in indices]
             if len(idx) != n:
                 raise ValueError(f"got {len(idx)} indices for {n} images")
         return seeds, idx
@@ -318,11 +325,12 @@ class UnCLIPPipeline(nn.Module):
         # branch has one token per position, so the guided result would depend on the other prompts of the batch.
         # Here the text keeps the CLIP's full context length (fixed), the same for every batch.
         use_tokens = bool(prior.use_text_tokens)
+        length = min(text["text_tokens"].shape[1], int(getattr(net, "max_text_len", 10**9)))
         try:
             return sample_prior(
                 net, prior.diffusion, text_embed=text["text_embed"].to(prior.device),
-                text_tokens=text["text_tokens"].to(prior.device) if use_tokens else None,
-                text_mask=text["text_mask"].to(prior.device) if use_tokens else None,
+                text_tokens=text["text_tokens"][:, :length].to(prior.device) if use_tokens else None,
+                text_mask=text["text_mask"][:, :length].to(prior.device) if use_tokens else None,
                 n_samples_per_prompt=int(settings.n_prior_samples), steps=int(st.steps), sampler=st.sampler,
                 guidance_scale=float(st.guidance_scale), eta=float(st.eta),
                 generator=sample_generators(seeds, indices, STREAM_PRIOR), scaler=prior.scaler,
