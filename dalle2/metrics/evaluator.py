@@ -128,8 +128,8 @@ class SampleEvaluator(L.LightningModule):
         for key, tail in dims.items():
             if key == "inception" and self.inception is None or key == "checker" and source != "samples":
                 continue
-            parts = store.get(key) or [torch.zeros((0, *tail), dtype=dtypes.get(key, torch.float32), device=self.device)]
-            x = torch.cat(parts).to(self.device)
+            empty = torch.zeros((0, *tail), dtype=dtypes.get(key, torch.float32), device=self.device)
+            x = torch.cat(store.get(key) or [empty]).to(self.device)
             out[key] = gather_ragged(x.to(torch.uint8) if x.dtype == torch.bool else x)
         order = torch.argsort(out["id"])
         out = {k: v[order] for k, v in out.items()}
