@@ -212,3 +212,23 @@ def test_two_ddp_processes_equal_one(trained_clip, samples_dir, builtin_shards, 
         if isinstance(value, float):
             assert two[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
     assert two["checker"] == one["checker"]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_items_split_over_ranks_exactly_once(samples_dir, builtin_shards, world):
+    from dalle2.metrics.samples import ReferenceImages, SampleFiles, read_manifest
+
+    rows = read_manifest(samples_dir)
+    got = [it["id"] for r in range(world) for it in SampleFiles(samples_dir, rows, image_size=16, rank=r,
+                                                                 world_size=world)]  # fmt: skip
+    assert sorted(got) == list(range(16))
+    if world == 2:  # and over DataLoader workers within a rank
+        loaders = [torch.utils.data.DataLoader(SampleFiles(samples_dir, rows, image_size=16, rank=r, world_size=2),
+                                               batch_size=3, num_workers=2) for r in range(2)]  # fmt: skip
+        assert sorted(int(i) for dl in loaders for b in dl for i in b["id"]) == list(range(16))
+    ref = [(it["id"], it["text"]) for r in range(world)
+           for it in ReferenceImages(builtin_shards["val"], image_size=16, max_samples=40, rank=r, world_size=world)]
+    assert sorted(i for i, _ in ref) == list(range(40)) and all(t for _, t in ref)
+    first = next(iter(ReferenceImages(builtin_shards["val"], image_size=16, max_samples=1)))
+    assert first["image"].shape == (3, 16, 16) and first["valid"]
+    assert -1 <= first["image"].min() < first["image"].max() <= 1
