@@ -241,3 +241,11 @@ def test_report_checks_generated_images_against_their_prompts(tmp_path):
             f.write(json.dumps({"file": f"{i:05d}.png", "prompt": make_caption(attrs, rng)}) + "\n")
     md = write_report(tmp_path).read_text()
     assert "all attributes right 83.3 %" in md
+
+
+def test_printed_commands_paste_back_into_a_shell():
+    import shlex
+
+    argv = ["python", "x.py", "data.urls='/d/{0..9}.tar'", "ckpt.upsamplers=[/a/b.ckpt]", "k=$HOME", "p=a b", "q=it\"s"]
+    line = train_all.shell_join(argv)
+    assert shlex.split(line) == argv and "\"data.urls='/d/{0..9}.tar'\"" in line

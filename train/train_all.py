@@ -31,6 +31,7 @@ import re
 import resource
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -285,10 +286,29 @@ def children_cpu_s() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def shell_join(argv: list[str]) -> str:
+    """A command line to copy into a shell, readable (``"data.urls='/d/{0..9}.tar'"`` rather than shlex's '"'"')."""
+    out = []
+    for a in argv:
+        if re.match(r"^[\w./\-+@:%=,\[\]]+$", a):
+            out.append(a)
+        elif not re.search(r'["$`\\!]', a):
+            out.append(f'"{a}"')
+        else:
+            out.append(shlex.quote(a))
+    return " ".join(out)
+
+
 def run_commands(stage: Stage, *, cwd: Path) -> None:
     for argv in stage.commands:
-        print(f"[train_all] {stage.name}: {shlex.join(argv)}", flush=True)
-        rc = subprocess.call(argv, cwd=cwd)
+        print(f"[train_all] {stage.name}: {shell_join(argv)}", flush=True)
+        proc = subprocess.Popen(argv, cwd=cwd)
+        # SIGTERM (a scheduler's preemption) goes on to the stage, which saves last.ckpt; a rerun resumes it.
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signum))
+        try:
+            rc = proc.wait()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
         if rc != 0:
             raise SystemExit(f"[train_all] stage {stage.name} failed (exit status {rc}); fix it and rerun the same "
                              "command: finished stages are skipped")  # fmt: skip
@@ -328,7 +348,7 @@ def run(cfg: DictConfig) -> dict[str, dict]:
         print(f"\n[train_all] ===== {name} ({why}) =====", flush=True)
         if cfg.dry_run:
             for argv in stage.commands:
-                print(shlex.join(argv))
+                print(shell_join(argv))
             ran.add(name)
             summary[name] = {"status": "would run"}
             continue
