@@ -412,6 +412,7 @@ def create_app(
     sizes = [int(s) for s in pipeline.sizes]
     side_in = clip_side(pipeline)
     accepted_models = {model_name, *model_aliases}
+    has_prior = getattr(pipeline, "prior", True) is not None
     started = int(time.time())
 
     @asynccontextmanager
@@ -487,6 +488,9 @@ def create_app(
         if not isinstance(body, dict):
             raise APIError(400, "the request body must be a JSON object", code="invalid_json")
         check_model(body.get("model"))
+        if not has_prior:
+            raise APIError(400, "this server was started without a prior checkpoint: only /v1/images/variations "
+                           "works", code="unsupported")  # fmt: skip
         prompt = check_prompt(body.get("prompt"), max_chars=max_prompt_chars)
         n = check_int(body.get("n"), name="n", lo=1, hi=max_n, default=1)
         side = parse_size(body.get("size"), sizes)

@@ -398,3 +398,21 @@ def test_serve_cli(ckpts, tmp_path):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_without_prior_only_variations(ckpts):
+    """In-process (TestClient): a cascade without a prior refuses text-to-image with a 400 and still does variations;
+    no api_key -> no auth needed."""
+    from fastapi.testclient import TestClient
+
+    pipe = UnCLIPPipeline.from_checkpoints(clip=ckpts["clip"], decoder=ckpts["decoder"])
+    with TestClient(create_app(pipe, settings=FAST)) as tc:
+        r = tc.post("/v1/images/generations", json={"prompt": "a red circle"})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "unsupported"
+        buf = io.BytesIO()
+        Image.new("RGB", (16, 16), (200, 10, 10)).save(buf, format="JPEG")
+        r = tc.post("/v1/images/variations", files={"image": ("a.jpg", buf.getvalue(), "image/jpeg")},
+                    data={"n": "2", "response_format": "b64_json", "seed": "1"})  # fmt: skip
+        assert r.status_code == 200, r.text
+        assert [Image.open(io.BytesIO(base64.b64decode(d["b64_json"]))).size for d in r.json()["data"]] == [(16, 16)] * 2
+        assert tc.get("/v1/nothing").json()["error"]["code"] == "not_found"
