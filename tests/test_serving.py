@@ -416,3 +416,27 @@ def test_without_prior_only_variations(ckpts):
         assert r.status_code == 200, r.text
         assert [Image.open(io.BytesIO(base64.b64decode(d["b64_json"]))).size for d in r.json()["data"]] == [(16, 16)] * 2
         assert tc.get("/v1/nothing").json()["error"]["code"] == "not_found"
+
+
+def test_sampling_failure_is_500_with_error_shape():
+    from fastapi.testclient import TestClient
+
+    class Broken(FakePipeline):
+        def __call__(self, prompts, **kw):
+            raise RuntimeError("CUDA out of memory (simulated)")
+
+    with TestClient(create_app(Broken(), max_wait_ms=0)) as tc:
+        r = tc.post("/v1/images/generations", json={"prompt": "x", "size": "8x8"})
+        assert r.status_code == 500
+        err = r.json()["error"]
+        assert err["type"] == "server_error" and "out of memory" in err["message"]
+        ok = tc.post("/v1/images/variations", files={"image": ("a.png", _png(Image.new("RGB", (5, 5))), "image/png")},
+                     data={"size": "4x4", "response_format": "b64_json"})  # the worker survived  # fmt: skip
+        assert ok.status_code == 200 and len(ok.json()["data"]) == 1
+        assert tc.get("/health").json()["errors"] == 1
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
