@@ -232,3 +232,22 @@ def test_items_split_over_ranks_exactly_once(samples_dir, builtin_shards, world)
     first = next(iter(ReferenceImages(builtin_shards["val"], image_size=16, max_samples=1)))
     assert first["image"].shape == (3, 16, 16) and first["valid"]
     assert -1 <= first["image"].min() < first["image"].max() <= 1
+
+
+def test_corrupt_reference_images_are_skipped_and_counted(trained_clip, samples_dir, tmp_path):
+    import io
+    import tarfile
+
+    images, caps = synthetic(6, seed=3)
+    shard = tmp_path / "ref.tar"
+    with tarfile.open(shard, "w") as tar:
+        for i, (img, cap) in enumerate(zip(images, caps)):
+            buf = io.BytesIO()
+            Image.fromarray(((img + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()).save(buf, format="PNG")
+            data = b"\x89PNG garbage" if i == 2 else buf.getvalue()
+            for name, payload in ((f"{i:04d}.png", data), (f"{i:04d}.txt", cap.encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    res = run_in_process(_overrides(trained_clip, samples_dir, str(shard)))
+    assert res["num_reference"] == 5 and res["reference_skipped"] == 1
