@@ -91,6 +91,10 @@ class PriorModule(DiffusionStageModule):
         if not 0.0 <= cond_drop_prob <= 1.0:
             raise ValueError(f"cond_drop_prob must be in [0, 1], got {cond_drop_prob}")
         self.net = PriorNetwork(**network)
+        if not use_text_tokens:
+            # never used: frozen, so that DDP does not wait for their gradients (and AdamW leaves them alone)
+            self.net.text_token_proj.requires_grad_(False)
+            self.net.null_text_tokens.requires_grad_(False)
         self._init_ema()
         self.embed_dim = int(self.net.embed_dim)
         self.scaler = (
