@@ -249,3 +249,15 @@ def test_printed_commands_paste_back_into_a_shell():
     argv = ["python", "x.py", "data.urls='/d/{0..9}.tar'", "ckpt.upsamplers=[/a/b.ckpt]", "k=$HOME", "p=a b", "q=it\"s"]
     line = train_all.shell_join(argv)
     assert shlex.split(line) == argv and "\"data.urls='/d/{0..9}.tar'\"" in line
+
+
+def test_given_checkpoints_replace_their_stages(tmp_path):
+    cfg = compose(["experiment=demo", f"out_dir={tmp_path}", "dry_run=true", "report=false",
+                   "ckpt.clip=/w/clip.ckpt", "ckpt.decoder=/w/dec.ckpt", "stages=[clip,embeddings,decoder,sample]"])  # fmt: skip
+    summary = run(cfg)
+    assert {s: v["status"] for s, v in summary.items()} == {
+        "clip": "given", "embeddings": "would run", "decoder": "given", "sample": "would run"}  # fmt: skip
+    argv = train_all.Plan(cfg).build("sample").commands[0]
+    assert "ckpt.clip=/w/clip.ckpt" in argv and "ckpt.decoder=/w/dec.ckpt" in argv
+    assert "ckpt.upsamplers=[]" in argv  # no upsampler trained, listed or given: the cascade stops at the decoder
+    assert "clip_ckpt=/w/clip.ckpt" in train_all.Plan(cfg).build("embeddings").commands[0]
