@@ -323,7 +323,7 @@ def run(cfg: DictConfig) -> dict[str, dict]:
     stages = [s for s in STAGES if s in set(cfg.stages)]
     unknown = sorted(set(cfg.stages) - set(STAGES))
     if unknown:
-        raise SystemExit(f"stages names unknown stages {unknown}; expected some of {list(STAGES)}")
+        raise SystemExit(f"stages= lists unknown stages {unknown}; expected some of {list(STAGES)}")
     force = forced_stages(cfg.force)
     plan.out.mkdir(parents=True, exist_ok=True)
     (plan.out / "train_all.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
