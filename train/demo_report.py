@@ -239,9 +239,12 @@ def write_report(out_dir: str | Path) -> Path:
     for s in STAGES:
         w, c = (done[s] or {}).get("wall_s"), (done[s] or {}).get("cpu_s")
         total, total_cpu = total + (w or 0.0), total_cpu + (c or 0.0)
-        rows.append([s, fmt_time(w), fmt_time(c), (done[s] or {}).get("finished", "")])
+        unknown = "n/a" if done[s] else NOT_RUN
+        rows.append([s, fmt_time(w) if w is not None else unknown, fmt_time(c) if c is not None else unknown,
+                     (done[s] or {}).get("finished", "")])  # fmt: skip
     ran = any(done.values())
-    rows.append(["total", fmt_time(total if ran else None), fmt_time(total_cpu if ran else None), ""])
+    any_cpu = any((d or {}).get("cpu_s") is not None for d in done.values())
+    rows.append(["total", fmt_time(total if ran else None), fmt_time(total_cpu) if any_cpu else "n/a", ""])
     doc.table(["stage", "wall time", "CPU time (all processes)", "finished"], rows)
     doc.p("CPU time is the stage's processes' user + system time: on a loaded machine it tells the cost better "
           "than the wall time (on N otherwise idle cores, wall ~ CPU / N).")
