@@ -134,7 +134,7 @@ def check_response_format(value: Any) -> Literal["url", "b64_json"]:
 def to_pil(images: Tensor) -> list[Image.Image]:
     """``(B, 3, H, W)`` in [0, 1] -> B RGB PIL images (rounded to 8 bits)."""
     arr = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(np.ascontiguousarray(a), mode="RGB") for a in arr]
+    return [Image.fromarray(np.ascontiguousarray(a)) for a in arr]
 
 
 def png_bytes(image: Image.Image) -> bytes:
