@@ -321,9 +321,9 @@ class UnCLIPPipeline(nn.Module):
         net = prior.ema_net
         was_training = net.training
         net.eval()
-        # Not PriorModule.sample: it trims the text to the batch's longest prompt, and the null text of the CFG
-        # branch has one token per position, so the guided result would depend on the other prompts of the batch.
-        # Here the text keeps the CLIP's full context length (fixed), the same for every batch.
+        # The text keeps the CLIP's full context length (fixed, the same for every batch): with padded keys masked
+        # and one null token for the CFG branch the result does not depend on the length, but a fixed length keeps
+        # the float summation order, hence the bytes, independent of the other prompts in the batch.
         use_tokens = bool(prior.use_text_tokens)
         length = min(text["text_tokens"].shape[1], int(getattr(net, "max_text_len", 10**9)))
         try:

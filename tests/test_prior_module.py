@@ -81,7 +81,7 @@ def test_training_step_finite_and_all_grads_flow(use_text_tokens):
     loss = m.training_step(make_batch(16), 0)
     assert loss.ndim == 0 and torch.isfinite(loss)
     loss.backward()
-    unused = {"null_text_tokens", "text_token_proj.weight", "text_token_proj.bias"} if not use_text_tokens else set()
+    unused = {"null_text_token", "text_token_proj.weight", "text_token_proj.bias"} if not use_text_tokens else set()
     for name, p in m.net.named_parameters():
         if name in unused:
             assert p.grad is None and not p.requires_grad, name  # frozen: DDP must not wait for them

@@ -87,6 +87,18 @@ def test_drop_text_makes_output_independent_of_text():
 
 
 @pytest.mark.parametrize("positional", ["learned", "rotary"])
+def test_null_text_does_not_depend_on_text_length(positional):
+    # classifier-free guidance: the unconditional branch must be the same whatever length the batch's text was
+    # padded or trimmed to (else a prompt's guided sample would depend on its neighbours)
+    net = make_net(positional=positional)
+    x, t, te, tok, mask = make_inputs()
+    drop = torch.ones(B, dtype=torch.bool)
+    short = net(x, t, text_embed=te, text_tokens=tok[:, :2], text_mask=mask[:, :2], drop_text=drop)
+    long = net(x, t, text_embed=te, text_tokens=tok, text_mask=mask, drop_text=drop)
+    torch.testing.assert_close(short, long, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("positional", ["learned", "rotary"])
 def test_gradients_reach_every_parameter(positional):
     net = make_net(positional=positional).train()
     x, t, te, tok, mask = make_inputs(4)

@@ -94,7 +94,7 @@ class PriorModule(DiffusionStageModule):
         if not use_text_tokens:
             # never used: frozen, so that DDP does not wait for their gradients (and AdamW leaves them alone)
             self.net.text_token_proj.requires_grad_(False)
-            self.net.null_text_tokens.requires_grad_(False)
+            self.net.null_text_token.requires_grad_(False)
         self._init_ema()
         self.embed_dim = int(self.net.embed_dim)
         self.scaler = (

@@ -220,9 +220,9 @@ class PriorNetwork(nn.Module):
         self.time_embed = TimestepEmbedding(width)
         self.x_proj = nn.Linear(embed_dim, width)
         self.query = nn.Parameter(torch.randn(width) * width**-0.5)
-        # classifier-free guidance: learned null text embedding (CLIP space, unit-ish norm) and null tokens (width)
+        # classifier-free guidance: learned null text embedding (CLIP space, unit-ish norm) and one null token (width)
         self.null_text_embed = nn.Parameter(torch.randn(embed_dim) * embed_dim**-0.5)
-        self.null_text_tokens = nn.Parameter(torch.randn(max_text_len, width) * width**-0.5)
+        self.null_text_token = nn.Parameter(torch.randn(width) * width**-0.5)
 
         n_pos = max_text_len + NUM_TRAILING_TOKENS
         if positional == "learned":
@@ -263,9 +263,13 @@ class PriorNetwork(nn.Module):
         raw = torch.where(valid[..., None], text_tokens, torch.zeros_like(text_tokens))
         tokens = self.text_token_proj(raw.to(self.text_token_proj.weight.dtype))
         if drop_text is not None:
-            null = self.null_text_tokens[:length].to(tokens.dtype).expand(b, -1, -1)
+            # a dropped row is one null token (the other positions masked): the unconditional branch then does not
+            # depend on the (padded / trimmed) text length L of the batch it is in
+            null = self.null_text_token.to(tokens.dtype)
             tokens = torch.where(drop_text[:, None, None], null, tokens)
-            valid = valid | drop_text[:, None]
+            first = torch.zeros(length, dtype=torch.bool, device=valid.device)
+            first[0] = True
+            valid = torch.where(drop_text[:, None], first[None], valid)
         return tokens, valid
 
     def _attention_mask(self, key_valid: torch.Tensor) -> torch.Tensor:
