@@ -6,7 +6,8 @@
 
 Arguments (``key=value`` or ``--key value``): stages (comma list of prior, decoder, upsampler); samplers (comma list
 of ddpm, ddim, dpmpp_2m, euler, heun); steps (sampling steps); batch (default: each stage's training bench batch);
-guidance (classifier-free guidance scale; != 1 doubles the network batch); precision fp32|bf16 (autocast); compile
+guidance (classifier-free guidance scale; != 1 doubles the network batch); prior_cache 0|1 (text positions of the
+prior computed once per sampling run, as ``sample_prior`` does; 0 = every step); precision fp32|bf16 (autocast); compile
 0|1; channels_last 0|1 (UNets); threads; device; prior_config / decoder_config / upsampler_config (presets).
 Each (stage, sampler) runs one untimed warm-up sampling of 2 steps, then ``repeats`` timed samplings (median).
 Networks have random weights: the figures are about speed, not image quality.  Not a test.
@@ -25,12 +26,13 @@ import torch
 from common import DEFAULT_CONFIG, machine_info, parse_kv, peak_memory, setup_stage, sync
 
 from dalle2.diffusion import cfg_model_fn, sample
+from dalle2.prior import CachedTextPrior
 
 DEFAULTS = {
     "stages": "prior,decoder,upsampler", "samplers": "ddim,dpmpp_2m,euler,heun,ddpm", "steps": 10, "batch": 0,
     "guidance": 1.0, "precision": "fp32", "compile": False, "channels_last": False, "threads": 2, "device": "cpu",
     "repeats": 1, "prior_config": DEFAULT_CONFIG["prior"], "decoder_config": DEFAULT_CONFIG["decoder"],
-    "upsampler_config": DEFAULT_CONFIG["upsampler"], "seed": 0, "out": None,
+    "upsampler_config": DEFAULT_CONFIG["upsampler"], "seed": 0, "out": None, "prior_cache": True,
 }
 CALLS_PER_STEP = {"heun": 2}  # model calls per step (heun: 1 on the last step)
 
@@ -65,6 +67,8 @@ def main(argv: list[str] | None = None) -> dict:
         net = s.net.eval().requires_grad_(False)
         b = s.info["batch"]
         model = torch.compile(net) if a["compile"] else net
+        if stage == "prior" and a["prior_cache"]:  # what sample_prior does: text positions computed once per run
+            model = CachedTextPrior(model)
         if a["guidance"] != 1.0 and stage != "upsampler":  # the SR UNets have no conditioning to drop
             model = cfg_model_fn(model, guidance_scale=a["guidance"], learned_variance=s.diffusion.learned_variance)
         kwargs = sampling_kwargs(stage, s.make_batch(), b, device)
@@ -89,7 +93,8 @@ def main(argv: list[str] | None = None) -> dict:
             total = statistics.median(times)
             calls = a["steps"] * CALLS_PER_STEP.get(sampler, 1) - (1 if sampler == "heun" else 0)
             rows.append({
-                "stage": stage, "config": s.config, "sampler": sampler, "batch": b, "steps": a["steps"],
+                "stage": stage, "config": s.config, "sampler": sampler,
+                **({"prior_cache": a["prior_cache"]} if stage == "prior" else {}), "batch": b, "steps": a["steps"],
                 "model_calls": calls, "seconds": total, "s_per_step": total / a["steps"],
                 "s_per_model_call": total / calls, "s_per_image": total / b, "images_per_s": b / total,
                 "params": sum(p.numel() for p in net.parameters()), "shape": list(s.sample_shape),

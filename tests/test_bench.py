@@ -88,7 +88,8 @@ def test_prior_last_block_read_out_equals_full_block():
         net.zero_grad()
         full = PriorBlock.forward
         for block in net.blocks:  # force the full computation in every block
-            block.forward = types.MethodType(lambda self, h, m, r=None, last_only=False: full(self, h, m, r, False), block)
+            block.forward = types.MethodType(
+                lambda self, h, m, r=None, past=None, last_only=False, kv_only=False: full(self, h, m, r, past), block)
         slow = net(x, t, **kw)
         slow.square().sum().backward()
         torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)

@@ -190,3 +190,53 @@ def test_attention_mask_rows_never_empty_and_causal():
     assert not mask[:, 0].triu(1).any()  # causal
     assert not mask[0, 0, 2:, :2].any()  # valid rows never see padded keys
     assert torch.equal(mask[1, 0], torch.ones(5, 5, dtype=torch.bool).tril())
+
+
+def _full_sequence_reference(net: PriorNetwork, x, t, te, tok, mask) -> torch.Tensor:
+    """One causal pass over the whole sequence [tokens, text emb, t, x, query] (what the network computes in two)."""
+    tokens, valid = net._text_tokens(tok, mask, None)
+    b = x.shape[0]
+    h = torch.cat([tokens, net.text_embed_proj(torch.nn.functional.normalize(te, dim=-1))[:, None],
+                   torch.stack([net.time_embed(t), net.x_proj(x), net.query[None].expand(b, -1)], dim=1)], dim=1)
+    positions = torch.cat([torch.arange(tok.shape[1]), torch.arange(4) + net.max_text_len])
+    h, rotary = net._position(h, positions)
+    full_mask = net._attention_mask(torch.cat([valid, torch.ones(b, 4, dtype=torch.bool)], dim=1))
+    for block in net.blocks:
+        h, _ = block(h, full_mask, rotary)
+    return net.out_proj(net.ln_final(h[:, -1]))
+
+
+@pytest.mark.parametrize("positional", ["learned", "rotary"])
+def test_text_prefix_pass_equals_one_causal_pass(positional):
+    net = make_net(positional=positional)
+    x, t, te, tok, mask = make_inputs()
+    out = net(x, t, text_embed=te, text_tokens=tok, text_mask=mask)
+    torch.testing.assert_close(out, _full_sequence_reference(net, x, t, te, tok, mask), rtol=1e-5, atol=1e-5)
+    prefix = net.encode_text(text_embed=te, text_tokens=tok, text_mask=mask)
+    torch.testing.assert_close(net(x, t, prefix=prefix), out, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="prefix has batch"):
+        net(x[:2], t[:2], prefix=prefix)
+    with pytest.raises(ValueError, match="needs text_embed"):
+        net(x, t)
+
+
+def test_cached_text_prior_reuses_the_prefix_under_guidance():
+    from dalle2.diffusion.guidance import cfg_model_fn
+    from dalle2.prior import CachedTextPrior
+
+    net = make_net()
+    x, t, te, tok, mask = make_inputs()
+    kw = dict(text_embed=te, text_tokens=tok, text_mask=mask, drop_text=torch.zeros(B, dtype=torch.bool))
+    calls = []
+    encode = net.encode_text
+    net.encode_text = lambda **k: calls.append(1) or encode(**k)
+    cached, plain = cfg_model_fn(CachedTextPrior(net), guidance_scale=3.0), cfg_model_fn(net, guidance_scale=3.0)
+    for step in range(3):  # a sampler's steps: new x and t, the same text
+        xs, ts = torch.randn_like(x), torch.full_like(t, 900 - 300 * step)
+        n_before = len(calls)
+        torch.testing.assert_close(cached(xs, ts, **kw), plain(xs, ts, **kw), rtol=1e-5, atol=1e-5)
+        assert len(calls) - n_before == (2 if step == 0 else 1)  # cached: once in all; plain: every call
+    # other text -> the prefix is recomputed
+    te2 = torch.randn_like(te)
+    torch.testing.assert_close(cached(x, t, **{**kw, "text_embed": te2}), plain(x, t, **{**kw, "text_embed": te2}),
+                               rtol=1e-5, atol=1e-5)

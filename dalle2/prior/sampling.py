@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from dalle2.diffusion.gaussian import GaussianDiffusion
 from dalle2.diffusion.guidance import cfg_model_fn
 from dalle2.diffusion.samplers import Generators, SamplerName, sample
-from dalle2.prior.network import EmbeddingScaler
+from dalle2.prior.network import CachedTextPrior, EmbeddingScaler, PriorNetwork
 
 __all__ = ["rerank_by_similarity", "sample_prior", "sample_prior_candidates"]
 
@@ -82,8 +82,10 @@ def sample_prior_candidates(
         model_kwargs["text_tokens"] = rep(text_tokens)
         if text_mask is not None:
             model_kwargs["text_mask"] = rep(text_mask)
-    model_fn = network if guidance_scale == 1.0 else cfg_model_fn(
-        network, guidance_scale=guidance_scale, learned_variance=diffusion.learned_variance
+    # a PriorNetwork computes the text positions once for the whole run (causal attention: they do not change)
+    net_fn = CachedTextPrior(network) if isinstance(network, PriorNetwork) else network
+    model_fn = net_fn if guidance_scale == 1.0 else cfg_model_fn(
+        net_fn, guidance_scale=guidance_scale, learned_variance=diffusion.learned_variance
     )
     x = sample(
         model_fn,
