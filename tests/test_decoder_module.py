@@ -118,6 +118,28 @@ def test_upsampler_training_step_crops():
     assert m.net.input_conv.weight.grad is not None
 
 
+def test_residual_upsampler_target_and_untrained_output_is_bicubic():
+    # residual=True: the diffusion target is image - bicubic(low-res); the sample is bicubic + the sampled residual,
+    # so a network that predicts x0 = 0 (the zero-initialised output layer, x0 objective) returns bicubic exactly
+    m = UpsamplerModule(network=SR_NET, diffusion={"num_timesteps": 100, "objective": "x0"}, lowres_size=8,
+                        image_size=16, lowres_aug={"num_levels": 100, "max_train_level": 30}, residual=True)
+    hi = smooth_images(3)
+    lo = m.lowres(hi)
+    bicubic = F.interpolate(lo, size=(16, 16), mode="bicubic", align_corners=False)
+    kw = m.model_kwargs({"image": hi}, train=False, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(kw["_x0"], hi - bicubic)
+    out = m.upsample(lo, steps=5, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out, bicubic.clamp(-1, 1))
+    # the static threshold clips the image (bicubic + residual), not the residual
+    bright = torch.full((1, 3, 8, 8), 0.9)
+    with torch.no_grad():
+        m.ema_net.out[-1].bias.fill_(0.5)  # x0 prediction 0.5 everywhere -> 1.4, clipped to 1
+    torch.testing.assert_close(m.upsample(bright, steps=5, generator=torch.Generator().manual_seed(0)),
+                               torch.ones(1, 3, 16, 16))
+    loss = m.training_step({"image": hi}, 0)
+    assert torch.isfinite(loss)
+
+
 def test_cfg_drop_rates():
     m = decoder(use_text=True, net={"text_dim": 32}, image_embed_drop_prob=0.1, text_drop_prob=0.5)
     g = torch.Generator().manual_seed(0)

@@ -184,6 +184,30 @@ def test_masked_out_text_tokens_do_not_matter():
     assert not torch.allclose(a[0], c[0])
 
 
+def test_coord_input_makes_the_network_position_aware():
+    from dalle2.decoder.unet import coordinate_grid
+
+    grid = coordinate_grid(torch.zeros(2, 3, 4, 6))
+    assert grid.shape == (2, 2, 4, 6)
+    assert torch.allclose(grid[0, 0, 0], torch.linspace(-5 / 6, 5 / 6, 6))  # x varies along W
+    assert torch.allclose(grid[0, 1, :, 0], torch.linspace(-3 / 4, 3 / 4, 4))  # y along H
+    # a constant input: without coordinates (and away from the zero padding) every pixel is alike; with them not
+    x = torch.zeros(B, 3, 64, 64)
+    spread = {}
+    for coord in (False, True):
+        torch.manual_seed(0)
+        net = randomize_zeros(tiny_base(coord_input=coord, attention_levels=(), mid_attention=False, text_dim=None))
+        out = net(x, T, image_embed=torch.randn(B, CLIP))
+        # a centre patch away from the borders, every 2nd pixel (the stride-2 down / nearest up sampling makes a
+        # period-2 pattern even on a constant input)
+        inner = out[..., 28:36:2, 28:36:2]
+        spread[coord] = float((inner - inner[..., :1, :1]).abs().max())
+    assert spread[True] > 100 * spread[False], spread
+    net = randomize_zeros(tiny_base(coord_input=True)).train()
+    net(x[..., :16, :16], T, **base_cond()).square().mean().backward()
+    assert net.input_conv.weight.shape[1] == 5 and net.input_conv.weight.grad[:, 3:].abs().sum() > 0
+
+
 def test_sr_depends_on_lowres_and_aug_level():
     model = randomize_zeros(tiny_sr())
     x, cond = torch.randn(B, 3, 16, 16), sr_cond()

@@ -11,6 +11,10 @@ channels; the augmentation level (a timestep-like scalar per sample) is embedded
 No attention and no CLIP conditioning by default; the network is fully convolutional, so it trains on random crops
 and samples at full size (any H, W divisible by ``2 ** (len(channel_mult) - 1)``).
 
+``coord_input=True`` (off by default; not in the paper) concatenates the pixel coordinates (x, y in [-1, 1]) to the
+input: a convolutional network otherwise only learns where it is from the zero padding, which a small, briefly
+trained decoder does not manage (it puts every object in the centre; see README "Decoder and upsamplers").
+
 Classifier-free guidance: where ``drop_image_embed`` / ``drop_text`` is True the image embedding (its time-embedding
 term and its tokens) / the text (its tokens and pooled embedding) are replaced by LEARNED null embeddings.  A dropped
 text row becomes a single null token (other positions masked), so it does not depend on the text length.  Guidance
@@ -161,6 +165,7 @@ class UNet(nn.Module):
         text_embed_dim: int | None = None,
         cond_dim: int | None = None,
         lowres_cond: bool = False,
+        coord_input: bool = False,
         grad_checkpointing: bool = False,
     ):
         super().__init__()
@@ -170,7 +175,7 @@ class UNet(nn.Module):
             raise ValueError(f"attention_levels {bad} out of range for {len(channel_mult)} levels (0..{len(channel_mult) - 1})")
         self.in_channels, self.model_channels = in_channels, model_channels
         self.channel_mult, self.num_res_blocks = channel_mult, num_res_blocks
-        self.learned_variance, self.lowres_cond = learned_variance, lowres_cond
+        self.learned_variance, self.lowres_cond, self.coord_input = learned_variance, lowres_cond, coord_input
         self.clip_dim, self.text_dim, self.text_embed_dim = clip_dim, text_dim, text_embed_dim
         has_attention = bool(attention_levels) or mid_attention
         if text_dim is not None and not has_attention:
@@ -209,7 +214,8 @@ class UNet(nn.Module):
         def attn(ch: int) -> PixelAttention:
             return PixelAttention(ch, head_channels=head_channels, context_dim=self.cond_dim)
 
-        self.input_conv = nn.Conv2d(in_channels * (2 if lowres_cond else 1), model_channels, 3, padding=1)
+        input_channels = in_channels * (2 if lowres_cond else 1) + (2 if coord_input else 0)
+        self.input_conv = nn.Conv2d(input_channels, model_channels, 3, padding=1)
         self.down = nn.ModuleList()
         skip_channels, ch = [model_channels], model_channels
         for level, mult in enumerate(channel_mult):
@@ -419,7 +425,10 @@ class UNet(nn.Module):
         emb, context, context_mask = self._conditioning(
             x, t, image_embed, text_tokens, text_mask, text_embed, lowres_aug_level, drop_image_embed, drop_text
         )
-        h = self.input_conv(self._lowres_input(x, lowres_image))
+        h = self._lowres_input(x, lowres_image)
+        if self.coord_input:
+            h = torch.cat([h, coordinate_grid(h)], dim=1)
+        h = self.input_conv(h)
         skips = [h]
         for stage in self.down:
             h = self._run(stage, h, emb, context, context_mask)
@@ -428,6 +437,15 @@ class UNet(nn.Module):
         for stage in self.up:
             h = self._run(stage, torch.cat([h, skips.pop()], dim=1), emb, context, context_mask)
         return self.out(h)
+
+
+def coordinate_grid(x: torch.Tensor) -> torch.Tensor:
+    """``(B, 2, H, W)`` pixel-centre coordinates in [-1, 1] (x then y), in ``x``'s dtype and device."""
+    b, _, h, w = x.shape
+    ys = torch.linspace(-1 + 1 / h, 1 - 1 / h, h, device=x.device, dtype=x.dtype)
+    xs = torch.linspace(-1 + 1 / w, 1 - 1 / w, w, device=x.device, dtype=x.dtype)
+    grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"))  # (2, H, W)
+    return grid[None].expand(b, -1, -1, -1)
 
 
 def unet_from_preset(name: str, **overrides: Any) -> UNet:

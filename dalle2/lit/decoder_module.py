@@ -353,6 +353,9 @@ class UpsamplerModule(_CascadeStageModule):
             "num_levels": 1000}``; training noise levels are uniform in ``[0, max_train_level]``.
         sample_aug_level: the (small) augmentation level used when sampling and validating.
         train_crop_size: random-crop side of the high-res training image (None: whole images).
+        residual: diffuse the residual ``image - bicubic(low-res)`` instead of the image (the sample is then
+            ``bicubic(low-res) + residual``): an untrained network already gives bicubic, and training only has to
+            learn the missing detail. False (the paper's SR UNet) by default.
     """
 
     stage = "upsampler"
@@ -368,6 +371,7 @@ class UpsamplerModule(_CascadeStageModule):
         sample_aug_level: int = 0,
         train_crop_size: int | None = None,
         downsample_mode: Literal["bicubic", "area", "bilinear"] = "bicubic",
+        residual: bool = False,
         ema_decay: float = 0.9999,
         ema_warmup: int = 10,
         ema_update_every: int = 1,
@@ -405,6 +409,13 @@ class UpsamplerModule(_CascadeStageModule):
         """High-res images ``(B, C, H, W)`` -> their clean low-res copies ``(B, C, H/scale, W/scale)``."""
         return downsample(images, images.shape[-1] // self.scale, mode=self.hparams.downsample_mode)
 
+    def base(self, lowres_images: Tensor) -> Tensor:
+        """What the network's output is added to: ``bicubic(low-res)`` with ``residual``, else zeros."""
+        size = (lowres_images.shape[-2] * self.scale, lowres_images.shape[-1] * self.scale)
+        if not self.hparams.residual:
+            return lowres_images.new_zeros(*lowres_images.shape[:-2], *size)
+        return F.interpolate(lowres_images.float(), size=size, mode="bicubic", align_corners=False)
+
     def _random_crop(self, images: Tensor) -> Tensor:
         c, H, W = self.hparams.train_crop_size, images.shape[-2], images.shape[-1]
         if c is None or (c >= H and c >= W):
@@ -418,8 +429,10 @@ class UpsamplerModule(_CascadeStageModule):
         hi = batch["image"]
         if train:
             hi = self._random_crop(hi)
-        lo, level = self.lowres_aug(self.lowres(hi), train=train, level=self.sample_aug_level, generator=generator)
-        return {"_x0": self._image_input(hi), "lowres_image": self._image_input(lo), "lowres_aug_level": level}
+        clean = self.lowres(hi)
+        lo, level = self.lowres_aug(clean, train=train, level=self.sample_aug_level, generator=generator)
+        target = hi - self.base(clean).to(hi.dtype) if self.hparams.residual else hi
+        return {"_x0": self._image_input(target), "lowres_image": self._image_input(lo), "lowres_aug_level": level}
 
     @torch.no_grad()
     def upsample(
@@ -449,6 +462,11 @@ class UpsamplerModule(_CascadeStageModule):
             lo = lowres_images.to(self.device).float()
             lo_aug, lv = self.lowres_aug(lo, train=False, level=level, generator=generator)
             B, C, h, w = lo.shape
+            base = self.base(lo)
+            transform = _x0_transform(threshold, dynamic_percentile)
+            if transform is not None and self.hparams.residual:  # threshold the image, not the residual
+                image_transform = transform
+                transform = lambda r: image_transform(base + r) - base  # noqa: E731
             out = sample(
                 net,
                 x_T.to(self.device) if x_T is not None else (B, C, h * self.scale, w * self.scale),
@@ -458,12 +476,12 @@ class UpsamplerModule(_CascadeStageModule):
                 eta=eta,
                 generator=generator,
                 model_kwargs={"lowres_image": lo_aug, "lowres_aug_level": lv},
-                x0_transform=_x0_transform(threshold, dynamic_percentile),
+                x0_transform=transform,
                 device=self.device,
             )
         finally:
             net.train(was_training)
-        return out.float().clamp(-1.0, 1.0)
+        return (base + out.float()).clamp(-1.0, 1.0)
 
     def preview(self, batch: dict, *, steps: int = 20, sampler: str = "ddim", guidance_scale: float = 1.0,
                 generator: torch.Generator | None = None) -> dict:
