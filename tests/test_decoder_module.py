@@ -140,6 +140,21 @@ def test_residual_upsampler_target_and_untrained_output_is_bicubic():
     assert torch.isfinite(loss)
 
 
+def test_upsampler_sample_spacing_hparam():
+    torch.manual_seed(0)
+    m = upsampler(sample_spacing="leading")
+    with torch.no_grad():
+        for p in m.ema_net.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    lo = m.lowres(smooth_images(2))
+
+    def up(**kw):
+        return m.upsample(lo, steps=4, generator=torch.Generator().manual_seed(0), **kw)
+
+    torch.testing.assert_close(up(), up(spacing="leading"), rtol=0, atol=0)
+    assert not torch.allclose(up(), up(spacing="trailing"))
+
+
 def test_cfg_drop_rates():
     m = decoder(use_text=True, net={"text_dim": 32}, image_embed_drop_prob=0.1, text_drop_prob=0.5)
     g = torch.Generator().manual_seed(0)

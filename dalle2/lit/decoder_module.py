@@ -356,6 +356,8 @@ class UpsamplerModule(_CascadeStageModule):
         residual: diffuse the residual ``image - bicubic(low-res)`` instead of the image (the sample is then
             ``bicubic(low-res) + residual``): an untrained network already gives bicubic, and training only has to
             learn the missing detail. False (the paper's SR UNet) by default.
+        sample_spacing: the sampling timesteps (``dalle2.diffusion.sample``'s ``spacing``); ``leading`` ends with a
+            step at t = 0, which an upsampler judged by PSNR wants (``trailing`` stops at T / steps).
     """
 
     stage = "upsampler"
@@ -372,6 +374,7 @@ class UpsamplerModule(_CascadeStageModule):
         train_crop_size: int | None = None,
         downsample_mode: Literal["bicubic", "area", "bilinear"] = "bicubic",
         residual: bool = False,
+        sample_spacing: Literal["uniform", "trailing", "leading", "karras"] = "trailing",
         ema_decay: float = 0.9999,
         ema_warmup: int = 10,
         ema_update_every: int = 1,
@@ -448,6 +451,7 @@ class UpsamplerModule(_CascadeStageModule):
         dynamic_percentile: float = 0.995,
         use_ema: bool = True,
         x_T: Tensor | None = None,
+        spacing: str | None = None,
     ) -> Tensor:
         """``lowres_images (B, C, h, w)`` in [-1, 1] -> ``(B, C, h * scale, w * scale)`` in [-1, 1].
 
@@ -477,6 +481,7 @@ class UpsamplerModule(_CascadeStageModule):
                 generator=generator,
                 model_kwargs={"lowres_image": lo_aug, "lowres_aug_level": lv},
                 x0_transform=transform,
+                spacing=spacing or self.hparams.sample_spacing,
                 device=self.device,
             )
         finally:
