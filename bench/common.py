@@ -31,7 +31,9 @@ from dalle2.diffusion import GaussianDiffusion, LowResAugmentation, Schedule  # 
 from dalle2.prior.network import EmbeddingScaler, prior_from_preset  # noqa: E402
 
 STAGES = ("prior", "decoder", "upsampler", "clip")
-DEFAULT_CONFIG = {"prior": "bench", "decoder": "bench", "upsampler": "sr_bench", "clip": "tiny"}
+DEFAULT_CONFIG = {"prior": "bench", "decoder": "bench", "upsampler": "bench", "clip": "tiny"}
+# an upsampler config name (conf/model/upsampler/<name>.yaml) -> its UNet preset, where the two differ
+UPSAMPLER_PRESETS = {"bench": "sr_bench"}
 DEFAULT_BATCH = {"prior": 32, "decoder": 8, "upsampler": 4, "clip": 64}
 # the low-res side of each SR preset (the output side is PRESET_IMAGE_SIZES)
 LOWRES_SIZES = {"sr_bench": 32, "tiny_sr32_64": 32, "sr64_256": 64, "sr256_1024": 256}
@@ -228,6 +230,7 @@ def setup_decoder(config: str, batch: int, device: torch.device, *, clip_dim: in
 
 
 def setup_upsampler(config: str, batch: int, device: torch.device, *, channels_last: bool = False) -> StageSetup:
+    config = UPSAMPLER_PRESETS.get(config, config)
     net = unet_from_preset(config)
     diffusion = build_diffusion("upsampler", learned_variance=net.learned_variance)
     size, low = PRESET_IMAGE_SIZES[config], LOWRES_SIZES.get(config, PRESET_IMAGE_SIZES[config] // 4)

@@ -1,6 +1,6 @@
 """Sampling latency per stage and sampler: seconds per sampling step and per image; prints one JSON object.
 
-    python bench/sample.py                                   # prior/bench, decoder/bench, upsampler/sr_bench
+    python bench/sample.py                                   # prior/bench, decoder/bench, upsampler/bench
     python bench/sample.py stages=decoder samplers=ddim,dpmpp_2m steps=25 batch=8 guidance=3.0
     python bench/sample.py stages=prior,decoder device=cuda precision=bf16 compile=1 --out bench/sample.json
 

@@ -6,7 +6,7 @@
     python bench/train_step.py stage=decoder device=cuda batch=64 precision=bf16 compile=1 --out bench/h100.json
 
 Arguments (``key=value`` or ``--key value``): stage prior|decoder|upsampler|clip; config (model preset; default
-prior/bench, decoder/bench, upsampler/sr_bench, clip/tiny); batch; steps (timed, median reported); warmup;
+prior/bench, decoder/bench, upsampler/bench, clip/tiny); batch; steps (timed, median reported); warmup;
 precision fp32|bf16 (bf16 = autocast); compile 0|1 (``torch.compile`` of the network); channels_last 0|1 (UNets);
 threads (CPU); device; ema 0|1; optimizer default|foreach|forloop (``default`` = ``dalle2.lit.optim.default_adamw``:
 the fused kernel, on CPU too); compare <flag> (run the flag off and on in one process, steps interleaved, and report
