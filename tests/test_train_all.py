@@ -81,7 +81,8 @@ def test_cli_stage_overrides_become_stage_settings():
     assert cfg.clip.trainer.max_steps == 7 and cfg.clip.trainer.val_check_interval == 200  # demo's value kept
     assert cfg.decoder.module.use_text is True and cfg.decoder.groups.trainer == "gpu"
     argv = train_all.Plan(cfg).build("decoder").commands[0]
-    assert "trainer=gpu" in argv and "trainer.max_steps=700" in argv and "experiment=decoder_tiny" in argv
+    demo_steps = cfg.decoder.trainer.max_steps  # conf/train_all/experiment/demo.yaml's, passed through
+    assert "trainer=gpu" in argv and f"trainer.max_steps={demo_steps}" in argv and "experiment=decoder_tiny" in argv
     assert list(cfg.stages) == ["clip", "decoder"]
 
 
