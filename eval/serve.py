@@ -14,20 +14,12 @@ import sys
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dalle2.pipeline import SamplingSettings, UnCLIPPipeline  # noqa: E402
-
-
-def settings_from_cfg(cfg: DictConfig) -> SamplingSettings:
-    per_stage = lambda key: dict(OmegaConf.to_container(cfg[key])) if cfg.get(key) else None  # noqa: E731
-    return SamplingSettings.from_overrides(
-        steps=per_stage("steps"), sampler=per_stage("sampler"), guidance=per_stage("guidance"), eta=per_stage("eta"),
-        n_prior_samples=cfg.get("n_prior_samples"), threshold=cfg.get("threshold"),
-        upsampler_aug_level=cfg.get("upsampler_aug_level"),
-    )  # fmt: skip
+from dalle2.pipeline import UnCLIPPipeline  # noqa: E402
+from sample import settings_from_cfg  # noqa: E402  (eval/sample.py, beside this script)
 
 
 def build_app(cfg: DictConfig):
