@@ -17,59 +17,27 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-import lightning as L
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from dalle2.lit.checkpoints import STAGE_KEY
 from dalle2.pipeline import SamplingSettings, StageSettings, UnCLIPPipeline
 from dalle2.serving import APIError, Batcher, Job, create_app, generate, load_image, parse_size
+from test_pipeline import build_tiny_checkpoints  # the same tiny cascade as the pipeline tests
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
 REPO = Path(__file__).resolve().parent.parent
 API_KEY = "sk-test-123"
-TINY_CLIP = dict(embed_dim=8, image_size=16, vision_width=32, vision_layers=1, vision_heads=2, vision_patch_size=8,
-                 context_length=77, vocab_size=8192, text_width=32, text_layers=1, text_heads=2)  # fmt: skip
-PRIOR_NET = dict(embed_dim=8, text_token_dim=32, width=32, depth=1, heads=2, dim_head=16, max_text_len=77)
-DEC_NET = dict(model_channels=16, channel_mult=[1, 2], num_res_blocks=1, attention_levels=[1], head_channels=16,
-               cond_dim=32, clip_dim=8, text_dim=32)  # fmt: skip
-SR_NET = dict(model_channels=16, channel_mult=[1, 2], num_res_blocks=1, attention_levels=[], mid_attention=False,
-              lowres_cond=True)  # fmt: skip
 FAST = SamplingSettings(prior=StageSettings(steps=2), decoder=StageSettings(steps=3, guidance_scale=2.0),
                         upsampler=StageSettings(steps=2), n_prior_samples=2)  # fmt: skip
 
 
-def _save(module, path, seed: int) -> str:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams), STAGE_KEY: module.stage,
-                "pytorch-lightning_version": L.__version__}, path)  # fmt: skip
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
-    from dalle2.lit.clip_module import CLIPModule
-    from dalle2.lit.decoder_module import DecoderModule, UpsamplerModule
-    from dalle2.lit.prior_module import PriorModule
-
-    root = tmp_path_factory.mktemp("serving_ckpts")
-    torch.manual_seed(0)
-    diff = {"num_timesteps": 100}
-    return {
-        "clip": _save(CLIPModule(network=TINY_CLIP), root / "clip.ckpt", 1),
-        "prior": _save(PriorModule(network=PRIOR_NET, diffusion=diff), root / "prior.ckpt", 2),
-        "decoder": _save(DecoderModule(network=DEC_NET, diffusion=diff, use_text=True, image_size=16),
-                         root / "decoder.ckpt", 3),
-        "upsampler": _save(UpsamplerModule(network=SR_NET, diffusion=diff, lowres_size=16, image_size=32,
-                                           lowres_aug={"num_levels": 100}, sample_aug_level=5), root / "up.ckpt", 4),
-    }  # fmt: skip
+    return build_tiny_checkpoints(tmp_path_factory.mktemp("serving_ckpts"))
 
 
 @pytest.fixture(scope="module")
