@@ -9,6 +9,8 @@ Lightning's bookkeeping.
 
 from __future__ import annotations
 
+import json
+
 import os
 import platform
 import resource
@@ -47,6 +49,15 @@ DIFFUSION = {
     "decoder": {"schedule": "cosine", "num_timesteps": 1000, "objective": "eps"},
     "upsampler": {"schedule": "linear", "num_timesteps": 1000, "objective": "eps"},
 }
+
+
+def emit(result: Any, out: str | None) -> Any:
+    """Print a benchmark's result as JSON and, with ``out``, write it to that file too."""
+    print(json.dumps(result, indent=2))
+    if out:
+        with open(out, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
 
 
 def parse_kv(argv: list[str], defaults: dict[str, Any]) -> dict[str, Any]:

@@ -13,7 +13,6 @@ image size, so the resize path is exercised).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -26,6 +25,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dalle2.data.synthetic import write_shards  # noqa: E402
 from dalle2.data.webdataset import make_dataset  # noqa: E402
+
+from common import emit  # noqa: E402  (bench/common.py, beside this script)
 
 
 class _WordHashTokenizer:
@@ -68,11 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
     workers = [int(x) for x in str(a.workers).split(",")]
     results = [run_one(a, size, k) for size in sizes for k in workers]
     result = results[0] if len(results) == 1 else {"results": results}
-    print(json.dumps(result, indent=2))
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump(result, f, indent=2)
-    return result
+    return emit(result, a.out)
 
 
 def run_one(a: argparse.Namespace, image_size: int, workers: int) -> dict:

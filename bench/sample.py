@@ -16,14 +16,13 @@ Networks have random weights: the figures are about speed, not image quality.  N
 from __future__ import annotations
 
 import contextlib
-import json
 import statistics
 import sys
 import time
 
 import torch
 
-from common import DEFAULT_CONFIG, machine_info, parse_kv, peak_memory, setup_stage, sync
+from common import DEFAULT_CONFIG, emit, machine_info, parse_kv, peak_memory, setup_stage, sync
 
 from dalle2.diffusion import cfg_model_fn, sample
 from dalle2.prior import CachedTextPrior
@@ -102,11 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"[bench] {stage}/{sampler}: {total / a['steps']:.4f} s/step, {total / b:.4f} s/image", file=sys.stderr)
     result = {"bench": "sample", "precision": a["precision"], "compile": a["compile"], "guidance": a["guidance"],
               "channels_last": a["channels_last"], "results": rows, **peak_memory(device), **machine_info(device)}
-    print(json.dumps(result, indent=2))
-    if a["out"]:
-        with open(a["out"], "w") as f:
-            json.dump(result, f, indent=2)
-    return result
+    return emit(result, a["out"])
 
 
 if __name__ == "__main__":

@@ -22,14 +22,13 @@ TFLOP/s = FLOPs / median step time and, where the peak is known, MFU = achieved 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import sys
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-from common import machine_info, parse_kv, peak_memory, peak_tflops, setup_stage, summarize, sync, time_steps
+from common import emit, machine_info, parse_kv, peak_memory, peak_tflops, setup_stage, summarize, sync, time_steps
 
 from dalle2.lit.optim import default_adamw, param_groups
 from dalle2.nn import EMA
@@ -180,11 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
         result.update(result_for(runners[0], times[0], a, device, flops))
     result.update(peak_memory(device))
     result.update(machine_info(device))
-    print(json.dumps(result, indent=2))
-    if a["out"]:
-        with open(a["out"], "w") as f:
-            json.dump(result, f, indent=2)
-    return result
+    return emit(result, a["out"])
 
 
 if __name__ == "__main__":
