@@ -30,7 +30,7 @@ from torch import Tensor
 
 from dalle2.decoder import UNet
 from dalle2.diffusion import LowResAugmentation, Schedule, cfg_model_fn, dynamic_threshold, sample, static_clip
-from dalle2.lit.diffusion_base import DiffusionStageModule, load_frozen_clip
+from dalle2.lit.diffusion_base import DiffusionStageModule, FrozenClipMixin
 
 Threshold = Literal["static", "dynamic", "none"]
 
@@ -130,7 +130,7 @@ class _CascadeStageModule(DiffusionStageModule):
         raise NotImplementedError
 
 
-class DecoderModule(_CascadeStageModule):
+class DecoderModule(FrozenClipMixin, _CascadeStageModule):
     """Base decoder: ``p(image | CLIP image embedding [, text])``.
 
     Args (keyword-only):
@@ -185,27 +185,6 @@ class DecoderModule(_CascadeStageModule):
         self.image_embed_drop_prob, self.text_drop_prob = float(image_embed_drop_prob), float(text_drop_prob)
         self.use_text, self.image_size = bool(use_text), int(image_size)
         self._build_net(network, channels_last=channels_last, grad_checkpointing=grad_checkpointing)
-        # the frozen CLIP lives outside the registered submodules (not in state_dict / checkpoints)
-        self.__dict__["_clip"] = None
-
-    # -- frozen CLIP ------------------------------------------------------------------------------------------
-    def setup(self, stage: str) -> None:
-        self.clip  # load the frozen CLIP now (the property loads it lazily) so a bad path fails before training
-
-    def set_clip(self, clip_module) -> None:
-        """Use ``clip_module`` (a ``CLIPModule``) as the frozen on-the-fly embedder (not saved)."""
-        if clip_module is not None:
-            clip_module = clip_module.eval().requires_grad_(False)
-        self.__dict__["_clip"] = clip_module
-
-    @property
-    def clip(self):
-        """The frozen CLIP (loaded from ``clip_ckpt`` at first use), or None."""
-        if self._clip is None and self.hparams.clip_ckpt:
-            self.set_clip(load_frozen_clip(self.hparams.clip_ckpt))
-        if self._clip is not None and self._clip.device != self.device:
-            self._clip.to(self.device)
-        return self._clip
 
     # -- conditioning -------------------------------------------------------------------------------------------
     @staticmethod

@@ -88,6 +88,32 @@ class DiffusionStageModule(L.LightningModule):
         checkpoint[STAGE_KEY] = self.stage
 
 
+class FrozenClipMixin:
+    """A frozen CLIP for on-the-fly embeddings, loaded from ``hparams.clip_ckpt`` at first use (or given with
+    ``set_clip``).  It lives outside the registered submodules: never trained, never in the state_dict or the
+    checkpoint (only its path is, as a hyperparameter).  Mixed into the prior and the base decoder."""
+
+    _clip = None  # the instance's CLIP is set in __dict__ (not a submodule)
+
+    def setup(self, stage: str) -> None:
+        self.clip  # load the frozen CLIP now (the property loads it lazily) so a bad path fails before training
+
+    def set_clip(self, clip_module) -> None:
+        """Use ``clip_module`` (a ``CLIPModule``) as the frozen on-the-fly embedder (not saved)."""
+        if clip_module is not None:
+            clip_module = clip_module.eval().requires_grad_(False)
+        self.__dict__["_clip"] = clip_module
+
+    @property
+    def clip(self):
+        """The frozen CLIP (loaded from ``clip_ckpt`` at first use), or None."""
+        if self._clip is None and self.hparams.clip_ckpt:
+            self.set_clip(load_frozen_clip(self.hparams.clip_ckpt))
+        if self._clip is not None and self._clip.device != self.device:
+            self._clip.to(self.device)
+        return self._clip
+
+
 def load_frozen_clip(path: str | None):
     """The frozen CLIP (a ``CLIPModule`` in eval mode, no grads) for on-the-fly embeddings, or None."""
     if not path:

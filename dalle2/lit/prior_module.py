@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dalle2.lit.diffusion_base import DiffusionStageModule, load_frozen_clip
+from dalle2.lit.diffusion_base import DiffusionStageModule, FrozenClipMixin
 from dalle2.prior import EmbeddingScaler, PriorNetwork, sample_prior
 
 __all__ = ["PriorModule", "load_prior", "trim_text"]
@@ -43,7 +43,7 @@ def trim_text(text_tokens: Tensor | None, text_mask: Tensor | None) -> tuple[Ten
     return text_tokens[:, :length], text_mask[:, :length]
 
 
-class PriorModule(DiffusionStageModule):
+class PriorModule(FrozenClipMixin, DiffusionStageModule):
     """``p(CLIP image embedding | CLIP text)``.
 
     Args (keyword-only):
@@ -101,31 +101,11 @@ class PriorModule(DiffusionStageModule):
             EmbeddingScaler.for_dim(self.embed_dim) if embed_scale is None else EmbeddingScaler(float(embed_scale))
         )
         self.cond_drop_prob, self.use_text_tokens = float(cond_drop_prob), bool(use_text_tokens)
-        self.__dict__["_clip"] = None  # the frozen CLIP: not a submodule, never in the state_dict
 
     @property
     def clip_ckpt(self) -> str | None:
         """The CLIP checkpoint this prior was trained with (its embedding space), as given at construction."""
         return self.hparams.clip_ckpt
-
-    # -- frozen CLIP --------------------------------------------------------------------------------------------
-    def setup(self, stage: str) -> None:
-        self.clip  # a bad clip_ckpt fails before training
-
-    def set_clip(self, clip_module) -> None:
-        """Use ``clip_module`` (a ``CLIPModule``) as the frozen on-the-fly embedder (not saved)."""
-        if clip_module is not None:
-            clip_module = clip_module.eval().requires_grad_(False)
-        self.__dict__["_clip"] = clip_module
-
-    @property
-    def clip(self):
-        """The frozen CLIP (loaded from ``clip_ckpt`` at first use), or None."""
-        if self._clip is None and self.hparams.clip_ckpt:
-            self.set_clip(load_frozen_clip(self.hparams.clip_ckpt))
-        if self._clip is not None and self._clip.device != self.device:
-            self._clip.to(self.device)
-        return self._clip
 
     def _require_clip(self, what: str):
         if self.clip is None:
