@@ -11,7 +11,7 @@ from dalle2.clip.loss import ClipLoss
 from dalle2.clip.model import CLIP, preprocess_for_clip
 from dalle2.clip.retrieval import retrieval_metrics
 from dalle2.lit.checkpoints import STAGE_KEY
-from dalle2.lit.distributed import gather_ragged
+from dalle2.lit.distributed import gather_ragged, log_reduced
 from dalle2.lit.optim import build_optimizers
 
 
@@ -64,12 +64,14 @@ class CLIPModule(L.LightningModule):
         self._val_text.append(out["text_features"].float())
 
     def on_validation_epoch_end(self) -> None:
-        if not self._val_image:
-            return
-        img = gather_ragged(torch.cat(self._val_image))
-        txt = gather_ragged(torch.cat(self._val_text))
+        # every rank gathers, also one whose val shard was empty (it contributes 0 rows): no rank is left waiting
+        empty = torch.zeros(0, self.model.embed_dim, device=self.device)
+        img = gather_ragged(torch.cat(self._val_image) if self._val_image else empty)
+        txt = gather_ragged(torch.cat(self._val_text) if self._val_text else empty)
         self._val_image.clear()
         self._val_text.clear()
+        if len(img) == 0:
+            return
         metrics = retrieval_metrics(img, txt)
         scale = self.model.clamped_logit_scale()
         logits = scale * img @ txt.t()
@@ -79,8 +81,7 @@ class CLIPModule(L.LightningModule):
         )
         log = {f"val/{k}": float(v) for k, v in metrics.items()}
         log["val/loss"] = float(val_loss)
-        # every rank holds the same gathered values: no further reduction needed
-        self.log_dict(log, sync_dist=False, rank_zero_only=False)
+        log_reduced(self, log)  # every rank holds the same gathered values: no further reduction needed
 
     def configure_optimizers(self):
         return build_optimizers(self.model, self.optimizer_factory, self.scheduler_factory, default_lr=5e-4)

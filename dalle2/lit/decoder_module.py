@@ -119,11 +119,7 @@ class _CascadeStageModule(DiffusionStageModule):
         kwargs = self.model_kwargs(batch, train=False, generator=gen)
         x0 = kwargs.pop("_x0", x0)
         losses = self.diffusion.training_losses(self.ema_net, x0, generator=gen, model_kwargs=kwargs)
-        bs = x0.shape[0]
-        self.log("val/loss", losses["loss"], on_epoch=True, sync_dist=True, batch_size=bs, prog_bar=True)
-        for k, v in losses.items():
-            if k != "loss":
-                self.log(f"val/{k}", v, on_epoch=True, sync_dist=True, batch_size=bs)
+        self.log_val({f"val/{k}": v for k, v in losses.items()}, x0.shape[0])
 
     def preview(self, batch: dict, **kwargs: Any) -> dict:
         """Samples for the sample-grid callback: ``{"samples", "reference", "metrics", "captions"}``."""

@@ -15,6 +15,7 @@ import torch
 
 from dalle2.diffusion import GaussianDiffusion, Schedule
 from dalle2.lit.checkpoints import STAGE_KEY
+from dalle2.lit.distributed import MeanAccumulator, log_reduced
 from dalle2.lit.optim import build_optimizers
 from dalle2.nn import EMA
 
@@ -58,6 +59,7 @@ class DiffusionStageModule(L.LightningModule):
         self._default_lr = default_lr
         self._ema_args = dict(decay=ema_decay, warmup=ema_warmup, update_every=ema_update_every)
         self.ema: EMA | None = None
+        self._val_metrics = MeanAccumulator()
 
     def _init_ema(self) -> None:
         self.ema = EMA(self.net, **self._ema_args)
@@ -80,6 +82,15 @@ class DiffusionStageModule(L.LightningModule):
         if per_sample is not None:
             quart = loss_by_quartile(per_sample["loss"], per_sample["t"], self.diffusion.num_timesteps)
             self.log_dict({f"{prefix}/{k}": v for k, v in quart.items()})
+
+    def log_val(self, metrics: dict[str, torch.Tensor], batch_size: int) -> None:
+        """Accumulate validation metrics of one batch; :meth:`on_validation_epoch_end` logs their means over all
+        ranks' samples (``self.log(sync_dist=True)`` would leave the other ranks waiting for a rank without batches)."""
+        self._val_metrics.add(metrics, batch_size)
+
+    def on_validation_epoch_end(self) -> None:
+        means = self._val_metrics.reduce()  # a collective every rank reaches, with or without val batches
+        log_reduced(self, means, prog_bar=("val/loss", "val/cos_sampled"))
 
     def configure_optimizers(self):
         return build_optimizers(self.net, self.optimizer_factory, self.scheduler_factory, default_lr=self._default_lr)

@@ -182,8 +182,7 @@ class PriorModule(FrozenClipMixin, DiffusionStageModule):
             "val/cos_text_baseline": F.cosine_similarity(emb["text_embed"], true, dim=-1).mean(),
             "val/cos_shuffled": F.cosine_similarity(shuffled, true, dim=-1).mean(),
         }
-        for k, v in metrics.items():
-            self.log(k, v, on_epoch=True, sync_dist=True, batch_size=B, prog_bar=k in ("val/loss", "val/cos_sampled"))
+        self.log_val(metrics, B)
 
     # -- sampling -----------------------------------------------------------------------------------------------
     @torch.no_grad()
