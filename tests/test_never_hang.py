@@ -38,3 +38,73 @@ def test_validation_with_an_empty_val_shard_on_one_rank(stage, builtin_shards, c
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = val_rows(tmp_path / "run")
     assert rows and all(float(r["val/loss"]) == float(r["val/loss"]) for r in rows)  # logged, not NaN
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+
+
+def _rank1_pid(main_pid: int) -> int | None:
+    """Lightning's DDP launcher starts rank 1 as a child of rank 0 with LOCAL_RANK=1 in its environment."""
+    for pid in _children(main_pid):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if b"LOCAL_RANK=1" in f.read().split(b"\0"):
+                    return pid
+        except OSError:
+            pass
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signame,rank", [("SIGTERM", 0), ("SIGTERM", 1), ("SIGUSR1", 0), ("SIGUSR1", 1)])
+def test_signal_to_one_rank_stops_every_rank_with_a_checkpoint(signame, rank, builtin_shards, clip_ckpt, tmp_path):
+    """A scheduler may signal one process only: every rank must stop at the same step, save, exit 143, and the
+    run must resume from that checkpoint."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    import torch
+
+    from helpers.tiny_runs import REPO_ROOT, run_env
+
+    run_dir = tmp_path / "run"
+    cmd = stage_cmd("prior", run_dir, train_urls=builtin_shards["train"], clip_ckpt=clip_ckpt,
+                    extra=(*DDP, "trainer.max_steps=100000", "callbacks.model_checkpoint.every_n_train_steps=2"))
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)  # fmt: skip
+    try:
+        first = run_dir / "checkpoints" / "step_0000002.ckpt"
+        deadline = time.time() + 180
+        while not first.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        assert first.exists(), "training did not start"
+        target = proc.pid if rank == 0 else _rank1_pid(proc.pid)
+        assert target is not None
+        rank1 = _rank1_pid(proc.pid)
+        os.kill(target, getattr(signal, signame))
+        try:
+            out, _ = proc.communicate(timeout=90)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, _ = proc.communicate()
+            pytest.fail(f"{signame} to rank {rank}: the run hung\n{out[-3000:]}")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 143, out[-3000:]
+    time.sleep(0.5)
+    assert rank1 is None or not os.path.exists(f"/proc/{rank1}") or open(f"/proc/{rank1}/stat").read().split()[2] == "Z"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    saved = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
+    assert saved >= 2
+    resumed = run(cmd[:-2] + ["trainer.max_steps=%d" % (saved + 2), "callbacks.model_checkpoint.every_n_train_steps=2",
+                              "ckpt_path=last"], timeout=180)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == saved + 2

@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from lightning.pytorch.utilities.exceptions import SIGTERMException  # noqa: E402
 
-from dalle2.lit.checkpoints import resolve_ckpt_path  # noqa: E402
-from dalle2.lit.fault_tolerance import AtomicCheckpointIO, Preemption  # noqa: E402
+from dalle2.lit.checkpoints import RunDirInUseError, resolve_ckpt_path  # noqa: E402
+from dalle2.lit.fault_tolerance import AtomicCheckpointIO, CheckpointSaveError, Preemption  # noqa: E402
 
 
 def hydra_job() -> dict:
@@ -80,7 +80,10 @@ def instantiate_module(cfg: DictConfig):
 
 def train(cfg: DictConfig) -> dict:
     L.seed_everything(cfg.seed, workers=True)
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.output_dir)
+    try:
+        ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.output_dir)
+    except RunDirInUseError as exn:
+        sys.exit(f"[dalle2] {exn}")
     datamodule = instantiate(cfg.data, _convert_="all")
     module = instantiate_module(cfg)
     loggers = build_loggers(cfg)
@@ -97,6 +100,8 @@ def train(cfg: DictConfig) -> dict:
             print(f"[dalle2] preempted at step {trainer.global_step}: saved {saved}; "
                   f"continue with ckpt_path=last hydra.run.dir={cfg.paths.output_dir}")
         sys.exit(pre.exit_code if pre else 143)
+    except CheckpointSaveError as exn:
+        sys.exit(f"[dalle2] stopped: {exn}")
 
     ckpt_cb = trainer.checkpoint_callback
     result = {

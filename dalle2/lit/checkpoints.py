@@ -42,28 +42,66 @@ def load_stage_module(path: str | Path, stage: str, *, map_location="cpu"):
     return cls.load_from_checkpoint(str(path), map_location=map_location, weights_only=False)
 
 
+class RunDirInUseError(RuntimeError):
+    """A new run was started in a run directory that already holds checkpoints."""
+
+
+def checkpoint_step(path: str | Path) -> int | None:
+    """The ``global_step`` stored in a Lightning checkpoint (read with ``weights_only=True`` and mmap: no code
+    runs, no tensor is copied); None when the file cannot be read as one."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # truncated, foreign, or needing globals we do not allow: not a candidate
+        return None
+    step = ckpt.get("global_step") if isinstance(ckpt, dict) else None
+    return int(step) if isinstance(step, int) else None
+
+
+def run_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """``(global_step, path)`` of the checkpoints a run left in ``run_dir``, newest first: ``checkpoints/last*.ckpt``,
+    ``checkpoints/step_*.ckpt`` and Lightning's SLURM ``hpc_ckpt_*.ckpt`` (in the run dir itself); unreadable
+    files are left out. Ties keep ``last.ckpt`` first."""
+    run_dir = Path(run_dir)
+    names = ("last*.ckpt", "step_*.ckpt", "*.ckpt")
+    files = dict.fromkeys(p for pattern in names for p in sorted((run_dir / "checkpoints").glob(pattern)))
+    files.update(dict.fromkeys(sorted(run_dir.glob("hpc_ckpt_*.ckpt"))))
+    found = [(step, p) for p in files if p.is_file() and (step := checkpoint_step(p)) is not None]
+    return sorted(found, key=lambda sp: -sp[0])  # stable: last.ckpt first among equal steps
+
+
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: str | Path) -> str | None:
     """What ``trainer.fit(ckpt_path=...)`` should get for the ``ckpt_path`` config value.
 
-    * ``None`` / ``""``: start from scratch.
-    * ``"last"``: ``<output_dir>/checkpoints/last.ckpt`` when it exists, else from scratch (so one command line
-      works for the first launch and every requeue; pin the run dir with ``hydra.run.dir=...``).
-    * a run directory: its ``checkpoints/last.ckpt``;  a file: that file (``FileNotFoundError`` when missing).
+    * ``None`` / ``""``: start from scratch — in a fresh run dir only: when ``output_dir`` already holds
+      checkpoints, :class:`RunDirInUseError` says so (Lightning would quietly write ``last-v1.ckpt`` beside the
+      old ``last.ckpt``, which a later ``ckpt_path=last`` would then resume).
+    * ``"last"``: the newest checkpoint of ``output_dir`` by global step (``last.ckpt``, ``step_*.ckpt``,
+      ``hpc_ckpt_*.ckpt``), else from scratch (so one command line works for the first launch and every requeue;
+      pin the run dir with ``hydra.run.dir=...``).
+    * a run directory: its newest checkpoint likewise;  a file: that file (``FileNotFoundError`` when missing).
     """
     if ckpt_path in (None, "", "null", "none"):
+        existing = run_checkpoints(output_dir)
+        if existing:
+            step, path = existing[0]
+            raise RunDirInUseError(
+                f"{output_dir} already holds checkpoints (newest: {path}, step {step}); continue that run with "
+                "ckpt_path=last, or start a new one in another directory (hydra.run.dir=...)"
+            )
         return None
     if ckpt_path == "last":
-        last = Path(output_dir) / "checkpoints" / "last.ckpt"
-        if last.is_file():
-            return str(last)
-        print(f"[dalle2] ckpt_path=last: no {last} yet, starting from scratch")
+        existing = run_checkpoints(output_dir)
+        if existing:
+            return str(existing[0][1])
+        print(f"[dalle2] ckpt_path=last: no checkpoint in {output_dir} yet, starting from scratch")
         return None
     path = Path(ckpt_path)
     if path.is_dir():
-        for cand in (path / "checkpoints" / "last.ckpt", path / "last.ckpt"):
-            if cand.is_file():
-                return str(cand)
-        raise FileNotFoundError(f"ckpt_path={ckpt_path!r}: a directory without checkpoints/last.ckpt")
+        given_checkpoints_dir = path.name == "checkpoints" and not (path / "checkpoints").is_dir()
+        existing = run_checkpoints(path.parent if given_checkpoints_dir else path)
+        if existing:
+            return str(existing[0][1])
+        raise FileNotFoundError(f"ckpt_path={ckpt_path!r}: a directory without checkpoints (checkpoints/last.ckpt, ...)")
     if not path.is_file():
         raise FileNotFoundError(f"ckpt_path={ckpt_path!r}: no such checkpoint")
     return str(path)

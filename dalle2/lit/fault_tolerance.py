@@ -8,11 +8,13 @@
   the randomness of batch ``i`` (noise, timesteps, dropout, CFG drops) does not depend on what ran before,
   so a resumed run draws the same numbers as an uninterrupted one (and validation or sampling in between
   never shifts the training stream). This replaces saving and restoring RNG states.
-* :class:`Preemption` — SIGTERM (Lightning's handler) or SIGUSR1 (ours, unless Lightning's SLURM
-  auto-requeue owns it) finishes the current step, saves ``checkpoints/last.ckpt`` and ``train/train.py``
+* :class:`Preemption` — SIGTERM or SIGUSR1 (unless Lightning's SLURM auto-requeue owns it), delivered to any
+  one rank, makes every rank finish the same step, save ``checkpoints/last.ckpt``, and ``train/train.py``
   exits with :attr:`Preemption.exit_code` (143 by default: "terminated, resume me").
 * :class:`AtomicCheckpointIO` — local checkpoints are written to a temp file in the same directory, fsynced,
-  then renamed over the target: a kill mid-save leaves the previous file intact. (Lightning's own local save
+  then renamed over the target: a kill or a full disk mid-save leaves the previous file intact.
+* :class:`RunCheckpoint` — ``ModelCheckpoint`` keeping the last K periodic checkpoints, and the final step always
+  in ``last.ckpt``. (Lightning's own local save
   goes through an fsspec transaction whose temp file lives in ``$TMPDIR``; across filesystems its final
   move is a copy, which a kill can cut short.)
 """
@@ -29,11 +31,15 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-__all__ = ["AtomicCheckpointIO", "NonFiniteGuard", "NonFiniteLossError", "Preemption", "StepSeed", "last_checkpoint"]
+__all__ = [
+    "AtomicCheckpointIO", "CheckpointSaveError", "NonFiniteGuard", "NonFiniteLossError", "Preemption", "RunCheckpoint",
+    "StepSeed", "last_checkpoint",
+]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -129,41 +135,54 @@ class StepSeed(L.Callback):
 
 
 class Preemption(L.Callback):
-    """Save ``last.ckpt`` when the run is told to stop (SIGTERM, or SIGUSR1), at the end of the current step.
+    """Stop cleanly when told to (SIGTERM, or SIGUSR1): every rank finishes the same step, saves
+    ``checkpoints/last.ckpt`` and ``train/train.py`` exits with :attr:`exit_code` (143: "terminated, resume me").
 
-    Lightning turns SIGTERM into ``SIGTERMException`` after the current batch (all ranks agree under DDP);
-    SIGUSR1 is routed to the same path unless Lightning's SLURM auto-requeue handles it (it then saves
-    ``hpc_ckpt_<n>.ckpt`` and requeues the job itself; the SIGTERM that follows still lands here). The
-    checkpoint goes to the ModelCheckpoint's directory as ``last.ckpt`` so that ``ckpt_path=last`` finds it.
-    ``train/train.py`` catches the exception and exits with :attr:`exit_code`.
+    A scheduler may signal one process only (rank 0, or any other). The signal handler therefore only notes
+    the request (no collective, no forwarding: Lightning's own SIGTERM handler broadcasts from inside the
+    handler, which deadlocks when the signal reaches a rank other than 0); at the end of every training batch
+    all ranks agree with one ``all_reduce(MAX)`` of the flags, and if any rank was signalled every rank sets
+    Lightning's ``received_sigterm`` at the same step. Lightning then raises ``SIGTERMException`` on all ranks
+    together and :meth:`on_exception` saves (a collective save, reached by every rank).
+
+    Under SLURM with Lightning's auto-requeue, SIGUSR1 (the requeue signal) stays Lightning's (it saves
+    ``hpc_ckpt_<n>.ckpt`` and requeues the job). The checkpoint goes to the ModelCheckpoint's directory as
+    ``last.ckpt`` so that ``ckpt_path=last`` finds it.
     """
 
     def __init__(self, *, exit_code: int = 143, signals: tuple[str, ...] | list[str] = ("SIGUSR1",)) -> None:
         self.exit_code = exit_code
-        self.signals = tuple(signals)
+        self.signals = tuple(dict.fromkeys(("SIGTERM", *signals)))
         self.saved_path: str | None = None
         self.saved_step: int | None = None
+        self.requested: str | None = None  # the signal this process received (not yet agreed on)
         self._installed: dict[int, Any] = {}
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # on_train_start runs after Lightning registered its handlers (Trainer._run), so these replace them
         env = trainer._accelerator_connector.cluster_environment
         slurm_owned = isinstance(env, SLURMEnvironment) and env.auto_requeue
+        self.requested = None
         for name in self.signals:
             signum = getattr(signal, name)
             if slurm_owned and signum == env.requeue_signal:
                 continue
             try:
-                self._installed[signum] = signal.signal(signum, self._make_handler(trainer))
+                self._installed[signum] = signal.signal(signum, self._handler)
             except ValueError:  # not in the main thread
                 pass
 
-    @staticmethod
-    def _make_handler(trainer: L.Trainer):
-        def handler(signum, frame) -> None:
-            rank_zero_info(f"[dalle2] received {signal.Signals(signum).name}: saving a checkpoint after this step")
-            trainer._signal_connector.received_sigterm = True
+    def _handler(self, signum, frame) -> None:
+        if self.requested is None:
+            print(f"[dalle2] received {signal.Signals(signum).name}: stopping after this step", flush=True)
+        self.requested = signal.Signals(signum).name
 
-        return handler
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        flag = torch.tensor([0 if self.requested is None else 1], device=pl_module.device)
+        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if flag.item():
+            trainer._signal_connector.received_sigterm = True  # Lightning stops every rank after this batch
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._restore()
@@ -195,9 +214,14 @@ class Preemption(L.Callback):
         rank_zero_info(f"[dalle2] preempted at step {trainer.global_step}: saved {path}")
 
 
+class CheckpointSaveError(OSError):
+    """A checkpoint could not be written (disk full, quota, I/O error); the previous file is intact."""
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """``torch.save`` to ``<path>.tmp-<pid>`` beside the target, fsync, then ``os.replace`` (remote paths:
-    Lightning's default)."""
+    Lightning's default). A failed write (disk full mid-save) removes the temp file, leaves the previous
+    checkpoint at ``path`` untouched and raises :class:`CheckpointSaveError` saying so."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         path_str = os.fspath(path)
@@ -213,6 +237,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path_str)
+        except OSError as exn:
+            raise CheckpointSaveError(
+                f"could not write checkpoint {path_str}: {exn}. The partial file was removed and no existing "
+                "checkpoint was changed (last.ckpt holds the last good save). Free disk space (or point "
+                "callbacks.model_checkpoint.dirpath elsewhere), then resume with ckpt_path=last"
+            ) from exn
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
@@ -224,3 +254,26 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 os.close(fd)
         except OSError:
             pass
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint`` with the guarantees a week-long run needs.
+
+    * ``keep_last=K``: keep the K newest periodic checkpoints (``step_*.ckpt``) and remove older ones as new ones
+      are written — only files this callback wrote (Lightning's top-k bookkeeping, monitor ``step``, which a
+      resumed run restores); ``last.ckpt`` is always kept. ``-1`` keeps every one. Giving ``monitor`` (e.g.
+      ``val/loss``) keeps the K best by that metric instead, Lightning's way.
+    * The final step is always in ``last.ckpt``: Lightning skips its end-of-training save once any ``last`` was
+      written, so a run whose ``max_steps`` is not a multiple of ``every_n_train_steps`` would end with a stale
+      ``last.ckpt``.
+    """
+
+    def __init__(self, *, keep_last: int = -1, monitor: str | None = None, mode: str = "max", **kwargs: Any) -> None:
+        if monitor is None and keep_last != -1:
+            monitor, mode = "step", "max"
+        super().__init__(monitor=monitor, mode=mode, save_top_k=keep_last, **kwargs)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.save_last and not trainer.sanity_checking and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        super().on_train_end(trainer, pl_module)
