@@ -47,14 +47,15 @@ def pipe(ckpts):
 
 
 class ServerThread:
-    """uvicorn serving ``app`` on 127.0.0.1 (a free port) in a background thread."""
+    """uvicorn serving ``app`` on 127.0.0.1 (a free port) in a background thread; ``server``: a ready
+    ``uvicorn.Server`` for ``app`` (default: a plain one)."""
 
-    def __init__(self, app):
+    def __init__(self, app, server=None):
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+        self.server = server or uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self):
