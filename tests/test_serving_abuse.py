@@ -163,15 +163,14 @@ def read_response(sock: socket.socket, timeout: float) -> tuple[int | None, dict
                                       (ln.partition(":") for ln in lines[1:])}, rest  # fmt: skip
 
 
-def stream_until_answered(port: int, head: bytes, chunks, *, timeout: float = 30):
-    """Send ``head`` then ``chunks`` until the server answers or hangs up -> (status, body, bytes of body sent)."""
+def stream_until_refused(port: int, head: bytes, chunks, *, timeout: float = 30):
+    """Send ``head`` then ``chunks`` (on, even after an answer came) until the server stops reading (the connection
+    breaks) -> (status, body, bytes of body sent)."""
     sock = socket.create_connection(("127.0.0.1", port))
     sent = 0
     try:
         sock.sendall(head)
         for c in chunks:
-            if select.select([sock], [], [], 0)[0]:
-                break  # an answer (or a close) came before the body ended
             try:
                 sock.sendall(c)
             except (BrokenPipeError, ConnectionResetError):
@@ -314,18 +313,30 @@ def test_multipart_body_over_the_upload_limit_is_413_before_it_is_all_read():
 
 
 def test_chunked_body_over_real_http_stops_the_read():
-    """uvicorn on 127.0.0.1; a raw client streams a 128 MB chunked JSON body: 413, the server hung up long before
-    the end, and its memory did not grow with the body."""
+    """uvicorn on 127.0.0.1; a raw client streams a 128 MB chunked JSON body, and goes on after the answer: 413, the
+    server hung up long before the end, and its memory did not grow with the body."""
     with ServerThread(create_app(FakePipeline())) as srv:
         head = (b"POST /v1/images/generations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                 b"Transfer-Encoding: chunked\r\n\r\n")  # fmt: skip
         piece = b" " * MB
         chunks = itertools.chain((b"%x\r\n%s\r\n" % (len(piece), piece) for _ in range(128)), [b"0\r\n\r\n"])
-        (status, body, sent), peak = peak_rss_delta(lambda: stream_until_answered(srv.port, head, chunks))
+        (status, body, sent), peak = peak_rss_delta(lambda: stream_until_refused(srv.port, head, chunks))
     assert status == 413, (status, body[:200])
     assert_error_shape(json.loads(body), "request_too_large")
     assert sent < 32 * MB, f"the server read {sent / MB:.0f} MB"
     assert peak < 64 * MB, f"peak RSS rose {peak / MB:.0f} MB"
+
+
+def test_an_answer_before_the_body_is_read_closes_the_connection():
+    """401 (no key) to a 128 MB chunked upload: the server answers at once and stops reading, rather than reading
+    and discarding the rest to keep the connection alive."""
+    with ServerThread(create_app(FakePipeline(), api_key="sk-x")) as srv:
+        head = (b"POST /v1/images/generations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n")  # fmt: skip
+        piece = b" " * MB
+        chunks = itertools.chain((b"%x\r\n%s\r\n" % (len(piece), piece) for _ in range(128)), [b"0\r\n\r\n"])
+        status, body, sent = stream_until_refused(srv.port, head, chunks)
+    assert status == 401 and sent < 32 * MB, (status, sent)
 
 
 def test_slow_body_is_408_after_the_read_timeout():
@@ -553,6 +564,7 @@ def _serve_cli(args: list[str], tmp_path) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=180)
 
 
+@pytest.mark.slow
 def test_serve_cli_refuses_a_public_bind_without_a_key_before_loading_anything(tmp_path):
     refused = _serve_cli(["host=0.0.0.0", "api_key="], tmp_path)
     out = refused.stdout + refused.stderr
@@ -565,12 +577,19 @@ def test_serve_cli_refuses_a_public_bind_without_a_key_before_loading_anything(t
 # --------------------------------------------------------------------------------------------------- config
 
 
-def test_every_limit_is_reachable_from_the_serve_config():
-    from dalle2.serving import ServeLimits
-
-    spec = importlib.util.spec_from_file_location("eval_serve", REPO / "eval" / "serve.py")
+def _load_script(name: str, path):
+    spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+def test_every_limit_is_reachable_from_the_serve_config(monkeypatch):
+    from dalle2.serving import ServeLimits
+
+    # eval/serve.py imports its neighbour eval/sample.py as `sample` (bench/ has a sample.py too)
+    monkeypatch.setitem(sys.modules, "sample", _load_script("sample", REPO / "eval" / "sample.py"))
+    mod = _load_script("eval_serve", REPO / "eval" / "serve.py")
     cfg = OmegaConf.load(REPO / "conf" / "serve.yaml")
     assert set(cfg.limits) == {f.name for f in dataclasses.fields(ServeLimits)}
     assert cfg.allow_unauthenticated is False
