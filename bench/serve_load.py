@@ -342,7 +342,8 @@ def summarize(records: list, rss: list[int], start_rss: int, peak: int, o: dict)
         "by_kind": {k: {"statuses": dict(sorted(by_kind[k].items())), "p50_s": percentile(lat_kind[k], 50),
                         "p99_s": percentile(lat_kind[k], 99)} for k in sorted(by_kind)},  # fmt: skip
         "server_rss_mb": {"start": round(start_rss / MB, 1), "peak": round(peak / MB, 1),
-                          "max_sampled": round(max(rss, default=0) / MB, 1), "growth": round((peak - start_rss) / MB, 1)},
+                          "max_sampled": round(max(rss, default=0) / MB, 1),
+                          "growth": round((peak - start_rss) / MB, 1)},
     }  # fmt: skip
 
 

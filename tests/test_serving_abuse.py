@@ -15,7 +15,6 @@ import importlib.util
 import io
 import itertools
 import json
-import os
 import select
 import socket
 import struct
@@ -274,8 +273,9 @@ def call_asgi(app, path: str, headers: dict[str, str], chunk: bytes, n_chunks: i
 def test_json_body_with_lying_content_length_is_413_once_the_limit_is_read():
     app = create_app(FakePipeline())
     # says 20 bytes, sends 16 MB
-    status, hdrs, body, pulled, at_start = call_asgi(app, "/v1/images/generations", {"content-type": "application/json",
-                                                     "content-length": "20"}, b" " * 65536, 256, b'{"prompt": "x"')  # fmt: skip
+    headers = {"content-type": "application/json", "content-length": "20"}
+    status, hdrs, body, pulled, at_start = call_asgi(app, "/v1/images/generations", headers, b" " * 65536, 256,
+                                                     b'{"prompt": "x"')  # fmt: skip
     assert status == 413, (status, body[:200])
     assert_error_shape(json.loads(body), "request_too_large")
     assert at_start < 1 * MB and pulled < 2 * MB, (at_start, pulled)  # answered after reading at most the limit
@@ -365,8 +365,8 @@ def test_slow_body_is_408_after_the_read_timeout():
         assert status == 408, status
         # a slow client inside the limit is served
         sock = socket.create_connection(("127.0.0.1", srv.port))
-        payload = raw_request("/v1/images/generations", json.dumps({"prompt": "x", "size": "4x4",
-                                                                    "response_format": "b64_json"}).encode())  # fmt: skip
+        body = {"prompt": "x", "size": "4x4", "response_format": "b64_json"}
+        payload = raw_request("/v1/images/generations", json.dumps(body).encode())
         sock.sendall(payload[:-5])
         time.sleep(0.5)
         sock.sendall(payload[-5:])
@@ -560,7 +560,8 @@ def test_empty_api_key_is_no_key():
 
 def _serve_cli(args: list[str], tmp_path) -> subprocess.CompletedProcess:
     cmd = [sys.executable, str(REPO / "eval/serve.py"), "ckpt.clip=/nonexistent/clip.ckpt",
-           "ckpt.decoder=/nonexistent/decoder.ckpt", "port=9", "device=cpu", f"hydra.run.dir={tmp_path}", *args]  # fmt: skip
+           "ckpt.decoder=/nonexistent/decoder.ckpt", "port=9", "device=cpu", f"hydra.run.dir={tmp_path}",
+           *args]  # fmt: skip
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=180)
 
 
@@ -599,3 +600,12 @@ def test_every_limit_is_reachable_from_the_serve_config(monkeypatch):
     assert set(values) == set(cfg.limits)
     cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"limits.{k}={v}" for k, v in values.items()]))
     assert mod.limits_from_cfg(cfg) == ServeLimits(**values)
+
+
+@pytest.mark.parametrize("field, value", [("max_queue", 0), ("max_image_pixels", -1), ("read_timeout_s", 0.0),
+                                          ("max_json_bytes", 1.5), ("max_decodes", True)])  # fmt: skip
+def test_a_bad_limit_is_an_error_naming_it(field, value):
+    from dalle2.serving import ServeLimits
+
+    with pytest.raises(ValueError, match=f"ServeLimits.{field} must be"):
+        ServeLimits(**{field: value})

@@ -166,6 +166,8 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app):
+        nonlocal decode_slots
+        decode_slots = asyncio.Semaphore(limits.max_decodes)  # bound to this event loop
         batcher.start()
         try:
             yield

@@ -79,7 +79,8 @@ async def send_error(send, error: APIError) -> None:
     """Answer with OpenAI's error body and close the connection (the rest of the body is never read)."""
     body = json.dumps(error.body()).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-               (b"connection", b"close")] + [(k.lower().encode(), str(v).encode()) for k, v in error.headers.items()]  # fmt: skip
+               (b"connection", b"close")]  # fmt: skip
+    headers += [(k.lower().encode(), str(v).encode()) for k, v in error.headers.items()]
     await send({"type": "http.response.start", "status": error.status, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
