@@ -348,7 +348,7 @@ def test_serve_cli(ckpts, tmp_path):
     cmd = [sys.executable, str(REPO / "eval/serve.py"), f"ckpt.clip={ckpts['clip']}", f"ckpt.prior={ckpts['prior']}",
            f"ckpt.decoder={ckpts['decoder']}", f"ckpt.upsamplers=[{ckpts['upsampler']}]", "host=127.0.0.1",
            f"port={port}", "api_key=sk-cli", "steps.prior=2", "steps.decoder=2", "steps.upsampler=2", "device=cpu",
-           f"hydra.run.dir={tmp_path}"]  # fmt: skip
+           "limits.max_queue=5", "limits.max_image_pixels=4096", f"hydra.run.dir={tmp_path}"]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         t0 = time.monotonic()
@@ -364,6 +364,11 @@ def test_serve_cli(ckpts, tmp_path):
         c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-cli", max_retries=0, timeout=120)
         r = c.images.generate(prompt="a red circle", n=2, size="32x32", response_format="b64_json")
         assert [i.size for i in decode_b64(r)] == [(32, 32)] * 2
+        h = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).json()  # the limits reached the app
+        assert h["max_queue"] == 5 and h["limits"]["max_image_pixels"] == 4096
+        with pytest.raises(openai.BadRequestError) as e:  # 65 x 65 > 4096 pixels
+            c.images.create_variation(image=("a.png", _png(Image.new("RGB", (65, 65))), "image/png"), n=1)
+        assert e.value.body["code"] == "image_too_large"
     finally:
         proc.terminate()
         proc.wait(30)
