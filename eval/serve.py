@@ -36,9 +36,11 @@ def build_app(cfg: DictConfig):
 
     from dalle2.serving import check_bind, create_app
 
-    # before loading anything: a public bind without a key, or a bad limit, stops here
-    api_key = check_bind(cfg.host, cfg.api_key, allow_unauthenticated=bool(cfg.allow_unauthenticated))
-    limits = limits_from_cfg(cfg)
+    try:  # before loading anything: a public bind without a key, or a bad limit, stops here with one line
+        api_key = check_bind(cfg.host, cfg.api_key, allow_unauthenticated=bool(cfg.allow_unauthenticated))
+        limits = limits_from_cfg(cfg)
+    except ValueError as e:
+        raise SystemExit(f"[dalle2] serve: {e}") from None
     device = cfg.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -61,11 +63,7 @@ def build_app(cfg: DictConfig):
 def main(cfg: DictConfig) -> None:
     from dalle2.serving import run_server
 
-    try:
-        app = build_app(cfg)
-    except ValueError as e:  # a refused bind or a bad limit: one line, no traceback
-        raise SystemExit(f"[dalle2] serve: {e}") from None
-    run_server(app, host=cfg.host, port=int(cfg.port), log_level=str(cfg.log_level))
+    run_server(build_app(cfg), host=cfg.host, port=int(cfg.port), log_level=str(cfg.log_level))
 
 
 if __name__ == "__main__":
