@@ -47,14 +47,15 @@ def pipe(ckpts):
 
 
 class ServerThread:
-    """uvicorn serving ``app`` on 127.0.0.1 (a free port) in a background thread."""
+    """uvicorn serving ``app`` on 127.0.0.1 (a free port) in a background thread; ``server``: a ready
+    ``uvicorn.Server`` for ``app`` (default: a plain one)."""
 
-    def __init__(self, app):
+    def __init__(self, app, server=None):
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+        self.server = server or uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self):
@@ -347,7 +348,7 @@ def test_serve_cli(ckpts, tmp_path):
     cmd = [sys.executable, str(REPO / "eval/serve.py"), f"ckpt.clip={ckpts['clip']}", f"ckpt.prior={ckpts['prior']}",
            f"ckpt.decoder={ckpts['decoder']}", f"ckpt.upsamplers=[{ckpts['upsampler']}]", "host=127.0.0.1",
            f"port={port}", "api_key=sk-cli", "steps.prior=2", "steps.decoder=2", "steps.upsampler=2", "device=cpu",
-           f"hydra.run.dir={tmp_path}"]  # fmt: skip
+           "limits.max_queue=5", "limits.max_image_pixels=4096", f"hydra.run.dir={tmp_path}"]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         t0 = time.monotonic()
@@ -363,6 +364,11 @@ def test_serve_cli(ckpts, tmp_path):
         c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-cli", max_retries=0, timeout=120)
         r = c.images.generate(prompt="a red circle", n=2, size="32x32", response_format="b64_json")
         assert [i.size for i in decode_b64(r)] == [(32, 32)] * 2
+        h = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).json()  # the limits reached the app
+        assert h["max_queue"] == 5 and h["limits"]["max_image_pixels"] == 4096
+        with pytest.raises(openai.BadRequestError) as e:  # 65 x 65 > 4096 pixels
+            c.images.create_variation(image=("a.png", _png(Image.new("RGB", (65, 65))), "image/png"), n=1)
+        assert e.value.body["code"] == "image_too_large"
     finally:
         proc.terminate()
         proc.wait(30)
