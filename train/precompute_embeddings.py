@@ -5,15 +5,19 @@
 
 Each output shard has the same name as its input and holds every readable sample's original members (image,
 txt, json) plus ``img_emb.npy`` (D,), ``txt_emb.npy`` (D,) and ``txt_tokens.npy`` (L, text_width: the per-token
-text encoder states). Shards are spread over ranks by Lightning ``predict`` (one shard per step), written to a
-temporary file and renamed when complete, and skipped when already present, so a killed job resumes by rerunning.
+text encoder states). Shards are spread over ranks by Lightning ``predict`` (one shard per step), written atomically
+(:func:`dalle2.io.atomic_write`), then recorded complete by a sidecar ``<shard>.json`` (source samples, embedded,
+skipped by reason). A shard counts as done only when it holds its source's samples minus the counted skips, so a
+killed job resumes by rerunning; the job exits non-zero when any shard is missing or incomplete at the end.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import os
 import sys
+from collections import Counter
 from pathlib import Path
 
 import hydra
@@ -26,7 +30,8 @@ from omegaconf import DictConfig
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dalle2.clip.tokenizer import get_tokenizer  # noqa: E402
-from dalle2.data.webdataset import expand_urls, iter_raw_samples, make_dataset  # noqa: E402
+from dalle2.data.webdataset import count_samples, expand_urls, iter_raw_samples, make_dataset  # noqa: E402
+from dalle2.io import atomic_write, write_json_atomic  # noqa: E402
 from dalle2.lit.clip_module import load_clip  # noqa: E402
 
 
@@ -34,6 +39,26 @@ def npy_bytes(a: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, a)
     return buf.getvalue()
+
+
+class ShardError(RuntimeError):
+    """A source shard that cannot give a complete embedding shard (layout problem, not a corrupt sample)."""
+
+
+def marker_path(out_path: Path) -> Path:
+    """The sidecar ``<shard>.json`` that records a complete embedding shard (written after the shard)."""
+    return out_path.with_name(out_path.name + ".json")
+
+
+def shard_complete(out_path: Path) -> bool:
+    """True when ``out_path`` and its sidecar exist and the shard holds what the sidecar says it must: as many
+    samples as its source minus the counted skips (a crash never leaves a short shard that looks done)."""
+    try:
+        info = json.loads(marker_path(out_path).read_text())
+        expected = int(info["source_samples"]) - sum(int(n) for n in info["skipped"].values())
+        return out_path.is_file() and int(info["samples"]) == expected == count_samples([str(out_path)])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 class ShardEmbedder(L.LightningModule):
@@ -48,24 +73,29 @@ class ShardEmbedder(L.LightningModule):
     @torch.no_grad()
     def predict_step(self, url: str, batch_idx: int) -> dict:
         out_path = self.out_dir / Path(url).name
-        if out_path.exists() and not self.overwrite:
+        if not self.overwrite and shard_complete(out_path):
             return {"shard": url, "samples": 0, "skipped_shard": True}
+        pending: Counter = Counter()  # skips not yet handed out with a batch (each batch carries its own)
+        skipped: Counter = Counter()
         batches = make_dataset(
             url, image_size=self.image_size, tokenizer=self.tokenizer, train=False, batch_size=self.batch_size,
-            context_length=self.clip.model.context_length, rank=0, world_size=1,
+            context_length=self.clip.model.context_length, rank=0, world_size=1, skip_counter=pending,
         )  # fmt: skip
         raw = iter_raw_samples(url)
-        tmp = out_path.with_name(f".{out_path.name}.tmp{self.global_rank}")
         n = 0
-        with wds.TarWriter(str(tmp), encoder=False) as sink:
+        with atomic_write(out_path) as f, wds.TarWriter(f, encoder=False) as sink:
             for batch in batches:
+                skipped.update(batch.pop("skipped", {}))
                 images = batch["image"].to(self.device)
                 tokens = batch["tokens"].to(self.device)
                 img_emb = self.clip.encode_image(images).float().cpu().numpy()
                 states, txt_emb = self.clip.model.encode_text_tokens(tokens)
                 states, txt_emb = states.float().cpu().numpy(), txt_emb.float().cpu().numpy()
                 for i, key in enumerate(batch["key"]):
-                    sample = next(s for s in raw if s["__key__"] == key)  # same file order; skips bad samples
+                    # the raw samples come in the same file order; bad ones (skipped by the decoder) are passed over
+                    sample = next((s for s in raw if os.path.basename(s["__key__"]) == key), None)
+                    if sample is None:
+                        raise ShardError(f"shard {url}: decoded sample {key!r} not found among its raw samples")
                     members = {k: v for k, v in sample.items() if not k.startswith("__") and isinstance(v, bytes)}
                     members.update({
                         "img_emb.npy": npy_bytes(img_emb[i].astype(self.np_dtype)),
@@ -74,7 +104,19 @@ class ShardEmbedder(L.LightningModule):
                     })  # fmt: skip
                     sink.write({"__key__": key, **members})
                     n += 1
-        os.replace(tmp, out_path)
+            skipped.update(pending)  # skipped after the last batch
+            source = count_samples([url])
+            layout = {r: skipped[r] for r in ("missing_image", "missing_caption") if skipped[r]}
+            if source and n == 0 and sum(layout.values()) == source:
+                raise ShardError(
+                    f"shard {url}: none of its {source} samples has both an image and a caption ({layout}); "
+                    "img2dataset's layout is {key}.jpg|png|webp + {key}.txt with the same {key}"
+                )
+            if n != source - sum(skipped.values()):
+                raise ShardError(f"shard {url}: {n} samples embedded, expected {source} minus {sum(skipped.values())} "
+                                 f"skipped ({dict(skipped)}); not marking it complete")  # fmt: skip
+        write_json_atomic(marker_path(out_path), {"source": url, "source_samples": source, "samples": n,
+                                                  "skipped": dict(skipped)})  # fmt: skip
         return {"shard": url, "samples": n, "skipped_shard": False}
 
 
@@ -96,7 +138,14 @@ def main(cfg: DictConfig) -> None:
     results = trainer.predict(embedder, dataloaders=loader) or []
     done = sum(r["samples"] for r in results)
     skipped = sum(r["skipped_shard"] for r in results)
-    print(f"[dalle2] {len(urls)} shards -> {cfg.out_dir}: {done} samples embedded, {skipped} shards already complete")
+    if trainer.is_global_zero:
+        # whatever happened on the way (another rank, an iterator that ended early), never exit 0 with a shard missing
+        missing = [u for u in urls if not shard_complete(Path(cfg.out_dir) / Path(u).name)]
+        if missing:
+            sys.exit(f"[dalle2] {len(missing)} of {len(urls)} embedding shards are missing or incomplete in "
+                     f"{cfg.out_dir}: {missing[:5]}{' ...' if len(missing) > 5 else ''}")  # fmt: skip
+        print(f"[dalle2] {len(urls)} shards -> {cfg.out_dir}: {done} samples embedded (this process), "
+              f"{skipped} shards already complete")  # fmt: skip
 
 
 if __name__ == "__main__":

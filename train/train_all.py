@@ -44,6 +44,9 @@ from omegaconf import DictConfig, OmegaConf
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from dalle2.io import atomic_write, write_json_atomic  # noqa: E402
+from dalle2.lit.checkpoints import run_checkpoints  # noqa: E402
+
 STAGES = ("clip", "retrieval", "embeddings", "prior", "decoder", "upsampler", "sample", "evaluate")
 TRAINED = ("clip", "prior", "decoder", "upsampler")  # stages that end in checkpoints/last.ckpt
 # Which earlier stages' outputs a stage reads (a stage that reruns makes these dependents rerun too).
@@ -314,10 +317,126 @@ def run_commands(stage: Stage, *, cwd: Path) -> None:
                              "command: finished stages are skipped")  # fmt: skip
 
 
+# Overrides whose change a run can be resumed across (how long, how often to validate/save/log, on how many devices);
+# any other difference means another experiment, which a resume would silently mix with the first.
+RESUMABLE = re.compile(
+    r"^(trainer\.(max_steps|max_epochs|max_time|val_check_interval|check_val_every_n_epoch|limit_val_batches"
+    r"|log_every_n_steps|devices|num_nodes|accelerator|strategy(\..+)?|enable_progress_bar|num_sanity_val_steps)"
+    r"|trainer|logger(\..+)?|tags|callbacks\.model_checkpoint\.(every_n_train_steps|keep_last)"
+    r"|callbacks\.(lr_monitor|throughput|skipped_samples|sample_grid)\..+|module\.sample_every_n_steps"
+    r"|data\.(num_workers|prefetch_factor|val_batch_size|pin_memory|persistent_workers))$"
+)
+STAGE_RESUMABLE = {"embeddings": re.compile(r"^data\.batch_size$")}  # shards already written stay valid
+EXTENDS = re.compile(r"^trainer\.(max_steps|max_epochs|max_time)$")  # a finished run continues when these change
+
+
+def identity(commands: list[list[str]]) -> list[dict]:
+    """What a stage's commands mean, independent of the interpreter and of where the checkout lies: per command
+    the script (``train/train.py``) and its overrides as ``{key: value}``."""
+    out = []
+    for argv in commands:
+        script = Path(argv[1])
+        pairs = (a.split("=", 1) for a in argv[2:] if "=" in a)
+        out.append({"script": f"{script.parent.name}/{script.name}", "overrides": {k: v for k, v in pairs}})
+    return out
+
+
+def differences(old: list[dict], new: list[dict]) -> dict[str, tuple]:
+    """``{key: (old value, new value)}`` over every command (``None`` where a key is absent; a changed script or
+    number of commands shows as the key ``<script>``)."""
+    if [c["script"] for c in old] != [c["script"] for c in new]:
+        return {"<script>": ([c["script"] for c in old], [c["script"] for c in new])}
+    diff: dict[str, tuple] = {}
+    for a, b in zip(old, new):
+        for k in sorted(set(a["overrides"]) | set(b["overrides"])):
+            va, vb = a["overrides"].get(k), b["overrides"].get(k)
+            if va != vb:
+                diff[k] = (va, vb)
+    return diff
+
+
+def resumable(stage: str, diff: dict) -> bool:
+    extra = STAGE_RESUMABLE.get(stage)
+    return all(RESUMABLE.match(k) or (extra is not None and extra.match(k)) for k in diff)
+
+
+def describe(diff: dict) -> str:
+    return "; ".join(f"{k}: {a if a is not None else '(unset)'} -> {b if b is not None else '(unset)'}"
+                     for k, a, b in ((k, *v) for k, v in diff.items()))  # fmt: skip
+
+
+def read_marker(path: Path) -> dict | None:
+    """A DONE.json / STARTED.json of ours, or None (absent, or unreadable: a crash mid-write of an old version)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and "commands" in data else None
+
+
+def made_by_train_all(d: Path) -> bool:
+    return read_marker(d / "STARTED.json") is not None or read_marker(d / "DONE.json") is not None
+
+
+def move_aside(d: Path) -> Path:
+    """Rename ``out_dir/<stage>`` to ``out_dir/<stage>.old-<time>`` (never delete: it may hold checkpoints)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target = d.with_name(f"{d.name}.old-{stamp}")
+    n = 1
+    while target.exists():
+        target, n = d.with_name(f"{d.name}.old-{stamp}-{n}"), n + 1
+    d.rename(target)
+    return target
+
+
+def refuse(name: str, d: Path, state: str, diff: dict) -> SystemExit:
+    return SystemExit(
+        f"[train_all] {name}: {d} holds {'an' if state[0] in 'aeiou' else 'a'} {state} run made with other settings, which a resume cannot carry over "
+        f"({describe(diff)}). Nothing was changed. To redo the stage with the new settings use force=[{name}] "
+        f"(the old outputs move to {d.name}.old-<time>/, nothing is deleted), or choose another out_dir."
+    )
+
+
+def plan_stage(cfg: DictConfig, plan: Plan, name: str, stage: Stage, *, forced: bool, stale: list[str]) -> str:
+    """What to do with one stage: ``"skip"``, ``"resume"`` (continue the run in its dir), ``"fresh"`` (start in an
+    empty dir; an old one is moved aside first). Raises ``SystemExit`` — before anything is touched — when the dir
+    is not train_all's, or holds a run whose settings differ in a way a resume cannot carry over."""
+    d = plan.dir(name)
+    if not d.exists() or not any(d.iterdir()):
+        return "fresh"
+    if not made_by_train_all(d):
+        raise SystemExit(f"[train_all] {name}: {d} exists and was not made by train_all (no DONE.json/STARTED.json); "
+                         "nothing was changed. Move it away or choose another out_dir.")  # fmt: skip
+    if forced or stale:
+        return "fresh"
+    new = identity(stage.commands)
+    done, started = read_marker(d / "DONE.json"), read_marker(d / "STARTED.json")
+    if done is not None:
+        diff = differences(identity(done["commands"]), new)
+        if not diff:
+            return "skip"
+        if not resumable(name, diff):
+            raise refuse(name, d, "finished", diff)
+        if name in TRAINED and any(EXTENDS.match(k) for k in diff):
+            print(f"[train_all] {name}: finished before; continuing it with {describe(diff)}", flush=True)
+            return "resume"
+        print(f"[train_all] {name}: finished before; kept ({describe(diff)} does not change a finished run)")
+        return "skip"
+    if not cfg.resume:
+        return "fresh"
+    diff = differences(identity(started["commands"]), new) if started is not None else {}
+    if diff and not resumable(name, diff):
+        raise refuse(name, d, "unfinished", diff)
+    if name in (*TRAINED, "embeddings"):
+        return "resume"
+    return "fresh" if diff else "rerun"
+
+
 def run(cfg: DictConfig) -> dict[str, dict]:
     """Run the listed stages in order.
 
     Returns ``{stage: {"status": "ran" | "skipped" | "given" | "would run" (dry_run), "wall_s": seconds}}``.
+    Never deletes anything: a stage started afresh over an old run of its own has the old dir moved aside.
     """
     plan = Plan(cfg)
     stages = [s for s in STAGES if s in set(cfg.stages)]
@@ -326,7 +445,8 @@ def run(cfg: DictConfig) -> dict[str, dict]:
         raise SystemExit(f"stages= lists unknown stages {unknown}; expected some of {list(STAGES)}")
     force = forced_stages(cfg.force)
     plan.out.mkdir(parents=True, exist_ok=True)
-    (plan.out / "train_all.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    with atomic_write(plan.out / "train_all.yaml", "w") as f:
+        f.write(OmegaConf.to_yaml(cfg, resolve=True))
     ran: set[str] = set()
     summary: dict[str, dict] = {}
     for name in stages:
@@ -335,16 +455,15 @@ def run(cfg: DictConfig) -> dict[str, dict]:
             summary[name] = {"status": "given"}
             continue
         stage = plan.build(name)
-        marker = done_path(plan, name)
         stale = [s for s in DEPENDS[name] if s in ran]
-        if marker.is_file() and name not in force and not stale:
-            prev = json.loads(marker.read_text())
-            if prev.get("commands") != stage.commands:
-                print(f"[train_all] {name}: finished before with other settings; kept (force=[{name}] reruns it)")
+        action = plan_stage(cfg, plan, name, stage, forced=name in force, stale=stale)
+        if action == "skip":
+            prev = read_marker(done_path(plan, name)) or {}
             print(f"[train_all] {name}: done ({prev.get('wall_s', 0):.0f} s), skipped", flush=True)
             summary[name] = {"status": "skipped", "wall_s": prev.get("wall_s")}
             continue
-        why = "forced" if name in force else f"{', '.join(stale)} reran" if stale else "not done yet"
+        why = "forced" if name in force else f"{', '.join(stale)} reran" if stale else {
+            "resume": "resuming", "rerun": "rerunning an unfinished run", "fresh": "not done yet"}[action]  # fmt: skip
         print(f"\n[train_all] ===== {name} ({why}) =====", flush=True)
         if cfg.dry_run:
             for argv in stage.commands:
@@ -353,20 +472,15 @@ def run(cfg: DictConfig) -> dict[str, dict]:
             summary[name] = {"status": "would run"}
             continue
         commands = [list(argv) for argv in stage.commands]  # as recorded (without a resume's ckpt_path)
-        # A stage killed before it finished, with the same commands, resumes: training from its last.ckpt, the
-        # embeddings by skipping complete shards. Anything else starts from an empty out_dir/<stage>/.
-        started = plan.dir(name) / "STARTED.json"
-        resume_ckpt = plan.dir(name) / "checkpoints" / "last.ckpt"
-        same = started.is_file() and json.loads(started.read_text()).get("commands") == commands
-        resumable = cfg.resume and same and not marker.is_file() and name not in force and not stale
-        resumed = resumable and name in TRAINED and resume_ckpt.is_file()
-        if plan.dir(name).exists() and not (resumable and name in (*TRAINED, "embeddings")):
-            shutil.rmtree(plan.dir(name))
+        d = plan.dir(name)
+        if action == "fresh" and d.exists() and any(d.iterdir()):
+            print(f"[train_all] {name}: the previous outputs are kept in {move_aside(d)}", flush=True)
+        resumed = action == "resume" and name in TRAINED and bool(run_checkpoints(d))
         if resumed:
-            print(f"[train_all] {name}: resuming from {resume_ckpt}", flush=True)
-            stage.commands[0].append(f"ckpt_path={format_value(str(resume_ckpt))}")
-        plan.dir(name).mkdir(parents=True, exist_ok=True)
-        started.write_text(json.dumps({"stage": name, "commands": commands}, indent=2) + "\n")
+            print(f"[train_all] {name}: resuming from {run_checkpoints(d)[0][1]}", flush=True)
+            stage.commands[0].append("ckpt_path=last")  # the newest checkpoint of the stage's run dir
+        d.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(d / "STARTED.json", {"stage": name, "commands": commands})
         t0, cpu0 = time.time(), children_cpu_s()
         if stage.prepare is not None:
             stage.prepare()
@@ -380,7 +494,7 @@ def run(cfg: DictConfig) -> dict[str, dict]:
             record["outputs"]["ckpt"] = plan.ckpt(name)
             if not Path(plan.ckpt(name)).is_file():
                 raise SystemExit(f"[train_all] stage {name} ended without {plan.ckpt(name)}")
-        marker.write_text(json.dumps(record, indent=2) + "\n")
+        write_json_atomic(done_path(plan, name), record)
         print(f"[train_all] {name}: done in {wall:.0f} s ({cpu:.0f} CPU-s)", flush=True)
         ran.add(name)
         summary[name] = {"status": "ran", "wall_s": wall}

@@ -36,6 +36,8 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
+from dalle2.io import atomic_write
+
 __all__ = [
     "AtomicCheckpointIO", "CheckpointSaveError", "NonFiniteGuard", "NonFiniteLossError", "Preemption", "RunCheckpoint",
     "StepSeed", "last_checkpoint",
@@ -219,7 +221,7 @@ class CheckpointSaveError(OSError):
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """``torch.save`` to ``<path>.tmp-<pid>`` beside the target, fsync, then ``os.replace`` (remote paths:
+    """``torch.save`` to a temp file beside the target, fsync, then ``os.replace`` (:func:`dalle2.io.atomic_write`; remote paths:
     Lightning's default). A failed write (disk full mid-save) removes the temp file, leaves the previous
     checkpoint at ``path`` untouched and raises :class:`CheckpointSaveError` saying so."""
 
@@ -228,32 +230,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if "://" in path_str and not path_str.startswith("file://"):
             return super().save_checkpoint(checkpoint, path, storage_options)
         path_str = path_str.removeprefix("file://")
-        directory = os.path.dirname(os.path.abspath(path_str))
-        os.makedirs(directory, exist_ok=True)
-        tmp = f"{path_str}.tmp-{os.getpid()}"
         try:
-            with open(tmp, "wb") as f:
+            with atomic_write(path_str) as f:
                 torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path_str)
         except OSError as exn:
             raise CheckpointSaveError(
                 f"could not write checkpoint {path_str}: {exn}. The partial file was removed and no existing "
                 "checkpoint was changed (last.ckpt holds the last good save). Free disk space (or point "
                 "callbacks.model_checkpoint.dirpath elsewhere), then resume with ckpt_path=last"
             ) from exn
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        try:  # make the rename itself durable
-            fd = os.open(directory, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        except OSError:
-            pass
 
 
 class RunCheckpoint(ModelCheckpoint):
