@@ -162,3 +162,73 @@ def _clip_ckpt(tmp_path):
     torch.save({"state_dict": clip.state_dict(), "hyper_parameters": dict(clip.hparams), STAGE_KEY: "clip",
                 "pytorch-lightning_version": L.__version__}, path)  # fmt: skip
     return str(path)
+
+
+# ------------------------------------------------------------------------------------------------ skipped steps leave state alone
+
+
+from dalle2.lit.diffusion_base import DiffusionStageModule  # noqa: E402
+
+
+class BNStage(DiffusionStageModule):
+    """A diffusion-stage module (its EMA is updated in optimizer_step) whose network has BatchNorm; the batch is
+    NaN on ``nan_steps``. Records EMA weights and BN running stats after every step."""
+
+    def __init__(self, nan_steps=(), huge=False):
+        super().__init__(ema_decay=0.5, ema_warmup=0, default_lr=0.01)
+        self.net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 1))
+        self._init_ema()
+        self.nan_steps, self.huge = set(nan_steps), huge
+        self.after: dict[int, dict] = {}
+
+    def training_step(self, batch, batch_idx):
+        x = torch.randn(16, 4)
+        if self.global_step in self.nan_steps:
+            x = x * float("nan")
+        loss = (self.net(x) - x.sum(1, keepdim=True)).pow(2).mean()
+        return loss * 1e30 if self.huge else loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        bn = self.net[1]
+        self.after[self.global_step] = {
+            "ema": [p.detach().clone() for p in self.ema.module.parameters()],
+            "mean": bn.running_mean.clone(), "var": bn.running_var.clone(), "n": int(bn.num_batches_tracked),
+        }  # fmt: skip
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.zeros(64, 1), batch_size=1)
+
+
+def test_skipped_step_leaves_ema_and_batchnorm_stats_where_they_were(tmp_path):
+    m = BNStage(nan_steps={3})
+    trainer, guard = _fit(m, tmp_path, 6, max_consecutive=3)
+    assert guard.skipped == 1
+    before, after = m.after[3], m.after[4]  # the state after step 2 and after the skipped step 3
+    for a, b in zip(before["ema"], after["ema"]):
+        assert torch.equal(a, b), "the EMA moved on a skipped step"
+    assert torch.equal(before["mean"], after["mean"]) and torch.equal(before["var"], after["var"])
+    assert before["n"] == after["n"]
+    assert torch.isfinite(m.net[1].running_mean).all() and torch.isfinite(m.net[1].running_var).all()
+    assert not torch.equal(m.after[5]["ema"][0], m.after[4]["ema"][0])  # and moves again after it
+
+
+@pytest.mark.parametrize("nan", [True, False])
+def test_guard_under_16_mixed_with_a_grad_scaler(tmp_path, nan):
+    """Under a GradScaler, NaN losses still stop the run after max_consecutive; overflow steps of a finite loss
+    (the scaler calibrating) are skipped without counting towards the stop."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**100)
+    m = BNStage(nan_steps=set(range(2, 100)) if nan else (), huge=not nan)
+    guard_cb = NonFiniteGuard(max_consecutive=3)
+    trainer = L.Trainer(accelerator="cpu", max_steps=12, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path, callbacks=[guard_cb],
+                        plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])  # fmt: skip
+    if nan:
+        with pytest.raises(NonFiniteLossError, match="3 consecutive"):
+            trainer.fit(m)
+        assert torch.isfinite(m.net[1].running_mean).all()
+    else:
+        trainer.fit(m)
+        assert trainer.global_step == 12 and guard_cb.skipped >= 3 and guard_cb.consecutive == 0
+        assert scaler.get_scale() < 2.0**100  # the scaler did calibrate down

@@ -73,7 +73,8 @@ class DiffusionStageModule(L.LightningModule):
         # right after the step, before callbacks' on_train_batch_end (where ModelCheckpoint saves): a checkpoint
         # then holds this step's EMA, so a resumed run's EMA matches an uninterrupted one
         super().optimizer_step(*args, **kwargs)
-        if self.ema is not None:
+        # a step NonFiniteGuard skipped has no gradients left: the EMA stays where it was too
+        if self.ema is not None and any(p.grad is not None for p in self.net.parameters()):
             self.ema.update(self.net, self.global_step)
 
     def log_losses(self, losses: dict, per_sample: dict | None, prefix: str = "train") -> None:

@@ -62,10 +62,17 @@ def last_checkpoint(trainer: L.Trainer) -> str | None:
 class NonFiniteGuard(L.Callback):
     """Skip optimizer steps whose gradients are not finite; stop after ``max_consecutive`` in a row.
 
-    Works for any LightningModule with automatic or manual optimization (it runs in
-    ``on_before_optimizer_step``, after backward and the DDP all-reduce, so every rank decides alike).
-    Under ``16-mixed`` precision the GradScaler already skips inf/NaN steps (and they are expected while it
-    calibrates its scale), so the guard stands aside there.
+    A skipped step changes nothing that training carries: the gradients are dropped (AdamW leaves weights and
+    moments alone), the EMA is not updated (:class:`~dalle2.lit.diffusion_base.DiffusionStageModule` updates it only
+    after a step with gradients), and BatchNorm running statistics are put back to where they were before the
+    step's forward passes (a NaN batch would otherwise poison them). The step still counts: ``global_step`` and
+    the LR schedule advance as if it had been taken.
+
+    The decision is global: under several processes the flags are combined (``all_reduce(MIN)``), so a step is
+    skipped on every rank or on none (also when each rank holds only a shard of the gradients). It runs in
+    ``on_before_optimizer_step``, after backward (and after ``GradScaler.unscale_`` under ``16-mixed``).
+    Under a GradScaler (``16-mixed`` on GPUs) an overflowing step is skipped likewise, but only a step whose
+    *loss* is non-finite counts towards ``max_consecutive``: overflows are how the scaler calibrates itself.
     """
 
     def __init__(self, *, max_consecutive: int = 10, log: bool = True) -> None:
@@ -75,33 +82,61 @@ class NonFiniteGuard(L.Callback):
         self.skipped = 0
         self.consecutive = 0
         self.last_good_step: int | None = None
+        self._decided: tuple[int, bool] | None = None  # (step, skipped) of the optimizer step of this batch
+        self._bn_snapshot: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    @staticmethod
+    def _bn_buffers(pl_module: L.LightningModule) -> list[torch.Tensor]:
+        return [b for m in pl_module.modules() if isinstance(m, torch.nn.modules.batchnorm._NormBase)
+                for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]  # fmt: skip
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._bn_snapshot is None:  # the first micro-batch of an accumulation window
+            self._bn_snapshot = [(b, b.detach().clone()) for b in self._bn_buffers(pl_module)]
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
-        if getattr(trainer.precision_plugin, "scaler", None) is not None:
-            return
         params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        if not params:
-            return
-        norms = torch._foreach_norm([p.grad for p in params])
-        finite = bool(torch.isfinite(torch.stack([n.float() for n in norms])).all())  # one sync per step
-        if finite:
-            self.consecutive = 0
-            self.last_good_step = trainer.global_step
-        else:
+        finite = True
+        if params:
+            norms = torch._foreach_norm([p.grad for p in params])
+            finite = bool(torch.isfinite(torch.stack([n.float() for n in norms])).all())  # one sync per step
+        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            flag = torch.tensor([1 if finite else 0], device=pl_module.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+            finite = bool(flag.item())
+        if not finite:
             for p in params:
                 p.grad = None  # AdamW (and SGD, ...) skip parameters without gradients: no update, no decay
+            for buf, saved in self._bn_snapshot or []:
+                buf.copy_(saved)
+        self._bn_snapshot = None
+        self._decided = (trainer.global_step, not finite)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        if self._decided is None:  # accumulating: no optimizer step in this batch
+            return
+        step, skipped = self._decided
+        self._decided = None
+        if not skipped:
+            self.consecutive = 0
+            self.last_good_step = step
+        else:
             self.skipped += 1
-            self.consecutive += 1
-            rank_zero_warn(
-                f"non-finite loss/gradients at step {trainer.global_step}: optimizer step skipped "
-                f"({self.consecutive} in a row, {self.skipped} in all)"
-            )
+            loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+            loss_finite = isinstance(loss, torch.Tensor) and bool(torch.isfinite(loss.detach()).all())
+            scaler = getattr(trainer.precision_plugin, "scaler", None)
+            if scaler is None or not loss_finite:
+                self.consecutive += 1
+                rank_zero_warn(
+                    f"non-finite loss/gradients at step {step}: optimizer step skipped "
+                    f"({self.consecutive} in a row, {self.skipped} in all)"
+                )
         if self.log:
             pl_module.log("train/nonfinite_skipped", float(self.skipped), on_step=True, on_epoch=False)
         if self.consecutive >= self.max_consecutive:
             good = "none yet" if self.last_good_step is None else f"step {self.last_good_step}"
             raise NonFiniteLossError(
-                f"{self.consecutive} consecutive non-finite losses/gradients, the last at step {trainer.global_step} "
+                f"{self.consecutive} consecutive non-finite losses/gradients, the last at step {step} "
                 f"(last finite step: {good}); stopping. Last good checkpoint: {last_checkpoint(trainer) or 'none saved'}. "
                 "Resume from it with a lower learning rate, gradient clipping, or after checking the data."
             )
