@@ -108,3 +108,36 @@ def test_signal_to_one_rank_stops_every_rank_with_a_checkpoint(signame, rank, bu
                               "ckpt_path=last"], timeout=180)  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == saved + 2
+
+
+@pytest.mark.slow
+def test_sample_evaluation_with_a_corrupt_png_on_one_rank(builtin_shards, clip_ckpt, tmp_path):
+    """eval/evaluate.py task=samples over 2 processes: item 1 (rank 1's) is a corrupt PNG. It is skipped and
+    counted; the run finishes with metrics over the other samples (it used to raise on rank 1 only)."""
+    import json
+    import sys
+
+    import numpy as np
+    from PIL import Image
+
+    from dalle2.data.synthetic import make_caption, render, sample_attributes
+    from helpers.tiny_runs import REPO_ROOT
+
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    rng = np.random.default_rng(0)
+    with open(samples / "manifest.jsonl", "w") as f:
+        for i in range(8):
+            attrs = sample_attributes(rng)
+            Image.fromarray(render(attrs, 32, rng)).save(samples / f"{i:05d}.png")
+            f.write(json.dumps({"file": f"{i:05d}.png", "prompt": make_caption(attrs, rng), "index": i}) + "\n")
+    (samples / "00001.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    out = tmp_path / "metrics.json"
+    cmd = [sys.executable, str(REPO_ROOT / "eval" / "evaluate.py"), "task=samples", f"clip_ckpt={clip_ckpt}",
+           f"samples={samples}", f"reference.urls='{builtin_shards['val']}'", "reference.max_samples=16",
+           "data.num_workers=0", "data.batch_size=4", "kid.subsets=5", "trainer.accelerator=cpu", "trainer.devices=2",
+           "trainer.strategy=ddp", "trainer.enable_progress_bar=false", f"out={out}"]  # fmt: skip
+    proc = run(cmd, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["num_samples"] == 7 and res["samples_skipped"] == 1 and res["num_reference"] == 16

@@ -144,7 +144,8 @@ class SampleEvaluator(L.LightningModule):
         n_fake, n_real = len(fake["id"]), len(real["id"])
         if n_fake < 2 or n_real < 2:
             raise ValueError(f"need >= 2 samples and >= 2 reference images, got {n_fake} and {n_real}")
-        res: dict = {"num_samples": n_fake, "num_reference": n_real, "reference_skipped": int(real["skipped"])}
+        res: dict = {"num_samples": n_fake, "num_reference": n_real, "samples_skipped": int(fake["skipped"]),
+                     "reference_skipped": int(real["skipped"])}  # fmt: skip
         kid = dict(self.kid)
         res["kid_subset_size"] = min(kid["subset_size"], n_fake, n_real)
         res["clip_fd"] = frechet_distance(real["clip"], fake["clip"])

@@ -67,7 +67,8 @@ def _mine(item: int, rank: int, world_size: int) -> bool:
 
 
 class SampleFiles(torch.utils.data.IterableDataset):
-    """Yields ``{"image": (3, S, S) float in [-1, 1], "id": row number, "text": prompt, "valid": True}``."""
+    """Yields ``{"image": (3, S, S) float in [-1, 1], "id": row number, "text": prompt, "valid"}``; an unreadable or
+    corrupt PNG yields ``valid=False`` (a zero image) so that the evaluator skips and counts it."""
 
     def __init__(self, samples_dir: str | Path, rows: list[dict], *, image_size: int, rank: int = 0,
                  world_size: int = 1):  # fmt: skip
@@ -80,11 +81,15 @@ class SampleFiles(torch.utils.data.IterableDataset):
             if not _mine(j, self.rank, self.world_size):
                 continue
             path = self.root / row["file"]
+            out = {"image": torch.zeros(3, self.image_size, self.image_size), "id": j, "text": row["prompt"],
+                   "valid": False}  # fmt: skip
             try:
-                image = load_rgb(path.read_bytes(), image_size=self.image_size)
-            except Exception as exc:
-                raise ValueError(f"sample image {path} could not be decoded ({type(exc).__name__}: {exc})") from None
-            yield {"image": image, "id": j, "text": row["prompt"], "valid": True}
+                out["image"] = load_rgb(path.read_bytes(), image_size=self.image_size)
+                out["valid"] = True
+            except Exception as exc:  # counted as samples_skipped; raising here would leave the other ranks waiting
+                warnings.warn(f"sample image {path} could not be read ({type(exc).__name__}: {exc}); skipped",
+                              stacklevel=2)  # fmt: skip
+            yield out
 
 
 class ReferenceImages(torch.utils.data.IterableDataset):
