@@ -48,10 +48,17 @@ def setup(tmp_path, builtin_shards, monkeypatch):
     fake = FakeStages(out)
     monkeypatch.setattr(train_all, "run_commands", fake)
 
-    def run(*extra):
+    def run(*extra, kill_at=None):
+        """train_all on the decoder stage; with ``kill_at`` the stage is killed at that step (checkpoint written)."""
         args = [f"out_dir={out}", "experiment=demo", "report=false", "stages=[decoder]",
                 f"data.train_urls='{builtin_shards['train']}'", f"data.val_urls='{builtin_shards['val']}'", *extra]
-        return train_all.run(compose_train_all(args))
+        fake.kill_at = kill_at
+        try:
+            return train_all.run(compose_train_all(args))
+        except Killed:
+            return None
+        finally:
+            fake.kill_at = None
 
     return out, fake, run
 
@@ -63,10 +70,7 @@ def snapshot(d: Path) -> dict[str, bytes]:
 def test_killed_stage_rerun_with_more_steps_resumes_from_its_checkpoint(setup):
     """The reproduced case: max_steps raised on a half-trained stage used to rmtree it, last.ckpt included."""
     out, fake, run = setup
-    fake.kill_at = 700
-    with pytest.raises(Killed):
-        run("decoder.trainer.max_steps=1500")
-    fake.kill_at = None
+    assert run("decoder.trainer.max_steps=1500", kill_at=700) is None
     summary = run("decoder.trainer.max_steps=3000")
     assert summary["decoder"]["status"] == "ran"
     assert fake.calls[-1]["found_step"] == 700  # the checkpoint was there when the stage started
@@ -77,10 +81,7 @@ def test_killed_stage_rerun_with_more_steps_resumes_from_its_checkpoint(setup):
 
 def test_incompatible_change_stops_before_touching_anything(setup):
     out, fake, run = setup
-    fake.kill_at = 700
-    with pytest.raises(Killed):
-        run()
-    fake.kill_at = None
+    assert run(kill_at=700) is None
     before = snapshot(out / "decoder")
     with pytest.raises(SystemExit, match=r"model\.model_channels: \(unset\) -> 64.*force=\[decoder\].*another out_dir") as e:
         run("decoder.model.model_channels=64")
@@ -112,10 +113,7 @@ def test_force_moves_the_old_outputs_aside(setup):
 
 def test_interpreter_and_checkout_paths_are_not_part_of_the_identity(setup):
     out, fake, run = setup
-    fake.kill_at = 5
-    with pytest.raises(Killed):
-        run()
-    fake.kill_at = None
+    assert run(kill_at=5) is None
     started = out / "decoder" / "STARTED.json"
     rec = json.loads(started.read_text())
     rec["commands"] = [["/other/venv/bin/python", "/elsewhere/checkout/train/train.py", *argv[2:]]
