@@ -105,7 +105,6 @@ class CLIPModule(StageCheckpointMixin, L.LightningModule):
         return build_optimizers(self.model, self.optimizer_factory, self.scheduler_factory, default_lr=5e-4)
 
 
-
 def load_clip(path: str, *, map_location="cpu", trust_checkpoint: bool = False) -> CLIPModule:
     """A ``CLIPModule`` in eval mode from a stage=clip ``.ckpt`` or export, or from CLIP weights (OpenAI /
     open_clip / ``save_safetensors``).  Nothing is unpickled beyond weights unless ``trust_checkpoint``
