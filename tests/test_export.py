@@ -174,12 +174,17 @@ def test_serve_builds_from_exports(exports):
     cfg.pop("hydra"), cfg.pop("defaults")
     cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"ckpt.clip={exports['clip']}", f"ckpt.prior={exports['prior']}",
                                                        f"ckpt.decoder={exports['decoder']}", "device=cpu"]))  # fmt: skip
-    sys.path.insert(0, os.path.join(REPO_ROOT, "eval"))
+    eval_dir = os.path.join(REPO_ROOT, "eval")
+    saved = sys.modules.pop("sample", None)  # serve.py imports eval/sample.py as "sample" (bench/ has one too)
+    sys.path.insert(0, eval_dir)
     try:
-        spec = importlib.util.spec_from_file_location("eval_serve", os.path.join(REPO_ROOT, "eval", "serve.py"))
+        spec = importlib.util.spec_from_file_location("eval_serve", os.path.join(eval_dir, "serve.py"))
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
         app = mod.build_app(cfg)
     finally:
-        sys.path.remove(os.path.join(REPO_ROOT, "eval"))
+        sys.path.remove(eval_dir)
+        sys.modules.pop("sample", None)
+        if saved is not None:
+            sys.modules["sample"] = saved
     assert any(getattr(r, "path", "") == "/v1/images/generations" for r in app.routes)
