@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 .PHONY: venv test test-fast demo data clean
 
 # The CPU torch wheel that lies on this machine's disk is installed first, so that pip never resolves a
-# CUDA build; pyproject only asks torch>=2.4, which keeps a GPU machine's own build.
+# CUDA build; pyproject only asks torch>=2.6 (safe weights-only loading), which keeps a GPU machine's own build.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip

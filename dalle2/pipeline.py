@@ -191,12 +191,15 @@ class UnCLIPPipeline(nn.Module):
         decoder: a ``DecoderModule``; ``upsamplers``: ``UpsamplerModule`` s, in order (each one's ``lowres_size``
             must be the previous stage's output size).
         prior: a ``PriorModule`` (None: only :meth:`variations` and embedding/image :meth:`interpolate` work).
-        tokenizer: a ``Tokenizer`` (default: the shipped vocabulary at the CLIP's context length).
+        tokenizer: a ``Tokenizer`` or a merges file (default: the vocabulary the CLIP was trained with, as stored in
+            its checkpoint — or in the prior's / text decoder's; the shipped one when none records it).  One that
+            does not match (hash, or size for a CLIP that records none) is a ``VocabularyMismatchError``, as is a
+            prior or text decoder trained on another vocabulary's text features.
     """
 
     def __init__(self, *, clip, decoder, prior=None, upsamplers: Sequence = (), tokenizer=None):
         super().__init__()
-        from dalle2.clip.tokenizer import get_tokenizer
+        from dalle2.clip.tokenizer import VocabularyMismatchError, resolve_tokenizer
 
         self.clip, self.decoder, self.prior = clip.eval(), decoder.eval(), None if prior is None else prior.eval()
         self.upsamplers = nn.ModuleList([u.eval() for u in upsamplers])
@@ -221,7 +224,20 @@ class UnCLIPPipeline(nn.Module):
                 raise ValueError(f"upsampler {j} takes {lo} px images but the stage before it makes {sizes[-1]} px")
             sizes.append(hi)
         self.sizes: tuple[int, ...] = tuple(sizes)
-        self.tokenizer = tokenizer if tokenizer is not None else get_tokenizer(context_length=clip.model.context_length)
+        vocab, owner = getattr(clip, "vocabulary", None), "the CLIP"
+        for name, stage in (("prior", prior), ("decoder", decoder if decoder.use_text else None)):
+            v = getattr(stage, "vocabulary", None)
+            if v is None:
+                continue
+            if vocab is None:  # a CLIP that records no vocabulary: the stage trained on its text says which
+                vocab, owner = v, f"the {name}'s CLIP"
+            elif v.sha256 != vocab.sha256:
+                raise VocabularyMismatchError(
+                    f"the {name} was trained on text features of a CLIP with vocabulary {v.describe()}, but this "
+                    f"CLIP's is {vocab.describe()}: not its CLIP"
+                )
+        self.tokenizer = resolve_tokenizer(vocab, tokenizer, context_length=clip.model.context_length,
+                                           model_vocab_size=int(clip_cfg["vocab_size"]), owner=owner)  # fmt: skip
 
     @classmethod
     def from_checkpoints(
@@ -233,22 +249,24 @@ class UnCLIPPipeline(nn.Module):
         upsamplers: Sequence[str] = (),
         device: str | torch.device = "cpu",
         tokenizer: str | None = None,
+        trust_checkpoint: bool = False,
     ) -> "UnCLIPPipeline":
-        """Load each stage with a stage check (a checkpoint of the wrong stage raises ``WrongStageError`` naming the
-        file).  ``clip``: a stage=clip ``.ckpt`` or CLIP weights (OpenAI / open_clip / safetensors); ``tokenizer``:
-        a BPE merges file (None: the shipped vocabulary)."""
-        from dalle2.clip.tokenizer import get_tokenizer
+        """Load each stage from a ``.ckpt`` (weights-only unpickling) or a safetensors export (``python -m
+        dalle2.export``), with a stage check (``WrongStageError`` naming the file).  ``clip``: a stage=clip
+        ``.ckpt`` / export or CLIP weights (OpenAI / open_clip / safetensors).  A file that would run code raises
+        ``UntrustedCheckpointError`` unless ``trust_checkpoint``.  ``tokenizer``: a BPE merges file (None: the CLIP's
+        own vocabulary)."""
         from dalle2.lit.checkpoints import load_stage_module
         from dalle2.lit.clip_module import load_clip
 
         if isinstance(upsamplers, str):
             upsamplers = [upsamplers]
-        clip_m = load_clip(clip)
-        prior_m = None if not prior else load_stage_module(prior, "prior")
-        dec_m = load_stage_module(decoder, "decoder")
-        ups = [load_stage_module(p, "upsampler") for p in upsamplers]
-        tok = get_tokenizer(tokenizer, context_length=clip_m.model.context_length)
-        return cls(clip=clip_m, prior=prior_m, decoder=dec_m, upsamplers=ups, tokenizer=tok).to(device)
+        trust = {"trust_checkpoint": bool(trust_checkpoint)}
+        clip_m = load_clip(clip, **trust)
+        prior_m = None if not prior else load_stage_module(prior, "prior", **trust)
+        dec_m = load_stage_module(decoder, "decoder", **trust)
+        ups = [load_stage_module(p, "upsampler", **trust) for p in upsamplers]
+        return cls(clip=clip_m, prior=prior_m, decoder=dec_m, upsamplers=ups, tokenizer=tokenizer).to(device)
 
     # -- devices: keep the LightningModules' `.device` in step when this plain nn.Module is moved ------------------
     def _apply(self, fn, *args, **kwargs):

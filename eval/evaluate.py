@@ -29,20 +29,27 @@ from omegaconf import DictConfig
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dalle2.data.datamodule import WebDataModule  # noqa: E402
+from dalle2.lit.checkpoints import CHECKPOINT_ERRORS  # noqa: E402
 from dalle2.lit.clip_module import load_clip  # noqa: E402
 from dalle2.metrics.evaluator import SampleEvalData, SampleEvaluator, samples_summary_line  # noqa: E402
 from dalle2.metrics.inception import InceptionWeightsError, load_fid_inception  # noqa: E402
 
 
+def load_checked_clip(cfg: DictConfig, tokenizer_path):
+    """The CLIP (safe load) and its tokenizer (its own vocabulary; a named one must match it)."""
+    clip = load_clip(cfg.clip_ckpt, trust_checkpoint=bool(cfg.get("trust_checkpoint", False)))
+    return clip, clip.tokenizer(tokenizer_path)
+
+
 def evaluate_retrieval(cfg: DictConfig) -> dict:
-    module = load_clip(cfg.clip_ckpt)
+    module, tokenizer = load_checked_clip(cfg, cfg.data.tokenizer_path)
     dm = WebDataModule(
         train_urls=None,
         val_urls=cfg.data.urls,
         image_size=cfg.data.image_size or module.model.image_size,
         val_batch_size=cfg.data.batch_size,
         num_workers=cfg.data.num_workers,
-        tokenizer_path=cfg.data.tokenizer_path,
+        tokenizer=tokenizer,
         context_length=module.model.context_length,
     )
     trainer = L.Trainer(
@@ -61,8 +68,6 @@ def evaluate_retrieval(cfg: DictConfig) -> dict:
 
 def evaluate_samples(cfg: DictConfig) -> dict | None:
     """Metrics of ``cfg.samples`` against ``cfg.reference.urls``; the dict on rank 0, None on the other ranks."""
-    from dalle2.clip.tokenizer import get_tokenizer
-
     if not cfg.samples or not cfg.reference.urls:
         raise SystemExit("task=samples needs samples=DIR and reference.urls=SHARDS")
     try:
@@ -73,8 +78,7 @@ def evaluate_samples(cfg: DictConfig) -> dict | None:
         inception = load_fid_inception(cfg.inception) if cfg.inception else None
     except (FileNotFoundError, InceptionWeightsError, ValueError) as exc:
         raise SystemExit(f"error: {exc}") from None
-    clip = load_clip(cfg.clip_ckpt)
-    tokenizer = get_tokenizer(cfg.data.tokenizer_path, context_length=clip.model.context_length)
+    clip, tokenizer = load_checked_clip(cfg, cfg.data.tokenizer_path)
     module = SampleEvaluator(clip=clip, tokenizer=tokenizer, inception=inception, kid_subsets=cfg.kid.subsets,
                              kid_subset_size=cfg.kid.subset_size, kid_seed=cfg.kid.seed)  # fmt: skip
     trainer = L.Trainer(
@@ -104,7 +108,10 @@ TASKS = {"retrieval": evaluate_retrieval, "samples": evaluate_samples}
 def main(cfg: DictConfig) -> None:
     if cfg.task not in TASKS:
         raise SystemExit(f"unknown task {cfg.task!r}; expected one of {sorted(TASKS)}")
-    result = TASKS[cfg.task](cfg)
+    try:
+        result = TASKS[cfg.task](cfg)
+    except CHECKPOINT_ERRORS as e:  # a refused / wrong-stage / missing checkpoint, a mismatched vocabulary: one line
+        raise SystemExit(f"error: {e}") from None
     if result is None:  # a non-zero rank of a multi-process run: rank 0 writes
         return
     text = json.dumps(result, indent=2, sort_keys=True)

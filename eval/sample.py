@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from dalle2.lit.checkpoints import CHECKPOINT_ERRORS  # noqa: E402
 from dalle2.lit.pipeline_module import PipelineModule, PromptBatches, SampleWriter, make_items  # noqa: E402
 from dalle2.pipeline import SamplingSettings, UnCLIPPipeline  # noqa: E402
 
@@ -54,14 +55,16 @@ def run(cfg: DictConfig) -> Path:
     settings = settings_from_cfg(cfg)
     upsamplers = list(cfg.ckpt.upsamplers or [])
     pipe = UnCLIPPipeline.from_checkpoints(clip=cfg.ckpt.clip, prior=cfg.ckpt.prior, decoder=cfg.ckpt.decoder,
-                                           upsamplers=upsamplers, tokenizer=cfg.tokenizer_path)  # fmt: skip
+                                           upsamplers=upsamplers, tokenizer=cfg.tokenizer_path,
+                                           trust_checkpoint=bool(cfg.get("trust_checkpoint", False)))  # fmt: skip
     module = PipelineModule(pipe, settings=settings, size=cfg.size)
     size = cfg.size or pipe.sizes[-1]
     items = make_items(prompts, n_per_prompt=int(cfg.n_per_prompt), seed=int(cfg.seed))
     out_dir = Path(cfg.out_dir)
     extra = {"size": int(size), "settings": settings.to_dict(),
              "ckpt": {"clip": cfg.ckpt.clip, "prior": cfg.ckpt.prior, "decoder": cfg.ckpt.decoder,
-                      "upsamplers": upsamplers[: pipe.sizes.index(size)]}}  # fmt: skip
+                      "upsamplers": upsamplers[: pipe.sizes.index(size)]},
+             "tokenizer": pipe.tokenizer.vocabulary.to_dict(with_merges=False)}  # fmt: skip
     writer = SampleWriter(out_dir, items, extra=extra, grid_max=int(cfg.grid.max_images), grid_ncol=cfg.grid.ncol,
                           grid_captions=bool(cfg.grid.captions))  # fmt: skip
     # the writer names files from the items themselves, not from Lightning's batch indices
@@ -80,7 +83,10 @@ def run(cfg: DictConfig) -> Path:
 
 @hydra.main(config_path="../conf", config_name="sample", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    run(cfg)
+    try:
+        run(cfg)
+    except CHECKPOINT_ERRORS as e:  # a refused / wrong-stage / missing checkpoint, a mismatched vocabulary: one line
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

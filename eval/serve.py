@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from dalle2.lit.checkpoints import CHECKPOINT_ERRORS  # noqa: E402
 from dalle2.pipeline import UnCLIPPipeline  # noqa: E402
 from sample import settings_from_cfg  # noqa: E402  (eval/sample.py, beside this script)
 
@@ -44,9 +45,10 @@ def build_app(cfg: DictConfig):
     device = cfg.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    trust = bool(cfg.get("trust_checkpoint", False))
     pipe = UnCLIPPipeline.from_checkpoints(clip=cfg.ckpt.clip, prior=cfg.ckpt.prior or None, decoder=cfg.ckpt.decoder,
                                            upsamplers=list(cfg.ckpt.upsamplers or []), tokenizer=cfg.tokenizer_path,
-                                           device=device)  # fmt: skip
+                                           device=device, trust_checkpoint=trust)  # fmt: skip
     app = create_app(
         pipe, api_key=api_key, model_name=cfg.model_name, model_aliases=list(cfg.model_aliases or []),
         settings=settings_from_cfg(cfg), max_n=int(cfg.max_n), max_batch_size=int(cfg.max_batch_size),
@@ -63,7 +65,11 @@ def build_app(cfg: DictConfig):
 def main(cfg: DictConfig) -> None:
     from dalle2.serving import run_server
 
-    run_server(build_app(cfg), host=cfg.host, port=int(cfg.port), log_level=str(cfg.log_level))
+    try:
+        app = build_app(cfg)
+    except CHECKPOINT_ERRORS as e:  # a refused / wrong-stage / missing checkpoint, a mismatched vocabulary: one line
+        raise SystemExit(f"error: {e}") from None
+    run_server(app, host=cfg.host, port=int(cfg.port), log_level=str(cfg.log_level))
 
 
 if __name__ == "__main__":

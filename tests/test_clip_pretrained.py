@@ -195,6 +195,46 @@ def test_torchscript_fp16_weights_load_as_float32(tmp_path):
     _assert_matches_reference(model, {k: v.float() for k, v in sd.items()})
 
 
+def test_torchscript_archive_is_read_without_jit(tmp_path, monkeypatch):
+    """torch.jit.load runs the archive's code: the weights are read with the weights-only unpickler instead."""
+    from dalle2.safe_load import read_torchscript_state_dict
+
+    sd = openai_vit_state_dict(seed=6)
+    path = tmp_path / "ViT-tiny.pt"
+    torch.jit.save(torch.jit.script(module_with_state_dict(sd)), str(path))
+    reference = torch.jit.load(str(path)).state_dict()
+
+    def no_jit(*args, **kwargs):
+        raise AssertionError("torch.jit.load was called")
+
+    monkeypatch.setattr(torch.jit, "load", no_jit)
+    read = read_torchscript_state_dict(path)
+    assert set(read) == set(reference) and all(torch.equal(read[k], reference[k]) for k in reference)
+    _assert_matches_reference(load_clip_checkpoint(path), sd)
+
+
+def test_torchscript_archive_with_a_payload_is_refused(tmp_path):
+    from dalle2.safe_load import UntrustedCheckpointError
+    from helpers.evil import assert_refused, malicious_torchscript
+
+    marker = tmp_path / "PAYLOAD_RAN"
+    evil = malicious_torchscript(tmp_path / "ViT-evil.pt", marker)
+    with pytest.raises(UntrustedCheckpointError) as e:
+        load_clip_checkpoint(evil)
+    assert_refused(str(e.value), evil, marker)
+
+
+def test_pickled_weights_with_a_payload_are_refused(tmp_path):
+    from dalle2.safe_load import UntrustedCheckpointError
+    from helpers.evil import assert_refused, malicious_checkpoint
+
+    marker = tmp_path / "PAYLOAD_RAN"
+    evil = malicious_checkpoint(tmp_path / "open_clip_pytorch_model.bin", marker, stage=None)
+    with pytest.raises(UntrustedCheckpointError) as e:
+        load_clip_checkpoint(evil)
+    assert_refused(str(e.value), evil, marker)
+
+
 def test_open_clip_wrapped_checkpoint(tmp_path):
     sd = openai_vit_state_dict(seed=5, meta_keys=False)
     ckpt = {"epoch": 3, "name": "run", "state_dict": {f"module.{k}": v for k, v in sd.items()}, "optimizer": {}}

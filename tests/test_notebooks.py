@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from conftest import REPO_ROOT
+from helpers.notebooks import kernel_spec_dir
 
 NOTEBOOKS = Path(REPO_ROOT) / "notebooks"
 NAMES = ("quickstart", "explore_checkpoints")
@@ -37,18 +37,6 @@ def test_notebook_is_valid_and_stored_without_outputs(name):
     assert nb.metadata.kernelspec.name == "python3"
     # parameterised through the environment, so CI can shrink it
     assert "DALLE2_NB_SMOKE" in code[0].source
-
-
-def kernel_spec_dir(tmp_path: Path) -> Path:
-    """A kernel spec running *this* interpreter (a fresh CI clone's venv may have no registered python3 kernel, or
-    one that points at another Python); found through JUPYTER_PATH."""
-    spec = tmp_path / "jupyter" / "kernels" / "dalle2-test"
-    spec.mkdir(parents=True)
-    (spec / "kernel.json").write_text(json.dumps({
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": "dalle2 test", "language": "python",
-    }))  # fmt: skip
-    return spec.parent.parent
 
 
 def execute(name: str, *, timeout: int = 600):

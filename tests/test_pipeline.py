@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -16,47 +15,13 @@ from PIL import Image
 
 from dalle2.diffusion import LowResAugmentation, Schedule
 from dalle2.diffusion.samplers import randn
-from dalle2.lit.checkpoints import STAGE_KEY, WrongStageError
+from dalle2.lit.checkpoints import WrongStageError
 from dalle2.pipeline import SamplingSettings, StageSettings, UnCLIPPipeline, sample_generators, sample_seed, slerp
+from helpers.cascade import build_tiny_checkpoints  # noqa: F401  (test_serving imports it from here too)
 
-TINY_CLIP = dict(embed_dim=8, image_size=16, vision_width=32, vision_layers=1, vision_heads=2, vision_patch_size=8,
-                 context_length=77, vocab_size=8192, text_width=32, text_layers=1, text_heads=2)  # fmt: skip
-PRIOR_NET = dict(embed_dim=8, text_token_dim=32, width=32, depth=1, heads=2, dim_head=16, max_text_len=77)
-DEC_NET = dict(model_channels=16, channel_mult=[1, 2], num_res_blocks=1, attention_levels=[1], head_channels=16,
-               cond_dim=32, clip_dim=8, text_dim=32)  # fmt: skip
-SR_NET = dict(model_channels=16, channel_mult=[1, 2], num_res_blocks=1, attention_levels=[], mid_attention=False,
-              lowres_cond=True)  # fmt: skip
 PROMPTS = ["a red circle on a blue background", "two green squares", "x", "a small yellow triangle at the top left"]
 FAST = SamplingSettings(prior=StageSettings(steps=4, guidance_scale=2.0), decoder=StageSettings(steps=4, guidance_scale=3.0),
                         upsampler=StageSettings(steps=3), n_prior_samples=3, upsampler_aug_level=10)  # fmt: skip
-
-
-def _save(module, path, seed: int) -> str:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams), STAGE_KEY: module.stage,
-                "pytorch-lightning_version": L.__version__}, path)  # fmt: skip
-    return str(path)
-
-
-def build_tiny_checkpoints(root) -> dict:
-    """Writes clip/prior/decoder/upsampler ``.ckpt`` files of tiny random stages into ``root``; returns the paths."""
-    from dalle2.lit.clip_module import CLIPModule
-    from dalle2.lit.decoder_module import DecoderModule, UpsamplerModule
-    from dalle2.lit.prior_module import PriorModule
-
-    torch.manual_seed(0)
-    diff = {"num_timesteps": 100}
-    return {
-        "clip": _save(CLIPModule(network=TINY_CLIP), root / "clip.ckpt", 1),
-        "prior": _save(PriorModule(network=PRIOR_NET, diffusion=diff), root / "prior.ckpt", 2),
-        "decoder": _save(DecoderModule(network=DEC_NET, diffusion=diff, use_text=True, image_size=16),
-                         root / "decoder.ckpt", 3),
-        "upsampler": _save(UpsamplerModule(network=SR_NET, diffusion=diff, lowres_size=16, image_size=32,
-                                           lowres_aug={"num_levels": 100}, sample_aug_level=5), root / "up.ckpt", 4),
-    }  # fmt: skip
 
 
 @pytest.fixture(scope="session")

@@ -29,9 +29,9 @@ from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dalle2.clip.tokenizer import get_tokenizer  # noqa: E402
 from dalle2.data.webdataset import count_samples, expand_urls, iter_raw_samples, make_dataset  # noqa: E402
 from dalle2.io import atomic_write, write_json_atomic  # noqa: E402
+from dalle2.lit.checkpoints import CHECKPOINT_ERRORS  # noqa: E402
 from dalle2.lit.clip_module import load_clip  # noqa: E402
 
 
@@ -123,12 +123,15 @@ class ShardEmbedder(L.LightningModule):
 @hydra.main(config_path="../conf", config_name="precompute", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     urls = expand_urls(cfg.data.urls)
+    try:  # the CLIP (safe load) and its own vocabulary (a named tokenizer must match it)
+        clip = load_clip(cfg.clip_ckpt, trust_checkpoint=bool(cfg.get("trust_checkpoint", False)))
+        tokenizer = clip.tokenizer(cfg.data.tokenizer_path)
+    except CHECKPOINT_ERRORS as e:
+        raise SystemExit(f"error: {e}") from None
     Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
-    clip = load_clip(cfg.clip_ckpt)
     embedder = ShardEmbedder(
         clip, out_dir=cfg.out_dir, image_size=cfg.data.image_size or clip.model.image_size,
-        batch_size=cfg.data.batch_size, tokenizer=get_tokenizer(cfg.data.tokenizer_path,
-        context_length=clip.model.context_length), dtype=cfg.dtype, overwrite=cfg.overwrite,
+        batch_size=cfg.data.batch_size, tokenizer=tokenizer, dtype=cfg.dtype, overwrite=cfg.overwrite,
     )  # fmt: skip
     trainer = L.Trainer(
         accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices, precision=cfg.trainer.precision,

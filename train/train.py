@@ -23,7 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from lightning.pytorch.utilities.exceptions import SIGTERMException  # noqa: E402
 
-from dalle2.lit.checkpoints import RunDirInUseError, resolve_ckpt_path  # noqa: E402
+from dalle2.lit.checkpoints import (  # noqa: E402
+    CHECKPOINT_ERRORS, RunDirInUseError, WrongStageError, checkpoint_stage, resolve_ckpt_path,
+)
 from dalle2.lit.fault_tolerance import AtomicCheckpointIO, CheckpointSaveError, Preemption  # noqa: E402
 
 
@@ -78,21 +80,45 @@ def instantiate_module(cfg: DictConfig):
     return instantiate(cfg.module, optimizer=optimizer, scheduler=scheduler, _convert_="all")
 
 
+def load_checkpoints(cfg: DictConfig, module, ckpt_path: str | None, trust: bool):
+    """Check the resume checkpoint (safe load, stage) and give a prior/decoder its frozen CLIP, safely loaded.
+    Returns the tokenizer the data must use: the CLIP's vocabulary (None: the data config's own)."""
+    if ckpt_path:
+        found = checkpoint_stage(ckpt_path, trust_checkpoint=trust)
+        if found != module.stage:
+            what = f"a {found!r} checkpoint" if found else "not a dalle2 checkpoint"
+            raise WrongStageError(f"ckpt_path={ckpt_path} is {what}, but this run trains a {module.stage!r}")
+    clip_ckpt = module.hparams.get("clip_ckpt") if hasattr(module, "set_clip") else None
+    if not clip_ckpt:
+        return None
+    from dalle2.lit.clip_module import load_clip
+
+    clip = load_clip(clip_ckpt, trust_checkpoint=trust)
+    module.set_clip(clip)
+    return clip.tokenizer(cfg.data.get("tokenizer_path"))
+
+
 def train(cfg: DictConfig) -> dict:
     L.seed_everything(cfg.seed, workers=True)
     try:
         ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.output_dir)
     except RunDirInUseError as exn:
         sys.exit(f"[dalle2] {exn}")
-    datamodule = instantiate(cfg.data, _convert_="all")
+    trust = bool(cfg.get("trust_checkpoint", False))
     module = instantiate_module(cfg)
+    try:
+        tokenizer = load_checkpoints(cfg, module, ckpt_path, trust)
+    except CHECKPOINT_ERRORS as e:
+        raise SystemExit(f"error: {e}") from None
+    datamodule = instantiate(cfg.data, _convert_="all", **({"tokenizer": tokenizer} if tokenizer is not None else {}))
     loggers = build_loggers(cfg)
     callbacks = build_callbacks(cfg)
     plugins = {} if cfg.trainer.get("plugins") else {"plugins": [AtomicCheckpointIO()]}
     trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, _convert_="all", **plugins)
     log_run_config(loggers, cfg)
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        # weights_only: our check above read it safely; Lightning must not fall back to torch's (overridable) default
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=not trust)
     except SIGTERMException:
         pre = next((c for c in callbacks if isinstance(c, Preemption)), None)
         if trainer.is_global_zero:

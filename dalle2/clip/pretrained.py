@@ -1,14 +1,15 @@
 """Pretrained CLIP weights: OpenAI (TorchScript ``.pt`` or state dict) and open_clip checkpoints, safetensors export.
 
 The architecture is read off the state dict's shapes (as OpenAI's ``build_model`` does); keys are renamed onto
-``dalle2.clip.model.CLIP`` and loaded strictly.  Nothing is downloaded: give a local file.
+``dalle2.clip.model.CLIP`` and loaded strictly.  Nothing is downloaded: give a local file.  Nothing runs from it
+either: pickles go through torch's weights-only unpickler and TorchScript archives are read without ``torch.jit``
+(:mod:`dalle2.safe_load`); ``trust_checkpoint=True`` is the explicit, warned way past a file that needs more.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,13 @@ from typing import Any
 import torch
 
 from dalle2.clip.model import CLIP
+from dalle2.safe_load import (
+    UntrustedCheckpointError,
+    is_torchscript_archive,
+    read_torchscript_state_dict,
+    torch_load,
+    warn_trusted,
+)
 
 CONFIG_METADATA_KEY = "dalle2_clip_config"
 # Scalars OpenAI's TorchScript archives carry in their state dict (dropped, as OpenAI's build_model does).
@@ -35,14 +43,22 @@ _TEXT_PREFIXES = ("token_embedding.", "transformer.", "ln_final.")
 
 
 # -- reading files --------------------------------------------------------------------------------------------
-def _is_torchscript_archive(path: Path) -> bool:
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as zf:
-        return any(n.endswith("/constants.pkl") or "/code/" in n for n in zf.namelist())
+def _read_torchscript(path: Path, map_location, trust_checkpoint: bool) -> dict[str, torch.Tensor]:
+    """OpenAI's TorchScript archive: tensors read without torch.jit; ``torch.jit.load`` only when trusted and the
+    safe reader cannot make sense of the archive."""
+    try:
+        sd = read_torchscript_state_dict(path)
+    except UntrustedCheckpointError:
+        if not trust_checkpoint:
+            raise
+        warn_trusted(path, "torch.jit.load")
+        return torch.jit.load(str(path), map_location=map_location).state_dict()
+    return {k: v.to(map_location) for k, v in sd.items()}
 
 
-def _read_state_dict(path: Path, map_location) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def _read_state_dict(
+    path: Path, map_location, trust_checkpoint: bool = False
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """-> (flat state dict, info: {"torchscript": bool, "safetensors_metadata": dict | None})."""
     if not path.is_file():
         raise FileNotFoundError(f"CLIP checkpoint not found: {path}")
@@ -54,13 +70,15 @@ def _read_state_dict(path: Path, map_location) -> tuple[dict[str, torch.Tensor],
         with safe_open(str(path), framework="pt", device=device) as f:
             info["safetensors_metadata"] = f.metadata() or {}
             return {k: f.get_tensor(k) for k in f.keys()}, info
-    if _is_torchscript_archive(path):
+    if is_torchscript_archive(path):
         info["torchscript"] = True
-        obj: Any = torch.jit.load(str(path), map_location=map_location).state_dict()
+        obj: Any = _read_torchscript(path, map_location, trust_checkpoint)
     else:
         try:
-            obj = torch.load(path, map_location=map_location, weights_only=True)
-        except Exception as e:  # noqa: BLE001 - any unpickling failure means "not a weights file we can read"
+            obj = torch_load(path, map_location=map_location, trust_checkpoint=trust_checkpoint, mmap=False)
+        except UntrustedCheckpointError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any other failure means "not a weights file we can read"
             raise ValueError(f"{path}: cannot be read as a CLIP state dict ({type(e).__name__}: {e})") from e
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):  # open_clip / Lightning wrapper
         obj = obj["state_dict"]
@@ -186,7 +204,8 @@ def clip_from_openai_state_dict(
 
 
 def load_clip_checkpoint(
-    path: str | Path, *, map_location="cpu", activation: str | None = None, **overrides: Any
+    path: str | Path, *, map_location="cpu", activation: str | None = None, trust_checkpoint: bool = False,
+    **overrides: Any,
 ) -> CLIP:
     """``CLIP`` (eval mode, float32) from OpenAI or open_clip weights, or from our own safetensors export.
 
@@ -195,10 +214,11 @@ def load_clip_checkpoint(
     checkpoints (``{"state_dict": ...}`` with ``module.`` prefixes).  ``activation`` defaults to ``"quick_gelu"``
     for OpenAI archives (TorchScript, or state dicts carrying OpenAI's ``input_resolution`` entry) and ``"gelu"``
     otherwise (open_clip's LAION models); pass ``activation="quick_gelu"`` for ``*-quickgelu`` open_clip models and
-    OpenAI weights re-saved as plain state dicts.
+    OpenAI weights re-saved as plain state dicts.  A file that would run code when loaded raises
+    ``UntrustedCheckpointError`` unless ``trust_checkpoint``.
     """
     path = Path(path)
-    sd, info = _read_state_dict(path, map_location)
+    sd, info = _read_state_dict(path, map_location, trust_checkpoint)
     meta = info["safetensors_metadata"]
     if meta is not None and CONFIG_METADATA_KEY in meta:
         return load_safetensors(path, device=str(map_location))

@@ -13,6 +13,10 @@ by one space (``"i n"``, ``"t h</w>"``). :func:`train_bpe` + :func:`write_merges
 
     python -m dalle2.clip.tokenizer train --urls '/data/{00000..00099}.tar' --vocab-size 8192 --out bpe.txt.gz
     python -m dalle2.clip.tokenizer encode --merges bpe.txt.gz "a photo of a cat"
+
+A CLIP is bound to the vocabulary it was trained with: :class:`Vocabulary` (the merges, their sha256, the id
+count) is stored in its checkpoint and carried by the stages that consume its text features; :func:`resolve_tokenizer`
+gives a consumer that vocabulary's tokenizer, and raises :class:`VocabularyMismatchError` for another one.
 """
 
 from __future__ import annotations
@@ -20,13 +24,15 @@ from __future__ import annotations
 import argparse
 import collections
 import gzip
+import hashlib
 import heapq
 import html
 import io
 import os
 import sys
 import tarfile
-from functools import lru_cache
+from dataclasses import dataclass
+from functools import cached_property, lru_cache
 from typing import Iterable, Iterator, Sequence
 
 import ftfy
@@ -123,7 +129,8 @@ class Tokenizer:
     :meth:`default` (the small vocabulary shipped with the package). Picklable (dataloader workers).
     """
 
-    def __init__(self, *, merges: Sequence[tuple[str, str]], context_length: int = DEFAULT_CONTEXT_LENGTH):
+    def __init__(self, *, merges: Sequence[tuple[str, str]], context_length: int = DEFAULT_CONTEXT_LENGTH,
+                 name: str = "custom"):
         if context_length < 2:
             raise ValueError(f"context_length={context_length} must be >= 2 (room for start and end tokens)")
         byte_chars = sorted(bytes_to_unicode().values())
@@ -138,6 +145,7 @@ class Tokenizer:
         vocab += [SOT, EOT]
         self.merges: list[tuple[str, str]] = [(a, b) for a, b in merges]
         self.context_length = int(context_length)
+        self.name = str(name)  # where the merges came from (a file name), for messages
         self._vocab = vocab
         # Two merges may make the same string; like CLIP, the later id wins for encoding.
         self._encoder = {symbol: i for i, symbol in enumerate(vocab)}
@@ -153,7 +161,17 @@ class Tokenizer:
 
         ``max_merges=None`` keeps at most 48894 merges, as CLIP does with OpenAI's file (49408 ids).
         """
-        return cls(merges=read_merges(path, max_merges=CLIP_NUM_MERGES if max_merges is None else max_merges), context_length=context_length)
+        merges = read_merges(path, max_merges=CLIP_NUM_MERGES if max_merges is None else max_merges)
+        return cls(merges=merges, context_length=context_length, name=os.path.basename(os.fspath(path)))
+
+    @classmethod
+    def from_merges_text(
+        cls, text: str, *, context_length: int = DEFAULT_CONTEXT_LENGTH, name: str = "custom"
+    ) -> "Tokenizer":
+        """A tokenizer from the text of a merges file (what :class:`Vocabulary` stores)."""
+        lines = text.split("\n")
+        return cls(merges=_parse_merges(lines[0], enumerate(lines[1:], start=2), name),
+                   context_length=context_length, name=name)
 
     @classmethod
     def default(cls, *, context_length: int = DEFAULT_CONTEXT_LENGTH) -> "Tokenizer":
@@ -166,6 +184,11 @@ class Tokenizer:
     def vocab_size(self) -> int:
         """Number of ids (the text embedding table's size); the end token is ``vocab_size - 1``."""
         return len(self._vocab)
+
+    @cached_property
+    def vocabulary(self) -> "Vocabulary":
+        """This tokenizer's :class:`Vocabulary` (merges, sha256, size, name)."""
+        return Vocabulary.from_merges(self.merges, name=self.name)
 
     @property
     def sot_token(self) -> int:
@@ -255,13 +278,13 @@ class Tokenizer:
     # ------------------------------------------------------------------ pickling / repr
 
     def __getstate__(self) -> dict:
-        return {"merges": self.merges, "context_length": self.context_length}
+        return {"merges": self.merges, "context_length": self.context_length, "name": self.name}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(merges=state["merges"], context_length=state["context_length"])
+        self.__init__(merges=state["merges"], context_length=state["context_length"], name=state.get("name", "custom"))
 
     def __repr__(self) -> str:
-        return f"Tokenizer(vocab_size={self.vocab_size}, context_length={self.context_length})"
+        return f"Tokenizer({self.name}, vocab_size={self.vocab_size}, context_length={self.context_length})"
 
 
 def get_tokenizer(path: str | os.PathLike | None = None, *, context_length: int = DEFAULT_CONTEXT_LENGTH) -> Tokenizer:
@@ -269,6 +292,92 @@ def get_tokenizer(path: str | os.PathLike | None = None, *, context_length: int 
     if path is None:
         return Tokenizer.default(context_length=context_length)
     return Tokenizer.from_file(path, context_length=context_length)
+
+
+# --------------------------------------------------------------------------------------------- CLIP binding
+
+
+class VocabularyMismatchError(ValueError):
+    """A tokenizer that is not the vocabulary a CLIP (or a stage built on its text features) was trained with."""
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """The BPE vocabulary a CLIP was trained with: ``merges`` (the merges file's text), its ``sha256``, the id count
+    ``vocab_size`` and a ``name`` (the file it came from).  Plain strings and ints: checkpoints store it as is."""
+
+    merges: str
+    sha256: str
+    vocab_size: int
+    name: str = "custom"
+
+    @classmethod
+    def from_merges(cls, merges: Sequence[tuple[str, str]], *, name: str = "custom") -> "Vocabulary":
+        text = merges_text(merges)
+        return cls(text, hashlib.sha256(text.encode("utf-8")).hexdigest(), 2 * 256 + len(merges) + 2, name)
+
+    @classmethod
+    def from_dict(cls, d: dict, *, merges: str | None = None, source: str = "checkpoint") -> "Vocabulary":
+        """From :meth:`to_dict` (``merges`` given apart when the dict has none); the merges must hash to the
+        stored sha256 and count to its vocab_size (else :class:`VocabularyMismatchError`)."""
+        text = d.get("merges") if merges is None else merges
+        if not isinstance(text, str):
+            raise VocabularyMismatchError(f"{source}: its vocabulary record has no merges")
+        digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+        n_merges = sum(1 for line in text.split("\n")[1:] if line)
+        if digest != d.get("sha256") or 514 + n_merges != int(d.get("vocab_size", -1)):
+            raise VocabularyMismatchError(f"{source}: the stored vocabulary's merges do not match its sha256 / size "
+                                          f"({str(d.get('sha256'))[:12]}, {d.get('vocab_size')} ids): the file was altered")  # fmt: skip
+        return cls(text, digest, 514 + n_merges, str(d.get("name", "custom")))
+
+    def to_dict(self, *, with_merges: bool = True) -> dict:
+        out = {"name": self.name, "sha256": self.sha256, "vocab_size": self.vocab_size}
+        return {**out, "merges": self.merges} if with_merges else out
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.vocab_size} ids, sha256 {self.sha256[:12]})"
+
+    def tokenizer(self, *, context_length: int = DEFAULT_CONTEXT_LENGTH) -> Tokenizer:
+        tok = Tokenizer.from_merges_text(self.merges, context_length=context_length, name=self.name)
+        tok.__dict__["vocabulary"] = self  # the cached property: no need to hash again
+        return tok
+
+
+def resolve_tokenizer(
+    vocabulary: Vocabulary | None,
+    tokenizer: "str | os.PathLike | Tokenizer | None" = None,
+    *,
+    context_length: int = DEFAULT_CONTEXT_LENGTH,
+    model_vocab_size: int | None = None,
+    owner: str = "the CLIP",
+) -> Tokenizer:
+    """The tokenizer a consumer of ``owner``'s text features must use.
+
+    ``tokenizer`` None: ``vocabulary``'s (the shipped default when ``owner`` records none).  A merges file or a
+    ``Tokenizer``: checked against ``vocabulary`` by hash; when ``owner`` records no vocabulary (older checkpoints,
+    OpenAI weights), its size must equal ``model_vocab_size`` (the text embedding's rows).  Else
+    :class:`VocabularyMismatchError`."""
+    if isinstance(tokenizer, Tokenizer):
+        tok = tokenizer
+    elif tokenizer is not None:
+        tok = Tokenizer.from_file(tokenizer, context_length=context_length)
+    elif vocabulary is not None:
+        tok = vocabulary.tokenizer(context_length=context_length)
+    else:
+        tok = Tokenizer.default(context_length=context_length)
+    if vocabulary is not None:
+        if tok.vocabulary.sha256 != vocabulary.sha256:
+            raise VocabularyMismatchError(
+                f"tokenizer {tok.vocabulary.describe()} is not the vocabulary {owner} was trained with, "
+                f"{vocabulary.describe()}: leave the tokenizer unset to use {owner}'s own"
+            )
+    elif model_vocab_size is not None and tok.vocab_size != int(model_vocab_size):
+        raise VocabularyMismatchError(
+            f"tokenizer {tok.vocabulary.describe()} has {tok.vocab_size} ids but {owner}'s text embedding has "
+            f"{model_vocab_size} rows and it records no vocabulary: name the merges file it was trained with "
+            "(tokenizer_path=...; OpenAI's bpe_simple_vocab_16e6.txt.gz for 49408)"
+        )
+    return tok
 
 
 # --------------------------------------------------------------------------------------------- merges files
@@ -283,6 +392,25 @@ def _open_text(path: str | os.PathLike):
     return gzip.open(path, "rt", encoding="utf-8") if gzipped else open(path, encoding="utf-8")
 
 
+def _parse_merges(
+    header: str, numbered_lines: Iterable[tuple[int, str]], source: str, max_merges: int | None = None
+) -> list[tuple[str, str]]:
+    if "#version" not in header:
+        raise ValueError(f"{source} line 1: expected a version header like {MERGES_HEADER!r}, got {header[:80]!r}")
+    merges: list[tuple[str, str]] = []
+    for lineno, line in numbered_lines:
+        if max_merges is not None and len(merges) >= max_merges:
+            break
+        line = line.rstrip("\n").rstrip("\r")
+        if not line:
+            continue
+        parts = line.split(" ")
+        if len(parts) != 2 or not parts[0] or not parts[1]:
+            raise ValueError(f"{source} line {lineno}: expected two symbols separated by one space, got {line[:80]!r}")
+        merges.append((parts[0], parts[1]))
+    return merges
+
+
 def read_merges(path: str | os.PathLike, *, max_merges: int | None = None) -> list[tuple[str, str]]:
     """Merges of a CLIP-format file: a ``#version`` header line, then ``"first second"`` per line.
 
@@ -290,31 +418,23 @@ def read_merges(path: str | os.PathLike, *, max_merges: int | None = None) -> li
     """
     if max_merges is not None and max_merges < 0:
         raise ValueError(f"max_merges={max_merges} must be >= 0")
-    merges: list[tuple[str, str]] = []
     with _open_text(path) as f:
         header = f.readline().rstrip("\n")
-        if "#version" not in header:
-            raise ValueError(f"{os.fspath(path)} line 1: expected a version header like {MERGES_HEADER!r}, got {header[:80]!r}")
-        for lineno, line in enumerate(f, start=2):
-            if max_merges is not None and len(merges) >= max_merges:
-                break
-            line = line.rstrip("\n").rstrip("\r")
-            if not line:
-                continue
-            parts = line.split(" ")
-            if len(parts) != 2 or not parts[0] or not parts[1]:
-                raise ValueError(f"{os.fspath(path)} line {lineno}: expected two symbols separated by one space, got {line[:80]!r}")
-            merges.append((parts[0], parts[1]))
-    return merges
+        return _parse_merges(header, enumerate(f, start=2), os.fspath(path), max_merges)
+
+
+def merges_text(merges: Sequence[tuple[str, str]]) -> str:
+    """The text of a merges file in CLIP's format (header line, then one ``"first second"`` per line)."""
+    for i, pair in enumerate(merges):
+        if len(pair) != 2 or any(not s or " " in s or "\n" in s for s in pair):
+            raise ValueError(f"merge {i} {pair!r}: expected two non-empty symbols without spaces")
+    return MERGES_HEADER + "\n" + "".join(f"{a} {b}\n" for a, b in merges)
 
 
 def write_merges(merges: Sequence[tuple[str, str]], path: str | os.PathLike) -> str:
     """Write ``merges`` in CLIP's format (gzip when ``path`` ends in ``.gz``); returns the path."""
     path = os.fspath(path)
-    for i, pair in enumerate(merges):
-        if len(pair) != 2 or any(not s or " " in s or "\n" in s for s in pair):
-            raise ValueError(f"merge {i} {pair!r}: expected two non-empty symbols without spaces")
-    text = MERGES_HEADER + "\n" + "".join(f"{a} {b}\n" for a, b in merges)
+    text = merges_text(merges)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     if path.endswith(".gz"):
         with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as f:

@@ -1,13 +1,32 @@
-"""Stage-checked checkpoint loading: a checkpoint of the wrong stage gives one clear error."""
+"""Loading our checkpoints without running code, with the stage checked from that safe load.
+
+* Lightning ``.ckpt`` files go through torch's weights-only unpickler (:func:`dalle2.safe_load.torch_load`): a file
+  that would run code is refused with :class:`UntrustedCheckpointError` before anything else is looked at;
+  ``trust_checkpoint=True`` unpickles it anyway, with a warning.
+* dalle2 safetensors exports (``python -m dalle2.export``) are read with no unpickling at all.
+* A checkpoint of the wrong stage is one clear :class:`WrongStageError`.
+
+The module is rebuilt from the stored hyperparameters (``save_hyperparameters``), as ``load_from_checkpoint`` would,
+from the one safe load.  :class:`StageCheckpointMixin` writes the stage and the CLIP vocabulary into every checkpoint.
+"""
 
 from __future__ import annotations
 
 import importlib
+import inspect
+import json
+import warnings
 from pathlib import Path
+from typing import Any
 
-import torch
+from dalle2.clip.tokenizer import Tokenizer, Vocabulary, VocabularyMismatchError
+from dalle2.safe_load import UntrustedCheckpointError, torch_load
 
 STAGE_KEY = "dalle2_stage"
+VOCAB_KEY = "dalle2_vocabulary"  # {"name", "sha256", "vocab_size", "merges"}: the CLIP's BPE vocabulary
+EXPORT_KEY = "dalle2_export"  # safetensors metadata: the export's JSON config
+EXPORT_FORMAT, EXPORT_VERSION = "dalle2.export", 1
+VOCAB_TENSOR = "dalle2.vocabulary.merges"  # an export's vocabulary merges, as UTF-8 bytes (uint8)
 STAGE_CLASSES = {
     "clip": "dalle2.lit.clip_module:CLIPModule",
     "prior": "dalle2.lit.prior_module:PriorModule",
@@ -15,31 +34,197 @@ STAGE_CLASSES = {
     "upsampler": "dalle2.lit.decoder_module:UpsamplerModule",
 }
 
+__all__ = [
+    "CHECKPOINT_ERRORS", "STAGE_KEY", "VOCAB_KEY", "StageCheckpointMixin", "UntrustedCheckpointError",
+    "WrongStageError", "checkpoint_stage", "is_export", "load_checkpoint", "load_stage_module", "read_export",
+    "resolve_ckpt_path",
+]  # fmt: skip
+
 
 class WrongStageError(ValueError):
     pass
 
 
-def checkpoint_stage(path: str | Path) -> str | None:
-    """The stage a Lightning ``.ckpt`` of ours was written by (None when it is not one of ours)."""
+# What an entry point turns into a one-line error (the file, and what to do).
+CHECKPOINT_ERRORS = (FileNotFoundError, UntrustedCheckpointError, WrongStageError, VocabularyMismatchError)
+
+
+class StageCheckpointMixin:
+    """Checkpoint tags of a stage module: its ``stage`` and, when known, the ``vocabulary`` of the CLIP whose text it
+    was trained on (the CLIP's own for a CLIP).  Mixed into every stage's LightningModule."""
+
+    stage: str = "?"
+    vocabulary: Vocabulary | None = None
+
+    def bind_vocabulary(self, vocabulary: Vocabulary | None, *, source: str = "the tokenizer") -> None:
+        """Record ``vocabulary``; a different one already recorded is a :class:`VocabularyMismatchError`."""
+        if vocabulary is None:
+            return
+        if self.vocabulary is not None and self.vocabulary.sha256 != vocabulary.sha256:
+            raise VocabularyMismatchError(
+                f"{source} has vocabulary {vocabulary.describe()}, but this {self.stage} was trained with "
+                f"{self.vocabulary.describe()}"
+            )
+        self.vocabulary = vocabulary
+
+    def bind_tokenizer(self, tokenizer, *, source: str = "the tokenizer") -> None:
+        if isinstance(tokenizer, Tokenizer):
+            self.bind_vocabulary(tokenizer.vocabulary, source=f"{source} {tokenizer.name}")
+
+    def _datamodule_tokenizer(self):
+        trainer = getattr(self, "_trainer", None)
+        return getattr(getattr(trainer, "datamodule", None), "tokenizer", None)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[STAGE_KEY] = self.stage
+        if self.vocabulary is not None:
+            checkpoint[VOCAB_KEY] = self.vocabulary.to_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        stored = checkpoint.get(VOCAB_KEY)
+        if stored:
+            self.bind_vocabulary(Vocabulary.from_dict(stored, source=f"this {self.stage} checkpoint"),
+                                 source="the checkpoint")  # fmt: skip
+
+
+# -- reading files ------------------------------------------------------------------------------------------
+
+
+def load_checkpoint(path: str | Path, *, trust_checkpoint: bool = False) -> Any:
+    """The unpickled ``.ckpt`` (a dict for ours), tensors memory-mapped; never runs code unless ``trust_checkpoint``."""
+    return torch_load(path, trust_checkpoint=trust_checkpoint)
+
+
+def is_export(path: str | Path) -> bool:
+    """A ``.safetensors`` file written by ``python -m dalle2.export`` (its header says so)."""
+    if not str(path).endswith(".safetensors") or not Path(path).is_file():
+        return False
+    try:
+        return EXPORT_KEY in _safetensors_metadata(path)
+    except ValueError:
+        return False
+
+
+def _safetensors_metadata(path) -> dict:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return f.metadata() or {}
+    except Exception as e:  # noqa: BLE001 - SafetensorError and friends
+        raise ValueError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+
+
+def _export_config(path) -> dict:
+    meta = _safetensors_metadata(path)
+    if EXPORT_KEY not in meta:
+        raise ValueError(f"{path}: not a dalle2 export (no {EXPORT_KEY!r} metadata; write one with python -m "
+                         "dalle2.export; CLIP weights in OpenAI/open_clip layout load as the CLIP only)")  # fmt: skip
+    try:
+        config = json.loads(meta[EXPORT_KEY])
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: its {EXPORT_KEY!r} metadata is not JSON ({e})") from None
+    if not isinstance(config, dict) or config.get("format") != EXPORT_FORMAT:
+        fmt = config.get("format") if isinstance(config, dict) else None
+        raise ValueError(f"{path}: not a dalle2 export (format {fmt!r})")
+    if int(config.get("version", 0)) > EXPORT_VERSION:
+        raise ValueError(f"{path}: export version {config['version']} is newer than this dalle2 reads "
+                         f"({EXPORT_VERSION})")  # fmt: skip
+    return config
+
+
+def read_export(path: str | Path) -> tuple[dict, dict, Vocabulary | None]:
+    """``(config, tensors, vocabulary)`` of an export; safetensors and JSON only, nothing is unpickled."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"export not found: {path}")
+    config = _export_config(path)
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    merges = tensors.pop(VOCAB_TENSOR, None)
+    vocab = None
+    if config.get("vocabulary"):
+        if merges is None:
+            raise VocabularyMismatchError(f"{path}: its config names a vocabulary but the file has no {VOCAB_TENSOR}")
+        text = bytes(merges.numpy().tobytes()).decode("utf-8")
+        vocab = Vocabulary.from_dict(config["vocabulary"], merges=text, source=str(path))
+    return config, tensors, vocab
+
+
+def checkpoint_stage(path: str | Path, *, trust_checkpoint: bool = False) -> str | None:
+    """The stage a ``.ckpt`` or export of ours was written by (None when it is not one of ours)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    if str(path).endswith(".safetensors"):
+        return _export_config(path).get("stage")
+    ckpt = load_checkpoint(path, trust_checkpoint=trust_checkpoint)
     return ckpt.get(STAGE_KEY) if isinstance(ckpt, dict) else None
 
 
-def load_stage_module(path: str | Path, stage: str, *, map_location="cpu"):
-    """``<StageModule>.load_from_checkpoint(path)`` after checking the checkpoint was written by ``stage``."""
+# -- rebuilding modules -------------------------------------------------------------------------------------
+
+
+def _stage_class(stage: str):
     if stage not in STAGE_CLASSES:
         raise ValueError(f"unknown stage {stage!r}; expected one of {sorted(STAGE_CLASSES)}")
-    found = checkpoint_stage(path)
-    if found != stage:
-        what = f"a {found!r} checkpoint" if found else "not a dalle2 Lightning checkpoint"
-        raise WrongStageError(f"{path} is {what}, but a {stage!r} checkpoint was expected")
     mod_name, cls_name = STAGE_CLASSES[stage].split(":")
-    cls = getattr(importlib.import_module(mod_name), cls_name)
-    return cls.load_from_checkpoint(str(path), map_location=map_location, weights_only=False)
+    return getattr(importlib.import_module(mod_name), cls_name)
+
+
+def _check_stage(path, found: str | None, stage: str) -> None:
+    if found != stage:
+        kind = "export" if str(path).endswith(".safetensors") else "Lightning checkpoint"
+        what = f"a {found!r} checkpoint" if found else f"not a dalle2 {kind}"
+        raise WrongStageError(f"{path} is {what}, but a {stage!r} checkpoint was expected")
+
+
+def build_module(stage: str, hparams: dict, *, source) -> Any:
+    """``<StageModule>(**hparams)``, keeping the keys its constructor takes (as ``load_from_checkpoint`` does)."""
+    cls = _stage_class(stage)
+    params = inspect.signature(cls.__init__).parameters
+    kwargs = {k: v for k, v in dict(hparams or {}).items() if k in params}
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{source}: its hyperparameters do not build a {cls.__name__}: {e}") from None
+
+
+def _load_weights(module, sd: dict, *, source, what: str = "weights") -> None:
+    try:
+        module.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"{source}: its {what} do not match the network its hyperparameters build: "
+                         f"{' '.join(str(e).split())[:600]}") from None  # fmt: skip
+
+
+def load_stage_module(path: str | Path, stage: str, *, map_location="cpu", trust_checkpoint: bool = False):
+    """The ``stage`` module from a ``.ckpt`` (weights-only unpickling) or a dalle2 safetensors export (none).
+
+    The stage is checked from that safe load (:class:`WrongStageError`); a file that would run code raises
+    :class:`UntrustedCheckpointError` unless ``trust_checkpoint``.  An export's weights (the EMA weights of a
+    diffusion stage) fill both the network and its EMA copy."""
+    _stage_class(stage)
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if str(path).endswith(".safetensors"):
+        config, tensors, vocab = read_export(path)
+        _check_stage(path, config.get("stage"), stage)
+        module = build_module(stage, config.get("hparams") or {}, source=path)
+        targets = [module.model] if stage == "clip" else [module.net, module.ema.module]
+        for target in targets:
+            _load_weights(target, tensors, source=path)
+        module.bind_vocabulary(vocab, source=str(path))
+    else:
+        ckpt = load_checkpoint(path, trust_checkpoint=trust_checkpoint)
+        _check_stage(path, ckpt.get(STAGE_KEY) if isinstance(ckpt, dict) else None, stage)
+        module = build_module(stage, ckpt.get("hyper_parameters") or {}, source=path)
+        module.on_load_checkpoint(ckpt)
+        _load_weights(module, ckpt["state_dict"], source=path, what="weights (state_dict)")
+    return module.to(map_location) if map_location is not None else module
 
 
 class RunDirInUseError(RuntimeError):
@@ -47,11 +232,12 @@ class RunDirInUseError(RuntimeError):
 
 
 def checkpoint_step(path: str | Path) -> int | None:
-    """The ``global_step`` stored in a Lightning checkpoint (read with ``weights_only=True`` and mmap: no code
-    runs, no tensor is copied); None when the file cannot be read as one."""
+    """The ``global_step`` stored in a Lightning checkpoint (a safe load with mmap: no code runs, no tensor is
+    copied); None, with a warning naming the file, when it cannot be read as one."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # truncated, foreign, or needing globals we do not allow: not a candidate
+        ckpt = torch_load(path)
+    except Exception as e:  # truncated, foreign, or refused: not a candidate
+        warnings.warn(f"{path}: not a readable checkpoint ({type(e).__name__}: {e}); passed over", stacklevel=2)
         return None
     step = ckpt.get("global_step") if isinstance(ckpt, dict) else None
     return int(step) if isinstance(step, int) else None

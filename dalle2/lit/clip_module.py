@@ -10,16 +10,20 @@ import torch
 from dalle2.clip.loss import ClipLoss
 from dalle2.clip.model import CLIP, preprocess_for_clip
 from dalle2.clip.retrieval import retrieval_metrics
-from dalle2.lit.checkpoints import STAGE_KEY
+from dalle2.clip.tokenizer import Tokenizer, resolve_tokenizer
+from dalle2.lit.checkpoints import StageCheckpointMixin
 from dalle2.lit.distributed import gather_ragged, log_reduced
 from dalle2.lit.optim import build_optimizers
 
 
-class CLIPModule(L.LightningModule):
+class CLIPModule(StageCheckpointMixin, L.LightningModule):
     """Batches are dicts from ``WebDataModule``: ``image`` (B,3,S,S) in [-1,1], ``tokens`` (B,L) long.
 
     ``network`` is the plain keyword dict of ``dalle2.clip.model.CLIP`` (conf/model/clip/*.yaml), stored in the
     checkpoint so ``CLIPModule.load_from_checkpoint(path)`` rebuilds the model with no config at hand.
+
+    The BPE vocabulary the batches were tokenized with (the datamodule's tokenizer, bound in ``setup``) is stored in
+    the checkpoint (``vocabulary``): :meth:`tokenizer` gives it back to every consumer of this CLIP.
     """
 
     stage = "clip"
@@ -41,6 +45,21 @@ class CLIPModule(L.LightningModule):
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self._val_image: list[torch.Tensor] = []
         self._val_text: list[torch.Tensor] = []
+
+    # -- the vocabulary ---------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        tok, rows = self._datamodule_tokenizer(), int(self.model.config["vocab_size"])
+        if isinstance(tok, Tokenizer):
+            if tok.vocab_size > rows:
+                raise ValueError(f"the data's tokenizer {tok.name} has {tok.vocab_size} ids but the CLIP's text "
+                                 f"embedding only {rows}: set model.vocab_size={tok.vocab_size}")  # fmt: skip
+            self.bind_tokenizer(tok, source="the data's tokenizer")
+
+    def tokenizer(self, path=None) -> Tokenizer:
+        """The tokenizer of this CLIP's vocabulary (``path``: a merges file, checked against it; for a CLIP that
+        records none, its size must match the text embedding)."""
+        return resolve_tokenizer(self.vocabulary, path, context_length=self.model.context_length,
+                                 model_vocab_size=int(self.model.config["vocab_size"]))  # fmt: skip
 
     # -- encoders used by the later stages -------------------------------------------------------------
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
@@ -86,20 +105,21 @@ class CLIPModule(L.LightningModule):
     def configure_optimizers(self):
         return build_optimizers(self.model, self.optimizer_factory, self.scheduler_factory, default_lr=5e-4)
 
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint[STAGE_KEY] = self.stage
 
-
-def load_clip(path: str, *, map_location="cpu") -> CLIPModule:
-    """A ``CLIPModule`` in eval mode from a stage=clip ``.ckpt`` or from CLIP weights (OpenAI / open_clip / ours as
-    safetensors).  A Lightning checkpoint of another stage raises ``WrongStageError``."""
+def load_clip(path: str, *, map_location="cpu", trust_checkpoint: bool = False) -> CLIPModule:
+    """A ``CLIPModule`` in eval mode from a stage=clip ``.ckpt`` or export, or from CLIP weights (OpenAI /
+    open_clip / ``save_safetensors``).  Nothing is unpickled beyond weights unless ``trust_checkpoint``
+    (``UntrustedCheckpointError``); a checkpoint of another stage raises ``WrongStageError``."""
     from dalle2.clip.pretrained import load_clip_checkpoint, load_safetensors
-    from dalle2.lit.checkpoints import load_stage_module
+    from dalle2.lit.checkpoints import is_export, load_stage_module
 
-    if str(path).endswith(".ckpt"):
-        module = load_stage_module(path, "clip", map_location=map_location)
+    if str(path).endswith(".ckpt") or is_export(path):
+        module = load_stage_module(path, "clip", map_location=map_location, trust_checkpoint=trust_checkpoint)
     else:
-        model = load_safetensors(path) if str(path).endswith(".safetensors") else load_clip_checkpoint(path)
+        if str(path).endswith(".safetensors"):
+            model = load_safetensors(path)
+        else:
+            model = load_clip_checkpoint(path, trust_checkpoint=trust_checkpoint)
         module = CLIPModule(network=model.config)
         module.model.load_state_dict(model.state_dict())
     return module.eval().requires_grad_(False)

@@ -13,8 +13,9 @@ from collections.abc import Callable
 import lightning as L
 import torch
 
+from dalle2.clip.tokenizer import Tokenizer, resolve_tokenizer
 from dalle2.diffusion import GaussianDiffusion, Schedule
-from dalle2.lit.checkpoints import STAGE_KEY
+from dalle2.lit.checkpoints import StageCheckpointMixin
 from dalle2.lit.distributed import MeanAccumulator, log_reduced
 from dalle2.lit.optim import build_optimizers
 from dalle2.nn import EMA
@@ -39,7 +40,7 @@ def loss_by_quartile(per_sample_loss: torch.Tensor, t: torch.Tensor, num_timeste
     return {f"loss_q{i}": sums[i] / counts[i] for i in range(4) if counts[i] > 0}
 
 
-class DiffusionStageModule(L.LightningModule):
+class DiffusionStageModule(StageCheckpointMixin, L.LightningModule):
     stage: str = "diffusion"
 
     def __init__(
@@ -96,24 +97,31 @@ class DiffusionStageModule(L.LightningModule):
     def configure_optimizers(self):
         return build_optimizers(self.net, self.optimizer_factory, self.scheduler_factory, default_lr=self._default_lr)
 
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint[STAGE_KEY] = self.stage
-
 
 class FrozenClipMixin:
     """A frozen CLIP for on-the-fly embeddings, loaded from ``hparams.clip_ckpt`` at first use (or given with
     ``set_clip``).  It lives outside the registered submodules: never trained, never in the state_dict or the
-    checkpoint (only its path is, as a hyperparameter).  Mixed into the prior and the base decoder."""
+    checkpoint (only its path is, as a hyperparameter).  Mixed into the prior and the base decoder.
+
+    The CLIP's vocabulary is bound to this module (and so stored in its checkpoints): the text features it learns
+    from are that vocabulary's, and the data must be tokenized with it (checked in ``setup``)."""
 
     _clip = None  # the instance's CLIP is set in __dict__ (not a submodule)
 
     def setup(self, stage: str) -> None:
-        self.clip  # load the frozen CLIP now (the property loads it lazily) so a bad path fails before training
+        clip = self.clip  # load the frozen CLIP now (the property loads it lazily) so a bad path fails before training
+        tok = self._datamodule_tokenizer()
+        if clip is not None and self.vocabulary is None:  # a CLIP that records no vocabulary: the data's it is
+            self.bind_tokenizer(tok, source="the data's tokenizer")
+        elif self.vocabulary is not None and isinstance(tok, Tokenizer):
+            resolve_tokenizer(self.vocabulary, tok, owner=f"this {self.stage}'s CLIP")
 
     def set_clip(self, clip_module) -> None:
-        """Use ``clip_module`` (a ``CLIPModule``) as the frozen on-the-fly embedder (not saved)."""
+        """Use ``clip_module`` (a ``CLIPModule``) as the frozen on-the-fly embedder (not saved); its vocabulary
+        becomes this module's."""
         if clip_module is not None:
             clip_module = clip_module.eval().requires_grad_(False)
+            self.bind_vocabulary(getattr(clip_module, "vocabulary", None), source="the CLIP")
         self.__dict__["_clip"] = clip_module
 
     @property

@@ -1,12 +1,23 @@
-"""Entry-point scripts (train/*.py, eval/*.py are not packages) loaded as modules, and train_all configs composed
-as the command line would."""
+"""The repository's entry points (``train/*.py``, ``eval/*.py``: not packages) run as subprocesses or loaded as
+modules, and train_all configs composed as the command line would."""
 
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
 import sys
 
 from helpers.tiny_runs import REPO_ROOT
+
+
+def run_script(script: str, *args: str, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``python <script> args...`` (or ``script="-m module"``) from the repository root with one thread and wandb
+    offline; ``env`` entries are added to this process's environment.  stdout and stderr are captured."""
+    full_env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline",
+                "PYTHONWARNINGS": "ignore", **(env or {})}  # fmt: skip
+    cmd = [sys.executable, *(script.split() if script.startswith("-m ") else [script]), *args]
+    return subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
 
 
 def load_script(folder: str, name: str):

@@ -1,0 +1,204 @@
+"""Reading weight files without running code.
+
+* :func:`torch_load` — ``torch.load(..., weights_only=True)``: torch's restricted unpickler builds tensors, plain
+  containers and numbers, nothing else.  A file that names anything more (``os.system`` in a ``__reduce__``, any class
+  of its own) is refused with :class:`UntrustedCheckpointError`: one line naming the file, what it would have called,
+  and ``trust_checkpoint=true`` — the explicit (warned) way to unpickle it anyway.
+* :func:`read_torchscript_state_dict` — the tensors of a TorchScript archive (OpenAI's CLIP ``.pt`` files) without
+  ``torch.jit.load``, which would run the archive's code: ``data.pkl`` goes through the same weights-only unpickler,
+  TorchScript's own classes (``__torch__.*``) become inert attribute records, and the tensors' bytes are read from
+  the zip.
+
+Needs torch >= 2.6: earlier ``weights_only=True`` could be bypassed (CVE-2025-32434).  Imports torch only, so every
+package may use it.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import pickletools
+import re
+import sys
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "TRUST_HINT",
+    "UntrustedCheckpointError",
+    "is_torchscript_archive",
+    "read_torchscript_state_dict",
+    "refusal",
+    "torch_load",
+    "warn_trusted",
+]
+
+TRUST_HINT = "trust_checkpoint=true"
+MIN_TORCH = (2, 6)
+
+
+class UntrustedCheckpointError(ValueError):
+    """Loading this file would run code (or build objects beyond weights); refused unless it is trusted."""
+
+
+def refusal(path, why: str) -> UntrustedCheckpointError:
+    """The one-line error for a file that cannot be read without running code."""
+    why = " ".join(str(why).split())
+    return UntrustedCheckpointError(
+        f"{path}: refused to load: {why}; if you trust where this file came from, pass {TRUST_HINT} "
+        "(or share the weights as safetensors: python -m dalle2.export)"
+    )
+
+
+def warn_trusted(path, what: str = "unpickling it with weights_only=False") -> None:
+    warnings.warn(f"{path}: {TRUST_HINT}: {what} runs whatever code the file holds", UserWarning, stacklevel=3)
+
+
+def _check_torch() -> None:
+    version = tuple(int(v) for v in re.findall(r"\d+", torch.__version__)[:2])
+    if version < MIN_TORCH:
+        raise RuntimeError(f"torch {torch.__version__}: weights-only loading can be bypassed before torch 2.6 "
+                           "(CVE-2025-32434); install torch>=2.6 to load checkpoints safely")  # fmt: skip
+
+
+def is_torchscript_archive(path) -> bool:
+    """A zip written by ``torch.jit.save`` (it holds ``constants.pkl`` / ``code/``)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as zf:
+        return any(n.endswith("/constants.pkl") or "/code/" in n for n in zf.namelist())
+
+
+def _weights_only_reason(exc: BaseException) -> str:
+    """The informative part of torch's long 'Weights only load failed' message."""
+    text = str(exc)
+    m = re.search(r"WeightsUnpickler error:\s*(.*?)(?:\n\s*\n|$)", text, flags=re.S)
+    reason = m.group(1) if m else text
+    reason = " ".join(reason.split()) or type(exc).__name__
+    return reason.split(" was not an allowed global")[0].split(". Please use")[0].strip()
+
+
+# what the weights-only unpickler says when a pickle asks for code or objects (not a corrupt or foreign file)
+_CODE_WORDS = re.compile(r"global|reduce|build|new object|blocked|persistent", re.IGNORECASE)
+
+
+def torch_load(path, *, trust_checkpoint: bool = False, map_location: Any = "cpu", mmap: bool | None = None) -> Any:
+    """``torch.load`` that never runs code unless ``trust_checkpoint``.
+
+    ``mmap`` (default: for zip-format files) maps the tensors instead of reading them into memory.  Raises
+    ``FileNotFoundError``, :class:`UntrustedCheckpointError` (pickled code or objects, a TorchScript archive), or
+    ``ValueError`` for a file torch cannot read at all.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if mmap is None:
+        mmap = zipfile.is_zipfile(path)
+    if trust_checkpoint:
+        warn_trusted(path)
+        return torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
+    _check_torch()
+    if is_torchscript_archive(path):
+        raise refusal(path, "it is a TorchScript archive (torch.jit.load runs its code), not a pickled checkpoint")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        try:
+            names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+        except Exception:  # noqa: BLE001 - legacy (non-zip) files: fall back to torch's own message
+            names = []
+        reason = _weights_only_reason(e)
+        if names:
+            more = f" (+{len(names) - 4} more)" if len(names) > 4 else ""
+            raise refusal(path, f"unpickling it would call or build {', '.join(names[:4])}{more}") from None
+        if _CODE_WORDS.search(reason):
+            raise refusal(path, f"it holds more than weights ({reason})") from None
+        raise ValueError(f"{path}: not a readable torch checkpoint ({reason})") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {first})") from None
+
+
+# -- TorchScript archives without torch.jit -------------------------------------------------------------------
+
+
+class _ScriptObject:
+    """Inert stand-in for an instance of a TorchScript class: its attributes, no methods, no code."""
+
+
+def _pickle_globals(data: bytes) -> list[str]:
+    """The ``module.name`` of every GLOBAL opcode (parsing only: nothing is built or called)."""
+    out = []
+    for op, arg, _ in pickletools.genops(data):
+        if op.name == "GLOBAL":
+            out.append(".".join(str(arg).split(" ", 1)))
+        elif op.name == "STACK_GLOBAL":
+            out.append("<STACK_GLOBAL>")
+    return out
+
+
+def _walk(obj: _ScriptObject, prefix: str, out: dict, seen: set) -> None:
+    if id(obj) in seen:
+        return
+    seen.add(id(obj))
+    for name, value in vars(obj).items():
+        if isinstance(value, torch.Tensor):
+            out[prefix + name] = value
+        elif isinstance(value, _ScriptObject):
+            _walk(value, f"{prefix}{name}.", out, seen)
+
+
+def read_torchscript_state_dict(path) -> dict[str, torch.Tensor]:
+    """Every tensor attribute of a TorchScript archive's modules, by dotted name (``torch.jit.load(path)
+    .state_dict()``'s keys and values) — read with torch's weights-only unpickler, never running the archive.
+
+    Raises :class:`UntrustedCheckpointError` when ``data.pkl`` needs anything beyond tensors, containers and
+    TorchScript's own module records."""
+    path = Path(path)
+    _check_torch()
+    try:
+        from torch._weights_only_unpickler import Unpickler
+    except ImportError:  # pragma: no cover - every torch >= 2.6 has it
+        raise refusal(path, "this torch has no weights-only unpickler to read TorchScript archives with") from None
+    with zipfile.ZipFile(path) as zf:
+        pkl = [n for n in zf.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
+        if len(pkl) != 1:
+            raise ValueError(f"{path}: not a TorchScript archive (no top-level data.pkl)")
+        prefix = pkl[0][: -len("data.pkl")]
+        names = set(zf.namelist())
+        order = zf.read(prefix + "byteorder").decode().strip() if prefix + "byteorder" in names else "little"
+        if order != sys.byteorder:
+            raise ValueError(f"{path}: {order}-endian tensors cannot be read on this {sys.byteorder}-endian machine")
+        data = zf.read(pkl[0])
+        classes = sorted({g for g in _pickle_globals(data) if g.startswith("__torch__.")})
+
+        def persistent_load(pid):
+            _, storage_type, key, _location, numel = pid
+            dtype = torch.uint8 if storage_type is torch.UntypedStorage else storage_type.dtype
+            member = f"{prefix}data/{key}"
+            if member not in names:
+                raise ValueError(f"{path}: data.pkl refers to a missing tensor file {member}")
+            raw = zf.read(member)
+            nbytes = int(numel) * torch.empty((), dtype=dtype).element_size()
+            if len(raw) < nbytes:
+                raise ValueError(f"{path}: tensor file {member} is truncated ({len(raw)} < {nbytes} bytes)")
+            storage = torch.UntypedStorage.from_buffer(raw, dtype=torch.uint8) if raw else torch.UntypedStorage(0)
+            return torch.storage.TypedStorage(wrap_storage=storage, dtype=dtype, _internal=True)
+
+        unpickler = Unpickler(io.BytesIO(data), encoding="utf-8")
+        unpickler.persistent_load = persistent_load
+        try:
+            with torch.serialization.safe_globals([(_ScriptObject, name) for name in classes]):
+                root = unpickler.load()
+        except pickle.UnpicklingError as e:
+            raise refusal(path, f"its data.pkl holds more than TorchScript modules and tensors "
+                                f"({_weights_only_reason(e)})") from None  # fmt: skip
+    if not isinstance(root, _ScriptObject):
+        raise refusal(path, f"its data.pkl is a {type(root).__name__}, not a TorchScript module")
+    out: dict[str, torch.Tensor] = {}
+    _walk(root, "", out, set())
+    return out
