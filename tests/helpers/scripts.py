@@ -8,16 +8,17 @@ import os
 import subprocess
 import sys
 
-from helpers.tiny_runs import REPO_ROOT
+from helpers.tiny_runs import REPO_ROOT, run
 
 
 def run_script(script: str, *args: str, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     """``python <script> args...`` (or ``script="-m module"``) from the repository root with one thread and wandb
-    offline; ``env`` entries are added to this process's environment.  stdout and stderr are captured."""
+    offline; ``env`` entries are added to this process's environment.  stdout and stderr are captured; a run past
+    ``timeout`` is killed with its process group and comes back with returncode -9 (see ``tiny_runs.run``)."""
     full_env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline",
                 "PYTHONWARNINGS": "ignore", **(env or {})}  # fmt: skip
     cmd = [sys.executable, *(script.split() if script.startswith("-m ") else [script]), *args]
-    return subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
+    return run(cmd, timeout=timeout, env=full_env)
 
 
 def load_script(folder: str, name: str):
