@@ -15,14 +15,13 @@ import itertools
 import json
 import select
 import socket
-import struct
 import time
-import zlib
 
 import pytest
 from PIL import Image
 
 from dalle2.serving import APIError, create_app, load_image
+from helpers.scripts import load_script
 from test_serving import FakePipeline, ServerThread
 
 pytest.importorskip("uvicorn")
@@ -34,19 +33,9 @@ MB = 1 << 20
 # --------------------------------------------------------------------------------------------------- helpers
 
 
-@functools.lru_cache(maxsize=None)
-def png_bomb(side: int = 13000) -> bytes:
-    """A valid all-black 8-bit grayscale PNG of side x side pixels, written row by row: 13000 px -> 164 KB that
-    decode to 169 MB (and to 0.5-2 GB once converted to RGB(A))."""
-    comp, row = zlib.compressobj(9), b"\x00" * (side + 1)  # filter byte + pixels
-    idat = b"".join([comp.compress(row * 64) for _ in range(side // 64)] + [comp.compress(row * (side % 64)),
-                                                                            comp.flush()])  # fmt: skip
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
-
-    ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+# A valid all-black 8-bit grayscale PNG of side x side pixels, written row by row: 13000 px -> 164 KB that decode to
+# 169 MB (and to 0.5-2 GB once converted to RGB(A)); the load test sends the same bombs.
+png_bomb = functools.lru_cache(maxsize=None)(load_script("bench", "serve_load").png_bomb)
 
 
 @functools.lru_cache(maxsize=None)
