@@ -1,0 +1,83 @@
+"""Multi-node launch: under SLURM's environment of rank 1 of a 2-node x 1-process job, Lightning's rank and world
+size and our data split are rank 1's of 2."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.utils import instantiate
+
+from helpers.tiny_runs import REPO_ROOT
+
+# what srun sets for task 1 of `sbatch --nodes=2 --ntasks-per-node=1` (the rank-relevant part)
+SLURM_RANK1_OF_2_NODES = {
+    "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "train", "SLURM_NNODES": "2", "SLURM_JOB_NUM_NODES": "2",
+    "SLURM_JOB_NODELIST": "gpu[007-008]", "SLURM_NODELIST": "gpu[007-008]", "SLURM_NTASKS": "2",
+    "SLURM_NTASKS_PER_NODE": "1", "SLURM_TASKS_PER_NODE": "1(x2)", "SLURM_PROCID": "1", "SLURM_NODEID": "1",
+    "SLURM_LOCALID": "0", "SLURM_CPUS_PER_TASK": "1", "SLURMD_NODENAME": "gpu008",
+}  # fmt: skip
+
+
+@pytest.fixture
+def slurm_rank1(monkeypatch):
+    for name in list(os.environ):
+        if name.startswith(("SLURM_", "SLURMD_")) or name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK",
+                                                              "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT"):
+            monkeypatch.delenv(name)
+    for name, value in SLURM_RANK1_OF_2_NODES.items():
+        monkeypatch.setenv(name, value)
+
+
+def _trainer_from_conf(tmp_path):
+    """The trainer of ``trainer=ddp trainer.accelerator=cpu trainer.devices=1 trainer.num_nodes=2`` (as on 2 nodes
+    with 1 GPU each), built without initialising the process group."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=prior_tiny", "trainer=ddp", "trainer.accelerator=cpu",
+                                           "trainer.devices=1", "trainer.num_nodes=2",
+                                           f"trainer.default_root_dir={tmp_path}"])  # fmt: skip
+    GlobalHydra.instance().clear()
+    return instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False)
+
+
+def _keys(loader) -> list[str]:
+    return [k for batch in loader for k in batch["key"]]
+
+
+def test_slurm_rank1_of_two_nodes_gets_rank1_and_its_data(slurm_rank1, builtin_shards, tmp_path):
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    from dalle2.clip.tokenizer import get_tokenizer
+    from dalle2.data.datamodule import WebDataModule
+    from dalle2.data.webdataset import make_dataset
+
+    trainer = _trainer_from_conf(tmp_path)
+    env = trainer._accelerator_connector.cluster_environment
+    assert isinstance(env, SLURMEnvironment) and env.main_address == "gpu007"
+    assert (trainer.global_rank, trainer.world_size, trainer.node_rank, trainer.local_rank) == (1, 2, 1, 0)
+    assert not trainer.is_global_zero
+    assert not torch.distributed.is_initialized()  # nothing below may lean on a process group
+
+    # webdataset shards: the datamodule of this trainer reads rank 1's half, as make_dataset(rank=1, world_size=2)
+    tok = get_tokenizer(None)
+    urls = builtin_shards["train"]  # 4 shards of 64
+    dm = WebDataModule(train_urls=urls, val_urls=urls, image_size=32, batch_size=8, num_workers=0, tokenizer=tok,
+                       epoch_size=None, shuffle_buffer=10)  # fmt: skip
+    dm.trainer = trainer
+    dm.setup("fit")
+    val = _keys(dm.val_dataloader())
+    by_rank = [_keys(make_dataset(urls, image_size=32, tokenizer=tok, train=False, batch_size=8, rank=r, world_size=2))
+               for r in (0, 1)]  # fmt: skip
+    assert val == by_rank[1] and not set(val) & set(by_rank[0])
+    assert len(val) + len(by_rank[0]) == 256
+    train = dm.train_dataloader()
+    rank1 = make_dataset(urls, image_size=32, tokenizer=tok, train=True, batch_size=8, rank=1, world_size=2,
+                         shuffle_buffer=10)  # fmt: skip
+    assert train.dataset.batches_per_epoch == rank1.batches_per_epoch == 256 // 2 // 8  # per-rank epoch: N / world
+    assert next(iter(train))["key"] == next(iter(rank1))["key"]
