@@ -1,5 +1,5 @@
 """Multi-node launch: under SLURM's environment of rank 1 of a 2-node x 1-process job, Lightning's rank and world
-size and our data split are rank 1's of 2."""
+size and our data split (webdataset shards and embedding folders) are rank 1's of 2."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 
+from helpers.laion_npy import write_embedding_folder
 from helpers.tiny_runs import REPO_ROOT
 
 # what srun sets for task 1 of `sbatch --nodes=2 --ntasks-per-node=1` (the rank-relevant part)
@@ -55,6 +56,7 @@ def test_slurm_rank1_of_two_nodes_gets_rank1_and_its_data(slurm_rank1, builtin_s
 
     from dalle2.clip.tokenizer import get_tokenizer
     from dalle2.data.datamodule import WebDataModule
+    from dalle2.data.embedding_npy import EmbeddingNpyDataModule
     from dalle2.data.webdataset import make_dataset
 
     trainer = _trainer_from_conf(tmp_path)
@@ -81,3 +83,14 @@ def test_slurm_rank1_of_two_nodes_gets_rank1_and_its_data(slurm_rank1, builtin_s
                          shuffle_buffer=10)  # fmt: skip
     assert train.dataset.batches_per_epoch == rank1.batches_per_epoch == 256 // 2 // 8  # per-rank epoch: N / world
     assert next(iter(train))["key"] == next(iter(rank1))["key"]
+
+    # embedding folders: rank 1 validates on the second half of the rows and trains on its own chunks
+    data = write_embedding_folder(tmp_path / "emb", rows=(37, 50, 29), dim=8)
+    n = len(data["key"])
+    edm = EmbeddingNpyDataModule(train_dir=str(tmp_path / "emb"), val_dir=str(tmp_path / "emb"), batch_size=4,
+                                 num_workers=0, chunk_size=8, tokenizer=tok)  # fmt: skip
+    edm.trainer = trainer
+    edm.setup("fit")
+    assert _keys(edm.val_dataloader()) == data["key"][n // 2 :]
+    stream = edm.train_dataloader().dataset
+    assert (stream.rank, stream.world_size) == (1, 2)
