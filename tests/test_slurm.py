@@ -1,10 +1,13 @@
 """Multi-node launch: under SLURM's environment of rank 1 of a 2-node x 1-process job, Lightning's rank and world
-size and our data split (webdataset shards and embedding folders) are rank 1's of 2."""
+size and our data split (webdataset shards and embedding folders) are rank 1's of 2; the SLURM launcher's plugin
+(hydra-submitit-launcher) runs a real 2-step job through submitit's local executor; torchrun's environment works
+for a 2-process CPU run."""
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,8 +16,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 
-from helpers.laion_npy import write_embedding_folder
-from helpers.tiny_runs import REPO_ROOT
+from helpers.laion_npy import prior_npy_cmd, write_embedding_folder
+from helpers.tiny_runs import REPO_ROOT, run
 
 # what srun sets for task 1 of `sbatch --nodes=2 --ntasks-per-node=1` (the rank-relevant part)
 SLURM_RANK1_OF_2_NODES = {
@@ -94,3 +97,56 @@ def test_slurm_rank1_of_two_nodes_gets_rank1_and_its_data(slurm_rank1, builtin_s
     assert _keys(edm.val_dataloader()) == data["key"][n // 2 :]
     stream = edm.train_dataloader().dataset
     assert (stream.rank, stream.world_size) == (1, 2)
+
+
+# ------------------------------------------------------------------------------------------------ launched for real
+
+TWO_STEPS = ("trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_val_batches=2")
+
+
+@pytest.fixture(scope="module")
+def emb_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("laion")
+    write_embedding_folder(root, rows=(37, 50, 29))
+    return str(root)
+
+
+@pytest.mark.slow
+def test_submitit_launcher_runs_a_two_step_job(emb_folder, tmp_path):
+    """hydra-submitit-launcher (the SLURM launcher's plugin) through submitit's local executor: the job is pickled,
+    run as a submitit job in its own process, and finishes with a checkpoint, final_metrics.json and submitit logs."""
+    sweep = tmp_path / "sweep"
+    cmd = prior_npy_cmd(tmp_path / "unused", emb_folder, emb_folder, extra=(*TWO_STEPS, "hydra/launcher=local_submitit",
+                                                                            f"hydra.sweep.dir={sweep}"))  # fmt: skip
+    cmd.insert(2, "-m")  # a multirun: the launcher only runs then (Hydra's flags go before the overrides)
+    proc = run(cmd, timeout=420)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Submitit 'local' sweep output dir" in proc.stdout + proc.stderr
+    job = sweep / "0"
+    result = json.loads((job / "final_metrics.json").read_text())
+    assert result["step"] == 2 and Path(result["last_ckpt"]) == job / "checkpoints" / "last.ckpt"
+    assert (job / "checkpoints" / "last.ckpt").is_file()
+    logs = sorted((sweep / ".submitit").glob("*/*_0_log.out"))
+    assert len(logs) == 1, sorted(p.name for p in (sweep / ".submitit").rglob("*"))
+    assert "Job completed successfully" in logs[0].read_text()
+    assert list(logs[0].parent.glob("*_submitted.pkl")) and list(logs[0].parent.glob("*_0_result.pkl"))
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_processes(emb_folder, tmp_path):
+    """`torchrun --nproc-per-node 2 train/train.py trainer=ddp trainer.accelerator=cpu trainer.devices=2`: Lightning
+    takes torchrun's environment (no second launch of its own), both ranks train, and the checkpoint holds the
+    data stream position of each of the 2 ranks."""
+    run_dir = tmp_path / "run"
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    cmd = prior_npy_cmd(run_dir, emb_folder, emb_folder, extra=(*TWO_STEPS, "trainer=ddp", "trainer.accelerator=cpu",
+                                                               "trainer.devices=2"))  # fmt: skip
+    port = str(29500 + os.getpid() % 1000)
+    proc = run([torchrun, "--nproc-per-node", "2", "--master-port", port, *cmd[1:]], timeout=420)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    assert "GLOBAL_RANK: 0, MEMBER: 1/2" in out and "GLOBAL_RANK: 1, MEMBER: 2/2" in out
+    result = json.loads((run_dir / "final_metrics.json").read_text())
+    assert result["step"] == 2
+    state = torch.load(result["last_ckpt"], map_location="cpu", weights_only=True)["EmbeddingNpyDataModule"]
+    assert sorted(state["stream"]) == [0, 1] and all(p["batches"] == [2] for p in state["stream"].values())
