@@ -74,6 +74,31 @@ def test_ranks_and_workers_split_the_rows_and_batches_match_the_files(folder, wo
     assert len(seen) == (sum(ROWS) // 8 // streams) * streams * 8
 
 
+def test_epoch_size_shortens_an_epoch_and_composes_with_the_laion_experiment(folder):
+    root, _ = folder
+    full = EmbeddingStream(scan_embeddings(root), tokenizer=TOK, batch_size=4, rank=0, world_size=2, chunk_size=8)
+    short = EmbeddingStream(scan_embeddings(root), tokenizer=TOK, batch_size=4, rank=0, world_size=2, chunk_size=8,
+                            epoch_size=10)  # fmt: skip
+    long = EmbeddingStream(scan_embeddings(root), tokenizer=TOK, batch_size=4, rank=0, world_size=2, chunk_size=8,
+                           epoch_size=10**6)  # fmt: skip
+    assert short.batches_per_epoch == 3 < full.batches_per_epoch == long.batches_per_epoch
+    assert len(list(short)) == 3
+    # the paper-size prior experiment's data settings (epoch_size, workers, batch) are accepted as they are
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.utils import instantiate
+
+    from helpers.tiny_runs import REPO_ROOT
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=prior_vit_l14_laion", "data=embedding_npy", f"data.train_dir={root}",
+                                           "data.batch_size=4", "data.num_workers=0", "seed=0"])  # fmt: skip
+    GlobalHydra.instance().clear()
+    dm = instantiate(cfg.data, tokenizer=TOK)
+    assert isinstance(dm, EmbeddingNpyDataModule) and dm.epoch_size == cfg.data.epoch_size
+
+
 def test_epochs_differ_and_cover_every_row(folder):
     root, data = folder
     epochs = [[k for b in _epoch(root, 0, 1, 0, epoch=e)[1] for k in b["key"]] for e in range(4)]

@@ -236,6 +236,7 @@ class EmbeddingStream(IterableDataset):
     def __init__(
         self, files: EmbeddingFiles, *, tokenizer: Tokenizer, batch_size: int, rank: int, world_size: int,
         num_workers: int = 0, chunk_size: int = 8192, seed: int = 0, context_length: int = 77,
+        epoch_size: int | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1 or chunk_size < 1:
@@ -257,6 +258,9 @@ class EmbeddingStream(IterableDataset):
                 f"{files.root!r} has {total} rows: too few for one batch of {batch_size} on each of {world_size} "
                 f"rank(s) x {self.workers} worker(s); use a smaller batch_size or fewer workers"
             )
+        if epoch_size is not None:  # a shorter epoch (samples per rank); at most one pass over the rows
+            cap = max(1, -(-epoch_size // (batch_size * self.workers)))
+            self.batches_per_worker = min(self.batches_per_worker, cap)
         self.batches_per_epoch = self.batches_per_worker * self.workers
         self.epoch = 0
         self.resume: dict | None = None
@@ -365,6 +369,7 @@ class EmbeddingNpyDataModule(WebDataModule):
         chunk_size: rows read (and shuffled) together; lowered automatically so that every rank and worker gets
             at least one chunk.
         caption_column: the caption column of ``metadata_*.parquet``.
+        epoch_size: training samples per rank per epoch (``None``: one pass over the rows; larger: capped to a pass).
         tokenizer_path, context_length: as for :class:`WebDataModule` (the captions become ``tokens``).
         load_image, load_embeddings: accepted so that experiments written for embedding shards compose; there are
             no images (``load_image=True`` is an error).
@@ -372,7 +377,7 @@ class EmbeddingNpyDataModule(WebDataModule):
 
     def __init__(
         self, *, train_dir: str, val_dir: str | None = None, batch_size: int = 128, val_batch_size: int | None = None,
-        num_workers: int = 2, chunk_size: int = 8192, caption_column: str = "caption",
+        num_workers: int = 2, chunk_size: int = 8192, caption_column: str = "caption", epoch_size: int | None = None,
         tokenizer_path: str | None = None, context_length: int = 77, seed: int = 0, load_image: bool = False,
         load_embeddings: bool = True, persistent_workers: bool = True, pin_memory: bool = False,
         prefetch_factor: int = 2, tokenizer: Tokenizer | None = None,
@@ -381,7 +386,7 @@ class EmbeddingNpyDataModule(WebDataModule):
             raise ValueError("data=embedding_npy holds CLIP embeddings only: load_image=false, load_embeddings=true")
         super().__init__(
             train_urls=train_dir, val_urls=val_dir, batch_size=batch_size, val_batch_size=val_batch_size,
-            num_workers=num_workers, tokenizer_path=tokenizer_path, context_length=context_length, load_image=False,
+            num_workers=num_workers, epoch_size=epoch_size, tokenizer_path=tokenizer_path, context_length=context_length, load_image=False,
             load_embeddings=True, seed=seed, persistent_workers=persistent_workers, pin_memory=pin_memory,
             prefetch_factor=prefetch_factor, tokenizer=tokenizer,
         )  # fmt: skip
@@ -408,6 +413,7 @@ class EmbeddingNpyDataModule(WebDataModule):
         ds = EmbeddingStream(
             self._train_files, tokenizer=self.tokenizer, batch_size=self.batch_size, rank=rank, world_size=world,
             num_workers=self.num_workers, chunk_size=self.chunk_size, seed=self.seed, context_length=self.context_length,
+            epoch_size=self.epoch_size,
         )  # fmt: skip
         ds.resume_from(self._resume_position, num_workers=self.num_workers)
         return self._loader(ds)
