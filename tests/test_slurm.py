@@ -150,3 +150,59 @@ def test_torchrun_two_cpu_processes(emb_folder, tmp_path):
     assert result["step"] == 2
     state = torch.load(result["last_ckpt"], map_location="cpu", weights_only=True)["EmbeddingNpyDataModule"]
     assert sorted(state["stream"]) == [0, 1] and all(p["batches"] == [2] for p in state["stream"].values())
+
+
+# ------------------------------------------------------------------------------------------------ the sbatch recipe
+
+SBATCH = REPO_ROOT / "scripts" / "slurm" / "train.sbatch"
+
+
+def _sbatch(tmp_path, srun_rc: int, **env: str) -> tuple[int, list[str], str | None]:
+    """Run scripts/slurm/train.sbatch with stand-ins for srun (records its arguments, exits ``srun_rc``) and scontrol
+    (records its arguments): -> (exit code, srun's arguments, scontrol's arguments or None)."""
+    import subprocess
+
+    fake = tmp_path / "bin"
+    fake.mkdir(exist_ok=True)
+    (fake / "srun").write_text(f'#!/bin/bash\nprintf "%s\\n" "$@" > "{tmp_path}/srun_args"\nexit {srun_rc}\n')
+    (fake / "scontrol").write_text(f'#!/bin/bash\necho "$@" > "{tmp_path}/scontrol_args"\n')
+    for f in ("srun", "scontrol"):
+        (fake / f).chmod(0o755)
+    (tmp_path / "scontrol_args").unlink(missing_ok=True)
+    run_env = dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}", SLURM_JOB_ID="77", SLURM_JOB_NAME="dalle2",
+                   SLURM_NNODES="2", SLURM_NTASKS_PER_NODE="8", SLURM_SUBMIT_DIR=str(REPO_ROOT), **env)  # fmt: skip
+    proc = subprocess.run(["bash", str(SBATCH), "experiment=prior_tiny", "trainer.max_steps=7"], env=run_env,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    srun_args = (tmp_path / "srun_args").read_text().splitlines()
+    sc = tmp_path / "scontrol_args"
+    return proc.returncode, srun_args, sc.read_text().strip() if sc.exists() else None
+
+
+def test_sbatch_script_requeues_only_after_a_checkpointed_stop(tmp_path):
+    rc, _, requeue = _sbatch(tmp_path, 143)
+    assert rc == 143 and requeue == "requeue 77"  # stopped by the signal with a checkpoint: back to the queue
+    for srun_rc in (0, 1):  # finished, or failed: never requeued
+        rc, _, requeue = _sbatch(tmp_path, srun_rc)
+        assert rc == srun_rc and requeue is None
+    rc, _, requeue = _sbatch(tmp_path, 143, SLURM_RESTART_COUNT="3", MAX_REQUEUES="3")
+    assert rc == 143 and requeue is None  # requeue budget spent
+
+
+def test_sbatch_script_overrides_compose_into_a_multi_node_run(tmp_path):
+    from dalle2.lit.fault_tolerance import Preemption
+
+    _, args, _ = _sbatch(tmp_path, 0)
+    script = args.index("train/train.py")
+    assert args[:2] == ["--kill-on-bad-exit=1", "python"] and script == 2
+    overrides = args[script + 1 :]
+    run_dir = next(a.split("=", 1)[1] for a in overrides if a.startswith("hydra.run.dir="))
+    assert run_dir == "runs/slurm/dalle2_77"  # one dir per job id: every task and every requeue resume there
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=[a for a in overrides if not a.startswith("hydra.")])
+    GlobalHydra.instance().clear()
+    assert (cfg.trainer.num_nodes, cfg.trainer.devices, cfg.trainer.accelerator) == (2, 8, "gpu")
+    assert cfg.trainer.strategy.broadcast_buffers is False and cfg.ckpt_path == "last"
+    assert cfg.trainer.max_steps == 7  # the user's overrides win
+    pre = instantiate(cfg.callbacks.preemption)
+    assert isinstance(pre, Preemption) and "SIGUSR2" in pre.signals and "SIGTERM" in pre.signals
