@@ -100,6 +100,15 @@ class WebDataModule(pl.LightningDataModule):
 
             self.tokenizer = get_tokenizer(self.tokenizer_path)
 
+    def _rank_world(self) -> tuple[int, int]:
+        """This process's rank and the world size: the trainer's when one is attached (its cluster environment —
+        SLURM, torchrun, Lightning's own launcher — is right before any process group exists), else
+        torch.distributed or RANK/WORLD_SIZE."""
+        trainer = self.trainer
+        if trainer is not None:
+            return trainer.global_rank, trainer.world_size
+        return _rank_world()
+
     def _loader(self, dataset: Any) -> DataLoader:
         kw: dict[str, Any] = {}
         if self.num_workers > 0:
@@ -112,11 +121,12 @@ class WebDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self._train_shards is None:
             self.setup("fit")
+        rank, world = self._rank_world()
         ds = make_dataset(
             self._train_shards, image_size=self.image_size, tokenizer=self.tokenizer, train=True,
             batch_size=self.batch_size, context_length=self.context_length, random_crop=self.random_crop,
             shuffle_buffer=self.shuffle_buffer, epoch_size=self.epoch_size, num_workers=self.num_workers,
-            seed=self.seed, load_image=self.load_image, load_embeddings=self.load_embeddings,
+            seed=self.seed, load_image=self.load_image, load_embeddings=self.load_embeddings, rank=rank, world_size=world,
         )
         ds.resume_from(self._resume_position, num_workers=self.num_workers)
         return self._loader(ds)
@@ -126,10 +136,11 @@ class WebDataModule(pl.LightningDataModule):
             return []
         if self._val_shards is None:
             self.setup("validate")
+        rank, world = self._rank_world()
         ds = make_dataset(
             self._val_shards, image_size=self.image_size, tokenizer=self.tokenizer, train=False,
             batch_size=self.val_batch_size, context_length=self.context_length, num_workers=self.num_workers,
-            seed=self.seed, load_image=self.load_image, load_embeddings=self.load_embeddings,
+            seed=self.seed, load_image=self.load_image, load_embeddings=self.load_embeddings, rank=rank, world_size=world,
         )
         # a fresh pass every time: persistent workers would keep an exhausted iterator's state
         kw: dict[str, Any] = {"prefetch_factor": self.prefetch_factor} if self.num_workers > 0 else {}
@@ -172,7 +183,7 @@ class WebDataModule(pl.LightningDataModule):
         """Epoch, seed, skip totals and every rank's training stream position (``stream``: ``{rank: position}``,
         gathered over ranks: call it on every rank, as Lightning's checkpointing does)."""
         positions = {0: copy.deepcopy(self._position)}
-        rank, world = _rank_world()
+        rank, world = self._rank_world()
         if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
             gathered: list = [None] * world
             torch.distributed.all_gather_object(gathered, self._position)
@@ -185,7 +196,7 @@ class WebDataModule(pl.LightningDataModule):
         self.seed = int(state_dict.get("seed", self.seed))
         self.skipped = dict(state_dict.get("skipped", {}))
         positions = state_dict.get("stream") or {}
-        rank, world = _rank_world()
+        rank, world = self._rank_world()
         if positions and len(positions) != world:
             warnings.warn(f"data stream saved by {len(positions)} ranks, resumed on {world}: the stream restarts")
             positions = {}
