@@ -108,3 +108,18 @@ def test_new_run_in_a_used_run_dir_is_refused(tmp_path):
     with pytest.raises(RunDirInUseError, match=r"already holds checkpoints.*step 2.*ckpt_path=last"):
         resolve_ckpt_path(None, tmp_path)
     assert resolve_ckpt_path("last", tmp_path).endswith("last.ckpt")
+
+
+def test_atomic_checkpoint_writes_stay_when_the_user_gives_trainer_plugins():
+    from omegaconf import OmegaConf
+
+    from helpers.scripts import load_script
+
+    build_plugins = load_script("train", "train").build_plugins
+    mine = {"_target_": "lightning.pytorch.plugins.precision.DoublePrecision"}
+    plugins = build_plugins(OmegaConf.create({"trainer": {"plugins": [mine]}}))
+    assert [type(p).__name__ for p in plugins] == ["DoublePrecision", "AtomicCheckpointIO"]
+    own_io = {"_target_": "lightning.pytorch.plugins.io.TorchCheckpointIO"}
+    assert [type(p).__name__ for p in build_plugins(OmegaConf.create({"trainer": {"plugins": [own_io]}}))] == [
+        "TorchCheckpointIO"]  # a checkpoint IO of the user's own is respected
+    assert [type(p).__name__ for p in build_plugins(OmegaConf.create({"trainer": {}}))] == ["AtomicCheckpointIO"]

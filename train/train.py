@@ -65,6 +65,16 @@ def build_callbacks(cfg: DictConfig) -> list:
     return [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None and "_target_" in c]
 
 
+def build_plugins(cfg: DictConfig) -> list:
+    """``trainer.plugins`` (instantiated) plus atomic local checkpoint writes, unless a plugin does checkpoint IO."""
+    from lightning.pytorch.plugins.io import CheckpointIO
+
+    plugins = [instantiate(p) if isinstance(p, DictConfig) else p for p in (cfg.trainer.get("plugins") or [])]
+    if not any(isinstance(p, CheckpointIO) for p in plugins):
+        plugins.append(AtomicCheckpointIO())
+    return plugins
+
+
 def log_run_config(loggers: list, cfg: DictConfig) -> None:
     """Record the resolved config and the code version (git sha) with every logger."""
     sha = os.popen("git rev-parse --short HEAD 2>/dev/null").read().strip() or "unknown"
@@ -113,8 +123,8 @@ def train(cfg: DictConfig) -> dict:
     datamodule = instantiate(cfg.data, _convert_="all", **({"tokenizer": tokenizer} if tokenizer is not None else {}))
     loggers = build_loggers(cfg)
     callbacks = build_callbacks(cfg)
-    plugins = {} if cfg.trainer.get("plugins") else {"plugins": [AtomicCheckpointIO()]}
-    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, _convert_="all", **plugins)
+    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, plugins=build_plugins(cfg),
+                          _convert_="all")  # fmt: skip
     log_run_config(loggers, cfg)
     try:
         # weights_only: our check above read it safely; Lightning must not fall back to torch's (overridable) default
