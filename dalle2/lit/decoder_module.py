@@ -29,10 +29,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dalle2.decoder import UNet
-from dalle2.diffusion import LowResAugmentation, Schedule, cfg_model_fn, dynamic_threshold, sample, static_clip
+from dalle2.decoder.sampling import (
+    Threshold, decoder_conditioning, downsample, psnr, residual_base, sample_decoder, sample_upsampler,
+)
+from dalle2.diffusion import LowResAugmentation, Schedule
 from dalle2.lit.diffusion_base import DiffusionStageModule, FrozenClipMixin
-
-Threshold = Literal["static", "dynamic", "none"]
 
 __all__ = ["DecoderModule", "UpsamplerModule", "psnr", "downsample"]
 
@@ -47,31 +48,6 @@ def _diffusion_config(diffusion: dict | None, network: dict) -> dict:
         )
     cfg["learned_variance"] = lv
     return cfg
-
-
-def _x0_transform(threshold: Threshold, percentile: float) -> Callable[[Tensor], Tensor] | None:
-    if threshold == "static":
-        return static_clip
-    if threshold == "dynamic":
-        return lambda x0: dynamic_threshold(x0, percentile)
-    if threshold == "none":
-        return None
-    raise ValueError(f"unknown threshold {threshold!r}; expected 'static', 'dynamic' or 'none'")
-
-
-def downsample(images: Tensor, size: int, *, mode: Literal["bicubic", "area", "bilinear"] = "bicubic") -> Tensor:
-    """Antialiased resize of ``images (B, C, H, W)`` in [-1, 1] to ``(size, size)`` (clamped back to [-1, 1])."""
-    if mode == "area":
-        out = F.interpolate(images.float(), size=(size, size), mode="area")
-    else:
-        out = F.interpolate(images.float(), size=(size, size), mode=mode, antialias=True, align_corners=False)
-    return out.clamp(-1.0, 1.0).to(images.dtype)
-
-
-def psnr(pred: Tensor, target: Tensor) -> Tensor:
-    """Per-image PSNR in dB of ``pred`` vs ``target`` (both (B, C, H, W) in [-1, 1], peak-to-peak 2)."""
-    mse = (pred.float() - target.float()).pow(2).flatten(1).mean(1).clamp(min=1e-10)
-    return 10.0 * torch.log10(4.0 / mse)
 
 
 class _CascadeStageModule(DiffusionStageModule):
@@ -229,13 +205,9 @@ class DecoderModule(FrozenClipMixin, _CascadeStageModule):
 
     def conditioning(self, batch: dict) -> dict:
         """Model kwargs with nothing dropped (for validation and sampling)."""
-        emb = self.image_embeddings(batch)
-        B = emb.shape[0]
-        kw = {"image_embed": emb, "drop_image_embed": torch.zeros(B, dtype=torch.bool, device=emb.device)}
-        if self.use_text:
-            kw["text_tokens"], kw["text_mask"] = self.text_conditioning(batch)
-            kw["drop_text"] = torch.zeros(B, dtype=torch.bool, device=emb.device)
-        return kw
+        text_tokens, text_mask = self.text_conditioning(batch) if self.use_text else (None, None)
+        return decoder_conditioning(self.image_embeddings(batch), use_text=self.use_text, text_tokens=text_tokens,
+                                    text_mask=text_mask)  # fmt: skip
 
     def model_kwargs(self, batch: dict, *, train: bool, generator: torch.Generator | None = None) -> dict:
         kw = self.conditioning(batch)
@@ -269,40 +241,12 @@ class DecoderModule(FrozenClipMixin, _CascadeStageModule):
         ``use_text`` and no ``text_tokens`` the text is dropped (the text-unconditional branch).  The noise comes
         from ``generator`` (same seed -> same images).
         """
-        net = self._network(use_ema)
-        was_training = net.training
-        net.eval()
-        try:
-            emb = self.normalize_embed(image_embed.to(self.device))
-            B = emb.shape[0]
-            kw: dict[str, Any] = {"image_embed": emb, "drop_image_embed": torch.zeros(B, dtype=torch.bool, device=self.device)}
-            if self.use_text:
-                if text_tokens is not None:
-                    kw["text_tokens"] = text_tokens.to(self.device).float()
-                    kw["text_mask"] = None if text_mask is None else text_mask.to(self.device)
-                    kw["drop_text"] = torch.zeros(B, dtype=torch.bool, device=self.device)
-                else:
-                    kw["drop_text"] = torch.ones(B, dtype=torch.bool, device=self.device)
-            model_fn = net
-            if guidance_scale != 1.0:
-                model_fn = cfg_model_fn(net, guidance_scale=guidance_scale, learned_variance=self.diffusion.learned_variance)
-            size = int(image_size or self.image_size)
-            shape = (B, self.net.in_channels, size, size)
-            out = sample(
-                model_fn,
-                x_T.to(self.device) if x_T is not None else shape,
-                diffusion=self.diffusion,
-                sampler=sampler,
-                steps=steps,
-                eta=eta,
-                generator=generator,
-                model_kwargs=kw,
-                x0_transform=_x0_transform(threshold, dynamic_percentile),
-                device=self.device,
-            )
-        finally:
-            net.train(was_training)
-        return out.float().clamp(-1.0, 1.0)
+        return sample_decoder(
+            self._network(use_ema), self.diffusion, image_embed, image_size=int(image_size or self.image_size),
+            use_text=self.use_text, text_tokens=text_tokens, text_mask=text_mask, steps=steps, sampler=sampler,
+            guidance_scale=guidance_scale, eta=eta, generator=generator, threshold=threshold,
+            dynamic_percentile=dynamic_percentile, x_T=x_T,
+        )  # fmt: skip
 
     def preview(self, batch: dict, *, steps: int = 20, sampler: str = "ddim", guidance_scale: float = 1.0,
                 generator: torch.Generator | None = None) -> dict:
@@ -389,10 +333,7 @@ class UpsamplerModule(_CascadeStageModule):
 
     def base(self, lowres_images: Tensor) -> Tensor:
         """What the network's output is added to: ``bicubic(low-res)`` with ``residual``, else zeros."""
-        size = (lowres_images.shape[-2] * self.scale, lowres_images.shape[-1] * self.scale)
-        if not self.hparams.residual:
-            return lowres_images.new_zeros(*lowres_images.shape[:-2], *size)
-        return F.interpolate(lowres_images.float(), size=size, mode="bicubic", align_corners=False)
+        return residual_base(lowres_images, self.scale, residual=self.hparams.residual)
 
     def _random_crop(self, images: Tensor) -> Tensor:
         c, H, W = self.hparams.train_crop_size, images.shape[-2], images.shape[-1]
@@ -433,35 +374,12 @@ class UpsamplerModule(_CascadeStageModule):
         The low-res images are noised at ``aug_level`` (default ``sample_aug_level``, no blur) with noise from
         ``generator``, as in training; the network sees that level.
         """
-        level = self.sample_aug_level if aug_level is None else int(aug_level)
-        net = self._network(use_ema)
-        was_training = net.training
-        net.eval()
-        try:
-            lo = lowres_images.to(self.device).float()
-            lo_aug, lv = self.lowres_aug(lo, train=False, level=level, generator=generator)
-            B, C, h, w = lo.shape
-            base = self.base(lo)
-            transform = _x0_transform(threshold, dynamic_percentile)
-            if transform is not None and self.hparams.residual:  # threshold the image, not the residual
-                image_transform = transform
-                transform = lambda r: image_transform(base + r) - base  # noqa: E731
-            out = sample(
-                net,
-                x_T.to(self.device) if x_T is not None else (B, C, h * self.scale, w * self.scale),
-                diffusion=self.diffusion,
-                sampler=sampler,
-                steps=steps,
-                eta=eta,
-                generator=generator,
-                model_kwargs={"lowres_image": lo_aug, "lowres_aug_level": lv},
-                x0_transform=transform,
-                spacing=spacing or self.hparams.sample_spacing,
-                device=self.device,
-            )
-        finally:
-            net.train(was_training)
-        return (base + out.float()).clamp(-1.0, 1.0)
+        return sample_upsampler(
+            self._network(use_ema), self.diffusion, lowres_images, scale=self.scale, lowres_aug=self.lowres_aug,
+            aug_level=self.sample_aug_level if aug_level is None else int(aug_level), residual=self.hparams.residual,
+            steps=steps, sampler=sampler, eta=eta, generator=generator, threshold=threshold,
+            dynamic_percentile=dynamic_percentile, spacing=spacing or self.hparams.sample_spacing, x_T=x_T,
+        )  # fmt: skip
 
     def preview(self, batch: dict, *, steps: int = 20, sampler: str = "ddim", guidance_scale: float = 1.0,
                 generator: torch.Generator | None = None) -> dict:
