@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import os
-import tarfile
 
 import numpy as np
 import pytest
@@ -14,20 +13,7 @@ from PIL import Image
 from dalle2.data.datamodule import WebDataModule
 from dalle2.data.synthetic import ATTRIBUTES, parse_caption
 from dalle2.data.webdataset import expand_urls, load_rgb, make_dataset
-
-
-class StandInTokenizer:
-    """Picklable word-hash tokenizer with the real tokenizer's call signature."""
-
-    def __call__(self, texts, context_length=77):
-        out = torch.zeros(len(texts), context_length, dtype=torch.long)
-        for i, t in enumerate(texts):
-            ids = [sum(map(ord, w)) % 997 + 1 for w in t.split()][:context_length]
-            out[i, : len(ids)] = torch.tensor(ids)
-        return out
-
-
-TOK = StandInTokenizer()
+from helpers.shards import TOK, StandInTokenizer, png, write_tar  # noqa: F401 (tests/test_resume.py imports it here)
 
 
 def _loader(ds, workers):
@@ -37,21 +23,6 @@ def _loader(ds, workers):
 def _read_all(urls, workers=0, **kw):
     kw = {"image_size": 32, "tokenizer": TOK, "train": False, "batch_size": 16, **kw}
     return list(_loader(make_dataset(urls, num_workers=workers, **kw), workers))
-
-
-def _png(color=(255, 0, 0), size=(40, 24)):
-    buf = io.BytesIO()
-    Image.new("RGB", size, color).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _write_tar(path, members):
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return str(path)
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -91,20 +62,20 @@ def test_random_vs_center_crop():
     rng = random.Random(0)
     means = {round(load_rgb(data, image_size=16, random_crop=True, rng=rng).mean().item(), 2) for _ in range(20)}
     assert len(means) > 3  # different crops show different amounts of white
-    grey = load_rgb(_png((128, 128, 128), (50, 20)), image_size=8)
+    grey = load_rgb(png((128, 128, 128), (50, 20)), image_size=8)
     assert grey.shape == (3, 8, 8) and abs(grey.mean().item()) < 0.01
 
 
 def test_bad_samples_skipped_and_counted(tmp_path):
-    good = [("a.png", _png()), ("a.txt", b"a red picture"), ("a.json", b'{"x": 1}')]
+    good = [("a.png", png()), ("a.txt", b"a red picture"), ("a.json", b'{"x": 1}')]
     bad = [
         ("b.jpg", b"not a jpeg at all"), ("b.txt", b"corrupt image"),
-        ("c.png", _png()), ("c.txt", b"   \n"),
+        ("c.png", png()), ("c.txt", b"   \n"),
         ("d.txt", b"no image here"),
-        ("e.png", _png()),
-        ("f.webp", _png()), ("f.txt", b"png bytes under .webp still decode"),
+        ("e.png", png()),
+        ("f.webp", png()), ("f.txt", b"png bytes under .webp still decode"),
     ]
-    url = _write_tar(tmp_path / "bad.tar", good + bad)
+    url = write_tar(tmp_path / "bad.tar", good + bad)
     batches = _read_all(url)
     assert sorted(k for b in batches for k in b["key"]) == ["a", "f"]
     assert batches[0]["meta"][batches[0]["key"].index("a")] == {"x": 1}
@@ -151,13 +122,13 @@ def test_embedding_shards(tmp_path):
     for i in range(5):
         k = f"{i:09d}"
         members += [
-            (f"{k}.png", _png()), (f"{k}.txt", f"caption {i}".encode()),
+            (f"{k}.png", png()), (f"{k}.txt", f"caption {i}".encode()),
             (f"{k}.img_emb.npy", npy(np.full(8, i, np.float16))),
             (f"{k}.txt_emb.npy", npy(np.ones(8, np.float32))),
             (f"{k}.txt_tokens.npy", npy(np.zeros((77, 6), np.float16))),
         ]
-    members += [("000000009.png", _png()), ("000000009.txt", b"no embeddings")]
-    url = _write_tar(tmp_path / "emb.tar", members)
+    members += [("000000009.png", png()), ("000000009.txt", b"no embeddings")]
+    url = write_tar(tmp_path / "emb.tar", members)
     (b,) = _read_all(url, load_embeddings=True, batch_size=8)
     assert b["img_emb"].shape == (5, 8) and b["img_emb"].dtype == torch.float32
     assert b["txt_emb"].shape == (5, 8) and b["txt_tokens"].shape == (5, 77, 6)

@@ -84,3 +84,17 @@ def test_corrupt_sample_is_skipped_and_counted_and_a_short_shard_is_redone(clip,
     assert samples_in(out / "00000.tar") == 5
     proc = precompute(clip, src, out)
     assert "1 shards already complete" in proc.stdout
+
+
+def test_a_source_shard_cut_short_gives_what_it_holds_and_counts_as_done(clip, tmp_path):
+    members = {f"{i:03d}.{ext}": jpeg(i) if ext == "jpg" else b"a red circle" for i in range(6) for ext in ("jpg", "txt")}
+    src = write_tar(tmp_path / "00000.tar", members)
+    data = open(src, "rb").read()
+    open(src, "wb").write(data[: len(data) // 2])  # a download cut in the middle
+    out = tmp_path / "emb"
+    proc = precompute(clip, src, out)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    info = json.loads((out / "00000.tar.json").read_text())
+    assert info["skipped"].get("bad_shard") == 1 and 0 < info["samples"] < 6 == len(members) // 2
+    assert samples_in(out / "00000.tar") == info["samples"]
+    assert "1 shards already complete" in precompute(clip, src, out).stdout

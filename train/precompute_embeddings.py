@@ -50,13 +50,22 @@ def marker_path(out_path: Path) -> Path:
     return out_path.with_name(out_path.name + ".json")
 
 
+def consistent(n: int, source: int, skipped: dict[str, int]) -> bool:
+    """An embedding shard of ``n`` samples is whole when ``n`` = its source's samples minus the skipped ones; when
+    the source itself is damaged (``bad_shard``: cut short, or its ``pipe:`` command failed) the samples after the
+    damage cannot be counted, so any ``n`` up to that is what the source gives."""
+    expected = source - sum(int(v) for k, v in skipped.items() if k != "bad_shard")
+    return n <= expected if skipped.get("bad_shard") else n == expected
+
+
 def shard_complete(out_path: Path) -> bool:
     """True when ``out_path`` and its sidecar exist and the shard holds what the sidecar says it must: as many
     samples as its source minus the counted skips (a crash never leaves a short shard that looks done)."""
     try:
         info = json.loads(marker_path(out_path).read_text())
-        expected = int(info["source_samples"]) - sum(int(n) for n in info["skipped"].values())
-        return out_path.is_file() and int(info["samples"]) == expected == count_samples([str(out_path)])
+        n = int(info["samples"])
+        return out_path.is_file() and n == count_samples([str(out_path)]) and consistent(n, int(info["source_samples"]),
+                                                                                            info["skipped"])
     except (OSError, ValueError, KeyError, TypeError):
         return False
 
@@ -112,7 +121,7 @@ class ShardEmbedder(L.LightningModule):
                     f"shard {url}: none of its {source} samples has both an image and a caption ({layout}); "
                     "img2dataset's layout is {key}.jpg|png|webp + {key}.txt with the same {key}"
                 )
-            if n != source - sum(skipped.values()):
+            if not consistent(n, source, skipped):
                 raise ShardError(f"shard {url}: {n} samples embedded, expected {source} minus {sum(skipped.values())} "
                                  f"skipped ({dict(skipped)}); not marking it complete")  # fmt: skip
         write_json_atomic(marker_path(out_path), {"source": url, "source_samples": source, "samples": n,

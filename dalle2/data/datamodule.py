@@ -18,6 +18,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
+from dalle2.data.guard import StreamGuard
 from dalle2.data.webdataset import _rank_world, expand_urls, make_dataset, stream_position
 
 
@@ -32,6 +33,11 @@ class WebDataModule(pl.LightningDataModule):
         tokenizer_path: BPE vocab for :func:`dalle2.clip.tokenizer.get_tokenizer` (``None``: the shipped one);
             a callable tokenizer may be passed as ``tokenizer=`` instead.
         load_image / load_embeddings: what each sample must carry (embedding shards add ``*.npy`` members).
+        max_consecutive_skips, max_consecutive_bad_shards: the training stream stops with
+            :class:`~dalle2.data.guard.DataStreamError` naming why after this many skipped samples in a row, or
+            shards in a row that yielded no sample (``None``: unbounded); validation only warns when it yields nothing.
+        url_commands: ``{scheme: "command {url}"}`` reading object-store urls (defaults: ``s3://`` → ``aws s3 cp
+            {url} -``, ``gs://`` → ``gcloud storage cat {url}``; see :mod:`dalle2.data.urls`).
     """
 
     def __init__(
@@ -55,6 +61,9 @@ class WebDataModule(pl.LightningDataModule):
         pin_memory: bool = False,
         prefetch_factor: int = 2,
         tokenizer: Callable[..., torch.Tensor] | None = None,
+        max_consecutive_skips: int | None = 1000,
+        max_consecutive_bad_shards: int | None = 50,
+        url_commands: dict[str, str] | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -79,6 +88,11 @@ class WebDataModule(pl.LightningDataModule):
         self.pin_memory = pin_memory
         self.prefetch_factor = prefetch_factor
         self.tokenizer = tokenizer
+        # check the bounds now, not at the first training batch
+        StreamGuard(max_consecutive_skips=max_consecutive_skips, max_consecutive_bad_shards=max_consecutive_bad_shards)
+        self.max_consecutive_skips = max_consecutive_skips
+        self.max_consecutive_bad_shards = max_consecutive_bad_shards
+        self.url_commands = dict(url_commands or {})
         self.epoch = 0
         self.skipped: dict[str, int] = {}
         self._unlogged: Counter = Counter()
@@ -90,11 +104,12 @@ class WebDataModule(pl.LightningDataModule):
     # ----------------------------------------------------------------------------------------- setup
 
     def setup(self, stage: str | None = None) -> None:
-        """Expand and check the shard urls (``FileNotFoundError`` naming a missing shard) and load the tokenizer."""
+        """Expand and check the shard urls (``FileNotFoundError`` naming a missing shard, ``ValueError`` naming a url
+        whose scheme nothing reads) and load the tokenizer."""
         if stage in (None, "fit") and self._train_shards is None:
-            self._train_shards = expand_urls(self.train_urls)
+            self._train_shards = expand_urls(self.train_urls, url_commands=self.url_commands)
         if self.val_urls is not None and self._val_shards is None:
-            self._val_shards = expand_urls(self.val_urls)
+            self._val_shards = expand_urls(self.val_urls, url_commands=self.url_commands)
         if self.tokenizer is None:
             from dalle2.clip.tokenizer import get_tokenizer
 
@@ -127,6 +142,8 @@ class WebDataModule(pl.LightningDataModule):
             batch_size=self.batch_size, context_length=self.context_length, random_crop=self.random_crop,
             shuffle_buffer=self.shuffle_buffer, epoch_size=self.epoch_size, num_workers=self.num_workers,
             seed=self.seed, load_image=self.load_image, load_embeddings=self.load_embeddings, rank=rank, world_size=world,
+            max_consecutive_skips=self.max_consecutive_skips,
+            max_consecutive_bad_shards=self.max_consecutive_bad_shards, url_commands=self.url_commands,
         )
         ds.resume_from(self._resume_position, num_workers=self.num_workers)
         return self._loader(ds)
@@ -141,6 +158,7 @@ class WebDataModule(pl.LightningDataModule):
             self._val_shards, image_size=self.image_size, tokenizer=self.tokenizer, train=False,
             batch_size=self.val_batch_size, context_length=self.context_length, num_workers=self.num_workers,
             seed=self.seed, load_image=self.load_image, load_embeddings=self.load_embeddings, rank=rank, world_size=world,
+            url_commands=self.url_commands,
         )
         # a fresh pass every time: persistent workers would keep an exhausted iterator's state
         kw: dict[str, Any] = {"prefetch_factor": self.prefetch_factor} if self.num_workers > 0 else {}

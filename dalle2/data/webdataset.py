@@ -22,28 +22,39 @@ per epoch, and a stream resumes exactly from a checkpointed position (:class:`Tr
 
 Bad samples are skipped and counted by reason (``corrupt_image``, ``missing_image``, ``missing_caption``,
 ``empty_caption``, ``corrupt_json``, ``missing_embedding``, ``corrupt_embedding``, ``bad_shard``); a
-truncated or unreadable tar warns, counts ``bad_shard`` and the stream moves on.
+truncated or unreadable tar, or a ``pipe:`` command that exits non-zero, warns, counts ``bad_shard`` and the
+stream moves on. The endless training stream never spins silently: after ``max_consecutive_skips`` skipped
+samples in a row, or ``max_consecutive_bad_shards`` shards in a row that yielded no sample, it raises
+:class:`~dalle2.data.guard.DataStreamError` naming the reasons, counts and shards (:mod:`dalle2.data.guard`).
+Shard urls (local, ``pipe:``, http(s), ``s3://`` / ``gs://`` through commands) are in :mod:`dalle2.data.urls`.
 """
 
 from __future__ import annotations
 
 import functools
-import glob
 import io
 import itertools
 import json
 import os
 import random
+import sys
 import tarfile
 import warnings
 from collections import Counter
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 import webdataset as wds
-from braceexpand import braceexpand
 from PIL import Image
+
+from dalle2.data.guard import DataStreamError, StreamGuard
+from dalle2.data.urls import close_shard, count_samples, expand_urls, open_shard, resolve_url_commands
+
+__all__ = [
+    "DataStreamError", "EMBED_KEYS", "IMAGE_EXTS", "SKIP_REASONS", "TrainStream", "count_samples", "expand_urls",
+    "iter_raw_samples", "load_rgb", "make_dataset", "stream_position", "stream_seed",
+]  # fmt: skip
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 EMBED_KEYS = {"img_emb": "img_emb.npy", "txt_emb": "txt_emb.npy", "txt_tokens": "txt_tokens.npy"}
@@ -51,63 +62,11 @@ SKIP_REASONS = (
     "corrupt_image", "missing_image", "missing_caption", "empty_caption", "corrupt_json",
     "missing_embedding", "corrupt_embedding", "bad_shard",
 )
-_REMOTE_PREFIXES = ("pipe:", "s3://", "http://", "https://", "gs://", "hf://")
 
 Tokenizer = Callable[..., torch.Tensor]
 
 
-# --------------------------------------------------------------------------------------------- urls
-
-
-def expand_urls(urls: str | Sequence[str]) -> list[str]:
-    """Expand shard URLs: braces (``/d/{00000..00099}.tar``), ``::``-separated strings, lists of either.
-
-    Local paths must exist (globs ``*`` are expanded too); ``pipe:``, ``s3://``, ``http(s)://`` pass
-    through unchecked. Raises ``FileNotFoundError`` naming the pattern and its first missing path, and
-    ``ValueError`` when nothing is given.
-    """
-    if isinstance(urls, (str, os.PathLike)):
-        patterns = [p for p in os.fspath(urls).split("::") if p.strip()]
-    else:
-        patterns = [os.fspath(p) for p in urls]
-    if not patterns:
-        raise ValueError(f"no shard urls given: {urls!r}")
-    out: list[str] = []
-    for pattern in patterns:
-        pattern = pattern.strip()
-        for url in braceexpand(pattern):
-            if url.startswith(_REMOTE_PREFIXES):
-                out.append(url)
-                continue
-            path = url[len("file:"):] if url.startswith("file:") else url
-            if any(c in path for c in "*?["):
-                matches = sorted(glob.glob(path))
-                if not matches:
-                    raise FileNotFoundError(f"shard pattern {pattern!r} matches no file ({path!r})")
-                out.extend(matches)
-            elif not os.path.isfile(path):
-                raise FileNotFoundError(f"shard pattern {pattern!r}: missing shard {path!r}")
-            else:
-                out.append(path)
-    return out
-
-
-def count_samples(urls: Sequence[str]) -> int:
-    """Number of samples in local tar shards (reads only the tar headers); remote urls raise ``ValueError``."""
-    total = 0
-    for url in urls:
-        if url.startswith(_REMOTE_PREFIXES):
-            raise ValueError(f"cannot count samples of remote shard {url!r}; set epoch_size explicitly")
-        keys = set()
-        try:
-            with tarfile.open(url) as tar:
-                for m in tar:
-                    if m.isfile() and "." in os.path.basename(m.name):
-                        keys.add(m.name.split(".", 1)[0])
-        except (tarfile.TarError, OSError) as exn:
-            warnings.warn(f"while counting samples, shard {url!r} is unreadable ({exn}); counted what was read")
-        total += len(keys)
-    return total
+# --------------------------------------------------------------------------------------------- ranks and workers
 
 
 def _rank_world() -> tuple[int, int]:
@@ -157,12 +116,14 @@ def load_rgb(data: bytes, *, image_size: int, random_crop: bool = False, rng: ra
 
 
 class _Stages:
-    """The per-worker decode and batch stages; holds the skip counter (one copy per worker process)."""
+    """The per-worker read, decode and batch stages; holds the skip counter and the training stream's
+    :class:`~dalle2.data.guard.StreamGuard` (one copy per worker process)."""
 
     def __init__(
         self, *, image_size: int, tokenizer: Tokenizer, context_length: int, batch_size: int, partial: bool,
         random_crop: bool, load_image: bool, load_embeddings: bool, seed: int, rank: int,
-        skip_counter: Counter | None,
+        skip_counter: Counter | None, url_commands: Mapping[str, str] | None = None,
+        guard: StreamGuard | None = None,
     ) -> None:
         self.image_size = image_size
         self.tokenizer = tokenizer
@@ -175,6 +136,9 @@ class _Stages:
         self.seed = seed
         self.rank = rank
         self.counts: Counter = skip_counter if skip_counter is not None else Counter()
+        self.url_commands = resolve_url_commands(url_commands)
+        self.guard = guard
+        self.opened: list[str] | None = None  # validation: the shards opened in this pass (see warn_if_empty)
         self._rng: random.Random | None = None
 
     # handler for tar-level errors: truncated/unreadable shard → warn, count, continue
@@ -185,13 +149,34 @@ class _Stages:
 
     def tar_samples(self, src: Iterable[dict]) -> Iterator[dict]:
         """``{"url": ...}`` → samples ``{"__key__", "__url__", ext: bytes}``; a truncated tar (cut inside a
-        member or a header) warns and counts ``bad_shard``, keeping the complete samples before the cut."""
-        for source in wds.tariterators.url_opener(src, handler=self.handle):
+        member or a header), an unreadable one, or a ``pipe:`` command that exits non-zero warns and counts one
+        ``bad_shard``, keeping the complete samples read. Every shard read is reported to the guard."""
+        for source in src:
             url = source["url"]
-            files = self._tar_members(source["stream"], url)
-            yield from wds.tariterators.group_by_keys(files, handler=self.handle)
+            if self.opened is not None:
+                self.opened.append(url)
+            status: dict[str, str | None] = {"error": None}
+            samples = 0
+            for sample in wds.tariterators.group_by_keys(self._tar_members(url, status), handler=self.handle):
+                samples += 1
+                yield sample
+            if self.guard is not None:
+                self.guard.shard_done(url, samples, status["error"])
 
-    def _tar_members(self, stream: Any, url: str) -> Iterator[dict]:
+    def _tar_members(self, url: str, status: dict) -> Iterator[dict]:
+        """The members of one shard; ``status["error"]`` is set (and one ``bad_shard`` counted) when the shard does
+        not open, does not read to its end, or its command exits non-zero."""
+
+        def bad(why: str) -> None:
+            status["error"] = why
+            self.handle(tarfile.ReadError(f"shard {url!r}: {why}"))
+
+        try:
+            stream = open_shard(url, self.url_commands)
+        except Exception as exn:  # noqa: BLE001 - an unopenable shard is a bad shard, never fatal
+            bad(f"cannot open: {exn}")
+            return
+        read_error, stopped = None, False
         try:
             tar = tarfile.open(fileobj=stream, mode="r|*")
             for info in tar:
@@ -204,12 +189,18 @@ class _Stages:
             # tarfile ends silently on a header cut short; a complete tar ends with a full zero block
             if tar.fileobj.pos - tar.offset < tarfile.BLOCKSIZE:
                 raise tarfile.ReadError("truncated tar (ends inside a header)")
-        except Exception as exn:
-            self.handle(tarfile.ReadError(f"shard {url!r}: {exn}"))
+            while stream.read(1 << 16):  # the record padding: a command then exits by itself, not by SIGPIPE
+                pass
+        except Exception as exn:  # noqa: BLE001
+            read_error = str(exn) or type(exn).__name__
+        except BaseException:  # GeneratorExit: the reader stopped early (end of an epoch); the status says nothing
+            stopped = True
+            raise
         finally:
-            close = getattr(stream, "close", None)
-            if close is not None:
-                close()
+            exit_error = close_shard(stream, abandon=stopped)
+            why = "; ".join(e for e in (exit_error, read_error) if e)
+            if why and not stopped:
+                bad(why)
 
     def _decode_one(self, sample: dict[str, Any]) -> dict[str, Any] | str:
         key = str(sample.get("__key__", ""))
@@ -283,14 +274,56 @@ class _Stages:
         return batch
 
     def batch(self, src: Iterable[dict]) -> Iterator[dict]:
+        """Batches of ``batch_size``; the finite (``partial``) pass keeps the last partial batch and holds each
+        batch back until the next sample arrives, so that skips counted after the last sample (a bad shard at
+        the end) still travel in the last batch. (Training yields at once: its stream position must be exact.)"""
         buf: list[dict] = []
+        held: dict | None = None
         for sample in src:
+            if held is not None:
+                yield held
+                held = None
             buf.append(sample)
             if len(buf) == self.batch_size:
-                yield self.collate(buf)
+                batch = self.collate(buf)
                 buf = []
-        if buf and self.partial:
+                if not self.partial:
+                    yield batch
+                else:
+                    held = batch
+        if not self.partial:
+            return
+        if buf:
+            if held is not None:
+                yield held
             yield self.collate(buf)
+        elif held is not None:
+            for reason, n in self.counts.items():
+                held["skipped"][reason] = held["skipped"].get(reason, 0) + n
+            self.counts.clear()
+            yield held
+
+    def warn_if_empty(self, src: Iterable[dict]) -> Iterator[dict]:
+        """Validation's last stage: a pass (of this rank's worker) that read shards and yielded no batch warns,
+        naming the shards and the skip counts (which no batch carried to the datamodule); from a DataLoader
+        worker the warning is printed to stderr."""
+        self.opened = []
+        batches = 0
+        for batch in src:
+            batches += 1
+            yield batch
+        if batches == 0 and self.opened:
+            worker, num_workers = _worker()
+            skipped = ", ".join(f"{r}={n}" for r, n in self.counts.most_common()) or "none: the shards hold no sample"
+            msg = (
+                f"validation (rank {self.rank}, worker {worker} of {max(1, num_workers)}) read {len(self.opened)} "
+                f"shard(s) and got no usable sample: skipped {skipped}; shards: {self.opened[:5]}"
+            )
+            if torch.utils.data.get_worker_info() is not None:
+                # a worker's warning filters are a copy of the main process's (which may record, not show)
+                print(f"[dalle2.data] warning: {msg}", file=sys.stderr, flush=True)
+            else:
+                warnings.warn(msg, stacklevel=2)
 
 
 # --------------------------------------------------------------------------------------------- validation split
@@ -348,6 +381,9 @@ def make_dataset(
     skip_counter: Counter | None = None,
     rank: int | None = None,
     world_size: int | None = None,
+    max_consecutive_skips: int | None = 1000,
+    max_consecutive_bad_shards: int | None = 50,
+    url_commands: Mapping[str, str] | None = None,
 ) -> wds.DataPipeline:
     """An iterable of batches (see the module docstring for the batch dict) over ``urls``.
 
@@ -363,18 +399,28 @@ def make_dataset(
         skip_counter: a ``Counter`` the decode stage adds skip counts to (per worker process copy); counts
             also travel with each batch as ``batch["skipped"]``.
         rank, world_size: default to torch.distributed (or RANK/WORLD_SIZE), read at construction.
+        max_consecutive_skips, max_consecutive_bad_shards: training only: a worker's stream raises
+            :class:`DataStreamError` (naming the skip reasons and counts, the shards and a likely cause) after this
+            many skipped samples in a row, or shards in a row that yielded no sample (empty, unreadable, a failing
+            command); ``None``: unbounded. Validation is one finite pass: never raised, warns when it yields nothing.
+        url_commands: ``{scheme: "command {url}"}`` for object-store urls (see :mod:`dalle2.data.urls`).
     """
     if image_size < 1 or batch_size < 1:
         raise ValueError(f"image_size and batch_size must be >= 1, got {image_size} and {batch_size}")
     if not load_image and not load_embeddings and tokenizer is None:
         raise ValueError("nothing to load: load_image=False, load_embeddings=False and no tokenizer")
-    shard_urls = expand_urls(urls)
+    guard = StreamGuard(
+        max_consecutive_skips=max_consecutive_skips, max_consecutive_bad_shards=max_consecutive_bad_shards,
+    )  # checks the bounds for validation too
+    shard_urls = expand_urls(urls, url_commands=url_commands)
     if rank is None or world_size is None:
         rank, world_size = _rank_world()
+    guard.where = f"rank {rank}"
     stages = _Stages(
         image_size=image_size, tokenizer=tokenizer, context_length=context_length, batch_size=batch_size,
         partial=not train, random_crop=random_crop and train, load_image=load_image,
         load_embeddings=load_embeddings, seed=seed, rank=rank, skip_counter=skip_counter,
+        url_commands=url_commands, guard=guard if train else None,
     )
     if train:
         if epoch_size is None:
@@ -393,7 +439,7 @@ def make_dataset(
             stages_list.append(
                 functools.partial(_keep_rank_samples, urls=shard_urls, rank=rank, world_size=world_size)
             )
-        pipeline = wds.DataPipeline(*stages_list, stages.decode, stages.batch)
+        pipeline = wds.DataPipeline(*stages_list, stages.decode, stages.batch, stages.warn_if_empty)
         pipeline.batches_per_epoch = None
     pipeline.stages_obj = stages
     return pipeline
@@ -466,6 +512,9 @@ class TrainStream(torch.utils.data.IterableDataset):
             done_batches, done_samples = int(resume["batches"][logical]), int(resume["samples"][logical])
         wseed = stream_seed(self.seed, epoch, self.rank, logical)
         st = self.stages
+        guard = st.guard
+        if guard is not None:
+            guard.reset()
         samples: Iterator[dict] = st.tar_samples(self._shards(random.Random(wseed)))
         if self.shuffle_buffer > 1:
             samples = wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100), seed=wseed + 1)(samples)
@@ -480,7 +529,11 @@ class TrainStream(torch.utils.data.IterableDataset):
                 out = st._decode_one(sample)
                 if isinstance(out, str):
                     st.counts[out] += 1
+                    if guard is not None:
+                        guard.sample_skipped(out, sample)  # raises at data.max_consecutive_skips
                     continue
+                if guard is not None:
+                    guard.sample_ok()
                 yield out
 
         todo = max(0, self.batches_per_worker - done_batches)
