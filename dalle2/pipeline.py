@@ -315,10 +315,8 @@ class UnCLIPPipeline(nn.Module):
         if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
             raise TypeError("prompts must be a list of str")
         tokens = self.tokenizer(list(prompts)).to(self.device)
-        states, pooled = self.clip.model.encode_text_tokens(tokens)
-        mask = tokens[:, : states.shape[1]] != 0
-        mask[:, 0] = True
-        return {"text_embed": pooled.float(), "text_tokens": states.float(), "text_mask": mask}
+        text = self.clip.encode_text_features(tokens)
+        return {"text_embed": text.embed.float(), "text_tokens": text.tokens.float(), "text_mask": text.mask}
 
     @torch.no_grad()
     def encode_images(self, images: Tensor) -> Tensor:

@@ -98,8 +98,8 @@ class ShardEmbedder(L.LightningModule):
                 images = batch["image"].to(self.device)
                 tokens = batch["tokens"].to(self.device)
                 img_emb = self.clip.encode_image(images).float().cpu().numpy()
-                states, txt_emb = self.clip.model.encode_text_tokens(tokens)
-                states, txt_emb = states.float().cpu().numpy(), txt_emb.float().cpu().numpy()
+                text = self.clip.encode_text_features(tokens)
+                states, txt_emb = text.tokens.float().cpu().numpy(), text.embed.float().cpu().numpy()
                 for i, key in enumerate(batch["key"]):
                     # the raw samples come in the same file order; bad ones (skipped by the decoder) are passed over
                     sample = next((s for s in raw if os.path.basename(s["__key__"]) == key), None)

@@ -10,15 +10,19 @@ from dalle2.clip.model import (
     CLIP_PRESETS,
     CLIP_STD,
     ModifiedResNet,
+    TextFeatures,
     TextTransformer,
     VisionTransformer,
     clip_preset,
     preprocess_for_clip,
+    text_mask,
 )
 from dalle2.clip.pretrained import load_clip_checkpoint, load_safetensors, save_safetensors
 from dalle2.clip.retrieval import retrieval_metrics
 
 __all__ = [
+    "TextFeatures",
+    "text_mask",
     "CLIP",
     "CLIP_MEAN",
     "CLIP_PRESETS",

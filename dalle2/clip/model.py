@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -306,6 +306,29 @@ class TextTransformer(nn.Module):
         return states, eot @ self.proj
 
 
+class TextFeatures(NamedTuple):
+    """What CLIP's text tower gives the later stages, from one call (:meth:`CLIP.encode_text_features`).
+
+    ``embed`` (B, D): the pooled, projected text embedding (not normalised); ``tokens`` (B, L, W): the per-token
+    states after the final layer norm; ``mask`` (B, L) bool: the real tokens (:func:`text_mask`).
+    """
+
+    embed: torch.Tensor
+    tokens: torch.Tensor
+    mask: torch.Tensor
+
+
+def text_mask(tokens: torch.Tensor, length: int | None = None) -> torch.Tensor:
+    """The one rule for which text positions are real: ``tokens != 0`` (0 pads), the start token always on (never
+    an all-masked row), cut or padded (False) to ``length`` positions (the token states' length; default the ids')."""
+    length = tokens.shape[1] if length is None else int(length)
+    mask = tokens[:, :length] != 0
+    if mask.shape[1] < length:
+        mask = F.pad(mask, (0, length - mask.shape[1]), value=False)
+    mask[:, 0] = True
+    return mask
+
+
 class CLIP(nn.Module):
     """Contrastive image-text model (``vision_layers`` as an int: ViT; as 4 stage depths: ModifiedResNet).
 
@@ -396,6 +419,12 @@ class CLIP(nn.Module):
     def encode_text_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """tokens: (B, L) long -> (states (B, L, text_width) after ln_final, pooled (B, embed_dim) unnormalised)."""
         return self.text(tokens)
+
+    def encode_text_features(self, tokens: torch.Tensor) -> TextFeatures:
+        """tokens: (B, L) long -> :class:`TextFeatures` (embedding, per-token states and their mask): what the prior,
+        the decoder, the pipeline and the embedding shards use."""
+        states, pooled = self.text(tokens)
+        return TextFeatures(embed=pooled, tokens=states, mask=text_mask(tokens, states.shape[1]))
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens: (B, L) long -> (B, embed_dim), not normalised."""

@@ -35,6 +35,7 @@ from torch.utils.checkpoint import checkpoint
 
 from dalle2.decoder.blocks import Downsample, PixelAttention, ResBlock, Stage, Upsample, group_norm, zero_init
 from dalle2.nn import TimestepEmbedding
+from dalle2.nn.text_cond import project_text
 
 # Constructor kwargs.  ``clip_dim`` / ``text_dim`` come from the CLIP model (``unet_from_preset(..., clip_dim=...)``)
 # unless the preset fixes them; the SR presets have no CLIP conditioning.  ``attention_levels`` index
@@ -304,15 +305,7 @@ class UNet(nn.Module):
         else:
             _check_shape(text_mask, (b, length), "text_mask", "(B, L)")
             valid = text_mask.to(device=ref.device, dtype=torch.bool)
-        # where() rather than multiply: garbage (even NaN) in padded slots cannot leak
-        raw = text_tokens.to(device=ref.device, dtype=self.text_proj.weight.dtype)
-        raw = torch.where(valid[..., None], raw, torch.zeros_like(raw))
-        tokens = self.text_proj(raw)
-        if drop is not None:
-            tokens = torch.where(drop[:, None, None], self.null_text_token.to(tokens.dtype), tokens)
-            first_only = torch.arange(length, device=ref.device)[None] == 0
-            valid = torch.where(drop[:, None], first_only, valid)
-        return tokens, valid
+        return project_text(self.text_proj, text_tokens, valid, drop, self.null_text_token)
 
     def _conditioning(
         self,

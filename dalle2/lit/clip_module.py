@@ -66,6 +66,10 @@ class CLIPModule(StageCheckpointMixin, L.LightningModule):
         """images: (B,3,H,W) in [-1,1] -> unnormalised image embeddings (B,D)."""
         return self.model.encode_image(preprocess_for_clip(images, self.model.image_size))
 
+    def encode_text_features(self, tokens: torch.Tensor):
+        """tokens (B, L) -> :class:`dalle2.clip.model.TextFeatures` (embedding, per-token states, mask)."""
+        return self.model.encode_text_features(tokens)
+
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict:
         return self.model(preprocess_for_clip(images, self.model.image_size), tokens)
 

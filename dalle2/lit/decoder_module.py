@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dalle2.clip.model import text_mask
 from dalle2.decoder import UNet
 from dalle2.decoder.sampling import (
     Threshold, decoder_conditioning, downsample, psnr, residual_base, sample_decoder, sample_upsampler,
@@ -186,12 +187,8 @@ class DecoderModule(FrozenClipMixin, _CascadeStageModule):
             clip = self.clip
             if clip is None:
                 raise ValueError("use_text=True but the batch has no 'txt_tokens' and no clip_ckpt was given")
-            states = clip.model.encode_text_tokens(tokens)[0].float()
-        mask = tokens[:, : states.shape[1]] != 0
-        if mask.shape[1] < states.shape[1]:
-            mask = F.pad(mask, (0, states.shape[1] - mask.shape[1]), value=False)
-        mask[:, 0] = True  # never an all-masked row (SOT is always there)
-        return states, mask
+            states = clip.encode_text_features(tokens).tokens.float()
+        return states, text_mask(tokens, states.shape[1])
 
     def drop_masks(self, batch_size: int, *, device=None, generator: torch.Generator | None = None) -> dict:
         """CFG training drops: ``drop_image_embed`` with p = image_embed_drop_prob and (with text) ``drop_text``

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dalle2.clip.model import text_mask
 from dalle2.lit.diffusion_base import DiffusionStageModule, FrozenClipMixin
 from dalle2.prior import EmbeddingScaler, PriorNetwork, sample_prior
 
@@ -126,16 +127,12 @@ class PriorModule(FrozenClipMixin, DiffusionStageModule):
         states = batch.get("txt_tokens")
         txt = batch.get("txt_emb")
         if txt is None or (self.use_text_tokens and states is None):
-            states, txt = self._require_clip("txt_emb").model.encode_text_tokens(tokens)
+            txt, states, _ = self._require_clip("txt_emb").encode_text_features(tokens)
         out = {"image_embed": F.normalize(img.float(), dim=-1), "text_embed": txt.float(),
                "text_tokens": None, "text_mask": None}
         if self.use_text_tokens:
             states = states.float()
-            mask = tokens[:, : states.shape[1]] != 0
-            if mask.shape[1] < states.shape[1]:
-                mask = F.pad(mask, (0, states.shape[1] - mask.shape[1]), value=False)
-            mask[:, 0] = True  # SOT is always there: never an all-masked row
-            out["text_tokens"], out["text_mask"] = trim_text(states, mask)
+            out["text_tokens"], out["text_mask"] = trim_text(states, text_mask(tokens, states.shape[1]))
         return out
 
     @staticmethod

@@ -30,6 +30,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from dalle2.nn import MLP, Attention, TimestepEmbedding
+from dalle2.nn.text_cond import project_text
 
 Positional = Literal["learned", "rotary"]
 
@@ -274,18 +275,7 @@ class PriorNetwork(nn.Module):
             if text_mask.shape != (b, length):
                 raise ValueError(f"text_mask shape {tuple(text_mask.shape)} != {(b, length)}")
             valid = text_mask.bool()
-        # where() rather than multiply so that garbage (even NaN) in padded slots cannot leak
-        raw = torch.where(valid[..., None], text_tokens, torch.zeros_like(text_tokens))
-        tokens = self.text_token_proj(raw.to(self.text_token_proj.weight.dtype))
-        if drop_text is not None:
-            # a dropped row is one null token (the other positions masked): the unconditional branch then does not
-            # depend on the (padded / trimmed) text length L of the batch it is in
-            null = self.null_text_token.to(tokens.dtype)
-            tokens = torch.where(drop_text[:, None, None], null, tokens)
-            first = torch.zeros(length, dtype=torch.bool, device=valid.device)
-            first[0] = True
-            valid = torch.where(drop_text[:, None], first[None], valid)
-        return tokens, valid
+        return project_text(self.text_token_proj, text_tokens, valid, drop_text, self.null_text_token)
 
     def _attention_mask(self, key_valid: torch.Tensor) -> torch.Tensor:
         """key_valid: (B, N) bool -> (B, 1, N, N) bool: causal, valid keys only, and always the diagonal.
