@@ -29,23 +29,12 @@ from typing import Any
 
 import torch
 
-from dalle2.clip.tokenizer import Vocabulary
-from dalle2.lit.checkpoints import (
-    CHECKPOINT_ERRORS,
-    EXPORT_FORMAT,
-    EXPORT_KEY,
-    EXPORT_VERSION,
-    STAGE_CLASSES,
-    STAGE_KEY,
-    VOCAB_KEY,
-    VOCAB_TENSOR,
-    load_checkpoint,
+from dalle2.checkpoint import (
+    CHECKPOINT_ERRORS, EXPORT_FORMAT, EXPORT_KEY, EXPORT_VERSION, VOCAB_TENSOR, WrongStageError, read_stage,
 )
+from dalle2.lit.checkpoints import STAGE_CLASSES
 
 __all__ = ["export_checkpoint", "export_paths", "main"]
-
-# state_dict prefix of the weights each stage exports
-_PREFIXES = {"ema": "ema.module.", "raw": "net."}
 
 
 def export_paths(out: str | Path, stage: str) -> tuple[Path, Path]:
@@ -92,22 +81,17 @@ def export_checkpoint(
     from safetensors.torch import save_file
 
     ckpt = Path(ckpt)
-    data = load_checkpoint(ckpt, trust_checkpoint=trust_checkpoint)
-    stage = data.get(STAGE_KEY) if isinstance(data, dict) else None
-    if stage not in STAGE_CLASSES:
-        raise ValueError(f"{ckpt}: not a dalle2 stage checkpoint (stage {stage!r}); export .ckpt files written by "
-                         "train/train.py")  # fmt: skip
-    if weights not in _PREFIXES:
-        raise ValueError(f"weights={weights!r}: expected one of {sorted(_PREFIXES)}")
-    prefix = "model." if stage == "clip" else _PREFIXES[weights]
-    sd = data["state_dict"]
-    tensors = {k[len(prefix) :]: v.detach().to("cpu").contiguous() for k, v in sd.items() if k.startswith(prefix)}
-    if not tensors:
-        raise ValueError(f"{ckpt}: no {prefix}* weights in its state_dict")
-    hparams = _json_value({k: v for k, v in (data.get("hyper_parameters") or {}).items()}, "hparams")
+    if weights not in ("ema", "raw"):
+        raise ValueError(f"weights={weights!r}: expected one of ['ema', 'raw']")
+    try:
+        found = read_stage(ckpt, None, weights=weights, trust_checkpoint=trust_checkpoint)
+    except WrongStageError as e:
+        raise ValueError(f"{ckpt}: not a dalle2 stage checkpoint ({e}); export .ckpt files written by train/train.py") from None
+    stage, vocab = found.stage, found.vocabulary
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in found.weights.items()}
+    hparams = _json_value(found.hparams, "hparams")
     if "clip_ckpt" in hparams:
         hparams["clip_ckpt"] = None  # a path on the exporting machine; sampling never needs the frozen CLIP
-    vocab = Vocabulary.from_dict(data[VOCAB_KEY], source=str(ckpt)) if data.get(VOCAB_KEY) else None
     if vocab is not None:
         tensors[VOCAB_TENSOR] = torch.frombuffer(bytearray(vocab.merges.encode("utf-8")), dtype=torch.uint8)
     config = {
@@ -118,8 +102,7 @@ def export_checkpoint(
         "weights": "model" if stage == "clip" else weights,
         "hparams": hparams,
         "vocabulary": vocab.to_dict(with_merges=False) if vocab is not None else None,
-        "source": {"file": ckpt.name, "global_step": data.get("global_step"), "epoch": data.get("epoch"),
-                   "lightning": data.get("pytorch-lightning_version"), "torch": torch.__version__},  # fmt: skip
+        "source": {"file": ckpt.name, "global_step": found.global_step, "torch": torch.__version__},
     }
     st_path, json_path = export_paths(out, stage)
     existing = [str(p) for p in (st_path, json_path) if p.exists()]

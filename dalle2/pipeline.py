@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dalle2.prior.sampling import sample_prior
+from dalle2.clip.model import CLIP
+from dalle2.stages import DecoderStage, PriorStage, UpsamplerStage, load_clip_model, load_stage
 
 __all__ = [
     "StageSettings",
@@ -183,48 +184,74 @@ class SamplingSettings:
 # --------------------------------------------------------------------------------------------------- pipeline
 
 
+def _clip_and_vocabulary(clip) -> tuple[CLIP, Any]:
+    """A plain ``CLIP``, or anything holding one as ``.model`` (a trained CLIP's LightningModule) with its
+    ``.vocabulary``."""
+    if isinstance(clip, CLIP):
+        return clip, None
+    model = getattr(clip, "model", None)
+    if isinstance(model, CLIP):
+        return model, getattr(clip, "vocabulary", None)
+    raise TypeError(f"clip must be a dalle2.clip.model.CLIP (or hold one as .model), got {type(clip).__name__}")
+
+
+def _stage(x, kind: type, name: str):
+    """A plain stage, or the one a LightningModule samples with (its ``sampling_stage()``: the EMA network)."""
+    if x is None or isinstance(x, kind):
+        return x
+    if callable(getattr(x, "sampling_stage", None)):
+        return x.sampling_stage()
+    raise TypeError(f"{name} must be a {kind.__name__} (dalle2.stages.load_stage) or a module with "
+                    f"sampling_stage(), got {type(x).__name__}")  # fmt: skip
+
+
 class UnCLIPPipeline(nn.Module):
-    """The composed cascade.  Build it with :meth:`from_checkpoints` or from loaded modules:
+    """The composed cascade, made of plain networks (:mod:`dalle2.stages`).  Build it with :meth:`from_checkpoints`,
+    or from loaded stages (or trained LightningModules: their EMA networks are used):
 
     Args (keyword-only):
-        clip: a ``CLIPModule`` (text encoder for prompts, image encoder for variations).
-        decoder: a ``DecoderModule``; ``upsamplers``: ``UpsamplerModule`` s, in order (each one's ``lowres_size``
-            must be the previous stage's output size).
-        prior: a ``PriorModule`` (None: only :meth:`variations` and embedding/image :meth:`interpolate` work).
+        clip: a ``dalle2.clip.model.CLIP`` (text encoder for prompts, image encoder for variations), or a module
+            holding one as ``.model`` with its ``.vocabulary``.
+        decoder: a ``DecoderStage``; ``upsamplers``: ``UpsamplerStage`` s, in order (each one's ``lowres_size`` must be
+            the previous stage's output size).
+        prior: a ``PriorStage`` (None: only :meth:`variations` and embedding/image :meth:`interpolate` work).
         tokenizer: a ``Tokenizer`` or a merges file (default: the vocabulary the CLIP was trained with, as stored in
             its checkpoint — or in the prior's / text decoder's; the shipped one when none records it).  One that
             does not match (hash, or size for a CLIP that records none) is a ``VocabularyMismatchError``, as is a
             prior or text decoder trained on another vocabulary's text features.
+        vocabulary: the CLIP's vocabulary when ``clip`` is a plain ``CLIP`` (``load_clip_model`` returns it).
     """
 
-    def __init__(self, *, clip, decoder, prior=None, upsamplers: Sequence = (), tokenizer=None):
+    def __init__(self, *, clip, decoder, prior=None, upsamplers: Sequence = (), tokenizer=None, vocabulary=None):
         super().__init__()
         from dalle2.clip.tokenizer import VocabularyMismatchError, resolve_tokenizer
 
+        clip, clip_vocab = _clip_and_vocabulary(clip)
+        decoder = _stage(decoder, DecoderStage, "decoder")
+        prior = _stage(prior, PriorStage, "prior")
+        upsamplers = [_stage(u, UpsamplerStage, f"upsampler {j}") for j, u in enumerate(upsamplers)]
         self.clip, self.decoder, self.prior = clip.eval(), decoder.eval(), None if prior is None else prior.eval()
         self.upsamplers = nn.ModuleList([u.eval() for u in upsamplers])
         self.requires_grad_(False)
-        clip_cfg = clip.model.config
+        clip_cfg = clip.config
         embed_dim, text_width = int(clip_cfg["embed_dim"]), int(clip_cfg["text_width"])
-        net = decoder.hparams.network
-        if int(net["clip_dim"]) != embed_dim:
-            raise ValueError(f"decoder expects CLIP embeddings of size {net['clip_dim']}, the CLIP gives {embed_dim}")
-        if decoder.use_text and int(net["text_dim"]) != text_width:
-            raise ValueError(f"decoder expects CLIP text states of width {net['text_dim']}, the CLIP has {text_width}")
+        if decoder.clip_dim != embed_dim:
+            raise ValueError(f"decoder expects CLIP embeddings of size {decoder.clip_dim}, the CLIP gives {embed_dim}")
+        if decoder.use_text and decoder.text_dim != text_width:
+            raise ValueError(f"decoder expects CLIP text states of width {decoder.text_dim}, the CLIP has {text_width}")
         if prior is not None:
-            if int(prior.embed_dim) != embed_dim:
+            if prior.embed_dim != embed_dim:
                 raise ValueError(f"prior samples embeddings of size {prior.embed_dim}, the CLIP's are {embed_dim}")
-            tdim = prior.hparams.network.get("text_token_dim")
-            if prior.use_text_tokens and tdim is not None and int(tdim) != text_width:
-                raise ValueError(f"prior expects CLIP text states of width {tdim}, the CLIP has {text_width}")
-        sizes = [int(decoder.image_size)]
+            if prior.use_text_tokens and prior.text_token_dim != text_width:
+                raise ValueError(f"prior expects CLIP text states of width {prior.text_token_dim}, the CLIP has {text_width}")
+        sizes = [decoder.image_size]
         for j, up in enumerate(self.upsamplers):
-            lo, hi = int(up.hparams.lowres_size), int(up.hparams.image_size)
-            if lo != sizes[-1]:
-                raise ValueError(f"upsampler {j} takes {lo} px images but the stage before it makes {sizes[-1]} px")
-            sizes.append(hi)
+            if up.lowres_size != sizes[-1]:
+                raise ValueError(f"upsampler {j} takes {up.lowres_size} px images but the stage before it makes "
+                                 f"{sizes[-1]} px")  # fmt: skip
+            sizes.append(up.image_size)
         self.sizes: tuple[int, ...] = tuple(sizes)
-        vocab, owner = getattr(clip, "vocabulary", None), "the CLIP"
+        vocab, owner = vocabulary if vocabulary is not None else clip_vocab, "the CLIP"
         for name, stage in (("prior", prior), ("decoder", decoder if decoder.use_text else None)):
             v = getattr(stage, "vocabulary", None)
             if v is None:
@@ -236,7 +263,7 @@ class UnCLIPPipeline(nn.Module):
                     f"the {name} was trained on text features of a CLIP with vocabulary {v.describe()}, but this "
                     f"CLIP's is {vocab.describe()}: not its CLIP"
                 )
-        self.tokenizer = resolve_tokenizer(vocab, tokenizer, context_length=clip.model.context_length,
+        self.tokenizer = resolve_tokenizer(vocab, tokenizer, context_length=clip.context_length,
                                            model_vocab_size=int(clip_cfg["vocab_size"]), owner=owner)  # fmt: skip
 
     @classmethod
@@ -252,33 +279,19 @@ class UnCLIPPipeline(nn.Module):
         trust_checkpoint: bool = False,
     ) -> "UnCLIPPipeline":
         """Load each stage from a ``.ckpt`` (weights-only unpickling) or a safetensors export (``python -m
-        dalle2.export``), with a stage check (``WrongStageError`` naming the file).  ``clip``: a stage=clip
-        ``.ckpt`` / export or CLIP weights (OpenAI / open_clip / safetensors).  A file that would run code raises
-        ``UntrustedCheckpointError`` unless ``trust_checkpoint``.  ``tokenizer``: a BPE merges file (None: the CLIP's
-        own vocabulary)."""
-        from dalle2.lit.checkpoints import load_stage_module
-        from dalle2.lit.clip_module import load_clip
-
+        dalle2.export``), with a stage check (``WrongStageError`` naming the file), through :mod:`dalle2.stages`.
+        ``clip``: a stage=clip ``.ckpt`` / export or CLIP weights (OpenAI / open_clip / safetensors).  A file that
+        would run code raises ``UntrustedCheckpointError`` unless ``trust_checkpoint``.  ``tokenizer``: a BPE merges
+        file (None: the CLIP's own vocabulary)."""
         if isinstance(upsamplers, str):
             upsamplers = [upsamplers]
         trust = {"trust_checkpoint": bool(trust_checkpoint)}
-        clip_m = load_clip(clip, **trust)
-        prior_m = None if not prior else load_stage_module(prior, "prior", **trust)
-        dec_m = load_stage_module(decoder, "decoder", **trust)
-        ups = [load_stage_module(p, "upsampler", **trust) for p in upsamplers]
-        return cls(clip=clip_m, prior=prior_m, decoder=dec_m, upsamplers=ups, tokenizer=tokenizer).to(device)
-
-    # -- devices: keep the LightningModules' `.device` in step when this plain nn.Module is moved ------------------
-    def _apply(self, fn, *args, **kwargs):
-        out = super()._apply(fn, *args, **kwargs)
-        from lightning.fabric.utilities.device_dtype_mixin import _DeviceDtypeModuleMixin
-
-        for m in self.modules():
-            if isinstance(m, _DeviceDtypeModuleMixin):
-                p = next(m.parameters(), None)
-                if p is not None:
-                    m._device = p.device
-        return out
+        clip_model, vocab = load_clip_model(clip, **trust)
+        return cls(
+            clip=clip_model, vocabulary=vocab, prior=load_stage(prior, "prior", **trust) if prior else None,
+            decoder=load_stage(decoder, "decoder", **trust), tokenizer=tokenizer,
+            upsamplers=[load_stage(p, "upsampler", **trust) for p in upsamplers],
+        ).to(device)  # fmt: skip
 
     @property
     def device(self) -> torch.device:
@@ -324,7 +337,7 @@ class UnCLIPPipeline(nn.Module):
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be (B, 3, H, W) in [0, 1], got {tuple(images.shape)}")
         x = images.to(self.device).float() * 2.0 - 1.0
-        return F.normalize(self.clip.encode_image(x).float(), dim=-1)
+        return F.normalize(self.clip.embed_images(x).float(), dim=-1)
 
     @torch.no_grad()
     def prior_embeddings(self, text: dict[str, Tensor], *, seeds: list[int], indices: list[Index],
@@ -334,25 +347,16 @@ class UnCLIPPipeline(nn.Module):
             raise ValueError("text-to-image needs a prior checkpoint (from_checkpoints(prior=...)); without one, "
                              "use variations() or interpolate() between images/embeddings")
         st, prior = settings.prior, self.prior
-        net = prior.ema_net
-        was_training = net.training
-        net.eval()
         # The text keeps the CLIP's full context length (fixed, the same for every batch): with padded keys masked
         # and one null token for the CFG branch the result does not depend on the length, but a fixed length keeps
         # the float summation order, hence the bytes, independent of the other prompts in the batch.
-        use_tokens = bool(prior.use_text_tokens)
-        length = min(text["text_tokens"].shape[1], int(getattr(net, "max_text_len", 10**9)))
-        try:
-            return sample_prior(
-                net, prior.diffusion, text_embed=text["text_embed"].to(prior.device),
-                text_tokens=text["text_tokens"][:, :length].to(prior.device) if use_tokens else None,
-                text_mask=text["text_mask"][:, :length].to(prior.device) if use_tokens else None,
-                n_samples_per_prompt=int(settings.n_prior_samples), steps=int(st.steps), sampler=st.sampler,
-                guidance_scale=float(st.guidance_scale), eta=float(st.eta),
-                generator=sample_generators(seeds, indices, STREAM_PRIOR), scaler=prior.scaler,
-            )
-        finally:
-            net.train(was_training)
+        length = min(text["text_tokens"].shape[1], prior.max_text_len)
+        return prior.sample(
+            text_embed=text["text_embed"], text_tokens=text["text_tokens"][:, :length],
+            text_mask=text["text_mask"][:, :length], n_samples_per_prompt=int(settings.n_prior_samples),
+            steps=int(st.steps), sampler=st.sampler, guidance_scale=float(st.guidance_scale), eta=float(st.eta),
+            generator=sample_generators(seeds, indices, STREAM_PRIOR), trim=False,
+        )  # fmt: skip
 
     @torch.no_grad()
     def decode(
@@ -373,14 +377,13 @@ class UnCLIPPipeline(nn.Module):
         x = self.decoder.sample(
             image_embed.to(self.device), steps=int(st.steps), sampler=st.sampler,
             guidance_scale=float(st.guidance_scale), eta=float(st.eta), text_tokens=text_tokens, text_mask=text_mask,
-            threshold=settings.threshold, generator=sample_generators(seeds, indices, STREAM_DECODER), use_ema=True,
+            threshold=settings.threshold, generator=sample_generators(seeds, indices, STREAM_DECODER),
         )  # fmt: skip
         su = settings.upsampler
         for j in range(num_upsamplers):
             x = self.upsamplers[j].upsample(
                 x, steps=int(su.steps), sampler=su.sampler, eta=float(su.eta), aug_level=settings.upsampler_aug_level,
                 threshold=settings.threshold, generator=sample_generators(seeds, indices, STREAM_UPSAMPLER + j),
-                use_ema=True,
             )  # fmt: skip
         return ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
 
@@ -476,6 +479,6 @@ class UnCLIPPipeline(nn.Module):
             "sizes": list(self.sizes),
             "has_prior": self.prior is not None,
             "decoder_use_text": bool(self.decoder.use_text),
-            "embed_dim": int(self.clip.model.config["embed_dim"]),
+            "embed_dim": int(self.clip.config["embed_dim"]),
         }
 

@@ -416,6 +416,11 @@ class CLIP(nn.Module):
         """images: (B, 3, image_size, image_size) CLIP-normalised -> (B, embed_dim), not normalised."""
         return self.visual(images)
 
+    def embed_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Pictures as the rest of the stack holds them — (B, 3, H, W) in [-1, 1], any size — -> (B, embed_dim),
+        not normalised (:func:`preprocess_for_clip`, then :meth:`encode_image`)."""
+        return self.visual(preprocess_for_clip(images, self.image_size))
+
     def encode_text_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """tokens: (B, L) long -> (states (B, L, text_width) after ln_final, pooled (B, embed_dim) unnormalised)."""
         return self.text(tokens)

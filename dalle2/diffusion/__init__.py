@@ -3,7 +3,7 @@
 Knows nothing of networks: everything takes a ``model_fn(x_t, t, **model_kwargs)`` callable.
 """
 
-from .gaussian import Denoised, GaussianDiffusion
+from .gaussian import Denoised, GaussianDiffusion, build_diffusion
 from .guidance import cfg_model_fn, drop_all_conditioning, dynamic_threshold, static_clip
 from .lowres_aug import LowResAugmentation, gaussian_blur
 from .samplers import (
@@ -23,6 +23,7 @@ __all__ = [
     "GaussianDiffusion",
     "LowResAugmentation",
     "Schedule",
+    "build_diffusion",
     "cfg_model_fn",
     "ddim_invert",
     "drop_all_conditioning",

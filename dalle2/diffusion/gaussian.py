@@ -365,3 +365,14 @@ class GaussianDiffusion:
             extras["loss"] = per_sample.detach()
             return losses, extras
         return losses
+
+
+def build_diffusion(config: Mapping[str, Any] | None) -> GaussianDiffusion:
+    """``{"schedule": "cosine", "num_timesteps": 1000, "zero_terminal_snr": False, "objective": ..., ...}`` ->
+    ``GaussianDiffusion``; keys other than the schedule's go to ``GaussianDiffusion`` as they are (the ``diffusion``
+    hyperparameter of every diffusion stage)."""
+    cfg = dict(config or {})
+    kind = cfg.pop("schedule", "cosine")
+    steps = int(cfg.pop("num_timesteps", 1000))
+    zero_terminal_snr = bool(cfg.pop("zero_terminal_snr", False))
+    return GaussianDiffusion(schedule=Schedule.make(kind, steps, zero_terminal_snr=zero_terminal_snr), **cfg)

@@ -1,12 +1,7 @@
-"""Loading our checkpoints without running code, with the stage checked from that safe load.
+"""Stage LightningModules from our checkpoints, and the run directory's checkpoints for resuming.
 
-* Lightning ``.ckpt`` files go through torch's weights-only unpickler (:func:`dalle2.safe_load.torch_load`): a file
-  that would run code is refused with :class:`UntrustedCheckpointError` before anything else is looked at;
-  ``trust_checkpoint=True`` unpickles it anyway, with a warning.
-* dalle2 safetensors exports (``python -m dalle2.export``) are read with no unpickling at all.
-* A checkpoint of the wrong stage is one clear :class:`WrongStageError`.
-
-The module is rebuilt from the stored hyperparameters (``save_hyperparameters``), as ``load_from_checkpoint`` would,
+Files are read by :mod:`dalle2.checkpoint` (no code runs, the stage is checked; its names are importable from here
+too). The module is rebuilt from the stored hyperparameters (``save_hyperparameters``), as ``load_from_checkpoint`` would,
 from the one safe load.  :class:`StageCheckpointMixin` writes the stage and the CLIP vocabulary into every checkpoint.
 """
 
@@ -14,19 +9,18 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import json
 import warnings
 from pathlib import Path
 from typing import Any
 
+from dalle2.checkpoint import (
+    CHECKPOINT_ERRORS, EXPORT_FORMAT, EXPORT_KEY, EXPORT_VERSION, STAGE_KEY, VOCAB_KEY, VOCAB_TENSOR, StageFile,
+    UntrustedCheckpointError, WrongStageError, check_stage, checkpoint_stage, is_export, load_checkpoint, read_export,
+    read_stage,
+)
 from dalle2.clip.tokenizer import Tokenizer, Vocabulary, VocabularyMismatchError
-from dalle2.safe_load import UntrustedCheckpointError, torch_load
+from dalle2.safe_load import torch_load
 
-STAGE_KEY = "dalle2_stage"
-VOCAB_KEY = "dalle2_vocabulary"  # {"name", "sha256", "vocab_size", "merges"}: the CLIP's BPE vocabulary
-EXPORT_KEY = "dalle2_export"  # safetensors metadata: the export's JSON config
-EXPORT_FORMAT, EXPORT_VERSION = "dalle2.export", 1
-VOCAB_TENSOR = "dalle2.vocabulary.merges"  # an export's vocabulary merges, as UTF-8 bytes (uint8)
 STAGE_CLASSES = {
     "clip": "dalle2.lit.clip_module:CLIPModule",
     "prior": "dalle2.lit.prior_module:PriorModule",
@@ -35,18 +29,11 @@ STAGE_CLASSES = {
 }
 
 __all__ = [
-    "CHECKPOINT_ERRORS", "STAGE_KEY", "VOCAB_KEY", "StageCheckpointMixin", "UntrustedCheckpointError",
-    "WrongStageError", "checkpoint_stage", "is_export", "load_checkpoint", "load_stage_module", "read_export",
-    "resolve_ckpt_path",
+    "CHECKPOINT_ERRORS", "EXPORT_FORMAT", "EXPORT_KEY", "EXPORT_VERSION", "STAGE_CLASSES", "STAGE_KEY", "VOCAB_KEY",
+    "VOCAB_TENSOR", "RunDirInUseError", "StageCheckpointMixin", "StageFile", "UntrustedCheckpointError",
+    "WrongStageError", "build_module", "check_stage", "checkpoint_stage", "is_export", "load_checkpoint",
+    "load_stage_module", "read_export", "read_stage", "resolve_ckpt_path", "run_checkpoints",
 ]  # fmt: skip
-
-
-class WrongStageError(ValueError):
-    pass
-
-
-# What an entry point turns into a one-line error (the file, and what to do).
-CHECKPOINT_ERRORS = (FileNotFoundError, UntrustedCheckpointError, WrongStageError, VocabularyMismatchError)
 
 
 class StageCheckpointMixin:
@@ -87,83 +74,6 @@ class StageCheckpointMixin:
                                  source="the checkpoint")  # fmt: skip
 
 
-# -- reading files ------------------------------------------------------------------------------------------
-
-
-def load_checkpoint(path: str | Path, *, trust_checkpoint: bool = False) -> Any:
-    """The unpickled ``.ckpt`` (a dict for ours), tensors memory-mapped; never runs code unless ``trust_checkpoint``."""
-    return torch_load(path, trust_checkpoint=trust_checkpoint)
-
-
-def is_export(path: str | Path) -> bool:
-    """A ``.safetensors`` file written by ``python -m dalle2.export`` (its header says so)."""
-    if not str(path).endswith(".safetensors") or not Path(path).is_file():
-        return False
-    try:
-        return EXPORT_KEY in _safetensors_metadata(path)
-    except ValueError:
-        return False
-
-
-def _safetensors_metadata(path) -> dict:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            return f.metadata() or {}
-    except Exception as e:  # noqa: BLE001 - SafetensorError and friends
-        raise ValueError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
-
-
-def _export_config(path) -> dict:
-    meta = _safetensors_metadata(path)
-    if EXPORT_KEY not in meta:
-        raise ValueError(f"{path}: not a dalle2 export (no {EXPORT_KEY!r} metadata; write one with python -m "
-                         "dalle2.export; CLIP weights in OpenAI/open_clip layout load as the CLIP only)")  # fmt: skip
-    try:
-        config = json.loads(meta[EXPORT_KEY])
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: its {EXPORT_KEY!r} metadata is not JSON ({e})") from None
-    if not isinstance(config, dict) or config.get("format") != EXPORT_FORMAT:
-        fmt = config.get("format") if isinstance(config, dict) else None
-        raise ValueError(f"{path}: not a dalle2 export (format {fmt!r})")
-    if int(config.get("version", 0)) > EXPORT_VERSION:
-        raise ValueError(f"{path}: export version {config['version']} is newer than this dalle2 reads "
-                         f"({EXPORT_VERSION})")  # fmt: skip
-    return config
-
-
-def read_export(path: str | Path) -> tuple[dict, dict, Vocabulary | None]:
-    """``(config, tensors, vocabulary)`` of an export; safetensors and JSON only, nothing is unpickled."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"export not found: {path}")
-    config = _export_config(path)
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    merges = tensors.pop(VOCAB_TENSOR, None)
-    vocab = None
-    if config.get("vocabulary"):
-        if merges is None:
-            raise VocabularyMismatchError(f"{path}: its config names a vocabulary but the file has no {VOCAB_TENSOR}")
-        text = bytes(merges.numpy().tobytes()).decode("utf-8")
-        vocab = Vocabulary.from_dict(config["vocabulary"], merges=text, source=str(path))
-    return config, tensors, vocab
-
-
-def checkpoint_stage(path: str | Path, *, trust_checkpoint: bool = False) -> str | None:
-    """The stage a ``.ckpt`` or export of ours was written by (None when it is not one of ours)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if str(path).endswith(".safetensors"):
-        return _export_config(path).get("stage")
-    ckpt = load_checkpoint(path, trust_checkpoint=trust_checkpoint)
-    return ckpt.get(STAGE_KEY) if isinstance(ckpt, dict) else None
-
-
 # -- rebuilding modules -------------------------------------------------------------------------------------
 
 
@@ -172,13 +82,6 @@ def _stage_class(stage: str):
         raise ValueError(f"unknown stage {stage!r}; expected one of {sorted(STAGE_CLASSES)}")
     mod_name, cls_name = STAGE_CLASSES[stage].split(":")
     return getattr(importlib.import_module(mod_name), cls_name)
-
-
-def _check_stage(path, found: str | None, stage: str) -> None:
-    if found != stage:
-        kind = "export" if str(path).endswith(".safetensors") else "Lightning checkpoint"
-        what = f"a {found!r} checkpoint" if found else f"not a dalle2 {kind}"
-        raise WrongStageError(f"{path} is {what}, but a {stage!r} checkpoint was expected")
 
 
 def build_module(stage: str, hparams: dict, *, source) -> Any:
@@ -212,7 +115,7 @@ def load_stage_module(path: str | Path, stage: str, *, map_location="cpu", trust
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if str(path).endswith(".safetensors"):
         config, tensors, vocab = read_export(path)
-        _check_stage(path, config.get("stage"), stage)
+        check_stage(path, config.get("stage"), stage)
         module = build_module(stage, config.get("hparams") or {}, source=path)
         targets = [module.model] if stage == "clip" else [module.net, module.ema.module]
         for target in targets:
@@ -220,7 +123,7 @@ def load_stage_module(path: str | Path, stage: str, *, map_location="cpu", trust
         module.bind_vocabulary(vocab, source=str(path))
     else:
         ckpt = load_checkpoint(path, trust_checkpoint=trust_checkpoint)
-        _check_stage(path, ckpt.get(STAGE_KEY) if isinstance(ckpt, dict) else None, stage)
+        check_stage(path, ckpt.get(STAGE_KEY) if isinstance(ckpt, dict) else None, stage)
         module = build_module(stage, ckpt.get("hyper_parameters") or {}, source=path)
         module.on_load_checkpoint(ckpt)
         _load_weights(module, ckpt["state_dict"], source=path, what="weights (state_dict)")

@@ -64,7 +64,7 @@ class CLIPModule(StageCheckpointMixin, L.LightningModule):
     # -- encoders used by the later stages -------------------------------------------------------------
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """images: (B,3,H,W) in [-1,1] -> unnormalised image embeddings (B,D)."""
-        return self.model.encode_image(preprocess_for_clip(images, self.model.image_size))
+        return self.model.embed_images(images)
 
     def encode_text_features(self, tokens: torch.Tensor):
         """tokens (B, L) -> :class:`dalle2.clip.model.TextFeatures` (embedding, per-token states, mask)."""

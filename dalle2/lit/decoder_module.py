@@ -30,25 +30,11 @@ from torch import Tensor
 
 from dalle2.clip.model import text_mask
 from dalle2.decoder import UNet
-from dalle2.decoder.sampling import (
-    Threshold, decoder_conditioning, downsample, psnr, residual_base, sample_decoder, sample_upsampler,
-)
-from dalle2.diffusion import LowResAugmentation, Schedule
+from dalle2.decoder.sampling import Threshold, decoder_conditioning, downsample, psnr, residual_base
+from dalle2.decoder.stage import DecoderStage, UpsamplerStage, decoder_diffusion_config, lowres_augmentation
 from dalle2.lit.diffusion_base import DiffusionStageModule, FrozenClipMixin
 
 __all__ = ["DecoderModule", "UpsamplerModule", "psnr", "downsample"]
-
-
-def _diffusion_config(diffusion: dict | None, network: dict) -> dict:
-    """The diffusion dict with ``learned_variance`` taken from the network (an explicit mismatch is an error)."""
-    cfg = dict(diffusion or {})
-    lv = bool(network.get("learned_variance", False))
-    if "learned_variance" in cfg and bool(cfg["learned_variance"]) != lv:
-        raise ValueError(
-            f"diffusion.learned_variance={cfg['learned_variance']} but the network has learned_variance={lv}"
-        )
-    cfg["learned_variance"] = lv
-    return cfg
 
 
 class _CascadeStageModule(DiffusionStageModule):
@@ -140,7 +126,7 @@ class DecoderModule(FrozenClipMixin, _CascadeStageModule):
         scheduler: Callable | None = None,
     ):
         super().__init__(
-            diffusion=_diffusion_config(diffusion, network),
+            diffusion=decoder_diffusion_config(diffusion, network),
             ema_decay=ema_decay,
             ema_warmup=ema_warmup,
             ema_update_every=ema_update_every,
@@ -238,12 +224,16 @@ class DecoderModule(FrozenClipMixin, _CascadeStageModule):
         ``use_text`` and no ``text_tokens`` the text is dropped (the text-unconditional branch).  The noise comes
         from ``generator`` (same seed -> same images).
         """
-        return sample_decoder(
-            self._network(use_ema), self.diffusion, image_embed, image_size=int(image_size or self.image_size),
-            use_text=self.use_text, text_tokens=text_tokens, text_mask=text_mask, steps=steps, sampler=sampler,
-            guidance_scale=guidance_scale, eta=eta, generator=generator, threshold=threshold,
-            dynamic_percentile=dynamic_percentile, x_T=x_T,
+        return self.sampling_stage(use_ema=use_ema).sample(
+            image_embed, steps=steps, sampler=sampler, guidance_scale=guidance_scale, eta=eta, generator=generator,
+            text_tokens=text_tokens, text_mask=text_mask, threshold=threshold, dynamic_percentile=dynamic_percentile,
+            image_size=image_size, x_T=x_T,
         )  # fmt: skip
+
+    def sampling_stage(self, *, use_ema: bool = True) -> DecoderStage:
+        """This decoder as the pipeline samples it (:class:`dalle2.decoder.stage.DecoderStage`; shares the network)."""
+        return DecoderStage(net=self._network(use_ema), diffusion=self.diffusion, image_size=self.image_size,
+                            use_text=self.use_text, vocabulary=self.vocabulary)  # fmt: skip
 
     def preview(self, batch: dict, *, steps: int = 20, sampler: str = "ddim", guidance_scale: float = 1.0,
                 generator: torch.Generator | None = None) -> dict:
@@ -301,7 +291,7 @@ class UpsamplerModule(_CascadeStageModule):
         scheduler: Callable | None = None,
     ):
         super().__init__(
-            diffusion=_diffusion_config(diffusion, network),
+            diffusion=decoder_diffusion_config(diffusion, network),
             ema_decay=ema_decay,
             ema_warmup=ema_warmup,
             ema_update_every=ema_update_every,
@@ -316,9 +306,7 @@ class UpsamplerModule(_CascadeStageModule):
         self.scale = image_size // lowres_size
         if train_crop_size is not None and train_crop_size % self.scale:
             raise ValueError(f"train_crop_size {train_crop_size} must be a multiple of the scale {self.scale}")
-        aug = dict(lowres_aug or {})
-        schedule = Schedule.make(aug.pop("schedule", "linear"), int(aug.pop("num_levels", 1000)))
-        self.lowres_aug = LowResAugmentation(schedule=schedule, **aug)
+        self.lowres_aug = lowres_augmentation(lowres_aug)
         if not 0 <= sample_aug_level <= self.lowres_aug.num_levels:
             raise ValueError(f"sample_aug_level must be in [0, {self.lowres_aug.num_levels}], got {sample_aug_level}")
         self.sample_aug_level = int(sample_aug_level)
@@ -371,12 +359,18 @@ class UpsamplerModule(_CascadeStageModule):
         The low-res images are noised at ``aug_level`` (default ``sample_aug_level``, no blur) with noise from
         ``generator``, as in training; the network sees that level.
         """
-        return sample_upsampler(
-            self._network(use_ema), self.diffusion, lowres_images, scale=self.scale, lowres_aug=self.lowres_aug,
-            aug_level=self.sample_aug_level if aug_level is None else int(aug_level), residual=self.hparams.residual,
-            steps=steps, sampler=sampler, eta=eta, generator=generator, threshold=threshold,
-            dynamic_percentile=dynamic_percentile, spacing=spacing or self.hparams.sample_spacing, x_T=x_T,
+        return self.sampling_stage(use_ema=use_ema).upsample(
+            lowres_images, steps=steps, sampler=sampler, generator=generator, aug_level=aug_level, eta=eta,
+            threshold=threshold, dynamic_percentile=dynamic_percentile, x_T=x_T, spacing=spacing,
         )  # fmt: skip
+
+    def sampling_stage(self, *, use_ema: bool = True) -> UpsamplerStage:
+        """This upsampler as the pipeline samples it (:class:`dalle2.decoder.stage.UpsamplerStage`; shares the network)."""
+        hp = self.hparams
+        return UpsamplerStage(net=self._network(use_ema), diffusion=self.diffusion, lowres_size=hp.lowres_size,
+                              image_size=hp.image_size, lowres_aug=self.lowres_aug,
+                              sample_aug_level=self.sample_aug_level, residual=hp.residual,
+                              sample_spacing=hp.sample_spacing, downsample_mode=hp.downsample_mode)  # fmt: skip
 
     def preview(self, batch: dict, *, steps: int = 20, sampler: str = "ddim", guidance_scale: float = 1.0,
                 generator: torch.Generator | None = None) -> dict:

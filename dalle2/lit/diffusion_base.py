@@ -14,21 +14,11 @@ import lightning as L
 import torch
 
 from dalle2.clip.tokenizer import Tokenizer, resolve_tokenizer
-from dalle2.diffusion import GaussianDiffusion, Schedule
+from dalle2.diffusion import build_diffusion
 from dalle2.lit.checkpoints import StageCheckpointMixin
 from dalle2.lit.distributed import MeanAccumulator, log_reduced
 from dalle2.lit.optim import build_optimizers
 from dalle2.nn import EMA
-
-
-def build_diffusion(config: dict | None) -> GaussianDiffusion:
-    """``{"schedule": "cosine", "num_timesteps": 1000, "zero_terminal_snr": False, "objective": ..., ...}`` ->
-    ``GaussianDiffusion``; keys other than the schedule's go to ``GaussianDiffusion`` as they are."""
-    cfg = dict(config or {})
-    kind = cfg.pop("schedule", "cosine")
-    steps = int(cfg.pop("num_timesteps", 1000))
-    zero_terminal_snr = bool(cfg.pop("zero_terminal_snr", False))
-    return GaussianDiffusion(schedule=Schedule.make(kind, steps, zero_terminal_snr=zero_terminal_snr), **cfg)
 
 
 def loss_by_quartile(per_sample_loss: torch.Tensor, t: torch.Tensor, num_timesteps: int) -> dict[str, torch.Tensor]:

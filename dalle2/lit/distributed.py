@@ -1,4 +1,4 @@
-"""Small torch.distributed helpers that are no-ops in a single process."""
+"""Lightning-side reductions over ranks: validation means every rank reaches, and logging them as reduced."""
 
 from __future__ import annotations
 
@@ -7,26 +7,9 @@ import warnings
 import torch
 import torch.distributed as dist
 
+from dalle2.distributed import gather_ragged, is_distributed
 
-def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def gather_ragged(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``x`` (N_r, ...) from every rank in rank order; N_r may differ between ranks (incl. 0)."""
-    if not is_distributed():
-        return x
-    world = dist.get_world_size()
-    n = torch.tensor([x.shape[0]], device=x.device, dtype=torch.long)
-    sizes = [torch.zeros_like(n) for _ in range(world)]
-    dist.all_gather(sizes, n)
-    sizes = [int(s) for s in sizes]
-    padded = x.new_zeros((max(sizes), *x.shape[1:]))
-    padded[: x.shape[0]] = x
-    out = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(out, padded.contiguous())
-    return torch.cat([o[:s] for o, s in zip(out, sizes)])
-
+__all__ = ["MeanAccumulator", "gather_ragged", "log_reduced"]
 
 
 class MeanAccumulator:

@@ -27,21 +27,10 @@ from torch import Tensor
 
 from dalle2.clip.model import text_mask
 from dalle2.lit.diffusion_base import DiffusionStageModule, FrozenClipMixin
-from dalle2.prior import EmbeddingScaler, PriorNetwork, sample_prior
+from dalle2.prior import PriorNetwork
+from dalle2.prior.stage import PriorStage, embedding_scaler, prior_diffusion_config, trim_text
 
 __all__ = ["PriorModule", "load_prior", "trim_text"]
-
-
-def trim_text(text_tokens: Tensor | None, text_mask: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
-    """Drop the trailing token columns that are padding in every row: ``(B, L, Dt), (B, L)`` -> ``(B, L', Dt),
-    (B, L')`` with L' the longest valid length in the batch.  The network's output does not change (padded keys are
-    never attended and the trailing tokens' positions do not depend on L), but the sequence is ~5x shorter for
-    short captions padded to 77."""
-    if text_tokens is None or text_mask is None:
-        return text_tokens, text_mask
-    valid_cols = text_mask.any(dim=0).nonzero()
-    length = int(valid_cols.max()) + 1 if valid_cols.numel() else 1
-    return text_tokens[:, :length], text_mask[:, :length]
 
 
 class PriorModule(FrozenClipMixin, DiffusionStageModule):
@@ -78,9 +67,8 @@ class PriorModule(FrozenClipMixin, DiffusionStageModule):
         optimizer: Callable | None = None,
         scheduler: Callable | None = None,
     ):
-        diffusion = {"objective": "x0", **(diffusion or {})}
         super().__init__(
-            diffusion=diffusion,
+            diffusion=prior_diffusion_config(diffusion),
             ema_decay=ema_decay,
             ema_warmup=ema_warmup,
             ema_update_every=ema_update_every,
@@ -98,9 +86,7 @@ class PriorModule(FrozenClipMixin, DiffusionStageModule):
             self.net.null_text_token.requires_grad_(False)
         self._init_ema()
         self.embed_dim = int(self.net.embed_dim)
-        self.scaler = (
-            EmbeddingScaler.for_dim(self.embed_dim) if embed_scale is None else EmbeddingScaler(float(embed_scale))
-        )
+        self.scaler = embedding_scaler(self.embed_dim, embed_scale)
         self.cond_drop_prob, self.use_text_tokens = float(cond_drop_prob), bool(use_text_tokens)
 
     @property
@@ -200,30 +186,16 @@ class PriorModule(FrozenClipMixin, DiffusionStageModule):
         """Unit-norm CLIP image embeddings ``(B, D)`` for text conditioning ``text_embed (B, D)``, ``text_tokens
         (B, L, Dt)``, ``text_mask (B, L)`` bool: ``n_samples_per_prompt`` candidates per prompt, the one with the
         highest dot product with the text embedding kept.  ``guidance_scale != 1``: classifier-free guidance."""
-        net = self.ema_net if use_ema else self.net
-        was_training = net.training
-        net.eval()
-        dev = self.device
-        if not self.use_text_tokens:
-            text_tokens, text_mask = None, None
-        text_tokens, text_mask = trim_text(text_tokens, text_mask)
-        try:
-            return sample_prior(
-                net,
-                self.diffusion,
-                text_embed=text_embed.to(dev).float(),
-                text_tokens=None if text_tokens is None else text_tokens.to(dev).float(),
-                text_mask=None if text_mask is None else text_mask.to(dev),
-                n_samples_per_prompt=n_samples_per_prompt,
-                steps=steps,
-                sampler=sampler,
-                guidance_scale=guidance_scale,
-                eta=eta,
-                generator=generator,
-                scaler=self.scaler,
-            )
-        finally:
-            net.train(was_training)
+        return self.sampling_stage(use_ema=use_ema).sample(
+            text_embed=text_embed, text_tokens=text_tokens, text_mask=text_mask,
+            n_samples_per_prompt=n_samples_per_prompt, steps=steps, sampler=sampler, guidance_scale=guidance_scale,
+            eta=eta, generator=generator,
+        )  # fmt: skip
+
+    def sampling_stage(self, *, use_ema: bool = True) -> PriorStage:
+        """This prior as the pipeline samples it (:class:`dalle2.prior.stage.PriorStage`; shares the network)."""
+        return PriorStage(net=self.ema_net if use_ema else self.net, diffusion=self.diffusion, scaler=self.scaler,
+                          use_text_tokens=self.use_text_tokens, vocabulary=self.vocabulary)  # fmt: skip
 
 
 def load_prior(path: str, *, map_location="cpu") -> PriorModule:

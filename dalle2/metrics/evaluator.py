@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from dalle2.data.synthetic import ATTRIBUTES, parse_caption, read_attributes
-from dalle2.lit.distributed import gather_ragged
+from dalle2.distributed import gather_ragged
 from dalle2.metrics.clip_score import ClipScorer, clip_score
 from dalle2.metrics.fid import frechet_distance, kernel_distance
 from dalle2.metrics.inception import FIDInceptionV3

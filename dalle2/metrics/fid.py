@@ -6,7 +6,7 @@ MMD² with the cubic polynomial kernel averaged over random subsets).  Features 
 (:class:`~dalle2.metrics.inception.FIDInceptionV3` for FID/KID, the CLIP image tower for CLIP-FD/CLIP-KID) and fed
 to the metrics through an identity "feature" module, so one pass of each network serves both distances.
 
-Distributed: call these on features already gathered from every rank (``dalle2.lit.distributed.gather_ragged``)
+Distributed: call these on features already gathered from every rank (``dalle2.distributed.gather_ragged``)
 and put in a canonical order (by sample index): the result is then the same at any world size — never an
 average of per-rank distances.  :class:`OrderedKID` draws its subsets from a seeded generator after sorting the
 rows canonically, so KID does not depend on the order features arrived in either.

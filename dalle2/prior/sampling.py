@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from dalle2.diffusion.gaussian import GaussianDiffusion
 from dalle2.diffusion.guidance import cfg_model_fn
 from dalle2.diffusion.samplers import Generators, SamplerName, sample
+from dalle2.nn import eval_mode
 from dalle2.prior.network import CachedTextPrior, EmbeddingScaler, PriorNetwork
 
 __all__ = ["rerank_by_similarity", "sample_prior", "sample_prior_candidates"]
@@ -63,7 +64,7 @@ def sample_prior_candidates(
     samples is drawn from ``generator`` (so a seed fixes the result): one ``torch.Generator``, or a sequence of B
     generators, one per prompt, that draws that prompt's k candidates (so a prompt's embedding does not depend on
     the other prompts in the batch).  ``network`` is called as
-    ``network(x, t, text_embed=, text_tokens=, text_mask=, drop_text=)``; put it in eval mode first.
+    ``network(x, t, text_embed=, text_tokens=, text_mask=, drop_text=)``; it is in eval mode for the call.
     """
     if n_samples_per_prompt < 1:
         raise ValueError(f"n_samples_per_prompt must be >= 1, got {n_samples_per_prompt}")
@@ -87,17 +88,9 @@ def sample_prior_candidates(
     model_fn = net_fn if guidance_scale == 1.0 else cfg_model_fn(
         net_fn, guidance_scale=guidance_scale, learned_variance=diffusion.learned_variance
     )
-    x = sample(
-        model_fn,
-        (b * k, d),
-        diffusion=diffusion,
-        sampler=sampler,
-        steps=steps,
-        eta=eta,
-        generator=generator,
-        model_kwargs=model_kwargs,
-        device=device,
-    )
+    with eval_mode(network if isinstance(network, nn.Module) else None):
+        x = sample(model_fn, (b * k, d), diffusion=diffusion, sampler=sampler, steps=steps, eta=eta,
+                   generator=generator, model_kwargs=model_kwargs, device=device)  # fmt: skip
     return scaler.unscale_embed(x, renormalize=renormalize).reshape(b, k, d)
 
 

@@ -101,6 +101,6 @@ def load_image(data: bytes, side: int, *, max_pixels: int = DEFAULT_MAX_PIXELS) 
 def clip_side(pipeline) -> int:
     """The CLIP image tower's input side (uploads are resized to it, so requests of any size batch together)."""
     try:
-        return int(pipeline.clip.model.image_size)
+        return int(pipeline.clip.image_size)
     except AttributeError:
         return int(pipeline.sizes[0])

@@ -5,7 +5,10 @@ a generic English word list counted from text every Python install holds (the ``
 docstrings of the standard library, ``this``), so that prompts beyond the synthetic captions still split
 into sensible pieces::
 
-    python dalle2/clip/assets/make_builtin_vocab.py [--vocab-size 8192] [--out dalle2/clip/assets/bpe_builtin.txt.gz]
+    python scripts/make_builtin_vocab.py [--vocab-size 8192] [--out dalle2/clip/assets/bpe_builtin.txt.gz]
+
+(A script beside the package, not in it: it reads the synthetic data's captions, and dalle2.clip must not import
+dalle2.data.)
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ import sys
 import sysconfig
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ASSETS = os.path.join(ROOT, "dalle2", "clip", "assets")
+sys.path.insert(0, ROOT)  # run from a checkout without installing
 _WORD = re.compile(r"[a-z]+(?:'[a-z]+)?")
 
 
@@ -85,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--vocab-size", type=int, default=8192)
     parser.add_argument("--num-captions", type=int, default=20000)
-    parser.add_argument("--out", default=os.path.join(HERE, "bpe_builtin.txt.gz"))
+    parser.add_argument("--out", default=os.path.join(ASSETS, "bpe_builtin.txt.gz"))
     args = parser.parse_args(argv)
 
     from dalle2.clip.tokenizer import Tokenizer, train_bpe, write_merges
