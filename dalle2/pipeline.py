@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dalle2.clip.model import CLIP
+from dalle2.seeding import mix_seed
 from dalle2.stages import DecoderStage, PriorStage, UpsamplerStage, load_clip_model, load_stage
 
 __all__ = [
@@ -48,16 +49,6 @@ Index = int | tuple[int, ...]
 # generator streams: one independent noise stream per stage and image
 STREAM_PRIOR, STREAM_DECODER, STREAM_UPSAMPLER = 1, 2, 3
 
-_MASK64 = (1 << 64) - 1
-
-
-def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
 def _as_index(index: Any) -> tuple[int, ...]:
     if isinstance(index, Tensor):
         index = index.tolist()
@@ -67,14 +58,11 @@ def _as_index(index: Any) -> tuple[int, ...]:
 
 
 def sample_seed(seed: int, index: Index, stream: int = 0) -> int:
-    """A 63-bit generator seed for ``(seed, index, stream)``: splitmix64 folded over the integers (no Python
-    ``hash``, so it is the same in every process).  ``index`` is an int ``i`` (= ``(i, 0)``) or a tuple ``(i, k)``."""
+    """A 63-bit generator seed for ``(seed, index, stream)`` (:func:`dalle2.seeding.mix_seed`: the same in every
+    process).  ``index`` is an int ``i`` (= ``(i, 0)``) or a tuple ``(i, k)``."""
     idx = _as_index(index)
     idx = (*idx, *([0] * (2 - len(idx))))  # i == (i,) == (i, 0)
-    h = 0x5DA1_1E2D
-    for v in (int(stream), int(seed), *idx):
-        h = _splitmix64(h ^ (v & _MASK64))
-    return h & ((1 << 63) - 1)
+    return mix_seed(int(stream), int(seed), *idx)
 
 
 def sample_generators(seeds: Sequence[int], indices: Sequence[Index], stream: int) -> list[torch.Generator]:

@@ -50,6 +50,7 @@ from PIL import Image
 
 from dalle2.data.guard import DataStreamError, StreamGuard
 from dalle2.data.urls import close_shard, count_samples, expand_urls, open_shard, resolve_url_commands
+from dalle2.seeding import mix_seed
 
 __all__ = [
     "DataStreamError", "EMBED_KEYS", "IMAGE_EXTS", "SKIP_REASONS", "TrainStream", "count_samples", "expand_urls",
@@ -84,7 +85,7 @@ def _worker() -> tuple[int, int]:
 
 def _worker_seed(seed: int, rank: int) -> int:
     worker, _ = _worker()
-    return (seed * 1_000_003 + rank * 1009 + worker) % (2**31)
+    return mix_seed(seed, rank, worker)
 
 
 # --------------------------------------------------------------------------------------------- decoding
@@ -450,7 +451,7 @@ def make_dataset(
 
 def stream_seed(seed: int, epoch: int, rank: int, worker: int) -> int:
     """The seed of one worker's stream in one epoch (shard draws, shuffle buffer, random crops)."""
-    return (((seed * 1_000_003 + epoch) * 1_000_033 + rank) * 1009 + worker) % (2**62)
+    return mix_seed(seed, epoch, rank, worker)
 
 
 class TrainStream(torch.utils.data.IterableDataset):
@@ -517,7 +518,7 @@ class TrainStream(torch.utils.data.IterableDataset):
             guard.reset()
         samples: Iterator[dict] = st.tar_samples(self._shards(random.Random(wseed)))
         if self.shuffle_buffer > 1:
-            samples = wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100), seed=wseed + 1)(samples)
+            samples = wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100), seed=mix_seed(wseed, 1))(samples)
         samples = itertools.islice(samples, done_samples, None)  # resume: skip without decoding
         pos = [done_samples]
 
@@ -525,7 +526,7 @@ class TrainStream(torch.utils.data.IterableDataset):
             for sample in samples:
                 pos[0] += 1
                 if st.random_crop:
-                    st._rng = random.Random(wseed * 7919 + pos[0])  # a crop per sample, not per history
+                    st._rng = random.Random(mix_seed(wseed, pos[0]))  # a crop per sample, not per history
                 out = st._decode_one(sample)
                 if isinstance(out, str):
                     st.counts[out] += 1

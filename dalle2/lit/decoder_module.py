@@ -33,6 +33,7 @@ from dalle2.decoder import UNet
 from dalle2.decoder.sampling import Threshold, decoder_conditioning, downsample, psnr, residual_base
 from dalle2.decoder.stage import DecoderStage, UpsamplerStage, decoder_diffusion_config, lowres_augmentation
 from dalle2.lit.diffusion_base import DiffusionStageModule, FrozenClipMixin
+from dalle2.seeding import mix_seed
 
 __all__ = ["DecoderModule", "UpsamplerModule", "psnr", "downsample"]
 
@@ -76,7 +77,7 @@ class _CascadeStageModule(DiffusionStageModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         # fixed noise/timesteps per batch so that val/loss is comparable between evaluations
-        seed = 1_000_003 * (batch_idx + 1) + 7919 * self.global_rank
+        seed = mix_seed(batch_idx, self.global_rank)
         gen = torch.Generator(device=self.device).manual_seed(seed)
         x0 = self._image_input(self.target_images(batch, train=False, generator=gen))
         kwargs = self.model_kwargs(batch, train=False, generator=gen)

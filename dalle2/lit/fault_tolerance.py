@@ -37,6 +37,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from dalle2.io import atomic_write
+from dalle2.seeding import mix_seed
 
 __all__ = [
     "AtomicCheckpointIO", "CheckpointSaveError", "NonFiniteGuard", "NonFiniteLossError", "Preemption", "RunCheckpoint",
@@ -162,7 +163,7 @@ class StepSeed(L.Callback):
         self.seed = seed
 
     def batch_seed(self, batch_index: int, rank: int) -> int:
-        return ((self.seed * 1_000_003 + batch_index) * 1009 + rank) % (2**32)
+        return mix_seed(self.seed, batch_index, rank, bits=32)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         s = self.batch_seed(trainer.fit_loop.total_batch_idx, trainer.global_rank)

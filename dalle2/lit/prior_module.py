@@ -29,6 +29,7 @@ from dalle2.clip.model import text_mask
 from dalle2.lit.diffusion_base import DiffusionStageModule, FrozenClipMixin
 from dalle2.prior import PriorNetwork
 from dalle2.prior.stage import PriorStage, embedding_scaler, prior_diffusion_config, trim_text
+from dalle2.seeding import mix_seed
 
 __all__ = ["PriorModule", "load_prior", "trim_text"]
 
@@ -143,7 +144,7 @@ class PriorModule(FrozenClipMixin, DiffusionStageModule):
         return losses["loss"]
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        seed = 1_000_003 * (batch_idx + 1) + 7919 * self.global_rank
+        seed = mix_seed(batch_idx, self.global_rank)
         gen = torch.Generator(device=self.device).manual_seed(seed)
         emb = self.embeddings(batch)
         true = emb["image_embed"]
