@@ -96,3 +96,13 @@ def test_hydra_launchers_compose(launcher):
         cfg = compose("config", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
     target = cfg.hydra.launcher._target_
     assert ("SlurmLauncher" in target) if launcher == "slurm" else ("BasicLauncher" in target)
+
+
+def test_a_stage_sets_data_defaults():
+    """conf/stage/upsampler.yaml sets data.image_size to its output size (data/*.yaml comes first); overrides win."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=os.path.join(REPO_ROOT, "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["stage=upsampler", "module.image_size=128", "module.lowres_size=64"])
+        assert cfg.data.image_size == cfg.module.image_size == 128
+        assert compose("config", overrides=["stage=upsampler", "data.image_size=96"]).data.image_size == 96
