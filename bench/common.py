@@ -34,7 +34,7 @@ from dalle2.prior.network import EmbeddingScaler, prior_from_preset  # noqa: E40
 
 STAGES = ("prior", "decoder", "upsampler", "clip")
 DEFAULT_CONFIG = {"prior": "bench", "decoder": "bench", "upsampler": "bench", "clip": "tiny"}
-# an upsampler config name (conf/model/upsampler/<name>.yaml) -> its UNet preset, where the two differ
+# an upsampler config name (dalle2/presets/model/upsampler/<name>.yaml) -> its UNet preset, where the two differ
 UPSAMPLER_PRESETS = {"bench": "sr_bench"}
 DEFAULT_BATCH = {"prior": 32, "decoder": 8, "upsampler": 4, "clip": 64}
 # the low-res side of each SR preset (the output side is PRESET_IMAGE_SIZES)

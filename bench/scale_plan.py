@@ -10,7 +10,7 @@ JSON as ``table``).
 How each number is made:
 
 * **Network**: built on the meta device (no memory, no init) from the model config that training uses,
-  ``conf/model/<stage>/<config>.yaml`` (``config=paper``: prior ``paper``, decoder ``base64``, upsampler ``sr64_256``;
+  ``dalle2/presets/model/<stage>/<config>.yaml`` (``config=paper``: prior ``paper``, decoder ``base64``, upsampler ``sr64_256``;
   or any file name there, e.g. ``sr256_1024``), cast to bf16 as under bf16 mixed precision.
 * **FLOPs per sample**: ``torch.utils.flop_counter.FlopCounterMode`` over one forward and backward of the network
   (attention through a flash kernel, as on GPUs: :class:`FlashAttention`) at the training shapes (prior: 77 text tokens; decoder: 64 px; upsampler: ``crop`` x the output side, the paper's
@@ -59,7 +59,6 @@ from dalle2.decoder.blocks import Stage  # noqa: E402
 from dalle2.decoder.unet import UNet  # noqa: E402
 from dalle2.prior.network import PriorBlock, PriorNetwork  # noqa: E402
 
-CONF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf", "model")
 STAGES = ("prior", "decoder", "upsampler")
 PAPER_CONFIG = {"prior": "paper", "decoder": "base64", "upsampler": "sr64_256"}
 # (stage, config) of the four paper-size stages, for stage=all
@@ -92,15 +91,14 @@ GIB = 2**30
 
 
 def model_config(stage: str, config: str) -> tuple[str, dict]:
-    """The keyword arguments of ``conf/model/<stage>/<config>.yaml`` (``config=paper``: the stage's paper preset)."""
-    from omegaconf import OmegaConf
+    """The keyword arguments of preset ``model/<stage>/<config>`` (``dalle2/presets``; ``config=paper``: the stage's
+    paper preset)."""
+    from dalle2.presets import load_preset, preset_names
 
     name = PAPER_CONFIG[stage] if config == "paper" else config
-    path = os.path.join(CONF, stage, f"{name}.yaml")
-    if not os.path.isfile(path):
-        options = sorted(f[:-5] for f in os.listdir(os.path.join(CONF, stage)))
-        raise SystemExit(f"no model config {path!r}; expected one of {options} (or paper)")
-    return name, OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    if name not in preset_names(stage):
+        raise SystemExit(f"no model preset {stage}/{name}; expected one of {preset_names(stage)} (or paper)")
+    return name, load_preset(stage, name)
 
 
 def build_network(stage: str, kwargs: dict, device: str = "meta") -> torch.nn.Module:

@@ -19,7 +19,7 @@ CONF = Path(REPO_ROOT) / "conf"
 
 
 def options(group: str) -> list[str]:
-    root = CONF / group
+    root = Path(REPO_ROOT) / "dalle2" / "presets" / "model" if group == "model" else CONF / group
     return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
 
 
@@ -106,3 +106,18 @@ def test_a_stage_sets_data_defaults():
         cfg = compose("config", overrides=["stage=upsampler", "module.image_size=128", "module.lowres_size=64"])
         assert cfg.data.image_size == cfg.module.image_size == 128
         assert compose("config", overrides=["stage=upsampler", "data.image_size=96"]).data.image_size == 96
+
+
+def test_presets_are_defined_once_and_compose_as_the_model_group():
+    """The model group is dalle2/presets (no conf/model), and Python's preset dicts are those same files."""
+    from dalle2.clip.model import CLIP_PRESETS
+    from dalle2.decoder.unet import UNET_PRESETS
+    from dalle2.prior.network import PRIOR_PRESETS
+
+    assert not (CONF / "model").exists()
+    for kind, presets in (("clip", CLIP_PRESETS), ("prior", PRIOR_PRESETS), ("decoder", UNET_PRESETS)):
+        for name in options("model"):
+            k, n = name.split("/")
+            if k == kind:
+                _, cfg = compose_resolved([f"stage={kind}", f"model={name}"])
+                assert cfg["model"] == {key: (list(v) if isinstance(v, tuple) else v) for key, v in presets[n].items()}

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dalle2.nn import Transformer
+from dalle2.presets import load_preset, preset_names
 
 # CLIP's image normalisation (RGB, applied to pixels in [0, 1]).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -25,30 +26,9 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 LOGIT_SCALE_INIT = math.log(1 / 0.07)
 LOGIT_SCALE_MAX = math.log(100.0)
 
-# Size presets: plain keyword dicts for ``CLIP(**preset)`` (conf/model/clip/*.yaml mirror them).
+# Size presets: the keyword dicts of ``CLIP(**preset)``, defined in dalle2/presets/model/clip/*.yaml only.
 # "tiny" trains in minutes on 2 CPU cores; its vocab is the shipped BPE's (override ``vocab_size`` for another).
-CLIP_PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(
-        embed_dim=128, image_size=32, vision_width=128, vision_layers=3, vision_heads=4, vision_patch_size=4,
-        context_length=77, vocab_size=8192, text_width=128, text_layers=3, text_heads=4,
-    ),
-    "vit_b32": dict(
-        embed_dim=512, image_size=224, vision_width=768, vision_layers=12, vision_heads=12, vision_patch_size=32,
-        context_length=77, vocab_size=49408, text_width=512, text_layers=12, text_heads=8,
-    ),
-    "vit_b16": dict(
-        embed_dim=512, image_size=224, vision_width=768, vision_layers=12, vision_heads=12, vision_patch_size=16,
-        context_length=77, vocab_size=49408, text_width=512, text_layers=12, text_heads=8,
-    ),
-    "vit_l14": dict(
-        embed_dim=768, image_size=224, vision_width=1024, vision_layers=24, vision_heads=16, vision_patch_size=14,
-        context_length=77, vocab_size=49408, text_width=768, text_layers=12, text_heads=12,
-    ),
-    "rn50": dict(
-        embed_dim=1024, image_size=224, vision_width=64, vision_layers=[3, 4, 6, 3], vision_heads=32,
-        vision_patch_size=None, context_length=77, vocab_size=49408, text_width=512, text_layers=12, text_heads=8,
-    ),
-}  # fmt: skip
+CLIP_PRESETS: dict[str, dict[str, Any]] = {name: load_preset("clip", name) for name in preset_names("clip")}
 
 
 def clip_preset(name: str, **overrides: Any) -> dict[str, Any]:

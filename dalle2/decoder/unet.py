@@ -35,82 +35,16 @@ from torch.utils.checkpoint import checkpoint
 
 from dalle2.decoder.blocks import Downsample, PixelAttention, ResBlock, Stage, Upsample, group_norm, zero_init
 from dalle2.nn import TimestepEmbedding
+from dalle2.presets import load_preset, preset_names
 from dalle2.nn.text_cond import project_text
 
-# Constructor kwargs.  ``clip_dim`` / ``text_dim`` come from the CLIP model (``unet_from_preset(..., clip_dim=...)``)
-# unless the preset fixes them; the SR presets have no CLIP conditioning.  ``attention_levels`` index
-# ``channel_mult``: level i runs at (H / 2**i, W / 2**i).
+# Constructor kwargs per preset: dalle2/presets/model/{decoder,upsampler}/*.yaml (defined there only).  ``clip_dim`` /
+# ``text_dim`` are the CLIP's (``unet_from_preset(..., clip_dim=...)``); the SR presets have no CLIP conditioning.
+# ``attention_levels`` index ``channel_mult``: level i runs at (H / 2**i, W / 2**i).  The upsampler preset ``bench``
+# is ``sr_bench`` here (the decoder has a ``bench`` too).
 UNET_PRESETS: dict[str, dict[str, Any]] = {
-    # base decoder at 32 px: a CPU demo that trains on 2 cores
-    "tiny32": {
-        "model_channels": 32,
-        "channel_mult": (1, 2, 2),
-        "num_res_blocks": 1,
-        "attention_levels": (1, 2),
-        "head_channels": 32,
-        "cond_dim": 128,
-        "learned_variance": False,
-    },
-    # SR 32 -> 64 for the CPU demo
-    "tiny_sr32_64": {
-        "model_channels": 32,
-        "channel_mult": (1, 2, 2),
-        "num_res_blocks": 1,
-        "attention_levels": (),
-        "mid_attention": False,
-        "lowres_cond": True,
-    },
-    # the paper's 64 px decoder UNet (appendix C: 512 ch, depth 3, mult 1-2-3-4, attn at 32/16/8, head ch 64,
-    # text context width 2048, dropout 0.1, learned sigma); the GLIDE text encoder itself is not part of this network
-    "base64": {
-        "model_channels": 512,
-        "channel_mult": (1, 2, 3, 4),
-        "num_res_blocks": 3,
-        "attention_levels": (1, 2, 3),
-        "head_channels": 64,
-        "cond_dim": 2048,
-        "dropout": 0.1,
-        "learned_variance": True,
-    },
-    # the paper's 64 -> 256 upsampler: 320 ch, depth 3, mult 1-2-3-4, no attention
-    "sr64_256": {
-        "model_channels": 320,
-        "channel_mult": (1, 2, 3, 4),
-        "num_res_blocks": 3,
-        "attention_levels": (),
-        "mid_attention": False,
-        "lowres_cond": True,
-    },
-    # the paper's 256 -> 1024 upsampler: 192 ch, depth 2, mult 1-1-2-2-4-4, no attention
-    "sr256_1024": {
-        "model_channels": 192,
-        "channel_mult": (1, 1, 2, 2, 4, 4),
-        "num_res_blocks": 2,
-        "attention_levels": (),
-        "mid_attention": False,
-        "lowres_cond": True,
-    },
-    # throughput benchmark: 64 px, CLIP ViT-B dims
-    "bench": {
-        "model_channels": 64,
-        "channel_mult": (1, 2, 4, 8),
-        "num_res_blocks": 1,
-        "attention_levels": (1, 2, 3),
-        "head_channels": 64,
-        "clip_dim": 512,
-        "text_dim": 512,
-        "cond_dim": 128,
-        "learned_variance": True,
-    },
-    # SR throughput benchmark: 32 -> 128 px
-    "sr_bench": {
-        "model_channels": 32,
-        "channel_mult": (1, 2, 4, 4),
-        "num_res_blocks": 2,
-        "attention_levels": (),
-        "mid_attention": False,
-        "lowres_cond": True,
-    },
+    **{name: load_preset("decoder", name) for name in preset_names("decoder")},
+    **{("sr_bench" if name == "bench" else name): load_preset("upsampler", name) for name in preset_names("upsampler")},
 }
 
 # image size each preset is meant for (for benchmarks and demos; the network itself takes any divisible size)

@@ -19,7 +19,7 @@ from dalle2.lit.optim import build_optimizers
 class CLIPModule(StageCheckpointMixin, L.LightningModule):
     """Batches are dicts from ``WebDataModule``: ``image`` (B,3,S,S) in [-1,1], ``tokens`` (B,L) long.
 
-    ``network`` is the plain keyword dict of ``dalle2.clip.model.CLIP`` (conf/model/clip/*.yaml), stored in the
+    ``network`` is the plain keyword dict of ``dalle2.clip.model.CLIP`` (dalle2/presets/model/clip/*.yaml), stored in the
     checkpoint so ``CLIPModule.load_from_checkpoint(path)`` rebuilds the model with no config at hand.
 
     The BPE vocabulary the batches were tokenized with (the datamodule's tokenizer, bound in ``setup``) is stored in

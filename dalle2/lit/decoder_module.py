@@ -94,7 +94,7 @@ class DecoderModule(FrozenClipMixin, _CascadeStageModule):
     """Base decoder: ``p(image | CLIP image embedding [, text])``.
 
     Args (keyword-only):
-        network: keyword dict of :class:`~dalle2.decoder.UNet` (conf/model/decoder/*.yaml); ``clip_dim`` must be
+        network: keyword dict of :class:`~dalle2.decoder.UNet` (dalle2/presets/model/decoder/*.yaml); ``clip_dim`` must be
             the CLIP's embedding size, ``text_dim`` its text width when ``use_text``.
         diffusion: dict for ``build_diffusion`` (schedule, num_timesteps, objective eps/v/x0, loss, weighting).
         clip_ckpt: CLIP weights used to embed ``image`` (and, with ``use_text``, ``tokens``) on the fly when the

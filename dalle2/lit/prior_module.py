@@ -38,7 +38,7 @@ class PriorModule(FrozenClipMixin, DiffusionStageModule):
     """``p(CLIP image embedding | CLIP text)``.
 
     Args (keyword-only):
-        network: keyword dict of :class:`~dalle2.prior.PriorNetwork` (conf/model/prior/*.yaml); ``embed_dim`` /
+        network: keyword dict of :class:`~dalle2.prior.PriorNetwork` (dalle2/presets/model/prior/*.yaml); ``embed_dim`` /
             ``text_token_dim`` must be the CLIP's embedding size / text width.
         diffusion: dict for ``build_diffusion`` (schedule, num_timesteps, objective x0 | eps | v, loss, weighting).
         clip_ckpt: CLIP used to embed ``image`` / ``tokens`` on the fly when a batch has no ``img_emb``.

@@ -30,6 +30,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from dalle2.nn import MLP, Attention, TimestepEmbedding
+from dalle2.presets import load_preset, preset_names
 from dalle2.nn.text_cond import project_text
 
 Positional = Literal["learned", "rotary"]
@@ -37,24 +38,9 @@ Positional = Literal["learned", "rotary"]
 # Number of non-text tokens after the text: text embedding, timestep, noised image embedding, query.
 NUM_TRAILING_TOKENS = 4
 
-# Constructor kwargs; ``embed_dim`` and ``text_token_dim`` come from the CLIP model unless the preset fixes them.
-PRIOR_PRESETS: dict[str, dict[str, Any]] = {
-    # trains on 2 CPU cores in minutes
-    "tiny": {"width": 256, "depth": 4, "heads": 4, "dim_head": 64, "mlp_ratio": 4, "max_text_len": 77},
-    # the paper's shape (DALL-E 2 appendix C, decoder-only transformer for D=768): width 2048, 24 layers, 32 heads
-    "paper": {"width": 2048, "depth": 24, "heads": 32, "dim_head": 64, "mlp_ratio": 4, "max_text_len": 77},
-    # throughput benchmark shape: CLIP ViT-B dimensions
-    "bench": {
-        "embed_dim": 512,
-        "text_token_dim": 512,
-        "width": 512,
-        "depth": 6,
-        "heads": 8,
-        "dim_head": 64,
-        "mlp_ratio": 4,
-        "max_text_len": 77,
-    },
-}
+# Constructor kwargs per preset: dalle2/presets/model/prior/*.yaml (defined there only; ``embed_dim`` and
+# ``text_token_dim`` are the CLIP's and may be overridden).
+PRIOR_PRESETS: dict[str, dict[str, Any]] = {name: load_preset("prior", name) for name in preset_names("prior")}
 
 
 # --------------------------------------------------------------------------------------------------------------------
