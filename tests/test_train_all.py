@@ -262,3 +262,9 @@ def test_given_checkpoints_replace_their_stages(tmp_path):
     assert "ckpt.clip=/w/clip.ckpt" in argv and "ckpt.decoder=/w/dec.ckpt" in argv
     assert "ckpt.upsamplers=[]" in argv  # no upsampler trained, listed or given: the cascade stops at the decoder
     assert "clip_ckpt=/w/clip.ckpt" in train_all.Plan(cfg).build("embeddings").commands[0]
+
+
+def test_train_groups_are_the_config_groups_of_train_py():
+    conf = Path(REPO_ROOT) / "conf"
+    groups = {p.name for p in conf.iterdir() if p.is_dir() and p.name not in ("train_all", "hydra")} | {"model"}
+    assert set(train_all.TRAIN_GROUPS) == groups

@@ -60,6 +60,10 @@ DEPENDS = {
     "sample": ("clip", "prior", "decoder", "upsampler"),
     "evaluate": ("clip", "sample"),
 }
+# The config groups of train/train.py's config (conf/<group>/, and model from dalle2/presets): `<stage>.<group>=x`
+# selects an option of the group rather than setting a key (tests/test_train_all.py checks the list against conf/).
+TRAIN_GROUPS = ("callbacks", "data", "debug", "experiment", "hparams_search", "logger", "model", "paths", "stage",
+                "trainer")  # fmt: skip
 _SAFE = re.compile(r"^[\w./\-+@:~%]+$")
 
 
@@ -116,12 +120,12 @@ def overrides(defaults: dict[str, object], section: dict) -> list[str]:
 def stage_override_argv(argv: list[str]) -> list[str]:
     """Command-line stage overrides as additions to the stage sections (no ``+`` needed for new keys):
     ``clip.trainer.max_steps=5`` -> ``++clip.trainer.max_steps=5``, and a config-group choice of a training stage
-    ``decoder.trainer=gpu`` (conf/trainer/ is a group) -> ``++decoder.groups.trainer=gpu``."""
+    ``decoder.trainer=gpu`` (``trainer`` is one of ``TRAIN_GROUPS``) -> ``++decoder.groups.trainer=gpu``."""
     pattern = re.compile(rf"^({'|'.join(STAGES)})\.([^=]+)=")
     out = []
     for a in argv:
         m = pattern.match(a)
-        if m and m.group(1) in TRAINED and "." not in m.group(2) and (ROOT / "conf" / m.group(2)).is_dir():
+        if m and m.group(1) in TRAINED and m.group(2) in TRAIN_GROUPS:
             a = f"{m.group(1)}.groups.{a[len(m.group(1)) + 1:]}"
         out.append(f"++{a}" if m else a)
     return out
