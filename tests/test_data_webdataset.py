@@ -13,7 +13,7 @@ from PIL import Image
 from dalle2.data.datamodule import WebDataModule
 from dalle2.data.synthetic import ATTRIBUTES, parse_caption
 from dalle2.data.webdataset import expand_urls, load_rgb, make_dataset
-from helpers.shards import TOK, StandInTokenizer, png, write_tar  # noqa: F401 (tests/test_resume.py imports it here)
+from helpers.shards import TOK, png, write_tar
 
 
 def _loader(ds, workers):

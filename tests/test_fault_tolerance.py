@@ -119,9 +119,9 @@ def test_sigterm_saves_exits_and_resumes(builtin_shards, tmp_path):
     import subprocess
     import time
 
-    from test_resume import REPO_ROOT, decoder_cmd, run_env
+    from helpers.tiny_runs import REPO_ROOT, decoder_cmd, run_env, tiny_clip_ckpt
 
-    clip = _clip_ckpt(tmp_path)
+    clip = tiny_clip_ckpt(tmp_path / "clip.ckpt")
     run_dir, marks = tmp_path / "run", tmp_path / "marks"
     extra = [f"+callbacks.marker._target_=test_fault_tolerance.StepMarker", f"+callbacks.marker.dir={marks}",
              "callbacks.model_checkpoint.every_n_train_steps=1000"]  # fmt: skip
@@ -149,19 +149,6 @@ def test_sigterm_saves_exits_and_resumes(builtin_shards, tmp_path):
     final = json.loads((run_dir / "final_metrics.json").read_text())
     assert final["step"] == saved + 2 and "ckpt_path=last" in final["overrides"]
 
-
-def _clip_ckpt(tmp_path):
-    from dalle2.clip.model import clip_preset
-    from dalle2.lit.checkpoints import STAGE_KEY
-    from dalle2.lit.clip_module import CLIPModule
-
-    net = clip_preset("tiny", vision_width=32, vision_layers=1, vision_heads=2, vision_patch_size=8, text_width=32,
-                      text_layers=1, text_heads=2, embed_dim=32)  # fmt: skip
-    clip = CLIPModule(network=net)
-    path = tmp_path / "clip.ckpt"
-    torch.save({"state_dict": clip.state_dict(), "hyper_parameters": dict(clip.hparams), STAGE_KEY: "clip",
-                "pytorch-lightning_version": L.__version__}, path)  # fmt: skip
-    return str(path)
 
 
 # ------------------------------------------------------------------------------------------------ skipped steps leave state alone

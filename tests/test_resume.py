@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from dalle2.data.datamodule import WebDataModule
-from test_data_webdataset import StandInTokenizer
+from helpers.shards import StandInTokenizer
 
 
 def _dm(urls, workers, persistent=True):
@@ -53,51 +53,19 @@ def test_stream_state_without_position_starts_fresh(builtin_shards):
 # ------------------------------------------------------------------------------------------------ train.py end to end
 
 import csv  # noqa: E402
-import os  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
-from pathlib import Path  # noqa: E402
 
-import lightning as L  # noqa: E402
 import torch  # noqa: E402
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from helpers.tiny_runs import REPO_ROOT, decoder_cmd, run_env, tiny_clip_ckpt as write_tiny_clip  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def tiny_clip_ckpt(tmp_path_factory):
     """An (untrained) tiny CLIP checkpoint with embed_dim 32 for the decoder's on-the-fly embeddings."""
-    from dalle2.clip.model import clip_preset
-    from dalle2.lit.checkpoints import STAGE_KEY
-    from dalle2.lit.clip_module import CLIPModule
-
-    net = clip_preset("tiny", vision_width=32, vision_layers=1, vision_heads=2, vision_patch_size=8, text_width=32,
-                      text_layers=1, text_heads=2, embed_dim=32)  # fmt: skip
-    clip = CLIPModule(network=net)
-    path = tmp_path_factory.mktemp("clip") / "clip.ckpt"
-    torch.save({"state_dict": clip.state_dict(), "hyper_parameters": dict(clip.hparams), STAGE_KEY: "clip",
-                "pytorch-lightning_version": L.__version__}, path)  # fmt: skip
-    return str(path)
-
-
-def decoder_cmd(shards, clip_ckpt, run_dir, *extra):
-    """A tiny decoder run on the built-in shards: 2 workers, 6 batches per epoch, per-step csv loss."""
-    return [
-        sys.executable, "train/train.py", "experiment=decoder_tiny", f"clip_ckpt={clip_ckpt}",
-        f"data.train_urls='{shards['train']}'", "data.val_urls=null", "data.batch_size=8", "data.num_workers=2",
-        "data.epoch_size=40", "data.shuffle_buffer=50", "data.random_crop=true",
-        "model.clip_dim=32", "model.model_channels=16", "model.head_channels=16", "model.cond_dim=32",
-        "module.ema_decay=0.9", "module.sample_every_n_steps=100000", "~callbacks.sample_grid",
-        "trainer.limit_val_batches=0", "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false",
-        "optimizer.lr=3e-3", "scheduler.warmup_steps=2", "logger=csv", f"hydra.run.dir={run_dir}", *extra,
-    ]  # fmt: skip
-
-
-def run_env():
-    return dict(os.environ, PYTHONPATH=f"{REPO_ROOT}{os.pathsep}{REPO_ROOT / 'tests'}", OMP_NUM_THREADS="1",
-                WANDB_MODE="offline")  # fmt: skip
+    return write_tiny_clip(tmp_path_factory.mktemp("clip") / "clip.ckpt")
 
 
 def losses(metrics_csv):

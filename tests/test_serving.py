@@ -11,10 +11,8 @@ import io
 import socket
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -24,12 +22,13 @@ from PIL import Image
 
 from dalle2.pipeline import SamplingSettings, StageSettings, UnCLIPPipeline
 from dalle2.serving import APIError, Batcher, Job, create_app, generate, load_image, parse_size
-from test_pipeline import build_tiny_checkpoints  # the same tiny cascade as the pipeline tests
+from helpers.cascade import build_tiny_checkpoints  # the same tiny cascade as the pipeline tests
+from helpers.serving import FakePipeline, ServerThread
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
-REPO = Path(__file__).resolve().parent.parent
+from helpers.tiny_runs import REPO_ROOT as REPO  # noqa: E402
 API_KEY = "sk-test-123"
 FAST = SamplingSettings(prior=StageSettings(steps=2), decoder=StageSettings(steps=3, guidance_scale=2.0),
                         upsampler=StageSettings(steps=2), n_prior_samples=2)  # fmt: skip
@@ -44,37 +43,6 @@ def ckpts(tmp_path_factory):
 def pipe(ckpts):
     return UnCLIPPipeline.from_checkpoints(clip=ckpts["clip"], prior=ckpts["prior"], decoder=ckpts["decoder"],
                                            upsamplers=[ckpts["upsampler"]])  # fmt: skip
-
-
-class ServerThread:
-    """uvicorn serving ``app`` on 127.0.0.1 (a free port) in a background thread; ``server``: a ready
-    ``uvicorn.Server`` for ``app`` (default: a plain one)."""
-
-    def __init__(self, app, server=None):
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.server = server or uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        t0 = time.monotonic()
-        while not self.server.started:
-            if time.monotonic() - t0 > 60 or not self.thread.is_alive():
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(30)
-        self.sock.close()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
 
 @pytest.fixture(scope="module")
@@ -132,37 +100,6 @@ def test_load_image_crops_resizes_and_rejects_garbage():
         load_image(b"not an image at all", 16)
     with pytest.raises(APIError, match="empty"):
         load_image(b"", 16)
-
-
-class FakePipeline:
-    """Same interface as UnCLIPPipeline; image i is a constant encoding (prompt, seed_i, index_i) so a wrong slice
-    shows.  Records the batch of each call."""
-
-    sizes = (4, 8)
-
-    def __init__(self, delay: float = 0.0):
-        self.calls: list[tuple[str, int, int]] = []
-        self.delay = delay
-
-    @staticmethod
-    def value(key: float, seed: int, index: int) -> float:
-        return (key * 7 + seed * 3 + index) % 251 / 255.0
-
-    def _make(self, keys, seed, indices, size):
-        time.sleep(self.delay)
-        size = size or self.sizes[-1]
-        if size not in self.sizes:
-            raise ValueError(f"bad size {size}")
-        vals = [self.value(k, s, i) for k, s, i in zip(keys, seed, indices)]
-        return torch.tensor(vals).view(-1, 1, 1, 1).expand(-1, 3, size, size).clone()
-
-    def __call__(self, prompts, *, seed=0, indices=None, size=None, settings=None):
-        self.calls.append(("generation", len(prompts), size))
-        return self._make([len(p) for p in prompts], seed, indices, size)
-
-    def variations(self, images, *, seed=0, indices=None, size=None, settings=None):
-        self.calls.append(("variation", images.shape[0], size))
-        return self._make([float(images[b].mean() * 10) for b in range(images.shape[0])], seed, indices, size)
 
 
 def test_batcher_groups_compatible_requests_and_slices_results():

@@ -22,7 +22,7 @@ from PIL import Image
 
 from dalle2.serving import APIError, create_app, load_image
 from helpers.scripts import load_script
-from test_serving import FakePipeline, ServerThread
+from helpers.serving import FakePipeline, ServerThread, assert_error_shape, raw_request, timed
 
 pytest.importorskip("uvicorn")
 from fastapi.testclient import TestClient  # noqa: E402
@@ -62,28 +62,10 @@ def peak_rss_delta(fn):
     return out, _vm("VmHWM") - before
 
 
-def timed(fn):
-    t0 = time.monotonic()
-    out = fn()
-    return out, time.monotonic() - t0
-
-
 def raises_api_error(fn) -> APIError:
     with pytest.raises(APIError) as e:
         fn()
     return e.value
-
-
-def assert_error_shape(body: dict, code: str) -> dict:
-    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
-    assert body["error"]["code"] == code and body["error"]["message"], body
-    return body["error"]
-
-
-def raw_request(path: str, body: bytes, content_type: str = "application/json") -> bytes:
-    head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n")  # fmt: skip
-    return head.encode() + body
 
 
 def read_response(sock: socket.socket, timeout: float) -> tuple[int | None, dict, bytes]:

@@ -21,8 +21,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from dalle2.serving import create_app
-from test_serving import REPO, FakePipeline, ServerThread
-from test_serving_abuse import assert_error_shape, raw_request, timed
+from helpers.serving import FakePipeline, ServerThread, assert_error_shape, raw_request, timed
+from helpers.tiny_runs import REPO_ROOT as REPO
 
 pytest.importorskip("uvicorn")
 from fastapi.testclient import TestClient  # noqa: E402

@@ -7,8 +7,7 @@ import sys
 
 import pytest
 
-from test_fault_tolerance import _clip_ckpt
-from test_resume import REPO_ROOT, decoder_cmd, run_env
+from helpers.tiny_runs import REPO_ROOT, decoder_cmd, run_env, tiny_clip_ckpt
 
 sys.path.insert(0, str(REPO_ROOT / "train"))
 import sweep_table  # noqa: E402
@@ -17,7 +16,7 @@ import sweep_table  # noqa: E402
 @pytest.mark.slow
 def test_multirun_two_jobs_and_table(builtin_shards, tmp_path):
     sweep_dir = tmp_path / "sweep"
-    cmd = decoder_cmd(builtin_shards, _clip_ckpt(tmp_path), tmp_path / "unused", "-m", "hydra/launcher=local",
+    cmd = decoder_cmd(builtin_shards, tiny_clip_ckpt(tmp_path / "clip.ckpt"), tmp_path / "unused", "-m", "hydra/launcher=local",
                       "module.diffusion.objective=eps,v", "trainer.max_steps=2", f"hydra.sweep.dir={sweep_dir}")  # fmt: skip
     cmd.remove("-m")
     cmd.insert(2, "-m")  # flags before overrides

@@ -85,3 +85,16 @@ def run(cmd: list[str], *, timeout: float, **kw) -> subprocess.CompletedProcess:
         out, err = proc.communicate()
         return subprocess.CompletedProcess(cmd, -9, out, err + f"\n[test] killed after {timeout} s (hang)")
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def decoder_cmd(shards, clip_ckpt, run_dir, *extra):
+    """A tiny decoder run on the built-in shards: 2 workers, 6 batches per epoch, per-step csv loss."""
+    return [
+        sys.executable, "train/train.py", "experiment=decoder_tiny", f"clip_ckpt={clip_ckpt}",
+        f"data.train_urls='{shards['train']}'", "data.val_urls=null", "data.batch_size=8", "data.num_workers=2",
+        "data.epoch_size=40", "data.shuffle_buffer=50", "data.random_crop=true",
+        "model.clip_dim=32", "model.model_channels=16", "model.head_channels=16", "model.cond_dim=32",
+        "module.ema_decay=0.9", "module.sample_every_n_steps=100000", "~callbacks.sample_grid",
+        "trainer.limit_val_batches=0", "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false",
+        "optimizer.lr=3e-3", "scheduler.warmup_steps=2", "logger=csv", f"hydra.run.dir={run_dir}", *extra,
+    ]  # fmt: skip
