@@ -1,10 +1,10 @@
 """What the benchmark scripts share: ``key=value`` arguments, one builder per stage (network, diffusion, a random
 batch with the training shapes, the training loss), timing with device synchronisation, machine facts.
 
-The stage builders use the library's own pieces (``prior_from_preset``, ``unet_from_preset``, ``CLIP`` presets,
-``build_diffusion`` and ``GaussianDiffusion.training_losses``, ``LowResAugmentation``, ``ClipLoss``) with the same
-diffusion settings as ``conf/stage/*.yaml``, so a benchmarked step computes what a training step computes, minus
-Lightning's bookkeeping.
+The diffusion stages' steps are built by the stages' own LightningModules (``training_inputs``: the target and the
+conditioning with the CFG drops / low-res augmentation, then ``diffusion.training_losses``) with the diffusion
+settings of ``conf/stage/*.yaml``, so a benchmarked step computes what a training step computes, minus Lightning's
+bookkeeping; CLIP's is ``CLIP`` + ``ClipLoss``.
 """
 
 from __future__ import annotations
@@ -22,15 +22,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dalle2.clip.loss import ClipLoss  # noqa: E402
 from dalle2.clip.model import CLIP, clip_preset  # noqa: E402
-from dalle2.decoder import PRESET_IMAGE_SIZES, UNET_PRESETS, unet_from_preset  # noqa: E402
-from dalle2.diffusion import GaussianDiffusion, LowResAugmentation, Schedule  # noqa: E402
-from dalle2.prior.network import EmbeddingScaler, prior_from_preset  # noqa: E402
+from dalle2.decoder import PRESET_IMAGE_SIZES, UNET_PRESETS  # noqa: E402
+from dalle2.diffusion import GaussianDiffusion  # noqa: E402
+from dalle2.prior.network import PRIOR_PRESETS  # noqa: E402
 
 STAGES = ("prior", "decoder", "upsampler", "clip")
 DEFAULT_CONFIG = {"prior": "bench", "decoder": "bench", "upsampler": "bench", "clip": "tiny"}
@@ -158,7 +157,8 @@ def summarize(times: list[float]) -> dict[str, float]:
 
 @dataclass
 class StageSetup:
-    """A network, how to make a random training batch for it, and the training loss on such a batch."""
+    """A network, how to make a random training batch for it, and the training loss on such a batch; for the
+    diffusion stages ``module`` is the stage's real LightningModule, whose ``training_inputs`` builds the step."""
 
     stage: str
     config: str
@@ -168,98 +168,84 @@ class StageSetup:
     diffusion: GaussianDiffusion | None = None
     sample_shape: tuple[int, ...] = ()
     info: dict[str, Any] = field(default_factory=dict)
+    module: Any = None
+
+    def conditioning(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The network's keyword arguments for ``batch`` with nothing dropped (what a sampler passes)."""
+        return self.module.training_inputs(batch, train=False)[1]
 
 
-def build_diffusion(stage: str, learned_variance: bool = False) -> GaussianDiffusion:
-    cfg = dict(DIFFUSION[stage])
-    return GaussianDiffusion(
-        schedule=Schedule.make(cfg.pop("schedule"), cfg.pop("num_timesteps")),
-        learned_variance=learned_variance,
-        **cfg,
-    )
-
-
-def _text(b: int, length: int, dim: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    tokens = torch.randn(b, length, dim, device=device)
+def _text(b: int, length: int, dim: int, vocab: int, device) -> dict[str, torch.Tensor]:
+    """Random CLIP text: token ids (0-padded after a random length) and per-token states."""
     lengths = torch.randint(1, length + 1, (b,), device=device)
-    return tokens, torch.arange(length, device=device)[None] < lengths[:, None]
+    ids = torch.randint(1, vocab, (b, length), device=device)
+    ids = torch.where(torch.arange(length, device=device)[None] < lengths[:, None], ids, torch.zeros_like(ids))
+    return {"tokens": ids, "txt_tokens": torch.randn(b, length, dim, device=device)}
+
+
+def _stage_setup(stage: str, config: str, module, make_batch, sample_shape, info) -> StageSetup:
+    """A StageSetup over a real LightningModule: the loss is its ``training_inputs`` through the diffusion's
+    ``training_losses`` (the model argument lets the benchmark pass a compiled / channels-last network)."""
+    module.ema = None  # the benchmark keeps its own EMA (ema=0|1); the module's copy would only cost memory
+
+    def loss(model, b: dict) -> dict[str, torch.Tensor]:
+        x0, kw = module.training_inputs(b, train=True)
+        return module.diffusion.training_losses(model, x0, model_kwargs=kw)
+
+    return StageSetup(stage, config, module.net, make_batch, loss, module.diffusion, sample_shape, info, module)
 
 
 def setup_prior(config: str, batch: int, device: torch.device, *, clip_dim: int = 512, text_len: int = 77) -> StageSetup:
-    net = prior_from_preset(config, embed_dim=None if "embed_dim" in _prior_preset(config) else clip_dim,
-                            text_token_dim=None if "text_token_dim" in _prior_preset(config) else clip_dim)
-    diffusion = build_diffusion("prior")
-    scaler = EmbeddingScaler.for_dim(net.embed_dim)
-    d, dt = net.embed_dim, net.text_token_dim
+    from dalle2.lit.prior_module import PriorModule
+
+    network = {"embed_dim": clip_dim, "text_token_dim": clip_dim, **PRIOR_PRESETS[config]}
+    module = PriorModule(network=network, diffusion=DIFFUSION["prior"]).to(device)
+    d, dt = module.net.embed_dim, module.net.text_token_dim
 
     def make_batch() -> dict[str, Any]:
-        tokens, mask = _text(batch, text_len, dt, device)
         return {"img_emb": torch.randn(batch, d, device=device), "txt_emb": torch.randn(batch, d, device=device),
-                "txt_tokens": tokens, "text_mask": mask}
+                **_text(batch, text_len, dt, 8192, device)}  # fmt: skip
 
-    def loss(model, b: dict) -> dict[str, torch.Tensor]:
-        # as PriorModule.training_step: scaled unit-norm image embedding, CFG text drop with p = 0.1
-        x0 = scaler.scale_embed(b["img_emb"])
-        drop = torch.rand(batch, device=device) < 0.1
-        kw = {"text_embed": b["txt_emb"], "text_tokens": b["txt_tokens"], "text_mask": b["text_mask"], "drop_text": drop}
-        return diffusion.training_losses(model, x0, model_kwargs=kw)
-
-    return StageSetup("prior", config, net, make_batch, loss, diffusion, (batch, d), {"text_len": text_len})
-
-
-def _prior_preset(config: str) -> dict:
-    from dalle2.prior.network import PRIOR_PRESETS
-
-    return PRIOR_PRESETS[config]
+    return _stage_setup("prior", config, module, make_batch, (batch, d), {"text_len": text_len})
 
 
 def setup_decoder(config: str, batch: int, device: torch.device, *, clip_dim: int = 512, text_len: int = 77,
                   channels_last: bool = False) -> StageSetup:
-    preset = UNET_PRESETS[config]
-    net = unet_from_preset(config, **({} if "clip_dim" in preset else {"clip_dim": clip_dim}))
-    diffusion = build_diffusion("decoder", learned_variance=net.learned_variance)
+    from dalle2.lit.decoder_module import DecoderModule
+
+    network = {"clip_dim": clip_dim, **UNET_PRESETS[config]}
     size = PRESET_IMAGE_SIZES[config]
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    module = DecoderModule(network=network, diffusion=DIFFUSION["decoder"], image_size=size,
+                           use_text=network.get("text_dim") is not None, channels_last=channels_last).to(device)
+    net = module.net
 
     def make_batch() -> dict[str, Any]:
-        out = {"image": (torch.rand(batch, 3, size, size, device=device) * 2 - 1).contiguous(memory_format=fmt),
-               "img_emb": torch.randn(batch, net.clip_dim, device=device)}
+        out = {"image": torch.rand(batch, 3, size, size, device=device) * 2 - 1,
+               "img_emb": torch.randn(batch, net.clip_dim, device=device)}  # fmt: skip
         if net.text_dim is not None:
-            out["txt_tokens"], out["text_mask"] = _text(batch, text_len, net.text_dim, device)
+            out.update(_text(batch, text_len, net.text_dim, 8192, device))
+        else:
+            out["tokens"] = torch.zeros(batch, text_len, dtype=torch.long, device=device)
         return out
 
-    def loss(model, b: dict) -> dict[str, torch.Tensor]:
-        # as DecoderModule.model_kwargs(train=True): unit-norm embedding, drops p = 0.1 (image) / 0.5 (text)
-        u = torch.rand(2, batch, device=device)
-        kw = {"image_embed": F.normalize(b["img_emb"].float(), dim=-1), "drop_image_embed": u[0] < 0.1}
-        if "txt_tokens" in b:
-            kw.update(text_tokens=b["txt_tokens"], text_mask=b["text_mask"], drop_text=u[1] < 0.5)
-        return diffusion.training_losses(model, b["image"], model_kwargs=kw)
-
-    return StageSetup("decoder", config, net, make_batch, loss, diffusion, (batch, 3, size, size),
-                      {"image_size": size, "text_len": text_len if net.text_dim else 0})
+    return _stage_setup("decoder", config, module, make_batch, (batch, 3, size, size),
+                        {"image_size": size, "text_len": text_len if net.text_dim else 0})
 
 
 def setup_upsampler(config: str, batch: int, device: torch.device, *, channels_last: bool = False) -> StageSetup:
+    from dalle2.lit.decoder_module import UpsamplerModule
+
     config = UPSAMPLER_PRESETS.get(config, config)
-    net = unet_from_preset(config)
-    diffusion = build_diffusion("upsampler", learned_variance=net.learned_variance)
     size, low = PRESET_IMAGE_SIZES[config], LOWRES_SIZES.get(config, PRESET_IMAGE_SIZES[config] // 4)
-    aug = LowResAugmentation(schedule=Schedule.make("linear", 1000), max_train_level=250)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    module = UpsamplerModule(network=UNET_PRESETS[config], diffusion=DIFFUSION["upsampler"], lowres_size=low,
+                             image_size=size, lowres_aug={"max_train_level": 250}, sample_aug_level=50,
+                             channels_last=channels_last).to(device)  # fmt: skip
 
     def make_batch() -> dict[str, Any]:
-        return {"image": (torch.rand(batch, 3, size, size, device=device) * 2 - 1).contiguous(memory_format=fmt)}
+        return {"image": torch.rand(batch, 3, size, size, device=device) * 2 - 1}
 
-    def loss(model, b: dict) -> dict[str, torch.Tensor]:
-        # as UpsamplerModule.model_kwargs(train=True): antialiased bicubic downsample, blur + noise augmentation
-        hi = b["image"]
-        lo = F.interpolate(hi, size=(low, low), mode="bicubic", antialias=True, align_corners=False).clamp(-1, 1)
-        lo, level = aug(lo.contiguous(memory_format=fmt), train=True)
-        return diffusion.training_losses(model, hi, model_kwargs={"lowres_image": lo, "lowres_aug_level": level})
-
-    return StageSetup("upsampler", config, net, make_batch, loss, diffusion, (batch, 3, size, size),
-                      {"image_size": size, "lowres_size": low})
+    return _stage_setup("upsampler", config, module, make_batch, (batch, 3, size, size),
+                        {"image_size": size, "lowres_size": low})
 
 
 def setup_clip(config: str, batch: int, device: torch.device) -> StageSetup:

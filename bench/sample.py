@@ -36,22 +36,6 @@ DEFAULTS = {
 CALLS_PER_STEP = {"heun": 2}  # model calls per step (heun: 1 on the last step)
 
 
-def sampling_kwargs(stage: str, batch: dict, b: int, device: torch.device) -> dict:
-    """The conditioning a sampler passes to the network (nothing dropped)."""
-    no = torch.zeros(b, dtype=torch.bool, device=device)
-    if stage == "prior":
-        return {"text_embed": batch["txt_emb"], "text_tokens": batch["txt_tokens"], "text_mask": batch["text_mask"],
-                "drop_text": no}
-    if stage == "decoder":
-        kw = {"image_embed": torch.nn.functional.normalize(batch["img_emb"], dim=-1), "drop_image_embed": no}
-        if "txt_tokens" in batch:
-            kw.update(text_tokens=batch["txt_tokens"], text_mask=batch["text_mask"], drop_text=no)
-        return kw
-    hi = batch["image"]
-    lo = torch.nn.functional.interpolate(hi, scale_factor=0.25, mode="bilinear", antialias=True)
-    return {"lowres_image": lo, "lowres_aug_level": torch.full((b,), 50, dtype=torch.long, device=device)}
-
-
 def main(argv: list[str] | None = None) -> dict:
     a = parse_kv(sys.argv[1:] if argv is None else argv, DEFAULTS)
     device = torch.device(a["device"])
@@ -70,7 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
             model = CachedTextPrior(model)
         if a["guidance"] != 1.0 and stage != "upsampler":  # the SR UNets have no conditioning to drop
             model = cfg_model_fn(model, guidance_scale=a["guidance"], learned_variance=s.diffusion.learned_variance)
-        kwargs = sampling_kwargs(stage, s.make_batch(), b, device)
+        kwargs = s.conditioning(s.make_batch())
         for sampler in [x for x in a["samplers"].split(",") if x]:
             gen = torch.Generator(device).manual_seed(a["seed"])
 

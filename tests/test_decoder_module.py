@@ -109,8 +109,8 @@ def test_learned_variance_mismatch_is_an_error():
 def test_upsampler_training_step_crops():
     m = upsampler(train_crop_size=8)
     b = {"image": smooth_images(2), "tokens": torch.zeros(2, 77, dtype=torch.long)}
-    kw = m.model_kwargs(b, train=True)
-    assert kw["_x0"].shape == (2, 3, 8, 8) and kw["lowres_image"].shape == (2, 3, 4, 4)
+    x0, kw = m.training_inputs(b, train=True)
+    assert x0.shape == (2, 3, 8, 8) and kw["lowres_image"].shape == (2, 3, 4, 4)
     assert kw["lowres_aug_level"].max() <= 30
     loss = m.training_step(b, 0)
     assert torch.isfinite(loss)
@@ -126,8 +126,8 @@ def test_residual_upsampler_target_and_untrained_output_is_bicubic():
     hi = smooth_images(3)
     lo = m.lowres(hi)
     bicubic = F.interpolate(lo, size=(16, 16), mode="bicubic", align_corners=False)
-    kw = m.model_kwargs({"image": hi}, train=False, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(kw["_x0"], hi - bicubic)
+    x0, kw = m.training_inputs({"image": hi}, train=False, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(x0, hi - bicubic)
     out = m.upsample(lo, steps=5, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(out, bicubic.clamp(-1, 1))
     # the static threshold clips the image (bicubic + residual), not the residual

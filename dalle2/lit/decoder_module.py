@@ -57,17 +57,18 @@ class _CascadeStageModule(DiffusionStageModule):
     def _network(self, use_ema: bool) -> torch.nn.Module:
         return self.ema_net if use_ema else self.net
 
+    def training_inputs(self, batch: dict, *, train: bool,
+                        generator: torch.Generator | None = None) -> tuple[Tensor, dict]:  # fmt: skip
+        """``(x0, model_kwargs)``: the diffusion target and the network's conditioning for ``batch`` (``train``: with
+        the CFG drops / augmentation drawn from ``generator``). The training and validation steps, and
+        ``bench/train_step.py``, are built on it."""
+        return self._image_input(batch["image"]), self.model_kwargs(batch, train=train, generator=generator)
+
     def model_kwargs(self, batch: dict, *, train: bool, generator: torch.Generator | None = None) -> dict:
         raise NotImplementedError
 
-    def target_images(self, batch: dict, *, train: bool, generator: torch.Generator | None = None) -> Tensor:
-        return batch["image"]
-
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        x0 = self._image_input(self.target_images(batch, train=True))
-        kwargs = self.model_kwargs(batch, train=True)
-        # a module whose conditioning changes the target (the upsampler's random crop) returns it as "_x0"
-        x0 = kwargs.pop("_x0", x0)
+        x0, kwargs = self.training_inputs(batch, train=True)
         losses, per_sample = self.diffusion.training_losses(
             self.net, x0, model_kwargs=kwargs, return_per_sample=True
         )
@@ -77,11 +78,8 @@ class _CascadeStageModule(DiffusionStageModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         # fixed noise/timesteps per batch so that val/loss is comparable between evaluations
-        seed = mix_seed(batch_idx, self.global_rank)
-        gen = torch.Generator(device=self.device).manual_seed(seed)
-        x0 = self._image_input(self.target_images(batch, train=False, generator=gen))
-        kwargs = self.model_kwargs(batch, train=False, generator=gen)
-        x0 = kwargs.pop("_x0", x0)
+        gen = torch.Generator(device=self.device).manual_seed(mix_seed(batch_idx, self.global_rank))
+        x0, kwargs = self.training_inputs(batch, train=False, generator=gen)
         losses = self.diffusion.training_losses(self.ema_net, x0, generator=gen, model_kwargs=kwargs)
         self.log_val({f"val/{k}": v for k, v in losses.items()}, x0.shape[0])
 
@@ -330,14 +328,17 @@ class UpsamplerModule(_CascadeStageModule):
         left = int(torch.randint(0, (W - c) // s + 1, ())) * s
         return images[..., top : top + c, left : left + c]
 
-    def model_kwargs(self, batch: dict, *, train: bool, generator: torch.Generator | None = None) -> dict:
+    def training_inputs(self, batch: dict, *, train: bool,
+                        generator: torch.Generator | None = None) -> tuple[Tensor, dict]:  # fmt: skip
+        """``(x0, model_kwargs)``: the (cropped, when training with ``train_crop_size``) high-res image — or its residual
+        over bicubic — and its augmented low-res copy with the augmentation level."""
         hi = batch["image"]
         if train:
             hi = self._random_crop(hi)
         clean = self.lowres(hi)
         lo, level = self.lowres_aug(clean, train=train, level=self.sample_aug_level, generator=generator)
         target = hi - self.base(clean).to(hi.dtype) if self.hparams.residual else hi
-        return {"_x0": self._image_input(target), "lowres_image": self._image_input(lo), "lowres_aug_level": level}
+        return self._image_input(target), {"lowres_image": self._image_input(lo), "lowres_aug_level": level}
 
     @torch.no_grad()
     def upsample(

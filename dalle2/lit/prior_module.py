@@ -133,12 +133,19 @@ class PriorModule(FrozenClipMixin, DiffusionStageModule):
         return (torch.rand(batch_size, generator=generator, device=gen_device) < self.cond_drop_prob).to(device)
 
     # -- training -----------------------------------------------------------------------------------------------
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+    def training_inputs(self, batch: dict, *, train: bool,
+                        generator: torch.Generator | None = None) -> tuple[Tensor, dict]:  # fmt: skip
+        """``(x0, model_kwargs)``: the scaled image embedding and the text conditioning (``train``: with the CFG text
+        drop drawn from ``generator``; else nothing dropped). The training step and ``bench/train_step.py`` are built on it."""
         emb = self.embeddings(batch)
         x0 = self.scaler.scale_embed(emb["image_embed"])
-        B = x0.shape[0]
         kwargs = self._text_kwargs(emb)
-        kwargs["drop_text"] = self.drop_text_mask(B, device=x0.device)
+        kwargs["drop_text"] = (self.drop_text_mask(x0.shape[0], device=x0.device, generator=generator) if train
+                               else torch.zeros(x0.shape[0], dtype=torch.bool, device=x0.device))  # fmt: skip
+        return x0, kwargs
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        x0, kwargs = self.training_inputs(batch, train=True)
         losses, per_sample = self.diffusion.training_losses(self.net, x0, model_kwargs=kwargs, return_per_sample=True)
         self.log_losses(losses, per_sample)
         return losses["loss"]
