@@ -146,6 +146,19 @@ class SamplingSettings:
         return cls(**d)
 
     @classmethod
+    def from_config(cls, cfg: Any) -> "SamplingSettings":
+        """From an entry point's config (``conf/sample.yaml``, ``conf/serve.yaml``): per-stage ``steps`` /
+        ``sampler`` / ``guidance`` / ``eta`` maps and ``n_prior_samples`` / ``threshold`` / ``upsampler_aug_level``;
+        absent or null entries keep the defaults."""
+        def per_stage(key: str):
+            value = cfg.get(key)
+            return {k: v for k, v in dict(value).items()} if value else None
+
+        return cls.from_overrides(steps=per_stage("steps"), sampler=per_stage("sampler"), guidance=per_stage("guidance"),
+                                  eta=per_stage("eta"), n_prior_samples=cfg.get("n_prior_samples"),
+                                  threshold=cfg.get("threshold"), upsampler_aug_level=cfg.get("upsampler_aug_level"))  # fmt: skip
+
+    @classmethod
     def from_overrides(
         cls,
         *,

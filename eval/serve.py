@@ -21,8 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dalle2.lit.checkpoints import CHECKPOINT_ERRORS  # noqa: E402
-from dalle2.pipeline import UnCLIPPipeline  # noqa: E402
-from sample import settings_from_cfg  # noqa: E402  (eval/sample.py, beside this script)
+from dalle2.pipeline import SamplingSettings, UnCLIPPipeline  # noqa: E402
 
 
 def limits_from_cfg(cfg: DictConfig):
@@ -51,7 +50,7 @@ def build_app(cfg: DictConfig):
                                            device=device, trust_checkpoint=trust)  # fmt: skip
     app = create_app(
         pipe, api_key=api_key, model_name=cfg.model_name, model_aliases=list(cfg.model_aliases or []),
-        settings=settings_from_cfg(cfg), max_n=int(cfg.max_n), max_batch_size=int(cfg.max_batch_size),
+        settings=SamplingSettings.from_config(cfg), max_n=int(cfg.max_n), max_batch_size=int(cfg.max_batch_size),
         max_wait_ms=float(cfg.max_wait_ms), max_prompt_chars=int(cfg.max_prompt_chars), public_url=cfg.public_url,
         url_ttl_s=float(cfg.url_ttl_s), url_store_max=int(cfg.url_store_max), limits=limits,
     )  # fmt: skip

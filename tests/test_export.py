@@ -162,29 +162,15 @@ def test_evaluate_cli_loads_a_clip_export(cascade, exports, builtin_shards, tmp_
 
 def test_serve_builds_from_exports(exports):
     """eval/serve.py's build_app on exported files (no server started)."""
-    import importlib.util
     import os
-    import sys
 
     from omegaconf import OmegaConf
 
-    from helpers.scripts import REPO_ROOT
+    from helpers.scripts import REPO_ROOT, load_script
 
     cfg = OmegaConf.load(os.path.join(REPO_ROOT, "conf", "serve.yaml"))
     cfg.pop("hydra"), cfg.pop("defaults")
     cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"ckpt.clip={exports['clip']}", f"ckpt.prior={exports['prior']}",
                                                        f"ckpt.decoder={exports['decoder']}", "device=cpu"]))  # fmt: skip
-    eval_dir = os.path.join(REPO_ROOT, "eval")
-    saved = sys.modules.pop("sample", None)  # serve.py imports eval/sample.py as "sample" (bench/ has one too)
-    sys.path.insert(0, eval_dir)
-    try:
-        spec = importlib.util.spec_from_file_location("eval_serve", os.path.join(eval_dir, "serve.py"))
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        app = mod.build_app(cfg)
-    finally:
-        sys.path.remove(eval_dir)
-        sys.modules.pop("sample", None)
-        if saved is not None:
-            sys.modules["sample"] = saved
+    app = load_script("eval", "serve").build_app(cfg)  # serve.py imports no other script
     assert any(getattr(r, "path", "") == "/v1/images/generations" for r in app.routes)
