@@ -8,9 +8,10 @@
     python eval/decoder_acceptance.py upsampler --ckpt runs/up/checkpoints/last.ckpt \
         --val 'data_builtin/val/{00000..00001}.tar' --steps 20 --num 256 --out runs/up/acceptance.json
 
-Decoder JSON: ``samples`` / ``real`` / ``shuffled``, each ``{"accuracy/<attr>", "accuracy/all", "accuracy/mean"}``
-of :func:`dalle2.data.synthetic.check_images` against the attributes :func:`~dalle2.data.synthetic.parse_caption`
-reads from each val caption:
+Decoder JSON: ``samples`` / ``real`` / ``shuffled``, each the lenient ``{"accuracy/<attr>", "accuracy/all",
+"accuracy/mean"}`` and the strict ``{"strict/accuracy", "strict/all", "strict/one_object", "strict/inside",
+"strict/iou_mean"}`` of :func:`dalle2.data.synthetic.check_images` (``strict=True``) against the attributes
+:func:`~dalle2.data.synthetic.parse_caption` reads from each val caption:
 
 - ``samples``: decoder samples (EMA weights, ``--sampler`` with ``--steps`` steps, guidance ``--guidance-scale``) from
   the CLIP image embeddings of the val images themselves (``img_emb`` of embedding shards, else the frozen CLIP of
@@ -39,53 +40,11 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dalle2.data.synthetic import check_images, parse_caption  # noqa: E402
-from dalle2.data.webdataset import make_dataset  # noqa: E402
 from dalle2.lit.checkpoints import load_stage_module  # noqa: E402
 from dalle2.lit.decoder_module import DecoderModule, UpsamplerModule, psnr  # noqa: E402
+from dalle2.metrics.fidelity import derangement, load_val  # noqa: E402
 
 __all__ = ["load_val", "derangement", "decoder_acceptance", "upsampler_acceptance", "main"]
-
-
-def load_val(
-    urls: str,
-    *,
-    image_size: int,
-    num: int | None = None,
-    load_embeddings: bool = False,
-    batch_size: int = 256,
-    context_length: int = 77,
-) -> dict:
-    """The first ``num`` val samples of ``urls`` (one deterministic pass) as one batch dict:
-    ``image (N, 3, S, S)`` in [-1, 1], ``tokens (N, L)``, ``caption`` (N strings) [, ``img_emb``, ``txt_tokens``]."""
-    from dalle2.clip.tokenizer import get_tokenizer
-
-    ds = make_dataset(urls, image_size=image_size, tokenizer=get_tokenizer(), train=False, batch_size=batch_size,
-                      context_length=context_length, load_embeddings=load_embeddings, rank=0, world_size=1)
-    parts: list[dict] = []
-    n = 0
-    for batch in ds:
-        parts.append(batch)
-        n += len(batch["caption"])
-        if num is not None and n >= num:
-            break
-    if not parts:
-        raise ValueError(f"no samples in {urls!r}")
-    out: dict = {"caption": [c for p in parts for c in p["caption"]][:num]}
-    for k in ("image", "tokens", "img_emb", "txt_tokens"):
-        if parts[0].get(k) is not None:
-            out[k] = torch.cat([p[k] for p in parts])[:num]
-    return out
-
-
-def derangement(n: int, *, seed: int = 0) -> Tensor:
-    """A random permutation of ``range(n)`` with no fixed point (n >= 2): a random order, each index sent to the
-    next one in that order."""
-    if n < 2:
-        raise ValueError(f"a derangement needs n >= 2, got {n}")
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    perm = torch.empty(n, dtype=torch.long)
-    perm[order] = order.roll(-1)
-    return perm
 
 
 @torch.no_grad()
@@ -133,9 +92,9 @@ def decoder_acceptance(
     t_sample = time.perf_counter() - t0
     control = _sample_all(decoder, shuffled, generator=torch.Generator(device=decoder.device).manual_seed(seed), **kw)
     result = {
-        "samples": check_images(samples, attrs),
-        "real": check_images(val["image"], attrs),
-        "shuffled": check_images(control, attrs),
+        "samples": check_images(samples, attrs, strict=True),
+        "real": check_images(val["image"], attrs, strict=True),
+        "shuffled": check_images(control, attrs, strict=True),
         "num_samples": n,
         "image_size": int(samples.shape[-1]),
         "steps": steps,

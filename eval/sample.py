@@ -20,7 +20,7 @@ from pathlib import Path
 
 import hydra
 import lightning as L
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -41,18 +41,9 @@ def read_prompts(path: str) -> list[str | None]:
     return prompts
 
 
-def settings_from_cfg(cfg: DictConfig) -> SamplingSettings:
-    per_stage = lambda key: dict(OmegaConf.to_container(cfg[key])) if cfg.get(key) else None  # noqa: E731
-    return SamplingSettings.from_overrides(
-        steps=per_stage("steps"), sampler=per_stage("sampler"), guidance=per_stage("guidance"), eta=per_stage("eta"),
-        n_prior_samples=cfg.get("n_prior_samples"), threshold=cfg.get("threshold"),
-        upsampler_aug_level=cfg.get("upsampler_aug_level"),
-    )  # fmt: skip
-
-
 def run(cfg: DictConfig) -> Path:
     prompts = read_prompts(cfg.prompts)
-    settings = settings_from_cfg(cfg)
+    settings = SamplingSettings.from_config(cfg)
     upsamplers = list(cfg.ckpt.upsamplers or [])
     pipe = UnCLIPPipeline.from_checkpoints(clip=cfg.ckpt.clip, prior=cfg.ckpt.prior, decoder=cfg.ckpt.decoder,
                                            upsamplers=upsamplers, tokenizer=cfg.tokenizer_path,

@@ -104,3 +104,25 @@ def test_cli_writes_shards(tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "train").iterdir()) == ["00000.tar", "00001.tar"]
     with pytest.raises(ValueError, match="image_format"):
         write_shards(tmp_path, num_train=1, num_val=0, image_format="gif")
+
+
+def test_jitter_option_scales_the_variation(tmp_path):
+    from dalle2.data.synthetic import main, strict_verdicts
+
+    kw = dict(num_train=6, num_val=2, image_size=32, samples_per_shard=8, seed=5)
+    write_shards(tmp_path / "a", **kw)
+    write_shards(tmp_path / "b", **kw, jitter=1.0)
+    main(["--out", str(tmp_path / "c"), "--num-train", "6", "--num-val", "2", "--image-size", "32",
+          "--samples-per-shard", "8", "--seed", "5", "--jitter", "1.2"])  # fmt: skip
+    same = (tmp_path / "a/train/00000.tar").read_bytes()
+    assert same == (tmp_path / "b/train/00000.tar").read_bytes()  # jitter 1 = the built-in data, byte for byte
+    with tarfile.open(tmp_path / "a/train/00000.tar") as ta, tarfile.open(tmp_path / "c/train/00000.tar") as tc:
+        assert [ta.extractfile(n).read() for n in ta.getnames() if n.endswith(".txt")] == \
+            [tc.extractfile(n).read() for n in tc.getnames() if n.endswith(".txt")]  # same captions
+        assert ta.extractfile("000000000.jpg").read() != tc.extractfile("000000000.jpg").read()  # other pictures
+    # the largest jitter the CLI help promises keeps every shape off the border of a 32 px picture
+    rng = np.random.default_rng(0)
+    attrs = [{**sample_attributes(rng), "size": "large", "position": p} for p in ("left", "right") * 40]
+    imgs = np.stack([render(a, 32, rng, jitter=1.2) for a in attrs])
+    v = strict_verdicts(imgs, attrs)
+    assert not v["touches_border"].any() and v["ok"].all()

@@ -83,7 +83,10 @@ def test_oracle_decoder_scores_like_real_images_and_shuffled_control_drops(built
     assert r["samples"] == r["real"]  # the oracle returns the real image of each embedding
     assert r["shuffled"]["accuracy/all"] < 0.3 < r["samples"]["accuracy/all"]
     keys = {f"accuracy/{a}" for a in ("shape", "color", "background", "size", "position", "all", "mean")}
+    keys |= {f"strict/{k}" for k in ("accuracy", "all", "one_object", "inside", "iou_mean")}
     assert set(r["samples"]) == set(r["shuffled"]) == keys and r["num_samples"] == 48
+    assert r["real"]["strict/accuracy"] >= 0.95  # the strict checker on the val images (JPEG q95, 32 px)
+    assert r["shuffled"]["strict/all"] < 0.1
 
 
 def test_decoder_cli_json_deterministic(builtin_shards, tmp_path):

@@ -23,7 +23,8 @@ from dalle2.clip.loss import ClipLoss
 from dalle2.clip.model import clip_preset
 from dalle2.clip.pretrained import save_safetensors
 from dalle2.clip.tokenizer import get_tokenizer
-from dalle2.data.synthetic import make_caption, render, sample_attributes
+from dalle2.data.checker_calibration import calibration_images
+from dalle2.data.synthetic import STRICT_IOU_THRESHOLD, make_caption, render, sample_attributes
 from dalle2.lit.clip_module import CLIPModule, load_clip
 from dalle2.metrics.clip_score import ClipScorer, clip_score
 
@@ -153,6 +154,9 @@ def test_evaluate_samples_cli_writes_json(trained_clip, samples_dir, builtin_sha
     assert result["clip_fd"] > 0 and np.isfinite(result["clip_kid_mean"])
     assert 0 < result["clip_score"] <= 100
     assert result["checker"]["num_samples"] == 16 and result["checker"]["accuracy/all"] == 1.0  # clean renders
+    assert result["checker"]["strict/accuracy"] == 1.0 and result["checker"]["strict/all"] == 1.0  # and strictly
+    assert result["checker"]["strict/threshold"] == STRICT_IOU_THRESHOLD
+    assert "strict" in proc.stdout  # the summary line names both scores
 
 
 def test_evaluate_samples_metrics_respond_to_the_samples(trained_clip, samples_dir, builtin_shards, tmp_path):
@@ -164,7 +168,16 @@ def test_evaluate_samples_metrics_respond_to_the_samples(trained_clip, samples_d
     res = run_in_process(_overrides(trained_clip, shuffled, builtin_shards["val"]))
     assert res["clip_score"] < base["clip_score"] - 5
     assert res["checker"]["accuracy/all"] < 0.5
+    assert res["checker"]["strict/accuracy"] < 0.6 and res["checker"]["strict/all"] < 0.5
+    assert res["checker"]["strict/one_object"] == 1.0  # the pictures are fine; only their prompts are wrong
     assert res["clip_fd"] == pytest.approx(base["clip_fd"], rel=1e-5)  # same images, same distance
+    # a second object: the lenient reader still names the shape right, the strict checker refuses the pictures
+    pics, attrs = calibration_images("two_objects", 16, 32, seed=0)
+    rng = np.random.default_rng(0)
+    two = write_samples_dir(tmp_path / "two", torch.from_numpy(pics).permute(0, 3, 1, 2).float() / 127.5 - 1,
+                            [make_caption(a, rng) for a in attrs])  # fmt: skip
+    res = run_in_process(_overrides(trained_clip, two, builtin_shards["val"]))["checker"]
+    assert res["accuracy/shape"] > 0.8 and res["strict/one_object"] == 0.0 and res["strict/accuracy"] == 0.0
     noise = write_samples_dir(tmp_path / "noise", torch.rand(16, 3, 32, 32) * 2 - 1, ["a photo of a dog"] * 16)
     res = run_in_process(_overrides(trained_clip, noise, builtin_shards["val"]))
     assert res["clip_fd"] > 2 * base["clip_fd"] and res["clip_kid_mean"] > base["clip_kid_mean"]
@@ -212,6 +225,23 @@ def test_two_ddp_processes_equal_one(trained_clip, samples_dir, builtin_shards, 
         if isinstance(value, float):
             assert two[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
     assert two["checker"] == one["checker"]
+
+
+@pytest.mark.slow
+def test_fewer_samples_than_processes(trained_clip, builtin_shards, tmp_path):
+    """2 samples on 3 processes: rank 2 reads no sample (and the loaders no batch) yet reaches every gather."""
+    images, caps = synthetic(2, seed=9)
+    few = write_samples_dir(tmp_path / "few", images, caps)
+    one = run_in_process(_overrides(trained_clip, few, builtin_shards["val"]))
+    out = tmp_path / "ddp3.json"
+    env = {**os.environ, "PYTHONPATH": REPO_ROOT, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "eval/evaluate.py", *_overrides(trained_clip, few, builtin_shards["val"],
+           [f"out={out}", "trainer.devices=3", "trainer.strategy=ddp", "reference.max_samples=2"])]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    three = json.loads(out.read_text())
+    assert three["num_samples"] == 2 and three["num_reference"] == 2
+    assert three["checker"] == one["checker"] and three["clip_score"] == pytest.approx(one["clip_score"], rel=1e-5)
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])

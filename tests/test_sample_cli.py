@@ -10,6 +10,7 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from conftest import REPO_ROOT
-from dalle2.lit.pipeline_module import PromptBatches, make_items
+from dalle2.lit.pipeline_module import PipelineModule, PromptBatches, make_items
 from test_pipeline import assert_same_8bit, tiny_ckpts  # noqa: F401  (session fixture)
 
 PROMPT_LINES = ["a red circle", "two green squares", "", "x", "a small yellow triangle at the top left"]
@@ -34,9 +35,11 @@ def _load_sample_cli():
 
 
 def _args(ckpts: dict, prompts: Path, out_dir: Path, extra=()) -> list[str]:
+    """The CLI overrides: OVERRIDES, with the keys ``extra`` sets replaced (Hydra refuses a key given twice)."""
+    keys = {e.split("=", 1)[0] for e in extra}
     return [f"ckpt.clip={ckpts['clip']}", f"ckpt.prior={ckpts['prior']}", f"ckpt.decoder={ckpts['decoder']}",
             f"ckpt.upsamplers=[{ckpts['upsampler']}]", f"prompts={prompts}", f"out_dir={out_dir}",
-            *OVERRIDES, *extra]  # fmt: skip
+            *(o for o in OVERRIDES if o.split("=", 1)[0] not in keys), *extra]  # fmt: skip
 
 
 def run_in_process(ckpts: dict, prompts: Path, out_dir: Path, extra=()) -> Path:
@@ -82,6 +85,14 @@ def test_items_and_fixed_batches_over_ranks():
         assert got == [0, 1, 2, 3]  # every fixed batch exactly once, whatever the world size
     with pytest.raises(ValueError, match="n_per_prompt"):
         make_items(["a"], n_per_prompt=0)
+    # fewer batches than ranks: the rank left over loads ONE EMPTY batch (it must run the loop and reach the
+    # writer's barriers; Lightning refuses a zero-length loader), and predicts no image from it
+    dm = PromptBatches(make_items(["a", "b"]), batch_size=8)
+    dm.trainer = SimpleNamespace(global_rank=1, world_size=2)
+    assert list(dm.predict_dataloader()) == [[]]
+    dm.trainer = SimpleNamespace(global_rank=0, world_size=2)
+    assert [[it["prompt"] for it in b] for b in dm.predict_dataloader()] == [["a", "b"]]
+    assert PipelineModule.predict_step(SimpleNamespace(), [])["images"].shape[0] == 0
 
 
 def test_files_manifest_grid_and_deterministic(reference, tiny_ckpts, prompts_file, tmp_path):  # noqa: F811
@@ -141,3 +152,59 @@ def test_two_ddp_processes_give_byte_identical_pngs(reference, tiny_ckpts, promp
     assert "8 images (32 px)" in proc.stdout
     assert _files(out) == _files(reference)  # every PNG and the manifest, byte for byte
     assert (out / "grid.png").exists()
+
+
+@pytest.mark.slow
+def test_fewer_batches_than_processes_idle_rank_writes_nothing(tiny_ckpts, tmp_path):  # noqa: F811
+    """6 prompts in one batch of 8 on 2 processes: rank 1 gets no batch. It used to die with "`DataLoader` within
+    local rank has zero length"; now rank 1 idles and the files are those of 1 process."""
+    prompts = tmp_path / "six.txt"
+    prompts.write_text("".join(f"a {c} circle on the left of a gray background\n" for c in
+                               ("red", "green", "blue", "yellow", "purple", "red")))  # fmt: skip
+    extra = ["n_per_prompt=1", "batch_size=8"]
+    one = run_in_process(tiny_ckpts, prompts, tmp_path / "one", extra=extra)
+    assert PromptBatches(make_items(["p"] * 6), batch_size=8).batches_for_rank(1, 2) == []
+    out = tmp_path / "two"
+    cmd = [sys.executable, "eval/sample.py", *_args(tiny_ckpts, prompts, out, extra),
+           "trainer.devices=2", "trainer.strategy=ddp"]  # fmt: skip
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "6 images (32 px)" in proc.stdout
+    assert sorted(_files(out)) == [f"{i:05d}.png" for i in range(6)] + ["grid.png", "manifest.jsonl"]
+    assert _files(out) == _files(one)  # byte for byte
+    assert (out / "grid.png").exists()
+
+
+def test_grid_captions_show_every_attribute():
+    """Each built-in caption, laid out under a 64 px cell, still names all five attributes (the grid used to cut
+    every caption to its first ~14 characters: "an image of a")."""
+    from PIL import ImageFont
+
+    from dalle2.data.synthetic import parse_caption, random_captions
+    from dalle2.lit.pipeline_module import caption_lines
+
+    font = ImageFont.load_default()
+    for caption in random_captions(300, seed=4):
+        lines = caption_lines(caption, 64, font=font, max_lines=4)
+        assert 1 <= len(lines) <= 4 and all(font.getlength(x) <= 64 for x in lines), lines
+        assert parse_caption(" ".join(lines)) == parse_caption(caption), (caption, lines)
+    assert caption_lines("a red circle", 64) == ["a red circle"]  # short captions stay as they are
+    long = caption_lines("word " * 40, 64, max_lines=3)
+    assert len(long) == 3 and long[-1].endswith("\u2026")
+
+
+def test_grid_draws_the_wrapped_lines():
+    from PIL import ImageFont
+
+    from dalle2.lit.pipeline_module import caption_lines, image_grid
+
+    caption = "an image of a small yellow triangle on the left on gray"
+    img = np.full((32, 32, 3), 128, dtype=np.uint8)
+    grid = np.asarray(image_grid([img], [caption]).convert("L"))
+    below = grid[2 + 32 :]  # the caption area under the (only) cell
+    ink = (below < 128).any(axis=1)
+    bands = int(ink[0]) + int((ink[1:] & ~ink[:-1]).sum())  # runs of rows holding text
+    lines = caption_lines(caption, 64, font=ImageFont.load_default())
+    assert len(lines) >= 3 and bands == len(lines)
+    assert grid.shape[1] >= 64  # a 32 px picture gets a cell wide enough for its words

@@ -73,7 +73,8 @@ def fmt_time(seconds: float | None) -> str:
 
 
 def checker_from_samples(sample_dir: Path) -> dict | None:
-    """Attribute-checker accuracy of the generated images vs the attributes their prompts name (built-in data)."""
+    """Attribute-checker accuracy (lenient ``accuracy/*`` and strict ``strict/*``) of the generated images vs the
+    attributes their prompts name (built-in data)."""
     manifest = sample_dir / "manifest.jsonl"
     if not manifest.is_file():
         return None
@@ -81,7 +82,7 @@ def checker_from_samples(sample_dir: Path) -> dict | None:
         import numpy as np
         from PIL import Image
 
-        from dalle2.data.synthetic import check_images, parse_caption
+        from dalle2.data.synthetic import STRICT_IOU_THRESHOLD, check_images, parse_caption
 
         images, attrs = [], []
         for line in manifest.read_text().splitlines():
@@ -92,7 +93,8 @@ def checker_from_samples(sample_dir: Path) -> dict | None:
                 attrs.append(want)
         if not images:
             return None
-        return {**check_images(np.stack(images), attrs), "num_images": len(images)}
+        return {**check_images(np.stack(images), attrs, strict=True), "strict/threshold": STRICT_IOU_THRESHOLD,
+                "num_images": len(images)}
     except Exception as e:  # noqa: BLE001 - a report must not fail on one section
         print(f"[demo_report] attribute check skipped: {e}")
         return None
@@ -206,7 +208,7 @@ def write_report(out_dir: str | Path) -> Path:
     evaluation = read_json(out / "evaluate" / "metrics.json")
     checker = None
     if evaluation:
-        checker = {k: v for k, v in flat_items(evaluation) if "accuracy" in k} or None
+        checker = {k: v for k, v in flat_items(evaluation) if _is_checker_key(k)} or None
     if checker is None:
         checker = checker_from_samples(out / "sample")
     prior = logs["prior"]
@@ -221,9 +223,13 @@ def write_report(out_dir: str | Path) -> Path:
     doc.h(2, "Summary")
     acc_all = pick(checker, "accuracy/all")
     acc_mean = pick(checker, "accuracy/mean")
+    strict, strict_all = pick(checker, "strict/accuracy"), pick(checker, "strict/all")
+    thr = pick(checker, "strict/threshold")
     doc.bullets([
         f"attribute-checker accuracy of generated images vs their prompts: all attributes right {pct(acc_all)}, "
-        f"mean over attributes {pct(acc_mean)}",
+        f"mean over attributes {pct(acc_mean)} (lenient reader)",
+        f"strict fidelity (one object, inside the frame, mask IoU >= {fmt(thr, 2)} with the ideal prompted shape): "
+        f"{pct(strict)}; strict and every attribute right: {pct(strict_all)}",
         f"CLIP zero-shot retrieval R@1 on held-out shards: image->text {pct(r1[0])}, text->image {pct(r1[1])}"
         + (f" (chance {pct(1 / retrieval['num_samples'])})" if retrieval and retrieval.get("num_samples") else ""),
         f"prior val cosine(sampled, true image emb) {fmt(cos['cos_sampled'])} vs text-embedding baseline "
@@ -262,7 +268,8 @@ def write_report(out_dir: str | Path) -> Path:
         doc.p(f"{len(lines)} prompts (sample/prompts.txt), e.g.: " + "; ".join(f"\"{x}\"" for x in lines[:4]))
     if checker:
         doc.table(["attribute-checker metric", "value"],
-                  [[k, pct(v) if isinstance(v, float) else fmt(v)] for k, v in sorted(checker.items())])  # fmt: skip
+                  [[k, pct(v) if isinstance(v, float) and not k.endswith(("iou_mean", "threshold")) else fmt(v, 3)]
+                   for k, v in sorted(checker.items())])  # fmt: skip
     else:
         doc.p(f"Attribute-checker accuracy: {NOT_RUN}.")
 
@@ -270,7 +277,7 @@ def write_report(out_dir: str | Path) -> Path:
     doc.h(2, "Image metrics (eval/evaluate.py task=samples)")
     if evaluation:
         doc.table(["metric", "value"], [[k, "skipped" if v is None else fmt(v)] for k, v in flat_items(evaluation)
-                                        if "accuracy" not in k])
+                                        if not _is_checker_key(k)])
     else:
         doc.p(f"Evaluation: {NOT_RUN}.")
 
@@ -355,6 +362,10 @@ def pick(d: dict | None, key: str):
         if k == key or k.endswith("." + key) or k.endswith(key):
             return v
     return None
+
+
+def _is_checker_key(key: str) -> bool:
+    return "accuracy" in key or "strict/" in key
 
 
 def pct(v) -> str:

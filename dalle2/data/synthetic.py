@@ -10,6 +10,10 @@ generated image follows its prompt:
     size       small | large
     position   left | center | right
 
+Two checkers read pictures back: :func:`check_images` (lenient: per-attribute reads, the shape is whichever template
+correlates best) and, with ``strict=True`` / :func:`strict_verdicts`, the strict one (exactly one object, inside the
+frame, soft-mask IoU >= ``STRICT_IOU_THRESHOLD`` with the best-fitting ideal shape of the prompted kind).
+
 Small random jitter (position, size, colours) keeps images distinct. Shards follow the img2dataset
 layout: ``{key}.jpg`` + ``{key}.txt`` (caption) + ``{key}.json`` (attributes and img2dataset-like fields),
 keys are 9-digit zero-padded strings (``"000000012"``).
@@ -30,7 +34,10 @@ import tarfile
 from typing import Any, Sequence
 
 import numpy as np
+import torch
 from PIL import Image
+
+from dalle2.data.shape_fit import AREA, CROSS_BAR as _CROSS_BAR, SUPERSAMPLE as _SUPERSAMPLE, fit_all, matte
 
 ATTRIBUTES: dict[str, list[str]] = {
     "shape": ["circle", "square", "triangle", "cross"],
@@ -58,8 +65,7 @@ _HALF_EXTENT = {"small": 0.11, "large": 0.21}
 _POS_JITTER = 0.02
 _SIZE_JITTER = 0.08
 _COLOR_JITTER = 8
-_CROSS_BAR = 0.35  # half bar width of the cross, as a fraction of the half extent
-_SUPERSAMPLE = 4
+STRICT_IOU_THRESHOLD = 0.88  # the strict checker's IoU bar (calibration: README, section Data)
 
 _POSITION_PHRASE = {"left": "on the left", "center": "in the center", "right": "on the right"}
 _TEMPLATES = [
@@ -156,8 +162,11 @@ def _coverage(shape: str, cx: float, cy: float, r: float, height: int, width: in
     return inside.reshape(height, ss, width, ss).mean(axis=(1, 3), dtype=np.float32)
 
 
-def render(attrs: dict[str, str], image_size: int, rng: np.random.Generator | None = None) -> np.ndarray:
-    """Draw ``attrs`` as a uint8 RGB image of shape (S, S, 3); ``rng=None`` gives the un-jittered picture."""
+def render(attrs: dict[str, str], image_size: int, rng: np.random.Generator | None = None, *,
+           jitter: float = 1.0) -> np.ndarray:
+    """Draw ``attrs`` as a uint8 RGB image of shape (S, S, 3); ``rng=None`` gives the un-jittered picture.
+    ``jitter`` scales the position, size and colour jitter (the same draws: 1 gives the built-in data's pictures;
+    above ~1.2 a large shape on the left or right can reach the border of a 32 px picture)."""
     _validate_attrs(attrs)
     if image_size < 16:
         raise ValueError(f"image_size={image_size} is too small; use at least 16 px")
@@ -167,10 +176,11 @@ def render(attrs: dict[str, str], image_size: int, rng: np.random.Generator | No
     fg = np.array(COLORS[attrs["color"]], dtype=np.float32)
     bg = np.array(BACKGROUNDS[attrs["background"]], dtype=np.float32)
     if rng is not None:
-        jx, jy = rng.uniform(-_POS_JITTER, _POS_JITTER, size=2)
-        scale = 1.0 + rng.uniform(-_SIZE_JITTER, _SIZE_JITTER)
-        fg = fg + rng.uniform(-_COLOR_JITTER, _COLOR_JITTER, size=3)
-        bg = bg + rng.uniform(-_COLOR_JITTER, _COLOR_JITTER, size=3)
+        pj, sj, cj = _POS_JITTER * jitter, _SIZE_JITTER * jitter, _COLOR_JITTER * jitter
+        jx, jy = rng.uniform(-pj, pj, size=2)
+        scale = 1.0 + rng.uniform(-sj, sj)
+        fg = fg + rng.uniform(-cj, cj, size=3)
+        bg = bg + rng.uniform(-cj, cj, size=3)
     cx = (_CENTER_X[attrs["position"]] + jx) * s
     cy = (0.5 + jy) * s
     r = _HALF_EXTENT[attrs["size"]] * scale * s
@@ -263,7 +273,8 @@ def _to_uint8_hwc(images: Any, value_range: tuple[float, float]) -> np.ndarray:
 
 
 def check_images(
-    images: Any, attributes_list: Sequence[dict[str, str]], *, value_range: tuple[float, float] = (-1.0, 1.0)
+    images: Any, attributes_list: Sequence[dict[str, str]], *, value_range: tuple[float, float] = (-1.0, 1.0),
+    strict: bool = False, threshold: float = STRICT_IOU_THRESHOLD,
 ) -> dict[str, float]:
     """Does each picture show what its attributes (or prompt, via :func:`parse_caption`) say?
 
@@ -271,10 +282,14 @@ def check_images(
         images: uint8 (N, H, W, 3) array/tensor, or float (N, 3, H, W) array/tensor in ``value_range``
             (default [-1, 1]; pass ``(0, 1)`` for [0, 1] images).
         attributes_list: N dicts; an attribute a dict leaves out is not scored for that image.
+        strict: also run the strict checker (:func:`strict_verdicts`, IoU ``threshold``).
 
     Returns:
-        ``{"accuracy/<attr>": fraction correct, "accuracy/all": fraction with every given attribute right,
-        "accuracy/mean": mean over attributes}``.
+        the lenient reader's ``{"accuracy/<attr>": fraction correct, "accuracy/all": fraction with every given
+        attribute right, "accuracy/mean": mean over attributes}``; with ``strict`` also :func:`strict_summary`'s
+        ``strict/accuracy`` (one object, inside the frame, IoU >= threshold with the prompted shape),
+        ``strict/one_object``, ``strict/inside``, ``strict/iou_mean`` and ``strict/all`` (strict and every
+        attribute right).
     """
     arr = _to_uint8_hwc(images, value_range)
     if len(arr) != len(attributes_list):
@@ -283,7 +298,7 @@ def check_images(
         raise ValueError("check_images got no images")
     right = {a: 0 for a in ATTRIBUTES}
     total = {a: 0 for a in ATTRIBUTES}
-    all_right = 0
+    all_right = []
     for img, want in zip(arr, attributes_list):
         got = read_attributes(img)
         ok = True
@@ -293,12 +308,130 @@ def check_images(
                 hit = got[a] == want[a]
                 right[a] += int(hit)
                 ok &= hit
-        all_right += int(ok)
+        all_right.append(ok)
     result = {f"accuracy/{a}": right[a] / total[a] for a in ATTRIBUTES if total[a]}
-    result["accuracy/all"] = all_right / len(arr)
+    result["accuracy/all"] = sum(all_right) / len(arr)
     per_attr = [v for k, v in result.items() if k != "accuracy/all"]
     result["accuracy/mean"] = float(np.mean(per_attr)) if per_attr else 0.0
+    if strict:
+        result.update(strict_summary(strict_verdicts(arr, attributes_list, threshold=threshold), np.array(all_right)))
     return result
+
+
+# --------------------------------------------------------------------------------------------- strict checker
+# check_images' shape reader above is LENIENT: it names whichever template correlates best, so a lumpy blob still
+# reads as a circle.  The strict checker asks more of a picture: exactly one object, not cut by the border, whose
+# soft mask matches the best-fitting ideal shape of the PROMPTED kind (IoU >= STRICT_IOU_THRESHOLD).  Calibration
+# (clean, JPEG, shuffled prompts, skewed / blurred / two objects / cut by the border): README, section Data.
+
+_MIN_OBJECT_FRAC = 0.003  # a connected part smaller than this fraction of the image is a speck, not an object
+# RGB -> YCbCr (BT.601) with the chroma rows scaled by 0.5 (= weight 0.25 in squared distances)
+_YCC = np.array([[0.299, 0.587, 0.114], [-0.0844, -0.1656, 0.25], [0.25, -0.2093, -0.0407]], dtype=np.float32)
+
+
+def _object_alpha(arr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Two (N, H, W) float32 mattes in [0, 1] of uint8 (N, H, W, 3) pictures, 0 where nothing is drawn: each pixel's
+    projection onto the background -> object colour line, and its distance from the background (any colour counts),
+    both in units of that line's length.  Background: the median of the border; object colour: the median of the
+    largest connected part of the pixels far from it (> 60 levels), where it is near full strength.  Colours are compared in YCbCr with luma counting 4x:
+    JPEG keeps luma at full resolution, chroma at half, so edges stay where the luma puts them."""
+    n = len(arr)
+    img = arr.astype(np.float32)
+    border = np.concatenate([img[:, 0], img[:, -1], img[:, :, 0], img[:, :, -1]], axis=1)  # (N, 4S, 3)
+    bg = np.median(border, axis=1)  # (N, 3)
+    diff = img - bg[:, None, None]
+    dist = np.sqrt((diff**2).sum(-1))
+    far = dist > 60.0
+    proj, away = np.zeros_like(dist), np.zeros_like(dist)
+    has = far.reshape(n, -1).any(1)
+    if not has.any():
+        return proj, away
+    from scipy import ndimage
+
+    fg = np.zeros((n, 3), dtype=np.float32)
+    for i in np.nonzero(has)[0]:  # the object colour: of the largest far part, where it is near full strength
+        labels, _ = ndimage.label(far[i], structure=np.ones((3, 3), dtype=bool))
+        part = labels == 1 + int(np.argmax(np.bincount(labels.ravel())[1:]))
+        core = part & (dist[i] >= 0.85 * np.quantile(dist[i][part], 0.9))
+        fg[i] = np.median(img[i][core], axis=0)
+    line = (fg[has] - bg[has]) @ _YCC.T  # (n', 3) in weighted YCbCr
+    pix = diff[has] @ _YCC.T
+    den = np.maximum((line**2).sum(-1), 1e-3)[:, None, None]
+    proj[has] = np.clip((pix * line[:, None, None]).sum(-1) / den, 0.0, 1.0)
+    away[has] = np.clip(np.sqrt((pix**2).sum(-1) / den), 0.0, 1.0)
+    return proj, away
+
+
+def strict_verdicts(
+    images: Any, attributes_list: Sequence[dict[str, str]], *, value_range: tuple[float, float] = (-1.0, 1.0),
+    threshold: float = STRICT_IOU_THRESHOLD,
+) -> dict[str, np.ndarray]:
+    """Per-image strict verdicts, each an (N,) array (inputs as :func:`check_images`):
+
+    ``num_objects`` connected parts of the object mask (alpha > 0.5, 8-connected) larger than 0.3 % of the image;
+    ``touches_border`` whether one of those objects reaches the outermost pixels (no built-in prompt puts an object
+    there; a speck on the border is not an object);
+    ``iou`` the soft IoU of the object matte (smaller specks included) with the best-fitting ideal shape of the
+    prompted kind (an image whose attributes leave the shape out: the best over all shapes), searched over centroid,
+    size and, for squares, triangles and crosses, about +-15 degrees of rotation; ``fit`` (N, 4) its centroid x, y (px),
+    half extent (px) and angle; ``ok`` = one object, not touching the border, ``iou >= threshold``.
+    """
+    from scipy import ndimage
+
+    arr = _to_uint8_hwc(images, value_range)
+    if len(arr) != len(attributes_list):
+        raise ValueError(f"{len(arr)} images but {len(attributes_list)} attribute dicts")
+    n, h, w = arr.shape[:3]
+    alpha, away = _object_alpha(arr)
+    mask = away > 0.5  # anything off the background, whatever its colour
+    num = np.zeros(n, dtype=np.int64)
+    edge = np.zeros(n, dtype=bool)
+    main = np.zeros_like(mask)
+    for i in range(n):
+        labels, k = ndimage.label(mask[i], structure=np.ones((3, 3), dtype=bool))
+        if k:
+            sizes = np.bincount(labels.ravel())[1:]
+            objects = 1 + np.nonzero(sizes >= max(2.0, _MIN_OBJECT_FRAC * h * w))[0]  # labels of the objects
+            num[i] = len(objects)
+            border = np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
+            edge[i] = bool(np.isin(objects, border).any())  # an object reaches the border (a speck does not count)
+            main[i] = labels == 1 + int(np.argmax(sizes))
+    mattes = matte(torch.from_numpy(alpha))
+    main_rim = torch.nn.functional.max_pool2d(torch.from_numpy(main).float()[:, None], 3, 1, 1)[:, 0]
+    weights = main_rim * mattes  # the largest object (and its 1-px rim): where the fit starts
+    mass = weights.sum((1, 2))
+    ys = (torch.arange(h, dtype=torch.float32) + 0.5).view(1, h, 1)
+    xs = (torch.arange(w, dtype=torch.float32) + 0.5).view(1, 1, w)
+    cx = (weights * xs).sum((1, 2)) / mass.clamp(min=1e-6)
+    cy = (weights * ys).sum((1, 2)) / mass.clamp(min=1e-6)
+    iou, fit = np.zeros(n, dtype=np.float32), np.zeros((n, 4), dtype=np.float32)
+    wanted = [a.get("shape") for a in attributes_list]
+    for shape in ATTRIBUTES["shape"]:
+        idx = [i for i, s in enumerate(wanted) if (s == shape or s is None) and mass[i] > 0]
+        if not idx:
+            continue
+        t = torch.tensor(idx)
+        got, params = fit_all(shape, mattes[t], cx[t], cy[t], (mass[t] / AREA[shape]).sqrt())
+        for i, g, p in zip(idx, got, params):
+            if g > iou[i]:
+                iou[i], fit[i] = g, p
+    ok = (num == 1) & ~edge & (iou >= threshold)
+    return {"ok": ok, "iou": iou, "num_objects": num, "touches_border": edge, "fit": fit}
+
+
+def strict_summary(verdicts: dict[str, np.ndarray], lenient_all: np.ndarray | None = None) -> dict[str, float]:
+    """``strict/*`` fractions from :func:`strict_verdicts`' arrays (``strict/all`` when the lenient per-image
+    all-attributes-right verdicts are given)."""
+    ok = np.asarray(verdicts["ok"], dtype=bool)
+    out = {
+        "strict/accuracy": float(ok.mean()),
+        "strict/one_object": float((np.asarray(verdicts["num_objects"]) == 1).mean()),
+        "strict/inside": float((~np.asarray(verdicts["touches_border"], dtype=bool)).mean()),
+        "strict/iou_mean": float(np.mean(verdicts["iou"])),
+    }
+    if lenient_all is not None:
+        out["strict/all"] = float((ok & np.asarray(lenient_all, dtype=bool)).mean())
+    return out
 
 
 # --------------------------------------------------------------------------------------------- shards
@@ -323,7 +456,7 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 def _write_split(
     split_dir: str, *, split_id: int, num: int, image_size: int, samples_per_shard: int, seed: int,
-    image_format: str, key_offset: int,
+    image_format: str, key_offset: int, jitter: float = 1.0,
 ) -> str:
     os.makedirs(split_dir, exist_ok=True)
     num_shards = max(1, -(-num // samples_per_shard))
@@ -334,7 +467,7 @@ def _write_split(
                 rng = np.random.default_rng([seed, split_id, i])
                 attrs = sample_attributes(rng)
                 caption = make_caption(attrs, rng)
-                img = render(attrs, image_size, rng)
+                img = render(attrs, image_size, rng, jitter=jitter)
                 key = f"{key_offset + i:09d}"
                 meta = {
                     **attrs,
@@ -365,10 +498,12 @@ def write_shards(
     samples_per_shard: int = 256,
     seed: int = 0,
     image_format: str = "jpg",
+    jitter: float = 1.0,
 ) -> dict[str, str]:
     """Write built-in train/val shards; returns ``{"train": "DIR/train/{00000..0000N}.tar", "val": ...}``.
 
-    Deterministic in ``seed``: sample ``i`` of a split is drawn from ``default_rng([seed, split, i])``.
+    Deterministic in ``seed``: sample ``i`` of a split is drawn from ``default_rng([seed, split, i])``; ``jitter``
+    scales the pictures' random variation (:func:`render`).
     Train keys start at 0, val keys at ``num_train`` (keys are unique across splits).
     """
     if num_train < 1 or num_val < 0:
@@ -378,7 +513,8 @@ def write_shards(
     if image_format not in ("jpg", "png"):
         raise ValueError(f"image_format must be 'jpg' or 'png', got {image_format!r}")
     out_dir = os.fspath(out_dir)
-    common = dict(image_size=image_size, samples_per_shard=samples_per_shard, seed=seed, image_format=image_format)
+    common = dict(image_size=image_size, samples_per_shard=samples_per_shard, seed=seed, image_format=image_format,
+                  jitter=jitter)
     urls = {"train": _write_split(os.path.join(out_dir, "train"), split_id=0, num=num_train, key_offset=0, **common)}
     if num_val > 0:
         urls["val"] = _write_split(os.path.join(out_dir, "val"), split_id=1, num=num_val, key_offset=num_train, **common)
@@ -394,10 +530,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--samples-per-shard", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-format", choices=["jpg", "png"], default="jpg")
+    p.add_argument("--jitter", type=float, default=1.0, help="scale of the position/size/colour jitter (1: the "
+                   "built-in data's; <= 1.2 keeps every shape off the border at 32 px)")
     a = p.parse_args(argv)
     urls = write_shards(
         a.out, num_train=a.num_train, num_val=a.num_val, image_size=a.image_size,
-        samples_per_shard=a.samples_per_shard, seed=a.seed, image_format=a.image_format,
+        samples_per_shard=a.samples_per_shard, seed=a.seed, image_format=a.image_format, jitter=a.jitter,
     )
     for split, url in urls.items():
         print(f"{split}: {url}")

@@ -4,7 +4,8 @@
   ``(i, k)``), seed and file name (``{i:05d}.png``, ``{i:05d}_{k}.png`` for k > 0).
 - :class:`PromptBatches` (a LightningDataModule) cuts the items into FIXED batches (batch ``j`` = items
   ``[j bs, (j + 1) bs)``) and gives rank ``r`` of ``W`` the batches ``r, r + W, ...``: every batch holds the same
-  images at any world size, so the images (whose noise comes from ``(seed, i, k)`` only) are the same too.
+  images at any world size, so the images (whose noise comes from ``(seed, i, k)`` only) are the same too.  With
+  fewer batches than ranks the ranks without one idle and write nothing.
   Use it with ``Trainer(use_distributed_sampler=False)``.
 - :class:`PipelineModule`: ``predict_step(items)`` runs :class:`~dalle2.pipeline.UnCLIPPipeline` and returns
   8-bit images.
@@ -29,7 +30,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from dalle2.pipeline import SamplingSettings, UnCLIPPipeline
 
-__all__ = ["make_items", "PromptBatches", "PipelineModule", "SampleWriter", "image_grid", "to_uint8"]
+__all__ = ["make_items", "PromptBatches", "PipelineModule", "SampleWriter", "caption_lines", "image_grid", "to_uint8"]
 
 
 def make_items(prompts: Sequence[str | None], *, n_per_prompt: int = 1, seed: int = 0) -> list[dict]:
@@ -51,6 +52,9 @@ def _identity(x):
     return x
 
 
+IDLE = -1  # the batch index of the one empty batch a rank without work gets
+
+
 class _Batches(torch.utils.data.Dataset):
     def __init__(self, items: list[dict], batch_size: int):
         self.items, self.batch_size = items, batch_size
@@ -59,6 +63,8 @@ class _Batches(torch.utils.data.Dataset):
         return math.ceil(len(self.items) / self.batch_size)
 
     def __getitem__(self, j: int) -> list[dict]:
+        if j == IDLE:
+            return []
         return self.items[j * self.batch_size : (j + 1) * self.batch_size]
 
 
@@ -76,10 +82,13 @@ class PromptBatches(L.LightningDataModule):
 
     def predict_dataloader(self) -> torch.utils.data.DataLoader:
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        # A rank without a batch (fewer batches than ranks) gets one EMPTY batch: it runs the loop, every hook and
+        # the writer's barriers, and writes nothing.  Given no batch at all, Lightning stops it ("DataLoader within
+        # local rank has zero length"), or, when allowed, skips its on_predict_end and the others hang at the barrier.
+        mine = self.batches_for_rank(rank, world) or [IDLE]
         return torch.utils.data.DataLoader(
-            _Batches(self.items, self.batch_size), batch_size=None, sampler=self.batches_for_rank(rank, world),
-            collate_fn=_identity, num_workers=0,
-        )  # fmt: skip
+            _Batches(self.items, self.batch_size), batch_size=None, sampler=mine, collate_fn=_identity, num_workers=0
+        )
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -103,6 +112,8 @@ class PipelineModule(L.LightningModule):
 
     @torch.no_grad()
     def predict_step(self, items: list[dict], batch_idx: int = 0) -> dict[str, Any]:
+        if not items:  # an idle rank's empty batch (see PromptBatches)
+            return {"images": torch.zeros(0, 1, 1, 3, dtype=torch.uint8), "items": []}
         images = self.pipeline(
             [it["prompt"] for it in items], seed=[it["seed"] for it in items],
             indices=[(it["index"], it["k"]) for it in items], size=self.size, settings=self.settings,
@@ -110,30 +121,79 @@ class PipelineModule(L.LightningModule):
         return {"images": to_uint8(images), "items": items}
 
 
+# Words a caption can lose when it does not fit under its picture: the rest still says what was asked.
+FILLER_WORDS = frozenset("a an the of on in at with that is are placed over and image picture photo".split())
+ABBREVIATIONS = {"background": "bg"}
+
+
+def _fits(text: str, width: int, font) -> bool:
+    return font.getlength(text) <= width
+
+
+def _wrap(words: list[str], width: int, font) -> list[str]:
+    lines: list[str] = []
+    for word in words:
+        while len(word) > 1 and not _fits(word, width, font):  # a word wider than the cell: cut it where it overflows
+            k = 1
+            while k < len(word) and _fits(word[: k + 1], width, font):
+                k += 1
+            lines.append(word[:k])
+            word = word[k:]
+        if lines and _fits(f"{lines[-1]} {word}", width, font):
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return lines
+
+
+def caption_lines(text: str, width: int, *, font=None, max_lines: int = 4) -> list[str]:
+    """``text`` laid out in lines at most ``width`` px wide (in ``font``, default PIL's default font): word-wrapped;
+    if that takes more than ``max_lines`` lines, filler words (:data:`FILLER_WORDS`: "an image of a ... on the
+    left" -> "... left") are dropped, then long words abbreviated (:data:`ABBREVIATIONS`), and only then is the
+    last line cut, ending in "…"."""
+    font = font or ImageFont.load_default()
+    words = str(text).split()
+    lines = _wrap(words, width, font)
+    if len(lines) > max_lines:
+        words = [w for w in words if w.lower().strip(",.;:") not in FILLER_WORDS] or words
+        lines = _wrap(words, width, font)
+    if len(lines) > max_lines:
+        words = [ABBREVIATIONS.get(w.lower().strip(",.;:"), w.lower().strip(",.;:")) + w[len(w.rstrip(",.;:")):]
+                 for w in words]  # fmt: skip
+        lines = _wrap(words, width, font)
+    if len(lines) > max_lines:
+        last = lines[max_lines - 1]
+        while last and not _fits(last + "\u2026", width, font):
+            last = last[:-1]
+        lines = lines[: max_lines - 1] + [last.rstrip(" ,") + "\u2026"]
+    return lines
+
+
 def image_grid(images: Sequence[np.ndarray], captions: Sequence[str] | None = None, *, ncol: int | None = None,
-               caption_height: int = 14) -> Image.Image:
-    """Equal-size ``(H, W, 3)`` uint8 images -> one PIL grid, each cell captioned underneath (PIL's default font,
-    text cut to the cell width) when ``captions`` are given."""
+               max_caption_lines: int = 4, min_cell_width: int = 64) -> Image.Image:
+    """Equal-size ``(H, W, 3)`` uint8 images -> one PIL grid.  With ``captions`` each cell (at least
+    ``min_cell_width`` px wide, the image centred) carries its caption underneath, laid out by
+    :func:`caption_lines` in up to ``max_caption_lines`` lines (PIL's default font)."""
     if not images:
         raise ValueError("image_grid needs at least one image")
     n = len(images)
     ncol = ncol or math.ceil(math.sqrt(n))
     nrow = math.ceil(n / ncol)
     h, w = images[0].shape[:2]
-    ch = caption_height if captions is not None else 0
-    pad = 2
-    grid = Image.new("RGB", (ncol * (w + pad) + pad, nrow * (h + ch + pad) + pad), (255, 255, 255))
-    draw = ImageDraw.Draw(grid)
     font = ImageFont.load_default()
+    cw = max(w, min_cell_width) if captions is not None else w
+    layouts = [caption_lines(c, cw, font=font, max_lines=max_caption_lines) for c in captions] if captions else []
+    line_h = font.getbbox("Ag")[3] + 2
+    ch = line_h * max((len(x) for x in layouts), default=0) + 2 if captions is not None else 0
+    pad = 2
+    grid = Image.new("RGB", (ncol * (cw + pad) + pad, nrow * (h + ch + pad) + pad), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
     for j, img in enumerate(images):
         r, c = divmod(j, ncol)
-        x, y = pad + c * (w + pad), pad + r * (h + ch + pad)
-        grid.paste(Image.fromarray(np.asarray(img)), (x, y))
-        if captions is not None:
-            text = str(captions[j])
-            while text and draw.textlength(text, font=font) > w:
-                text = text[:-1]
-            draw.text((x, y + h), text, fill=(0, 0, 0), font=font)
+        x, y = pad + c * (cw + pad), pad + r * (h + ch + pad)
+        grid.paste(Image.fromarray(np.asarray(img)), (x + (cw - w) // 2, y))
+        for k, line in enumerate(layouts[j] if layouts else []):
+            draw.text((x, y + h + 1 + k * line_h), line, fill=(0, 0, 0), font=font)
     return grid
 
 

@@ -3,7 +3,8 @@
 :class:`SampleEvalData` serves two predict loaders (0: the samples directory, 1: reference shards), each item read
 by exactly one rank (see ``dalle2.metrics.samples``).  :class:`SampleEvaluator.predict_step` computes per item: our
 CLIP's image embedding, its CLIP score against the prompt/caption, Inception pool3 features (when an Inception is
-given) and, for samples whose prompt is a built-in synthetic caption, the attribute checker's verdicts.  At the end
+given) and, for samples whose prompt is a built-in synthetic caption, the verdicts of the lenient attribute checker and
+of the strict one (``checker``: ``accuracy/*`` and ``strict/*``).  At the end
 of the epoch every per-item tensor is gathered from all ranks and sorted by item id, then the distances are
 computed once on the whole sets (:mod:`dalle2.metrics.fid`): identical results at any ``trainer.devices``.
 ``evaluator.results`` holds the metrics dict on every rank.
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from dalle2.data.synthetic import ATTRIBUTES, parse_caption, read_attributes
+from dalle2.data.synthetic import ATTRIBUTES, STRICT_IOU_THRESHOLD, parse_caption, read_attributes, strict_verdicts
 from dalle2.distributed import gather_ragged
 from dalle2.metrics.clip_score import ClipScorer, clip_score
 from dalle2.metrics.fid import frechet_distance, kernel_distance
@@ -28,6 +29,8 @@ from dalle2.metrics.samples import ReferenceImages, SampleFiles, read_manifest, 
 __all__ = ["SampleEvalData", "SampleEvaluator", "caption_attributes", "samples_summary_line"]
 
 SOURCES = ("samples", "reference")
+# the per-sample checker verdicts gathered over ranks: the lenient reader's attributes, then the strict checker's
+CHECKER_COLUMNS = (*ATTRIBUTES, "strict_ok", "strict_iou", "strict_one_object", "strict_inside")
 
 
 def caption_attributes(prompt: str) -> dict[str, str] | None:
@@ -69,11 +72,14 @@ class SampleEvaluator(L.LightningModule):
         tokenizer: the CLIP's tokenizer (``get_tokenizer``).
         inception: an ``FIDInceptionV3`` with the FID weights (``load_fid_inception``), or None to skip FID/KID.
         kid_subsets, kid_subset_size, kid_seed: KID subsets (size clamped to the smaller set) and their seed.
+        strict_threshold: the strict checker's IoU bar (``dalle2.data.synthetic.STRICT_IOU_THRESHOLD``).
     """
 
     def __init__(self, *, clip: torch.nn.Module, tokenizer, inception: FIDInceptionV3 | None = None,
-                 kid_subsets: int = 100, kid_subset_size: int = 1000, kid_seed: int = 0):  # fmt: skip
+                 kid_subsets: int = 100, kid_subset_size: int = 1000, kid_seed: int = 0,
+                 strict_threshold: float = STRICT_IOU_THRESHOLD):  # fmt: skip
         super().__init__()
+        self.strict_threshold = float(strict_threshold)
         self.scorer = ClipScorer(clip=clip.eval().requires_grad_(False), tokenizer=tokenizer)
         self.inception = inception.eval().requires_grad_(False) if inception is not None else None
         self.kid = dict(subsets=int(kid_subsets), subset_size=int(kid_subset_size), seed=int(kid_seed))
@@ -107,22 +113,28 @@ class SampleEvaluator(L.LightningModule):
             store["checker"].append(self._check(images, texts))
 
     def _check(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        """(B, A) verdicts per attribute: 1 right, 0 wrong, -1 when the prompt is not a synthetic caption."""
-        out = torch.full((len(prompts), len(ATTRIBUTES)), -1.0, device=self.device)
+        """(B, A + 4) verdicts, -1 rows when the prompt is not a synthetic caption: per attribute (lenient reader)
+        1 right / 0 wrong, then the strict checker's ok, IoU, one object, inside the frame (:data:`CHECKER_COLUMNS`)."""
+        out = torch.full((len(prompts), len(CHECKER_COLUMNS)), -1.0, device=self.device)
         pixels = ((images.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
-        for i, prompt in enumerate(prompts):
-            want = caption_attributes(prompt)
-            if want is None:
-                continue
+        wants = [caption_attributes(p) for p in prompts]
+        rows = [i for i, want in enumerate(wants) if want is not None]
+        if not rows:
+            return out
+        strict = strict_verdicts(pixels[rows].numpy(), [wants[i] for i in rows], threshold=self.strict_threshold)
+        for j, i in enumerate(rows):
             got = read_attributes(pixels[i].numpy())
-            out[i] = torch.tensor([float(got[a] == want[a]) for a in ATTRIBUTES], device=self.device)
+            lenient = [float(got[a] == wants[i][a]) for a in ATTRIBUTES]
+            extra = [float(strict["ok"][j]), float(strict["iou"][j]), float(strict["num_objects"][j] == 1),
+                     float(not strict["touches_border"][j])]  # fmt: skip
+            out[i] = torch.tensor(lenient + extra, device=self.device)
         return out
 
     # -- end of epoch: gather, sort by id, compute ------------------------------------------------------------
     def _gathered(self, source: str) -> dict[str, torch.Tensor]:
         store = self._store[source]
         dims = {"clip": (int(self.scorer.clip.model.embed_dim),), "inception": (FIDInceptionV3.num_features,),
-                "checker": (len(ATTRIBUTES),), "id": (), "score": (), "has_text": ()}  # fmt: skip
+                "checker": (len(CHECKER_COLUMNS),), "id": (), "score": (), "has_text": ()}  # fmt: skip
         dtypes = {"id": torch.long, "has_text": torch.bool}
         out = {}
         for key, tail in dims.items():
@@ -159,19 +171,28 @@ class SampleEvaluator(L.LightningModule):
         res["clip_score"], res["clip_score_std"] = float(scores.mean()), float(scores.std(unbiased=False))
         ref_scores = real["score"][real["has_text"]].double()
         res["reference_clip_score"] = float(ref_scores.mean()) if len(ref_scores) else None
-        res["checker"] = _checker_summary(fake["checker"])
+        res["checker"] = _checker_summary(fake["checker"], self.strict_threshold)
         self.results = res
 
 
-def _checker_summary(verdicts: torch.Tensor) -> dict | None:
-    """(N, A) verdicts (-1 rows: prompt not a synthetic caption) -> ``check_images``-style accuracies, or None."""
+def _checker_summary(verdicts: torch.Tensor, threshold: float = STRICT_IOU_THRESHOLD) -> dict | None:
+    """(N, len(CHECKER_COLUMNS)) verdicts (-1 rows: prompt not a synthetic caption) -> ``check_images(...,
+    strict=True)``-style figures: lenient ``accuracy/*`` and ``strict/*``, or None."""
     rows = verdicts[(verdicts >= 0).all(dim=1)].cpu().numpy()
     if len(rows) == 0:
         return None
+    col = {c: rows[:, j] for j, c in enumerate(CHECKER_COLUMNS)}
+    lenient = rows[:, : len(ATTRIBUTES)]
     out = {"num_samples": int(len(rows))}
-    out.update({f"accuracy/{a}": float(rows[:, j].mean()) for j, a in enumerate(ATTRIBUTES)})
-    out["accuracy/all"] = float(rows.min(axis=1).mean())
+    out.update({f"accuracy/{a}": float(col[a].mean()) for a in ATTRIBUTES})
+    out["accuracy/all"] = float(lenient.min(axis=1).mean())
     out["accuracy/mean"] = float(np.mean([out[f"accuracy/{a}"] for a in ATTRIBUTES]))
+    out["strict/accuracy"] = float(col["strict_ok"].mean())
+    out["strict/all"] = float((col["strict_ok"] * lenient.min(axis=1)).mean())
+    out["strict/one_object"] = float(col["strict_one_object"].mean())
+    out["strict/inside"] = float(col["strict_inside"].mean())
+    out["strict/iou_mean"] = float(col["strict_iou"].mean())
+    out["strict/threshold"] = float(threshold)
     return out
 
 
@@ -182,6 +203,7 @@ def samples_summary_line(results: dict) -> str:
         parts.append(f"FID {results['fid']:.2f}")
     parts += [f"CLIP-FD {results['clip_fd']:.3f}", f"CLIP score {results['clip_score']:.2f}"]
     if results.get("checker"):
-        parts.append(f"checker all-correct {results['checker']['accuracy/all']:.3f}")
+        parts.append(f"checker all-correct {results['checker']['accuracy/all']:.3f} (lenient), "
+                     f"strict {results['checker']['strict/accuracy']:.3f}")
     return ", ".join(parts)
 

@@ -1,1 +1,2 @@
-"""Builders shared by several test modules (a test module never imports another test module for new code)."""
+"""Builders shared by several test modules (import as ``from helpers.<module> import ...``; a test module never
+imports another test module)."""

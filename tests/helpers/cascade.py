@@ -41,19 +41,30 @@ def save_module(module, path, seed: int | None = None) -> str:
     return str(path)
 
 
-def tiny_modules() -> dict:
-    """Fresh tiny modules of the four stages (not yet perturbed)."""
+def tiny_modules(*, image_size: int = 16, use_text: bool = True) -> dict:
+    """Fresh tiny modules of the four stages (not yet perturbed): CLIP and decoder at ``image_size`` px, the
+    upsampler to twice that (16 -> 32 for the pipeline tests; 32 -> 64, the built-in data's sizes, for fidelity)."""
     from dalle2.lit.clip_module import CLIPModule
     from dalle2.lit.decoder_module import DecoderModule, UpsamplerModule
     from dalle2.lit.prior_module import PriorModule
 
     return {
-        "clip": CLIPModule(network=TINY_CLIP),
+        "clip": CLIPModule(network={**TINY_CLIP, "image_size": image_size}),
         "prior": PriorModule(network=PRIOR_NET, diffusion=DIFFUSION),
-        "decoder": DecoderModule(network=DEC_NET, diffusion=DIFFUSION, use_text=True, image_size=16),
-        "upsampler": UpsamplerModule(network=SR_NET, diffusion=DIFFUSION, lowres_size=16, image_size=32,
-                                     lowres_aug={"num_levels": 100}, sample_aug_level=5),
+        "decoder": DecoderModule(network={**DEC_NET, **({} if use_text else {"text_dim": None})}, diffusion=DIFFUSION,
+                                 use_text=use_text, image_size=image_size),
+        "upsampler": UpsamplerModule(network=SR_NET, diffusion=DIFFUSION, lowres_size=image_size,
+                                     image_size=2 * image_size, lowres_aug={"num_levels": 100}, sample_aug_level=5),
     }  # fmt: skip
+
+
+def save_run_dir(root, modules: dict) -> Path:
+    """Each module as ``root/<stage>/checkpoints/last.ckpt``, the layout ``train/train_all.py`` leaves."""
+    for stage, m in modules.items():
+        path = Path(root) / stage / "checkpoints" / "last.ckpt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_module(m, path)
+    return Path(root)
 
 
 def build_tiny_checkpoints(root) -> dict:

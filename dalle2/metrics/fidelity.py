@@ -1,0 +1,211 @@
+"""Where does the cascade lose fidelity?  Strict and lenient checker scores of each stage on captioned val data.
+
+:func:`stage_fidelity` takes an :class:`~dalle2.pipeline.UnCLIPPipeline` (decoder + one upsampler, with a prior)
+and the first N val samples (:func:`load_val`: captions naming built-in attributes, images at the decoder's and
+the upsampler's sizes), and scores with ``check_images(..., strict=True)``:
+
+- ``real``: the val images themselves at each size (the ceiling);
+- ``a``: decoder samples from the val images' own CLIP image embeddings (decoder size);
+- ``b``: those samples upsampled by the upsampler, and by bicubic (upsampler size);
+- ``c``: decoder samples from the prior's embeddings of the captions (decoder size);
+- ``d``: the full pipeline, text -> prior -> decoder -> upsampler (= ``c`` upsampled; and ``c`` by bicubic);
+- ``sweep``: ``d`` again for each decoder setting given (sampler / steps / guidance scale), from the same prior
+  embeddings.
+
+Noise: image ``i`` draws from ``sample_generators([seed], [i], stream)`` as the pipeline does, so a row does not
+depend on the batch size, and ``d`` is exactly ``pipe(captions, seed=seed)``.  Library code: no Hydra, no entry
+point; ``eval/fidelity_ablation.py`` is the command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from dalle2.data.synthetic import check_images, parse_caption
+from dalle2.data.webdataset import make_dataset
+from dalle2.pipeline import STREAM_UPSAMPLER, SamplingSettings, UnCLIPPipeline, sample_generators
+
+__all__ = ["load_val", "derangement", "stage_fidelity", "fidelity_table", "SCORE_KEYS"]
+
+# the columns of a row, in table order: strict first, then the lenient reader's
+SCORE_KEYS = ("strict/accuracy", "strict/all", "strict/iou_mean", "strict/one_object", "strict/inside",
+              "accuracy/all", "accuracy/shape", "accuracy/color", "accuracy/background")  # fmt: skip
+
+
+def load_val(
+    urls: str,
+    *,
+    image_size: int,
+    num: int | None = None,
+    load_embeddings: bool = False,
+    batch_size: int = 256,
+    context_length: int = 77,
+) -> dict:
+    """The first ``num`` val samples of ``urls`` (one deterministic pass) as one batch dict:
+    ``image (N, 3, S, S)`` in [-1, 1], ``tokens (N, L)``, ``caption`` (N strings) [, ``img_emb``, ``txt_tokens``]."""
+    from dalle2.clip.tokenizer import get_tokenizer
+
+    ds = make_dataset(urls, image_size=image_size, tokenizer=get_tokenizer(), train=False, batch_size=batch_size,
+                      context_length=context_length, load_embeddings=load_embeddings, rank=0, world_size=1)
+    parts: list[dict] = []
+    n = 0
+    for batch in ds:
+        parts.append(batch)
+        n += len(batch["caption"])
+        if num is not None and n >= num:
+            break
+    if not parts:
+        raise ValueError(f"no samples in {urls!r}")
+    out: dict = {"caption": [c for p in parts for c in p["caption"]][:num]}
+    for k in ("image", "tokens", "img_emb", "txt_tokens"):
+        if parts[0].get(k) is not None:
+            out[k] = torch.cat([p[k] for p in parts])[:num]
+    return out
+
+
+def derangement(n: int, *, seed: int = 0) -> Tensor:
+    """A random permutation of ``range(n)`` with no fixed point (n >= 2): a random order, each index sent to the
+    next one in that order."""
+    if n < 2:
+        raise ValueError(f"a derangement needs n >= 2, got {n}")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    perm = torch.empty(n, dtype=torch.long)
+    perm[order] = order.roll(-1)
+    return perm
+
+
+def _batches(n: int, batch_size: int):
+    for i in range(0, n, batch_size):
+        yield list(range(i, min(n, i + batch_size)))
+
+
+@torch.no_grad()
+def _decode(pipe: UnCLIPPipeline, emb: Tensor, text: dict | None, settings: SamplingSettings, seed: int,
+            batch_size: int) -> Tensor:  # fmt: skip
+    """Decoder samples (N, 3, s, s) in [0, 1], image i seeded as the pipeline seeds index i."""
+    out = []
+    for idx in _batches(len(emb), batch_size):
+        t = {k: v[idx] for k, v in text.items()} if text is not None else None
+        out.append(pipe.decode(emb[idx], seeds=[seed] * len(idx), indices=idx, settings=settings, num_upsamplers=0,
+                               text=t).cpu())  # fmt: skip
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def _upsample(pipe: UnCLIPPipeline, low: Tensor, settings: SamplingSettings, seed: int, batch_size: int) -> Tensor:
+    """``low`` (N, 3, s, s) in [0, 1] through the first upsampler exactly as :meth:`UnCLIPPipeline.decode` does."""
+    up, su, out = pipe.upsamplers[0], settings.upsampler, []
+    for idx in _batches(len(low), batch_size):
+        gen = sample_generators([seed] * len(idx), idx, STREAM_UPSAMPLER)
+        x = up.upsample(low[idx].to(pipe.device) * 2.0 - 1.0, steps=int(su.steps), sampler=su.sampler,
+                        eta=float(su.eta), aug_level=settings.upsampler_aug_level, threshold=settings.threshold,
+                        generator=gen)  # fmt: skip
+        out.append(((x.float() + 1.0) / 2.0).clamp(0.0, 1.0).cpu())
+    return torch.cat(out)
+
+
+def _bicubic(low: Tensor, size: int) -> Tensor:
+    return F.interpolate(low.float(), size=(size, size), mode="bicubic", align_corners=False).clamp(0.0, 1.0)
+
+
+def _row(stage: str, what: str, images01: Tensor, attrs: list[dict], seconds: float | None = None, **extra) -> dict:
+    res = check_images(images01, attrs, value_range=(0.0, 1.0), strict=True)
+    row = {"stage": stage, "what": what, "size": int(images01.shape[-1]), **extra}
+    row.update({k: res[k] for k in SCORE_KEYS if k in res})
+    if seconds is not None:
+        row["sample_seconds"] = round(seconds, 1)
+    return row
+
+
+@torch.no_grad()
+def stage_fidelity(
+    pipe: UnCLIPPipeline,
+    val_low: dict,
+    val_high: dict,
+    *,
+    settings: SamplingSettings | None = None,
+    sweep: Sequence[dict] = (),
+    sweep_num: int | None = None,
+    seed: int = 0,
+    batch_size: int = 64,
+    log=print,
+) -> list[dict]:
+    """Rows of strict / lenient scores per stage (see the module docstring).  ``val_low`` / ``val_high``:
+    :func:`load_val` dicts of the same samples at the decoder's and the upsampler's size; ``sweep``: decoder
+    settings for ``d``, e.g. ``{"sampler": "dpmpp_2m", "steps": 25}`` (fields of ``StageSettings``), each on the
+    first ``sweep_num`` captions (default all) with their prior embeddings of ``c``."""
+    if not pipe.upsamplers or pipe.prior is None:
+        raise ValueError("stage_fidelity needs a pipeline with a prior and an upsampler")
+    settings = settings or SamplingSettings()
+    captions = list(val_low["caption"])
+    if list(val_high["caption"]) != captions:
+        raise ValueError("val_low and val_high must hold the same samples in the same order")
+    attrs = [parse_caption(c) for c in captions]
+    hi = int(pipe.sizes[1])
+    rows = [_row("real", "val images", (val_low["image"].float() + 1) / 2, attrs),
+            _row("real", "val images", (val_high["image"].float() + 1) / 2, attrs)]  # fmt: skip
+    log(f"[fidelity] {len(captions)} captions; real images scored")
+
+    def timed(fn):
+        t0 = time.perf_counter()
+        out = fn()
+        return out, time.perf_counter() - t0
+
+    # text conditioning (the decoder's, when it uses text, and the prior's)
+    text = {k: torch.cat([pipe.encode_prompts([captions[i] for i in idx])[k].cpu() for idx in
+                          _batches(len(captions), batch_size)]) for k in ("text_embed", "text_tokens", "text_mask")}
+    dec_text = text if pipe.decoder.use_text else None
+    # (a) + (b): from the val images' own CLIP image embeddings
+    emb_true = torch.cat([pipe.encode_images((val_low["image"][idx].float() + 1) / 2).cpu()
+                          for idx in _batches(len(captions), batch_size)])  # fmt: skip
+    dec_true, t = timed(lambda: _decode(pipe, emb_true, dec_text, settings, seed, batch_size))
+    rows.append(_row("a", "decoder <- true CLIP image embedding", dec_true, attrs, t))
+    up_true, t = timed(lambda: _upsample(pipe, dec_true, settings, seed, batch_size))
+    rows.append(_row("b", "(a) + upsampler", up_true, attrs, t))
+    rows.append(_row("b", "(a) + bicubic", _bicubic(dec_true, hi), attrs))
+    log(f"[fidelity] (a) strict {rows[-3]['strict/accuracy']:.3f}, (b) upsampler {rows[-2]['strict/accuracy']:.3f} "
+        f"vs bicubic {rows[-1]['strict/accuracy']:.3f}")
+    # (c) + (d): from the prior's embeddings of the captions
+    emb_prior, t_prior = timed(lambda: torch.cat([
+        pipe.prior_embeddings({k: v[idx].to(pipe.device) for k, v in text.items()}, seeds=[seed] * len(idx),
+                              indices=idx, settings=settings).cpu() for idx in _batches(len(captions), batch_size)]))
+    cos = float(F.cosine_similarity(emb_prior, emb_true, dim=-1).mean())
+    dec_prior, t = timed(lambda: _decode(pipe, emb_prior, dec_text, settings, seed, batch_size))
+    rows.append(_row("c", "decoder <- prior embedding", dec_prior, attrs, t + t_prior, prior_cos_true=round(cos, 4)))
+    up_prior, t = timed(lambda: _upsample(pipe, dec_prior, settings, seed, batch_size))
+    rows.append(_row("d", "full pipeline (c) + upsampler", up_prior, attrs, t))
+    rows.append(_row("d", "(c) + bicubic", _bicubic(dec_prior, hi), attrs))
+    log(f"[fidelity] (c) strict {rows[-3]['strict/accuracy']:.3f}, (d) {rows[-2]['strict/accuracy']:.3f}")
+    m = len(captions) if sweep_num is None else min(int(sweep_num), len(captions))
+    sub_text = {k: v[:m] for k, v in dec_text.items()} if dec_text is not None else None
+    for change in sweep:
+        dec = dataclasses.replace(settings.decoder, **change)
+        st = dataclasses.replace(settings, decoder=dec)
+        low, t1 = timed(lambda: _decode(pipe, emb_prior[:m], sub_text, st, seed, batch_size))
+        up, t2 = timed(lambda: _upsample(pipe, low, st, seed, batch_size))
+        label = f"{dec.sampler}, {dec.steps} steps, guidance {dec.guidance_scale:g}"
+        rows.append(_row("sweep", f"(d) decoder {label}", up, attrs[:m], t1 + t2, n=m, decoder=dataclasses.asdict(dec),
+                         decoder_strict=_row("", "", low, attrs[:m])["strict/accuracy"]))  # fmt: skip
+        log(f"[fidelity] sweep {label}: strict {rows[-1]['strict/accuracy']:.3f}")
+    return rows
+
+
+def fidelity_table(rows: Sequence[dict]) -> str:
+    """A Markdown table of :func:`stage_fidelity` (or calibration) rows."""
+    head = ["stage", "what", "px", "strict", "strict + all attrs", "IoU mean", "lenient all", "lenient shape",
+            "colour", "background"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r.get("stage", ""), r.get("what", ""), str(r.get("size", ""))]
+        for k in ("strict/accuracy", "strict/all", "strict/iou_mean", "accuracy/all", "accuracy/shape",
+                  "accuracy/color", "accuracy/background"):  # fmt: skip
+            v = r.get(k)
+            cells.append("" if v is None else (f"{v:.3f}" if k.endswith("iou_mean") else f"{100 * v:.1f}"))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,153 @@
+"""Which stage of the cascade loses fidelity?  Strict and lenient checker scores per stage, and the checker's
+own calibration; JSON and a Markdown table out.
+
+    # per stage on the first 256 val captions of a train_all.py run (clip/prior/decoder/upsampler last.ckpt)
+    python eval/fidelity_ablation.py run --run-dir demo_out --val 'data_builtin/val/{00000..00001}.tar' --num 256 \
+        [--sweep] [--sweep-num 128] --out abl.json --md abl.md
+    # the strict checker's calibration (clean, JPEG, shuffled prompts, skewed / blurred / ... renders)
+    python eval/fidelity_ablation.py calibrate --num 256 --out cal.json --md cal.md
+
+``run`` (``dalle2.metrics.fidelity.stage_fidelity``): real val images (the ceiling); (a) decoder samples from the
+val images' own CLIP image embeddings; (b) those upsampled by the upsampler and by bicubic; (c) decoder samples
+from the prior's embeddings of the captions; (d) the full pipeline (= (c) upsampled).  ``--sweep``: (d) again on
+the first ``--sweep-num`` captions (same prior embeddings) for each decoder sampler x steps at the default guidance,
+and each other guidance scale at the default sampler and steps (``--samplers``, ``--steps-list``,
+``--guidance-list``).  Sampling settings are
+``SamplingSettings``' defaults unless given (``--prior-steps``, ``--decoder-steps``, ...).  The same arguments give
+the same figures.
+
+``calibrate`` (``dalle2.data.checker_calibration.calibration_table``): acceptance of each calibration case at
+32 and 64 px by the strict checker, beside the lenient reader's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from dalle2.pipeline import SamplingSettings, StageSettings, UnCLIPPipeline  # noqa: E402
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="strict / lenient fidelity per stage of a trained cascade")
+    r.add_argument("--run-dir", default=None, help="a train_all.py out_dir (its <stage>/checkpoints/last.ckpt)")
+    for stage in ("clip", "prior", "decoder", "upsampler"):
+        r.add_argument(f"--{stage}", default=None, help=f"{stage} checkpoint (default: from --run-dir)")
+    r.add_argument("--val", default="data_builtin/val/{00000..00001}.tar", help="captioned val shards")
+    r.add_argument("--num", type=int, default=256, help="the first NUM val samples")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--batch-size", type=int, default=64)
+    r.add_argument("--prior-steps", type=int, default=None)
+    r.add_argument("--prior-guidance", type=float, default=None)
+    r.add_argument("--n-prior-samples", type=int, default=None)
+    r.add_argument("--decoder-steps", type=int, default=None)
+    r.add_argument("--decoder-sampler", default=None)
+    r.add_argument("--decoder-guidance", type=float, default=None)
+    r.add_argument("--upsampler-steps", type=int, default=None)
+    r.add_argument("--sweep", action="store_true", help="also (d) per decoder sampler / steps / guidance")
+    r.add_argument("--sweep-num", type=int, default=128, help="captions for the sweep (the first ones)")
+    r.add_argument("--samplers", nargs="+", default=["ddim", "dpmpp_2m"])
+    r.add_argument("--steps-list", nargs="+", type=int, default=[10, 25, 50])
+    r.add_argument("--guidance-list", nargs="+", type=float, default=[1.0, 3.0, 5.0])
+    r.add_argument("--out", default=None, help="JSON path")
+    r.add_argument("--md", default=None, help="Markdown table path")
+    c = sub.add_parser("calibrate", help="the strict checker's acceptance per calibration case")
+    c.add_argument("--num", type=int, default=256)
+    c.add_argument("--sizes", nargs="+", type=int, default=[32, 64])
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--threshold", type=float, default=None)
+    c.add_argument("--out", default=None)
+    c.add_argument("--md", default=None)
+    return p.parse_args(argv)
+
+
+def settings_from_args(a: argparse.Namespace) -> SamplingSettings:
+    base = SamplingSettings()
+
+    def stage(st: StageSettings, **kw) -> StageSettings:
+        return StageSettings(**{**st.__dict__, **{k: v for k, v in kw.items() if v is not None}})
+
+    return SamplingSettings(
+        prior=stage(base.prior, steps=a.prior_steps, guidance_scale=a.prior_guidance),
+        decoder=stage(base.decoder, steps=a.decoder_steps, sampler=a.decoder_sampler,
+                      guidance_scale=a.decoder_guidance),
+        upsampler=stage(base.upsampler, steps=a.upsampler_steps),
+        n_prior_samples=a.n_prior_samples or base.n_prior_samples, threshold=base.threshold,
+    )  # fmt: skip
+
+
+def sweep_settings(a: argparse.Namespace, default: StageSettings) -> list[dict]:
+    """Sampler x steps at the default guidance, then the other guidance scales at the default sampler and steps."""
+    out = [{"sampler": s, "steps": n} for s in a.samplers for n in a.steps_list]
+    out += [{"guidance_scale": g} for g in a.guidance_list if g != default.guidance_scale]
+    return out
+
+
+def _checkpoints(a: argparse.Namespace) -> dict[str, str]:
+    out = {}
+    for stage in ("clip", "prior", "decoder", "upsampler"):
+        path = getattr(a, stage) or (Path(a.run_dir) / stage / "checkpoints" / "last.ckpt" if a.run_dir else None)
+        if path is None or not Path(path).is_file():
+            raise SystemExit(f"error: no {stage} checkpoint: give --{stage} or --run-dir (looked for {path})")
+        out[stage] = str(path)
+    return out
+
+
+def run(a: argparse.Namespace) -> dict:
+    from dalle2.metrics.fidelity import load_val, stage_fidelity
+
+    ckpts = _checkpoints(a)
+    pipe = UnCLIPPipeline.from_checkpoints(clip=ckpts["clip"], prior=ckpts["prior"], decoder=ckpts["decoder"],
+                                           upsamplers=[ckpts["upsampler"]])  # fmt: skip
+    settings = settings_from_args(a)
+    low, high = pipe.sizes[0], pipe.sizes[1]
+    val_low, val_high = (load_val(a.val, image_size=s, num=a.num) for s in (low, high))
+    t0 = time.perf_counter()
+    sweep = sweep_settings(a, settings.decoder) if a.sweep else ()
+    rows = stage_fidelity(pipe, val_low, val_high, settings=settings, seed=a.seed, batch_size=a.batch_size,
+                          sweep=sweep, sweep_num=a.sweep_num)
+    return {"rows": rows, "num": len(val_low["caption"]), "val": a.val, "seed": a.seed, "checkpoints": ckpts,
+            "settings": settings.to_dict(), "wall_s": round(time.perf_counter() - t0, 1)}  # fmt: skip
+
+
+def calibrate(a: argparse.Namespace) -> dict:
+    from dalle2.data.checker_calibration import calibration_table
+    from dalle2.data.synthetic import STRICT_IOU_THRESHOLD
+
+    thr = STRICT_IOU_THRESHOLD if a.threshold is None else a.threshold
+    rows = calibration_table(sizes=tuple(a.sizes), n=a.num, seed=a.seed, threshold=thr)
+    for r in rows:
+        r["stage"], r["what"], r["size"] = "calibration", r["case"], r["image_size"]
+    return {"rows": rows, "threshold": thr, "num": a.num, "seed": a.seed}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from dalle2.metrics.fidelity import fidelity_table
+
+    a = _parse(argv)
+    torch.set_grad_enabled(False)
+    result = run(a) if a.cmd == "run" else calibrate(a)
+    table = fidelity_table(result["rows"])
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"[dalle2] wrote {a.out}")
+    if a.md:
+        Path(a.md).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.md).write_text(table + "\n")
+        print(f"[dalle2] wrote {a.md}")
+    print(table)
+    return result
+
+
+if __name__ == "__main__":
+    main()
