@@ -23,7 +23,7 @@ import warnings
 from pathlib import Path
 
 import hydra
-import lightning as L
+from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -52,14 +52,7 @@ def evaluate_retrieval(cfg: DictConfig) -> dict:
         tokenizer=tokenizer,
         context_length=module.model.context_length,
     )
-    trainer = L.Trainer(
-        accelerator=cfg.trainer.accelerator,
-        devices=cfg.trainer.devices,
-        precision=cfg.trainer.precision,
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-    )
+    trainer = instantiate(cfg.trainer)
     [metrics] = trainer.validate(module, datamodule=dm, verbose=False)
     result = {k.removeprefix("val/"): v for k, v in metrics.items()}
     result["num_samples"] = int(result["num_samples"])
@@ -81,11 +74,7 @@ def evaluate_samples(cfg: DictConfig) -> dict | None:
     clip, tokenizer = load_checked_clip(cfg, cfg.data.tokenizer_path)
     module = SampleEvaluator(clip=clip, tokenizer=tokenizer, inception=inception, kid_subsets=cfg.kid.subsets,
                              kid_subset_size=cfg.kid.subset_size, kid_seed=cfg.kid.seed)  # fmt: skip
-    trainer = L.Trainer(
-        accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices, strategy=cfg.trainer.strategy,
-        precision=cfg.trainer.precision, enable_progress_bar=bool(cfg.trainer.enable_progress_bar),
-        use_distributed_sampler=False, logger=False, enable_checkpointing=False, enable_model_summary=False,
-    )  # fmt: skip
+    trainer = instantiate(cfg.trainer, use_distributed_sampler=False)  # SampleEvalData splits by rank itself
     if inception is None and trainer.is_global_zero:
         print("[dalle2] FID/KID skipped: no Inception weights given (inception=/path/to/"
               "pt_inception-2015-12-05-6726825d.pth, a local file); CLIP-FD and CLIP-KID are reported instead")

@@ -19,7 +19,7 @@ import warnings
 from pathlib import Path
 
 import hydra
-import lightning as L
+from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -60,12 +60,8 @@ def run(cfg: DictConfig) -> Path:
                           grid_captions=bool(cfg.grid.captions))  # fmt: skip
     # the writer names files from the items themselves, not from Lightning's batch indices
     warnings.filterwarnings("ignore", message=".*infer the batch indices.*")
-    trainer = L.Trainer(
-        accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices, strategy=cfg.trainer.strategy,
-        precision=cfg.trainer.precision, enable_progress_bar=bool(cfg.trainer.enable_progress_bar),
-        use_distributed_sampler=False, logger=False, enable_checkpointing=False, enable_model_summary=False,
-        callbacks=[writer],
-    )  # fmt: skip
+    # PromptBatches deals batch j to rank j % world itself: no distributed sampler
+    trainer = instantiate(cfg.trainer, use_distributed_sampler=False, callbacks=[writer])
     trainer.predict(module, datamodule=PromptBatches(items, batch_size=int(cfg.batch_size)), return_predictions=False)
     if trainer.is_global_zero:
         print(f"[dalle2] {len(items)} images ({size} px) -> {out_dir}/ (manifest.jsonl, grid.png)")

@@ -27,3 +27,12 @@ def builtin_shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("builtin")
     urls = write_shards(root, num_train=256, num_val=64, image_size=32, samples_per_shard=64, seed=0)
     return {"train": urls["train"], "val": urls["val"], "root": str(root)}
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpts(tmp_path_factory):
+    """Tiny random cascade checkpoints (CLIP, prior, 16 px decoder with text, 16 -> 32 upsampler), written once:
+    ``{"clip", "prior", "decoder", "upsampler": path}`` (helpers.cascade.build_tiny_checkpoints)."""
+    from helpers.cascade import build_tiny_checkpoints
+
+    return build_tiny_checkpoints(tmp_path_factory.mktemp("pipeline_ckpts"))

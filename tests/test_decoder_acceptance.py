@@ -9,7 +9,6 @@ import subprocess
 import sys
 import textwrap
 
-import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,31 +18,9 @@ sys.path.insert(0, os.path.join(REPO_ROOT, "eval"))
 
 from decoder_acceptance import decoder_acceptance, derangement, load_val, main, upsampler_acceptance  # noqa: E402
 
-from dalle2.lit.checkpoints import STAGE_KEY  # noqa: E402
 from dalle2.lit.decoder_module import DecoderModule, UpsamplerModule  # noqa: E402
-
-NET = dict(model_channels=16, channel_mult=[1, 2], num_res_blocks=1, attention_levels=[1], head_channels=16,
-           cond_dim=32, clip_dim=8)
-SR_NET = dict(model_channels=16, channel_mult=[1, 2], num_res_blocks=1, attention_levels=[], mid_attention=False,
-              lowres_cond=True)
-CLIP32 = dict(embed_dim=8, image_size=32, vision_width=32, vision_layers=1, vision_heads=2, vision_patch_size=8,
-              context_length=77, vocab_size=8192, text_width=32, text_layers=1, text_heads=2)
-
-
-def _save(module: L.LightningModule, path) -> str:
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams), STAGE_KEY: module.stage,
-                "pytorch-lightning_version": L.__version__}, path)
-    return str(path)
-
-
-def _decoder(**kw) -> DecoderModule:
-    return DecoderModule(network=NET, diffusion={"num_timesteps": 100}, image_size=32, **kw)
-
-
-def _upsampler() -> UpsamplerModule:
-    return UpsamplerModule(network=SR_NET, diffusion={"num_timesteps": 100}, lowres_size=16, image_size=32,
-                           lowres_aug={"num_levels": 100, "max_train_level": 30}, sample_aug_level=5)
-
+from helpers.cascade import NET_NO_TEXT as NET, SR_NET, save_module, save_tiny_clip  # noqa: E402
+from helpers.cascade import tiny_decoder as _decoder, tiny_upsampler as _upsampler  # noqa: E402
 
 class OracleDecoder(DecoderModule):
     """'Samples' the bank image whose embedding is nearest: a perfect decoder, to test the script's wiring."""
@@ -90,11 +67,11 @@ def test_oracle_decoder_scores_like_real_images_and_shuffled_control_drops(built
 
 
 def test_decoder_cli_json_deterministic(builtin_shards, tmp_path):
-    from dalle2.lit.clip_module import CLIPModule
 
     torch.manual_seed(0)
-    clip_path = _save(CLIPModule(network=CLIP32), tmp_path / "clip.ckpt")
-    ckpt = _save(_decoder(clip_ckpt=clip_path), tmp_path / "dec.ckpt")
+    clip_path = str(tmp_path / "clip.ckpt")
+    save_tiny_clip(clip_path, image_size=32)
+    ckpt = save_module(_decoder(clip_ckpt=clip_path), tmp_path / "dec.ckpt")
     args = ["decoder", "--ckpt", ckpt, "--val", builtin_shards["val"], "--num", "12", "--steps", "2",
             "--guidance-scale", "2", "--batch-size", "8"]
     a = main(args + ["--out", str(tmp_path / "a.json"), "--grid", str(tmp_path / "a.png")])
@@ -116,7 +93,7 @@ def test_upsampler_acceptance_bicubic_gain_is_zero(builtin_shards):
 
 
 def test_upsampler_cli(builtin_shards, tmp_path):
-    ckpt = _save(_upsampler(), tmp_path / "up.ckpt")
+    ckpt = save_module(_upsampler(), tmp_path / "up.ckpt")
     r = main(["upsampler", "--ckpt", ckpt, "--val", builtin_shards["val"], "--num", "6", "--steps", "2",
               "--out", str(tmp_path / "up.json")])
     assert json.loads((tmp_path / "up.json").read_text())["psnr_gain_db"] == pytest.approx(r["psnr_gain_db"])
@@ -126,7 +103,7 @@ def test_upsampler_cli(builtin_shards, tmp_path):
 def test_wrong_stage_checkpoint_is_a_clear_error(tmp_path):
     from dalle2.lit.checkpoints import WrongStageError
 
-    ckpt = _save(_upsampler(), tmp_path / "up.ckpt")
+    ckpt = save_module(_upsampler(), tmp_path / "up.ckpt")
     with pytest.raises(WrongStageError, match="upsampler"):
         main(["decoder", "--ckpt", ckpt])
 
@@ -137,7 +114,7 @@ DDP_SCRIPT = textwrap.dedent(
     """
     import os, sys, torch, lightning as L
     sys.path.insert(0, sys.argv[4])
-    from test_decoder_acceptance import _decoder, _upsampler
+    from helpers.cascade import tiny_decoder as _decoder, tiny_upsampler as _upsampler
     from dalle2.data.datamodule import WebDataModule
     stage, train, out = sys.argv[1], sys.argv[2], sys.argv[3]
     torch.manual_seed(0)  # same init on both ranks (DDP also broadcasts rank 0's)

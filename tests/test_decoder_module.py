@@ -16,14 +16,10 @@ import torch.nn.functional as F
 
 from dalle2.lit.decoder_module import DecoderModule, UpsamplerModule, downsample, psnr
 from dalle2.lit.sample_grid import SampleGrid, noise_like, spatial_autocorrelation
+from helpers.cascade import NET_NO_TEXT, SR_NET, save_tiny_clip
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NET = dict(model_channels=16, channel_mult=[1, 2], num_res_blocks=1, attention_levels=[1], head_channels=16,
-           cond_dim=32, clip_dim=8)
-SR_NET = dict(model_channels=16, channel_mult=[1, 2], num_res_blocks=1, attention_levels=[], mid_attention=False,
-              lowres_cond=True)
-TINY_CLIP = dict(embed_dim=8, image_size=16, vision_width=32, vision_layers=1, vision_heads=2, vision_patch_size=8,
-                 context_length=77, vocab_size=8192, text_width=32, text_layers=1, text_heads=2)
+NET = NET_NO_TEXT
 
 
 def smooth_images(n: int, size: int = 16, seed: int = 0) -> torch.Tensor:
@@ -255,19 +251,9 @@ def test_upsampler_checkpoint_roundtrip_same_samples(tmp_path):
 # ------------------------------------------------------------------------------------------------ frozen CLIP
 
 
-def _tiny_clip_ckpt(path):
-    from dalle2.lit.checkpoints import STAGE_KEY
-    from dalle2.lit.clip_module import CLIPModule
-
-    clip = CLIPModule(network=TINY_CLIP)
-    torch.save({"state_dict": clip.state_dict(), "hyper_parameters": dict(clip.hparams), STAGE_KEY: "clip",
-                "pytorch-lightning_version": L.__version__}, path)
-    return clip
-
-
 def test_frozen_clip_on_the_fly_not_in_checkpoint(tmp_path):
     clip_path = tmp_path / "clip.ckpt"
-    clip = _tiny_clip_ckpt(clip_path)
+    clip = save_tiny_clip(clip_path)
     m = decoder(clip_ckpt=str(clip_path), use_text=True, net={"text_dim": 32})
     b = make_batch(2, emb=False)
     emb = m.image_embeddings(b)  # loads lazily
@@ -355,14 +341,14 @@ DDP_SCRIPT = textwrap.dedent(
     """
     import sys, torch, lightning as L
     sys.path.insert(0, sys.argv[3])
-    from test_decoder_module import NET, _tiny_clip_ckpt
+    from helpers.cascade import NET_NO_TEXT as NET, save_tiny_clip
     from dalle2.data.datamodule import WebDataModule
     from dalle2.lit.decoder_module import DecoderModule
     from dalle2.lit.sample_grid import SampleGrid
     train, out = sys.argv[1], sys.argv[2]
     clip_path = out + "/clip.ckpt"
     if int(__import__("os").environ.get("LOCAL_RANK", 0)) == 0:
-        _tiny_clip_ckpt(clip_path)
+        save_tiny_clip(clip_path)
     dm = WebDataModule(train_urls=train, val_urls=None, image_size=16, batch_size=4, num_workers=0)
     m = DecoderModule(network=NET, diffusion={"num_timesteps": 100}, clip_ckpt=clip_path, image_size=16)
     t = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=3, logger=False, enable_checkpointing=False,

@@ -4,7 +4,6 @@ clear error for a wrong weights file, the same numbers with 2 DDP processes as w
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -15,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 from PIL import Image
 
 from conftest import REPO_ROOT
@@ -27,6 +25,7 @@ from dalle2.data.checker_calibration import calibration_images
 from dalle2.data.synthetic import STRICT_IOU_THRESHOLD, make_caption, render, sample_attributes
 from dalle2.lit.clip_module import CLIPModule, load_clip
 from dalle2.metrics.clip_score import ClipScorer, clip_score
+from helpers.scripts import compose_conf, load_script
 
 NET = clip_preset("tiny", vision_width=32, vision_layers=1, vision_heads=2, vision_patch_size=8, text_width=32,
                   text_layers=1, text_heads=2, embed_dim=32)  # fmt: skip
@@ -81,13 +80,6 @@ def samples_dir(tmp_path_factory) -> Path:
     return write_samples_dir(tmp_path_factory.mktemp("samples") / "s", images, caps)
 
 
-def _evaluate_module():
-    spec = importlib.util.spec_from_file_location("eval_evaluate", os.path.join(REPO_ROOT, "eval", "evaluate.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def _overrides(clip: Path, samples: Path, urls: str, extra=()) -> list[str]:
     return ["task=samples", f"clip_ckpt={clip}", f"samples={samples}", f"reference.urls='{urls}'",
             "reference.max_samples=48", "data.num_workers=0", "data.batch_size=16", "kid.subsets=10",
@@ -97,15 +89,13 @@ def _overrides(clip: Path, samples: Path, urls: str, extra=()) -> list[str]:
 def run_in_process(overrides: list[str]) -> dict:
     """evaluate_samples(cfg) on conf/evaluate.yaml + overrides, in this process, with one intra-op thread (as each
     of 2 DDP CPU processes gets on 2 cores)."""
-    cfg = OmegaConf.load(os.path.join(REPO_ROOT, "conf", "evaluate.yaml"))
-    cfg.pop("hydra"), cfg.pop("defaults")
-    cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
+    cfg = compose_conf("evaluate", overrides)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return _evaluate_module().evaluate_samples(cfg)
+            return load_script("eval", "evaluate").evaluate_samples(cfg)
     finally:
         torch.set_num_threads(threads)
 

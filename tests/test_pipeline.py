@@ -6,53 +6,25 @@ session; their weights are perturbed so that every network's output depends on i
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from dalle2.diffusion import LowResAugmentation, Schedule
 from dalle2.diffusion.samplers import randn
 from dalle2.lit.checkpoints import WrongStageError
 from dalle2.pipeline import SamplingSettings, StageSettings, UnCLIPPipeline, sample_generators, sample_seed, slerp
-from helpers.cascade import build_tiny_checkpoints  # noqa: F401  (test_serving imports it from here too)
+from helpers.images import assert_same_8bit, png_bytes
 
 PROMPTS = ["a red circle on a blue background", "two green squares", "x", "a small yellow triangle at the top left"]
 FAST = SamplingSettings(prior=StageSettings(steps=4, guidance_scale=2.0), decoder=StageSettings(steps=4, guidance_scale=3.0),
                         upsampler=StageSettings(steps=3), n_prior_samples=3, upsampler_aug_level=10)  # fmt: skip
 
 
-@pytest.fixture(scope="session")
-def tiny_ckpts(tmp_path_factory):
-    return build_tiny_checkpoints(tmp_path_factory.mktemp("pipeline_ckpts"))
-
-
 @pytest.fixture(scope="module")
 def pipe(tiny_ckpts):
     return UnCLIPPipeline.from_checkpoints(clip=tiny_ckpts["clip"], prior=tiny_ckpts["prior"],
                                            decoder=tiny_ckpts["decoder"], upsamplers=[tiny_ckpts["upsampler"]])
-
-
-def to_uint8(img: torch.Tensor) -> np.ndarray:
-    return (img.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-
-
-def assert_same_8bit(a: torch.Tensor, b: torch.Tensor) -> None:
-    """Float rounding of batched matmuls (~1e-6 per network call, amplified by the first x0 prediction and, with
-    ddpm, by the random tiny networks) may move a rare value by a few 8-bit levels (measured: <= 4 levels in
-    < 0.1 % of the values); a real dependence on the batch (shared noise) changes most values by far more."""
-    torch.testing.assert_close(a, b, atol=8 / 255, rtol=0)
-    diff = np.abs(to_uint8(a).astype(int) - to_uint8(b).astype(int))
-    assert (diff > 0).mean() < 0.01, f"{(diff > 0).mean():.2%} of the 8-bit values differ"
-
-
-def png_bytes(img: torch.Tensor) -> bytes:
-    arr = to_uint8(img)
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 # ------------------------------------------------------------------------------------------------ noise plumbing

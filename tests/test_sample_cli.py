@@ -3,7 +3,6 @@ index (i, k); byte-identical PNGs with 1 process and 2 DDP CPU processes (slow).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -15,23 +14,16 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 from PIL import Image
 
 from conftest import REPO_ROOT
 from dalle2.lit.pipeline_module import PipelineModule, PromptBatches, make_items
-from test_pipeline import assert_same_8bit, tiny_ckpts  # noqa: F401  (session fixture)
+from helpers.images import assert_same_8bit
+from helpers.scripts import compose_conf, load_script
 
 PROMPT_LINES = ["a red circle", "two green squares", "", "x", "a small yellow triangle at the top left"]
 OVERRIDES = ["n_per_prompt=2", "batch_size=3", "seed=5", "steps.prior=3", "steps.decoder=3", "steps.upsampler=2",
              "guidance.prior=2.0", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false"]  # fmt: skip
-
-
-def _load_sample_cli():
-    spec = importlib.util.spec_from_file_location("eval_sample", os.path.join(REPO_ROOT, "eval", "sample.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _args(ckpts: dict, prompts: Path, out_dir: Path, extra=()) -> list[str]:
@@ -46,15 +38,13 @@ def run_in_process(ckpts: dict, prompts: Path, out_dir: Path, extra=()) -> Path:
     """The CLI's ``run(cfg)`` on conf/sample.yaml + overrides, in this process (no Hydra job), with ONE intra-op
     thread: CPU matmuls reduce in a thread-count-dependent order, and Lightning gives each of the 2 DDP CPU processes
     cpu_count // 2 threads (1 here); at equal threads per process the outputs must be byte-identical."""
-    cfg = OmegaConf.load(os.path.join(REPO_ROOT, "conf", "sample.yaml"))
-    cfg.pop("hydra"), cfg.pop("defaults")
-    cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(_args(ckpts, prompts, out_dir, extra)))
+    cfg = compose_conf("sample", _args(ckpts, prompts, out_dir, extra))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return _load_sample_cli().run(cfg)
+            return load_script("eval", "sample").run(cfg)
     finally:
         torch.set_num_threads(threads)
 
@@ -67,7 +57,7 @@ def prompts_file(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_ckpts, prompts_file, tmp_path_factory):  # noqa: F811
+def reference(tiny_ckpts, prompts_file, tmp_path_factory):
     return run_in_process(tiny_ckpts, prompts_file, tmp_path_factory.mktemp("sample_ref"))
 
 
@@ -95,7 +85,7 @@ def test_items_and_fixed_batches_over_ranks():
     assert PipelineModule.predict_step(SimpleNamespace(), [])["images"].shape[0] == 0
 
 
-def test_files_manifest_grid_and_deterministic(reference, tiny_ckpts, prompts_file, tmp_path):  # noqa: F811
+def test_files_manifest_grid_and_deterministic(reference, tiny_ckpts, prompts_file, tmp_path):
     names = sorted(p.name for p in reference.iterdir())
     want = [f"{i:05d}{'' if k == 0 else f'_{k}'}.png" for i in (0, 1, 3, 4) for k in (0, 1)]
     assert names == sorted(want + ["grid.png", "manifest.jsonl"])
@@ -115,7 +105,7 @@ def test_files_manifest_grid_and_deterministic(reference, tiny_ckpts, prompts_fi
     assert (other / "00000.png").read_bytes() != (reference / "00000.png").read_bytes()
 
 
-def test_cli_image_is_the_pipeline_image_for_index_i_k(reference, tiny_ckpts):  # noqa: F811
+def test_cli_image_is_the_pipeline_image_for_index_i_k(reference, tiny_ckpts):
     from dalle2.pipeline import SamplingSettings, UnCLIPPipeline
 
     pipe = UnCLIPPipeline.from_checkpoints(clip=tiny_ckpts["clip"], prior=tiny_ckpts["prior"],
@@ -130,7 +120,7 @@ def test_cli_image_is_the_pipeline_image_for_index_i_k(reference, tiny_ckpts):  
     assert_same_8bit(first, torch.from_numpy(np.array(Image.open(reference / "00000.png"))).permute(2, 0, 1) / 255)
 
 
-def test_bad_size_and_wrong_stage_are_clear_errors(tiny_ckpts, prompts_file, tmp_path):  # noqa: F811
+def test_bad_size_and_wrong_stage_are_clear_errors(tiny_ckpts, prompts_file, tmp_path):
     with pytest.raises(ValueError, match=r"size=48 .* one of \[16, 32\]"):
         run_in_process(tiny_ckpts, prompts_file, tmp_path / "a", extra=["size=48"])
     from dalle2.lit.checkpoints import WrongStageError
@@ -142,7 +132,7 @@ def test_bad_size_and_wrong_stage_are_clear_errors(tiny_ckpts, prompts_file, tmp
 
 
 @pytest.mark.slow
-def test_two_ddp_processes_give_byte_identical_pngs(reference, tiny_ckpts, prompts_file, tmp_path):  # noqa: F811
+def test_two_ddp_processes_give_byte_identical_pngs(reference, tiny_ckpts, prompts_file, tmp_path):
     out = tmp_path / "ddp2"
     cmd = [sys.executable, "eval/sample.py", *_args(tiny_ckpts, prompts_file, out),
            "trainer.devices=2", "trainer.strategy=ddp"]  # fmt: skip
@@ -155,7 +145,7 @@ def test_two_ddp_processes_give_byte_identical_pngs(reference, tiny_ckpts, promp
 
 
 @pytest.mark.slow
-def test_fewer_batches_than_processes_idle_rank_writes_nothing(tiny_ckpts, tmp_path):  # noqa: F811
+def test_fewer_batches_than_processes_idle_rank_writes_nothing(tiny_ckpts, tmp_path):
     """6 prompts in one batch of 8 on 2 processes: rank 1 gets no batch. It used to die with "`DataLoader` within
     local rank has zero length"; now rank 1 idles and the files are those of 1 process."""
     prompts = tmp_path / "six.txt"

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+from hydra.utils import instantiate
 import numpy as np
 import torch
 import webdataset as wds
@@ -142,10 +143,7 @@ def main(cfg: DictConfig) -> None:
         clip, out_dir=cfg.out_dir, image_size=cfg.data.image_size or clip.model.image_size,
         batch_size=cfg.data.batch_size, tokenizer=tokenizer, dtype=cfg.dtype, overwrite=cfg.overwrite,
     )  # fmt: skip
-    trainer = L.Trainer(
-        accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices, precision=cfg.trainer.precision,
-        logger=False, enable_checkpointing=False, enable_model_summary=False,
-    )  # fmt: skip
+    trainer = instantiate(cfg.trainer, use_distributed_sampler=True)  # the shard list is split over ranks
     loader = torch.utils.data.DataLoader(urls, batch_size=None, shuffle=False)
     results = trainer.predict(embedder, dataloaders=loader) or []
     done = sum(r["samples"] for r in results)

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from dalle2.imaging import to_uint8
 from dalle2.data.shape_fit import AREA, CROSS_BAR as _CROSS_BAR, SUPERSAMPLE as _SUPERSAMPLE, fit_all, matte
 
 ATTRIBUTES: dict[str, list[str]] = {
@@ -248,28 +249,19 @@ def read_attributes(image: np.ndarray) -> dict[str, str]:
 
 
 def _to_uint8_hwc(images: Any, value_range: tuple[float, float]) -> np.ndarray:
-    try:
-        import torch
-
-        if isinstance(images, torch.Tensor):
-            images = images.detach().cpu()
-            if images.dtype != torch.uint8:
-                images = images.float()
-            images = images.numpy()
-    except ImportError:  # pragma: no cover
-        pass
-    arr = np.asarray(images)
+    if isinstance(images, torch.Tensor):
+        images = images.detach().cpu()
+        images = images.numpy() if images.dtype == torch.uint8 else images.float()
+    arr = images if isinstance(images, torch.Tensor) else np.asarray(images)
     if arr.ndim != 4:
-        raise ValueError(f"images must be (N,H,W,3) uint8 or (N,3,H,W) float, got shape {arr.shape}")
-    if arr.dtype == np.uint8:
+        raise ValueError(f"images must be (N,H,W,3) uint8 or (N,3,H,W) float, got shape {tuple(arr.shape)}")
+    if isinstance(arr, np.ndarray) and arr.dtype == np.uint8:
         if arr.shape[-1] != 3:
             raise ValueError(f"uint8 images must be (N,H,W,3), got shape {arr.shape}")
         return arr
     if arr.shape[1] != 3:
-        raise ValueError(f"float images must be (N,3,H,W), got shape {arr.shape}")
-    lo, hi = value_range
-    arr = (arr.astype(np.float32) - lo) / (hi - lo)
-    return np.clip(np.rint(arr.transpose(0, 2, 3, 1) * 255.0), 0, 255).astype(np.uint8)
+        raise ValueError(f"float images must be (N,3,H,W), got shape {tuple(arr.shape)}")
+    return to_uint8(torch.as_tensor(arr, dtype=torch.float32), value_range).numpy()
 
 
 def check_images(

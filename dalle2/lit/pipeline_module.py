@@ -28,9 +28,10 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from PIL import Image, ImageDraw, ImageFont
 
+from dalle2.imaging import to_uint8
 from dalle2.pipeline import SamplingSettings, UnCLIPPipeline
 
-__all__ = ["make_items", "PromptBatches", "PipelineModule", "SampleWriter", "caption_lines", "image_grid", "to_uint8"]
+__all__ = ["make_items", "PromptBatches", "PipelineModule", "SampleWriter", "caption_lines", "image_grid"]
 
 
 def make_items(prompts: Sequence[str | None], *, n_per_prompt: int = 1, seed: int = 0) -> list[dict]:
@@ -89,11 +90,6 @@ class PromptBatches(L.LightningDataModule):
         return torch.utils.data.DataLoader(
             _Batches(self.items, self.batch_size), batch_size=None, sampler=mine, collate_fn=_identity, num_workers=0
         )
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """``(B, 3, H, W)`` in [0, 1] -> ``(B, H, W, 3)`` uint8 on the CPU (round half to even, as ``torch.round``)."""
-    return (images.float().clamp(0, 1) * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
 
 class PipelineModule(L.LightningModule):

@@ -26,6 +26,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image
 from torch import Tensor
 
+from dalle2.imaging import to_uint8
+
 __all__ = ["SampleGrid", "noise_like", "spatial_autocorrelation", "make_grid", "save_grid"]
 
 
@@ -56,7 +58,7 @@ def make_grid(rows: list[Tensor], *, pad: int = 2) -> np.ndarray:
     n, _, H, W = rows[0].shape
     grid = np.full((len(rows) * (H + pad) + pad, n * (W + pad) + pad, 3), 255, dtype=np.uint8)
     for r, imgs in enumerate(rows):
-        arr = ((imgs.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        arr = to_uint8(imgs, (-1.0, 1.0)).numpy()
         for c in range(n):
             y, x = pad + r * (H + pad), pad + c * (W + pad)
             grid[y : y + H, x : x + W] = arr[c]

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 
 from dalle2.data.synthetic import ATTRIBUTES, STRICT_IOU_THRESHOLD, parse_caption, read_attributes, strict_verdicts
 from dalle2.distributed import gather_ragged
+from dalle2.imaging import to_uint8
 from dalle2.metrics.clip_score import ClipScorer, clip_score
 from dalle2.metrics.fid import frechet_distance, kernel_distance
 from dalle2.metrics.inception import FIDInceptionV3
@@ -116,7 +117,7 @@ class SampleEvaluator(L.LightningModule):
         """(B, A + 4) verdicts, -1 rows when the prompt is not a synthetic caption: per attribute (lenient reader)
         1 right / 0 wrong, then the strict checker's ok, IoU, one object, inside the frame (:data:`CHECKER_COLUMNS`)."""
         out = torch.full((len(prompts), len(CHECKER_COLUMNS)), -1.0, device=self.device)
-        pixels = ((images.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
+        pixels = to_uint8(images, (-1.0, 1.0))
         wants = [caption_attributes(p) for p in prompts]
         rows = [i for i, want in enumerate(wants) if want is not None]
         if not rows:

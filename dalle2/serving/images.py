@@ -15,6 +15,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
+from dalle2.imaging import to_uint8
 from dalle2.serving.validation import APIError
 
 ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP")
@@ -23,7 +24,7 @@ DEFAULT_MAX_PIXELS = 4096 * 4096
 
 def to_pil(images: Tensor) -> list[Image.Image]:
     """``(B, 3, H, W)`` in [0, 1] -> B RGB PIL images (rounded to 8 bits)."""
-    arr = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    arr = to_uint8(images).numpy()
     return [Image.fromarray(np.ascontiguousarray(a)) for a in arr]
 
 

@@ -19,6 +19,7 @@ DEC_NET = dict(model_channels=16, channel_mult=[1, 2], num_res_blocks=1, attenti
 SR_NET = dict(model_channels=16, channel_mult=[1, 2], num_res_blocks=1, attention_levels=[], mid_attention=False,
               lowres_cond=True)  # fmt: skip
 DIFFUSION = {"num_timesteps": 100}
+NET_NO_TEXT = {k: v for k, v in DEC_NET.items() if k != "text_dim"}  # the decoder UNet without text conditioning
 
 
 def perturb(module, seed: int):
@@ -39,6 +40,30 @@ def save_module(module, path, seed: int | None = None) -> str:
     module.on_save_checkpoint(ckpt)
     torch.save(ckpt, path)
     return str(path)
+
+
+def save_tiny_clip(path, **network):
+    """A fresh tiny CLIP (``TINY_CLIP`` updated by ``network``) saved to ``path`` as train.py would; the module."""
+    from dalle2.lit.clip_module import CLIPModule
+
+    clip = CLIPModule(network={**TINY_CLIP, **network})
+    save_module(clip, path)
+    return clip
+
+
+def tiny_decoder(**kw):
+    """A tiny 32 px decoder without text conditioning; ``kw``: DecoderModule's arguments to change."""
+    from dalle2.lit.decoder_module import DecoderModule
+
+    return DecoderModule(**{"network": NET_NO_TEXT, "diffusion": DIFFUSION, "image_size": 32, **kw})
+
+
+def tiny_upsampler(**kw):
+    """A tiny 16 -> 32 px upsampler; ``kw``: UpsamplerModule's arguments to change."""
+    from dalle2.lit.decoder_module import UpsamplerModule
+
+    return UpsamplerModule(**{"network": SR_NET, "diffusion": DIFFUSION, "lowres_size": 16, "image_size": 32,
+                              "lowres_aug": {"num_levels": 100, "max_train_level": 30}, "sample_aug_level": 5, **kw})
 
 
 def tiny_modules(*, image_size: int = 16, use_text: bool = True) -> dict:

@@ -37,3 +37,16 @@ def compose_train_all(overrides: list[str]):
     train_all = load_script("train", "train_all")
     with initialize_config_dir(config_dir=str(REPO_ROOT / "conf" / "train_all"), version_base="1.3"):
         return compose("config", overrides=train_all.stage_override_argv(overrides))
+
+
+def compose_conf(name: str, overrides: list[str]):
+    """``conf/<name>.yaml`` composed as its entry point's command line would (defaults list included), without the
+    ``hydra`` node, for calling the script's ``run(cfg)`` in this process."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
+
+    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
+        cfg = compose(name, overrides=overrides)
+    with open_dict(cfg):
+        cfg.pop("hydra", None)
+    return cfg
