@@ -270,5 +270,5 @@ def test_given_checkpoints_replace_their_stages(tmp_path):
 
 def test_train_groups_are_the_config_groups_of_train_py():
     conf = Path(REPO_ROOT) / "conf"
-    groups = {p.name for p in conf.iterdir() if p.is_dir() and p.name not in ("train_all", "hydra")} | {"model"}
+    groups = {p.name for p in conf.iterdir() if p.is_dir() and p.name not in ("train_all", "hydra", "predict")} | {"model"}
     assert set(train_all.TRAIN_GROUPS) == groups
