@@ -39,7 +39,8 @@ def run(cfg: DictConfig) -> dict:
                        val_batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers, tokenizer=tokenizer,
                        context_length=module.model.context_length)  # fmt: skip
     trainer = L.Trainer(accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices,
-                        precision=cfg.trainer.precision, logger=False, enable_checkpointing=False,
+                        precision=cfg.trainer.precision, enable_progress_bar=bool(cfg.trainer.enable_progress_bar),
+                        logger=False, enable_checkpointing=False,
                         enable_model_summary=False)  # fmt: skip
     [metrics] = trainer.validate(module, datamodule=dm, verbose=False)
     result = {k.removeprefix("val/zeroshot/"): v for k, v in metrics.items() if k.startswith("val/zeroshot/")}
