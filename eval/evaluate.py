@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import sys
-import warnings
 from pathlib import Path
 
 import hydra
@@ -31,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from dalle2.data.datamodule import WebDataModule  # noqa: E402
 from dalle2.lit.checkpoints import CHECKPOINT_ERRORS  # noqa: E402
 from dalle2.lit.clip_module import load_clip  # noqa: E402
-from dalle2.metrics.evaluator import SampleEvalData, SampleEvaluator, samples_summary_line  # noqa: E402
+from dalle2.metrics.evaluator import samples_summary_line  # noqa: E402
+from dalle2.metrics.score_samples import score_samples_dir  # noqa: E402
 from dalle2.metrics.inception import InceptionWeightsError, load_fid_inception  # noqa: E402
 
 
@@ -64,26 +64,25 @@ def evaluate_samples(cfg: DictConfig) -> dict | None:
     if not cfg.samples or not cfg.reference.urls:
         raise SystemExit("task=samples needs samples=DIR and reference.urls=SHARDS")
     try:
-        data = SampleEvalData(
-            samples_dir=cfg.samples, reference_urls=cfg.reference.urls, image_size=cfg.reference.image_size,
-            max_reference=cfg.reference.max_samples, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
-        )  # fmt: skip
         inception = load_fid_inception(cfg.inception) if cfg.inception else None
     except (FileNotFoundError, InceptionWeightsError, ValueError) as exc:
         raise SystemExit(f"error: {exc}") from None
     clip, tokenizer = load_checked_clip(cfg, cfg.data.tokenizer_path)
-    module = SampleEvaluator(clip=clip, tokenizer=tokenizer, inception=inception, kid_subsets=cfg.kid.subsets,
-                             kid_subset_size=cfg.kid.subset_size, kid_seed=cfg.kid.seed)  # fmt: skip
     trainer = instantiate(cfg.trainer, use_distributed_sampler=False)  # SampleEvalData splits by rank itself
     if inception is None and trainer.is_global_zero:
         print("[dalle2] FID/KID skipped: no Inception weights given (inception=/path/to/"
               "pt_inception-2015-12-05-6726825d.pth, a local file); CLIP-FD and CLIP-KID are reported instead")
-    with warnings.catch_warnings():  # predict_step returns nothing on purpose: results are gathered at epoch end
-        warnings.filterwarnings("ignore", message=".*predict returned None.*")
-        trainer.predict(module, datamodule=data, return_predictions=False)
-    result = dict(module.results)
+    try:
+        result = score_samples_dir(
+            cfg.samples, reference_urls=cfg.reference.urls, clip=clip, tokenizer=tokenizer, trainer=trainer,
+            inception=inception, image_size=cfg.reference.image_size, max_reference=cfg.reference.max_samples,
+            batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers, kid_subsets=cfg.kid.subsets,
+            kid_subset_size=cfg.kid.subset_size, kid_seed=cfg.kid.seed,
+        )  # fmt: skip
+    except (FileNotFoundError, ValueError) as exc:
+        raise SystemExit(f"error: {exc}") from None
     result.update(samples=str(cfg.samples), reference_urls=str(cfg.reference.urls), clip_ckpt=str(cfg.clip_ckpt),
-                  inception=str(cfg.inception) if cfg.inception else None, image_size=data.image_size)  # fmt: skip
+                  inception=str(cfg.inception) if cfg.inception else None)  # fmt: skip
     if not trainer.is_global_zero:
         return None
     print(f"[dalle2] {samples_summary_line(result)}")

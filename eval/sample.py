@@ -6,7 +6,11 @@
 
 Writes ``out_dir/{i:05d}.png`` for prompt line ``i`` (``{i:05d}_{k}.png`` for its sample ``k > 0``),
 ``out_dir/manifest.jsonl`` (one JSON per image, prompt order: file, prompt, index i, k, seed, size, settings,
-checkpoints) and ``out_dir/grid.png``.  Sample ``k`` of prompt line ``i`` is exactly
+checkpoints), ``out_dir/grid.png`` and ``out_dir/final_metrics.json`` (settings, the job's overrides, seconds per
+image and, with ``score.reference_urls=SHARDS``, the scores of ``eval/evaluate.py task=samples``: CLIP-FD, CLIP
+score, lenient and strict checkers, FID with ``score.inception=``).  ``out_dir`` defaults to the run dir; in a
+multirun (``-m guidance.decoder=1,2,3 sampler.decoder=ddim,dpmpp_2m steps.decoder=10,50``) each job samples and scores
+into its own ``<sweep dir>/<n>/``; ``eval/sweep_gather.py`` gathers them.  Sample ``k`` of prompt line ``i`` is exactly
 ``UnCLIPPipeline(...)([prompt], seed=seed, indices=[(i, k)])`` (``indices=[i]`` for k = 0): its noise comes from
 ``(seed, i, k)`` alone, so it does not change with ``n_per_prompt``, ``batch_size``'s batch mates (up to float
 rounding) or the number of devices (batches are fixed, then spread over ranks: identical PNGs at any N).
@@ -15,6 +19,7 @@ rounding) or the number of devices (batches are fixed, then spread over ranks: i
 from __future__ import annotations
 
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -24,6 +29,7 @@ from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from dalle2.io import write_json_atomic  # noqa: E402
 from dalle2.lit.checkpoints import CHECKPOINT_ERRORS  # noqa: E402
 from dalle2.lit.pipeline_module import PipelineModule, PromptBatches, SampleWriter, make_items  # noqa: E402
 from dalle2.pipeline import SamplingSettings, UnCLIPPipeline  # noqa: E402
@@ -62,10 +68,53 @@ def run(cfg: DictConfig) -> Path:
     warnings.filterwarnings("ignore", message=".*infer the batch indices.*")
     # PromptBatches deals batch j to rank j % world itself: no distributed sampler
     trainer = instantiate(cfg.trainer, use_distributed_sampler=False, callbacks=[writer])
+    start = time.perf_counter()
     trainer.predict(module, datamodule=PromptBatches(items, batch_size=int(cfg.batch_size)), return_predictions=False)
+    seconds = time.perf_counter() - start
     if trainer.is_global_zero:
         print(f"[dalle2] {len(items)} images ({size} px) -> {out_dir}/ (manifest.jsonl, grid.png)")
+    metrics = {"num_images": len(items), "seconds": seconds, "seconds_per_image": seconds / max(len(items), 1),
+               "devices": trainer.world_size}  # fmt: skip
+    score = cfg.get("score") or {}
+    if score.get("reference_urls"):
+        from dalle2.lit.clip_module import load_clip
+        from dalle2.metrics.inception import load_fid_inception
+        from dalle2.metrics.score_samples import score_samples_dir
+
+        trainer.strategy.barrier()  # every rank's PNGs and the manifest are written
+        clip = load_clip(cfg.ckpt.clip, trust_checkpoint=bool(cfg.get("trust_checkpoint", False)))
+        scorer = instantiate(cfg.trainer, use_distributed_sampler=False, enable_progress_bar=False)
+        scores = score_samples_dir(str(out_dir), reference_urls=score.reference_urls, clip=clip,
+                                   tokenizer=clip.tokenizer(cfg.tokenizer_path), trainer=scorer,
+                                   inception=load_fid_inception(score.inception) if score.get("inception") else None,
+                                   max_reference=score.get("max_reference"), batch_size=int(score.get("batch_size", 64)),
+                                   num_workers=int(score.get("num_workers", 0)))  # fmt: skip
+        metrics.update(flatten(scores))
+    if trainer.is_global_zero:
+        write_json_atomic(out_dir / "final_metrics.json", {"metrics": metrics, "overrides": job_overrides(),
+                                                           "step": None, "settings": settings.to_dict(),
+                                                           "size": int(size)})  # fmt: skip
+        print("[dalle2] " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()
+                                      if isinstance(v, float) and k.count("/") <= 2 and "std" not in k))  # fmt: skip
     return out_dir
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """Nested scores -> ``{"checker/accuracy/all": ...}``; numbers and None only."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}/"))
+        elif v is None or isinstance(v, (int, float)):
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def job_overrides() -> list[str]:
+    """This Hydra job's command-line overrides (empty outside Hydra)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
 @hydra.main(config_path="../conf", config_name="sample", version_base="1.3")

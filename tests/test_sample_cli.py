@@ -88,7 +88,7 @@ def test_items_and_fixed_batches_over_ranks():
 def test_files_manifest_grid_and_deterministic(reference, tiny_ckpts, prompts_file, tmp_path):
     names = sorted(p.name for p in reference.iterdir())
     want = [f"{i:05d}{'' if k == 0 else f'_{k}'}.png" for i in (0, 1, 3, 4) for k in (0, 1)]
-    assert names == sorted(want + ["grid.png", "manifest.jsonl"])
+    assert names == sorted(want + ["final_metrics.json", "grid.png", "manifest.jsonl"])  # + timing (no score.*)
     rows = [json.loads(line) for line in (reference / "manifest.jsonl").read_text().splitlines()]
     assert [r["file"] for r in rows] == want  # prompt order
     assert all(r["prompt"] == PROMPT_LINES[r["index"]] and r["seed"] == 5 and r["size"] == 32 for r in rows)

@@ -5,7 +5,9 @@
 Reads, when present: <stage>/DONE.json (wall times), <stage>/csv/metrics.csv (loss curves, val metrics),
 retrieval/metrics.json (CLIP R@1), prior val cosines, sample/grid.png + manifest.jsonl (generated images and
 their prompts), evaluate/metrics.json (FID / CLIP-FD / CLIP score / attribute-checker accuracy), the decoder's and
-upsampler's sample grids. Anything missing is reported as "not run". Plots go to out_dir/report/*.png.
+upsampler's sample grids, a sampling sweep gathered by eval/sweep_gather.py into out_dir/sweep/ (sweep.csv,
+tradeoff.png, steps.png) and each stage's offline wandb run dir (<stage>/wandb/offline-run-*). Anything missing is
+reported as "not run". Plots go to out_dir/report/*.png.
 """
 
 from __future__ import annotations
@@ -317,11 +319,50 @@ def write_report(out_dir: str | Path) -> Path:
                   + ")")  # fmt: skip
             doc.img(grids[-1], f"{s} samples")
 
+    sweep_section(doc, out / "sweep")
+    wandb_section(doc, out)
+
     md = out / "report.md"
     md.write_text(doc.markdown())
     (out / "report.html").write_text(doc.html("dalle2 report"))
     print(f"[dalle2] wrote {md} and {out / 'report.html'}")
     return md
+
+
+def sweep_section(doc: Doc, sweep: Path) -> None:
+    """The sampling sweep (``eval/sweep_gather.py MULTIRUN --out out_dir/sweep``): its table and plots."""
+    doc.h(2, "Sampling sweep: guidance x sampler x steps")
+    table_csv = sweep / "sweep.csv"
+    if not table_csv.is_file():
+        doc.p(f"Sweep: {NOT_RUN} (`python eval/sample.py -m ... guidance.decoder=1,2,3 sampler.decoder=ddim,dpmpp_2m "
+              "steps.decoder=10,25,50`, then `python eval/sweep_gather.py MULTIRUN_DIR --out OUT_DIR/sweep`).")
+        return
+    with table_csv.open() as f:
+        rows = list(csv.reader(f))
+    doc.table(rows[0], [[fmt(float(v)) if _is_number(v) else v for v in r] for r in rows[1:]])
+    for name, alt in (("tradeoff", "CLIP-FD against CLIP score per guidance scale"),
+                      ("steps", "quality against sampling steps per sampler")):  # fmt: skip
+        if (sweep / f"{name}.png").is_file():
+            doc.img(sweep / f"{name}.png", alt)
+
+
+def _is_number(v: str) -> bool:
+    try:
+        float(v)
+    except ValueError:
+        return False
+    return "." in v or "e" in v
+
+
+def wandb_section(doc: Doc, out: Path) -> None:
+    """Each trained stage's offline wandb run dirs (``logger=wandb``), with how to upload them."""
+    doc.h(2, "wandb runs")
+    runs = [(s, d) for s in TRAINED for d in sorted((out / s / "wandb").glob("offline-run-*"))]
+    if not runs:
+        doc.p(f"wandb: {NOT_RUN} (the stages logged with logger=csv; train with logger=wandb to get offline runs).")
+        return
+    doc.table(["stage", "offline wandb run"], [[s, f"`{d.relative_to(out)}`"] for s, d in runs])
+    doc.p("Upload them with `wandb sync <dir>` (or `wandb sync " + str(out) + "/*/wandb/offline-run-*`).")
 
 
 def loss_plot(doc: Doc, figs: Path, stage: str, series: dict) -> None:

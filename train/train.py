@@ -75,11 +75,28 @@ def build_plugins(cfg: DictConfig) -> list:
     return plugins
 
 
+def git_state() -> dict:
+    """The checkout this script runs from (not the working directory): full commit sha and whether it has
+    uncommitted changes; "unknown" outside a git checkout."""
+    import subprocess
+
+    def git(*args: str) -> str | None:
+        try:
+            proc = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), *args], capture_output=True,
+                                  text=True, timeout=10)  # fmt: skip
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return proc.stdout.strip() if proc.returncode == 0 else None
+
+    sha = git("rev-parse", "HEAD")
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    return {"git_sha": sha or "unknown", "git_dirty": None if sha is None or dirty is None else bool(dirty)}
+
+
 def log_run_config(loggers: list, cfg: DictConfig) -> None:
-    """Record the resolved config and the code version (git sha) with every logger."""
-    sha = os.popen("git rev-parse --short HEAD 2>/dev/null").read().strip() or "unknown"
+    """Record the resolved config and the code version (git sha, dirty flag) with every logger."""
     params = OmegaConf.to_container(cfg, resolve=True)
-    params["git_sha"] = sha
+    params.update(git_state())
     for lg in loggers:
         lg.log_hyperparams(params)
 

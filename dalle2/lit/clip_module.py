@@ -1,4 +1,5 @@
-"""LightningModule for contrastive CLIP training with zero-shot retrieval validation."""
+"""LightningModule for contrastive CLIP training with zero-shot retrieval (and optional zero-shot classification)
+validation."""
 
 from __future__ import annotations
 
@@ -6,11 +7,14 @@ from collections.abc import Callable
 
 import lightning as L
 import torch
+import torch.distributed as dist
 
 from dalle2.clip.loss import ClipLoss
 from dalle2.clip.model import CLIP, preprocess_for_clip
-from dalle2.clip.retrieval import retrieval_metrics
+from dalle2.clip.retrieval import metrics_from_ranks, pair_losses, pair_ranks
 from dalle2.clip.tokenizer import Tokenizer, resolve_tokenizer
+from dalle2.clip.zeroshot import ZeroShotTask, class_labels, zeroshot_classifier, zeroshot_metrics
+from dalle2.distributed import is_distributed
 from dalle2.lit.checkpoints import StageCheckpointMixin
 from dalle2.lit.distributed import gather_ragged, log_reduced
 from dalle2.lit.optim import build_optimizers
@@ -24,6 +28,12 @@ class CLIPModule(StageCheckpointMixin, L.LightningModule):
 
     The BPE vocabulary the batches were tokenized with (the datamodule's tokenizer, bound in ``setup``) is stored in
     the checkpoint (``vocabulary``): :meth:`tokenizer` gives it back to every consumer of this CLIP.
+
+    Validation (the whole val set, gathered over ranks): image<->text R@1/5/10, mean rank and the symmetric InfoNCE
+    ``val/loss``, each rank computing the similarity rows ``rank::world`` in chunks of ``val_chunk_size`` (never an
+    N x N matrix); with ``zeroshot={"classnames": FILE, "templates": FILE, "label": "{shape}"}`` (or
+    :meth:`set_zeroshot`) also ``val/zeroshot/top1`` / ``top5`` (:mod:`dalle2.clip.zeroshot`; the files are read
+    here and not stored in the checkpoint's hyperparameters).
     """
 
     stage = "clip"
@@ -35,16 +45,30 @@ class CLIPModule(StageCheckpointMixin, L.LightningModule):
         local_loss: bool = True,
         gather_with_grad: bool = True,
         image_key: str = "image",
+        val_chunk_size: int = 256,
+        zeroshot: dict | None = None,
         optimizer: Callable | None = None,
         scheduler: Callable | None = None,
     ):
         super().__init__()
-        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.save_hyperparameters(ignore=["optimizer", "scheduler", "zeroshot"])
         self.model = CLIP(**network)
         self.loss_fn = ClipLoss(local_loss=local_loss, gather_with_grad=gather_with_grad)
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self._val_image: list[torch.Tensor] = []
         self._val_text: list[torch.Tensor] = []
+        self._val_label: list[torch.Tensor] = []
+        self.zeroshot: ZeroShotTask | None = None
+        self._zeroshot_tokenizer: Tokenizer | None = None
+        if zeroshot and zeroshot.get("classnames"):
+            self.set_zeroshot(ZeroShotTask.from_files(zeroshot["classnames"], zeroshot["templates"],
+                                                      label=zeroshot.get("label", "{shape}"),
+                                                      ks=tuple(zeroshot.get("ks", (1, 5)))))  # fmt: skip
+
+    def set_zeroshot(self, task: ZeroShotTask | None, tokenizer: Tokenizer | None = None) -> None:
+        """Score zero-shot classification at validation (None: off); ``tokenizer`` for the prompts (default: this
+        CLIP's own, :meth:`tokenizer`)."""
+        self.zeroshot, self._zeroshot_tokenizer = task, tokenizer
 
     # -- the vocabulary ---------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -85,26 +109,50 @@ class CLIPModule(StageCheckpointMixin, L.LightningModule):
         out = self(batch[self.hparams.image_key], batch["tokens"])
         self._val_image.append(out["image_features"].float())
         self._val_text.append(out["text_features"].float())
+        if self.zeroshot is not None:
+            metas = batch.get("meta") or [None] * len(out["image_features"])
+            self._val_label.append(class_labels(metas, self.zeroshot).to(self.device))
 
-    def on_validation_epoch_end(self) -> None:
+    def _gather_val(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         # every rank gathers, also one whose val shard was empty (it contributes 0 rows): no rank is left waiting
         empty = torch.zeros(0, self.model.embed_dim, device=self.device)
         img = gather_ragged(torch.cat(self._val_image) if self._val_image else empty)
         txt = gather_ragged(torch.cat(self._val_text) if self._val_text else empty)
-        self._val_image.clear()
-        self._val_text.clear()
+        labels = None
+        if self.zeroshot is not None:
+            none = torch.zeros(0, dtype=torch.long, device=self.device)
+            labels = gather_ragged(torch.cat(self._val_label) if self._val_label else none)
+        self._val_image.clear(), self._val_text.clear(), self._val_label.clear()
+        return img, txt, labels
+
+    def on_validation_epoch_end(self) -> None:
+        img, txt, labels = self._gather_val()
         if len(img) == 0:
             return
-        metrics = retrieval_metrics(img, txt)
-        scale = self.model.clamped_logit_scale()
-        logits = scale * img @ txt.t()
-        labels = torch.arange(len(img), device=img.device)
-        val_loss = 0.5 * (
-            torch.nn.functional.cross_entropy(logits, labels) + torch.nn.functional.cross_entropy(logits.t(), labels)
-        )
-        log = {f"val/{k}": float(v) for k, v in metrics.items()}
-        log["val/loss"] = float(val_loss)
+        # this rank's share of the similarity rows (each per-row value is then gathered): 1/W of the work and
+        # memory O(val_chunk_size x N), never an N x N matrix
+        rank, world = (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
+        rows = torch.arange(rank, len(img), world, device=img.device)
+        chunk = int(self.hparams.get("val_chunk_size") or 256)
+        scale = self.model.clamped_logit_scale().detach().float()
+        i2t = gather_ragged(pair_ranks(img, txt, rows=rows, chunk_size=chunk))
+        t2i = gather_ragged(pair_ranks(txt, img, rows=rows, chunk_size=chunk))
+        loss_terms = gather_ragged(torch.cat([pair_losses(img, txt, scale, rows=rows, chunk_size=chunk),
+                                              pair_losses(txt, img, scale, rows=rows, chunk_size=chunk)]))  # fmt: skip
+        log = {f"val/{k}": float(v) for k, v in metrics_from_ranks(i2t, t2i).items()}
+        log["val/loss"] = float(loss_terms.mean())  # = (CE(s I T^T) + CE(s T I^T)) / 2: equal counts per direction
+        if self.zeroshot is not None:
+            log.update({f"val/zeroshot/{k}": float(v) for k, v in self.zeroshot_scores(img, labels).items()})
         log_reduced(self, log)  # every rank holds the same gathered values: no further reduction needed
+
+    @torch.no_grad()
+    def zeroshot_scores(self, image_features: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        """Top-k accuracy of ``image_features`` (N, D) against :attr:`zeroshot`'s class weights."""
+        task = self.zeroshot
+        tokenizer = self._zeroshot_tokenizer or self.tokenizer()
+        classifier = zeroshot_classifier(self.model.encode_text, tokenizer, task.classnames, task.templates,
+                                         device=self.device)  # fmt: skip
+        return zeroshot_metrics(image_features, labels, classifier, ks=task.ks)
 
     def configure_optimizers(self):
         return build_optimizers(self.model, self.optimizer_factory, self.scheduler_factory, default_lr=5e-4)

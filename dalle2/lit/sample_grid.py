@@ -7,7 +7,7 @@ training batch) with the EMA network and a few DDIM steps, and on rank zero:
 - writes ``<out_dir>/samples/step_XXXXXXX.png`` (rows: reference images, samples [, bicubic baseline]) and
   ``step_XXXXXXX.txt`` with the captions of the columns (``out_dir``: the callback's, else
   ``trainer.default_root_dir``, else the logger's log dir);
-- logs the grid to wandb when a ``WandbLogger`` is attached;
+- logs the grid to wandb when a ``WandbLogger`` is attached (key ``samples``, captioned with the columns' captions);
 - logs ``sanity/noise_like`` (1 when at least half the samples look like Gaussian noise: see :func:`noise_like`,
   with a loud warning), ``sanity/autocorr`` and the module's preview metrics (the upsampler's ``val/psnr`` and
   ``val/psnr_bicubic``).
@@ -160,6 +160,7 @@ class SampleGrid(L.Callback):
             pl_module.log(k, v, rank_zero_only=True)
         for lg in trainer.loggers:
             if type(lg).__name__ == "WandbLogger":
-                lg.log_image(key="samples", images=[str(path)], step=step)
+                caption = "  ".join(f"{i}: {c}" for i, c in enumerate(out.get("captions") or []))
+                lg.log_image(key="samples", images=[str(path)], step=step, caption=[caption or f"step {step}"])
         self.last = {"path": str(path), "metrics": metrics}
         return self.last

@@ -1,0 +1,72 @@
+"""Zero-shot image classification of a CLIP on labelled image shards; writes the metrics as JSON.
+
+    python eval/zeroshot.py clip_ckpt=runs/clip/.../last.ckpt "data.urls='data_builtin/val/{00000..00001}.tar'" \
+        classnames=builtin_shapes templates=builtin_templates "label='{shape}'" out=zeroshot.json [trainer.devices=N]
+
+open_clip's ImageNet protocol (dalle2/clip/zeroshot.py): class names and prompt templates from files, each class's
+weight the mean of its templates' normalised text embeddings (renormalised), top-1 / top-5 accuracy.  A sample's class
+is its ``.json`` formatted with ``label`` ("{shape}", "{color} {shape}"); samples naming no known class are counted
+(``num_unlabelled``), not scored.  Runs as the CLIP's own validation: image features gathered from all ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import hydra
+import lightning as L
+from omegaconf import DictConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from dalle2.clip.zeroshot import ZeroShotTask  # noqa: E402
+from dalle2.data.datamodule import WebDataModule  # noqa: E402
+from dalle2.lit.checkpoints import CHECKPOINT_ERRORS  # noqa: E402
+from dalle2.lit.clip_module import load_clip  # noqa: E402
+
+
+def run(cfg: DictConfig) -> dict:
+    try:
+        task = ZeroShotTask.from_files(cfg.classnames, cfg.templates, label=cfg.label, ks=tuple(cfg.ks))
+    except (FileNotFoundError, ValueError) as exc:
+        raise SystemExit(f"error: {exc}") from None
+    module = load_clip(cfg.clip_ckpt, trust_checkpoint=bool(cfg.get("trust_checkpoint", False)))
+    tokenizer = module.tokenizer(cfg.data.tokenizer_path)
+    module.set_zeroshot(task, tokenizer=tokenizer)
+    dm = WebDataModule(train_urls=None, val_urls=cfg.data.urls, image_size=cfg.data.image_size or module.model.image_size,
+                       val_batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers, tokenizer=tokenizer,
+                       context_length=module.model.context_length)  # fmt: skip
+    trainer = L.Trainer(accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices,
+                        precision=cfg.trainer.precision, enable_progress_bar=bool(cfg.trainer.enable_progress_bar),
+                        logger=False, enable_checkpointing=False,
+                        enable_model_summary=False)  # fmt: skip
+    [metrics] = trainer.validate(module, datamodule=dm, verbose=False)
+    result = {k.removeprefix("val/zeroshot/"): v for k, v in metrics.items() if k.startswith("val/zeroshot/")}
+    for k in ("num_samples", "num_unlabelled", "num_classes"):
+        result[k] = int(result.get(k, 0))
+    result.update(clip_ckpt=str(cfg.clip_ckpt), urls=str(cfg.data.urls), classnames=str(cfg.classnames),
+                  templates=str(cfg.templates), num_templates=len(task.templates), label=task.label)  # fmt: skip
+    return result
+
+
+@hydra.main(config_path="../conf", config_name="zeroshot", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    try:
+        result = run(cfg)
+    except CHECKPOINT_ERRORS as e:  # a refused / wrong-stage / missing checkpoint, a mismatched vocabulary: one line
+        raise SystemExit(f"error: {e}") from None
+    if result["num_samples"] == 0:
+        raise SystemExit(f"error: no sample of {cfg.data.urls} has a class of {cfg.classnames} "
+                         f"(label={cfg.label!r} over each sample's .json)")  # fmt: skip
+    text = json.dumps(result, indent=2, sort_keys=True)
+    if cfg.out:
+        Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(cfg.out).write_text(text + "\n")
+        print(f"[dalle2] wrote {cfg.out}")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
