@@ -13,6 +13,7 @@ from dalle2.clip.retrieval import retrieval_metrics
 from dalle2.clip.tokenizer import Tokenizer, resolve_tokenizer
 from dalle2.lit.checkpoints import StageCheckpointMixin
 from dalle2.lit.distributed import gather_ragged, log_reduced
+from dalle2.lit.fsdp import shard_module
 from dalle2.lit.optim import build_optimizers
 
 
@@ -105,6 +106,9 @@ class CLIPModule(StageCheckpointMixin, L.LightningModule):
         log = {f"val/{k}": float(v) for k, v in metrics.items()}
         log["val/loss"] = float(val_loss)
         log_reduced(self, log)  # every rank holds the same gathered values: no further reduction needed
+
+    def configure_model(self) -> None:
+        shard_module(self, [(self.model, True)])  # trainer=fsdp (dalle2/lit/fsdp.py); other strategies: nothing
 
     def configure_optimizers(self):
         return build_optimizers(self.model, self.optimizer_factory, self.scheduler_factory, default_lr=5e-4)

@@ -17,6 +17,7 @@ from dalle2.clip.tokenizer import Tokenizer, resolve_tokenizer
 from dalle2.diffusion import build_diffusion
 from dalle2.lit.checkpoints import StageCheckpointMixin
 from dalle2.lit.distributed import MeanAccumulator, log_reduced
+from dalle2.lit.fsdp import shard_module
 from dalle2.lit.optim import build_optimizers
 from dalle2.nn import EMA
 
@@ -83,6 +84,10 @@ class DiffusionStageModule(StageCheckpointMixin, L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         means = self._val_metrics.reduce()  # a collective every rank reaches, with or without val batches
         log_reduced(self, means, prog_bar=("val/loss", "val/cos_sampled"))
+
+    def configure_model(self) -> None:
+        # trainer=fsdp: the network and its EMA copy sharded alike (dalle2/lit/fsdp.py); other strategies: nothing
+        shard_module(self, [(self.net, True), *([(self.ema.module, False)] if self.ema is not None else [])])
 
     def configure_optimizers(self):
         return build_optimizers(self.net, self.optimizer_factory, self.scheduler_factory, default_lr=self._default_lr)
