@@ -43,7 +43,7 @@ __all__ = ["DTYPES", "FSDP2Strategy", "SHARD_UNITS", "is_sharded", "shard_module
 # the units of sharding (each one all-gathered for its forward and freed after): blocks of every network here
 SHARD_UNITS: tuple[type[nn.Module], ...] = (PriorBlock, ResidualAttentionBlock, ResBlock, PixelAttention, Bottleneck)
 # methods other than forward that the stages call on a network (they all-gather its root parameters too)
-FORWARD_METHODS = ("encode_text", "encode_image", "embed_images", "encode_text_features")
+FORWARD_METHODS = ("encode_text", "encode_image", "embed_images", "encode_text_features", "clamped_logit_scale")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
 
@@ -71,6 +71,7 @@ def shard_network(net: nn.Module, mesh, *, mp_policy=None, reshard_after_forward
     if isinstance(net, FSDPModule):
         return net
     kw = dict(mesh=mesh, mp_policy=mp_policy or MixedPrecisionPolicy(), reshard_after_forward=reshard_after_forward)
+    _vectorize_scalars(net)
     for m in reversed(list(net.modules())):  # a child comes after its parent in modules(): reversed, children first
         if isinstance(m, SHARD_UNITS) and m is not net:
             fully_shard(m, **kw)
@@ -80,6 +81,15 @@ def shard_network(net: nn.Module, mesh, *, mp_policy=None, reshard_after_forward
         if callable(getattr(type(net), name, None)):
             _register_forward_method(net, name)
     return net
+
+
+def _vectorize_scalars(net: nn.Module) -> None:
+    """fully_shard shards dim 0, so a 0-d parameter (CLIP's ``logit_scale``) becomes a 1-element vector (it
+    broadcasts as before; CLIP loads either shape)."""
+    for module in net.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            if p.ndim == 0:
+                setattr(module, name, nn.Parameter(p.detach().reshape(1), requires_grad=p.requires_grad))
 
 
 def _track_forward(net: nn.Module) -> None:
