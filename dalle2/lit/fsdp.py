@@ -38,7 +38,7 @@ from dalle2.decoder.blocks import PixelAttention, ResBlock
 from dalle2.nn.transformer import ResidualAttentionBlock
 from dalle2.prior.network import PriorBlock
 
-__all__ = ["DTYPES", "FSDP2Strategy", "SHARD_UNITS", "is_sharded", "shard_module", "shard_network"]
+__all__ = ["DTYPES", "FSDP2Strategy", "SHARD_UNITS", "compile_network", "is_sharded", "shard_module", "shard_network"]
 
 # the units of sharding (each one all-gathered for its forward and freed after): blocks of every network here
 SHARD_UNITS: tuple[type[nn.Module], ...] = (PriorBlock, ResidualAttentionBlock, ResBlock, PixelAttention, Bottleneck)
@@ -208,6 +208,19 @@ def replace_dir(src: Path, dst: Path) -> None:
     os.replace(src, dst)
     if prev.exists():
         shutil.rmtree(prev) if prev.is_dir() else prev.unlink()
+
+
+def compile_network(net: nn.Module) -> nn.Module:
+    """``torch.compile`` ``net`` in place (``nn.Module.compile``: parameter names, state_dict and checkpoints unchanged):
+    the whole network, or, when it is sharded (FSDP2 hooks between blocks), each :data:`SHARD_UNITS` block (the
+    torchtitan recipe) with the glue around them eager. Idempotent."""
+    if getattr(net, "_dalle2_compiled", False):
+        return net
+    targets = [m for m in net.modules() if isinstance(m, SHARD_UNITS)] if is_sharded(net) else [net]
+    for m in targets:
+        m.compile()
+    net._dalle2_compiled = True
+    return net
 
 
 def shard_module(module, networks: list[tuple[nn.Module, bool]]) -> None:
