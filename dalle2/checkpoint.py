@@ -3,6 +3,9 @@
 * Lightning ``.ckpt`` files go through torch's weights-only unpickler (:func:`dalle2.safe_load.torch_load`): a file
   that would run code is refused with :class:`UntrustedCheckpointError` before anything else is looked at;
   ``trust_checkpoint=True`` unpickles it anyway, with a warning.
+* Sharded checkpoints (``trainer=fsdp``: a directory ``last.ckpt/`` with one DCP shard file per rank and Lightning's
+  ``meta.pt``) read the same way: ``meta.pt`` weights-only, the DCP index through an allowlist, and the shards'
+  tensors consolidated in this process (:func:`dalle2.safe_load.read_dcp_state`; no process group needed).
 * dalle2 safetensors exports (``python -m dalle2.export``) are read with no unpickling at all.
 * A file of the wrong stage is one clear :class:`WrongStageError`.
 
@@ -21,7 +24,7 @@ from typing import Any
 import torch
 
 from dalle2.clip.tokenizer import Vocabulary, VocabularyMismatchError
-from dalle2.safe_load import UntrustedCheckpointError, torch_load
+from dalle2.safe_load import UntrustedCheckpointError, read_dcp_metadata, read_dcp_state, torch_load
 
 STAGE_KEY = "dalle2_stage"
 VOCAB_KEY = "dalle2_vocabulary"  # {"name", "sha256", "vocab_size", "merges"}: the CLIP's BPE vocabulary
@@ -29,12 +32,14 @@ EXPORT_KEY = "dalle2_export"  # safetensors metadata: the export's JSON config
 EXPORT_FORMAT, EXPORT_VERSION = "dalle2.export", 1
 VOCAB_TENSOR = "dalle2.vocabulary.merges"  # an export's vocabulary merges, as UTF-8 bytes (uint8)
 STAGES = ("clip", "prior", "decoder", "upsampler")
+SHARDED_META = "meta.pt"  # a sharded checkpoint directory's Lightning metadata (all but weights and optimizer state)
 # state_dict prefix of each kind of weights in a stage's .ckpt
 WEIGHT_PREFIXES = {"ema": "ema.module.", "raw": "net.", "model": "model."}
 
 __all__ = [
     "CHECKPOINT_ERRORS", "STAGES", "STAGE_KEY", "VOCAB_KEY", "StageFile", "UntrustedCheckpointError",
-    "WrongStageError", "check_stage", "checkpoint_stage", "is_export", "load_checkpoint", "read_export", "read_stage",
+    "WrongStageError", "check_stage", "checkpoint_stage", "is_export", "is_sharded_checkpoint", "load_checkpoint",
+    "read_export", "read_stage",
 ]  # fmt: skip
 
 
@@ -46,9 +51,37 @@ class WrongStageError(ValueError):
 CHECKPOINT_ERRORS = (FileNotFoundError, UntrustedCheckpointError, WrongStageError, VocabularyMismatchError)
 
 
-def load_checkpoint(path: str | Path, *, trust_checkpoint: bool = False) -> Any:
-    """The unpickled ``.ckpt`` (a dict for ours), tensors memory-mapped; never runs code unless ``trust_checkpoint``."""
-    return torch_load(path, trust_checkpoint=trust_checkpoint)
+def is_sharded_checkpoint(path: str | Path) -> bool:
+    """A sharded (distributed) checkpoint directory as ``trainer=fsdp`` writes it (``<dir>/meta.pt`` + DCP shards)."""
+    path = Path(path)
+    return path.is_dir() and (path / SHARDED_META).is_file()
+
+
+def _exists(path: Path) -> None:
+    if not (path.is_file() or is_sharded_checkpoint(path)):
+        what = "a directory that is not a sharded checkpoint (no meta.pt)" if path.is_dir() else "not found"
+        raise FileNotFoundError(f"checkpoint {what}: {path}")
+
+
+def load_checkpoint(path: str | Path, *, trust_checkpoint: bool = False, tensors: bool = True) -> Any:
+    """The unpickled ``.ckpt`` (a dict for ours), tensors memory-mapped; never runs code unless ``trust_checkpoint``.
+
+    A sharded checkpoint directory gives the same dict: its ``meta.pt`` with the consolidated ``state_dict`` (full
+    tensors, keys as in a ``.ckpt``) and ``optimizer_states``; ``tensors=False`` reads ``meta.pt`` alone (after
+    checking the shards' index)."""
+    path = Path(path)
+    _exists(path)
+    if path.is_file():
+        return torch_load(path, trust_checkpoint=trust_checkpoint)
+    ckpt = torch_load(path / SHARDED_META, trust_checkpoint=trust_checkpoint)
+    if not tensors:
+        read_dcp_metadata(path, trust_checkpoint=trust_checkpoint)
+        return ckpt
+    state = read_dcp_state(path, trust_checkpoint=trust_checkpoint)
+    ckpt["state_dict"] = state.pop("state_dict", {})
+    optimizers = sorted((k for k in state if k.startswith("optimizer_")), key=lambda k: int(k.split("_")[1]))
+    ckpt["optimizer_states"] = [state[k] for k in optimizers]  # keyed by parameter name (FQN), not index
+    return ckpt
 
 
 def is_export(path: str | Path) -> bool:
@@ -110,13 +143,13 @@ def read_export(path: str | Path) -> tuple[dict, dict, Vocabulary | None]:
 
 
 def checkpoint_stage(path: str | Path, *, trust_checkpoint: bool = False) -> str | None:
-    """The stage a ``.ckpt`` or export of ours was written by (None when it is not one of ours)."""
+    """The stage a ``.ckpt``, sharded checkpoint directory or export of ours was written by (None when it is not one
+    of ours)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+    _exists(path)
     if str(path).endswith(".safetensors"):
         return _export_config(path).get("stage")
-    ckpt = load_checkpoint(path, trust_checkpoint=trust_checkpoint)
+    ckpt = load_checkpoint(path, trust_checkpoint=trust_checkpoint, tensors=False)
     return ckpt.get(STAGE_KEY) if isinstance(ckpt, dict) else None
 
 
@@ -142,7 +175,8 @@ class StageFile:
 
 
 def read_stage(path: str | Path, stage: str | None, *, weights: str = "ema", trust_checkpoint: bool = False) -> StageFile:
-    """The :class:`StageFile` of a ``.ckpt`` (weights-only unpickling) or a dalle2 safetensors export (none); the
+    """The :class:`StageFile` of a ``.ckpt`` or sharded checkpoint directory (weights-only unpickling) or a dalle2
+    safetensors export (none); the
     stage is checked (:class:`WrongStageError`; ``stage=None`` takes any of ours). ``weights``: ``ema`` or ``raw``
     (which network of a diffusion stage's ``.ckpt``)."""
     if stage is not None and stage not in STAGES:
@@ -150,8 +184,7 @@ def read_stage(path: str | Path, stage: str | None, *, weights: str = "ema", tru
     if weights not in ("ema", "raw"):
         raise ValueError(f"weights={weights!r}: expected 'ema' or 'raw'")
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+    _exists(path)
     if str(path).endswith(".safetensors"):
         config, tensors, vocab = read_export(path)
         found = config.get("stage")

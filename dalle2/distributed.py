@@ -5,11 +5,18 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["gather_ragged", "is_distributed"]
+__all__ = ["gather_ragged", "is_distributed", "local_shard"]
 
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def local_shard(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (an FSDP2-sharded parameter or gradient); a plain tensor as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def gather_ragged(x: torch.Tensor) -> torch.Tensor:

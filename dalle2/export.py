@@ -12,6 +12,9 @@ is the safetensors file's ``dalle2_export`` metadata, so the ``.safetensors`` al
 (evaluate, precompute, train), ``UnCLIPPipeline.from_checkpoints(prior="shared/prior.safetensors", ...)``,
 ``load_stage_module(path, "prior")``.  Loading an export never unpickles anything.
 
+``ckpt`` may also be a sharded checkpoint directory (``trainer=fsdp``: ``checkpoints/last.ckpt/``): its shards are
+consolidated in this process (no process group; :func:`dalle2.checkpoint.load_checkpoint`) into the one file.
+
 ``out`` is a path without suffix (``shared/prior``), a ``.safetensors`` path, or an existing directory (then
 ``<dir>/<stage>``).  Existing files are kept unless ``force=true``; files are written to a temporary name and
 renamed, so an interrupted export leaves nothing half-written.  A checkpoint that cannot be read without running
@@ -74,7 +77,8 @@ def _atomic_write(path: Path, write) -> None:
 def export_checkpoint(
     ckpt: str | Path, out: str | Path, *, weights: str = "ema", force: bool = False, trust_checkpoint: bool = False
 ) -> Path:
-    """Write ``<out>.safetensors`` + ``<out>.json`` for the stage checkpoint ``ckpt``; returns the safetensors path.
+    """Write ``<out>.safetensors`` + ``<out>.json`` for the stage checkpoint ``ckpt`` (a ``.ckpt`` file or a sharded
+    checkpoint directory); returns the safetensors path.
 
     ``weights``: ``ema`` (default: what sampling uses) or ``raw`` for the prior, decoder and upsamplers (a CLIP has
     one set of weights)."""

@@ -4,6 +4,9 @@
   containers and numbers, nothing else.  A file that names anything more (``os.system`` in a ``__reduce__``, any class
   of its own) is refused with :class:`UntrustedCheckpointError`: one line naming the file, what it would have called,
   and ``trust_checkpoint=true`` — the explicit (warned) way to unpickle it anyway.
+* :func:`read_dcp_metadata` — the ``.metadata`` index of a sharded (torch.distributed.checkpoint) checkpoint
+  directory, which torch itself unpickles with no restriction: here only DCP's own metadata records, ``torch.Size``,
+  dtypes and paths may be built.  :func:`read_dcp_state` then reads the shards' tensors through it.
 * :func:`read_torchscript_state_dict` — the tensors of a TorchScript archive (OpenAI's CLIP ``.pt`` files) without
   ``torch.jit.load``, which would run the archive's code: ``data.pkl`` goes through the same weights-only unpickler,
   TorchScript's own classes (``__torch__.*``) become inert attribute records, and the tensors' bytes are read from
@@ -31,6 +34,8 @@ __all__ = [
     "TRUST_HINT",
     "UntrustedCheckpointError",
     "is_torchscript_archive",
+    "read_dcp_metadata",
+    "read_dcp_state",
     "read_torchscript_state_dict",
     "refusal",
     "torch_load",
@@ -121,6 +126,74 @@ def torch_load(path, *, trust_checkpoint: bool = False, map_location: Any = "cpu
     except (RuntimeError, EOFError, OSError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ValueError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {first})") from None
+
+
+# -- sharded (DCP) checkpoint directories ---------------------------------------------------------------------
+
+_DCP_GLOBALS = {
+    "torch.distributed.checkpoint.metadata": {"Metadata", "ChunkStorageMetadata", "BytesStorageMetadata",
+                                              "TensorProperties", "TensorStorageMetadata", "MetadataIndex",
+                                              "StorageMeta", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch._utils": {"_get_layout"},
+    "torch.serialization": {"_get_layout"},  # a layout by its name (torch.strided)
+    "torch": {"Size"},
+    "pathlib": {"PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath", "Path"},
+    "collections": {"OrderedDict"},
+}  # fmt: skip
+
+
+class _DCPMetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        obj = None
+        if name in _DCP_GLOBALS.get(module, ()):
+            obj = getattr(sys.modules.get(module) or __import__(module, fromlist=[name]), name)
+        elif module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            obj = getattr(torch, name)
+        if obj is None:
+            raise pickle.UnpicklingError(f"{module}.{name}")
+        return obj
+
+
+def read_dcp_metadata(path, *, trust_checkpoint: bool = False):
+    """The ``Metadata`` of the DCP checkpoint directory ``path`` (its ``.metadata`` file), unpickled with nothing but
+    DCP's metadata records allowed; anything else is an :class:`UntrustedCheckpointError` (unless trusted)."""
+    import torch.distributed.checkpoint.filesystem  # noqa: F401 - the classes the allowlist names
+
+    file = Path(path) / ".metadata"
+    if not file.is_file():
+        raise FileNotFoundError(f"{path}: not a sharded checkpoint (no .metadata)")
+    with open(file, "rb") as f:
+        if trust_checkpoint:
+            warn_trusted(file)
+            return pickle.load(f)
+        try:
+            return _DCPMetadataUnpickler(f).load()
+        except pickle.UnpicklingError as e:
+            raise refusal(file, f"unpickling it would call or build {e}") from None
+        except (EOFError, ValueError, TypeError, AttributeError) as e:
+            raise ValueError(f"{file}: not a readable checkpoint index ({type(e).__name__}: {e})") from None
+
+
+def read_dcp_state(path, keys: set[str] | None = None, *, trust_checkpoint: bool = False) -> dict:
+    """The tensors (and other entries) of the DCP checkpoint directory ``path`` as one nested dict, in this process
+    (no process group), optionally only the top-level ``keys``; the index is read by :func:`read_dcp_metadata`."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    metadata = read_dcp_metadata(path, trust_checkpoint=trust_checkpoint)
+
+    class _Reader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            if getattr(metadata, "storage_meta", None) is not None:
+                metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    state: dict = {}
+    _load_state_dict(state, storage_reader=_Reader(str(path)), planner=_EmptyStateDictLoadPlanner(keys=keys),
+                     no_dist=True)  # fmt: skip
+    return state
 
 
 # -- TorchScript archives without torch.jit -------------------------------------------------------------------

@@ -264,7 +264,7 @@ class Plan:
     def enabled_models(self) -> set[str]:
         """Trained stages whose checkpoint exists or will be made in this run (an upsampler is optional)."""
         listed = set(self.cfg.stages)
-        return {s for s in TRAINED if s in listed or s in self.given or Path(self.ckpt(s)).is_file()}
+        return {s for s in TRAINED if s in listed or s in self.given or Path(self.ckpt(s)).exists()}  # a file, or a sharded (fsdp) checkpoint dir
 
 
 # --------------------------------------------------------------------------------------------- running
@@ -496,7 +496,7 @@ def run(cfg: DictConfig) -> dict[str, dict]:
         }  # fmt: skip
         if name in TRAINED:
             record["outputs"]["ckpt"] = plan.ckpt(name)
-            if not Path(plan.ckpt(name)).is_file():
+            if not Path(plan.ckpt(name)).exists():  # a file, or a sharded (fsdp) checkpoint directory
                 raise SystemExit(f"[train_all] stage {name} ended without {plan.ckpt(name)}")
         write_json_atomic(done_path(plan, name), record)
         print(f"[train_all] {name}: done in {wall:.0f} s ({cpu:.0f} CPU-s)", flush=True)

@@ -309,6 +309,14 @@ def text_mask(tokens: torch.Tensor, length: int | None = None) -> torch.Tensor:
     return mask
 
 
+def _logit_scale_shape(module, state_dict, prefix, *args) -> None:
+    """Load a 1-element ``logit_scale`` (sharded training keeps it as a vector: FSDP shards dim 0) into either shape."""
+    key, mine = prefix + "logit_scale", module.logit_scale
+    value = state_dict.get(key)
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.shape != mine.shape:
+        state_dict[key] = value.reshape(mine.shape)
+
+
 class CLIP(nn.Module):
     """Contrastive image-text model (``vision_layers`` as an int: ViT; as 4 stage depths: ModifiedResNet).
 
@@ -376,6 +384,8 @@ class CLIP(nn.Module):
             grad_checkpointing=grad_checkpointing,
         )
         self.logit_scale = nn.Parameter(torch.tensor(LOGIT_SCALE_INIT))
+        self._register_load_state_dict_pre_hook(_logit_scale_shape, with_module=True)
+
 
     # -- config ---------------------------------------------------------------------------------------------
     def to_config(self) -> dict[str, Any]:

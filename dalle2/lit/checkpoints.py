@@ -15,8 +15,8 @@ from typing import Any
 
 from dalle2.checkpoint import (
     CHECKPOINT_ERRORS, EXPORT_FORMAT, EXPORT_KEY, EXPORT_VERSION, STAGE_KEY, VOCAB_KEY, VOCAB_TENSOR, StageFile,
-    UntrustedCheckpointError, WrongStageError, check_stage, checkpoint_stage, is_export, load_checkpoint, read_export,
-    read_stage,
+    SHARDED_META, UntrustedCheckpointError, WrongStageError, check_stage, checkpoint_stage, is_export,
+    is_sharded_checkpoint, load_checkpoint, read_export, read_stage,
 )
 from dalle2.clip.tokenizer import Tokenizer, Vocabulary, VocabularyMismatchError
 from dalle2.safe_load import torch_load
@@ -31,7 +31,8 @@ STAGE_CLASSES = {
 __all__ = [
     "CHECKPOINT_ERRORS", "EXPORT_FORMAT", "EXPORT_KEY", "EXPORT_VERSION", "STAGE_CLASSES", "STAGE_KEY", "VOCAB_KEY",
     "VOCAB_TENSOR", "RunDirInUseError", "StageCheckpointMixin", "StageFile", "UntrustedCheckpointError",
-    "WrongStageError", "build_module", "check_stage", "checkpoint_stage", "is_export", "load_checkpoint",
+    "WrongStageError", "build_module", "check_stage", "checkpoint_stage", "is_export", "is_sharded_checkpoint",
+    "load_checkpoint",
     "load_stage_module", "read_export", "read_stage", "resolve_ckpt_path", "run_checkpoints",
 ]  # fmt: skip
 
@@ -104,14 +105,15 @@ def _load_weights(module, sd: dict, *, source, what: str = "weights") -> None:
 
 
 def load_stage_module(path: str | Path, stage: str, *, map_location="cpu", trust_checkpoint: bool = False):
-    """The ``stage`` module from a ``.ckpt`` (weights-only unpickling) or a dalle2 safetensors export (none).
+    """The ``stage`` module from a ``.ckpt`` or sharded checkpoint directory (weights-only unpickling) or a dalle2
+    safetensors export (none).
 
     The stage is checked from that safe load (:class:`WrongStageError`); a file that would run code raises
     :class:`UntrustedCheckpointError` unless ``trust_checkpoint``.  An export's weights (the EMA weights of a
     diffusion stage) fill both the network and its EMA copy."""
     _stage_class(stage)
     path = Path(path)
-    if not path.is_file():
+    if not (path.is_file() or is_sharded_checkpoint(path)):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if str(path).endswith(".safetensors"):
         config, tensors, vocab = read_export(path)
@@ -136,9 +138,10 @@ class RunDirInUseError(RuntimeError):
 
 def checkpoint_step(path: str | Path) -> int | None:
     """The ``global_step`` stored in a Lightning checkpoint (a safe load with mmap: no code runs, no tensor is
-    copied); None, with a warning naming the file, when it cannot be read as one."""
+    copied; a sharded checkpoint directory's ``meta.pt``); None, with a warning naming the file, when it cannot be
+    read as one."""
     try:
-        ckpt = torch_load(path)
+        ckpt = torch_load(Path(path) / SHARDED_META if Path(path).is_dir() else path)
     except Exception as e:  # truncated, foreign, or refused: not a candidate
         warnings.warn(f"{path}: not a readable checkpoint ({type(e).__name__}: {e}); passed over", stacklevel=2)
         return None
@@ -149,12 +152,14 @@ def checkpoint_step(path: str | Path) -> int | None:
 def run_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     """``(global_step, path)`` of the checkpoints a run left in ``run_dir``, newest first: ``checkpoints/last*.ckpt``,
     ``checkpoints/step_*.ckpt`` and Lightning's SLURM ``hpc_ckpt_*.ckpt`` (in the run dir itself); unreadable
-    files are left out. Ties keep ``last.ckpt`` first."""
+    files are left out. Sharded checkpoints (``trainer=fsdp``) are directories of those names. Ties keep ``last.ckpt``
+    first."""
     run_dir = Path(run_dir)
     names = ("last*.ckpt", "step_*.ckpt", "*.ckpt")
     files = dict.fromkeys(p for pattern in names for p in sorted((run_dir / "checkpoints").glob(pattern)))
     files.update(dict.fromkeys(sorted(run_dir.glob("hpc_ckpt_*.ckpt"))))
-    found = [(step, p) for p in files if p.is_file() and (step := checkpoint_step(p)) is not None]
+    found = [(step, p) for p in files
+             if (p.is_file() or is_sharded_checkpoint(p)) and (step := checkpoint_step(p)) is not None]  # fmt: skip
     return sorted(found, key=lambda sp: -sp[0])  # stable: last.ckpt first among equal steps
 
 
@@ -167,7 +172,8 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: str | Path) -> str | No
     * ``"last"``: the newest checkpoint of ``output_dir`` by global step (``last.ckpt``, ``step_*.ckpt``,
       ``hpc_ckpt_*.ckpt``), else from scratch (so one command line works for the first launch and every requeue;
       pin the run dir with ``hydra.run.dir=...``).
-    * a run directory: its newest checkpoint likewise;  a file: that file (``FileNotFoundError`` when missing).
+    * a run directory: its newest checkpoint likewise;  a file or a sharded checkpoint directory: that checkpoint
+      (``FileNotFoundError`` when missing).
     """
     if ckpt_path in (None, "", "null", "none"):
         existing = run_checkpoints(output_dir)
@@ -185,6 +191,8 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: str | Path) -> str | No
         print(f"[dalle2] ckpt_path=last: no checkpoint in {output_dir} yet, starting from scratch")
         return None
     path = Path(ckpt_path)
+    if is_sharded_checkpoint(path):  # a sharded checkpoint (trainer=fsdp) is a directory too
+        return str(path)
     if path.is_dir():
         given_checkpoints_dir = path.name == "checkpoints" and not (path / "checkpoints").is_dir()
         existing = run_checkpoints(path.parent if given_checkpoints_dir else path)

@@ -17,6 +17,7 @@ from dalle2.clip.zeroshot import ZeroShotTask, class_labels, zeroshot_classifier
 from dalle2.distributed import is_distributed
 from dalle2.lit.checkpoints import StageCheckpointMixin
 from dalle2.lit.distributed import gather_ragged, log_reduced
+from dalle2.lit.fsdp import shard_module
 from dalle2.lit.optim import build_optimizers
 
 
@@ -153,6 +154,9 @@ class CLIPModule(StageCheckpointMixin, L.LightningModule):
         classifier = zeroshot_classifier(self.model.encode_text, tokenizer, task.classnames, task.templates,
                                          device=self.device)  # fmt: skip
         return zeroshot_metrics(image_features, labels, classifier, ks=task.ks)
+
+    def configure_model(self) -> None:
+        shard_module(self, [(self.model, True)])  # trainer=fsdp (dalle2/lit/fsdp.py); other strategies: nothing
 
     def configure_optimizers(self):
         return build_optimizers(self.model, self.optimizer_factory, self.scheduler_factory, default_lr=5e-4)

@@ -101,6 +101,7 @@ class DecoderModule(FrozenClipMixin, _CascadeStageModule):
         use_text: condition on the CLIP text-encoder token states (``txt_tokens``, mask ``tokens != 0``).
         image_size: the side of the images this decoder generates (``sample``'s default).
         sample_every_n_steps: default period of :class:`~dalle2.lit.sample_grid.SampleGrid` (None: its own).
+        compile: ``torch.compile`` the UNet and its EMA copy (training and sampling; see ``configure_model``).
     """
 
     stage = "decoder"
@@ -121,6 +122,7 @@ class DecoderModule(FrozenClipMixin, _CascadeStageModule):
         channels_last: bool = False,
         grad_checkpointing: bool = False,
         sample_every_n_steps: int | None = None,
+        compile: bool = False,
         optimizer: Callable | None = None,
         scheduler: Callable | None = None,
     ):
@@ -131,6 +133,7 @@ class DecoderModule(FrozenClipMixin, _CascadeStageModule):
             ema_update_every=ema_update_every,
             optimizer=optimizer,
             scheduler=scheduler,
+            compile=compile,
         )
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         if network.get("clip_dim") is None:
@@ -286,6 +289,7 @@ class UpsamplerModule(_CascadeStageModule):
         channels_last: bool = False,
         grad_checkpointing: bool = False,
         sample_every_n_steps: int | None = None,
+        compile: bool = False,
         optimizer: Callable | None = None,
         scheduler: Callable | None = None,
     ):
@@ -296,6 +300,7 @@ class UpsamplerModule(_CascadeStageModule):
             ema_update_every=ema_update_every,
             optimizer=optimizer,
             scheduler=scheduler,
+            compile=compile,
         )
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         if not network.get("lowres_cond", False):

@@ -3,7 +3,9 @@ EMA copy of the network, optimisers, a frozen CLIP for on-the-fly embeddings, pe
 the stage tag that makes a wrong-stage checkpoint a clear error.
 
 A subclass builds ``self.net`` and then calls ``self._init_ema()``; it implements ``training_step`` with
-``self.diffusion.training_losses(self.net, x0, model_kwargs=...)``.
+``self.diffusion.training_losses(self.net, x0, model_kwargs=...)``.  ``configure_model`` (called by the Trainer, or by
+hand) shards both networks under ``trainer=fsdp`` and, with ``compile=True`` (``module.compile=true``), compiles them
+in place with ``torch.compile`` (training and sampling).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dalle2.clip.tokenizer import Tokenizer, resolve_tokenizer
 from dalle2.diffusion import build_diffusion
 from dalle2.lit.checkpoints import StageCheckpointMixin
 from dalle2.lit.distributed import MeanAccumulator, log_reduced
+from dalle2.lit.fsdp import compile_network, shard_module
 from dalle2.lit.optim import build_optimizers
 from dalle2.nn import EMA
 
@@ -43,8 +46,10 @@ class DiffusionStageModule(StageCheckpointMixin, L.LightningModule):
         optimizer: Callable | None = None,
         scheduler: Callable | None = None,
         default_lr: float = 1e-4,
+        compile: bool = False,
     ):
         super().__init__()
+        self.compile_networks = bool(compile)
         self.diffusion = build_diffusion(diffusion)
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self._default_lr = default_lr
@@ -83,6 +88,14 @@ class DiffusionStageModule(StageCheckpointMixin, L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         means = self._val_metrics.reduce()  # a collective every rank reaches, with or without val batches
         log_reduced(self, means, prog_bar=("val/loss", "val/cos_sampled"))
+
+    def configure_model(self) -> None:
+        # trainer=fsdp: the network and its EMA copy sharded alike (dalle2/lit/fsdp.py); other strategies: nothing
+        nets = [(self.net, True), *([(self.ema.module, False)] if self.ema is not None else [])]
+        shard_module(self, nets)
+        if self.compile_networks:  # module.compile=true: the trained network, and the EMA copy sampling uses
+            for net, _ in nets:
+                compile_network(net)
 
     def configure_optimizers(self):
         return build_optimizers(self.net, self.optimizer_factory, self.scheduler_factory, default_lr=self._default_lr)

@@ -36,6 +36,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
+from dalle2.distributed import local_shard
 from dalle2.io import atomic_write
 from dalle2.seeding import mix_seed
 
@@ -54,7 +55,7 @@ def last_checkpoint(trainer: L.Trainer) -> str | None:
     cb = trainer.checkpoint_callback
     if cb is None:
         return None
-    if getattr(cb, "last_model_path", "") and os.path.isfile(cb.last_model_path):
+    if getattr(cb, "last_model_path", "") and os.path.exists(cb.last_model_path):  # a file, or a sharded dir
         return cb.last_model_path
     files = sorted(Path(cb.dirpath).glob("*.ckpt"), key=lambda p: p.stat().st_mtime) if cb.dirpath else []
     return str(files[-1]) if files else None
@@ -99,7 +100,8 @@ class NonFiniteGuard(L.Callback):
         params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         finite = True
         if params:
-            norms = torch._foreach_norm([p.grad for p in params])
+            # each rank checks its own shard of a sharded (FSDP2, DTensor) gradient; the all_reduce below combines them
+            norms = torch._foreach_norm([local_shard(p.grad) for p in params])
             finite = bool(torch.isfinite(torch.stack([n.float() for n in norms])).all())  # one sync per step
         if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
             flag = torch.tensor([1 if finite else 0], device=pl_module.device)

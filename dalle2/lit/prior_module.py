@@ -46,6 +46,7 @@ class PriorModule(FrozenClipMixin, DiffusionStageModule):
         cond_drop_prob: classifier-free guidance: probability of dropping the text (tokens and embedding).
         use_text_tokens: attend to the CLIP text-encoder token states (False: text embedding only).
         val_sample_steps / val_candidates / val_sampler: how validation samples (few DDIM steps, rerank).
+        compile: ``torch.compile`` the network and its EMA copy (training and sampling; see ``configure_model``).
     """
 
     stage = "prior"
@@ -65,6 +66,7 @@ class PriorModule(FrozenClipMixin, DiffusionStageModule):
         val_sample_steps: int = 16,
         val_candidates: int = 2,
         val_sampler: str = "ddim",
+        compile: bool = False,
         optimizer: Callable | None = None,
         scheduler: Callable | None = None,
     ):
@@ -75,6 +77,7 @@ class PriorModule(FrozenClipMixin, DiffusionStageModule):
             ema_update_every=ema_update_every,
             optimizer=optimizer,
             scheduler=scheduler,
+            compile=compile,
             default_lr=1.1e-4,
         )
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])

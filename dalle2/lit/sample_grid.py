@@ -27,6 +27,7 @@ from PIL import Image
 from torch import Tensor
 
 from dalle2.imaging import to_uint8
+from dalle2.lit.fsdp import is_sharded
 
 __all__ = ["SampleGrid", "noise_like", "spatial_autocorrelation", "make_grid", "save_grid"]
 
@@ -127,7 +128,8 @@ class SampleGrid(L.Callback):
             self._batch = _take(batch, self.num_samples)
         n = self._period(pl_module)
         step = trainer.global_step
-        if n > 0 and step > 0 and step % n == 0 and trainer.is_global_zero:
+        # a sharded network (trainer=fsdp) samples on every rank (each forward gathers its weights); rank 0 writes
+        if n > 0 and step > 0 and step % n == 0 and (trainer.is_global_zero or is_sharded(pl_module)):
             self.run(trainer, pl_module, step)
 
     def _root(self, trainer) -> Path:
@@ -141,6 +143,8 @@ class SampleGrid(L.Callback):
         with trainer.precision_plugin.forward_context():
             out = pl_module.preview(batch, steps=self.steps, sampler=self.sampler,
                                     guidance_scale=self.guidance_scale, generator=gen)
+        if not trainer.is_global_zero:
+            return {}
         samples = out["samples"].float()
         rows = [r.float() for r in (out.get("reference"), samples, out.get("baseline")) if r is not None]
         rows = [r for r in rows if r.shape[-2:] == samples.shape[-2:]]

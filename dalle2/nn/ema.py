@@ -8,6 +8,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from dalle2.distributed import local_shard
+
 
 class EMA(nn.Module):
     """Holds a frozen shadow copy of ``model`` whose parameters track ``decay``-weighted averages.
@@ -35,10 +37,11 @@ class EMA(nn.Module):
         if step % self.update_every:
             return
         d = self.decay_at(step)
-        ema_p = [p for p in self.module.parameters() if p.dtype.is_floating_point]
-        src_p = [p.detach() for p in model.parameters() if p.dtype.is_floating_point]
-        if len(ema_p) != len(src_p):
-            raise ValueError("EMA shadow and model have different parameter lists")
+        # sharded (FSDP2) parameters: the EMA copy is sharded alike, so each rank averages its own shards
+        ema_p = [local_shard(p) for p in self.module.parameters() if p.dtype.is_floating_point]
+        src_p = [local_shard(p.detach()) for p in model.parameters() if p.dtype.is_floating_point]
+        if len(ema_p) != len(src_p) or any(a.shape != b.shape for a, b in zip(ema_p, src_p)):
+            raise ValueError("EMA shadow and model have different parameter lists (or shardings)")
         torch._foreach_lerp_(ema_p, src_p, 1.0 - d)
         for b_ema, b in zip(self.module.buffers(), model.buffers()):
             b_ema.copy_(b)

@@ -1,0 +1,233 @@
+"""Sharded training (FSDP2) for every stage, on Lightning's ``ModelParallelStrategy``.
+
+``trainer=fsdp`` picks :class:`FSDP2Strategy`: Lightning's ``ModelParallelStrategy`` (the one Lightning strategy
+built on FSDP2, ``torch.distributed.fsdp.fully_shard``; its FSDP1 ``FSDPStrategy`` refuses ``accelerator=cpu``, so it
+could be neither tested here nor debugged on a laptop) with
+
+* a 1-D data-parallel mesh over every process (``ModelParallelStrategy`` alone splits a node's GPUs into a
+  tensor-parallel dimension, which no network here uses);
+* the sharding options of ``conf/trainer/fsdp.yaml``: ``param_dtype`` / ``reduce_dtype`` (FSDP2's
+  ``MixedPrecisionPolicy``: bf16 compute and all-gathers, fp32 or bf16 gradient reductions, fp32 sharded master
+  weights and optimizer state), ``activation_checkpointing`` (each network's own per-block checkpointing),
+  ``reshard_after_forward``;
+* atomic sharded checkpoints: a checkpoint directory (``last.ckpt/``: the DCP shards + Lightning's ``meta.pt``) is
+  written beside its target under a hidden name and renamed into place, so a kill mid-save leaves the previous one.
+
+The stage modules call :func:`shard_module` from ``configure_model``: :func:`shard_network` shards each block
+(:data:`SHARD_UNITS`: transformer blocks, UNet residual and attention blocks), then the network's root, for the
+trained network and for its EMA copy alike — the EMA's tensors are DTensors with the same placements as the
+parameters they average, so its update is local (:class:`dalle2.nn.EMA`) and it is saved in shards with them.
+
+Every rank must run the same forward passes of a sharded network (each one all-gathers): sampling previews run on
+every rank (rank 0 writes them), and validation needs the same number of batches on every rank.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch import nn
+
+from dalle2.clip.model import Bottleneck
+from dalle2.decoder.blocks import PixelAttention, ResBlock
+from dalle2.nn.transformer import ResidualAttentionBlock
+from dalle2.prior.network import PriorBlock
+
+__all__ = ["DTYPES", "FSDP2Strategy", "SHARD_UNITS", "compile_network", "is_sharded", "shard_module", "shard_network"]
+
+# the units of sharding (each one all-gathered for its forward and freed after): blocks of every network here
+SHARD_UNITS: tuple[type[nn.Module], ...] = (PriorBlock, ResidualAttentionBlock, ResBlock, PixelAttention, Bottleneck)
+# methods other than forward that the stages call on a network (they all-gather its root parameters too)
+FORWARD_METHODS = ("encode_text", "encode_image", "embed_images", "encode_text_features", "clamped_logit_scale")
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
+
+
+def _dtype(name: str | None) -> torch.dtype | None:
+    if name is None:
+        return None
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(DTYPES)} or null")
+    return DTYPES[name]
+
+
+def is_sharded(module: nn.Module) -> bool:
+    """Whether ``module`` holds FSDP2-sharded parameters (every rank must then run its forward passes)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in module.parameters())
+
+
+def shard_network(net: nn.Module, mesh, *, mp_policy=None, reshard_after_forward: bool = True) -> nn.Module:
+    """``fully_shard`` each :data:`SHARD_UNITS` block of ``net`` (innermost first), then ``net`` itself; methods of
+    :data:`FORWARD_METHODS` it has are registered as forward methods. Idempotent."""
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+    if isinstance(net, FSDPModule):
+        return net
+    kw = dict(mesh=mesh, mp_policy=mp_policy or MixedPrecisionPolicy(), reshard_after_forward=reshard_after_forward)
+    _vectorize_scalars(net)
+    for m in reversed(list(net.modules())):  # a child comes after its parent in modules(): reversed, children first
+        if isinstance(m, SHARD_UNITS) and m is not net:
+            fully_shard(m, **kw)
+    fully_shard(net, **kw)
+    _track_forward(net)
+    for name in FORWARD_METHODS:
+        if callable(getattr(type(net), name, None)):
+            _register_forward_method(net, name)
+    return net
+
+
+def _vectorize_scalars(net: nn.Module) -> None:
+    """fully_shard shards dim 0, so a 0-d parameter (CLIP's ``logit_scale``) becomes a 1-element vector (it
+    broadcasts as before; CLIP loads either shape)."""
+    for module in net.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            if p.ndim == 0:
+                setattr(module, name, nn.Parameter(p.detach().reshape(1), requires_grad=p.requires_grad))
+
+
+def _track_forward(net: nn.Module) -> None:
+    """Count the calls of ``net``'s forward (and forward methods) under way in ``net._dalle2_in_forward``."""
+    net._dalle2_in_forward = 0
+
+    def enter(module, args):
+        module._dalle2_in_forward += 1
+
+    def leave(module, args, output):
+        module._dalle2_in_forward -= 1
+
+    net.register_forward_pre_hook(enter)
+    net.register_forward_hook(leave, always_call=True)
+
+
+def _register_forward_method(net: nn.Module, name: str) -> None:
+    """FSDP2's ``register_fsdp_forward_method`` (gather the root's parameters around the method), except when the
+    method is called from inside the root's forward (the prior's ``forward`` calls ``encode_text``, CLIP's calls
+    ``encode_image``): the parameters are gathered already, and resharding them there would break the rest of it."""
+    import functools
+
+    orig = getattr(net, name)
+
+    @functools.wraps(orig)
+    def method(self, *args, **kwargs):
+        if self._dalle2_in_forward:
+            return orig(*args, **kwargs)
+        state = self._get_fsdp_state()
+        self._dalle2_in_forward += 1
+        try:
+            args, kwargs = state._pre_forward(self, args, kwargs)
+            return state._post_forward(self, args, orig(*args, **kwargs))
+        finally:
+            self._dalle2_in_forward -= 1
+
+    setattr(net, name, method.__get__(net, type(net)))
+
+
+class FSDP2Strategy(ModelParallelStrategy):
+    """``ModelParallelStrategy`` as pure FSDP2 over all processes, with the sharding options and atomic saves.
+
+    Args (keyword-only):
+        param_dtype: dtype of the all-gathered parameters the forward/backward compute in (``bfloat16``; null: the
+            parameters' own, fp32). The sharded parameters (the master weights), gradients, AdamW moments and EMA
+            stay fp32.
+        reduce_dtype: dtype of the gradient reduce-scatter (``float32`` or ``bfloat16``; null: ``param_dtype``).
+        activation_checkpointing: recompute each block's activations in the backward pass (the networks'
+            ``grad_checkpointing``: transformer blocks, UNet stages).
+        reshard_after_forward: free the gathered parameters after each block's forward (ZeRO-3); false keeps them
+            until the backward (ZeRO-2: less communication, more memory).
+        save_distributed_checkpoint: true: each rank writes its shards (a checkpoint is a directory); false: rank 0
+            gathers full weights and optimizer state into one ``.ckpt`` file (only for what fits one process).
+    """
+
+    def __init__(
+        self,
+        *,
+        param_dtype: str | None = None,
+        reduce_dtype: str | None = None,
+        activation_checkpointing: bool = False,
+        reshard_after_forward: bool = True,
+        save_distributed_checkpoint: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(save_distributed_checkpoint=save_distributed_checkpoint, **kwargs)
+        self.param_dtype, self.reduce_dtype = _dtype(param_dtype), _dtype(reduce_dtype)
+        self.activation_checkpointing = bool(activation_checkpointing)
+        self.reshard_after_forward = bool(reshard_after_forward)
+
+    def setup_environment(self) -> None:
+        # one data-parallel dimension over every process (no tensor parallelism)
+        self._data_parallel_size, self._tensor_parallel_size = self.num_nodes * self.num_processes, 1
+        super().setup_environment()
+
+    @property
+    def mp_policy(self):
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        return MixedPrecisionPolicy(param_dtype=self.param_dtype, reduce_dtype=self.reduce_dtype)
+
+    def shard(self, net: nn.Module, *, trainable: bool = True) -> nn.Module:
+        """Shard ``net`` over the data-parallel mesh (with activation checkpointing when asked and ``trainable``)."""
+        if trainable and self.activation_checkpointing:
+            for m in net.modules():
+                if hasattr(m, "grad_checkpointing"):
+                    m.grad_checkpointing = True
+        return shard_network(net, self.device_mesh["data_parallel"], mp_policy=self.mp_policy,
+                             reshard_after_forward=self.reshard_after_forward)  # fmt: skip
+
+    # -- atomic sharded checkpoints -------------------------------------------------------------------------------
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Any | None = None) -> None:
+        if not self._save_distributed_checkpoint:
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        path = Path(self.broadcast(os.fspath(filepath)))
+        partial = path.with_name(f".{path.name}.partial")
+        if self.is_global_zero and partial.exists():
+            shutil.rmtree(partial)  # what a killed save left
+        self.barrier("fsdp_save_start")
+        super().save_checkpoint(checkpoint, partial, storage_options)
+        self.barrier("fsdp_save_written")
+        if self.is_global_zero:
+            replace_dir(partial, path)
+        self.barrier("fsdp_save_done")
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Put directory ``src`` at ``dst``. An existing ``dst`` (directory or file) is first renamed aside to a name
+    resume still finds (``<stem>-prev<suffix>``) and removed once ``src`` is in place: at every moment one complete
+    checkpoint exists."""
+    prev = dst.with_name(f"{dst.stem}-prev{dst.suffix}")
+    if prev.exists():
+        shutil.rmtree(prev) if prev.is_dir() else prev.unlink()
+    if dst.exists():
+        os.replace(dst, prev)
+    os.replace(src, dst)
+    if prev.exists():
+        shutil.rmtree(prev) if prev.is_dir() else prev.unlink()
+
+
+def compile_network(net: nn.Module) -> nn.Module:
+    """``torch.compile`` ``net`` in place (``nn.Module.compile``: parameter names, state_dict and checkpoints unchanged):
+    the whole network, or, when it is sharded (FSDP2 hooks between blocks), each :data:`SHARD_UNITS` block (the
+    torchtitan recipe) with the glue around them eager. Idempotent."""
+    if getattr(net, "_dalle2_compiled", False):
+        return net
+    targets = [m for m in net.modules() if isinstance(m, SHARD_UNITS)] if is_sharded(net) else [net]
+    for m in targets:
+        m.compile()
+    net._dalle2_compiled = True
+    return net
+
+
+def shard_module(module, networks: list[tuple[nn.Module, bool]]) -> None:
+    """From a LightningModule's ``configure_model``: shard each ``(network, trainable)`` when the trainer runs
+    :class:`FSDP2Strategy` (nothing otherwise)."""
+    trainer = getattr(module, "_trainer", None)
+    strategy = getattr(trainer, "strategy", None)
+    if isinstance(strategy, FSDP2Strategy):
+        for net, trainable in networks:
+            strategy.shard(net, trainable=trainable)
