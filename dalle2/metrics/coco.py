@@ -167,7 +167,8 @@ class ReferenceCache:
 
     def save(self, key: str, arrays: dict[str, np.ndarray], meta: dict) -> Path:
         buf = io.BytesIO()
-        np.savez(buf, **{k: np.asarray(arrays[k]) for k in self.ARRAYS}, meta=np.array(json.dumps(meta, sort_keys=True)))
+        meta_json = np.array(json.dumps(meta, sort_keys=True))
+        np.savez(buf, **{k: np.asarray(arrays[k]) for k in self.ARRAYS}, meta=meta_json)
         with atomic_write(self.path(key)) as f:
             f.write(buf.getvalue())
         return self.path(key)

@@ -50,7 +50,8 @@ def inside_manifold(query: torch.Tensor, ref: torch.Tensor, radii: torch.Tensor,
     """query (Q, D), ref (N, D) with ``radii`` (N,) -> (Q,) bool: within ``radii[j]`` of some ``ref[j]``."""
     q, r = _check(query, "query"), _check(ref, "ref").to(query.device)
     if q.shape[1] != r.shape[1] or radii.shape != (len(r),):
-        raise ValueError(f"shapes do not match: query {tuple(q.shape)}, ref {tuple(r.shape)}, radii {tuple(radii.shape)}")
+        raise ValueError(f"shapes do not match: query {tuple(q.shape)}, ref {tuple(r.shape)}, "
+                         f"radii {tuple(radii.shape)}")
     r_sq, rad_sq = r.square().sum(1), radii.double().to(q.device).square()
     out = torch.empty(len(q), dtype=torch.bool, device=q.device)
     for s in range(0, len(q), chunk_size):
