@@ -60,7 +60,7 @@ def clean(img: np.ndarray) -> torch.Tensor:
 
 
 def bilinear(img: np.ndarray) -> torch.Tensor:
-    x = torch.from_numpy(img).permute(2, 0, 1)[None].float()
+    x = torch.from_numpy(np.array(img)).permute(2, 0, 1)[None].float()
     h, w = x.shape[-2:]
     nh, nw = max(SIZE, round(h * SIZE / min(h, w))), max(SIZE, round(w * SIZE / min(h, w)))
     if (nh, nw) != (h, w):
