@@ -29,7 +29,7 @@ from dalle2.metrics.fid import frechet_distance_from_stats, gaussian_stats, kern
 from dalle2.metrics.inception import FID_INPUT_SIZE, FIDInceptionV3
 from dalle2.metrics.precision_recall import knn_radii, precision_recall
 from dalle2.metrics.resize import inception_input, load_image, resize_center_crop
-from dalle2.metrics.samples import _mine
+from dalle2.metrics.samples import reads_item
 
 __all__ = ["ImageFiles", "ImageFilesData", "FileFeatures", "reference_arrays", "coco_metrics"]
 
@@ -47,7 +47,7 @@ class ImageFiles(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         s = self.image_size
         for j, item in enumerate(self.items):
-            if not _mine(j, self.rank, self.world_size):
+            if not reads_item(j, self.rank, self.world_size):
                 continue
             out = {"pixels": torch.zeros(3, s, s, dtype=torch.uint8), "id": j, "text": item.get("text") or "",
                    "valid": False}  # fmt: skip
