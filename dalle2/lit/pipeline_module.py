@@ -9,8 +9,10 @@
   Use it with ``Trainer(use_distributed_sampler=False)``.
 - :class:`PipelineModule`: ``predict_step(items)`` runs :class:`~dalle2.pipeline.UnCLIPPipeline` and returns
   8-bit images.
-- :class:`SampleWriter` (a prediction-writer callback): every rank writes its own PNGs; after a barrier rank 0
-  writes ``manifest.jsonl`` (prompt order) and ``grid.png``.
+- :class:`SampleWriter` (a prediction-writer callback): every rank writes its own PNGs (atomically; with ``keep``,
+  a file ``keep(path)`` accepts is not rewritten); after a barrier rank 0 writes ``manifest.jsonl`` (prompt order)
+  and ``grid.png``.
+- :func:`valid_image`: a file that decodes completely to the expected size (what a resumed run keeps).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +33,7 @@ from PIL import Image, ImageDraw, ImageFont
 from dalle2.imaging import to_uint8
 from dalle2.pipeline import SamplingSettings, UnCLIPPipeline
 
-__all__ = ["make_items", "PromptBatches", "PipelineModule", "SampleWriter", "caption_lines", "image_grid"]
+__all__ = ["make_items", "PromptBatches", "PipelineModule", "SampleWriter", "caption_lines", "image_grid", "valid_image"]
 
 
 def make_items(prompts: Sequence[str | None], *, n_per_prompt: int = 1, seed: int = 0) -> list[dict]:
@@ -72,24 +74,45 @@ class _Batches(torch.utils.data.Dataset):
 class PromptBatches(L.LightningDataModule):
     """Fixed batches of items, batch ``j`` to rank ``j % world_size`` (see the module docstring)."""
 
-    def __init__(self, items: list[dict], *, batch_size: int = 8):
+    def __init__(self, items: list[dict], *, batch_size: int = 8, skip: Callable[[list[dict]], bool] | None = None):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.items, self.batch_size = list(items), int(batch_size)
+        self.items, self.batch_size, self.skip = list(items), int(batch_size), skip
+        self.skipped_batches = 0
 
     def batches_for_rank(self, rank: int, world_size: int) -> list[int]:
         return list(range(rank, len(_Batches(self.items, self.batch_size)), world_size))
+
+    def todo_for_rank(self, rank: int, world_size: int) -> list[int]:
+        """This rank's batches less those ``skip`` says are done (checked here, by the rank that owns them)."""
+        mine = self.batches_for_rank(rank, world_size)
+        if self.skip is None:
+            return mine
+        batches = _Batches(self.items, self.batch_size)
+        todo = [j for j in mine if not self.skip(batches[j])]
+        self.skipped_batches = len(mine) - len(todo)
+        return todo
 
     def predict_dataloader(self) -> torch.utils.data.DataLoader:
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         # A rank without a batch (fewer batches than ranks) gets one EMPTY batch: it runs the loop, every hook and
         # the writer's barriers, and writes nothing.  Given no batch at all, Lightning stops it ("DataLoader within
         # local rank has zero length"), or, when allowed, skips its on_predict_end and the others hang at the barrier.
-        mine = self.batches_for_rank(rank, world) or [IDLE]
+        mine = self.todo_for_rank(rank, world) or [IDLE]
         return torch.utils.data.DataLoader(
             _Batches(self.items, self.batch_size), batch_size=None, sampler=mine, collate_fn=_identity, num_workers=0
         )
+
+
+def valid_image(path: str | os.PathLike, size: int | None = None) -> bool:
+    """True when ``path`` is an image file that decodes completely (to ``size`` x ``size`` when given)."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return size is None or img.size == (size, size)
+    except Exception:  # missing, truncated, not an image
+        return False
 
 
 class PipelineModule(L.LightningModule):
@@ -199,16 +222,20 @@ class SampleWriter(BasePredictionWriter):
     ``grid.png`` (the first ``grid_max`` images, captioned)."""
 
     def __init__(self, out_dir: str | os.PathLike, items: list[dict], *, extra: dict | None = None,
-                 grid_max: int = 64, grid_ncol: int | None = None, grid_captions: bool = True):
+                 grid_max: int = 64, grid_ncol: int | None = None, grid_captions: bool = True,
+                 keep: Callable[[Path], bool] | None = None):  # fmt: skip
         super().__init__(write_interval="batch")
         self.out_dir, self.items, self.extra = Path(out_dir), items, dict(extra or {})
         self.grid_max, self.grid_ncol, self.grid_captions = grid_max, grid_ncol, grid_captions
+        self.keep = keep
         self.written = 0
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
         self.out_dir.mkdir(parents=True, exist_ok=True)
         for img, it in zip(prediction["images"].numpy(), prediction["items"]):
             path = self.out_dir / it["file"]
+            if self.keep is not None and self.keep(path):  # resuming: a file already there and valid stays as it is
+                continue
             tmp = path.with_name(f".{path.name}.tmp")
             Image.fromarray(img).save(tmp, format="PNG")
             os.replace(tmp, path)

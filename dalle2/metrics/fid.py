@@ -22,7 +22,8 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance, poly_mmd
 from torchmetrics.utilities import dim_zero_cat
 
-__all__ = ["PrecomputedFeatures", "OrderedKID", "frechet_distance", "kernel_distance", "make_fid"]
+__all__ = ["PrecomputedFeatures", "OrderedKID", "frechet_distance", "kernel_distance", "make_fid", "gaussian_stats",
+           "frechet_distance_from_stats"]
 
 
 class PrecomputedFeatures(nn.Module):
@@ -98,6 +99,30 @@ def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
     metric.update(real.double(), real=True)
     metric.update(fake.double().to(real.device), real=False)
     return float(metric.compute())
+
+
+@torch.no_grad()
+def gaussian_stats(feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """feats (N, D), N >= 2 -> mean (D,) and unbiased covariance (D, D), float64 (torchmetrics' FID statistics)."""
+    if feats.dim() != 2 or len(feats) < 2:
+        raise ValueError(f"Gaussian statistics need features (N, D) with N >= 2, got {tuple(feats.shape)}")
+    x = feats.double()
+    mu = x.mean(0)
+    centred = x - mu
+    return mu, centred.T @ centred / (len(x) - 1)
+
+
+@torch.no_grad()
+def frechet_distance_from_stats(mu1: torch.Tensor, sigma1: torch.Tensor, mu2: torch.Tensor,
+                                sigma2: torch.Tensor) -> float:  # fmt: skip
+    """The Fréchet distance of two Gaussians (cached reference statistics against a sample's), with torchmetrics'
+    formula: ``|mu1 - mu2|² + tr S1 + tr S2 - 2 sum sqrt(eigvals(S1 S2))``, in float64."""
+    mu1, s1, mu2, s2 = (t.double() for t in (mu1, sigma1, mu2.to(mu1.device), sigma2.to(mu1.device)))
+    if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (len(mu1), len(mu1)):
+        raise ValueError(f"statistics do not match: {tuple(mu1.shape)}, {tuple(s1.shape)}, {tuple(mu2.shape)}, "
+                         f"{tuple(s2.shape)}")  # fmt: skip
+    root = torch.linalg.eigvals(s1 @ s2).sqrt().real.sum()
+    return float((mu1 - mu2).square().sum() + s1.trace() + s2.trace() - 2.0 * root)
 
 
 @torch.no_grad()

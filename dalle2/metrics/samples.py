@@ -21,7 +21,7 @@ from PIL import Image
 
 from dalle2.data.webdataset import IMAGE_EXTS, expand_urls, iter_raw_samples, load_rgb
 
-__all__ = ["read_manifest", "samples_image_size", "SampleFiles", "ReferenceImages"]
+__all__ = ["read_manifest", "samples_image_size", "reads_item", "SampleFiles", "ReferenceImages"]
 
 MANIFEST = "manifest.jsonl"
 
@@ -59,7 +59,9 @@ def samples_image_size(samples_dir: str | Path, rows: list[dict]) -> int:
     return min(w, h)
 
 
-def _mine(item: int, rank: int, world_size: int) -> bool:
+def reads_item(item: int, rank: int, world_size: int) -> bool:
+    """Whether this rank (and DataLoader worker) reads item number ``item``: rank ``item % W``, then worker
+    ``(item // W) % num_workers``."""
     if item % world_size != rank:
         return False
     info = torch.utils.data.get_worker_info()
@@ -78,7 +80,7 @@ class SampleFiles(torch.utils.data.IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         for j, row in enumerate(self.rows):
-            if not _mine(j, self.rank, self.world_size):
+            if not reads_item(j, self.rank, self.world_size):
                 continue
             path = self.root / row["file"]
             out = {"image": torch.zeros(3, self.image_size, self.image_size), "id": j, "text": row["prompt"],
@@ -114,7 +116,7 @@ class ReferenceImages(torch.utils.data.IterableDataset):
             for sample in iter_raw_samples(url):
                 if self.max_samples is not None and j >= self.max_samples:
                     return
-                if _mine(j, self.rank, self.world_size):
+                if reads_item(j, self.rank, self.world_size):
                     yield self._decode(sample, j)
                 j += 1
 

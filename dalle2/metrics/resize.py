@@ -1,0 +1,83 @@
+"""The image resizing of the COCO FID protocol: clean-fid's PIL bicubic, with a shorter-side resize and centre crop.
+
+clean-fid (Parmar et al. 2022, ``cleanfid/resize.py``, mode ``"clean"``) resizes every image with
+``make_resizer("PIL", quantize_after=False, "bicubic", (299, 299))``: each RGB channel becomes a float32 PIL image
+(mode ``"F"``), is resized with ``Image.BICUBIC`` (PIL's resampler widens the kernel when it shrinks, so downsampling
+is antialiased) and clipped to [0, 255], with no rounding to 8 bits; the Inception net then sees that 299x299 float
+image.  clean-fid itself stretches any image to 299x299 (no crop).  The zero-shot COCO protocol (GLIDE, DALL-E 2,
+Imagen) compares 256x256 images, so here:
+
+1. :func:`resize_center_crop` (``size`` = 256): the image (converted to RGB as clean-fid does) is resized with the
+   clean-fid channel-wise float bicubic so that its SHORTER side is ``size`` (the other side ``round(side * size /
+   shorter)``), then centre-cropped (offset ``(new - size) // 2``) and rounded to uint8 (``np.rint``: half to even).
+   Generated 256 px samples pass unchanged; real COCO images become the 8-bit 256x256 pictures a sample is.
+2. :func:`inception_input`: clean-fid's own step, the 256x256 uint8 image to 299x299 float with the same resampler,
+   scaled to [0, 1]; ``FIDInceptionV3`` skips its bilinear resize for 299 px input.
+
+:func:`torch_bilinear_input` is the other common path (pytorch-fid, torchmetrics): ``F.interpolate(mode="bilinear")``
+straight to 299 (torchmetrics >= 1.4 passes ``antialias=True``); kept for the README's comparison.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from dalle2.metrics.inception import FID_INPUT_SIZE
+
+__all__ = ["RESIZE_DESCRIPTION", "clean_resize", "resize_center_crop", "inception_input", "torch_bilinear_input",
+           "load_image"]  # fmt: skip
+
+RESIZE_DESCRIPTION = (
+    "RGB; shorter side to {size} px then centre crop ((new - {size}) // 2), clean-fid's PIL bicubic on float32 "
+    "channels (Image.BICUBIC, mode 'F', clipped to [0, 255]), rounded to uint8; then clean-fid's resize of the "
+    "{size}x{size} uint8 image to 299x299 (same resampler, no rounding) as the Inception input, scaled to [0, 1]"
+)
+
+
+def clean_resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``image`` (H, W, 3) uint8 or float in [0, 255] -> (h, w, 3) float32 in [0, 255] for ``size = (w, h)``:
+    clean-fid's ``make_resizer("PIL", False, "bicubic", size)`` (each channel a float32 PIL image, BICUBIC, clip)."""
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected an (H, W, 3) image, got shape {image.shape}")
+    w, h = size
+    channels = [np.asarray(Image.fromarray(image[:, :, c].astype(np.float32)).resize((w, h), Image.Resampling.BICUBIC))
+                for c in range(3)]  # fmt: skip
+    return np.stack(channels, axis=2).clip(0, 255).astype(np.float32)
+
+
+def resize_center_crop(image: Image.Image | np.ndarray, size: int = 256) -> np.ndarray:
+    """A PIL image (any mode) or (H, W, 3) uint8 array -> (size, size, 3) uint8: shorter side to ``size`` with
+    :func:`clean_resize`, centre crop, rounding (see the module docstring).  An image already ``size`` x ``size``
+    comes back unchanged."""
+    arr = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
+    h, w = arr.shape[:2]
+    scale = size / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    if (nh, nw) != (h, w):
+        arr = np.rint(clean_resize(arr, (nw, nh))).astype(np.uint8)
+    top, left = (nh - size) // 2, (nw - size) // 2
+    return np.ascontiguousarray(arr[top : top + size, left : left + size]).astype(np.uint8, copy=False)
+
+
+def inception_input(image: np.ndarray) -> torch.Tensor:
+    """(S, S, 3) uint8 -> (3, 299, 299) float32 in [0, 1]: clean-fid's resize to the Inception input size."""
+    x = clean_resize(image, (FID_INPUT_SIZE, FID_INPUT_SIZE)) if image.shape[:2] != (FID_INPUT_SIZE,) * 2 else image
+    return torch.from_numpy(np.asarray(x, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
+
+
+def torch_bilinear_input(images: torch.Tensor, *, antialias: bool = False) -> torch.Tensor:
+    """(B, 3, H, W) uint8 -> (B, 3, 299, 299) float in [0, 1] by ``F.interpolate(mode="bilinear",
+    align_corners=False)`` on the 8-bit values (pytorch-fid; torchmetrics' default adds ``antialias=True``)."""
+    x = F.interpolate(images.float(), size=(FID_INPUT_SIZE, FID_INPUT_SIZE), mode="bilinear", align_corners=False,
+                      antialias=antialias)  # fmt: skip
+    return (x / 255.0).clamp(0.0, 1.0)
+
+
+def load_image(path) -> Image.Image:
+    """The image file at ``path`` fully decoded, as RGB (clean-fid: ``Image.open(path).convert("RGB")``)."""
+    with Image.open(path) as img:
+        img.load()
+        return img.convert("RGB")

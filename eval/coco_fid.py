@@ -1,0 +1,203 @@
+"""COCO-style zero-shot FID: sample one image per drawn COCO caption with the whole cascade, then score the samples
+against the real images (FID, KID, precision/recall on Inception features; CLIP score against the captions).
+
+    python eval/coco_fid.py captions=annotations/captions_val2014.json images=val2014/ n=30000 seed=0 \
+        ckpt.clip=CLIP ckpt.prior=PRIOR ckpt.decoder=DEC "ckpt.upsamplers=[SR1]" \
+        inception=pt_inception-2015-12-05-6726825d.pth out=DIR [trainer.devices=8 trainer.strategy=ddp n_ref=null \
+        guidance.decoder=3 steps.decoder=50 sampler.decoder=ddim ...]
+
+Writes ``DIR/captions.jsonl`` (the drawn captions), ``DIR/generation.json`` (what the images depend on),
+``DIR/samples/{j:05d}.png`` (+ ``manifest.jsonl``, ``grid.png``) and ``DIR/metrics.json``.  Image j is exactly
+``eval/sample.py``'s image for prompt line j (noise from ``(seed, j, 0)``, fixed batches spread over ranks): the
+same PNGs at any ``trainer.devices``.  A rerun resumes: batches whose PNGs are all present and decode completely
+are skipped, the others are sampled again whole (same batch mates, same bytes) and only their missing or broken
+files written.  Reference statistics are cached in ``ref_cache`` by a hash of the reference file list, the resize
+and the Inception weights: a sweep computes them once.  See README "COCO zero-shot FID".
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import hydra
+import lightning as L
+from omegaconf import DictConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from dalle2.io import write_json_atomic  # noqa: E402
+from dalle2.lit.checkpoints import CHECKPOINT_ERRORS  # noqa: E402
+from dalle2.lit.clip_module import load_clip  # noqa: E402
+from dalle2.lit.pipeline_module import (PipelineModule, PromptBatches, SampleWriter, make_items,  # noqa: E402
+                                        valid_image)
+from dalle2.metrics.clip_score import ClipScorer  # noqa: E402
+from dalle2.metrics.coco import (CocoCaptions, ReferenceCache, draw_captions, file_list_digest,  # noqa: E402
+                                 file_sha256, reference_files, write_jsonl_atomic)  # fmt: skip
+from dalle2.metrics.coco_eval import FileFeatures, ImageFilesData, coco_metrics, reference_arrays  # noqa: E402
+from dalle2.metrics.inception import InceptionWeightsError, load_fid_inception  # noqa: E402
+from dalle2.metrics.resize import RESIZE_DESCRIPTION  # noqa: E402
+from dalle2.pipeline import SamplingSettings, UnCLIPPipeline  # noqa: E402
+
+PROTOCOL_VERSION = 1  # bump when the features a cache holds would change
+
+
+def _trainer(cfg: DictConfig, callbacks=()) -> L.Trainer:
+    return L.Trainer(
+        accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices, strategy=cfg.trainer.strategy,
+        precision=cfg.trainer.precision, enable_progress_bar=bool(cfg.trainer.enable_progress_bar),
+        use_distributed_sampler=False, logger=False, enable_checkpointing=False, enable_model_summary=False,
+        callbacks=list(callbacks),
+    )  # fmt: skip
+
+
+def _check_identity(path: Path, identity: dict, force: bool) -> None:
+    """A rerun in ``out`` must make the same images (``n`` may change: the draw for a smaller n is a prefix)."""
+    if path.is_file():
+        old = json.loads(path.read_text())
+        diff = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
+        if diff and not force:
+            raise SystemExit(f"error: {path.parent} holds samples made with other settings ({', '.join(diff)} "
+                             "differ); choose another out= (or force=true to regenerate whatever is not valid)")
+    write_json_atomic(path, identity)
+
+
+def generate(cfg: DictConfig, rows: list[dict], out: Path, ckpt_hashes: dict) -> dict:
+    """Samples ``out/samples/{j:05d}.png`` for the drawn captions (resuming); returns the generation identity."""
+    settings = SamplingSettings.from_config(cfg)
+    upsamplers = list(cfg.ckpt.upsamplers or [])
+    pipe = UnCLIPPipeline.from_checkpoints(clip=cfg.ckpt.clip, prior=cfg.ckpt.prior, decoder=cfg.ckpt.decoder,
+                                           upsamplers=upsamplers, tokenizer=cfg.tokenizer_path,
+                                           trust_checkpoint=bool(cfg.trust_checkpoint))  # fmt: skip
+    size = int(cfg.size or pipe.sizes[-1])
+    identity = {"seed": int(cfg.seed), "captions_sha256": file_sha256(cfg.captions), "size": size,
+                "batch_size": int(cfg.batch_size), "settings": settings.to_dict(),
+                "checkpoints": {k: ckpt_hashes[k] for k in ("clip", "prior", "decoder", "upsamplers")}}  # fmt: skip
+    _check_identity(out / "generation.json", identity, bool(cfg.force))
+    write_jsonl_atomic(out / "captions.jsonl", rows)
+    items = make_items([r["caption"] for r in rows], seed=int(cfg.seed))
+    samples = out / "samples"
+
+    def done(batch: list[dict]) -> bool:
+        return all(valid_image(samples / it["file"], size) for it in batch)
+
+    batches = PromptBatches(items, batch_size=int(cfg.batch_size), skip=done)
+    writer = SampleWriter(samples, items, extra={"size": size, "settings": settings.to_dict(), "ckpt": ckpt_hashes},
+                          keep=lambda p: valid_image(p, size))  # fmt: skip
+    warnings.filterwarnings("ignore", message=".*infer the batch indices.*")
+    trainer = _trainer(cfg, [writer])
+    trainer.predict(PipelineModule(pipe, settings=settings, size=size), datamodule=batches, return_predictions=False)
+    print(f"[dalle2] rank {trainer.global_rank}: {batches.skipped_batches} batches already done, "
+          f"{writer.written} images written -> {samples}/")
+    return identity
+
+
+def evaluate(cfg: DictConfig, rows: list[dict], refs: list, out: Path, hashes: dict, identity: dict) -> dict | None:
+    """FID / KID / precision / recall / CLIP score of ``out/samples`` against ``refs``; the dict on rank 0."""
+    inception = load_fid_inception(cfg.inception) if cfg.inception else None
+    clip = load_clip(cfg.clip_score_ckpt or cfg.ckpt.clip, trust_checkpoint=bool(cfg.trust_checkpoint))
+    scorer = ClipScorer(clip=clip, tokenizer=clip.tokenizer(cfg.tokenizer_path))
+    size, k = int(cfg.image_size), int(cfg.precision_recall.k)
+    cache = ReferenceCache(cfg.ref_cache)
+    resize = RESIZE_DESCRIPTION.format(size=size)
+    key = ReferenceCache.key(files_digest=file_list_digest([p for _, p in refs]), identity={
+        "image_size": size, "resize": resize, "inception_sha256": hashes["inception"], "k": k,
+        "version": PROTOCOL_VERSION})  # fmt: skip
+    ref = cache.load(key) if inception is not None else None
+    sources = {"samples": [{"path": out / "samples" / f"{r['index']:05d}.png", "text": r["caption"]} for r in rows]}
+    if inception is not None and ref is None:
+        sources["reference"] = [{"path": p, "text": ""} for _, p in refs]
+    module = FileFeatures(list(sources), inception=inception, scorer=scorer)
+    data = ImageFilesData(sources, image_size=size, inception=inception is not None,
+                          batch_size=int(cfg.eval.batch_size), num_workers=int(cfg.eval.num_workers))  # fmt: skip
+    trainer = _trainer(cfg)
+    with warnings.catch_warnings():  # predict_step returns nothing on purpose: results are gathered at epoch end
+        warnings.filterwarnings("ignore", message=".*predict returned None.*")
+        trainer.predict(module, datamodule=data, return_predictions=False)
+    if not trainer.is_global_zero:
+        return None
+    fake = module.results["samples"]
+    ref_skipped = 0
+    if "reference" in module.results:
+        got = module.results["reference"]
+        ref_skipped = got["skipped"]
+        ref = reference_arrays(got["id"], got["inception"].to(module.device), k=k,
+                               chunk_size=int(cfg.precision_recall.chunk_size))  # fmt: skip
+        ref_meta = {"num_reference": int(len(got["id"])), "reference_skipped": ref_skipped, "images": str(cfg.images),
+                    "resize": resize, "inception_sha256": hashes["inception"], "k": k}  # fmt: skip
+        cache.save(key, ref, ref_meta)
+        ref["meta"] = ref_meta
+    if inception is not None and len(fake["id"]) < 2:
+        raise SystemExit(f"error: {len(fake['id'])} readable samples in {out / 'samples'}; FID needs at least 2")
+    res = coco_metrics(ref, fake.get("inception"), fake["clip_score"], kid_subsets=int(cfg.kid.subsets),
+                       kid_subset_size=int(cfg.kid.subset_size), kid_seed=int(cfg.kid.seed), k=k,
+                       chunk_size=int(cfg.precision_recall.chunk_size), device=module.device)  # fmt: skip
+    n_ref = int(ref["meta"]["num_reference"]) if ref is not None else 0
+    res.update({
+        "protocol": "COCO zero-shot FID (dalle2 eval/coco_fid.py)",
+        "implementation": {
+            "inception": "dalle2.metrics.inception.FIDInceptionV3 (pt_inception-2015-12-05 port, pool3 2048-d)",
+            "fid": "Frechet distance of float64 mean / unbiased covariance; tr sqrt(S1 S2) from eigvals (torchmetrics' "
+                   "formula); reference statistics cached",
+            "kid": f"unbiased MMD^2, kernel (x.y/d + 1)^3, {cfg.kid.subsets} subsets of min({cfg.kid.subset_size}, "
+                   "N, M) rows, seeded after a canonical row order",
+            "precision_recall": f"Kynkaenniemi et al. 2019, k={k}, Euclidean on the same Inception features",
+            "clip_score": "100 * max(cos(CLIP image emb, CLIP text emb), 0), mean over samples (Hessel et al. 2021)",
+        },
+        "resize": resize, "image_size": size,
+        "counts": {"captions": len(rows), "samples": int(len(fake["id"])), "samples_skipped": fake["skipped"],
+                   "reference": n_ref, "reference_skipped": int(ref["meta"].get("reference_skipped", 0)) if ref else 0,
+                   "kid_subset_size": min(int(cfg.kid.subset_size), n_ref, len(fake["id"])) if ref else None},
+        "seeds": {"caption_draw": int(cfg.seed), "sampling": int(cfg.seed), "kid": int(cfg.kid.seed),
+                  "reference_subset": int(cfg.seed) if cfg.n_ref else None},
+        "sampling": identity["settings"], "sample_size": identity["size"], "batch_size": identity["batch_size"],
+        "guidance": {s: identity["settings"][s]["guidance_scale"] for s in ("prior", "decoder", "upsampler")},
+        "steps": {s: identity["settings"][s]["steps"] for s in ("prior", "decoder", "upsampler")},
+        "sampler": {s: identity["settings"][s]["sampler"] for s in ("prior", "decoder", "upsampler")},
+        "checkpoints": {"clip": str(cfg.ckpt.clip), "prior": str(cfg.ckpt.prior), "decoder": str(cfg.ckpt.decoder),
+                        "upsamplers": [str(u) for u in cfg.ckpt.upsamplers or []],
+                        "inception": str(cfg.inception) if cfg.inception else None,
+                        "clip_score": str(cfg.clip_score_ckpt or cfg.ckpt.clip)},
+        "sha256": hashes,
+        "data": {"captions": str(cfg.captions), "images": str(cfg.images), "n": len(rows), "n_ref": cfg.n_ref},
+        "reference_cache": {"file": str(cache.path(key)), "hit": cache.hits > 0},
+        "out": str(out),
+    })  # fmt: skip
+    return res
+
+
+def run(cfg: DictConfig) -> dict | None:
+    try:
+        coco = CocoCaptions(cfg.captions)
+        rows = draw_captions(coco, n=cfg.n, seed=int(cfg.seed))
+        refs = reference_files(coco, cfg.images, n_ref=cfg.n_ref, seed=int(cfg.seed))
+        if cfg.inception:
+            load_fid_inception(cfg.inception)  # a wrong weights file fails now, not after hours of sampling
+    except (FileNotFoundError, ValueError, InceptionWeightsError) as exc:
+        raise SystemExit(f"error: {exc}") from None
+    out = Path(cfg.out)
+    names = {"clip": cfg.ckpt.clip, "prior": cfg.ckpt.prior, "decoder": cfg.ckpt.decoder, "inception": cfg.inception,
+             "clip_score": cfg.clip_score_ckpt or cfg.ckpt.clip}  # fmt: skip
+    hashes = {k: file_sha256(v) for k, v in names.items()}
+    hashes["upsamplers"] = [file_sha256(u) for u in cfg.ckpt.upsamplers or []]
+    identity = generate(cfg, rows, out, hashes)
+    result = evaluate(cfg, rows, refs, out, hashes, identity)
+    if result is not None:
+        write_json_atomic(out / "metrics.json", result)
+        print(f"[dalle2] FID {result['fid']}  KID {result['kid_mean']}  precision {result['precision']}  recall "
+              f"{result['recall']}  CLIP score {result['clip_score']} -> {out / 'metrics.json'}")
+    return result
+
+
+@hydra.main(config_path="../conf", config_name="coco", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    try:
+        run(cfg)
+    except CHECKPOINT_ERRORS as e:  # a refused / wrong-stage / missing checkpoint, a mismatched vocabulary: one line
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()
