@@ -10,7 +10,6 @@ bookkeeping; CLIP's is ``CLIP`` + ``ClipLoss``.
 from __future__ import annotations
 
 import json
-
 import os
 import platform
 import resource

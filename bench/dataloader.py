@@ -23,10 +23,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from common import emit  # noqa: E402  (bench/common.py, beside this script)
 from dalle2.data.synthetic import write_shards  # noqa: E402
 from dalle2.data.webdataset import make_dataset  # noqa: E402
-
-from common import emit  # noqa: E402  (bench/common.py, beside this script)
 
 
 class _WordHashTokenizer:

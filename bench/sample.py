@@ -23,7 +23,6 @@ import time
 import torch
 
 from common import DEFAULT_CONFIG, emit, machine_info, parse_kv, peak_memory, setup_stage, sync
-
 from dalle2.diffusion import cfg_model_fn, sample
 from dalle2.prior import CachedTextPrior
 

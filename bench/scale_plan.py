@@ -54,7 +54,6 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import PEAK_BF16_TFLOPS, emit, parse_kv  # noqa: E402
-
 from dalle2.decoder.blocks import Stage  # noqa: E402
 from dalle2.decoder.unet import UNet  # noqa: E402
 from dalle2.prior.network import PriorBlock, PriorNetwork  # noqa: E402

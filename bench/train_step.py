@@ -29,7 +29,6 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from common import emit, machine_info, parse_kv, peak_memory, peak_tflops, setup_stage, summarize, sync, time_steps
-
 from dalle2.lit.optim import default_adamw, param_groups
 from dalle2.nn import EMA
 

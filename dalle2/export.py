@@ -33,7 +33,13 @@ from typing import Any
 import torch
 
 from dalle2.checkpoint import (
-    CHECKPOINT_ERRORS, EXPORT_FORMAT, EXPORT_KEY, EXPORT_VERSION, VOCAB_TENSOR, WrongStageError, read_stage,
+    CHECKPOINT_ERRORS,
+    EXPORT_FORMAT,
+    EXPORT_KEY,
+    EXPORT_VERSION,
+    VOCAB_TENSOR,
+    WrongStageError,
+    read_stage,
 )
 from dalle2.lit.checkpoints import STAGE_CLASSES
 

@@ -31,11 +31,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from dalle2.io import write_json_atomic  # noqa: E402
 from dalle2.lit.checkpoints import CHECKPOINT_ERRORS  # noqa: E402
 from dalle2.lit.clip_module import load_clip  # noqa: E402
-from dalle2.lit.pipeline_module import (PipelineModule, PromptBatches, SampleWriter, make_items,  # noqa: E402
-                                        valid_image)
+from dalle2.lit.pipeline_module import PipelineModule, PromptBatches, SampleWriter, make_items, valid_image  # noqa: E402
 from dalle2.metrics.clip_score import ClipScorer  # noqa: E402
-from dalle2.metrics.coco import (CocoCaptions, ReferenceCache, draw_captions, file_list_digest,  # noqa: E402
-                                 file_sha256, reference_files, write_jsonl_atomic)  # fmt: skip
+from dalle2.metrics.coco import (  # noqa: E402
+    CocoCaptions,
+    ReferenceCache,
+    draw_captions,
+    file_list_digest,
+    file_sha256,  # fmt: skip
+    reference_files,
+    write_jsonl_atomic,
+)
 from dalle2.metrics.coco_eval import FileFeatures, ImageFilesData, coco_metrics, reference_arrays  # noqa: E402
 from dalle2.metrics.inception import InceptionWeightsError, load_fid_inception  # noqa: E402
 from dalle2.metrics.resize import RESIZE_DESCRIPTION  # noqa: E402

@@ -31,8 +31,8 @@ from dalle2.data.datamodule import WebDataModule  # noqa: E402
 from dalle2.lit.checkpoints import CHECKPOINT_ERRORS  # noqa: E402
 from dalle2.lit.clip_module import load_clip  # noqa: E402
 from dalle2.metrics.evaluator import samples_summary_line  # noqa: E402
-from dalle2.metrics.score_samples import score_samples_dir  # noqa: E402
 from dalle2.metrics.inception import InceptionWeightsError, load_fid_inception  # noqa: E402
+from dalle2.metrics.score_samples import score_samples_dir  # noqa: E402
 
 
 def load_checked_clip(cfg: DictConfig, tokenizer_path):

@@ -12,7 +12,13 @@ import torch
 import torch.nn.functional as F
 
 from dalle2.clip.zeroshot import (
-    ZeroShotTask, class_labels, read_lines, resolve_file, topk_accuracy, zeroshot_classifier, zeroshot_metrics,
+    ZeroShotTask,
+    class_labels,
+    read_lines,
+    resolve_file,
+    topk_accuracy,
+    zeroshot_classifier,
+    zeroshot_metrics,
 )  # fmt: skip
 from dalle2.data.synthetic import ATTRIBUTES
 from helpers.tiny_runs import run, tiny_clip_ckpt

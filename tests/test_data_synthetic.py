@@ -12,7 +12,14 @@ import torch
 from PIL import Image
 
 from dalle2.data.synthetic import (
-    ATTRIBUTES, check_images, make_caption, parse_caption, random_captions, render, sample_attributes, write_shards,
+    ATTRIBUTES,
+    check_images,
+    make_caption,
+    parse_caption,
+    random_captions,
+    render,
+    sample_attributes,
+    write_shards,
 )
 
 
@@ -85,7 +92,7 @@ def test_write_shards_layout(builtin_shards):
 
 def test_write_shards_deterministic(tmp_path):
     a = write_shards(tmp_path / "a", num_train=10, num_val=3, image_size=16, samples_per_shard=4, seed=5)
-    b = write_shards(tmp_path / "b", num_train=10, num_val=3, image_size=16, samples_per_shard=4, seed=5)
+    write_shards(tmp_path / "b", num_train=10, num_val=3, image_size=16, samples_per_shard=4, seed=5)
     assert a["train"].endswith("{00000..00002}.tar")
     assert (tmp_path / "a/train/00002.tar").read_bytes() == (tmp_path / "b/train/00002.tar").read_bytes()
 

@@ -19,8 +19,11 @@ sys.path.insert(0, os.path.join(REPO_ROOT, "eval"))
 from decoder_acceptance import decoder_acceptance, derangement, load_val, main, upsampler_acceptance  # noqa: E402
 
 from dalle2.lit.decoder_module import DecoderModule, UpsamplerModule  # noqa: E402
-from helpers.cascade import NET_NO_TEXT as NET, SR_NET, save_module, save_tiny_clip  # noqa: E402
-from helpers.cascade import tiny_decoder as _decoder, tiny_upsampler as _upsampler  # noqa: E402
+from helpers.cascade import NET_NO_TEXT as NET  # noqa: E402
+from helpers.cascade import SR_NET, save_module, save_tiny_clip
+from helpers.cascade import tiny_decoder as _decoder  # noqa: E402
+from helpers.cascade import tiny_upsampler as _upsampler
+
 
 class OracleDecoder(DecoderModule):
     """'Samples' the bank image whose embedding is nearest: a perfect decoder, to test the script's wiring."""

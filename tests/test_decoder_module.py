@@ -281,8 +281,9 @@ def test_frozen_clip_on_the_fly_not_in_checkpoint(tmp_path):
 
 
 def test_noise_check_flags_noise_not_images():
-    from dalle2.data.synthetic import render, sample_attributes
     import numpy as np
+
+    from dalle2.data.synthetic import render, sample_attributes
 
     rng = np.random.default_rng(0)
     real = torch.stack([torch.from_numpy(render(sample_attributes(rng), 32, rng)).permute(2, 0, 1) for _ in range(8)])

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -18,7 +16,7 @@ from dalle2.diffusion import (
     sample_ddpm,
     static_clip,
 )
-from dalle2.diffusion.gaussian import v_from_x0_eps, eps_from_x0
+from dalle2.diffusion.gaussian import eps_from_x0, v_from_x0_eps
 
 SAMPLERS = ["ddpm", "ddim", "dpmpp_2m", "euler", "heun"]
 # steps at which each sampler is within ~5% on the std of a N(mu, 0.5^2) target (first-order ones need more)

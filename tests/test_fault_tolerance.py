@@ -123,7 +123,7 @@ def test_sigterm_saves_exits_and_resumes(builtin_shards, tmp_path):
 
     clip = tiny_clip_ckpt(tmp_path / "clip.ckpt")
     run_dir, marks = tmp_path / "run", tmp_path / "marks"
-    extra = [f"+callbacks.marker._target_=test_fault_tolerance.StepMarker", f"+callbacks.marker.dir={marks}",
+    extra = ["+callbacks.marker._target_=test_fault_tolerance.StepMarker", f"+callbacks.marker.dir={marks}",
              "callbacks.model_checkpoint.every_n_train_steps=1000"]  # fmt: skip
     proc = subprocess.Popen(decoder_cmd(builtin_shards, clip, run_dir, "trainer.max_steps=1000", *extra),
                             cwd=REPO_ROOT, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip

@@ -105,7 +105,7 @@ def test_signal_to_one_rank_stops_every_rank_with_a_checkpoint(signame, rank, bu
     last = run_dir / "checkpoints" / "last.ckpt"
     saved = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
     assert saved >= 2
-    resumed = run(cmd[:-2] + ["trainer.max_steps=%d" % (saved + 2), "callbacks.model_checkpoint.every_n_train_steps=2",
+    resumed = run(cmd[:-2] + [f"trainer.max_steps={saved + 2}", "callbacks.model_checkpoint.every_n_train_steps=2",
                               "ckpt_path=last"], timeout=180)  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == saved + 2

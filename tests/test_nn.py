@@ -1,5 +1,4 @@
 import torch
-import torch.nn.functional as F
 
 from dalle2.nn import EMA, Attention, Transformer, timestep_embedding
 

@@ -59,7 +59,8 @@ import time  # noqa: E402
 
 import torch  # noqa: E402
 
-from helpers.tiny_runs import REPO_ROOT, decoder_cmd, run_env, tiny_clip_ckpt as write_tiny_clip  # noqa: E402
+from helpers.tiny_runs import REPO_ROOT, decoder_cmd, run_env  # noqa: E402
+from helpers.tiny_runs import tiny_clip_ckpt as write_tiny_clip
 
 
 @pytest.fixture(scope="module")

@@ -29,6 +29,7 @@ openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
 from helpers.tiny_runs import REPO_ROOT as REPO  # noqa: E402
+
 API_KEY = "sk-test-123"
 FAST = SamplingSettings(prior=StageSettings(steps=2), decoder=StageSettings(steps=3, guidance_scale=2.0),
                         upsampler=StageSettings(steps=2), n_prior_samples=2)  # fmt: skip
@@ -133,7 +134,7 @@ def test_batcher_splits_big_requests_and_reports_errors():
     assert out.shape == (5, 3, 4, 4) and [c[1] for c in fake.calls] == [2, 2, 1]
     torch.testing.assert_close(out[:, 0, 0, 0], torch.tensor([FakePipeline.value(1, 0, k) for k in range(5)]))
     fut = b.submit(Job(kind="generation", size=5, seed=0, n=1, prompt="x"))  # the fake raises on a bad size
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017  (whatever the pipeline raised reaches the caller)
         fut.result(timeout=30)
     assert b.stats()["errors"] == 1
     assert b.submit(Job(kind="generation", size=4, seed=0, n=1, prompt="x")).result(timeout=30).shape[0] == 1

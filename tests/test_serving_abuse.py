@@ -38,7 +38,7 @@ MB = 1 << 20
 png_bomb = functools.lru_cache(maxsize=None)(load_script("bench", "serve_load").png_bomb)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def encoded(fmt: str, size: tuple[int, int], mode: str = "RGB", color=(10, 200, 30)) -> bytes:
     buf = io.BytesIO()
     Image.new(mode, size, color if mode != "L" else 128).save(buf, format=fmt)
@@ -84,7 +84,7 @@ def read_response(sock: socket.socket, timeout: float) -> tuple[int | None, dict
             if not d:
                 break
             data += d
-    except (ConnectionResetError, socket.timeout):
+    except (TimeoutError, ConnectionResetError):
         pass
     if b"\r\n\r\n" not in data:
         return None, {}, data

@@ -235,8 +235,8 @@ def test_default_vocab():
         assert len(tok.encode(word)) == 1, word
     text = "an astronaut riding a horse on the moon, digital art"
     assert tok.decode(tok.encode(text)) == "an astronaut riding a horse on the moon , digital art"
-    for text in [text, "the quick brown fox jumps over the lazy dog near a quiet village", "a bowl of ramen, studio style"]:
-        assert len(tok.encode(text)) < 0.5 * len(text.replace(" ", "")), text
+    for sentence in [text, "the quick brown fox jumps over the lazy dog near a quiet village", "a bowl of ramen, studio style"]:
+        assert len(tok.encode(sentence)) < 0.5 * len(sentence.replace(" ", "")), sentence
     batch = tok(["a red circle", "日本 😀"])
     assert torch.equal(batch.argmax(dim=-1), torch.tensor([len(tok.encode(t)) + 1 for t in ["a red circle", "日本 😀"]]))
 

@@ -17,7 +17,6 @@ from PIL import Image
 from conftest import REPO_ROOT
 
 
-
 def load_script(name: str):
     """train/<name>.py as a module (by path: `train` is not a package, and train/train.py shadows the name)."""
     spec = importlib.util.spec_from_file_location(f"_dalle2_script_{name}", os.path.join(REPO_ROOT, "train", f"{name}.py"))

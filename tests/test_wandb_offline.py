@@ -6,10 +6,8 @@ and its ``files/media/images/``."""
 from __future__ import annotations
 
 import subprocess
-from pathlib import Path
 
 import pytest
-import yaml
 from PIL import Image
 
 from helpers.tiny_runs import REPO_ROOT, run, run_env, stage_cmd, tiny_clip_ckpt

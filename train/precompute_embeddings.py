@@ -22,10 +22,10 @@ from pathlib import Path
 
 import hydra
 import lightning as L
-from hydra.utils import instantiate
 import numpy as np
 import torch
 import webdataset as wds
+from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))

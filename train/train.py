@@ -24,7 +24,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from lightning.pytorch.utilities.exceptions import SIGTERMException  # noqa: E402
 
 from dalle2.lit.checkpoints import (  # noqa: E402
-    CHECKPOINT_ERRORS, RunDirInUseError, WrongStageError, checkpoint_stage, resolve_ckpt_path,
+    CHECKPOINT_ERRORS,
+    RunDirInUseError,
+    WrongStageError,
+    checkpoint_stage,
+    resolve_ckpt_path,
 )
 from dalle2.lit.fault_tolerance import AtomicCheckpointIO, CheckpointSaveError, Preemption  # noqa: E402
 

@@ -27,13 +27,11 @@ import gzip
 import hashlib
 import heapq
 import html
-import io
 import os
-import sys
 import tarfile
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
-from typing import Iterable, Iterator, Sequence
 
 import ftfy
 import regex

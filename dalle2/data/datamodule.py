@@ -12,7 +12,8 @@ from __future__ import annotations
 import copy
 import warnings
 from collections import Counter
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -216,7 +217,7 @@ class WebDataModule(pl.LightningDataModule):
         positions = state_dict.get("stream") or {}
         rank, world = self._rank_world()
         if positions and len(positions) != world:
-            warnings.warn(f"data stream saved by {len(positions)} ranks, resumed on {world}: the stream restarts")
+            warnings.warn(f"data stream saved by {len(positions)} ranks, resumed on {world}: the stream restarts", stacklevel=2)
             positions = {}
         self._resume_position = copy.deepcopy(positions.get(rank))
         self._position = copy.deepcopy(self._resume_position)

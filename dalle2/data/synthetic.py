@@ -31,14 +31,17 @@ import json
 import os
 import re
 import tarfile
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
+from dalle2.data.shape_fit import AREA, fit_all, matte
+from dalle2.data.shape_fit import CROSS_BAR as _CROSS_BAR
+from dalle2.data.shape_fit import SUPERSAMPLE as _SUPERSAMPLE
 from dalle2.imaging import to_uint8
-from dalle2.data.shape_fit import AREA, CROSS_BAR as _CROSS_BAR, SUPERSAMPLE as _SUPERSAMPLE, fit_all, matte
 
 ATTRIBUTES: dict[str, list[str]] = {
     "shape": ["circle", "square", "triangle", "cross"],

@@ -24,7 +24,8 @@ import re
 import shlex
 import tarfile
 import warnings
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from braceexpand import braceexpand
 from webdataset.gopen import Pipe, gopen
@@ -134,7 +135,7 @@ def count_samples(urls: Sequence[str]) -> int:
                     if m.isfile() and "." in os.path.basename(m.name):
                         keys.add(m.name.split(".", 1)[0])
         except (tarfile.TarError, OSError) as exn:
-            warnings.warn(f"while counting samples, shard {url!r} is unreadable ({exn}); counted what was read")
+            warnings.warn(f"while counting samples, shard {url!r} is unreadable ({exn}); counted what was read", stacklevel=2)
         total += len(keys)
     return total
 

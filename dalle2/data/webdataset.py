@@ -41,7 +41,8 @@ import sys
 import tarfile
 import warnings
 from collections import Counter
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -488,7 +489,8 @@ class TrainStream(torch.utils.data.IterableDataset):
         if len(batches) != workers:
             warnings.warn(
                 f"data stream saved with {len(batches)} workers, resumed with {workers}: "
-                f"starting the next epoch ({position['epoch'] + 1}) instead of the exact position"
+                f"starting the next epoch ({position['epoch'] + 1}) instead of the exact position",
+                stacklevel=2,
             )
             self.epoch = int(position["epoch"]) + 1
             return

@@ -35,8 +35,8 @@ from torch.utils.checkpoint import checkpoint
 
 from dalle2.decoder.blocks import Downsample, PixelAttention, ResBlock, Stage, Upsample, group_norm, zero_init
 from dalle2.nn import TimestepEmbedding
-from dalle2.presets import load_preset, preset_names
 from dalle2.nn.text_cond import project_text
+from dalle2.presets import load_preset, preset_names
 
 # Constructor kwargs per preset: dalle2/presets/model/{decoder,upsampler}/*.yaml (defined there only).  ``clip_dim`` /
 # ``text_dim`` are the CLIP's (``unet_from_preset(..., clip_dim=...)``); the SR presets have no CLIP conditioning.

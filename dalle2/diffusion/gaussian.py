@@ -14,8 +14,9 @@ timesteps share them) with thin ``t``-indexed methods on the class.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Mapping
+from typing import Any, Literal
 
 import torch
 from torch import Tensor

@@ -9,7 +9,8 @@ flag set to all-True.  ``static_clip`` / ``dynamic_threshold`` are ``x0_transfor
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor

@@ -14,7 +14,7 @@ noise streams, as in :func:`dalle2.diffusion.samplers.randn`).
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

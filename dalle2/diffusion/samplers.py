@@ -28,7 +28,8 @@ generators, one per group of ``B / n`` consecutive rows (per-sample streams: row
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Literal, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import Tensor

@@ -13,8 +13,9 @@ Conventions: ``alpha_bar[t] = prod_{s<=t} (1 - beta_s)``; ``x_t = sqrt(alpha_bar
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 

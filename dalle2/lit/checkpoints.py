@@ -14,9 +14,24 @@ from pathlib import Path
 from typing import Any
 
 from dalle2.checkpoint import (
-    CHECKPOINT_ERRORS, EXPORT_FORMAT, EXPORT_KEY, EXPORT_VERSION, STAGE_KEY, VOCAB_KEY, VOCAB_TENSOR, StageFile,
-    SHARDED_META, UntrustedCheckpointError, WrongStageError, check_stage, checkpoint_stage, is_export,
-    is_sharded_checkpoint, load_checkpoint, read_export, read_stage,
+    CHECKPOINT_ERRORS,
+    EXPORT_FORMAT,
+    EXPORT_KEY,
+    EXPORT_VERSION,
+    SHARDED_META,
+    STAGE_KEY,
+    VOCAB_KEY,
+    VOCAB_TENSOR,
+    StageFile,
+    UntrustedCheckpointError,
+    WrongStageError,
+    check_stage,
+    checkpoint_stage,
+    is_export,
+    is_sharded_checkpoint,
+    load_checkpoint,
+    read_export,
+    read_stage,
 )
 from dalle2.clip.tokenizer import Tokenizer, Vocabulary, VocabularyMismatchError
 from dalle2.safe_load import torch_load

@@ -16,7 +16,6 @@ training batch) with the EMA network and a few DDIM steps, and on rank zero:
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import lightning as L

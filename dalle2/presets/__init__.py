@@ -28,7 +28,7 @@ def preset_names(kind: str) -> list[str]:
     return sorted(p.name[:-5] for p in _folder(kind).iterdir() if p.name.endswith(".yaml"))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _read(kind: str, name: str) -> dict[str, Any]:
     path = _folder(kind).joinpath(f"{name}.yaml")
     if not path.is_file():

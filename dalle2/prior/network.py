@@ -30,8 +30,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from dalle2.nn import MLP, Attention, TimestepEmbedding
-from dalle2.presets import load_preset, preset_names
 from dalle2.nn.text_cond import project_text
+from dalle2.presets import load_preset, preset_names
 
 Positional = Literal["learned", "rotary"]
 

@@ -8,7 +8,7 @@ embedding, as in the DALL-E 2 paper).  No Python loops over batch elements.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

@@ -26,8 +26,15 @@ from dalle2.serving.batcher import Batcher, Job, QueueFull, ShuttingDown
 from dalle2.serving.images import clip_side, load_image, png_bytes, to_pil
 from dalle2.serving.limits import BodyLimit, BodyRefused, ServeLimits, too_large
 from dalle2.serving.server import normalize_api_key
-from dalle2.serving.validation import (MAX_SEED, APIError, check_int, check_prompt, check_response_format, parse_size,
-                                       random_seed)  # fmt: skip
+from dalle2.serving.validation import (
+    MAX_SEED,
+    APIError,
+    check_int,
+    check_prompt,
+    check_response_format,
+    parse_size,
+    random_seed,  # fmt: skip
+)
 
 # --------------------------------------------------------------------------------------------------- python API
 
