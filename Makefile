@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-fast demo data clean
+.PHONY: venv lint format test test-fast demo data clean
 
 # The CPU torch wheel that lies on this machine's disk is installed first, so that pip never resolves a
 # CUDA build; pyproject only asks torch>=2.6 (safe weights-only loading), which keeps a GPU machine's own build.
@@ -19,7 +19,16 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-test: $(STAMP)
+# ruff (pyproject [tool.ruff]): lint, and the formatter's check (`make format` rewrites)
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: $(STAMP)

@@ -39,8 +39,18 @@ DEFAULT_BATCH = {"prior": 32, "decoder": 8, "upsampler": 4, "clip": 64}
 LOWRES_SIZES = {"sr_bench": 32, "tiny_sr32_64": 32, "sr64_256": 64, "sr256_1024": 256}
 # dense bf16 tensor-core peak (TFLOP/s) by GPU name fragment (first match wins), for MFU; override with
 # peak_tflops=...  (fp32 runs are still divided by the bf16 peak: MFU is against what the GPU can do)
-PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H200": 989.0, "H100": 989.0, "GH200": 989.0,
-                    "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10G": 70.0, "4090": 165.0}
+PEAK_BF16_TFLOPS = {
+    "H100 PCIe": 756.0,
+    "H100 NVL": 835.0,
+    "H200": 989.0,
+    "H100": 989.0,
+    "GH200": 989.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "L4": 121.0,
+    "A10G": 70.0,
+    "4090": 165.0,
+}
 # diffusion settings of conf/stage/*.yaml
 DIFFUSION = {
     "prior": {"schedule": "cosine", "num_timesteps": 1000, "objective": "x0"},
@@ -194,7 +204,9 @@ def _stage_setup(stage: str, config: str, module, make_batch, sample_shape, info
     return StageSetup(stage, config, module.net, make_batch, loss, module.diffusion, sample_shape, info, module)
 
 
-def setup_prior(config: str, batch: int, device: torch.device, *, clip_dim: int = 512, text_len: int = 77) -> StageSetup:
+def setup_prior(
+    config: str, batch: int, device: torch.device, *, clip_dim: int = 512, text_len: int = 77
+) -> StageSetup:
     from dalle2.lit.prior_module import PriorModule
 
     network = {"embed_dim": clip_dim, "text_token_dim": clip_dim, **PRIOR_PRESETS[config]}
@@ -202,33 +214,56 @@ def setup_prior(config: str, batch: int, device: torch.device, *, clip_dim: int 
     d, dt = module.net.embed_dim, module.net.text_token_dim
 
     def make_batch() -> dict[str, Any]:
-        return {"img_emb": torch.randn(batch, d, device=device), "txt_emb": torch.randn(batch, d, device=device),
-                **_text(batch, text_len, dt, 8192, device)}  # fmt: skip
+        return {
+            "img_emb": torch.randn(batch, d, device=device),
+            "txt_emb": torch.randn(batch, d, device=device),
+            **_text(batch, text_len, dt, 8192, device),
+        }
 
     return _stage_setup("prior", config, module, make_batch, (batch, d), {"text_len": text_len})
 
 
-def setup_decoder(config: str, batch: int, device: torch.device, *, clip_dim: int = 512, text_len: int = 77,
-                  channels_last: bool = False) -> StageSetup:
+def setup_decoder(
+    config: str,
+    batch: int,
+    device: torch.device,
+    *,
+    clip_dim: int = 512,
+    text_len: int = 77,
+    channels_last: bool = False,
+) -> StageSetup:
     from dalle2.lit.decoder_module import DecoderModule
 
     network = {"clip_dim": clip_dim, **UNET_PRESETS[config]}
     size = PRESET_IMAGE_SIZES[config]
-    module = DecoderModule(network=network, diffusion=DIFFUSION["decoder"], image_size=size,
-                           use_text=network.get("text_dim") is not None, channels_last=channels_last).to(device)
+    module = DecoderModule(
+        network=network,
+        diffusion=DIFFUSION["decoder"],
+        image_size=size,
+        use_text=network.get("text_dim") is not None,
+        channels_last=channels_last,
+    ).to(device)
     net = module.net
 
     def make_batch() -> dict[str, Any]:
-        out = {"image": torch.rand(batch, 3, size, size, device=device) * 2 - 1,
-               "img_emb": torch.randn(batch, net.clip_dim, device=device)}  # fmt: skip
+        out = {
+            "image": torch.rand(batch, 3, size, size, device=device) * 2 - 1,
+            "img_emb": torch.randn(batch, net.clip_dim, device=device),
+        }
         if net.text_dim is not None:
             out.update(_text(batch, text_len, net.text_dim, 8192, device))
         else:
             out["tokens"] = torch.zeros(batch, text_len, dtype=torch.long, device=device)
         return out
 
-    return _stage_setup("decoder", config, module, make_batch, (batch, 3, size, size),
-                        {"image_size": size, "text_len": text_len if net.text_dim else 0})
+    return _stage_setup(
+        "decoder",
+        config,
+        module,
+        make_batch,
+        (batch, 3, size, size),
+        {"image_size": size, "text_len": text_len if net.text_dim else 0},
+    )
 
 
 def setup_upsampler(config: str, batch: int, device: torch.device, *, channels_last: bool = False) -> StageSetup:
@@ -236,15 +271,22 @@ def setup_upsampler(config: str, batch: int, device: torch.device, *, channels_l
 
     config = UPSAMPLER_PRESETS.get(config, config)
     size, low = PRESET_IMAGE_SIZES[config], LOWRES_SIZES.get(config, PRESET_IMAGE_SIZES[config] // 4)
-    module = UpsamplerModule(network=UNET_PRESETS[config], diffusion=DIFFUSION["upsampler"], lowres_size=low,
-                             image_size=size, lowres_aug={"max_train_level": 250}, sample_aug_level=50,
-                             channels_last=channels_last).to(device)  # fmt: skip
+    module = UpsamplerModule(
+        network=UNET_PRESETS[config],
+        diffusion=DIFFUSION["upsampler"],
+        lowres_size=low,
+        image_size=size,
+        lowres_aug={"max_train_level": 250},
+        sample_aug_level=50,
+        channels_last=channels_last,
+    ).to(device)
 
     def make_batch() -> dict[str, Any]:
         return {"image": torch.rand(batch, 3, size, size, device=device) * 2 - 1}
 
-    return _stage_setup("upsampler", config, module, make_batch, (batch, 3, size, size),
-                        {"image_size": size, "lowres_size": low})
+    return _stage_setup(
+        "upsampler", config, module, make_batch, (batch, 3, size, size), {"image_size": size, "lowres_size": low}
+    )
 
 
 def setup_clip(config: str, batch: int, device: torch.device) -> StageSetup:
@@ -268,8 +310,9 @@ def setup_clip(config: str, batch: int, device: torch.device) -> StageSetup:
     return StageSetup("clip", config, net, make_batch, loss, None, (), {"image_size": size, "text_len": ctx})
 
 
-def setup_stage(stage: str, config: str | None, batch: int | None, device: torch.device, *,
-                channels_last: bool = False) -> StageSetup:
+def setup_stage(
+    stage: str, config: str | None, batch: int | None, device: torch.device, *, channels_last: bool = False
+) -> StageSetup:
     if stage not in STAGES:
         raise SystemExit(f"unknown stage {stage!r}; expected one of {STAGES}")
     config = config or DEFAULT_CONFIG[stage]

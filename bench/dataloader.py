@@ -77,12 +77,21 @@ def run_one(a: argparse.Namespace, image_size: int, workers: int) -> dict:
     if urls is None:
         tmp = tempfile.TemporaryDirectory()
         n = max(1024, 4 * a.batch_size * max(1, workers))
-        urls = write_shards(tmp.name, num_train=n, num_val=0, image_size=a.source_size or 2 * image_size,
-                            samples_per_shard=256)["train"]
+        urls = write_shards(
+            tmp.name, num_train=n, num_val=0, image_size=a.source_size or 2 * image_size, samples_per_shard=256
+        )["train"]
     tok, tok_kind = _tokenizer(a.tokenizer_path)
     total = a.warmup + a.batches
-    ds = make_dataset(urls, image_size=image_size, tokenizer=tok, train=True, batch_size=a.batch_size,
-                      epoch_size=total * a.batch_size, num_workers=workers, shuffle_buffer=500)
+    ds = make_dataset(
+        urls,
+        image_size=image_size,
+        tokenizer=tok,
+        train=True,
+        batch_size=a.batch_size,
+        epoch_size=total * a.batch_size,
+        num_workers=workers,
+        shuffle_buffer=500,
+    )
     kw = {"prefetch_factor": 2} if workers > 0 else {}
     loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers, **kw)
     it = iter(loader)
@@ -94,11 +103,19 @@ def run_one(a: argparse.Namespace, image_size: int, workers: int) -> dict:
         images += len(next(it)["key"])
     dt = time.perf_counter() - t0
     result = {
-        "images_per_s": images / dt, "seconds": dt, "images": images, "image_size": image_size,
-        "source_size": None if a.urls else (a.source_size or 2 * image_size), "workers": workers,
-        "batch_size": a.batch_size, "tokenizer": tok_kind, "urls": a.urls or "synthetic",
-        "cpu_count": os.cpu_count(), "loadavg": [round(x, 2) for x in os.getloadavg()],
-        "torch": torch.__version__, "python": platform.python_version(),
+        "images_per_s": images / dt,
+        "seconds": dt,
+        "images": images,
+        "image_size": image_size,
+        "source_size": None if a.urls else (a.source_size or 2 * image_size),
+        "workers": workers,
+        "batch_size": a.batch_size,
+        "tokenizer": tok_kind,
+        "urls": a.urls or "synthetic",
+        "cpu_count": os.cpu_count(),
+        "loadavg": [round(x, 2) for x in os.getloadavg()],
+        "torch": torch.__version__,
+        "python": platform.python_version(),
     }
     print(f"[bench] {image_size} px, {workers} workers: {result['images_per_s']:.0f} images/s", file=sys.stderr)
     del it, loader

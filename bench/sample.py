@@ -27,10 +27,23 @@ from dalle2.diffusion import cfg_model_fn, sample
 from dalle2.prior import CachedTextPrior
 
 DEFAULTS = {
-    "stages": "prior,decoder,upsampler", "samplers": "ddim,dpmpp_2m,euler,heun,ddpm", "steps": 10, "batch": 0,
-    "guidance": 1.0, "precision": "fp32", "compile": False, "channels_last": False, "threads": 2, "device": "cpu",
-    "repeats": 1, "prior_config": DEFAULT_CONFIG["prior"], "decoder_config": DEFAULT_CONFIG["decoder"],
-    "upsampler_config": DEFAULT_CONFIG["upsampler"], "seed": 0, "out": None, "prior_cache": True,
+    "stages": "prior,decoder,upsampler",
+    "samplers": "ddim,dpmpp_2m,euler,heun,ddpm",
+    "steps": 10,
+    "batch": 0,
+    "guidance": 1.0,
+    "precision": "fp32",
+    "compile": False,
+    "channels_last": False,
+    "threads": 2,
+    "device": "cpu",
+    "repeats": 1,
+    "prior_config": DEFAULT_CONFIG["prior"],
+    "decoder_config": DEFAULT_CONFIG["decoder"],
+    "upsampler_config": DEFAULT_CONFIG["upsampler"],
+    "seed": 0,
+    "out": None,
+    "prior_cache": True,
 }
 CALLS_PER_STEP = {"heun": 2}  # model calls per step (heun: 1 on the last step)
 
@@ -40,8 +53,9 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(a["device"])
     if device.type == "cpu" and a["threads"]:
         torch.set_num_threads(a["threads"])
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if a["precision"] == "bf16"
-                else contextlib.nullcontext())
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16) if a["precision"] == "bf16" else contextlib.nullcontext()
+    )
     rows = []
     for stage in [s for s in a["stages"].split(",") if s]:
         torch.manual_seed(a["seed"])
@@ -59,8 +73,16 @@ def main(argv: list[str] | None = None) -> dict:
 
             def run(steps: int) -> torch.Tensor:
                 with torch.inference_mode(), autocast:
-                    return sample(model, s.sample_shape, diffusion=s.diffusion, sampler=sampler, steps=steps,
-                                  generator=gen, model_kwargs=kwargs, device=device)
+                    return sample(
+                        model,
+                        s.sample_shape,
+                        diffusion=s.diffusion,
+                        sampler=sampler,
+                        steps=steps,
+                        generator=gen,
+                        model_kwargs=kwargs,
+                        device=device,
+                    )
 
             run(2)  # warm-up (and compilation)
             times = []
@@ -74,16 +96,37 @@ def main(argv: list[str] | None = None) -> dict:
                 raise FloatingPointError(f"{stage}/{sampler}: non-finite samples")
             total = statistics.median(times)
             calls = a["steps"] * CALLS_PER_STEP.get(sampler, 1) - (1 if sampler == "heun" else 0)
-            rows.append({
-                "stage": stage, "config": s.config, "sampler": sampler,
-                **({"prior_cache": a["prior_cache"]} if stage == "prior" else {}), "batch": b, "steps": a["steps"],
-                "model_calls": calls, "seconds": total, "s_per_step": total / a["steps"],
-                "s_per_model_call": total / calls, "s_per_image": total / b, "images_per_s": b / total,
-                "params": sum(p.numel() for p in net.parameters()), "shape": list(s.sample_shape),
-            })
-            print(f"[bench] {stage}/{sampler}: {total / a['steps']:.4f} s/step, {total / b:.4f} s/image", file=sys.stderr)
-    result = {"bench": "sample", "precision": a["precision"], "compile": a["compile"], "guidance": a["guidance"],
-              "channels_last": a["channels_last"], "results": rows, **peak_memory(device), **machine_info(device)}
+            rows.append(
+                {
+                    "stage": stage,
+                    "config": s.config,
+                    "sampler": sampler,
+                    **({"prior_cache": a["prior_cache"]} if stage == "prior" else {}),
+                    "batch": b,
+                    "steps": a["steps"],
+                    "model_calls": calls,
+                    "seconds": total,
+                    "s_per_step": total / a["steps"],
+                    "s_per_model_call": total / calls,
+                    "s_per_image": total / b,
+                    "images_per_s": b / total,
+                    "params": sum(p.numel() for p in net.parameters()),
+                    "shape": list(s.sample_shape),
+                }
+            )
+            print(
+                f"[bench] {stage}/{sampler}: {total / a['steps']:.4f} s/step, {total / b:.4f} s/image", file=sys.stderr
+            )
+    result = {
+        "bench": "sample",
+        "precision": a["precision"],
+        "compile": a["compile"],
+        "guidance": a["guidance"],
+        "channels_last": a["channels_last"],
+        "results": rows,
+        **peak_memory(device),
+        **machine_info(device),
+    }
     return emit(result, a["out"])
 
 

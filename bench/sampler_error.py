@@ -24,8 +24,14 @@ from dalle2.diffusion import GaussianDiffusion, Schedule, sample
 from dalle2.diffusion.gaussian import eps_from_x0, v_from_x0_eps
 
 # (row name, sampler, spacing); euler on "trailing" is algebraically ddim, so it is shown with karras spacing
-VARIANTS = [("ddpm", "ddpm", "trailing"), ("ddim", "ddim", "trailing"), ("dpmpp_2m", "dpmpp_2m", "trailing"),
-            ("heun", "heun", "trailing"), ("euler_karras", "euler", "karras"), ("heun_karras", "heun", "karras")]
+VARIANTS = [
+    ("ddpm", "ddpm", "trailing"),
+    ("ddim", "ddim", "trailing"),
+    ("dpmpp_2m", "dpmpp_2m", "trailing"),
+    ("heun", "heun", "trailing"),
+    ("euler_karras", "euler", "karras"),
+    ("heun_karras", "heun", "karras"),
+]
 STEPS = [5, 10, 20, 50]
 
 
@@ -87,21 +93,43 @@ def run(target: str, schedule: str, objective: str, n: int, seed: int) -> dict:
         for steps in STEPS:
             counter[0] = 0
             t0 = time.perf_counter()
-            x = sample(model, x_T, diffusion=d, sampler=sampler, steps=steps, spacing=spacing, dtype=torch.float64,
-                       generator=torch.Generator().manual_seed(seed + 1))
-            rows.append({
-                "sampler": name, "spacing": spacing, "steps": steps, "nfe": counter[0],
-                "ode_err": None if sampler == "ddpm" else (x - x_ref).abs().mean().item(),
-                "sw2": sliced_w2(x, ref_data), "seconds": time.perf_counter() - t0,
-            })
-    return {"target": target, "schedule": schedule, "objective": objective, "n": n, "sw2_floor": floor,
-            "ode_ref": "heun, 1000 uniform steps",
-            "rows": rows}
+            x = sample(
+                model,
+                x_T,
+                diffusion=d,
+                sampler=sampler,
+                steps=steps,
+                spacing=spacing,
+                dtype=torch.float64,
+                generator=torch.Generator().manual_seed(seed + 1),
+            )
+            rows.append(
+                {
+                    "sampler": name,
+                    "spacing": spacing,
+                    "steps": steps,
+                    "nfe": counter[0],
+                    "ode_err": None if sampler == "ddpm" else (x - x_ref).abs().mean().item(),
+                    "sw2": sliced_w2(x, ref_data),
+                    "seconds": time.perf_counter() - t0,
+                }
+            )
+    return {
+        "target": target,
+        "schedule": schedule,
+        "objective": objective,
+        "n": n,
+        "sw2_floor": floor,
+        "ode_ref": "heun, 1000 uniform steps",
+        "rows": rows,
+    }
 
 
 def print_table(res: dict) -> None:
-    print(f"\n## target={res['target']} schedule={res['schedule']} objective={res['objective']} n={res['n']} "
-          f"(sliced-W2 floor {res['sw2_floor']:.4f})")
+    print(
+        f"\n## target={res['target']} schedule={res['schedule']} objective={res['objective']} n={res['n']} "
+        f"(sliced-W2 floor {res['sw2_floor']:.4f})"
+    )
     print("| sampler | " + " | ".join(f"{s} steps: ODE err / SW2 (NFE)" for s in STEPS) + " |")
     print("|---" * (len(STEPS) + 1) + "|")
     for sampler, _, _ in VARIANTS:

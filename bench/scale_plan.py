@@ -76,16 +76,40 @@ PAPER_SCHEDULE = {  # config -> (global batch, iterations)
     "sr256_1024": (512, 1_000_000),
 }
 # memory (GiB, nominal) and the name fragment of bench/common.py's bf16 peak table
-GPUS = {"h100": (80, "H100"), "h200": (141, "H200"), "a100": (80, "A100"), "a100_40": (40, "A100"),
-        "l40s": (48, "L40S")}  # fmt: skip
+GPUS = {
+    "h100": (80, "H100"),
+    "h200": (141, "H200"),
+    "a100": (80, "A100"),
+    "a100_40": (40, "A100"),
+    "l40s": (48, "L40S"),
+}
 # output side of each upsampler config (the network is fully convolutional; training runs on crops)
 UPSAMPLER_SIDES = {"sr64_256": 256, "sr256_1024": 1024, "tiny_sr32_64": 64, "bench": 128}
 DEFAULTS = {
-    "stage": "decoder", "config": "paper", "gpus": "64", "gpu": "h100", "strategy": "fsdp", "ckpt": "auto",
-    "mfu": 0.40, "peak_tflops": 0.0, "memory_gib": 0.0, "fragmentation": 0.10, "context_gib": 2.0, "min_micro": 8,
-    "measure_batch": 2, "crop": 0.25, "image_size": 0, "text_len": 77, "image_kb": 0.0, "gpus_per_node": 8,
-    "global_batch": 0, "iterations": 0, "nvlink_gbs": 300.0, "net_gbps": 400.0, "out": None,
-}  # fmt: skip
+    "stage": "decoder",
+    "config": "paper",
+    "gpus": "64",
+    "gpu": "h100",
+    "strategy": "fsdp",
+    "ckpt": "auto",
+    "mfu": 0.40,
+    "peak_tflops": 0.0,
+    "memory_gib": 0.0,
+    "fragmentation": 0.10,
+    "context_gib": 2.0,
+    "min_micro": 8,
+    "measure_batch": 2,
+    "crop": 0.25,
+    "image_size": 0,
+    "text_len": 77,
+    "image_kb": 0.0,
+    "gpus_per_node": 8,
+    "global_batch": 0,
+    "iterations": 0,
+    "nvlink_gbs": 300.0,
+    "net_gbps": 400.0,
+    "out": None,
+}
 GIB = 2**30
 
 
@@ -107,34 +131,42 @@ def build_network(stage: str, kwargs: dict, device: str = "meta") -> torch.nn.Mo
     return net.to(torch.bfloat16).train()
 
 
-def training_inputs(stage: str, net: torch.nn.Module, batch: int, *, image_size: int, text_len: int,
-                    device: str = "meta") -> tuple:  # fmt: skip
+def training_inputs(
+    stage: str, net: torch.nn.Module, batch: int, *, image_size: int, text_len: int, device: str = "meta"
+) -> tuple:
     """``(args, kwargs)`` of one training forward at the training shapes, bf16, on ``device`` (meta: no memory)."""
     dev, bf16 = torch.device(device), torch.bfloat16
     t = torch.zeros(batch, dtype=torch.long, device=dev)
     if stage == "prior":
         d = net.embed_dim
-        kw = {"text_embed": torch.randn(batch, d, device=dev, dtype=bf16),
-              "text_tokens": torch.randn(batch, text_len, net.text_token_dim, device=dev, dtype=bf16),
-              "text_mask": torch.ones(batch, text_len, dtype=torch.bool, device=dev),
-              "drop_text": torch.zeros(batch, dtype=torch.bool, device=dev)}  # fmt: skip
+        kw = {
+            "text_embed": torch.randn(batch, d, device=dev, dtype=bf16),
+            "text_tokens": torch.randn(batch, text_len, net.text_token_dim, device=dev, dtype=bf16),
+            "text_mask": torch.ones(batch, text_len, dtype=torch.bool, device=dev),
+            "drop_text": torch.zeros(batch, dtype=torch.bool, device=dev),
+        }
         return (torch.randn(batch, d, device=dev, dtype=bf16), t), kw
     x = torch.randn(batch, 3, image_size, image_size, device=dev, dtype=bf16)
     if stage == "decoder":
-        return (x, t), {"image_embed": torch.randn(batch, net.clip_dim, device=dev, dtype=bf16),
-                        "drop_image_embed": torch.zeros(batch, dtype=torch.bool, device=dev)}  # fmt: skip
+        return (x, t), {
+            "image_embed": torch.randn(batch, net.clip_dim, device=dev, dtype=bf16),
+            "drop_image_embed": torch.zeros(batch, dtype=torch.bool, device=dev),
+        }
     low = image_size // 4
-    return (x, t), {"lowres_image": torch.randn(batch, 3, low, low, device=dev, dtype=bf16),
-                    "lowres_aug_level": torch.zeros(batch, dtype=torch.long, device=dev)}  # fmt: skip
+    return (x, t), {
+        "lowres_image": torch.randn(batch, 3, low, low, device=dev, dtype=bf16),
+        "lowres_aug_level": torch.zeros(batch, dtype=torch.long, device=dev),
+    }
 
 
 _FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 # FLOPs of that kernel (FlopCounterMode has formulas for the CUDA attention kernels only)
 _FLASH_FLOPS = {
     _FLASH: lambda q, k, v, *args, out_shape=None, **kw: sdpa_flop_count(q, k, v),
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
-        lambda g, q, k, v, *args, out_shape=None, **kw: sdpa_backward_flop_count(g, q, k, v),
-}  # fmt: skip
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: lambda g, q, k, v, *args, out_shape=None, **kw: (
+        sdpa_backward_flop_count(g, q, k, v)
+    ),
+}
 
 
 class FlashAttention(TorchFunctionMode):
@@ -194,8 +226,9 @@ def measure(net: torch.nn.Module, args: tuple, kwargs: dict, batch: int) -> Meas
     def post(module, args, out):
         current[0] = -1
 
-    handles = [h for i, u in enumerate(units) for h in (u.register_forward_pre_hook(pre(i)),
-                                                         u.register_forward_hook(post))]  # fmt: skip
+    handles = [
+        h for i, u in enumerate(units) for h in (u.register_forward_pre_hook(pre(i)), u.register_forward_hook(post))
+    ]
     try:
         with FlopCounterMode(display=False, custom_mapping=_FLASH_FLOPS) as counter, FlashAttention():
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -218,9 +251,15 @@ def measure(net: torch.nn.Module, args: tuple, kwargs: dict, batch: int) -> Meas
     unit_params = [sum(p.numel() for p in u.parameters()) for u in units]
     n = sum(p.numel() for p in net.parameters())
     return Measurement(
-        params=n, root_params=n - sum(unit_params), largest_unit_params=max(unit_params, default=0), units=len(units),
-        fwd_flops=fwd / batch, train_flops=total / batch, act_bytes=sum(saved.values()) / batch, act_bytes_ckpt=ckpt / batch,
-    )  # fmt: skip
+        params=n,
+        root_params=n - sum(unit_params),
+        largest_unit_params=max(unit_params, default=0),
+        units=len(units),
+        fwd_flops=fwd / batch,
+        train_flops=total / batch,
+        act_bytes=sum(saved.values()) / batch,
+        act_bytes_ckpt=ckpt / batch,
+    )
 
 
 def state_bytes(m: Measurement, strategy: str, gpus: int) -> dict[str, float]:
@@ -231,8 +270,13 @@ def state_bytes(m: Measurement, strategy: str, gpus: int) -> dict[str, float]:
     if strategy != "fsdp":
         raise SystemExit(f"unknown strategy {strategy!r}; expected ddp or fsdp")
     unsharded = 2.0 * (m.root_params + 2 * m.largest_unit_params) + 4.0 * m.largest_unit_params
-    return {"weights": 4.0 * n / gpus, "gradients": 4.0 * n / gpus, "optimizer": 8.0 * n / gpus, "ema": 4.0 * n / gpus,
-            "comm": unsharded}  # fmt: skip
+    return {
+        "weights": 4.0 * n / gpus,
+        "gradients": 4.0 * n / gpus,
+        "optimizer": 8.0 * n / gpus,
+        "ema": 4.0 * n / gpus,
+        "comm": unsharded,
+    }
 
 
 def comm_seconds(params: int, strategy: str, gpus: int, *, accumulation: int, gbs: float) -> float:
@@ -247,16 +291,23 @@ def comm_seconds(params: int, strategy: str, gpus: int, *, accumulation: int, gb
     return nbytes / (gbs * 1e9)
 
 
-def fit(m: Measurement, strategy: str, gpus: int, *, memory_gib: float, fragmentation: float, context_gib: float,
-        ckpt: bool) -> dict[str, Any]:  # fmt: skip
+def fit(
+    m: Measurement, strategy: str, gpus: int, *, memory_gib: float, fragmentation: float, context_gib: float, ckpt: bool
+) -> dict[str, Any]:
     state = state_bytes(m, strategy, gpus)
     usable = memory_gib * GIB * (1 - fragmentation) - context_gib * GIB
     per_sample = m.act_bytes_ckpt if ckpt else m.act_bytes
     room = usable - sum(state.values())
     micro = max(0, math.floor(room / per_sample)) if per_sample > 0 else 0
-    return {"ckpt": ckpt, "state_bytes": state, "state_gib": sum(state.values()) / GIB, "usable_gib": usable / GIB,
-            "activation_bytes_per_sample": per_sample, "max_micro_batch": micro,
-            "total_gib_at_max": (sum(state.values()) + micro * per_sample) / GIB}  # fmt: skip
+    return {
+        "ckpt": ckpt,
+        "state_bytes": state,
+        "state_gib": sum(state.values()) / GIB,
+        "usable_gib": usable / GIB,
+        "activation_bytes_per_sample": per_sample,
+        "max_micro_batch": micro,
+        "total_gib_at_max": (sum(state.values()) + micro * per_sample) / GIB,
+    }
 
 
 def plan_one(stage: str, config: str, gpus: int, o: dict[str, Any], m: Measurement | None = None) -> dict[str, Any]:
@@ -275,8 +326,10 @@ def plan_one(stage: str, config: str, gpus: int, o: dict[str, Any], m: Measureme
     memory_gib = o["memory_gib"] or memory_gib
     peak = (o["peak_tflops"] or next(v for k, v in PEAK_BF16_TFLOPS.items() if k == peak_name)) * 1e12
     fit_kw = dict(memory_gib=memory_gib, fragmentation=o["fragmentation"], context_gib=o["context_gib"])
-    memory = {s: {"no_ckpt": fit(m, s, gpus, ckpt=False, **fit_kw), "ckpt": fit(m, s, gpus, ckpt=True, **fit_kw)}
-              for s in ("ddp", "fsdp")}  # fmt: skip
+    memory = {
+        s: {"no_ckpt": fit(m, s, gpus, ckpt=False, **fit_kw), "ckpt": fit(m, s, gpus, ckpt=True, **fit_kw)}
+        for s in ("ddp", "fsdp")
+    }
     batch, iters = PAPER_SCHEDULE.get(name, (0, 0))
     batch, iters = o["global_batch"] or batch or 256 * gpus, o["iterations"] or iters or 100_000
     per_gpu = math.ceil(batch / gpus)
@@ -290,8 +343,13 @@ def plan_one(stage: str, config: str, gpus: int, o: dict[str, Any], m: Measureme
     flops = m.train_flops + (m.fwd_flops if use_ckpt else 0.0)
     compute_s = batch * flops / (gpus * peak * o["mfu"])
     accumulation = math.ceil(per_gpu / micro) if micro else 1
-    comm_s = comm_seconds(m.params, o["strategy"], gpus, accumulation=accumulation,
-                          gbs=o["nvlink_gbs"] if gpus <= o["gpus_per_node"] else o["net_gbps"] / 8)  # fmt: skip
+    comm_s = comm_seconds(
+        m.params,
+        o["strategy"],
+        gpus,
+        accumulation=accumulation,
+        gbs=o["nvlink_gbs"] if gpus <= o["gpus_per_node"] else o["net_gbps"] / 8,
+    )
     step_s = max(compute_s, comm_s)
     rate = batch / step_s  # samples/s over all GPUs
     samples = batch * iters
@@ -306,28 +364,55 @@ def plan_one(stage: str, config: str, gpus: int, o: dict[str, Any], m: Measureme
         sample_bytes = image_kb * 1024 + 2 * kwargs.get("clip_dim", 0) + 256
     nodes = max(1, gpus // o["gpus_per_node"])
     return {
-        "stage": stage, "config": name, "gpus": gpus, "gpu": o["gpu"], "strategy": o["strategy"], "params": m.params,
+        "stage": stage,
+        "config": name,
+        "gpus": gpus,
+        "gpu": o["gpu"],
+        "strategy": o["strategy"],
+        "params": m.params,
         "train_shape": {"text_len": o["text_len"]} if stage == "prior" else {"image_size": side},
-        "units": m.units, "largest_unit_params": m.largest_unit_params, "root_params": m.root_params,
-        "flops_per_sample": {"forward": m.fwd_flops, "train": m.train_flops, "train_with_ckpt": m.train_flops + m.fwd_flops},
+        "units": m.units,
+        "largest_unit_params": m.largest_unit_params,
+        "root_params": m.root_params,
+        "flops_per_sample": {
+            "forward": m.fwd_flops,
+            "train": m.train_flops,
+            "train_with_ckpt": m.train_flops + m.fwd_flops,
+        },
         "activation_bytes_per_sample": {"no_ckpt": m.act_bytes, "ckpt": m.act_bytes_ckpt},
-        "memory_gib": memory_gib, "memory": memory,
-        "chosen": {"ckpt": use_ckpt, "max_micro_batch": mem["max_micro_batch"], "micro_batch": micro,
-                   "fits": micro >= 1, "accumulation": accumulation if micro else None,
-                   "bytes": {**mem["state_bytes"], "activations": micro * mem["activation_bytes_per_sample"]}},
+        "memory_gib": memory_gib,
+        "memory": memory,
+        "chosen": {
+            "ckpt": use_ckpt,
+            "max_micro_batch": mem["max_micro_batch"],
+            "micro_batch": micro,
+            "fits": micro >= 1,
+            "accumulation": accumulation if micro else None,
+            "bytes": {**mem["state_bytes"], "activations": micro * mem["activation_bytes_per_sample"]},
+        },
         "paper": {"global_batch": batch, "iterations": iters, "samples": samples},
-        "mfu": o["mfu"], "peak_tflops": peak / 1e12,
-        "compute_s_per_step": compute_s, "comm_s_per_step": comm_s, "step_time_s": step_s,
-        "bound": "compute" if compute_s >= comm_s else "communication", "samples_per_s": rate,
-        "gpu_hours": gpu_hours, "days": gpu_hours / gpus / 24,
-        "input": {"bytes_per_sample": sample_bytes, "samples_per_s_per_node": rate / nodes,
-                  "mb_per_s_per_node": rate / nodes * sample_bytes / 1e6},
-    }  # fmt: skip
+        "mfu": o["mfu"],
+        "peak_tflops": peak / 1e12,
+        "compute_s_per_step": compute_s,
+        "comm_s_per_step": comm_s,
+        "step_time_s": step_s,
+        "bound": "compute" if compute_s >= comm_s else "communication",
+        "samples_per_s": rate,
+        "gpu_hours": gpu_hours,
+        "days": gpu_hours / gpus / 24,
+        "input": {
+            "bytes_per_sample": sample_bytes,
+            "samples_per_s_per_node": rate / nodes,
+            "mb_per_s_per_node": rate / nodes * sample_bytes / 1e6,
+        },
+    }
 
 
 def table(plans: list[dict]) -> str:
-    head = ("| stage | params | GPUs | strategy | act. ckpt | weights+grads+optim+EMA / GPU | activations / sample | "
-            "max micro-batch: chosen (ddp, fsdp+ckpt) | step (s) | samples/s | GPU-hours | days | input / node |")  # fmt: skip
+    head = (
+        "| stage | params | GPUs | strategy | act. ckpt | weights+grads+optim+EMA / GPU | activations / sample | "
+        "max micro-batch: chosen (ddp, fsdp+ckpt) | step (s) | samples/s | GPU-hours | days | input / node |"
+    )
     rows = [head, "|" + "---|" * (head.count("|") - 1)]
     for p in plans:
         c, b = p["chosen"], p["chosen"]["bytes"]
@@ -365,22 +450,35 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             m = _measurement(plans[-1])
     md = table(plans)
     print(md, file=sys.stderr)
-    result = {"plans": plans, "table": md, "assumptions": {
-        "mfu": o["mfu"], "fragmentation": o["fragmentation"], "context_gib": o["context_gib"],
-        "nvlink_gbs": o["nvlink_gbs"], "net_gbps": o["net_gbps"], "gpus_per_node": o["gpus_per_node"],
-        "precision": "bf16 compute, fp32 master weights / gradients / AdamW moments / EMA",
-        "paper_schedule": {k: {"global_batch": b, "iterations": i} for k, (b, i) in PAPER_SCHEDULE.items()},
-    }}  # fmt: skip
+    result = {
+        "plans": plans,
+        "table": md,
+        "assumptions": {
+            "mfu": o["mfu"],
+            "fragmentation": o["fragmentation"],
+            "context_gib": o["context_gib"],
+            "nvlink_gbs": o["nvlink_gbs"],
+            "net_gbps": o["net_gbps"],
+            "gpus_per_node": o["gpus_per_node"],
+            "precision": "bf16 compute, fp32 master weights / gradients / AdamW moments / EMA",
+            "paper_schedule": {k: {"global_batch": b, "iterations": i} for k, (b, i) in PAPER_SCHEDULE.items()},
+        },
+    }
     return emit(result, o["out"])
 
 
 def _measurement(plan: dict) -> Measurement:
     """The measurement a plan was made from (so that other GPU counts reuse it)."""
     return Measurement(
-        params=plan["params"], root_params=plan["root_params"], largest_unit_params=plan["largest_unit_params"],
-        units=plan["units"], fwd_flops=plan["flops_per_sample"]["forward"], train_flops=plan["flops_per_sample"]["train"],
-        act_bytes=plan["activation_bytes_per_sample"]["no_ckpt"], act_bytes_ckpt=plan["activation_bytes_per_sample"]["ckpt"],
-    )  # fmt: skip
+        params=plan["params"],
+        root_params=plan["root_params"],
+        largest_unit_params=plan["largest_unit_params"],
+        units=plan["units"],
+        fwd_flops=plan["flops_per_sample"]["forward"],
+        train_flops=plan["flops_per_sample"]["train"],
+        act_bytes=plan["activation_bytes_per_sample"]["no_ckpt"],
+        act_bytes_ckpt=plan["activation_bytes_per_sample"]["ckpt"],
+    )
 
 
 if __name__ == "__main__":

@@ -43,16 +43,50 @@ from collections import Counter, defaultdict
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-DEFAULTS = {"clients": 200, "duration": 30.0, "max_queue": 64, "max_batch_size": 8, "max_wait_ms": 10.0,
-            "batch_ms": 20.0, "image_ms": 2.0, "request_timeout_s": 20.0, "read_timeout_s": 3.0,
-            "think_ms": 10.0, "client_timeout": 60.0, "seed": 0, "serve": False, "port": 0, "out": None}  # fmt: skip
-KINDS = {"generate": 30, "variation": 10, "png_bomb": 8, "jpeg_bomb": 4, "big_json": 6, "big_upload": 4,
-         "chunked": 6, "bad_json": 6, "slow_ok": 8, "slow_stall": 6, "gone": 6}  # fmt: skip
+DEFAULTS = {
+    "clients": 200,
+    "duration": 30.0,
+    "max_queue": 64,
+    "max_batch_size": 8,
+    "max_wait_ms": 10.0,
+    "batch_ms": 20.0,
+    "image_ms": 2.0,
+    "request_timeout_s": 20.0,
+    "read_timeout_s": 3.0,
+    "think_ms": 10.0,
+    "client_timeout": 60.0,
+    "seed": 0,
+    "serve": False,
+    "port": 0,
+    "out": None,
+}
+KINDS = {
+    "generate": 30,
+    "variation": 10,
+    "png_bomb": 8,
+    "jpeg_bomb": 4,
+    "big_json": 6,
+    "big_upload": 4,
+    "chunked": 6,
+    "bad_json": 6,
+    "slow_ok": 8,
+    "slow_stall": 6,
+    "gone": 6,
+}
 # what each kind may get: its own answer, 429 (the queue was full: checked before the body is read) or 408 (the body
 # took longer than read_timeout_s to arrive: on a starved machine, a big upload too); anything else (a 5xx, another
 # status, no answer) is a failure of the server.  big_json is refused from its Content-Length, before anything else.
-EXPECTED = {"generate": {200}, "variation": {200}, "png_bomb": {400}, "jpeg_bomb": {400}, "big_upload": {413},
-            "chunked": {413}, "bad_json": {400}, "slow_ok": {200}, "slow_stall": {408}}  # fmt: skip
+EXPECTED = {
+    "generate": {200},
+    "variation": {200},
+    "png_bomb": {400},
+    "jpeg_bomb": {400},
+    "big_upload": {413},
+    "chunked": {413},
+    "bad_json": {400},
+    "slow_ok": {200},
+    "slow_stall": {408},
+}
 EXPECTED = {k: v | {408, 429} for k, v in EXPECTED.items()} | {"big_json": {413}}
 MB = 1 << 20
 
@@ -87,10 +121,19 @@ def serve(o: dict) -> None:
     from dalle2.serving import ServeLimits, create_app, run_server
 
     torch.set_num_threads(1)
-    limits = ServeLimits(max_queue=o["max_queue"], request_timeout_s=o["request_timeout_s"],
-                         read_timeout_s=o["read_timeout_s"], shutdown_timeout_s=10.0)  # fmt: skip
-    app = create_app(SleepyPipeline(o["batch_ms"], o["image_ms"]), max_batch_size=o["max_batch_size"],
-                     max_wait_ms=o["max_wait_ms"], max_n=4, limits=limits)  # fmt: skip
+    limits = ServeLimits(
+        max_queue=o["max_queue"],
+        request_timeout_s=o["request_timeout_s"],
+        read_timeout_s=o["read_timeout_s"],
+        shutdown_timeout_s=10.0,
+    )
+    app = create_app(
+        SleepyPipeline(o["batch_ms"], o["image_ms"]),
+        max_batch_size=o["max_batch_size"],
+        max_wait_ms=o["max_wait_ms"],
+        max_n=4,
+        limits=limits,
+    )
     run_server(app, host="127.0.0.1", port=o["port"], log_level="error")
 
 
@@ -112,8 +155,9 @@ def proc_status(pid: int) -> dict[str, int]:
 
 def png_bomb(side: int = 13000) -> bytes:
     comp, row = zlib.compressobj(9), b"\x00" * (side + 1)
-    idat = b"".join([comp.compress(row * 64) for _ in range(side // 64)] + [comp.compress(row * (side % 64)),
-                                                                            comp.flush()])  # fmt: skip
+    idat = b"".join(
+        [comp.compress(row * 64) for _ in range(side // 64)] + [comp.compress(row * (side % 64)), comp.flush()]
+    )
 
     def chunk(tag: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
@@ -131,10 +175,15 @@ def encoded(fmt: str, size: tuple[int, int], mode: str = "RGB") -> bytes:
 
 
 def multipart(fields: dict[str, str], file: bytes, boundary: str = "b0undary") -> tuple[bytes, str]:
-    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
-             for k, v in fields.items()]  # fmt: skip
-    parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="x.png"\r\n'
-                 f"Content-Type: application/octet-stream\r\n\r\n".encode() + file + b"\r\n")  # fmt: skip
+    parts = [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode() for k, v in fields.items()
+    ]
+    parts.append(
+        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="x.png"\r\n'
+        f"Content-Type: application/octet-stream\r\n\r\n".encode()
+        + file
+        + b"\r\n"
+    )
     parts.append(f"--{boundary}--\r\n".encode())
     return b"".join(parts), f"multipart/form-data; boundary={boundary}"
 
@@ -154,8 +203,14 @@ class Payloads:
 
 
 def gen_json(rng: random.Random) -> bytes:
-    return json.dumps({"prompt": f"load test {rng.randrange(10**6)}", "n": rng.randint(1, 3), "size": "8x8",
-                       "response_format": "b64_json"}).encode()  # fmt: skip
+    return json.dumps(
+        {
+            "prompt": f"load test {rng.randrange(10**6)}",
+            "n": rng.randint(1, 3),
+            "size": "8x8",
+            "response_format": "b64_json",
+        }
+    ).encode()
 
 
 def plan(kind: str, rng: random.Random, p: Payloads, read_timeout: float):
@@ -328,23 +383,36 @@ def summarize(records: list, rss: list[int], start_rss: int, peak: int, o: dict)
         by_kind[k][str(s)] += 1
         lat_kind[k].append(t)
     lat = [t for _, s, t in answered if isinstance(s, int)]
-    unexpected = {k: {s: n for s, n in c.items() if not (s.isdigit() and int(s) in EXPECTED[k])}
-                  for k, c in by_kind.items()}  # fmt: skip
+    unexpected = {
+        k: {s: n for s, n in c.items() if not (s.isdigit() and int(s) in EXPECTED[k])} for k, c in by_kind.items()
+    }
     return {
-        "clients": o["clients"], "duration_s": o["duration"], "requests": len(records),
-        "answered": len(answered), "hung_up_on_purpose": len(records) - len(answered),
+        "clients": o["clients"],
+        "duration_s": o["duration"],
+        "requests": len(records),
+        "answered": len(answered),
+        "hung_up_on_purpose": len(records) - len(answered),
         "requests_per_s": round(len(answered) / o["duration"], 1),
         "status_counts": dict(sorted(statuses.items())),
         "status_5xx": sum(n for s, n in statuses.items() if s.isdigit() and int(s) >= 500),
         "unanswered": sum(n for s, n in statuses.items() if not s.isdigit()),
         "unexpected": {k: v for k, v in unexpected.items() if v},
         "latency_s": {"p50": percentile(lat, 50), "p99": percentile(lat, 99), "max": max(lat) if lat else None},
-        "by_kind": {k: {"statuses": dict(sorted(by_kind[k].items())), "p50_s": percentile(lat_kind[k], 50),
-                        "p99_s": percentile(lat_kind[k], 99)} for k in sorted(by_kind)},  # fmt: skip
-        "server_rss_mb": {"start": round(start_rss / MB, 1), "peak": round(peak / MB, 1),
-                          "max_sampled": round(max(rss, default=0) / MB, 1),
-                          "growth": round((peak - start_rss) / MB, 1)},
-    }  # fmt: skip
+        "by_kind": {
+            k: {
+                "statuses": dict(sorted(by_kind[k].items())),
+                "p50_s": percentile(lat_kind[k], 50),
+                "p99_s": percentile(lat_kind[k], 99),
+            }
+            for k in sorted(by_kind)
+        },
+        "server_rss_mb": {
+            "start": round(start_rss / MB, 1),
+            "peak": round(peak / MB, 1),
+            "max_sampled": round(max(rss, default=0) / MB, 1),
+            "growth": round((peak - start_rss) / MB, 1),
+        },
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -361,8 +429,11 @@ def main(argv: list[str] | None = None) -> dict:
             port = s.getsockname()[1]
     args = [f"{k}={v}" for k, v in o.items() if k not in ("serve", "port", "out") and v is not None]
     log = tempfile.TemporaryFile("w+")  # the server's stderr (a pipe could fill up and stall it)
-    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "serve=1", f"port={port}", *args],
-                            stdout=subprocess.DEVNULL, stderr=log)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, os.path.abspath(__file__), "serve=1", f"port={port}", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+    )
     try:
         wait_up(port, proc)
         payloads = Payloads()
@@ -386,8 +457,11 @@ def main(argv: list[str] | None = None) -> dict:
         lines = log.read().splitlines()
         log.close()
     # uvicorn logs at level error: a traceback here is an exception the app did not turn into an answer
-    result["server_log"] = {"lines": len(lines), "tracebacks": sum("Traceback" in ln for ln in lines),
-                            "tail": lines[-10:]}  # fmt: skip
+    result["server_log"] = {
+        "lines": len(lines),
+        "tracebacks": sum("Traceback" in ln for ln in lines),
+        "tail": lines[-10:],
+    }
     result["settings"] = {k: v for k, v in o.items() if k not in ("serve", "out")}
     import torch
 

@@ -33,12 +33,35 @@ from dalle2.lit.optim import default_adamw, param_groups
 from dalle2.nn import EMA
 
 DEFAULTS = {
-    "stage": "prior", "config": None, "batch": 0, "steps": 20, "warmup": 3, "precision": "fp32", "compile": False,
-    "channels_last": False, "threads": 2, "device": "cpu", "ema": True, "optimizer": "default", "compare": None,
-    "peak_tflops": 0.0, "lr": 1e-4, "weight_decay": 0.0, "seed": 0, "flops": True, "profile": 0, "out": None,
+    "stage": "prior",
+    "config": None,
+    "batch": 0,
+    "steps": 20,
+    "warmup": 3,
+    "precision": "fp32",
+    "compile": False,
+    "channels_last": False,
+    "threads": 2,
+    "device": "cpu",
+    "ema": True,
+    "optimizer": "default",
+    "compare": None,
+    "peak_tflops": 0.0,
+    "lr": 1e-4,
+    "weight_decay": 0.0,
+    "seed": 0,
+    "flops": True,
+    "profile": 0,
+    "out": None,
 }
-COMPARABLE = {"channels_last": (False, True), "compile": (False, True), "precision": ("fp32", "bf16"),
-              "optimizer": ("foreach", "default"), "ema": (False, True), "threads": (1, 2)}
+COMPARABLE = {
+    "channels_last": (False, True),
+    "compile": (False, True),
+    "precision": ("fp32", "bf16"),
+    "optimizer": ("foreach", "default"),
+    "ema": (False, True),
+    "threads": (1, 2),
+}
 
 
 def _sdpa_cpu(query, key, value, *args, out_shape=None, **kwargs) -> int:
@@ -62,7 +85,9 @@ class Runner:
     def __init__(self, a: dict, device: torch.device):
         torch.manual_seed(a["seed"])
         self.a, self.device = a, device
-        self.setup = s = setup_stage(a["stage"], a["config"], a["batch"] or None, device, channels_last=a["channels_last"])
+        self.setup = s = setup_stage(
+            a["stage"], a["config"], a["batch"] or None, device, channels_last=a["channels_last"]
+        )
         self.net = s.net.train()
         groups = param_groups(self.net, weight_decay=a["weight_decay"])
         if a["optimizer"] == "default":
@@ -164,10 +189,18 @@ def main(argv: list[str] | None = None) -> dict:
 
     s = runners[0].setup
     result: dict = {
-        "bench": "train_step", "stage": s.stage, "config": s.config,
-        "params": sum(p.numel() for p in s.net.parameters()), **s.info,
-        "steps": a["steps"], "warmup": a["warmup"], "precision": a["precision"], "compile": a["compile"],
-        "channels_last": a["channels_last"], "optimizer": a["optimizer"], "ema": a["ema"],
+        "bench": "train_step",
+        "stage": s.stage,
+        "config": s.config,
+        "params": sum(p.numel() for p in s.net.parameters()),
+        **s.info,
+        "steps": a["steps"],
+        "warmup": a["warmup"],
+        "precision": a["precision"],
+        "compile": a["compile"],
+        "channels_last": a["channels_last"],
+        "optimizer": a["optimizer"],
+        "ema": a["ema"],
     }
     if a["compare"]:
         key = a["compare"]

@@ -45,7 +45,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--image-size", type=int, default=None, help="default: the preset's size")
     p.add_argument("--clip-dim", type=int, default=512, help="when the preset leaves it to CLIP (base presets)")
-    p.add_argument("--text-dim", type=int, default=None, help="text-token width (default: none unless the preset has one)")
+    p.add_argument(
+        "--text-dim", type=int, default=None, help="text-token width (default: none unless the preset has one)"
+    )
     p.add_argument("--text-len", type=int, default=77)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
@@ -70,7 +72,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     image_size = args.image_size or PRESET_IMAGE_SIZES[args.preset]
-    x, t, cond = make_inputs(model, batch_size=args.batch_size, image_size=image_size, text_len=args.text_len, device=device)
+    x, t, cond = make_inputs(
+        model, batch_size=args.batch_size, image_size=image_size, text_len=args.text_len, device=device
+    )
     if args.channels_last:
         x = x.to(memory_format=torch.channels_last)
 

@@ -37,10 +37,21 @@ SHARDED_META = "meta.pt"  # a sharded checkpoint directory's Lightning metadata 
 WEIGHT_PREFIXES = {"ema": "ema.module.", "raw": "net.", "model": "model."}
 
 __all__ = [
-    "CHECKPOINT_ERRORS", "STAGES", "STAGE_KEY", "VOCAB_KEY", "StageFile", "UntrustedCheckpointError",
-    "WrongStageError", "check_stage", "checkpoint_stage", "is_export", "is_sharded_checkpoint", "load_checkpoint",
-    "read_export", "read_stage",
-]  # fmt: skip
+    "CHECKPOINT_ERRORS",
+    "STAGES",
+    "STAGE_KEY",
+    "VOCAB_KEY",
+    "StageFile",
+    "UntrustedCheckpointError",
+    "WrongStageError",
+    "check_stage",
+    "checkpoint_stage",
+    "is_export",
+    "is_sharded_checkpoint",
+    "load_checkpoint",
+    "read_export",
+    "read_stage",
+]
 
 
 class WrongStageError(ValueError):
@@ -107,8 +118,10 @@ def _safetensors_metadata(path) -> dict:
 def _export_config(path) -> dict:
     meta = _safetensors_metadata(path)
     if EXPORT_KEY not in meta:
-        raise ValueError(f"{path}: not a dalle2 export (no {EXPORT_KEY!r} metadata; write one with python -m "
-                         "dalle2.export; CLIP weights in OpenAI/open_clip layout load as the CLIP only)")  # fmt: skip
+        raise ValueError(
+            f"{path}: not a dalle2 export (no {EXPORT_KEY!r} metadata; write one with python -m "
+            "dalle2.export; CLIP weights in OpenAI/open_clip layout load as the CLIP only)"
+        )
     try:
         config = json.loads(meta[EXPORT_KEY])
     except json.JSONDecodeError as e:
@@ -117,8 +130,9 @@ def _export_config(path) -> dict:
         fmt = config.get("format") if isinstance(config, dict) else None
         raise ValueError(f"{path}: not a dalle2 export (format {fmt!r})")
     if int(config.get("version", 0)) > EXPORT_VERSION:
-        raise ValueError(f"{path}: export version {config['version']} is newer than this dalle2 reads "
-                         f"({EXPORT_VERSION})")  # fmt: skip
+        raise ValueError(
+            f"{path}: export version {config['version']} is newer than this dalle2 reads ({EXPORT_VERSION})"
+        )
     return config
 
 
@@ -174,7 +188,9 @@ class StageFile:
     global_step: int | None = None
 
 
-def read_stage(path: str | Path, stage: str | None, *, weights: str = "ema", trust_checkpoint: bool = False) -> StageFile:
+def read_stage(
+    path: str | Path, stage: str | None, *, weights: str = "ema", trust_checkpoint: bool = False
+) -> StageFile:
     """The :class:`StageFile` of a ``.ckpt`` or sharded checkpoint directory (weights-only unpickling) or a dalle2
     safetensors export (none); the
     stage is checked (:class:`WrongStageError`; ``stage=None`` takes any of ours). ``weights``: ``ema`` or ``raw``
@@ -189,16 +205,24 @@ def read_stage(path: str | Path, stage: str | None, *, weights: str = "ema", tru
         config, tensors, vocab = read_export(path)
         found = config.get("stage")
         check_stage(path, found, stage if stage is not None else found if found in STAGES else "one of ours")
-        return StageFile(found, dict(config.get("hparams") or {}), tensors, vocab, str(path),
-                         (config.get("source") or {}).get("global_step"))  # fmt: skip
+        return StageFile(
+            found,
+            dict(config.get("hparams") or {}),
+            tensors,
+            vocab,
+            str(path),
+            (config.get("source") or {}).get("global_step"),
+        )
     ckpt = load_checkpoint(path, trust_checkpoint=trust_checkpoint)
     found = ckpt.get(STAGE_KEY) if isinstance(ckpt, dict) else None
     check_stage(path, found, stage if stage is not None else found if found in STAGES else "one of ours")
     stage = found
     prefix = WEIGHT_PREFIXES["model" if stage == "clip" else weights]
     sd = ckpt.get("state_dict") or {}
-    tensors = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    tensors = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
     if not tensors:
         raise ValueError(f"{path}: no {prefix}* weights in its state_dict")
     vocab = Vocabulary.from_dict(ckpt[VOCAB_KEY], source=str(path)) if ckpt.get(VOCAB_KEY) else None
-    return StageFile(stage, dict(ckpt.get("hyper_parameters") or {}), tensors, vocab, str(path), ckpt.get("global_step"))
+    return StageFile(
+        stage, dict(ckpt.get("hyper_parameters") or {}), tensors, vocab, str(path), ckpt.get("global_step")
+    )

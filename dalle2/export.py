@@ -96,7 +96,9 @@ def export_checkpoint(
     try:
         found = read_stage(ckpt, None, weights=weights, trust_checkpoint=trust_checkpoint)
     except WrongStageError as e:
-        raise ValueError(f"{ckpt}: not a dalle2 stage checkpoint ({e}); export .ckpt files written by train/train.py") from None
+        raise ValueError(
+            f"{ckpt}: not a dalle2 stage checkpoint ({e}); export .ckpt files written by train/train.py"
+        ) from None
     stage, vocab = found.stage, found.vocabulary
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in found.weights.items()}
     hparams = _json_value(found.hparams, "hparams")
@@ -130,8 +132,10 @@ def _parse(argv: list[str]) -> dict[str, str]:
     for a in argv:
         key, sep, value = a.partition("=")
         if not sep or key not in {"ckpt", "out", "weights", "force", "trust_checkpoint"}:
-            raise SystemExit(f"usage: python -m dalle2.export ckpt=FILE.ckpt out=NAME [weights=ema|raw force=true "
-                             f"trust_checkpoint=true]; got {a!r}")  # fmt: skip
+            raise SystemExit(
+                f"usage: python -m dalle2.export ckpt=FILE.ckpt out=NAME [weights=ema|raw force=true "
+                f"trust_checkpoint=true]; got {a!r}"
+            )
         args[key] = value
     if "ckpt" not in args or "out" not in args:
         raise SystemExit("usage: python -m dalle2.export ckpt=FILE.ckpt out=NAME (both are required)")
@@ -145,16 +149,22 @@ def _flag(value: str | None) -> bool:
 def main(argv: list[str] | None = None) -> None:
     args = _parse(sys.argv[1:] if argv is None else argv)
     try:
-        path = export_checkpoint(args["ckpt"], args["out"], weights=args.get("weights", "ema"),
-                                 force=_flag(args.get("force")),
-                                 trust_checkpoint=_flag(args.get("trust_checkpoint")))  # fmt: skip
+        path = export_checkpoint(
+            args["ckpt"],
+            args["out"],
+            weights=args.get("weights", "ema"),
+            force=_flag(args.get("force")),
+            trust_checkpoint=_flag(args.get("trust_checkpoint")),
+        )
     except (*CHECKPOINT_ERRORS, FileExistsError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     config = json.loads(path.with_suffix(".json").read_text())
     size = path.stat().st_size / 2**20
     vocab = config["vocabulary"]["name"] if config["vocabulary"] else "none"
-    print(f"[dalle2] {config['stage']} ({config['weights']} weights, vocabulary {vocab}) -> {path} ({size:.1f} MiB) "
-          f"+ {path.with_suffix('.json')}")  # fmt: skip
+    print(
+        f"[dalle2] {config['stage']} ({config['weights']} weights, vocabulary {vocab}) -> {path} ({size:.1f} MiB) "
+        f"+ {path.with_suffix('.json')}"
+    )
 
 
 if __name__ == "__main__":

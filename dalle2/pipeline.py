@@ -49,6 +49,7 @@ Index = int | tuple[int, ...]
 # generator streams: one independent noise stream per stage and image
 STREAM_PRIOR, STREAM_DECODER, STREAM_UPSAMPLER = 1, 2, 3
 
+
 def _as_index(index: Any) -> tuple[int, ...]:
     if isinstance(index, Tensor):
         index = index.tolist()
@@ -150,13 +151,20 @@ class SamplingSettings:
         """From an entry point's config (``conf/sample.yaml``, ``conf/serve.yaml``): per-stage ``steps`` /
         ``sampler`` / ``guidance`` / ``eta`` maps and ``n_prior_samples`` / ``threshold`` / ``upsampler_aug_level``;
         absent or null entries keep the defaults."""
+
         def per_stage(key: str):
             value = cfg.get(key)
             return {k: v for k, v in dict(value).items()} if value else None
 
-        return cls.from_overrides(steps=per_stage("steps"), sampler=per_stage("sampler"), guidance=per_stage("guidance"),
-                                  eta=per_stage("eta"), n_prior_samples=cfg.get("n_prior_samples"),
-                                  threshold=cfg.get("threshold"), upsampler_aug_level=cfg.get("upsampler_aug_level"))  # fmt: skip
+        return cls.from_overrides(
+            steps=per_stage("steps"),
+            sampler=per_stage("sampler"),
+            guidance=per_stage("guidance"),
+            eta=per_stage("eta"),
+            n_prior_samples=cfg.get("n_prior_samples"),
+            threshold=cfg.get("threshold"),
+            upsampler_aug_level=cfg.get("upsampler_aug_level"),
+        )
 
     @classmethod
     def from_overrides(
@@ -202,8 +210,10 @@ def _stage(x, kind: type, name: str):
         return x
     if callable(getattr(x, "sampling_stage", None)):
         return x.sampling_stage()
-    raise TypeError(f"{name} must be a {kind.__name__} (dalle2.stages.load_stage) or a module with "
-                    f"sampling_stage(), got {type(x).__name__}")  # fmt: skip
+    raise TypeError(
+        f"{name} must be a {kind.__name__} (dalle2.stages.load_stage) or a module with "
+        f"sampling_stage(), got {type(x).__name__}"
+    )
 
 
 class UnCLIPPipeline(nn.Module):
@@ -244,12 +254,15 @@ class UnCLIPPipeline(nn.Module):
             if prior.embed_dim != embed_dim:
                 raise ValueError(f"prior samples embeddings of size {prior.embed_dim}, the CLIP's are {embed_dim}")
             if prior.use_text_tokens and prior.text_token_dim != text_width:
-                raise ValueError(f"prior expects CLIP text states of width {prior.text_token_dim}, the CLIP has {text_width}")
+                raise ValueError(
+                    f"prior expects CLIP text states of width {prior.text_token_dim}, the CLIP has {text_width}"
+                )
         sizes = [decoder.image_size]
         for j, up in enumerate(self.upsamplers):
             if up.lowres_size != sizes[-1]:
-                raise ValueError(f"upsampler {j} takes {up.lowres_size} px images but the stage before it makes "
-                                 f"{sizes[-1]} px")  # fmt: skip
+                raise ValueError(
+                    f"upsampler {j} takes {up.lowres_size} px images but the stage before it makes {sizes[-1]} px"
+                )
             sizes.append(up.image_size)
         self.sizes: tuple[int, ...] = tuple(sizes)
         vocab, owner = vocabulary if vocabulary is not None else clip_vocab, "the CLIP"
@@ -264,8 +277,13 @@ class UnCLIPPipeline(nn.Module):
                     f"the {name} was trained on text features of a CLIP with vocabulary {v.describe()}, but this "
                     f"CLIP's is {vocab.describe()}: not its CLIP"
                 )
-        self.tokenizer = resolve_tokenizer(vocab, tokenizer, context_length=clip.context_length,
-                                           model_vocab_size=int(clip_cfg["vocab_size"]), owner=owner)  # fmt: skip
+        self.tokenizer = resolve_tokenizer(
+            vocab,
+            tokenizer,
+            context_length=clip.context_length,
+            model_vocab_size=int(clip_cfg["vocab_size"]),
+            owner=owner,
+        )
 
     @classmethod
     def from_checkpoints(
@@ -289,10 +307,13 @@ class UnCLIPPipeline(nn.Module):
         trust = {"trust_checkpoint": bool(trust_checkpoint)}
         clip_model, vocab = load_clip_model(clip, **trust)
         return cls(
-            clip=clip_model, vocabulary=vocab, prior=load_stage(prior, "prior", **trust) if prior else None,
-            decoder=load_stage(decoder, "decoder", **trust), tokenizer=tokenizer,
+            clip=clip_model,
+            vocabulary=vocab,
+            prior=load_stage(prior, "prior", **trust) if prior else None,
+            decoder=load_stage(decoder, "decoder", **trust),
+            tokenizer=tokenizer,
             upsamplers=[load_stage(p, "upsampler", **trust) for p in upsamplers],
-        ).to(device)  # fmt: skip
+        ).to(device)
 
     @property
     def device(self) -> torch.device:
@@ -341,23 +362,32 @@ class UnCLIPPipeline(nn.Module):
         return F.normalize(self.clip.embed_images(x).float(), dim=-1)
 
     @torch.no_grad()
-    def prior_embeddings(self, text: dict[str, Tensor], *, seeds: list[int], indices: list[Index],
-                         settings: SamplingSettings) -> Tensor:
+    def prior_embeddings(
+        self, text: dict[str, Tensor], *, seeds: list[int], indices: list[Index], settings: SamplingSettings
+    ) -> Tensor:
         """Text conditioning (from :meth:`encode_prompts`) -> unit-norm image embeddings ``(B, D)`` via the prior."""
         if self.prior is None:
-            raise ValueError("text-to-image needs a prior checkpoint (from_checkpoints(prior=...)); without one, "
-                             "use variations() or interpolate() between images/embeddings")
+            raise ValueError(
+                "text-to-image needs a prior checkpoint (from_checkpoints(prior=...)); without one, "
+                "use variations() or interpolate() between images/embeddings"
+            )
         st, prior = settings.prior, self.prior
         # The text keeps the CLIP's full context length (fixed, the same for every batch): with padded keys masked
         # and one null token for the CFG branch the result does not depend on the length, but a fixed length keeps
         # the float summation order, hence the bytes, independent of the other prompts in the batch.
         length = min(text["text_tokens"].shape[1], prior.max_text_len)
         return prior.sample(
-            text_embed=text["text_embed"], text_tokens=text["text_tokens"][:, :length],
-            text_mask=text["text_mask"][:, :length], n_samples_per_prompt=int(settings.n_prior_samples),
-            steps=int(st.steps), sampler=st.sampler, guidance_scale=float(st.guidance_scale), eta=float(st.eta),
-            generator=sample_generators(seeds, indices, STREAM_PRIOR), trim=False,
-        )  # fmt: skip
+            text_embed=text["text_embed"],
+            text_tokens=text["text_tokens"][:, :length],
+            text_mask=text["text_mask"][:, :length],
+            n_samples_per_prompt=int(settings.n_prior_samples),
+            steps=int(st.steps),
+            sampler=st.sampler,
+            guidance_scale=float(st.guidance_scale),
+            eta=float(st.eta),
+            generator=sample_generators(seeds, indices, STREAM_PRIOR),
+            trim=False,
+        )
 
     @torch.no_grad()
     def decode(
@@ -376,16 +406,27 @@ class UnCLIPPipeline(nn.Module):
         if self.decoder.use_text and text is not None:
             text_tokens, text_mask = text["text_tokens"], text["text_mask"]
         x = self.decoder.sample(
-            image_embed.to(self.device), steps=int(st.steps), sampler=st.sampler,
-            guidance_scale=float(st.guidance_scale), eta=float(st.eta), text_tokens=text_tokens, text_mask=text_mask,
-            threshold=settings.threshold, generator=sample_generators(seeds, indices, STREAM_DECODER),
-        )  # fmt: skip
+            image_embed.to(self.device),
+            steps=int(st.steps),
+            sampler=st.sampler,
+            guidance_scale=float(st.guidance_scale),
+            eta=float(st.eta),
+            text_tokens=text_tokens,
+            text_mask=text_mask,
+            threshold=settings.threshold,
+            generator=sample_generators(seeds, indices, STREAM_DECODER),
+        )
         su = settings.upsampler
         for j in range(num_upsamplers):
             x = self.upsamplers[j].upsample(
-                x, steps=int(su.steps), sampler=su.sampler, eta=float(su.eta), aug_level=settings.upsampler_aug_level,
-                threshold=settings.threshold, generator=sample_generators(seeds, indices, STREAM_UPSAMPLER + j),
-            )  # fmt: skip
+                x,
+                steps=int(su.steps),
+                sampler=su.sampler,
+                eta=float(su.eta),
+                aug_level=settings.upsampler_aug_level,
+                threshold=settings.threshold,
+                generator=sample_generators(seeds, indices, STREAM_UPSAMPLER + j),
+            )
         return ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
 
     # -- the three entry points -----------------------------------------------------------------------------------
@@ -434,7 +475,9 @@ class UnCLIPPipeline(nn.Module):
             text = self.encode_prompts([x])
             return self.prior_embeddings(text, seeds=[seed], indices=[index], settings=settings)[0]
         if not isinstance(x, Tensor):
-            raise TypeError(f"interpolate endpoints are prompts (str), embeddings (D,) or images (3, H, W); got {type(x)}")
+            raise TypeError(
+                f"interpolate endpoints are prompts (str), embeddings (D,) or images (3, H, W); got {type(x)}"
+            )
         if x.ndim == 2 and x.shape[0] == 1:
             x = x[0]
         if x.ndim == 1:
@@ -482,4 +525,3 @@ class UnCLIPPipeline(nn.Module):
             "decoder_use_text": bool(self.decoder.use_text),
             "embed_dim": int(self.clip.config["embed_dim"]),
         }
-

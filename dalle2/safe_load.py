@@ -66,8 +66,10 @@ def warn_trusted(path, what: str = "unpickling it with weights_only=False") -> N
 def _check_torch() -> None:
     version = tuple(int(v) for v in re.findall(r"\d+", torch.__version__)[:2])
     if version < MIN_TORCH:
-        raise RuntimeError(f"torch {torch.__version__}: weights-only loading can be bypassed before torch 2.6 "
-                           "(CVE-2025-32434); install torch>=2.6 to load checkpoints safely")  # fmt: skip
+        raise RuntimeError(
+            f"torch {torch.__version__}: weights-only loading can be bypassed before torch 2.6 "
+            "(CVE-2025-32434); install torch>=2.6 to load checkpoints safely"
+        )
 
 
 def is_torchscript_archive(path) -> bool:
@@ -131,16 +133,23 @@ def torch_load(path, *, trust_checkpoint: bool = False, map_location: Any = "cpu
 # -- sharded (DCP) checkpoint directories ---------------------------------------------------------------------
 
 _DCP_GLOBALS = {
-    "torch.distributed.checkpoint.metadata": {"Metadata", "ChunkStorageMetadata", "BytesStorageMetadata",
-                                              "TensorProperties", "TensorStorageMetadata", "MetadataIndex",
-                                              "StorageMeta", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata",
+        "ChunkStorageMetadata",
+        "BytesStorageMetadata",
+        "TensorProperties",
+        "TensorStorageMetadata",
+        "MetadataIndex",
+        "StorageMeta",
+        "_MEM_FORMAT_ENCODING",
+    },
     "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
     "torch._utils": {"_get_layout"},
     "torch.serialization": {"_get_layout"},  # a layout by its name (torch.strided)
     "torch": {"Size"},
     "pathlib": {"PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath", "Path"},
     "collections": {"OrderedDict"},
-}  # fmt: skip
+}
 
 
 class _DCPMetadataUnpickler(pickle.Unpickler):
@@ -191,8 +200,9 @@ def read_dcp_state(path, keys: set[str] | None = None, *, trust_checkpoint: bool
             return metadata
 
     state: dict = {}
-    _load_state_dict(state, storage_reader=_Reader(str(path)), planner=_EmptyStateDictLoadPlanner(keys=keys),
-                     no_dist=True)  # fmt: skip
+    _load_state_dict(
+        state, storage_reader=_Reader(str(path)), planner=_EmptyStateDictLoadPlanner(keys=keys), no_dist=True
+    )
     return state
 
 
@@ -268,8 +278,9 @@ def read_torchscript_state_dict(path) -> dict[str, torch.Tensor]:
             with torch.serialization.safe_globals([(_ScriptObject, name) for name in classes]):
                 root = unpickler.load()
         except pickle.UnpicklingError as e:
-            raise refusal(path, f"its data.pkl holds more than TorchScript modules and tensors "
-                                f"({_weights_only_reason(e)})") from None  # fmt: skip
+            raise refusal(
+                path, f"its data.pkl holds more than TorchScript modules and tensors ({_weights_only_reason(e)})"
+            ) from None
     if not isinstance(root, _ScriptObject):
         raise refusal(path, f"its data.pkl is a {type(root).__name__}, not a TorchScript module")
     out: dict[str, torch.Tensor] = {}

@@ -31,15 +31,19 @@ def _load_weights(net: nn.Module, found: StageFile) -> None:
     try:
         net.load_state_dict(found.weights, strict=True)
     except RuntimeError as e:
-        raise ValueError(f"{found.source}: its weights do not match the network its hyperparameters build: "
-                         f"{' '.join(str(e).split())[:600]}") from None  # fmt: skip
+        raise ValueError(
+            f"{found.source}: its weights do not match the network its hyperparameters build: "
+            f"{' '.join(str(e).split())[:600]}"
+        ) from None
 
 
 def _built(found: StageFile, build):
     try:
         return build()
     except (TypeError, ValueError, KeyError) as e:
-        raise ValueError(f"{found.source}: its hyperparameters do not build a {found.stage} ({type(e).__name__}: {e})") from None
+        raise ValueError(
+            f"{found.source}: its hyperparameters do not build a {found.stage} ({type(e).__name__}: {e})"
+        ) from None
 
 
 def load_stage(path: str | Path, stage: str, *, trust_checkpoint: bool = False) -> Stage:

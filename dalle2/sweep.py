@@ -20,8 +20,16 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["gather", "table", "markdown", "write_csv", "sampling_rows", "plot_tradeoff", "plot_steps",
-           "SAMPLING_COLUMNS"]  # fmt: skip
+__all__ = [
+    "gather",
+    "table",
+    "markdown",
+    "write_csv",
+    "sampling_rows",
+    "plot_tradeoff",
+    "plot_steps",
+    "SAMPLING_COLUMNS",
+]
 
 
 def _overrides(job: Path) -> list[str]:
@@ -57,8 +65,10 @@ def gather(multirun_dir: str | Path) -> list[dict]:
     root = Path(multirun_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"multirun dir {root} does not exist")
-    jobs = sorted((p for p in root.iterdir() if _is_job(p)),
-                  key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0, p.name))  # fmt: skip
+    jobs = sorted(
+        (p for p in root.iterdir() if _is_job(p)),
+        key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0, p.name),
+    )
     if not jobs:
         raise FileNotFoundError(f"no Hydra job dirs (<n>/.hydra/ or <n>/final_metrics.json) under {root}")
     rows = []
@@ -72,8 +82,17 @@ def gather(multirun_dir: str | Path) -> list[dict]:
         else:
             metrics, status, step, overrides = _last_csv_values(job), "unfinished", None, _overrides(job)
         pairs = dict(o.split("=", 1) for o in overrides if "=" in o)
-        rows.append({"job": job.name, "status": status, "step": step, "overrides": pairs, "metrics": metrics,
-                     "settings": settings, "dir": str(job)})  # fmt: skip
+        rows.append(
+            {
+                "job": job.name,
+                "status": status,
+                "step": step,
+                "overrides": pairs,
+                "metrics": metrics,
+                "settings": settings,
+                "dir": str(job),
+            }
+        )
     return rows
 
 
@@ -113,12 +132,32 @@ def write_csv(path: str | Path, header: list[str], cells: list[list]) -> Path:
 # --------------------------------------------------------------------------------------------- sampling sweeps
 
 # the columns of a sampling sweep's CSV: the stage's settings, then the scores (checker: lenient and strict)
-SAMPLING_COLUMNS = ("job", "guidance", "sampler", "steps", "clip_fd", "fid", "clip_score", "checker_all",
-                    "checker_mean", "strict_accuracy", "strict_all", "seconds_per_image", "num_images")  # fmt: skip
-_METRIC_KEYS = {"clip_fd": "clip_fd", "fid": "fid", "clip_score": "clip_score", "checker_all": "checker/accuracy/all",
-                "checker_mean": "checker/accuracy/mean", "strict_accuracy": "checker/strict/accuracy",
-                "strict_all": "checker/strict/all", "seconds_per_image": "seconds_per_image",
-                "num_images": "num_images"}  # fmt: skip
+SAMPLING_COLUMNS = (
+    "job",
+    "guidance",
+    "sampler",
+    "steps",
+    "clip_fd",
+    "fid",
+    "clip_score",
+    "checker_all",
+    "checker_mean",
+    "strict_accuracy",
+    "strict_all",
+    "seconds_per_image",
+    "num_images",
+)
+_METRIC_KEYS = {
+    "clip_fd": "clip_fd",
+    "fid": "fid",
+    "clip_score": "clip_score",
+    "checker_all": "checker/accuracy/all",
+    "checker_mean": "checker/accuracy/mean",
+    "strict_accuracy": "checker/strict/accuracy",
+    "strict_all": "checker/strict/all",
+    "seconds_per_image": "seconds_per_image",
+    "num_images": "num_images",
+}
 
 
 def sampling_rows(rows: list[dict], stage: str = "decoder") -> list[dict]:
@@ -129,8 +168,12 @@ def sampling_rows(rows: list[dict], stage: str = "decoder") -> list[dict]:
         st = (r.get("settings") or {}).get(stage)
         if r["status"] != "finished" or not isinstance(st, dict):
             continue
-        flat = {"job": r["job"], "guidance": float(st["guidance_scale"]), "sampler": str(st["sampler"]),
-                "steps": int(st["steps"])}  # fmt: skip
+        flat = {
+            "job": r["job"],
+            "guidance": float(st["guidance_scale"]),
+            "sampler": str(st["sampler"]),
+            "steps": int(st["steps"]),
+        }
         flat.update({col: r["metrics"].get(key) for col, key in _METRIC_KEYS.items()})
         out.append(flat)
     if not out:
@@ -164,8 +207,9 @@ def plot_tradeoff(rows: Sequence[dict], path: str | Path) -> Path | None:
         pts = sorted((r for r in rows if (r["sampler"], r["steps"]) == (sampler, steps)), key=lambda r: r["guidance"])
         ax.plot([r["clip_score"] for r in pts], [r[y] for r in pts], marker="o", label=f"{sampler}, {steps} steps")
         for r in pts:
-            ax.annotate(f"{r['guidance']:g}", (r["clip_score"], r[y]), textcoords="offset points", xytext=(4, 4),
-                        fontsize=8)  # fmt: skip
+            ax.annotate(
+                f"{r['guidance']:g}", (r["clip_score"], r[y]), textcoords="offset points", xytext=(4, 4), fontsize=8
+            )
     ax.set_xlabel("CLIP score (higher: closer to the prompt)")
     ax.set_ylabel(("FID" if y == "fid" else "CLIP-FD") + " (lower: closer to the data)")
     ax.set_title("guidance trade-off (labels: guidance scale)")
@@ -177,9 +221,12 @@ def plot_tradeoff(rows: Sequence[dict], path: str | Path) -> Path | None:
 def plot_steps(rows: Sequence[dict], path: str | Path) -> Path | None:
     """Quality against sampling steps, one curve per (sampler, guidance): CLIP-FD (or FID), the strict checker's
     accuracy and the lenient all-attributes accuracy (panels whose metric no job has are left out)."""
-    panels = [(_quality_key(rows), "FID" if _quality_key(rows) == "fid" else "CLIP-FD (lower is better)"),
-              ("strict_accuracy", "strict checker accuracy"), ("checker_all", "checker: all attributes right"),
-              ("seconds_per_image", "seconds per image")]  # fmt: skip
+    panels = [
+        (_quality_key(rows), "FID" if _quality_key(rows) == "fid" else "CLIP-FD (lower is better)"),
+        ("strict_accuracy", "strict checker accuracy"),
+        ("checker_all", "checker: all attributes right"),
+        ("seconds_per_image", "seconds per image"),
+    ]
     panels = [(k, t) for k, t in panels if any(r.get(k) is not None for r in rows)]
     if not panels:
         return None
@@ -187,10 +234,14 @@ def plot_steps(rows: Sequence[dict], path: str | Path) -> Path | None:
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), dpi=100, squeeze=False)
     for ax, (key, title) in zip(axes[0], panels):
         for sampler, guidance in sorted({(r["sampler"], r["guidance"]) for r in rows}):
-            pts = sorted((r for r in rows if (r["sampler"], r["guidance"]) == (sampler, guidance)
-                          and r.get(key) is not None), key=lambda r: r["steps"])  # fmt: skip
+            pts = sorted(
+                (r for r in rows if (r["sampler"], r["guidance"]) == (sampler, guidance) and r.get(key) is not None),
+                key=lambda r: r["steps"],
+            )
             if pts:
-                ax.plot([r["steps"] for r in pts], [r[key] for r in pts], marker="o", label=f"{sampler}, g={guidance:g}")
+                ax.plot(
+                    [r["steps"] for r in pts], [r[key] for r in pts], marker="o", label=f"{sampler}, g={guidance:g}"
+                )
         ax.set_xscale("log")
         ticks = sorted({r["steps"] for r in rows})
         ax.set_xticks(ticks, [str(t) for t in ticks])

@@ -38,7 +38,7 @@ from dalle2.metrics.coco import (  # noqa: E402
     ReferenceCache,
     draw_captions,
     file_list_digest,
-    file_sha256,  # fmt: skip
+    file_sha256,
     reference_files,
     write_jsonl_atomic,
 )
@@ -52,11 +52,17 @@ PROTOCOL_VERSION = 1  # bump when the features a cache holds would change
 
 def _trainer(cfg: DictConfig, callbacks=()) -> L.Trainer:
     return L.Trainer(
-        accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices, strategy=cfg.trainer.strategy,
-        precision=cfg.trainer.precision, enable_progress_bar=bool(cfg.trainer.enable_progress_bar),
-        use_distributed_sampler=False, logger=False, enable_checkpointing=False, enable_model_summary=False,
+        accelerator=cfg.trainer.accelerator,
+        devices=cfg.trainer.devices,
+        strategy=cfg.trainer.strategy,
+        precision=cfg.trainer.precision,
+        enable_progress_bar=bool(cfg.trainer.enable_progress_bar),
+        use_distributed_sampler=False,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
         callbacks=list(callbacks),
-    )  # fmt: skip
+    )
 
 
 def _check_identity(path: Path, identity: dict, force: bool) -> None:
@@ -65,8 +71,10 @@ def _check_identity(path: Path, identity: dict, force: bool) -> None:
         old = json.loads(path.read_text())
         diff = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
         if diff and not force:
-            raise SystemExit(f"error: {path.parent} holds samples made with other settings ({', '.join(diff)} "
-                             "differ); choose another out= (or force=true to regenerate whatever is not valid)")
+            raise SystemExit(
+                f"error: {path.parent} holds samples made with other settings ({', '.join(diff)} "
+                "differ); choose another out= (or force=true to regenerate whatever is not valid)"
+            )
     write_json_atomic(path, identity)
 
 
@@ -74,13 +82,23 @@ def generate(cfg: DictConfig, rows: list[dict], out: Path, ckpt_hashes: dict) ->
     """Samples ``out/samples/{j:05d}.png`` for the drawn captions (resuming); returns the generation identity."""
     settings = SamplingSettings.from_config(cfg)
     upsamplers = list(cfg.ckpt.upsamplers or [])
-    pipe = UnCLIPPipeline.from_checkpoints(clip=cfg.ckpt.clip, prior=cfg.ckpt.prior, decoder=cfg.ckpt.decoder,
-                                           upsamplers=upsamplers, tokenizer=cfg.tokenizer_path,
-                                           trust_checkpoint=bool(cfg.trust_checkpoint))  # fmt: skip
+    pipe = UnCLIPPipeline.from_checkpoints(
+        clip=cfg.ckpt.clip,
+        prior=cfg.ckpt.prior,
+        decoder=cfg.ckpt.decoder,
+        upsamplers=upsamplers,
+        tokenizer=cfg.tokenizer_path,
+        trust_checkpoint=bool(cfg.trust_checkpoint),
+    )
     size = int(cfg.size or pipe.sizes[-1])
-    identity = {"seed": int(cfg.seed), "captions_sha256": file_sha256(cfg.captions), "size": size,
-                "batch_size": int(cfg.batch_size), "settings": settings.to_dict(),
-                "checkpoints": {k: ckpt_hashes[k] for k in ("clip", "prior", "decoder", "upsamplers")}}  # fmt: skip
+    identity = {
+        "seed": int(cfg.seed),
+        "captions_sha256": file_sha256(cfg.captions),
+        "size": size,
+        "batch_size": int(cfg.batch_size),
+        "settings": settings.to_dict(),
+        "checkpoints": {k: ckpt_hashes[k] for k in ("clip", "prior", "decoder", "upsamplers")},
+    }
     _check_identity(out / "generation.json", identity, bool(cfg.force))
     write_jsonl_atomic(out / "captions.jsonl", rows)
     items = make_items([r["caption"] for r in rows], seed=int(cfg.seed))
@@ -90,13 +108,19 @@ def generate(cfg: DictConfig, rows: list[dict], out: Path, ckpt_hashes: dict) ->
         return all(valid_image(samples / it["file"], size) for it in batch)
 
     batches = PromptBatches(items, batch_size=int(cfg.batch_size), skip=done)
-    writer = SampleWriter(samples, items, extra={"size": size, "settings": settings.to_dict(), "ckpt": ckpt_hashes},
-                          keep=lambda p: valid_image(p, size))  # fmt: skip
+    writer = SampleWriter(
+        samples,
+        items,
+        extra={"size": size, "settings": settings.to_dict(), "ckpt": ckpt_hashes},
+        keep=lambda p: valid_image(p, size),
+    )
     warnings.filterwarnings("ignore", message=".*infer the batch indices.*")
     trainer = _trainer(cfg, [writer])
     trainer.predict(PipelineModule(pipe, settings=settings, size=size), datamodule=batches, return_predictions=False)
-    print(f"[dalle2] rank {trainer.global_rank}: {batches.skipped_batches} batches already done, "
-          f"{writer.written} images written -> {samples}/")
+    print(
+        f"[dalle2] rank {trainer.global_rank}: {batches.skipped_batches} batches already done, "
+        f"{writer.written} images written -> {samples}/"
+    )
     return identity
 
 
@@ -108,16 +132,28 @@ def evaluate(cfg: DictConfig, rows: list[dict], refs: list, out: Path, hashes: d
     size, k = int(cfg.image_size), int(cfg.precision_recall.k)
     cache = ReferenceCache(cfg.ref_cache)
     resize = RESIZE_DESCRIPTION.format(size=size)
-    key = ReferenceCache.key(files_digest=file_list_digest([p for _, p in refs]), identity={
-        "image_size": size, "resize": resize, "inception_sha256": hashes["inception"], "k": k,
-        "version": PROTOCOL_VERSION})  # fmt: skip
+    key = ReferenceCache.key(
+        files_digest=file_list_digest([p for _, p in refs]),
+        identity={
+            "image_size": size,
+            "resize": resize,
+            "inception_sha256": hashes["inception"],
+            "k": k,
+            "version": PROTOCOL_VERSION,
+        },
+    )
     ref = cache.load(key) if inception is not None else None
     sources = {"samples": [{"path": out / "samples" / f"{r['index']:05d}.png", "text": r["caption"]} for r in rows]}
     if inception is not None and ref is None:
         sources["reference"] = [{"path": p, "text": ""} for _, p in refs]
     module = FileFeatures(list(sources), inception=inception, scorer=scorer)
-    data = ImageFilesData(sources, image_size=size, inception=inception is not None,
-                          batch_size=int(cfg.eval.batch_size), num_workers=int(cfg.eval.num_workers))  # fmt: skip
+    data = ImageFilesData(
+        sources,
+        image_size=size,
+        inception=inception is not None,
+        batch_size=int(cfg.eval.batch_size),
+        num_workers=int(cfg.eval.num_workers),
+    )
     trainer = _trainer(cfg)
     with warnings.catch_warnings():  # predict_step returns nothing on purpose: results are gathered at epoch end
         warnings.filterwarnings("ignore", message=".*predict returned None.*")
@@ -129,48 +165,81 @@ def evaluate(cfg: DictConfig, rows: list[dict], refs: list, out: Path, hashes: d
     if "reference" in module.results:
         got = module.results["reference"]
         ref_skipped = got["skipped"]
-        ref = reference_arrays(got["id"], got["inception"].to(module.device), k=k,
-                               chunk_size=int(cfg.precision_recall.chunk_size))  # fmt: skip
-        ref_meta = {"num_reference": int(len(got["id"])), "reference_skipped": ref_skipped, "images": str(cfg.images),
-                    "resize": resize, "inception_sha256": hashes["inception"], "k": k}  # fmt: skip
+        ref = reference_arrays(
+            got["id"], got["inception"].to(module.device), k=k, chunk_size=int(cfg.precision_recall.chunk_size)
+        )
+        ref_meta = {
+            "num_reference": int(len(got["id"])),
+            "reference_skipped": ref_skipped,
+            "images": str(cfg.images),
+            "resize": resize,
+            "inception_sha256": hashes["inception"],
+            "k": k,
+        }
         cache.save(key, ref, ref_meta)
         ref["meta"] = ref_meta
     if inception is not None and len(fake["id"]) < 2:
         raise SystemExit(f"error: {len(fake['id'])} readable samples in {out / 'samples'}; FID needs at least 2")
-    res = coco_metrics(ref, fake.get("inception"), fake["clip_score"], kid_subsets=int(cfg.kid.subsets),
-                       kid_subset_size=int(cfg.kid.subset_size), kid_seed=int(cfg.kid.seed), k=k,
-                       chunk_size=int(cfg.precision_recall.chunk_size), device=module.device)  # fmt: skip
+    res = coco_metrics(
+        ref,
+        fake.get("inception"),
+        fake["clip_score"],
+        kid_subsets=int(cfg.kid.subsets),
+        kid_subset_size=int(cfg.kid.subset_size),
+        kid_seed=int(cfg.kid.seed),
+        k=k,
+        chunk_size=int(cfg.precision_recall.chunk_size),
+        device=module.device,
+    )
     n_ref = int(ref["meta"]["num_reference"]) if ref is not None else 0
-    res.update({
-        "protocol": "COCO zero-shot FID (dalle2 eval/coco_fid.py)",
-        "implementation": {
-            "inception": "dalle2.metrics.inception.FIDInceptionV3 (pt_inception-2015-12-05 port, pool3 2048-d)",
-            "fid": "Frechet distance of float64 mean / unbiased covariance; tr sqrt(S1 S2) from eigvals (torchmetrics' "
-                   "formula); reference statistics cached",
-            "kid": f"unbiased MMD^2, kernel (x.y/d + 1)^3, {cfg.kid.subsets} subsets of min({cfg.kid.subset_size}, "
-                   "N, M) rows, seeded after a canonical row order",
-            "precision_recall": f"Kynkaenniemi et al. 2019, k={k}, Euclidean on the same Inception features",
-            "clip_score": "100 * max(cos(CLIP image emb, CLIP text emb), 0), mean over samples (Hessel et al. 2021)",
-        },
-        "resize": resize, "image_size": size,
-        "counts": {"captions": len(rows), "samples": int(len(fake["id"])), "samples_skipped": fake["skipped"],
-                   "reference": n_ref, "reference_skipped": int(ref["meta"].get("reference_skipped", 0)) if ref else 0,
-                   "kid_subset_size": min(int(cfg.kid.subset_size), n_ref, len(fake["id"])) if ref else None},
-        "seeds": {"caption_draw": int(cfg.seed), "sampling": int(cfg.seed), "kid": int(cfg.kid.seed),
-                  "reference_subset": int(cfg.seed) if cfg.n_ref else None},
-        "sampling": identity["settings"], "sample_size": identity["size"], "batch_size": identity["batch_size"],
-        "guidance": {s: identity["settings"][s]["guidance_scale"] for s in ("prior", "decoder", "upsampler")},
-        "steps": {s: identity["settings"][s]["steps"] for s in ("prior", "decoder", "upsampler")},
-        "sampler": {s: identity["settings"][s]["sampler"] for s in ("prior", "decoder", "upsampler")},
-        "checkpoints": {"clip": str(cfg.ckpt.clip), "prior": str(cfg.ckpt.prior), "decoder": str(cfg.ckpt.decoder),
-                        "upsamplers": [str(u) for u in cfg.ckpt.upsamplers or []],
-                        "inception": str(cfg.inception) if cfg.inception else None,
-                        "clip_score": str(cfg.clip_score_ckpt or cfg.ckpt.clip)},
-        "sha256": hashes,
-        "data": {"captions": str(cfg.captions), "images": str(cfg.images), "n": len(rows), "n_ref": cfg.n_ref},
-        "reference_cache": {"file": str(cache.path(key)), "hit": cache.hits > 0},
-        "out": str(out),
-    })  # fmt: skip
+    res.update(
+        {
+            "protocol": "COCO zero-shot FID (dalle2 eval/coco_fid.py)",
+            "implementation": {
+                "inception": "dalle2.metrics.inception.FIDInceptionV3 (pt_inception-2015-12-05 port, pool3 2048-d)",
+                "fid": "Frechet distance of float64 mean / unbiased covariance; tr sqrt(S1 S2) from eigvals (torchmetrics' "
+                "formula); reference statistics cached",
+                "kid": f"unbiased MMD^2, kernel (x.y/d + 1)^3, {cfg.kid.subsets} subsets of min({cfg.kid.subset_size}, "
+                "N, M) rows, seeded after a canonical row order",
+                "precision_recall": f"Kynkaenniemi et al. 2019, k={k}, Euclidean on the same Inception features",
+                "clip_score": "100 * max(cos(CLIP image emb, CLIP text emb), 0), mean over samples (Hessel et al. 2021)",
+            },
+            "resize": resize,
+            "image_size": size,
+            "counts": {
+                "captions": len(rows),
+                "samples": int(len(fake["id"])),
+                "samples_skipped": fake["skipped"],
+                "reference": n_ref,
+                "reference_skipped": int(ref["meta"].get("reference_skipped", 0)) if ref else 0,
+                "kid_subset_size": min(int(cfg.kid.subset_size), n_ref, len(fake["id"])) if ref else None,
+            },
+            "seeds": {
+                "caption_draw": int(cfg.seed),
+                "sampling": int(cfg.seed),
+                "kid": int(cfg.kid.seed),
+                "reference_subset": int(cfg.seed) if cfg.n_ref else None,
+            },
+            "sampling": identity["settings"],
+            "sample_size": identity["size"],
+            "batch_size": identity["batch_size"],
+            "guidance": {s: identity["settings"][s]["guidance_scale"] for s in ("prior", "decoder", "upsampler")},
+            "steps": {s: identity["settings"][s]["steps"] for s in ("prior", "decoder", "upsampler")},
+            "sampler": {s: identity["settings"][s]["sampler"] for s in ("prior", "decoder", "upsampler")},
+            "checkpoints": {
+                "clip": str(cfg.ckpt.clip),
+                "prior": str(cfg.ckpt.prior),
+                "decoder": str(cfg.ckpt.decoder),
+                "upsamplers": [str(u) for u in cfg.ckpt.upsamplers or []],
+                "inception": str(cfg.inception) if cfg.inception else None,
+                "clip_score": str(cfg.clip_score_ckpt or cfg.ckpt.clip),
+            },
+            "sha256": hashes,
+            "data": {"captions": str(cfg.captions), "images": str(cfg.images), "n": len(rows), "n_ref": cfg.n_ref},
+            "reference_cache": {"file": str(cache.path(key)), "hit": cache.hits > 0},
+            "out": str(out),
+        }
+    )
     return res
 
 
@@ -184,16 +253,23 @@ def run(cfg: DictConfig) -> dict | None:
     except (FileNotFoundError, ValueError, InceptionWeightsError) as exc:
         raise SystemExit(f"error: {exc}") from None
     out = Path(cfg.out)
-    names = {"clip": cfg.ckpt.clip, "prior": cfg.ckpt.prior, "decoder": cfg.ckpt.decoder, "inception": cfg.inception,
-             "clip_score": cfg.clip_score_ckpt or cfg.ckpt.clip}  # fmt: skip
+    names = {
+        "clip": cfg.ckpt.clip,
+        "prior": cfg.ckpt.prior,
+        "decoder": cfg.ckpt.decoder,
+        "inception": cfg.inception,
+        "clip_score": cfg.clip_score_ckpt or cfg.ckpt.clip,
+    }
     hashes = {k: file_sha256(v) for k, v in names.items()}
     hashes["upsamplers"] = [file_sha256(u) for u in cfg.ckpt.upsamplers or []]
     identity = generate(cfg, rows, out, hashes)
     result = evaluate(cfg, rows, refs, out, hashes, identity)
     if result is not None:
         write_json_atomic(out / "metrics.json", result)
-        print(f"[dalle2] FID {result['fid']}  KID {result['kid_mean']}  precision {result['precision']}  recall "
-              f"{result['recall']}  CLIP score {result['clip_score']} -> {out / 'metrics.json'}")
+        print(
+            f"[dalle2] FID {result['fid']}  KID {result['kid_mean']}  precision {result['precision']}  recall "
+            f"{result['recall']}  CLIP score {result['clip_score']} -> {out / 'metrics.json'}"
+        )
     return result
 
 

@@ -53,8 +53,15 @@ def _sample_all(decoder: DecoderModule, cond: dict, *, batch_size: int, generato
     out = []
     for i in range(0, n, batch_size):
         part = {k: (v[i : i + batch_size] if v is not None else None) for k, v in cond.items()}
-        out.append(decoder.sample(part["image_embed"], text_tokens=part.get("text_tokens"),
-                                  text_mask=part.get("text_mask"), generator=generator, **kw).cpu())
+        out.append(
+            decoder.sample(
+                part["image_embed"],
+                text_tokens=part.get("text_tokens"),
+                text_mask=part.get("text_mask"),
+                generator=generator,
+                **kw,
+            ).cpu()
+        )
     return torch.cat(out)
 
 
@@ -77,9 +84,14 @@ def decoder_acceptance(
     attrs = [parse_caption(c) for c in val["caption"]]
     n = len(attrs)
     with torch.no_grad():
-        emb = torch.cat([decoder.image_embeddings({k: (v[i : i + batch_size] if k != "caption" else None)
-                                                    for k, v in val.items()}).cpu()
-                         for i in range(0, n, batch_size)])
+        emb = torch.cat(
+            [
+                decoder.image_embeddings(
+                    {k: (v[i : i + batch_size] if k != "caption" else None) for k, v in val.items()}
+                ).cpu()
+                for i in range(0, n, batch_size)
+            ]
+        )
     cond: dict = {"image_embed": emb}
     if decoder.use_text:
         states, mask = decoder.text_conditioning({k: v for k, v in val.items() if k != "caption"})
@@ -149,11 +161,17 @@ def upsampler_acceptance(
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("stage", choices=["decoder", "upsampler"])
     p.add_argument("--ckpt", required=True, help="the stage's Lightning checkpoint")
-    p.add_argument("--clip-ckpt", default=None, help="decoder: CLIP used to embed the val images (default: the "
-                   "decoder's clip_ckpt hyperparameter); not needed with --embeddings")
+    p.add_argument(
+        "--clip-ckpt",
+        default=None,
+        help="decoder: CLIP used to embed the val images (default: the "
+        "decoder's clip_ckpt hyperparameter); not needed with --embeddings",
+    )
     p.add_argument("--val", default="data_builtin/val/{00000..00001}.tar", help="val shards (brace-expanded)")
     p.add_argument("--embeddings", action="store_true", help="decoder: the val shards carry img_emb (embedding shards)")
     p.add_argument("--num", type=int, default=512, help="number of val samples (the first ones)")
@@ -164,8 +182,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None, help="JSON path")
-    p.add_argument("--grid", default=None, help="PNG of the first 16 (rows: real / samples / shuffled, or "
-                   "reference / upsampled / bicubic)")
+    p.add_argument(
+        "--grid",
+        default=None,
+        help="PNG of the first 16 (rows: real / samples / shuffled, or reference / upsampled / bicubic)",
+    )
     return p.parse_args(argv)
 
 
@@ -179,13 +200,27 @@ def main(argv: list[str] | None = None) -> dict:
 
             module.set_clip(load_frozen_clip(args.clip_ckpt))
         val = load_val(args.val, image_size=module.image_size, num=args.num, load_embeddings=args.embeddings)
-        result = decoder_acceptance(module, val, steps=args.steps, sampler=args.sampler,
-                                    guidance_scale=1.0 if args.guidance_scale is None else args.guidance_scale,
-                                    batch_size=args.batch_size, seed=args.seed, return_images=want_images)
+        result = decoder_acceptance(
+            module,
+            val,
+            steps=args.steps,
+            sampler=args.sampler,
+            guidance_scale=1.0 if args.guidance_scale is None else args.guidance_scale,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            return_images=want_images,
+        )
     else:
         val = load_val(args.val, image_size=int(module.hparams.image_size), num=args.num)
-        result = upsampler_acceptance(module, val["image"], steps=args.steps, sampler=args.sampler,
-                                      batch_size=args.batch_size, seed=args.seed, return_images=want_images)
+        result = upsampler_acceptance(
+            module,
+            val["image"],
+            steps=args.steps,
+            sampler=args.sampler,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            return_images=want_images,
+        )
     result["ckpt"] = str(args.ckpt)
     images = result.pop("_images", None)
     if images is not None:

@@ -70,19 +70,34 @@ def evaluate_samples(cfg: DictConfig) -> dict | None:
     clip, tokenizer = load_checked_clip(cfg, cfg.data.tokenizer_path)
     trainer = instantiate(cfg.trainer, use_distributed_sampler=False)  # SampleEvalData splits by rank itself
     if inception is None and trainer.is_global_zero:
-        print("[dalle2] FID/KID skipped: no Inception weights given (inception=/path/to/"
-              "pt_inception-2015-12-05-6726825d.pth, a local file); CLIP-FD and CLIP-KID are reported instead")
+        print(
+            "[dalle2] FID/KID skipped: no Inception weights given (inception=/path/to/"
+            "pt_inception-2015-12-05-6726825d.pth, a local file); CLIP-FD and CLIP-KID are reported instead"
+        )
     try:
         result = score_samples_dir(
-            cfg.samples, reference_urls=cfg.reference.urls, clip=clip, tokenizer=tokenizer, trainer=trainer,
-            inception=inception, image_size=cfg.reference.image_size, max_reference=cfg.reference.max_samples,
-            batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers, kid_subsets=cfg.kid.subsets,
-            kid_subset_size=cfg.kid.subset_size, kid_seed=cfg.kid.seed,
-        )  # fmt: skip
+            cfg.samples,
+            reference_urls=cfg.reference.urls,
+            clip=clip,
+            tokenizer=tokenizer,
+            trainer=trainer,
+            inception=inception,
+            image_size=cfg.reference.image_size,
+            max_reference=cfg.reference.max_samples,
+            batch_size=cfg.data.batch_size,
+            num_workers=cfg.data.num_workers,
+            kid_subsets=cfg.kid.subsets,
+            kid_subset_size=cfg.kid.subset_size,
+            kid_seed=cfg.kid.seed,
+        )
     except (FileNotFoundError, ValueError) as exc:
         raise SystemExit(f"error: {exc}") from None
-    result.update(samples=str(cfg.samples), reference_urls=str(cfg.reference.urls), clip_ckpt=str(cfg.clip_ckpt),
-                  inception=str(cfg.inception) if cfg.inception else None)  # fmt: skip
+    result.update(
+        samples=str(cfg.samples),
+        reference_urls=str(cfg.reference.urls),
+        clip_ckpt=str(cfg.clip_ckpt),
+        inception=str(cfg.inception) if cfg.inception else None,
+    )
     if not trainer.is_global_zero:
         return None
     print(f"[dalle2] {samples_summary_line(result)}")

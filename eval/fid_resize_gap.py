@@ -102,17 +102,26 @@ def main(argv=None) -> dict:
     imgs = renders(2 * a.num, a.image_size, a.seed)
     sets = {"A": imgs[: a.num], "B": imgs[a.num :]}
     sets["B_jpeg"] = [jpeg(im, a.jpeg_quality) for im in sets["B"]]
-    feats = {(name, proto): features(net, ims, prep)
-             for name, ims in sets.items() for proto, prep in (("clean", clean), ("bilinear", bilinear))}  # fmt: skip
+    feats = {
+        (name, proto): features(net, ims, prep)
+        for name, ims in sets.items()
+        for proto, prep in (("clean", clean), ("bilinear", bilinear))
+    }
     fid = {
         "A_vs_B": {p_: frechet_distance(feats["A", p_], feats["B", p_]) for p_ in ("clean", "bilinear")},
         "A_vs_B_jpeg": {p_: frechet_distance(feats["A", p_], feats["B_jpeg", p_]) for p_ in ("clean", "bilinear")},
         "A_clean_vs_B_bilinear": frechet_distance(feats["A", "clean"], feats["B", "bilinear"]),
         "A_clean_vs_A_bilinear": frechet_distance(feats["A", "clean"], feats["A", "bilinear"]),
     }
-    res = {"image_size": a.image_size, "num_per_set": a.num, "jpeg_quality": a.jpeg_quality, "seed": a.seed,
-           "inception": a.inception or f"random init (He-normal convs, seed {a.seed})", "fid": fid,
-           "seconds": round(time.time() - t0, 1)}  # fmt: skip
+    res = {
+        "image_size": a.image_size,
+        "num_per_set": a.num,
+        "jpeg_quality": a.jpeg_quality,
+        "seed": a.seed,
+        "inception": a.inception or f"random init (He-normal convs, seed {a.seed})",
+        "fid": fid,
+        "seconds": round(time.time() - t0, 1),
+    }
     print(json.dumps(res, indent=2))
     if a.out:
         write_json_atomic(a.out, res)

@@ -78,11 +78,13 @@ def settings_from_args(a: argparse.Namespace) -> SamplingSettings:
 
     return SamplingSettings(
         prior=stage(base.prior, steps=a.prior_steps, guidance_scale=a.prior_guidance),
-        decoder=stage(base.decoder, steps=a.decoder_steps, sampler=a.decoder_sampler,
-                      guidance_scale=a.decoder_guidance),
+        decoder=stage(
+            base.decoder, steps=a.decoder_steps, sampler=a.decoder_sampler, guidance_scale=a.decoder_guidance
+        ),
         upsampler=stage(base.upsampler, steps=a.upsampler_steps),
-        n_prior_samples=a.n_prior_samples or base.n_prior_samples, threshold=base.threshold,
-    )  # fmt: skip
+        n_prior_samples=a.n_prior_samples or base.n_prior_samples,
+        threshold=base.threshold,
+    )
 
 
 def sweep_settings(a: argparse.Namespace, default: StageSettings) -> list[dict]:
@@ -106,17 +108,33 @@ def run(a: argparse.Namespace) -> dict:
     from dalle2.metrics.fidelity import load_val, stage_fidelity
 
     ckpts = _checkpoints(a)
-    pipe = UnCLIPPipeline.from_checkpoints(clip=ckpts["clip"], prior=ckpts["prior"], decoder=ckpts["decoder"],
-                                           upsamplers=[ckpts["upsampler"]])  # fmt: skip
+    pipe = UnCLIPPipeline.from_checkpoints(
+        clip=ckpts["clip"], prior=ckpts["prior"], decoder=ckpts["decoder"], upsamplers=[ckpts["upsampler"]]
+    )
     settings = settings_from_args(a)
     low, high = pipe.sizes[0], pipe.sizes[1]
     val_low, val_high = (load_val(a.val, image_size=s, num=a.num) for s in (low, high))
     t0 = time.perf_counter()
     sweep = sweep_settings(a, settings.decoder) if a.sweep else ()
-    rows = stage_fidelity(pipe, val_low, val_high, settings=settings, seed=a.seed, batch_size=a.batch_size,
-                          sweep=sweep, sweep_num=a.sweep_num)
-    return {"rows": rows, "num": len(val_low["caption"]), "val": a.val, "seed": a.seed, "checkpoints": ckpts,
-            "settings": settings.to_dict(), "wall_s": round(time.perf_counter() - t0, 1)}  # fmt: skip
+    rows = stage_fidelity(
+        pipe,
+        val_low,
+        val_high,
+        settings=settings,
+        seed=a.seed,
+        batch_size=a.batch_size,
+        sweep=sweep,
+        sweep_num=a.sweep_num,
+    )
+    return {
+        "rows": rows,
+        "num": len(val_low["caption"]),
+        "val": a.val,
+        "seed": a.seed,
+        "checkpoints": ckpts,
+        "settings": settings.to_dict(),
+        "wall_s": round(time.perf_counter() - t0, 1),
+    }
 
 
 def calibrate(a: argparse.Namespace) -> dict:

@@ -51,19 +51,37 @@ def run(cfg: DictConfig) -> Path:
     prompts = read_prompts(cfg.prompts)
     settings = SamplingSettings.from_config(cfg)
     upsamplers = list(cfg.ckpt.upsamplers or [])
-    pipe = UnCLIPPipeline.from_checkpoints(clip=cfg.ckpt.clip, prior=cfg.ckpt.prior, decoder=cfg.ckpt.decoder,
-                                           upsamplers=upsamplers, tokenizer=cfg.tokenizer_path,
-                                           trust_checkpoint=bool(cfg.get("trust_checkpoint", False)))  # fmt: skip
+    pipe = UnCLIPPipeline.from_checkpoints(
+        clip=cfg.ckpt.clip,
+        prior=cfg.ckpt.prior,
+        decoder=cfg.ckpt.decoder,
+        upsamplers=upsamplers,
+        tokenizer=cfg.tokenizer_path,
+        trust_checkpoint=bool(cfg.get("trust_checkpoint", False)),
+    )
     module = PipelineModule(pipe, settings=settings, size=cfg.size)
     size = cfg.size or pipe.sizes[-1]
     items = make_items(prompts, n_per_prompt=int(cfg.n_per_prompt), seed=int(cfg.seed))
     out_dir = Path(cfg.out_dir)
-    extra = {"size": int(size), "settings": settings.to_dict(),
-             "ckpt": {"clip": cfg.ckpt.clip, "prior": cfg.ckpt.prior, "decoder": cfg.ckpt.decoder,
-                      "upsamplers": upsamplers[: pipe.sizes.index(size)]},
-             "tokenizer": pipe.tokenizer.vocabulary.to_dict(with_merges=False)}  # fmt: skip
-    writer = SampleWriter(out_dir, items, extra=extra, grid_max=int(cfg.grid.max_images), grid_ncol=cfg.grid.ncol,
-                          grid_captions=bool(cfg.grid.captions))  # fmt: skip
+    extra = {
+        "size": int(size),
+        "settings": settings.to_dict(),
+        "ckpt": {
+            "clip": cfg.ckpt.clip,
+            "prior": cfg.ckpt.prior,
+            "decoder": cfg.ckpt.decoder,
+            "upsamplers": upsamplers[: pipe.sizes.index(size)],
+        },
+        "tokenizer": pipe.tokenizer.vocabulary.to_dict(with_merges=False),
+    }
+    writer = SampleWriter(
+        out_dir,
+        items,
+        extra=extra,
+        grid_max=int(cfg.grid.max_images),
+        grid_ncol=cfg.grid.ncol,
+        grid_captions=bool(cfg.grid.captions),
+    )
     # the writer names files from the items themselves, not from Lightning's batch indices
     warnings.filterwarnings("ignore", message=".*infer the batch indices.*")
     # PromptBatches deals batch j to rank j % world itself: no distributed sampler
@@ -73,8 +91,12 @@ def run(cfg: DictConfig) -> Path:
     seconds = time.perf_counter() - start
     if trainer.is_global_zero:
         print(f"[dalle2] {len(items)} images ({size} px) -> {out_dir}/ (manifest.jsonl, grid.png)")
-    metrics = {"num_images": len(items), "seconds": seconds, "seconds_per_image": seconds / max(len(items), 1),
-               "devices": trainer.world_size}  # fmt: skip
+    metrics = {
+        "num_images": len(items),
+        "seconds": seconds,
+        "seconds_per_image": seconds / max(len(items), 1),
+        "devices": trainer.world_size,
+    }
     score = cfg.get("score") or {}
     if score.get("reference_urls"):
         from dalle2.lit.clip_module import load_clip
@@ -84,18 +106,37 @@ def run(cfg: DictConfig) -> Path:
         trainer.strategy.barrier()  # every rank's PNGs and the manifest are written
         clip = load_clip(cfg.ckpt.clip, trust_checkpoint=bool(cfg.get("trust_checkpoint", False)))
         scorer = instantiate(cfg.trainer, use_distributed_sampler=False, enable_progress_bar=False)
-        scores = score_samples_dir(str(out_dir), reference_urls=score.reference_urls, clip=clip,
-                                   tokenizer=clip.tokenizer(cfg.tokenizer_path), trainer=scorer,
-                                   inception=load_fid_inception(score.inception) if score.get("inception") else None,
-                                   max_reference=score.get("max_reference"), batch_size=int(score.get("batch_size", 64)),
-                                   num_workers=int(score.get("num_workers", 0)))  # fmt: skip
+        scores = score_samples_dir(
+            str(out_dir),
+            reference_urls=score.reference_urls,
+            clip=clip,
+            tokenizer=clip.tokenizer(cfg.tokenizer_path),
+            trainer=scorer,
+            inception=load_fid_inception(score.inception) if score.get("inception") else None,
+            max_reference=score.get("max_reference"),
+            batch_size=int(score.get("batch_size", 64)),
+            num_workers=int(score.get("num_workers", 0)),
+        )
         metrics.update(flatten(scores))
     if trainer.is_global_zero:
-        write_json_atomic(out_dir / "final_metrics.json", {"metrics": metrics, "overrides": job_overrides(),
-                                                           "step": None, "settings": settings.to_dict(),
-                                                           "size": int(size)})  # fmt: skip
-        print("[dalle2] " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()
-                                      if isinstance(v, float) and k.count("/") <= 2 and "std" not in k))  # fmt: skip
+        write_json_atomic(
+            out_dir / "final_metrics.json",
+            {
+                "metrics": metrics,
+                "overrides": job_overrides(),
+                "step": None,
+                "settings": settings.to_dict(),
+                "size": int(size),
+            },
+        )
+        print(
+            "[dalle2] "
+            + ", ".join(
+                f"{k} {v:.4g}"
+                for k, v in metrics.items()
+                if isinstance(v, float) and k.count("/") <= 2 and "std" not in k
+            )
+        )
     return out_dir
 
 

@@ -45,18 +45,36 @@ def build_app(cfg: DictConfig):
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     trust = bool(cfg.get("trust_checkpoint", False))
-    pipe = UnCLIPPipeline.from_checkpoints(clip=cfg.ckpt.clip, prior=cfg.ckpt.prior or None, decoder=cfg.ckpt.decoder,
-                                           upsamplers=list(cfg.ckpt.upsamplers or []), tokenizer=cfg.tokenizer_path,
-                                           device=device, trust_checkpoint=trust)  # fmt: skip
+    pipe = UnCLIPPipeline.from_checkpoints(
+        clip=cfg.ckpt.clip,
+        prior=cfg.ckpt.prior or None,
+        decoder=cfg.ckpt.decoder,
+        upsamplers=list(cfg.ckpt.upsamplers or []),
+        tokenizer=cfg.tokenizer_path,
+        device=device,
+        trust_checkpoint=trust,
+    )
     app = create_app(
-        pipe, api_key=api_key, model_name=cfg.model_name, model_aliases=list(cfg.model_aliases or []),
-        settings=SamplingSettings.from_config(cfg), max_n=int(cfg.max_n), max_batch_size=int(cfg.max_batch_size),
-        max_wait_ms=float(cfg.max_wait_ms), max_prompt_chars=int(cfg.max_prompt_chars), public_url=cfg.public_url,
-        url_ttl_s=float(cfg.url_ttl_s), url_store_max=int(cfg.url_store_max), limits=limits,
-    )  # fmt: skip
+        pipe,
+        api_key=api_key,
+        model_name=cfg.model_name,
+        model_aliases=list(cfg.model_aliases or []),
+        settings=SamplingSettings.from_config(cfg),
+        max_n=int(cfg.max_n),
+        max_batch_size=int(cfg.max_batch_size),
+        max_wait_ms=float(cfg.max_wait_ms),
+        max_prompt_chars=int(cfg.max_prompt_chars),
+        public_url=cfg.public_url,
+        url_ttl_s=float(cfg.url_ttl_s),
+        url_store_max=int(cfg.url_store_max),
+        limits=limits,
+    )
     sizes = ", ".join(f"{s}x{s}" for s in pipe.sizes)
-    print(f"[dalle2] serving {cfg.model_name} ({sizes}) on {device} at http://{cfg.host}:{cfg.port}/v1"
-          f"{' (api key required)' if api_key else ''}", flush=True)  # fmt: skip
+    print(
+        f"[dalle2] serving {cfg.model_name} ({sizes}) on {device} at http://{cfg.host}:{cfg.port}/v1"
+        f"{' (api key required)' if api_key else ''}",
+        flush=True,
+    )
     return app
 
 

@@ -35,19 +35,36 @@ def run(cfg: DictConfig) -> dict:
     module = load_clip(cfg.clip_ckpt, trust_checkpoint=bool(cfg.get("trust_checkpoint", False)))
     tokenizer = module.tokenizer(cfg.data.tokenizer_path)
     module.set_zeroshot(task, tokenizer=tokenizer)
-    dm = WebDataModule(train_urls=None, val_urls=cfg.data.urls, image_size=cfg.data.image_size or module.model.image_size,
-                       val_batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers, tokenizer=tokenizer,
-                       context_length=module.model.context_length)  # fmt: skip
-    trainer = L.Trainer(accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices,
-                        precision=cfg.trainer.precision, enable_progress_bar=bool(cfg.trainer.enable_progress_bar),
-                        logger=False, enable_checkpointing=False,
-                        enable_model_summary=False)  # fmt: skip
+    dm = WebDataModule(
+        train_urls=None,
+        val_urls=cfg.data.urls,
+        image_size=cfg.data.image_size or module.model.image_size,
+        val_batch_size=cfg.data.batch_size,
+        num_workers=cfg.data.num_workers,
+        tokenizer=tokenizer,
+        context_length=module.model.context_length,
+    )
+    trainer = L.Trainer(
+        accelerator=cfg.trainer.accelerator,
+        devices=cfg.trainer.devices,
+        precision=cfg.trainer.precision,
+        enable_progress_bar=bool(cfg.trainer.enable_progress_bar),
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
     [metrics] = trainer.validate(module, datamodule=dm, verbose=False)
     result = {k.removeprefix("val/zeroshot/"): v for k, v in metrics.items() if k.startswith("val/zeroshot/")}
     for k in ("num_samples", "num_unlabelled", "num_classes"):
         result[k] = int(result.get(k, 0))
-    result.update(clip_ckpt=str(cfg.clip_ckpt), urls=str(cfg.data.urls), classnames=str(cfg.classnames),
-                  templates=str(cfg.templates), num_templates=len(task.templates), label=task.label)  # fmt: skip
+    result.update(
+        clip_ckpt=str(cfg.clip_ckpt),
+        urls=str(cfg.data.urls),
+        classnames=str(cfg.classnames),
+        templates=str(cfg.templates),
+        num_templates=len(task.templates),
+        label=task.label,
+    )
     return result
 
 
@@ -58,8 +75,10 @@ def main(cfg: DictConfig) -> None:
     except CHECKPOINT_ERRORS as e:  # a refused / wrong-stage / missing checkpoint, a mismatched vocabulary: one line
         raise SystemExit(f"error: {e}") from None
     if result["num_samples"] == 0:
-        raise SystemExit(f"error: no sample of {cfg.data.urls} has a class of {cfg.classnames} "
-                         f"(label={cfg.label!r} over each sample's .json)")  # fmt: skip
+        raise SystemExit(
+            f"error: no sample of {cfg.data.urls} has a class of {cfg.classnames} "
+            f"(label={cfg.label!r} over each sample's .json)"
+        )
     text = json.dumps(result, indent=2, sort_keys=True)
     if cfg.out:
         Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)

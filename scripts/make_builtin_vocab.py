@@ -63,7 +63,9 @@ def stdlib_text() -> list[str]:
     texts.append(codecs.decode(sys.modules["this"].s, "rot13"))
     stdlib = sysconfig.get_paths()["stdlib"]
     for root, dirs, files in os.walk(stdlib):
-        dirs[:] = sorted(d for d in dirs if d not in {"site-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__"})
+        dirs[:] = sorted(
+            d for d in dirs if d not in {"site-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__"}
+        )
         for name in sorted(files):
             if not name.endswith(".py"):
                 continue
@@ -102,8 +104,10 @@ def main(argv: list[str] | None = None) -> None:
     merges = train_bpe(captions + words, vocab_size=args.vocab_size)
     write_merges(merges, args.out)
     tok = Tokenizer(merges=merges)
-    print(f"{len(captions)} captions + {len(words)} words ({len(set(words))} distinct) -> {len(merges)} merges, "
-          f"vocab_size={tok.vocab_size}, {os.path.getsize(args.out)} bytes in {args.out} ({time.time() - start:.1f}s)")
+    print(
+        f"{len(captions)} captions + {len(words)} words ({len(set(words))} distinct) -> {len(merges)} merges, "
+        f"vocab_size={tok.vocab_size}, {os.path.getsize(args.out)} bytes in {args.out} ({time.time() - start:.1f}s)"
+    )
 
 
 if __name__ == "__main__":

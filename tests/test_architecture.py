@@ -59,7 +59,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(u)
         for v in sorted(graph[u]):
             if state.get(v) == 1:
-                return stack[stack.index(v):] + [v]
+                return stack[stack.index(v) :] + [v]
             if v not in state and (cycle := visit(v)):
                 return cycle
         stack.pop()
@@ -86,8 +86,14 @@ def test_library_import_graph_has_no_cycle():
 
 def test_pipeline_and_plain_stages_import_nothing_from_lit():
     graph = library_graph()
-    for name in ("dalle2.pipeline", "dalle2.stages", "dalle2.checkpoint", "dalle2.decoder.sampling",
-                 "dalle2.prior.sampling", "dalle2.serving.server"):  # fmt: skip
+    for name in (
+        "dalle2.pipeline",
+        "dalle2.stages",
+        "dalle2.checkpoint",
+        "dalle2.decoder.sampling",
+        "dalle2.prior.sampling",
+        "dalle2.serving.server",
+    ):
         seen, todo = set(), [name]
         while todo:  # everything reachable, not only direct imports
             u = todo.pop()
@@ -98,8 +104,11 @@ def test_pipeline_and_plain_stages_import_nothing_from_lit():
 
 
 def test_library_never_imports_hydra():
-    offenders = [str(f.relative_to(ROOT)) for f in (ROOT / "dalle2").rglob("*.py")
-                 if any(m.split(".")[0] in ("hydra", "omegaconf") for m in _imports(f))]  # fmt: skip
+    offenders = [
+        str(f.relative_to(ROOT))
+        for f in (ROOT / "dalle2").rglob("*.py")
+        if any(m.split(".")[0] in ("hydra", "omegaconf") for m in _imports(f))
+    ]
     assert offenders == []
 
 

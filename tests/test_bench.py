@@ -19,8 +19,22 @@ sys.path.insert(0, str(ROOT / "bench"))
 import sample as bench_sample  # noqa: E402
 import train_step as bench_train  # noqa: E402
 
-TRAIN_KEYS = {"stage", "config", "params", "batch", "s_per_step", "samples_per_s", "peak_memory_gib", "flops_per_step",
-              "tflops_per_s", "mfu", "final_loss", "threads", "loadavg", "optimizer_impl"}
+TRAIN_KEYS = {
+    "stage",
+    "config",
+    "params",
+    "batch",
+    "s_per_step",
+    "samples_per_s",
+    "peak_memory_gib",
+    "flops_per_step",
+    "tflops_per_s",
+    "mfu",
+    "final_loss",
+    "threads",
+    "loadavg",
+    "optimizer_impl",
+}
 
 
 @pytest.fixture(autouse=True)
@@ -36,8 +50,9 @@ def _keep_threads():
 )
 def test_train_step_reports(stage, config, batch, tmp_path):
     out = tmp_path / "r.json"
-    r = bench_train.main([f"stage={stage}", f"config={config}", f"batch={batch}", "steps=2", "warmup=1",
-                          "threads=1", "--out", str(out)])
+    r = bench_train.main(
+        [f"stage={stage}", f"config={config}", f"batch={batch}", "steps=2", "warmup=1", "threads=1", "--out", str(out)]
+    )
     assert TRAIN_KEYS <= set(r)
     assert json.loads(out.read_text())["samples_per_s"] == pytest.approx(r["samples_per_s"])
     assert r["samples_per_s"] == pytest.approx(batch / r["s_per_step"])
@@ -46,15 +61,35 @@ def test_train_step_reports(stage, config, batch, tmp_path):
 
 
 def test_train_step_compare_reports_both_variants():
-    r = bench_train.main(["stage=decoder", "config=tiny32", "batch=1", "steps=2", "warmup=0", "threads=1",
-                          "flops=0", "compare=precision"])
+    r = bench_train.main(
+        [
+            "stage=decoder",
+            "config=tiny32",
+            "batch=1",
+            "steps=2",
+            "warmup=0",
+            "threads=1",
+            "flops=0",
+            "compare=precision",
+        ]
+    )
     assert set(r["variants"]) == {"fp32", "bf16"} and r["speedup_on_vs_off"] > 0
     assert all(v["s_per_step"] > 0 for v in r["variants"].values())
 
 
 def test_sample_reports_every_stage_and_sampler():
-    r = bench_sample.main(["prior_config=tiny", "decoder_config=tiny32", "upsampler_config=tiny_sr32_64",
-                           "batch=1", "steps=2", "samplers=ddim,heun", "guidance=2.0", "threads=1"])
+    r = bench_sample.main(
+        [
+            "prior_config=tiny",
+            "decoder_config=tiny32",
+            "upsampler_config=tiny_sr32_64",
+            "batch=1",
+            "steps=2",
+            "samplers=ddim,heun",
+            "guidance=2.0",
+            "threads=1",
+        ]
+    )
     got = {(row["stage"], row["sampler"]) for row in r["results"]}
     assert got == {(s, x) for s in ("prior", "decoder", "upsampler") for x in ("ddim", "heun")}
     for row in r["results"]:
@@ -63,8 +98,12 @@ def test_sample_reports_every_stage_and_sampler():
 
 
 def test_cli_parses_key_value_and_rejects_unknown():
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "train_step.py"), "stage=prior", "bogus=1"],
-                          capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "train_step.py"), "stage=prior", "bogus=1"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert proc.returncode != 0 and "unknown argument 'bogus'" in proc.stderr
 
 
@@ -77,10 +116,15 @@ def test_prior_last_block_read_out_equals_full_block():
     torch.set_num_threads(1)  # tiny ops: one thread is faster on a shared machine
     for positional in ("learned", "rotary"):
         torch.manual_seed(0)
-        net = prior_from_preset("tiny", embed_dim=32, text_token_dim=16, width=64, depth=2, heads=2, dim_head=32,
-                                positional=positional)
-        kw = dict(text_embed=torch.randn(3, 32), text_tokens=torch.randn(3, 6, 16),
-                  text_mask=torch.arange(6)[None] < torch.tensor([[2], [6], [1]]), drop_text=torch.tensor([0, 1, 0]).bool())
+        net = prior_from_preset(
+            "tiny", embed_dim=32, text_token_dim=16, width=64, depth=2, heads=2, dim_head=32, positional=positional
+        )
+        kw = dict(
+            text_embed=torch.randn(3, 32),
+            text_tokens=torch.randn(3, 6, 16),
+            text_mask=torch.arange(6)[None] < torch.tensor([[2], [6], [1]]),
+            drop_text=torch.tensor([0, 1, 0]).bool(),
+        )
         x, t = torch.randn(3, 32), torch.randint(0, 1000, (3,))
         fast = net(x, t, **kw)
         fast.square().sum().backward()
@@ -89,7 +133,8 @@ def test_prior_last_block_read_out_equals_full_block():
         full = PriorBlock.forward
         for block in net.blocks:  # force the full computation in every block
             block.forward = types.MethodType(
-                lambda self, h, m, r=None, past=None, last_only=False, kv_only=False: full(self, h, m, r, past), block)
+                lambda self, h, m, r=None, past=None, last_only=False, kv_only=False: full(self, h, m, r, past), block
+            )
         slow = net(x, t, **kw)
         slow.square().sum().backward()
         torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
@@ -138,7 +183,15 @@ def test_fused_adamw_allows_clipping_under_mixed_precision():
             return build_optimizers(self.net, functools.partial(torch.optim.AdamW, lr=1e-2), None)
 
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 4)), batch_size=4)
-    trainer = L.Trainer(max_steps=2, precision="bf16-mixed", gradient_clip_val=1.0, accelerator="cpu", logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        max_steps=2,
+        precision="bf16-mixed",
+        gradient_clip_val=1.0,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(M(), data)
     assert trainer.global_step == 2 and trainer.optimizers[0].defaults["fused"] is True

@@ -14,9 +14,18 @@ from dalle2.clip.loss import ClipLoss
 from dalle2.clip.model import CLIP
 
 TINY = dict(
-    embed_dim=8, image_size=8, vision_width=16, vision_layers=1, vision_heads=2, vision_patch_size=4,
-    context_length=6, vocab_size=20, text_width=16, text_layers=1, text_heads=2,
-)  # fmt: skip
+    embed_dim=8,
+    image_size=8,
+    vision_width=16,
+    vision_layers=1,
+    vision_heads=2,
+    vision_patch_size=4,
+    context_length=6,
+    vocab_size=20,
+    text_width=16,
+    text_layers=1,
+    text_heads=2,
+)
 # (local_loss, gather_with_grad) combinations run in the distributed test
 MODES = [(True, True), (False, True), (False, False), (True, False)]
 

@@ -18,9 +18,18 @@ from dalle2.clip.model import (
 )
 
 TINY = dict(
-    embed_dim=16, image_size=16, vision_width=32, vision_layers=2, vision_heads=2, vision_patch_size=8,
-    context_length=12, vocab_size=50, text_width=32, text_layers=2, text_heads=2,
-)  # fmt: skip
+    embed_dim=16,
+    image_size=16,
+    vision_width=32,
+    vision_layers=2,
+    vision_heads=2,
+    vision_patch_size=8,
+    context_length=12,
+    vocab_size=50,
+    text_width=32,
+    text_layers=2,
+    text_heads=2,
+)
 
 
 def _tokens(lengths, *, ctx=12, vocab=50, seed=0):

@@ -18,18 +18,35 @@ from dalle2.data.datamodule import WebDataModule
 from dalle2.lit.checkpoints import WrongStageError, load_stage_module
 from dalle2.lit.clip_module import CLIPModule, load_clip
 
-NET = clip_preset("tiny", vision_width=32, vision_layers=1, vision_heads=2, vision_patch_size=8, text_width=32,
-                  text_layers=1, text_heads=2, embed_dim=32)  # fmt: skip
+NET = clip_preset(
+    "tiny",
+    vision_width=32,
+    vision_layers=1,
+    vision_heads=2,
+    vision_patch_size=8,
+    text_width=32,
+    text_layers=1,
+    text_heads=2,
+    embed_dim=32,
+)
 
 
 @pytest.fixture(scope="module")
 def trained_ckpt(builtin_shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("clipmod")
-    dm = WebDataModule(train_urls=builtin_shards["train"], val_urls=builtin_shards["val"], image_size=32,
-                       batch_size=32, num_workers=0)  # fmt: skip
+    dm = WebDataModule(
+        train_urls=builtin_shards["train"], val_urls=builtin_shards["val"], image_size=32, batch_size=32, num_workers=0
+    )
     module = CLIPModule(network=NET)
-    trainer = L.Trainer(accelerator="cpu", max_steps=4, val_check_interval=4, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=4,
+        val_check_interval=4,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module, datamodule=dm)
     path = out / "clip.ckpt"
     trainer.save_checkpoint(path)
@@ -70,10 +87,22 @@ def test_evaluate_cli_writes_retrieval_json(trained_ckpt, builtin_shards, tmp_pa
     out = tmp_path / "r.json"
     env = dict(os.environ, PYTHONPATH=REPO_ROOT)
     proc = subprocess.run(
-        [sys.executable, "eval/evaluate.py", "task=retrieval", f"clip_ckpt={path}",
-         f"data.urls='{builtin_shards['val']}'", f"out={out}", "data.num_workers=0", "trainer.accelerator=cpu"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env=env,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "eval/evaluate.py",
+            "task=retrieval",
+            f"clip_ckpt={path}",
+            f"data.urls='{builtin_shards['val']}'",
+            f"out={out}",
+            "data.num_workers=0",
+            "trainer.accelerator=cpu",
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
     assert result["num_samples"] == 64
@@ -84,14 +113,27 @@ def test_precompute_embeddings_shards_are_readable_and_resumable(trained_ckpt, b
     path, module, _ = trained_ckpt
     out_dir = tmp_path / "emb"
     env = dict(os.environ, PYTHONPATH=REPO_ROOT)
-    cmd = [sys.executable, "train/precompute_embeddings.py", f"clip_ckpt={path}",
-           f"data.urls='{builtin_shards['val']}'", f"out_dir={out_dir}", "trainer.accelerator=cpu", "dtype=float32"]
+    cmd = [
+        sys.executable,
+        "train/precompute_embeddings.py",
+        f"clip_ckpt={path}",
+        f"data.urls='{builtin_shards['val']}'",
+        f"out_dir={out_dir}",
+        "trainer.accelerator=cpu",
+        "dtype=float32",
+    ]
     proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "64 samples embedded" in proc.stdout
     shards = sorted(p.name for p in out_dir.glob("*.tar"))
-    dm = WebDataModule(train_urls=None, val_urls=[str(out_dir / s) for s in shards],
-                       image_size=32, batch_size=64, num_workers=0, load_embeddings=True)  # fmt: skip
+    dm = WebDataModule(
+        train_urls=None,
+        val_urls=[str(out_dir / s) for s in shards],
+        image_size=32,
+        batch_size=64,
+        num_workers=0,
+        load_embeddings=True,
+    )
     dm.setup("validate")
     batch = next(iter(dm.val_dataloader()))
     assert batch["img_emb"].shape == (64, NET["embed_dim"]) and batch["txt_emb"].shape == (64, NET["embed_dim"])

@@ -294,10 +294,18 @@ def test_resnet_state_dict_round_trip(tmp_path):
     from dalle2.clip.model import CLIP
 
     model = CLIP(
-        embed_dim=32, image_size=64, vision_width=16, vision_layers=[1, 1, 1, 1], vision_heads=8,
-        context_length=CTX, vocab_size=VOCAB, text_width=T_WIDTH, text_layers=1, text_heads=1,
+        embed_dim=32,
+        image_size=64,
+        vision_width=16,
+        vision_layers=[1, 1, 1, 1],
+        vision_heads=8,
+        context_length=CTX,
+        vocab_size=VOCAB,
+        text_width=T_WIDTH,
+        text_layers=1,
+        text_heads=1,
         activation="quick_gelu",
-    ).eval()  # fmt: skip
+    ).eval()
     for m in model.modules():  # non-trivial BatchNorm statistics
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.normal_()

@@ -83,8 +83,9 @@ def test_chunked_and_sharded_rows_equal_the_full_matrix(quantised):
     assert metrics_from_ranks(got_i2t, got_t2i) == metrics_from_ranks(i2t, t2i)
     if not quantised:  # (retrieval_metrics normalises: +-1 / sqrt5 products are no longer exact)
         assert retrieval_metrics(img, txt) == metrics_from_ranks(i2t, t2i)
-    terms = torch.cat([torch.cat([pair_losses(img, txt, 30.0, rows=p), pair_losses(txt, img, 30.0, rows=p)])
-                       for p in parts])  # fmt: skip
+    terms = torch.cat(
+        [torch.cat([pair_losses(img, txt, 30.0, rows=p), pair_losses(txt, img, 30.0, rows=p)]) for p in parts]
+    )
     torch.testing.assert_close(terms.mean(), loss)
 
 

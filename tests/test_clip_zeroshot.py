@@ -19,7 +19,7 @@ from dalle2.clip.zeroshot import (
     topk_accuracy,
     zeroshot_classifier,
     zeroshot_metrics,
-)  # fmt: skip
+)
 from dalle2.data.synthetic import ATTRIBUTES
 from helpers.tiny_runs import run, tiny_clip_ckpt
 
@@ -61,12 +61,14 @@ def test_topk_known_by_construction():
     w = zeroshot_classifier(fake.encode, fake.tokenize, CLASSES, TEMPLATES)
     # class K's weight is (e_K + e_(K+1)) / sqrt2; dot products with these images (unnormalised):
     e = torch.eye(6)
-    images = torch.stack([
-        e[0] + e[1],              # label 0: c0 2, c5 1, c1 1, others 0             -> rank 1
-        e[2] + 0.9 * e[1],        # label 2: c1 1.9, c2 1, c0 0.9, c3 0                  -> rank 2
-        e[4] + e[5] + e[0],       # label 2: c4 2, c5 2, c3 1, c0 1, c2 0 = c1 0 (tie) -> rank 5
-        e[1] + e[2] + e[3] + e[4],  # label 5: c1 2, c2 2, c3 2, c0 1, c4 1, c5 0     -> rank 6
-    ])  # fmt: skip
+    images = torch.stack(
+        [
+            e[0] + e[1],  # label 0: c0 2, c5 1, c1 1, others 0             -> rank 1
+            e[2] + 0.9 * e[1],  # label 2: c1 1.9, c2 1, c0 0.9, c3 0                  -> rank 2
+            e[4] + e[5] + e[0],  # label 2: c4 2, c5 2, c3 1, c0 1, c2 0 = c1 0 (tie) -> rank 5
+            e[1] + e[2] + e[3] + e[4],  # label 5: c1 2, c2 2, c3 2, c0 1, c4 1, c5 0     -> rank 6
+        ]
+    )
     labels = torch.tensor([0, 2, 2, 5])
     got = zeroshot_metrics(images, labels, w, ks=(1, 2, 5, 6, 7))
     logits = F.normalize(images) @ w.t()
@@ -76,8 +78,9 @@ def test_topk_known_by_construction():
     assert "top7" not in got  # k above the number of classes is left out
     assert got["num_samples"] == 4 and got["num_classes"] == 6 and got["num_unlabelled"] == 0
     # the same in chunks, and unlabelled rows skipped and counted
-    chunked = zeroshot_metrics(torch.cat([images, e[:2]]), torch.cat([labels, torch.tensor([-1, -1])]), w,
-                               ks=(1, 2, 5), chunk_size=3)  # fmt: skip
+    chunked = zeroshot_metrics(
+        torch.cat([images, e[:2]]), torch.cat([labels, torch.tensor([-1, -1])]), w, ks=(1, 2, 5), chunk_size=3
+    )
     assert chunked["top1"] == 0.25 and chunked["top2"] == 0.5 and chunked["top5"] == 0.75
     assert chunked["num_unlabelled"] == 2 and chunked["num_samples"] == 4
 
@@ -119,14 +122,32 @@ def test_clip_module_validation_scores_zeroshot(builtin_shards):
     from dalle2.data.datamodule import WebDataModule
     from dalle2.lit.clip_module import CLIPModule
 
-    net = clip_preset("tiny", vision_width=32, vision_layers=1, vision_heads=2, vision_patch_size=8, text_width=32,
-                      text_layers=1, text_heads=2, embed_dim=32)  # fmt: skip
-    module = CLIPModule(network=net, val_chunk_size=7,
-                        zeroshot={"classnames": "builtin_shapes", "templates": "builtin_templates", "label": "{shape}"})
-    dm = WebDataModule(train_urls=builtin_shards["train"], val_urls=builtin_shards["val"], image_size=32,
-                       batch_size=16, num_workers=0)  # fmt: skip
-    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False)  # fmt: skip
+    net = clip_preset(
+        "tiny",
+        vision_width=32,
+        vision_layers=1,
+        vision_heads=2,
+        vision_patch_size=8,
+        text_width=32,
+        text_layers=1,
+        text_heads=2,
+        embed_dim=32,
+    )
+    module = CLIPModule(
+        network=net,
+        val_chunk_size=7,
+        zeroshot={"classnames": "builtin_shapes", "templates": "builtin_templates", "label": "{shape}"},
+    )
+    dm = WebDataModule(
+        train_urls=builtin_shards["train"], val_urls=builtin_shards["val"], image_size=32, batch_size=16, num_workers=0
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     [metrics] = trainer.validate(module, datamodule=dm, verbose=False)
     assert metrics["val/zeroshot/num_samples"] == 64 and metrics["val/zeroshot/num_classes"] == 4
     assert 0.0 <= metrics["val/zeroshot/top1"] <= 1.0 and "val/zeroshot/top5" not in metrics  # 4 classes
@@ -135,9 +156,17 @@ def test_clip_module_validation_scores_zeroshot(builtin_shards):
     with torch.no_grad():
         task = module.zeroshot
         tok = module.tokenizer()
-        w = F.normalize(torch.stack([F.normalize(module.model.encode_text(tok([t.replace("{}", c) for t in
-                                                                             task.templates])), dim=-1).mean(0)
-                                     for c in task.classnames]), dim=-1)  # fmt: skip
+        w = F.normalize(
+            torch.stack(
+                [
+                    F.normalize(
+                        module.model.encode_text(tok([t.replace("{}", c) for t in task.templates])), dim=-1
+                    ).mean(0)
+                    for c in task.classnames
+                ]
+            ),
+            dim=-1,
+        )
         feats, labels = [], []
         for batch in dm.val_dataloader():
             feats.append(module(batch["image"], batch["tokens"])["image_features"])
@@ -149,18 +178,39 @@ def test_clip_module_validation_scores_zeroshot(builtin_shards):
 
 def test_eval_zeroshot_cli_on_builtin_data(builtin_shards, tmp_path):
     out = tmp_path / "zs.json"
-    proc = run([sys.executable, "eval/zeroshot.py", f"clip_ckpt={tiny_clip_ckpt(tmp_path / 'clip.ckpt')}",
-                f"data.urls='{builtin_shards['val']}'", "classnames=builtin_color_shapes", "label='{color} {shape}'",
-                "data.num_workers=0", "trainer.accelerator=cpu", f"out={out}"], timeout=120)  # fmt: skip
+    proc = run(
+        [
+            sys.executable,
+            "eval/zeroshot.py",
+            f"clip_ckpt={tiny_clip_ckpt(tmp_path / 'clip.ckpt')}",
+            f"data.urls='{builtin_shards['val']}'",
+            "classnames=builtin_color_shapes",
+            "label='{color} {shape}'",
+            "data.num_workers=0",
+            "trainer.accelerator=cpu",
+            f"out={out}",
+        ],
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
     assert result["num_samples"] == 64 and result["num_classes"] == 20 and result["num_unlabelled"] == 0
     assert 0.0 <= result["top1"] <= result["top5"] <= 1.0
     assert result["num_templates"] == len(read_lines("builtin_templates"))
 
-    bad = run([sys.executable, "eval/zeroshot.py", f"clip_ckpt={tmp_path / 'clip.ckpt'}", f"data.urls='{builtin_shards['val']}'",
-               "classnames=builtin_shapes", "label='{nope}'", "data.num_workers=0", "trainer.accelerator=cpu"],
-              timeout=120)  # fmt: skip
+    bad = run(
+        [
+            sys.executable,
+            "eval/zeroshot.py",
+            f"clip_ckpt={tmp_path / 'clip.ckpt'}",
+            f"data.urls='{builtin_shards['val']}'",
+            "classnames=builtin_shapes",
+            "label='{nope}'",
+            "data.num_workers=0",
+            "trainer.accelerator=cpu",
+        ],
+        timeout=120,
+    )
     assert bad.returncode != 0 and "no sample" in bad.stderr and "label='{nope}'" in bad.stderr
 
 
@@ -170,10 +220,17 @@ def test_train_clip_tiny_logs_zeroshot(builtin_shards, tmp_path):
 
     from helpers.tiny_runs import stage_cmd
 
-    cmd = stage_cmd("clip", tmp_path / "run", train_urls=builtin_shards["train"], val_urls=builtin_shards["val"],
-                    extra=("trainer.max_steps=2", "trainer.val_check_interval=2", "module.val_chunk_size=5"))
+    cmd = stage_cmd(
+        "clip",
+        tmp_path / "run",
+        train_urls=builtin_shards["train"],
+        val_urls=builtin_shards["val"],
+        extra=("trainer.max_steps=2", "trainer.val_check_interval=2", "module.val_chunk_size=5"),
+    )
     proc = run(cmd, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [r for r in csv.DictReader(open(tmp_path / "run" / "csv" / "metrics.csv")) if r.get("val/zeroshot/top1")]
-    assert rows and float(rows[-1]["val/zeroshot/num_classes"]) == 20 and float(rows[-1]["val/zeroshot/num_samples"]) == 64
+    assert (
+        rows and float(rows[-1]["val/zeroshot/num_classes"]) == 20 and float(rows[-1]["val/zeroshot/num_samples"]) == 64
+    )
     assert 0.0 <= float(rows[-1]["val/zeroshot/top1"]) <= float(rows[-1]["val/zeroshot/top5"]) <= 1.0

@@ -75,12 +75,29 @@ def ckpts(tmp_path_factory) -> dict:
 
 def overrides(coco: dict, ckpts: dict, out: Path, extra=()) -> list[str]:
     keys = {e.split("=", 1)[0] for e in extra}
-    base = [f"captions={coco['captions']}", f"images={coco['images']}", f"n={N}", "seed=3", f"out={out}",
-            f"ckpt.clip={ckpts['clip']}", f"ckpt.prior={ckpts['prior']}", f"ckpt.decoder={ckpts['decoder']}",
-            f"ckpt.upsamplers=[{ckpts['upsampler']}]", "batch_size=3", "steps.prior=2", "steps.decoder=2",
-            "steps.upsampler=2", "image_size=32", f"ref_cache={out.parent / 'cache'}", "kid.subsets=5",
-            "eval.num_workers=0", "eval.batch_size=4", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false"]
-    return [o for o in base if o.split("=", 1)[0] not in keys] + list(extra)  # fmt: skip
+    base = [
+        f"captions={coco['captions']}",
+        f"images={coco['images']}",
+        f"n={N}",
+        "seed=3",
+        f"out={out}",
+        f"ckpt.clip={ckpts['clip']}",
+        f"ckpt.prior={ckpts['prior']}",
+        f"ckpt.decoder={ckpts['decoder']}",
+        f"ckpt.upsamplers=[{ckpts['upsampler']}]",
+        "batch_size=3",
+        "steps.prior=2",
+        "steps.decoder=2",
+        "steps.upsampler=2",
+        "image_size=32",
+        f"ref_cache={out.parent / 'cache'}",
+        "kid.subsets=5",
+        "eval.num_workers=0",
+        "eval.batch_size=4",
+        "trainer.accelerator=cpu",
+        "trainer.enable_progress_bar=false",
+    ]
+    return [o for o in base if o.split("=", 1)[0] not in keys] + list(extra)
 
 
 def run_in_process(args: list[str]) -> dict | None:
@@ -147,7 +164,8 @@ def test_bad_coco_inputs_are_clear_errors(coco, tmp_path):
     refs = reference_files(c, coco["images"])
     assert [p.name for _, p in refs] == sorted(c.files.values())
     assert reference_files(c, coco["images"], n_ref=4, seed=3) == sorted(
-        ((i, coco["images"] / c.files[i]) for i in c.seeded_order(3)[:4]), key=lambda t: t[1].name)
+        ((i, coco["images"] / c.files[i]) for i in c.seeded_order(3)[:4]), key=lambda t: t[1].name
+    )
 
 
 # ------------------------------------------------------------------------------------------------ resize
@@ -160,8 +178,15 @@ def test_resize_is_pil_bicubic_shorter_side_then_centre_crop():
     assert got.shape == (16, 16, 3) and got.dtype == np.uint8
     # documented: shorter side 30 -> 16, width round(47 * 16 / 30) = 25; each channel a float32 PIL image resized
     # with BICUBIC (clean-fid's make_resizer("PIL", False, "bicubic")), clipped, rounded; crop at (25 - 16) // 2 = 4
-    want = np.stack([np.asarray(Image.fromarray(img[:, :, c].astype(np.float32), mode="F").resize(
-        (25, 16), Image.Resampling.BICUBIC)) for c in range(3)], axis=2)  # fmt: skip
+    want = np.stack(
+        [
+            np.asarray(
+                Image.fromarray(img[:, :, c].astype(np.float32), mode="F").resize((25, 16), Image.Resampling.BICUBIC)
+            )
+            for c in range(3)
+        ],
+        axis=2,
+    )
     want = np.rint(np.clip(want, 0, 255)).astype(np.uint8)[:, 4:20]
     np.testing.assert_array_equal(got, want)
     # and close to PIL's ordinary 8-bit bicubic, which rounds to 8 bits between its horizontal and vertical passes
@@ -221,8 +246,14 @@ def test_run_writes_captions_samples_and_a_self_describing_json(first_run, coco)
     assert sorted(pngs(out)) == [f"{j:05d}.png" for j in range(N)]
     assert Image.open(out / "samples" / "00000.png").size == (32, 32)
     assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(res))
-    assert res["counts"] == {"captions": N, "samples": N, "samples_skipped": 0, "reference": 9,
-                             "reference_skipped": 1, "kid_subset_size": 8}  # the broken JPEG: skipped, counted
+    assert res["counts"] == {
+        "captions": N,
+        "samples": N,
+        "samples_skipped": 0,
+        "reference": 9,
+        "reference_skipped": 1,
+        "kid_subset_size": 8,
+    }  # the broken JPEG: skipped, counted
     for key in ("fid", "kid_mean", "precision", "recall", "clip_score"):
         assert np.isfinite(res[key]), key
     assert res["fid"] > 0 and 0 <= res["precision"] <= 1 and 0 <= res["recall"] <= 1 and 0 <= res["clip_score"] <= 100
@@ -303,8 +334,11 @@ def test_other_settings_in_the_same_out_stop_with_a_message(first_run, coco, ckp
 def test_two_ddp_processes_write_the_same_pngs(first_run, coco, ckpts, tmp_path):
     out, res = first_run
     two = tmp_path / "ddp"
-    cmd = [sys.executable, "eval/coco_fid.py", *overrides(coco, ckpts, two, ["trainer.devices=2",
-                                                                             "trainer.strategy=ddp"])]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "eval/coco_fid.py",
+        *overrides(coco, ckpts, two, ["trainer.devices=2", "trainer.strategy=ddp"]),
+    ]
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]

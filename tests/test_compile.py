@@ -20,15 +20,24 @@ def build(stage: str):
         return PriorModule(network=PRIOR, diffusion={"num_timesteps": 50})
     if stage == "decoder":
         return DecoderModule(network={**UNET, "clip_dim": 16}, diffusion={"num_timesteps": 50}, image_size=8)
-    return UpsamplerModule(network={**UNET, "lowres_cond": True}, diffusion={"num_timesteps": 50}, lowres_size=4,
-                           image_size=8, lowres_aug={"num_levels": 50, "max_train_level": 10})  # fmt: skip
+    return UpsamplerModule(
+        network={**UNET, "lowres_cond": True},
+        diffusion={"num_timesteps": 50},
+        lowres_size=4,
+        image_size=8,
+        lowres_aug={"num_levels": 50, "max_train_level": 10},
+    )
 
 
 def batch(stage: str) -> dict:
     g = torch.Generator().manual_seed(1)
     if stage == "prior":
-        return {"img_emb": torch.randn(4, 16, generator=g), "txt_emb": torch.randn(4, 16, generator=g),
-                "txt_tokens": torch.randn(4, 8, 16, generator=g), "tokens": torch.ones(4, 8, dtype=torch.long)}
+        return {
+            "img_emb": torch.randn(4, 16, generator=g),
+            "txt_emb": torch.randn(4, 16, generator=g),
+            "txt_tokens": torch.randn(4, 8, 16, generator=g),
+            "tokens": torch.ones(4, 8, dtype=torch.long),
+        }
     out = {"image": torch.rand(4, 3, 8, 8, generator=g) * 2 - 1}
     if stage == "decoder":
         out["img_emb"] = torch.randn(4, 16, generator=g)
@@ -37,14 +46,20 @@ def batch(stage: str) -> dict:
 
 def loss_and_sample(module, stage: str) -> tuple[torch.Tensor, torch.Tensor]:
     x0, kwargs = module.training_inputs(batch(stage), train=True, generator=torch.Generator().manual_seed(2))
-    loss = module.diffusion.training_losses(module.net, x0, model_kwargs=kwargs,
-                                            generator=torch.Generator().manual_seed(3))["loss"]  # fmt: skip
+    loss = module.diffusion.training_losses(
+        module.net, x0, model_kwargs=kwargs, generator=torch.Generator().manual_seed(3)
+    )["loss"]
     loss.backward()
     g = torch.Generator().manual_seed(4)
     with torch.no_grad():
         if stage == "prior":
-            sample = module.sample(text_embed=kwargs["text_embed"], text_tokens=kwargs["text_tokens"],
-                                   text_mask=kwargs["text_mask"], steps=3, generator=g)  # fmt: skip
+            sample = module.sample(
+                text_embed=kwargs["text_embed"],
+                text_tokens=kwargs["text_tokens"],
+                text_mask=kwargs["text_mask"],
+                steps=3,
+                generator=g,
+            )
         elif stage == "decoder":
             sample = module.sample(kwargs["image_embed"], steps=3, generator=g)
         else:

@@ -55,9 +55,7 @@ def test_stage_x_experiment_composes(stage, experiment):
     assert isinstance(c["module"]["network"], dict) and c["module"]["network"]
 
 
-@pytest.mark.parametrize(
-    "group", ["data", "trainer", "logger", "callbacks", "debug", "hparams_search", "model"]
-)
+@pytest.mark.parametrize("group", ["data", "trainer", "logger", "callbacks", "debug", "hparams_search", "model"])
 def test_every_option_of_each_group_composes(group):
     for option in options(group):
         if group == "model":
@@ -73,7 +71,12 @@ def test_every_option_of_each_group_composes(group):
 def run_train(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
     env = dict(os.environ, WANDB_MODE="offline", PYTHONPATH=REPO_ROOT)
     return subprocess.run(
-        [sys.executable, "train/train.py", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout, env=env
+        [sys.executable, "train/train.py", *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
     )
 
 

@@ -77,9 +77,19 @@ def test_ddp_two_ranks_few_uneven_shards(tmp_path):
     script = tmp_path / "ddp_script.py"
     script.write_text(SCRIPT)
     out = tmp_path / "keys.jsonl"
-    env = {**os.environ, "PYTHONPATH": REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path), str(out)], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=280)
+    env = {
+        **os.environ,
+        "PYTHONPATH": REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "OMP_NUM_THREADS": "1",
+    }
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path), str(out)],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "[data] no samples skipped" in proc.stdout
     runs = [json.loads(line) for line in out.read_text().splitlines()]

@@ -43,8 +43,15 @@ def _dm(root, workers, **kw):
 
 def _epoch(root, rank, world, workers, epoch=0):
     """One epoch of one rank's stream as a DataLoader iterates it (workers served round-robin)."""
-    ds = EmbeddingStream(scan_embeddings(root), tokenizer=TOK, batch_size=4, rank=rank, world_size=world,
-                         num_workers=workers, chunk_size=8)  # fmt: skip
+    ds = EmbeddingStream(
+        scan_embeddings(root),
+        tokenizer=TOK,
+        batch_size=4,
+        rank=rank,
+        world_size=world,
+        num_workers=workers,
+        chunk_size=8,
+    )
     ds.epoch = epoch
     loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers)
     return ds, list(loader)
@@ -77,10 +84,12 @@ def test_ranks_and_workers_split_the_rows_and_batches_match_the_files(folder, wo
 def test_epoch_size_shortens_an_epoch_and_composes_with_the_laion_experiment(folder):
     root, _ = folder
     full = EmbeddingStream(scan_embeddings(root), tokenizer=TOK, batch_size=4, rank=0, world_size=2, chunk_size=8)
-    short = EmbeddingStream(scan_embeddings(root), tokenizer=TOK, batch_size=4, rank=0, world_size=2, chunk_size=8,
-                            epoch_size=10)  # fmt: skip
-    long = EmbeddingStream(scan_embeddings(root), tokenizer=TOK, batch_size=4, rank=0, world_size=2, chunk_size=8,
-                           epoch_size=10**6)  # fmt: skip
+    short = EmbeddingStream(
+        scan_embeddings(root), tokenizer=TOK, batch_size=4, rank=0, world_size=2, chunk_size=8, epoch_size=10
+    )
+    long = EmbeddingStream(
+        scan_embeddings(root), tokenizer=TOK, batch_size=4, rank=0, world_size=2, chunk_size=8, epoch_size=10**6
+    )
     assert short.batches_per_epoch == 3 < full.batches_per_epoch == long.batches_per_epoch
     assert len(list(short)) == 3
     # the paper-size prior experiment's data settings (epoch_size, workers, batch) are accepted as they are
@@ -92,8 +101,17 @@ def test_epoch_size_shortens_an_epoch_and_composes_with_the_laion_experiment(fol
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=["experiment=prior_vit_l14_laion", "data=embedding_npy", f"data.train_dir={root}",
-                                           "data.batch_size=4", "data.num_workers=0", "seed=0"])  # fmt: skip
+        cfg = compose(
+            "config",
+            overrides=[
+                "experiment=prior_vit_l14_laion",
+                "data=embedding_npy",
+                f"data.train_dir={root}",
+                "data.batch_size=4",
+                "data.num_workers=0",
+                "seed=0",
+            ],
+        )
     GlobalHydra.instance().clear()
     dm = instantiate(cfg.data, tokenizer=TOK)
     assert isinstance(dm, EmbeddingNpyDataModule) and dm.epoch_size == cfg.data.epoch_size
@@ -138,8 +156,9 @@ def _take(dm, n):
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_continues_exactly(folder, workers):
     root, _ = folder
-    per_epoch = EmbeddingStream(scan_embeddings(root), tokenizer=TOK, batch_size=4, rank=0, world_size=1,
-                                num_workers=workers, chunk_size=8).batches_per_epoch  # fmt: skip
+    per_epoch = EmbeddingStream(
+        scan_embeddings(root), tokenizer=TOK, batch_size=4, rank=0, world_size=1, num_workers=workers, chunk_size=8
+    ).batches_per_epoch
     total = 2 * per_epoch + 3
     full = _take(_dm(root, workers), total)
     for k in (3, per_epoch, per_epoch + 1):  # mid-epoch (odd: worker rotation), at the epoch's end, just after
@@ -184,8 +203,15 @@ def test_clear_errors(tmp_path, folder):
 def test_train_py_prior_two_steps_from_embedding_folder(folder, tmp_path):
     root, _ = folder
     run_dir = tmp_path / "run"
-    proc = run(prior_npy_cmd(run_dir, root, root, extra=("trainer.max_steps=2", "trainer.val_check_interval=2",
-                                                         "trainer.limit_val_batches=2")), timeout=300)  # fmt: skip
+    proc = run(
+        prior_npy_cmd(
+            run_dir,
+            root,
+            root,
+            extra=("trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_val_batches=2"),
+        ),
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((run_dir / "final_metrics.json").read_text())
     assert result["step"] == 2 and Path(result["last_ckpt"]).is_file()

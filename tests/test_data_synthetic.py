@@ -35,7 +35,11 @@ def test_every_template_parses_back():
 
 
 def test_parse_caption_errors_and_synonyms():
-    assert parse_caption("a big grey square", strict=False) == {"shape": "square", "background": "gray", "size": "large"}
+    assert parse_caption("a big grey square", strict=False) == {
+        "shape": "square",
+        "background": "gray",
+        "size": "large",
+    }
     with pytest.raises(ValueError, match="does not name"):
         parse_caption("a red circle")
     with pytest.raises(ValueError, match="two values for color"):
@@ -105,7 +109,9 @@ def test_random_captions():
 def test_cli_writes_shards(tmp_path, capsys):
     from dalle2.data.synthetic import main
 
-    main(["--out", str(tmp_path), "--num-train", "5", "--num-val", "2", "--image-size", "16", "--samples-per-shard", "3"])
+    main(
+        ["--out", str(tmp_path), "--num-train", "5", "--num-val", "2", "--image-size", "16", "--samples-per-shard", "3"]
+    )
     out = capsys.readouterr().out
     assert "train: " in out and "{00000..00001}.tar" in out
     assert sorted(p.name for p in (tmp_path / "train").iterdir()) == ["00000.tar", "00001.tar"]
@@ -119,13 +125,30 @@ def test_jitter_option_scales_the_variation(tmp_path):
     kw = dict(num_train=6, num_val=2, image_size=32, samples_per_shard=8, seed=5)
     write_shards(tmp_path / "a", **kw)
     write_shards(tmp_path / "b", **kw, jitter=1.0)
-    main(["--out", str(tmp_path / "c"), "--num-train", "6", "--num-val", "2", "--image-size", "32",
-          "--samples-per-shard", "8", "--seed", "5", "--jitter", "1.2"])  # fmt: skip
+    main(
+        [
+            "--out",
+            str(tmp_path / "c"),
+            "--num-train",
+            "6",
+            "--num-val",
+            "2",
+            "--image-size",
+            "32",
+            "--samples-per-shard",
+            "8",
+            "--seed",
+            "5",
+            "--jitter",
+            "1.2",
+        ]
+    )
     same = (tmp_path / "a/train/00000.tar").read_bytes()
     assert same == (tmp_path / "b/train/00000.tar").read_bytes()  # jitter 1 = the built-in data, byte for byte
     with tarfile.open(tmp_path / "a/train/00000.tar") as ta, tarfile.open(tmp_path / "c/train/00000.tar") as tc:
-        assert [ta.extractfile(n).read() for n in ta.getnames() if n.endswith(".txt")] == \
-            [tc.extractfile(n).read() for n in tc.getnames() if n.endswith(".txt")]  # same captions
+        assert [ta.extractfile(n).read() for n in ta.getnames() if n.endswith(".txt")] == [
+            tc.extractfile(n).read() for n in tc.getnames() if n.endswith(".txt")
+        ]  # same captions
         assert ta.extractfile("000000000.jpg").read() != tc.extractfile("000000000.jpg").read()  # other pictures
     # the largest jitter the CLI help promises keeps every shape off the border of a 32 px picture
     rng = np.random.default_rng(0)

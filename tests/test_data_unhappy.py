@@ -27,8 +27,15 @@ _DEFAULTS = inspect.signature(WebDataModule).parameters
 
 
 def _dm(train, val=None, *, workers=0, **kw):
-    kw = {"image_size": 32, "batch_size": 8, "num_workers": workers, "epoch_size": 64, "shuffle_buffer": 20,
-          "tokenizer": TOK, **kw}
+    kw = {
+        "image_size": 32,
+        "batch_size": 8,
+        "num_workers": workers,
+        "epoch_size": 64,
+        "shuffle_buffer": 20,
+        "tokenizer": TOK,
+        **kw,
+    }
     dm = WebDataModule(train_urls=train, val_urls=val, **kw)
     dm.setup("fit")
     return dm
@@ -101,8 +108,16 @@ def test_skip_bound_is_exact_and_configurable(tmp_path):
     url = write_tar(tmp_path / "runs.tar", members)
 
     def stream(bound):
-        return make_dataset(url, image_size=32, tokenizer=TOK, train=True, batch_size=4, epoch_size=32,
-                            shuffle_buffer=0, max_consecutive_skips=bound)  # fmt: skip
+        return make_dataset(
+            url,
+            image_size=32,
+            tokenizer=TOK,
+            train=True,
+            batch_size=4,
+            epoch_size=32,
+            shuffle_buffer=0,
+            max_consecutive_skips=bound,
+        )
 
     batches = list(stream(31))
     assert len(batches) == 8 and _skipped(batches)["missing_caption"] >= 90  # 4 runs of 30 crossed
@@ -115,8 +130,9 @@ def test_skip_bound_is_exact_and_configurable(tmp_path):
 @pytest.mark.timeout(HANG_S)
 def test_bad_shard_bound_is_configurable(tmp_path):
     urls = [empty_tar(tmp_path / "e0.tar")]
-    ds = make_dataset(urls, image_size=32, tokenizer=TOK, train=True, batch_size=4, epoch_size=16,
-                      max_consecutive_bad_shards=3)  # fmt: skip
+    ds = make_dataset(
+        urls, image_size=32, tokenizer=TOK, train=True, batch_size=4, epoch_size=16, max_consecutive_bad_shards=3
+    )
     assert "3 consecutive shards yielded no sample" in _raises_fast(ds, "consecutive shards")
 
 
@@ -151,12 +167,26 @@ def test_validation_that_yields_nothing_warns(builtin_shards, workers, capfd):
 def test_train_py_embeddings_on_image_shards_exits_fast(builtin_shards, tmp_path):
     """The reproduced case end to end: `experiment=prior_tiny` (data=embeddings) on image shards, 2 workers."""
     cmd = [
-        sys.executable, "train/train.py", "experiment=prior_tiny", f"data.train_urls='{builtin_shards['train']}'",
-        f"data.val_urls='{builtin_shards['val']}'", "data.batch_size=4", "data.num_workers=2", "data.epoch_size=64",
-        "data.shuffle_buffer=10", "model.embed_dim=32", "model.text_token_dim=32", "model.width=32", "model.depth=1",
-        "model.heads=2", "model.dim_head=16", "module.val_sample_steps=2", "trainer.enable_progress_bar=false",
-        "logger=csv", f"hydra.run.dir={tmp_path / 'run'}",
-    ]  # fmt: skip
+        sys.executable,
+        "train/train.py",
+        "experiment=prior_tiny",
+        f"data.train_urls='{builtin_shards['train']}'",
+        f"data.val_urls='{builtin_shards['val']}'",
+        "data.batch_size=4",
+        "data.num_workers=2",
+        "data.epoch_size=64",
+        "data.shuffle_buffer=10",
+        "model.embed_dim=32",
+        "model.text_token_dim=32",
+        "model.width=32",
+        "model.depth=1",
+        "model.heads=2",
+        "model.dim_head=16",
+        "module.val_sample_steps=2",
+        "trainer.enable_progress_bar=false",
+        "logger=csv",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
     t0 = time.monotonic()
     proc = run(cmd, timeout=2 * HANG_S)
     elapsed = time.monotonic() - t0
@@ -215,16 +245,24 @@ def fake_stores(builtin_shards, tmp_path, monkeypatch):
     for split in ("train", "val"):
         shutil.copytree(os.path.join(builtin_shards["root"], split), root / "bucket" / split)
     bin_dir = tmp_path / "bin"
-    fake_command(bin_dir, "aws", """
+    fake_command(
+        bin_dir,
+        "aws",
+        """
 [ "$1 $2 $4" = "s3 cp -" ] || { echo "fake aws: unexpected arguments: $*" >&2; exit 2; }
 f="$FAKE_STORE/${3#s3://}"; [ -f "$f" ] || { echo "fake aws: no such key $3" >&2; exit 1; }
 exec cat "$f"
-""")
-    fake_command(bin_dir, "gcloud", """
+""",
+    )
+    fake_command(
+        bin_dir,
+        "gcloud",
+        """
 [ "$1 $2" = "storage cat" ] || { echo "fake gcloud: unexpected arguments: $*" >&2; exit 2; }
 f="$FAKE_STORE/${3#gs://}"; [ -f "$f" ] || { echo "fake gcloud: no such object $3" >&2; exit 1; }
 exec cat "$f"
-""")
+""",
+    )
     fake_command(bin_dir, "mystore", 'exec cat "$FAKE_STORE/${2#*://}"\n')
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("FAKE_STORE", str(root))

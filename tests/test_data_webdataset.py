@@ -40,8 +40,16 @@ def test_val_reads_every_sample_once_with_contract(builtin_shards, workers):
 
 
 def test_train_stream_is_resampled_and_sized(builtin_shards):
-    ds = make_dataset(builtin_shards["val"], image_size=32, tokenizer=TOK, train=True, batch_size=8,
-                      epoch_size=40, num_workers=2, shuffle_buffer=50)
+    ds = make_dataset(
+        builtin_shards["val"],
+        image_size=32,
+        tokenizer=TOK,
+        train=True,
+        batch_size=8,
+        epoch_size=40,
+        num_workers=2,
+        shuffle_buffer=50,
+    )
     batches = list(_loader(ds, 2))
     # 1 shard of 64 samples, 2 workers, epoch of 40 samples/rank: ceil(40/(8*2)) = 3 batches per worker
     assert len(batches) == ds.batches_per_epoch == 6
@@ -69,11 +77,14 @@ def test_random_vs_center_crop():
 def test_bad_samples_skipped_and_counted(tmp_path):
     good = [("a.png", png()), ("a.txt", b"a red picture"), ("a.json", b'{"x": 1}')]
     bad = [
-        ("b.jpg", b"not a jpeg at all"), ("b.txt", b"corrupt image"),
-        ("c.png", png()), ("c.txt", b"   \n"),
+        ("b.jpg", b"not a jpeg at all"),
+        ("b.txt", b"corrupt image"),
+        ("c.png", png()),
+        ("c.txt", b"   \n"),
         ("d.txt", b"no image here"),
         ("e.png", png()),
-        ("f.webp", png()), ("f.txt", b"png bytes under .webp still decode"),
+        ("f.webp", png()),
+        ("f.txt", b"png bytes under .webp still decode"),
     ]
     url = write_tar(tmp_path / "bad.tar", good + bad)
     batches = _read_all(url)
@@ -105,7 +116,10 @@ def test_missing_shard_is_named(builtin_shards, tmp_path):
     with pytest.raises(FileNotFoundError, match="matches no file"):
         expand_urls(str(tmp_path / "*.tar"))
     assert expand_urls("pipe:curl -s http://x/{0..1}.tar::s3://b/a.tar") == [
-        "pipe:curl -s http://x/0.tar", "pipe:curl -s http://x/1.tar", "s3://b/a.tar"]
+        "pipe:curl -s http://x/0.tar",
+        "pipe:curl -s http://x/1.tar",
+        "s3://b/a.tar",
+    ]
     assert len(expand_urls([builtin_shards["val"], builtin_shards["train"]])) == 5
     dm = WebDataModule(train_urls=str(tmp_path / "nope/{00000..00001}.tar"), tokenizer=TOK, num_workers=0)
     with pytest.raises(FileNotFoundError, match="nope/00000.tar"):
@@ -122,7 +136,8 @@ def test_embedding_shards(tmp_path):
     for i in range(5):
         k = f"{i:09d}"
         members += [
-            (f"{k}.png", png()), (f"{k}.txt", f"caption {i}".encode()),
+            (f"{k}.png", png()),
+            (f"{k}.txt", f"caption {i}".encode()),
             (f"{k}.img_emb.npy", npy(np.full(8, i, np.float16))),
             (f"{k}.txt_emb.npy", npy(np.ones(8, np.float32))),
             (f"{k}.txt_tokens.npy", npy(np.zeros((77, 6), np.float16))),
@@ -139,8 +154,15 @@ def test_embedding_shards(tmp_path):
 
 
 def test_datamodule_pops_skipped_and_state(builtin_shards):
-    dm = WebDataModule(train_urls=builtin_shards["train"], val_urls=builtin_shards["val"], image_size=32,
-                       batch_size=16, num_workers=0, epoch_size=32, tokenizer=TOK)
+    dm = WebDataModule(
+        train_urls=builtin_shards["train"],
+        val_urls=builtin_shards["val"],
+        image_size=32,
+        batch_size=16,
+        num_workers=0,
+        epoch_size=32,
+        tokenizer=TOK,
+    )
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     batch["skipped"] = {"corrupt_image": 2}

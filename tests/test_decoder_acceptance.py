@@ -35,8 +35,9 @@ class OracleDecoder(DecoderModule):
 
 class BicubicUpsampler(UpsamplerModule):
     def upsample(self, lowres_images, **kw):
-        return F.interpolate(lowres_images.float(), scale_factor=self.scale, mode="bicubic",
-                             align_corners=False).clamp(-1, 1)
+        return F.interpolate(lowres_images.float(), scale_factor=self.scale, mode="bicubic", align_corners=False).clamp(
+            -1, 1
+        )
 
 
 def test_derangement_has_no_fixed_point():
@@ -75,8 +76,21 @@ def test_decoder_cli_json_deterministic(builtin_shards, tmp_path):
     clip_path = str(tmp_path / "clip.ckpt")
     save_tiny_clip(clip_path, image_size=32)
     ckpt = save_module(_decoder(clip_ckpt=clip_path), tmp_path / "dec.ckpt")
-    args = ["decoder", "--ckpt", ckpt, "--val", builtin_shards["val"], "--num", "12", "--steps", "2",
-            "--guidance-scale", "2", "--batch-size", "8"]
+    args = [
+        "decoder",
+        "--ckpt",
+        ckpt,
+        "--val",
+        builtin_shards["val"],
+        "--num",
+        "12",
+        "--steps",
+        "2",
+        "--guidance-scale",
+        "2",
+        "--batch-size",
+        "8",
+    ]
     a = main(args + ["--out", str(tmp_path / "a.json"), "--grid", str(tmp_path / "a.png")])
     b = main(args + ["--clip-ckpt", clip_path])
     saved = json.loads((tmp_path / "a.json").read_text())
@@ -97,8 +111,21 @@ def test_upsampler_acceptance_bicubic_gain_is_zero(builtin_shards):
 
 def test_upsampler_cli(builtin_shards, tmp_path):
     ckpt = save_module(_upsampler(), tmp_path / "up.ckpt")
-    r = main(["upsampler", "--ckpt", ckpt, "--val", builtin_shards["val"], "--num", "6", "--steps", "2",
-              "--out", str(tmp_path / "up.json")])
+    r = main(
+        [
+            "upsampler",
+            "--ckpt",
+            ckpt,
+            "--val",
+            builtin_shards["val"],
+            "--num",
+            "6",
+            "--steps",
+            "2",
+            "--out",
+            str(tmp_path / "up.json"),
+        ]
+    )
     assert json.loads((tmp_path / "up.json").read_text())["psnr_gain_db"] == pytest.approx(r["psnr_gain_db"])
     assert r["image_size"] == 32 and r["psnr"] == pytest.approx(r["psnr_bicubic"] + r["psnr_gain_db"], abs=1e-3)
 
@@ -151,9 +178,14 @@ def test_ddp_two_processes_ranks_stay_in_sync(stage, builtin_shards, tmp_path):
     script = tmp_path / "ddp_cascade.py"
     script.write_text(DDP_SCRIPT)
     env = {**os.environ, "PYTHONPATH": REPO_ROOT, "OMP_NUM_THREADS": "1"}
-    res = subprocess.run([sys.executable, str(script), stage, builtin_shards["train"], str(tmp_path),
-                          os.path.join(REPO_ROOT, "tests")], capture_output=True, text=True, timeout=300, env=env,
-                         cwd=str(tmp_path))
+    res = subprocess.run(
+        [sys.executable, str(script), stage, builtin_shards["train"], str(tmp_path), os.path.join(REPO_ROOT, "tests")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=str(tmp_path),
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert r0["step"] == r1["step"] == 3 and r0["changed"] and r1["changed"]

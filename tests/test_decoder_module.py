@@ -46,8 +46,14 @@ def decoder(**kw) -> DecoderModule:
 
 
 def upsampler(**kw) -> UpsamplerModule:
-    return UpsamplerModule(network=SR_NET, diffusion={"num_timesteps": 100}, lowres_size=8, image_size=16,
-                           lowres_aug={"num_levels": 100, "max_train_level": 30}, **kw)
+    return UpsamplerModule(
+        network=SR_NET,
+        diffusion={"num_timesteps": 100},
+        lowres_size=8,
+        image_size=16,
+        lowres_aug={"num_levels": 100, "max_train_level": 30},
+        **kw,
+    )
 
 
 class ListLoader(torch.utils.data.Dataset):
@@ -67,8 +73,16 @@ def loader(batches):
 
 def tiny_trainer(tmp_path, **kw) -> L.Trainer:
     kw.setdefault("max_steps", 3)
-    return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                     enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path), **kw)
+    return L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+        **kw,
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -84,8 +98,9 @@ def _quiet():
 @pytest.mark.parametrize("objective", ["eps", "v"])
 @pytest.mark.parametrize("learned_variance", [False, True])
 def test_training_step_finite_and_grads(objective, learned_variance):
-    m = decoder(net={"learned_variance": learned_variance, "text_dim": 32}, diffusion={"objective": objective},
-                use_text=True)
+    m = decoder(
+        net={"learned_variance": learned_variance, "text_dim": 32}, diffusion={"objective": objective}, use_text=True
+    )
     assert m.diffusion.learned_variance == learned_variance and m.diffusion.objective == objective
     loss = m.training_step(make_batch(), 0)
     assert torch.isfinite(loss)
@@ -117,8 +132,14 @@ def test_upsampler_training_step_crops():
 def test_residual_upsampler_target_and_untrained_output_is_bicubic():
     # residual=True: the diffusion target is image - bicubic(low-res); the sample is bicubic + the sampled residual,
     # so a network that predicts x0 = 0 (the zero-initialised output layer, x0 objective) returns bicubic exactly
-    m = UpsamplerModule(network=SR_NET, diffusion={"num_timesteps": 100, "objective": "x0"}, lowres_size=8,
-                        image_size=16, lowres_aug={"num_levels": 100, "max_train_level": 30}, residual=True)
+    m = UpsamplerModule(
+        network=SR_NET,
+        diffusion={"num_timesteps": 100, "objective": "x0"},
+        lowres_size=8,
+        image_size=16,
+        lowres_aug={"num_levels": 100, "max_train_level": 30},
+        residual=True,
+    )
     hi = smooth_images(3)
     lo = m.lowres(hi)
     bicubic = F.interpolate(lo, size=(16, 16), mode="bicubic", align_corners=False)
@@ -130,8 +151,9 @@ def test_residual_upsampler_target_and_untrained_output_is_bicubic():
     bright = torch.full((1, 3, 8, 8), 0.9)
     with torch.no_grad():
         m.ema_net.out[-1].bias.fill_(0.5)  # x0 prediction 0.5 everywhere -> 1.4, clipped to 1
-    torch.testing.assert_close(m.upsample(bright, steps=5, generator=torch.Generator().manual_seed(0)),
-                               torch.ones(1, 3, 16, 16))
+    torch.testing.assert_close(
+        m.upsample(bright, steps=5, generator=torch.Generator().manual_seed(0)), torch.ones(1, 3, 16, 16)
+    )
     loss = m.training_step({"image": hi}, 0)
     assert torch.isfinite(loss)
 
@@ -202,8 +224,15 @@ def test_overfit_handful_of_images():
 def test_guided_and_dynamic_threshold_sampling():
     m = decoder(use_text=True, net={"text_dim": 32})
     b = make_batch(2)
-    x = m.sample(b["img_emb"], steps=3, guidance_scale=3.0, threshold="dynamic",
-                 text_tokens=b["txt_tokens"], text_mask=b["tokens"] != 0, generator=torch.Generator().manual_seed(0))
+    x = m.sample(
+        b["img_emb"],
+        steps=3,
+        guidance_scale=3.0,
+        threshold="dynamic",
+        text_tokens=b["txt_tokens"],
+        text_mask=b["tokens"] != 0,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert x.shape == (2, 3, 16, 16) and torch.isfinite(x).all()
 
 
@@ -315,8 +344,11 @@ def test_sample_grid_callback_writes_png_and_flags_noise(tmp_path):
     cb = SampleGrid(every_n_steps=2, num_samples=4, steps=3)
     trainer = tiny_trainer(tmp_path, max_steps=2, callbacks=[cb], limit_val_batches=1, val_check_interval=1)
     with pytest.warns(UserWarning, match="PURE GAUSSIAN NOISE"):
-        trainer.fit(m, train_dataloaders=loader([make_batch(seed=i) for i in range(2)]),
-                    val_dataloaders=loader([make_batch(seed=9)]))
+        trainer.fit(
+            m,
+            train_dataloaders=loader([make_batch(seed=i) for i in range(2)]),
+            val_dataloaders=loader([make_batch(seed=9)]),
+        )
     png = tmp_path / "samples" / "step_0000002.png"
     assert png.is_file() and png.with_suffix(".txt").is_file()
     assert cb.last["metrics"]["sanity/noise_like"] == 1.0
@@ -368,9 +400,14 @@ def test_ddp_two_processes(builtin_shards, tmp_path):
     script = tmp_path / "ddp_decoder.py"
     script.write_text(DDP_SCRIPT)
     env = {**os.environ, "PYTHONPATH": REPO_ROOT, "OMP_NUM_THREADS": "1"}
-    res = subprocess.run([sys.executable, str(script), builtin_shards["train"], str(tmp_path),
-                          os.path.join(REPO_ROOT, "tests")], capture_output=True, text=True, timeout=180, env=env,
-                         cwd=str(tmp_path))
+    res = subprocess.run(
+        [sys.executable, str(script), builtin_shards["train"], str(tmp_path), os.path.join(REPO_ROOT, "tests")],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+        cwd=str(tmp_path),
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "DDP_OK 3" in res.stdout
     assert (tmp_path / "samples" / "step_0000003.png").is_file()

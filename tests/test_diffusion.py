@@ -131,7 +131,9 @@ def test_zero_snr_rejects_eps():
 
 @pytest.mark.parametrize("objective", ["eps", "x0", "v"])
 def test_min_snr_weighting(objective):
-    d = GaussianDiffusion(schedule=Schedule.make("cosine", 1000), objective=objective, weighting="min_snr", min_snr_gamma=5.0)
+    d = GaussianDiffusion(
+        schedule=Schedule.make("cosine", 1000), objective=objective, weighting="min_snr", min_snr_gamma=5.0
+    )
     t = torch.tensor([0, 100, 300, 600, 999])
     snr = d.schedule.snr[t]
     expected = {"x0": snr.clamp(max=5), "eps": snr.clamp(max=5) / snr, "v": snr.clamp(max=5) / (snr + 1)}[objective]
@@ -166,6 +168,7 @@ def test_hybrid_loss_finite_under_autocast(shape, nll, dtype):
     w = torch.nn.Parameter(torch.tensor(1.0))
     for t_val in [0, T - 1]:
         for scale in [1.0, 1e4, -6e4]:
+
             def model(x, t):  # large but representable outputs (mean and variance channels)
                 return (torch.cat([x, x], dim=1) * 0 + w * scale).to(dtype)
 
@@ -189,7 +192,9 @@ def test_vlb_zero_for_exact_model():
 def test_tiny_mlp_loss_decreases():
     torch.manual_seed(0)
     d = GaussianDiffusion(schedule=Schedule.make("cosine", 100), objective="v", weighting="min_snr")
-    net = torch.nn.Sequential(torch.nn.Linear(3, 64), torch.nn.SiLU(), torch.nn.Linear(64, 64), torch.nn.SiLU(), torch.nn.Linear(64, 2))
+    net = torch.nn.Sequential(
+        torch.nn.Linear(3, 64), torch.nn.SiLU(), torch.nn.Linear(64, 64), torch.nn.SiLU(), torch.nn.Linear(64, 2)
+    )
     model = lambda x, t: net(torch.cat([x, (t.float() / 100)[:, None]], dim=1))  # noqa: E731
     opt = torch.optim.Adam(net.parameters(), lr=1e-2)
     gen = torch.Generator().manual_seed(0)
@@ -271,7 +276,9 @@ def test_cfg_learned_variance_keeps_cond_variance():
 
 def test_cfg_needs_drop_flags():
     with pytest.raises(ValueError, match="drop_"):
-        cfg_model_fn(lambda x, t, **k: x, guidance_scale=2.0)(torch.randn(2, 2), torch.zeros(2, dtype=torch.long), cond=torch.randn(2, 2))
+        cfg_model_fn(lambda x, t, **k: x, guidance_scale=2.0)(
+            torch.randn(2, 2), torch.zeros(2, dtype=torch.long), cond=torch.randn(2, 2)
+        )
 
 
 def test_x0_transforms():
@@ -299,7 +306,11 @@ def test_blur_identity_and_mean():
     imp = torch.zeros(1, 1, 15, 15)
     imp[0, 0, 7, 7] = 1
     b = gaussian_blur(imp, 1.5)
-    assert b.sum().item() == pytest.approx(1.0, abs=1e-5) and torch.allclose(b, b.flip(-1)) and torch.allclose(b, b.transpose(-1, -2))
+    assert (
+        b.sum().item() == pytest.approx(1.0, abs=1e-5)
+        and torch.allclose(b, b.flip(-1))
+        and torch.allclose(b, b.transpose(-1, -2))
+    )
 
 
 def test_lowres_aug_levels():

@@ -31,8 +31,14 @@ def test_schedule_parity(kind, ztsnr):
 @pytest.mark.parametrize("eta", [0.0, 0.7])
 @pytest.mark.parametrize("spacing", ["trailing", "leading"])
 def test_ddim_step_parity(objective, eta, spacing):
-    ref = diffusers.DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=False,
-                                  prediction_type=OBJ[objective], timestep_spacing=spacing, set_alpha_to_one=True)
+    ref = diffusers.DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="squaredcos_cap_v2",
+        clip_sample=False,
+        prediction_type=OBJ[objective],
+        timestep_spacing=spacing,
+        set_alpha_to_one=True,
+    )
     ref.set_timesteps(20)
     d = GaussianDiffusion(schedule=Schedule.make("cosine", 1000), objective=objective)
     ts = make_timesteps(d, 20, spacing)
@@ -50,8 +56,13 @@ def test_ddim_step_parity(objective, eta, spacing):
 @pytest.mark.parametrize("learned", [False, True])
 def test_ddpm_step_parity(learned):
     var_type = "learned_range" if learned else "fixed_small"
-    ref = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False,
-                                  variance_type=var_type, timestep_spacing="trailing")
+    ref = diffusers.DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="linear",
+        clip_sample=False,
+        variance_type=var_type,
+        timestep_spacing="trailing",
+    )
     ref.set_timesteps(50)
     d = GaussianDiffusion(schedule=Schedule.make("linear", 1000), objective="eps", learned_variance=learned)
     ts = make_timesteps(d, 50, "trailing")
@@ -71,9 +82,16 @@ def test_ddpm_step_parity(learned):
 def test_dpmpp_2m_parity(objective):
     steps = 20
     ref = diffusers.DPMSolverMultistepScheduler(
-        num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type=OBJ[objective],
-        algorithm_type="dpmsolver++", solver_order=2, timestep_spacing="trailing", final_sigmas_type="zero",
-        lower_order_final=True, thresholding=False)
+        num_train_timesteps=1000,
+        beta_schedule="squaredcos_cap_v2",
+        prediction_type=OBJ[objective],
+        algorithm_type="dpmsolver++",
+        solver_order=2,
+        timestep_spacing="trailing",
+        final_sigmas_type="zero",
+        lower_order_final=True,
+        thresholding=False,
+    )
     ref.set_timesteps(steps)
     d = GaussianDiffusion(schedule=Schedule.make("cosine", 1000), objective=objective)
     assert make_timesteps(d, steps, "trailing").tolist() == ref.timesteps.tolist()

@@ -61,8 +61,15 @@ def test_gaussian_target_moments(sampler, objective):
     mu, s = torch.tensor([[0.5, -1.0]], dtype=torch.float64), 0.5
     model = analytic_model(d, mu, s)
     steps = STEPS[sampler]
-    x = sample(model, (2000, 2), diffusion=d, sampler=sampler, steps=steps, generator=torch.Generator().manual_seed(0),
-               dtype=torch.float64)
+    x = sample(
+        model,
+        (2000, 2),
+        diffusion=d,
+        sampler=sampler,
+        steps=steps,
+        generator=torch.Generator().manual_seed(0),
+        dtype=torch.float64,
+    )
     assert torch.allclose(x.mean(0), mu[0], atol=0.04), x.mean(0)
     assert torch.allclose(x.std(0), torch.full((2,), s, dtype=torch.float64), rtol=0.06), x.std(0)
 
@@ -71,10 +78,19 @@ def test_gaussian_target_moments(sampler, objective):
 def test_zero_terminal_snr_v(sampler):
     d = _diffusion("v", zero_terminal_snr=True)
     mu, s = torch.tensor([[0.3, 0.0]], dtype=torch.float64), 0.5
-    x = sample(analytic_model(d, mu, s), (2000, 2), diffusion=d, sampler=sampler, steps=STEPS[sampler],
-               generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    x = sample(
+        analytic_model(d, mu, s),
+        (2000, 2),
+        diffusion=d,
+        sampler=sampler,
+        steps=STEPS[sampler],
+        generator=torch.Generator().manual_seed(1),
+        dtype=torch.float64,
+    )
     assert torch.isfinite(x).all()
-    assert torch.allclose(x.mean(0), mu[0], atol=0.06) and torch.allclose(x.std(0), torch.full((2,), s, dtype=torch.float64), rtol=0.1)
+    assert torch.allclose(x.mean(0), mu[0], atol=0.06) and torch.allclose(
+        x.std(0), torch.full((2,), s, dtype=torch.float64), rtol=0.1
+    )
 
 
 def test_ddim_deterministic_and_invertible():
@@ -93,8 +109,15 @@ def test_reproducible_per_seed_and_callback():
     d = _diffusion("eps")
     model = analytic_model(d, torch.zeros(1, 3, dtype=torch.float64), 1.0)
     seen = []
-    a = sample(model, (4, 3), diffusion=d, sampler="ddpm", steps=10, generator=torch.Generator().manual_seed(7),
-               callback=lambda info: seen.append(info["t"]))
+    a = sample(
+        model,
+        (4, 3),
+        diffusion=d,
+        sampler="ddpm",
+        steps=10,
+        generator=torch.Generator().manual_seed(7),
+        callback=lambda info: seen.append(info["t"]),
+    )
     b = sample(model, (4, 3), diffusion=d, sampler="ddpm", steps=10, generator=torch.Generator().manual_seed(7))
     c = sample(model, (4, 3), diffusion=d, sampler="ddpm", steps=10, generator=torch.Generator().manual_seed(8))
     assert torch.equal(a, b) and not torch.equal(a, c)
@@ -142,8 +165,16 @@ def test_x0_transform_applied():
     d = _diffusion("x0")
     model = analytic_model(d, torch.full((1, 2), 3.0, dtype=torch.float64), 0.1)
     for sampler in SAMPLERS:
-        x = sample(model, (16, 2), diffusion=d, sampler=sampler, steps=8, x0_transform=static_clip,
-                   generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        x = sample(
+            model,
+            (16, 2),
+            diffusion=d,
+            sampler=sampler,
+            steps=8,
+            x0_transform=static_clip,
+            generator=torch.Generator().manual_seed(0),
+            dtype=torch.float64,
+        )
         assert x.abs().max().item() <= 1.0 + 1e-6, sampler
 
 

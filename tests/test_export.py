@@ -17,8 +17,13 @@ from helpers.scripts import run_script
 
 STAGES = ("clip", "prior", "decoder", "upsampler")
 PROMPTS = ["a red circle on a blue background", "two green squares", "x"]
-FAST = SamplingSettings(prior=StageSettings(steps=3, guidance_scale=2.0), decoder=StageSettings(steps=3, guidance_scale=3.0),
-                        upsampler=StageSettings(steps=2), n_prior_samples=2, upsampler_aug_level=10)  # fmt: skip
+FAST = SamplingSettings(
+    prior=StageSettings(steps=3, guidance_scale=2.0),
+    decoder=StageSettings(steps=3, guidance_scale=3.0),
+    upsampler=StageSettings(steps=2),
+    n_prior_samples=2,
+    upsampler_aug_level=10,
+)
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +40,12 @@ def exports(cascade, tmp_path_factory):
 
 
 def _pipe(paths: dict) -> UnCLIPPipeline:
-    return UnCLIPPipeline.from_checkpoints(clip=str(paths["clip"]), prior=str(paths["prior"]),
-                                           decoder=str(paths["decoder"]), upsamplers=[str(paths["upsampler"])])  # fmt: skip
+    return UnCLIPPipeline.from_checkpoints(
+        clip=str(paths["clip"]),
+        prior=str(paths["prior"]),
+        decoder=str(paths["decoder"]),
+        upsamplers=[str(paths["upsampler"])],
+    )
 
 
 def test_cli_writes_safetensors_and_json(cascade, tmp_path):
@@ -78,8 +87,9 @@ def test_exports_sample_the_same_images_as_the_checkpoints(cascade, exports):
     b = from_export(PROMPTS, seed=3, settings=FAST)
     assert a.shape == (3, 3, 32, 32) and torch.equal(a, b)
     images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(from_ckpt.variations(images, seed=1, settings=FAST),
-                       from_export.variations(images, seed=1, settings=FAST))  # fmt: skip
+    assert torch.equal(
+        from_ckpt.variations(images, seed=1, settings=FAST), from_export.variations(images, seed=1, settings=FAST)
+    )
 
 
 def test_loading_an_export_never_unpickles(exports, monkeypatch):
@@ -134,14 +144,26 @@ def test_a_foreign_safetensors_file_is_a_clear_error(tmp_path):
 def test_sample_cli_loads_exports_and_writes_the_same_pngs(cascade, exports, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\ntwo green squares\n")
-    common = [f"prompts={prompts}", "steps.prior=2", "steps.decoder=2", "steps.upsampler=2", "trainer.accelerator=cpu",
-              "trainer.enable_progress_bar=false"]  # fmt: skip
+    common = [
+        f"prompts={prompts}",
+        "steps.prior=2",
+        "steps.decoder=2",
+        "steps.upsampler=2",
+        "trainer.accelerator=cpu",
+        "trainer.enable_progress_bar=false",
+    ]
     outs = {}
     for name, paths in (("ckpt", cascade), ("export", exports)):
         out = tmp_path / name
-        proc = run_script("eval/sample.py", f"ckpt.clip={paths['clip']}", f"ckpt.prior={paths['prior']}",
-                          f"ckpt.decoder={paths['decoder']}", f"ckpt.upsamplers=[{paths['upsampler']}]",
-                          f"out_dir={out}", *common)  # fmt: skip
+        proc = run_script(
+            "eval/sample.py",
+            f"ckpt.clip={paths['clip']}",
+            f"ckpt.prior={paths['prior']}",
+            f"ckpt.decoder={paths['decoder']}",
+            f"ckpt.upsamplers=[{paths['upsampler']}]",
+            f"out_dir={out}",
+            *common,
+        )
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
         outs[name] = {p.name: p.read_bytes() for p in sorted(out.glob("*.png"))}
     assert set(outs["ckpt"]) == {"00000.png", "00001.png", "grid.png"}
@@ -152,9 +174,16 @@ def test_evaluate_cli_loads_a_clip_export(cascade, exports, builtin_shards, tmp_
     results = {}
     for name, clip in (("ckpt", cascade["clip"]), ("export", exports["clip"])):
         out = tmp_path / f"{name}.json"
-        proc = run_script("eval/evaluate.py", "task=retrieval", f"clip_ckpt={clip}", f"data.urls='{builtin_shards['val']}'",
-                          "data.num_workers=0", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
-                          f"out={out}")  # fmt: skip
+        proc = run_script(
+            "eval/evaluate.py",
+            "task=retrieval",
+            f"clip_ckpt={clip}",
+            f"data.urls='{builtin_shards['val']}'",
+            "data.num_workers=0",
+            "trainer.accelerator=cpu",
+            "trainer.enable_progress_bar=false",
+            f"out={out}",
+        )
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
         results[name] = json.loads(out.read_text())
     assert results["ckpt"]["num_samples"] == 64 and results["ckpt"] == results["export"]
@@ -170,7 +199,16 @@ def test_serve_builds_from_exports(exports):
 
     cfg = OmegaConf.load(os.path.join(REPO_ROOT, "conf", "serve.yaml"))
     cfg.pop("hydra"), cfg.pop("defaults")
-    cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"ckpt.clip={exports['clip']}", f"ckpt.prior={exports['prior']}",
-                                                       f"ckpt.decoder={exports['decoder']}", "device=cpu"]))  # fmt: skip
+    cfg = OmegaConf.merge(
+        cfg,
+        OmegaConf.from_dotlist(
+            [
+                f"ckpt.clip={exports['clip']}",
+                f"ckpt.prior={exports['prior']}",
+                f"ckpt.decoder={exports['decoder']}",
+                "device=cpu",
+            ]
+        ),
+    )
     app = load_script("eval", "serve").build_app(cfg)  # serve.py imports no other script
     assert any(getattr(r, "path", "") == "/v1/images/generations" for r in app.routes)

@@ -43,8 +43,15 @@ class NaNOnSteps(L.LightningModule):
 
 def _fit(module, tmp_path, steps, **guard):
     guard_cb = NonFiniteGuard(**guard)
-    trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=tmp_path, callbacks=[guard_cb])  # fmt: skip
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[guard_cb],
+    )
     trainer.fit(module)
     return trainer, guard_cb
 
@@ -72,8 +79,15 @@ def test_step_seed_depends_only_on_batch_index(tmp_path):
     def draws(steps, seed):
         m = NaNOnSteps()
         torch.manual_seed(123 + steps)  # the global state before fit must not matter
-        L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_progress_bar=False, enable_checkpointing=False,
-                  enable_model_summary=False, callbacks=[StepSeed(seed=seed)]).fit(m)  # fmt: skip
+        L.Trainer(
+            accelerator="cpu",
+            max_steps=steps,
+            logger=False,
+            enable_progress_bar=False,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            callbacks=[StepSeed(seed=seed)],
+        ).fit(m)
         return m.draws
 
     a, b = draws(5, 0), draws(3, 0)
@@ -123,10 +137,19 @@ def test_sigterm_saves_exits_and_resumes(builtin_shards, tmp_path):
 
     clip = tiny_clip_ckpt(tmp_path / "clip.ckpt")
     run_dir, marks = tmp_path / "run", tmp_path / "marks"
-    extra = ["+callbacks.marker._target_=test_fault_tolerance.StepMarker", f"+callbacks.marker.dir={marks}",
-             "callbacks.model_checkpoint.every_n_train_steps=1000"]  # fmt: skip
-    proc = subprocess.Popen(decoder_cmd(builtin_shards, clip, run_dir, "trainer.max_steps=1000", *extra),
-                            cwd=REPO_ROOT, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    extra = [
+        "+callbacks.marker._target_=test_fault_tolerance.StepMarker",
+        f"+callbacks.marker.dir={marks}",
+        "callbacks.model_checkpoint.every_n_train_steps=1000",
+    ]
+    proc = subprocess.Popen(
+        decoder_cmd(builtin_shards, clip, run_dir, "trainer.max_steps=1000", *extra),
+        cwd=REPO_ROOT,
+        env=run_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 240
     while not (marks / "step_3").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -143,12 +166,17 @@ def test_sigterm_saves_exits_and_resumes(builtin_shards, tmp_path):
     assert saved == done >= 3  # the step that was running when the signal came was finished and saved
     assert not (run_dir / "final_metrics.json").exists()
 
-    res = subprocess.run(decoder_cmd(builtin_shards, clip, run_dir, f"trainer.max_steps={saved + 2}", "ckpt_path=last",
-                                     *extra), cwd=REPO_ROOT, env=run_env(), capture_output=True, text=True, timeout=300)  # fmt: skip
+    res = subprocess.run(
+        decoder_cmd(builtin_shards, clip, run_dir, f"trainer.max_steps={saved + 2}", "ckpt_path=last", *extra),
+        cwd=REPO_ROOT,
+        env=run_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     final = json.loads((run_dir / "final_metrics.json").read_text())
     assert final["step"] == saved + 2 and "ckpt_path=last" in final["overrides"]
-
 
 
 # ------------------------------------------------------------------------------------------------ skipped steps leave state alone
@@ -179,8 +207,10 @@ class BNStage(DiffusionStageModule):
         bn = self.net[1]
         self.after[self.global_step] = {
             "ema": [p.detach().clone() for p in self.ema.module.parameters()],
-            "mean": bn.running_mean.clone(), "var": bn.running_var.clone(), "n": int(bn.num_batches_tracked),
-        }  # fmt: skip
+            "mean": bn.running_mean.clone(),
+            "var": bn.running_var.clone(),
+            "n": int(bn.num_batches_tracked),
+        }
 
     def train_dataloader(self):
         return torch.utils.data.DataLoader(torch.zeros(64, 1), batch_size=1)
@@ -208,9 +238,16 @@ def test_guard_under_16_mixed_with_a_grad_scaler(tmp_path, nan):
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**100)
     m = BNStage(nan_steps=set(range(2, 100)) if nan else (), huge=not nan)
     guard_cb = NonFiniteGuard(max_consecutive=3)
-    trainer = L.Trainer(accelerator="cpu", max_steps=12, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=tmp_path, callbacks=[guard_cb],
-                        plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])  # fmt: skip
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=12,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[guard_cb],
+        plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)],
+    )
     if nan:
         with pytest.raises(NonFiniteLossError, match="3 consecutive"):
             trainer.fit(m)

@@ -18,16 +18,19 @@ from dalle2.metrics.fidelity import SCORE_KEYS, fidelity_table, load_val, stage_
 from dalle2.pipeline import SamplingSettings, StageSettings, UnCLIPPipeline
 from helpers.cascade import save_run_dir, tiny_modules
 
-FAST = SamplingSettings(prior=StageSettings(steps=2), decoder=StageSettings(steps=2, guidance_scale=2.0),
-                        upsampler=StageSettings(steps=2), n_prior_samples=1)  # fmt: skip
+FAST = SamplingSettings(
+    prior=StageSettings(steps=2),
+    decoder=StageSettings(steps=2, guidance_scale=2.0),
+    upsampler=StageSettings(steps=2),
+    n_prior_samples=1,
+)
 
 
 @pytest.fixture(scope="module")
 def val64(tmp_path_factory):
     from dalle2.data.synthetic import write_shards
 
-    urls = write_shards(tmp_path_factory.mktemp("fid_val"), num_train=1, num_val=12, image_size=64,
-                        samples_per_shard=8)  # fmt: skip
+    urls = write_shards(tmp_path_factory.mktemp("fid_val"), num_train=1, num_val=12, image_size=64, samples_per_shard=8)
     return urls["val"]
 
 
@@ -57,10 +60,21 @@ def test_stage_rows_oracle_decoder_bicubic_upsampler_and_batch_size(val64):
     val_low, val_high = load_val(val64, image_size=32, num=12), load_val(val64, image_size=64, num=12)
     pipe = _oracle_pipeline(val_low)
     sweep = [{"sampler": "dpmpp_2m", "steps": 3}, {"guidance_scale": 1.0}]
-    rows = stage_fidelity(pipe, val_low, val_high, settings=FAST, sweep=sweep, sweep_num=5, batch_size=5,
-                          log=lambda *a: None)  # fmt: skip
-    assert [(r["stage"], r["size"]) for r in rows] == [("real", 32), ("real", 64), ("a", 32), ("b", 64), ("b", 64),
-                                                        ("c", 32), ("d", 64), ("d", 64), ("sweep", 64), ("sweep", 64)]
+    rows = stage_fidelity(
+        pipe, val_low, val_high, settings=FAST, sweep=sweep, sweep_num=5, batch_size=5, log=lambda *a: None
+    )
+    assert [(r["stage"], r["size"]) for r in rows] == [
+        ("real", 32),
+        ("real", 64),
+        ("a", 32),
+        ("b", 64),
+        ("b", 64),
+        ("c", 32),
+        ("d", 64),
+        ("d", 64),
+        ("sweep", 64),
+        ("sweep", 64),
+    ]
     by = {(r["stage"], r["what"]): r for r in rows}
     real32, a = rows[0], rows[2]
     assert real32["strict/accuracy"] >= 0.9 and rows[1]["strict/accuracy"] >= 0.9  # the val images: the ceiling
@@ -71,8 +85,9 @@ def test_stage_rows_oracle_decoder_bicubic_upsampler_and_batch_size(val64):
     assert sweep_rows[0]["decoder"] == {"steps": 3, "sampler": "dpmpp_2m", "guidance_scale": 2.0, "eta": 0.0}
     assert sweep_rows[1]["decoder"]["guidance_scale"] == 1.0 and sweep_rows[1]["decoder"]["steps"] == 2
     # another batch size, the same figures (each image's noise comes from its index)
-    again = stage_fidelity(_oracle_pipeline(val_low), val_low, val_high, settings=FAST, batch_size=12,
-                           log=lambda *a: None)  # fmt: skip
+    again = stage_fidelity(
+        _oracle_pipeline(val_low), val_low, val_high, settings=FAST, batch_size=12, log=lambda *a: None
+    )
     assert [_scores(r) for r in again] == [_scores(r) for r in rows[:8]]
     with pytest.raises(ValueError, match="same samples"):
         stage_fidelity(pipe, val_low, load_val(val64, image_size=64, num=6), settings=FAST)
@@ -85,22 +100,62 @@ def test_cli_run_and_calibrate_write_json_and_markdown(val64, tmp_path):
     run_dir = save_run_dir(tmp_path / "run", tiny_cascade_modules_32())
     out, md = tmp_path / "abl.json", tmp_path / "abl.md"
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    cmd = [sys.executable, "eval/fidelity_ablation.py", "run", "--run-dir", str(run_dir), "--val", val64, "--num", "6",
-           "--batch-size", "4", "--prior-steps", "2", "--decoder-steps", "2", "--upsampler-steps", "2", "--sweep",
-           "--sweep-num", "3", "--samplers", "ddim", "--steps-list", "2", "--guidance-list", "3",
-           "--out", str(out), "--md", str(md)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "eval/fidelity_ablation.py",
+        "run",
+        "--run-dir",
+        str(run_dir),
+        "--val",
+        val64,
+        "--num",
+        "6",
+        "--batch-size",
+        "4",
+        "--prior-steps",
+        "2",
+        "--decoder-steps",
+        "2",
+        "--upsampler-steps",
+        "2",
+        "--sweep",
+        "--sweep-num",
+        "3",
+        "--samplers",
+        "ddim",
+        "--steps-list",
+        "2",
+        "--guidance-list",
+        "3",
+        "--out",
+        str(out),
+        "--md",
+        str(md),
+    ]
     proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["num"] == 6 and result["settings"]["decoder"]["steps"] == 2
     assert [r["stage"] for r in result["rows"]] == ["real", "real", "a", "b", "b", "c", "d", "d", "sweep"]
     assert md.read_text().startswith("| stage | what |")
-    missing = subprocess.run([sys.executable, "eval/fidelity_ablation.py", "run", "--run-dir", str(tmp_path / "none")],
-                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, env=env)  # fmt: skip
+    missing = subprocess.run(
+        [sys.executable, "eval/fidelity_ablation.py", "run", "--run-dir", str(tmp_path / "none")],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert missing.returncode != 0 and "no clip checkpoint" in missing.stderr
     cal = tmp_path / "cal.json"
-    proc = subprocess.run([sys.executable, "eval/fidelity_ablation.py", "calibrate", "--num", "4", "--sizes", "32",
-                           "--out", str(cal)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=env)
+    proc = subprocess.run(
+        [sys.executable, "eval/fidelity_ablation.py", "calibrate", "--num", "4", "--sizes", "32", "--out", str(cal)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {r["case"]: r for r in json.loads(cal.read_text())["rows"]}
     assert rows["clean"]["strict/accuracy"] == 1.0 and rows["two_objects"]["strict/accuracy"] == 0.0

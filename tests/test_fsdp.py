@@ -31,10 +31,20 @@ def clip_ckpt(tmp_path_factory):
 def train(stage: str, strategy: tuple, run_dir: Path, shards: dict, clip: str, *extra: str) -> dict:
     """A tiny 2-process run with :class:`helpers.fsdp.FullStateProbe`; -> {"dir", "losses": {step: loss}, "probe"}."""
     probe = run_dir.with_name(run_dir.name + ".probe.pt")
-    cmd = stage_cmd(stage, run_dir, train_urls=shards["train"], clip_ckpt=clip,
-                    extra=(*strategy, f"trainer.max_steps={STEPS}", "callbacks.model_checkpoint.every_n_train_steps=2",
-                           "+callbacks.probe._target_=helpers.fsdp.FullStateProbe", f"+callbacks.probe.path={probe}",
-                           *extra))  # fmt: skip
+    cmd = stage_cmd(
+        stage,
+        run_dir,
+        train_urls=shards["train"],
+        clip_ckpt=clip,
+        extra=(
+            *strategy,
+            f"trainer.max_steps={STEPS}",
+            "callbacks.model_checkpoint.every_n_train_steps=2",
+            "+callbacks.probe._target_=helpers.fsdp.FullStateProbe",
+            f"+callbacks.probe.path={probe}",
+            *extra,
+        ),
+    )
     proc = run(cmd, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return {"dir": run_dir, "losses": losses(run_dir / "csv" / "metrics.csv"), "probe": torch.load(probe)}
@@ -49,8 +59,10 @@ def losses(metrics_csv: Path) -> dict[int, float]:
 def runs(request, builtin_shards, clip_ckpt, tmp_path_factory):
     stage, root = request.param, tmp_path_factory.mktemp(request.param)
     extra = STAGE_EXTRA[stage]
-    return stage, {name: train(stage, strategy, root / name, builtin_shards, clip_ckpt, *extra)
-                   for name, strategy in (("ddp", DDP), ("fsdp", FSDP))}  # fmt: skip
+    return stage, {
+        name: train(stage, strategy, root / name, builtin_shards, clip_ckpt, *extra)
+        for name, strategy in (("ddp", DDP), ("fsdp", FSDP))
+    }
 
 
 def assert_tensors_close(got: dict, want: dict, what: str, **tol) -> None:
@@ -88,8 +100,10 @@ def test_fsdp_holds_about_half_the_bytes_per_process(runs):
         # FSDP2 pads each tensor's dim 0 to a multiple of the world size: a little over half
         assert max(per_rank) <= 0.55 * full and sum(per_rank) >= full, f"{stage} {kind}: {per_rank} vs DDP {full}"
     total = lambda b: b["params"] + b["optimizer"] + b["ema"]  # noqa: E731
-    print(f"\n[{stage}] bytes per process (params + AdamW + EMA): DDP {total(ddp[0])}, "
-          f"FSDP {[total(b) for b in fsdp]} ({max(total(b) for b in fsdp) / total(ddp[0]):.3f} of DDP)")
+    print(
+        f"\n[{stage}] bytes per process (params + AdamW + EMA): DDP {total(ddp[0])}, "
+        f"FSDP {[total(b) for b in fsdp]} ({max(total(b) for b in fsdp) / total(ddp[0]):.3f} of DDP)"
+    )
 
 
 def _sample(stage, stage_name: str, seed: int = 0) -> torch.Tensor:
@@ -99,9 +113,16 @@ def _sample(stage, stage_name: str, seed: int = 0) -> torch.Tensor:
         d = stage.net.embed_dim
         text = torch.randn(3, d, generator=g)
         tokens = torch.randn(3, 5, stage.net.text_token_dim, generator=g)
-        return stage.sample(text_embed=text, text_tokens=tokens, text_mask=torch.ones(3, 5, dtype=torch.bool),
-                            steps=4, generator=torch.Generator().manual_seed(seed))  # fmt: skip
-    return stage.sample(torch.randn(2, stage.net.clip_dim, generator=g), steps=4, generator=torch.Generator().manual_seed(seed))
+        return stage.sample(
+            text_embed=text,
+            text_tokens=tokens,
+            text_mask=torch.ones(3, 5, dtype=torch.bool),
+            steps=4,
+            generator=torch.Generator().manual_seed(seed),
+        )
+    return stage.sample(
+        torch.randn(2, stage.net.clip_dim, generator=g), steps=4, generator=torch.Generator().manual_seed(seed)
+    )
 
 
 @pytest.mark.slow
@@ -118,7 +139,9 @@ def test_consolidated_export_samples_like_the_unsharded_model(runs, tmp_path):
     exported = tmp_path / "exported.safetensors"
     # the unsharded model: the same hyperparameters, with the EMA weights gathered (all_gather) by the FSDP run itself
     hparams = load_checkpoint(sharded, tensors=False)["hyper_parameters"]
-    ema = {k.removeprefix("ema.module."): v for k, v in r["fsdp"]["probe"]["state"].items() if k.startswith("ema.module.")}
+    ema = {
+        k.removeprefix("ema.module."): v for k, v in r["fsdp"]["probe"]["state"].items() if k.startswith("ema.module.")
+    }
     build = {"prior": PriorStage, "decoder": DecoderStage}[stage_name]
     reference = build.from_hparams(hparams).eval().requires_grad_(False)
     reference.net.load_state_dict(ema, strict=True)
@@ -133,15 +156,27 @@ def test_sharded_save_resume_matches_uninterrupted(builtin_shards, clip_ckpt, tm
     """bf16 compute (fp32 master weights) and activation checkpointing: save at step 2 as shards, resume with
     ckpt_path=last (found by the newest-checkpoint search among directories) -> steps 2 and 3 equal the
     uninterrupted run's, and so do the final weights and EMA."""
-    opts = ("trainer.strategy.param_dtype=bfloat16", "trainer.strategy.reduce_dtype=float32",
-            "trainer.strategy.activation_checkpointing=true", "trainer.max_steps=4")  # fmt: skip
+    opts = (
+        "trainer.strategy.param_dtype=bfloat16",
+        "trainer.strategy.reduce_dtype=float32",
+        "trainer.strategy.activation_checkpointing=true",
+        "trainer.max_steps=4",
+    )
     whole = train("decoder", FSDP, tmp_path / "whole", builtin_shards, clip_ckpt, *opts)
     first = train("decoder", FSDP, tmp_path / "resumed", builtin_shards, clip_ckpt, *opts[:-1], "trainer.max_steps=2")
     assert sorted(first["losses"]) == [0, 1]
     last = tmp_path / "resumed" / "checkpoints" / "last.ckpt"
     assert (last / "meta.pt").is_file() and not list(last.parent.glob(".*partial*"))
-    second = train("decoder", FSDP, tmp_path / "resumed", builtin_shards, clip_ckpt, *opts, "ckpt_path=last",
-                   "logger.csv.name=csv_resumed")  # fmt: skip
+    second = train(
+        "decoder",
+        FSDP,
+        tmp_path / "resumed",
+        builtin_shards,
+        clip_ckpt,
+        *opts,
+        "ckpt_path=last",
+        "logger.csv.name=csv_resumed",
+    )
     resumed = losses(tmp_path / "resumed" / "csv_resumed" / "metrics.csv")
     assert sorted(resumed) == [2, 3] and sorted(whole["losses"]) == [0, 1, 2, 3]
     for step, loss in resumed.items():
@@ -170,7 +205,10 @@ def test_resume_finds_the_newest_checkpoint_among_files_and_sharded_directories(
     (ckpts / ".last.ckpt.partial").mkdir()  # a save killed half-way: never a candidate
     (ckpts / "empty.ckpt").mkdir()  # a directory without meta.pt: not a checkpoint
     assert [(s, p.name) for s, p in run_checkpoints(tmp_path)] == [
-        (6, "last.ckpt"), (4, "step_0000004.ckpt"), (2, "step_0000002.ckpt")]
+        (6, "last.ckpt"),
+        (4, "step_0000004.ckpt"),
+        (2, "step_0000002.ckpt"),
+    ]
     assert resolve_ckpt_path("last", tmp_path) == str(ckpts / "last.ckpt")
     assert resolve_ckpt_path(str(ckpts / "step_0000004.ckpt"), tmp_path) == str(ckpts / "step_0000004.ckpt")
     with pytest.raises(RunDirInUseError):

@@ -27,8 +27,17 @@ from dalle2.lit.clip_module import CLIPModule, load_clip
 from dalle2.metrics.clip_score import ClipScorer, clip_score
 from helpers.scripts import compose_conf, load_script
 
-NET = clip_preset("tiny", vision_width=32, vision_layers=1, vision_heads=2, vision_patch_size=8, text_width=32,
-                  text_layers=1, text_heads=2, embed_dim=32)  # fmt: skip
+NET = clip_preset(
+    "tiny",
+    vision_width=32,
+    vision_layers=1,
+    vision_heads=2,
+    vision_patch_size=8,
+    text_width=32,
+    text_layers=1,
+    text_heads=2,
+    embed_dim=32,
+)
 
 
 def synthetic(n: int, seed: int) -> tuple[torch.Tensor, list[str]]:
@@ -81,9 +90,19 @@ def samples_dir(tmp_path_factory) -> Path:
 
 
 def _overrides(clip: Path, samples: Path, urls: str, extra=()) -> list[str]:
-    return ["task=samples", f"clip_ckpt={clip}", f"samples={samples}", f"reference.urls='{urls}'",
-            "reference.max_samples=48", "data.num_workers=0", "data.batch_size=16", "kid.subsets=10",
-            "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", *extra]  # fmt: skip
+    return [
+        "task=samples",
+        f"clip_ckpt={clip}",
+        f"samples={samples}",
+        f"reference.urls='{urls}'",
+        "reference.max_samples=48",
+        "data.num_workers=0",
+        "data.batch_size=16",
+        "kid.subsets=10",
+        "trainer.accelerator=cpu",
+        "trainer.enable_progress_bar=false",
+        *extra,
+    ]
 
 
 def run_in_process(overrides: list[str]) -> dict:
@@ -130,14 +149,35 @@ def test_clip_score_ranks_matched_pairs_above_shuffled(trained_clip):
 def test_evaluate_samples_cli_writes_json(trained_clip, samples_dir, builtin_shards, tmp_path):
     out = tmp_path / "m.json"
     env = dict(os.environ, PYTHONPATH=REPO_ROOT, PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, "eval/evaluate.py", *_overrides(trained_clip, samples_dir,
-                           builtin_shards["val"], [f"out={out}"])],
-                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=env)  # fmt: skip
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "eval/evaluate.py",
+            *_overrides(trained_clip, samples_dir, builtin_shards["val"], [f"out={out}"]),
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "FID/KID skipped: no Inception weights given" in proc.stdout
     result = json.loads(out.read_text())
-    for key in ("fid", "kid_mean", "kid_std", "clip_fd", "clip_kid_mean", "clip_kid_std", "clip_score",
-                "clip_score_std", "reference_clip_score", "checker", "num_samples", "num_reference"):  # fmt: skip
+    for key in (
+        "fid",
+        "kid_mean",
+        "kid_std",
+        "clip_fd",
+        "clip_kid_mean",
+        "clip_kid_std",
+        "clip_score",
+        "clip_score_std",
+        "reference_clip_score",
+        "checker",
+        "num_samples",
+        "num_reference",
+    ):
         assert key in result, key
     assert result["fid"] is None and result["kid_mean"] is None
     assert result["num_samples"] == 16 and result["num_reference"] == 48 and result["reference_skipped"] == 0
@@ -164,8 +204,11 @@ def test_evaluate_samples_metrics_respond_to_the_samples(trained_clip, samples_d
     # a second object: the lenient reader still names the shape right, the strict checker refuses the pictures
     pics, attrs = calibration_images("two_objects", 16, 32, seed=0)
     rng = np.random.default_rng(0)
-    two = write_samples_dir(tmp_path / "two", torch.from_numpy(pics).permute(0, 3, 1, 2).float() / 127.5 - 1,
-                            [make_caption(a, rng) for a in attrs])  # fmt: skip
+    two = write_samples_dir(
+        tmp_path / "two",
+        torch.from_numpy(pics).permute(0, 3, 1, 2).float() / 127.5 - 1,
+        [make_caption(a, rng) for a in attrs],
+    )
     res = run_in_process(_overrides(trained_clip, two, builtin_shards["val"]))["checker"]
     assert res["accuracy/shape"] > 0.8 and res["strict/one_object"] == 0.0 and res["strict/accuracy"] == 0.0
     noise = write_samples_dir(tmp_path / "noise", torch.rand(16, 3, 32, 32) * 2 - 1, ["a photo of a dog"] * 16)
@@ -194,8 +237,9 @@ def test_evaluate_with_inception_weights(trained_clip, samples_dir, builtin_shar
 
     path = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
     torch.save(FIDInceptionV3().state_dict(), path)
-    res = run_in_process(_overrides(trained_clip, samples_dir, builtin_shards["val"],
-                                    [f"inception={path}", "reference.max_samples=8"]))  # fmt: skip
+    res = run_in_process(
+        _overrides(trained_clip, samples_dir, builtin_shards["val"], [f"inception={path}", "reference.max_samples=8"])
+    )
     assert res["num_reference"] == 8 and res["inception"] == str(path)
     assert np.isfinite(res["fid"]) and res["fid"] >= -1e-6 and np.isfinite(res["kid_mean"])
 
@@ -205,8 +249,16 @@ def test_two_ddp_processes_equal_one(trained_clip, samples_dir, builtin_shards, 
     one = run_in_process(_overrides(trained_clip, samples_dir, builtin_shards["val"]))
     out = tmp_path / "ddp2.json"
     env = {**os.environ, "PYTHONPATH": REPO_ROOT, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "eval/evaluate.py", *_overrides(trained_clip, samples_dir, builtin_shards["val"],
-           [f"out={out}", "trainer.devices=2", "trainer.strategy=ddp"])]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "eval/evaluate.py",
+        *_overrides(
+            trained_clip,
+            samples_dir,
+            builtin_shards["val"],
+            [f"out={out}", "trainer.devices=2", "trainer.strategy=ddp"],
+        ),
+    ]
     proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = json.loads(out.read_text())
@@ -225,8 +277,16 @@ def test_fewer_samples_than_processes(trained_clip, builtin_shards, tmp_path):
     one = run_in_process(_overrides(trained_clip, few, builtin_shards["val"]))
     out = tmp_path / "ddp3.json"
     env = {**os.environ, "PYTHONPATH": REPO_ROOT, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "eval/evaluate.py", *_overrides(trained_clip, few, builtin_shards["val"],
-           [f"out={out}", "trainer.devices=3", "trainer.strategy=ddp", "reference.max_samples=2"])]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "eval/evaluate.py",
+        *_overrides(
+            trained_clip,
+            few,
+            builtin_shards["val"],
+            [f"out={out}", "trainer.devices=3", "trainer.strategy=ddp", "reference.max_samples=2"],
+        ),
+    ]
     proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     three = json.loads(out.read_text())
@@ -239,15 +299,23 @@ def test_items_split_over_ranks_exactly_once(samples_dir, builtin_shards, world)
     from dalle2.metrics.samples import ReferenceImages, SampleFiles, read_manifest
 
     rows = read_manifest(samples_dir)
-    got = [it["id"] for r in range(world) for it in SampleFiles(samples_dir, rows, image_size=16, rank=r,
-                                                                 world_size=world)]  # fmt: skip
+    got = [
+        it["id"] for r in range(world) for it in SampleFiles(samples_dir, rows, image_size=16, rank=r, world_size=world)
+    ]
     assert sorted(got) == list(range(16))
     if world == 2:  # and over DataLoader workers within a rank
-        loaders = [torch.utils.data.DataLoader(SampleFiles(samples_dir, rows, image_size=16, rank=r, world_size=2),
-                                               batch_size=3, num_workers=2) for r in range(2)]  # fmt: skip
+        loaders = [
+            torch.utils.data.DataLoader(
+                SampleFiles(samples_dir, rows, image_size=16, rank=r, world_size=2), batch_size=3, num_workers=2
+            )
+            for r in range(2)
+        ]
         assert sorted(int(i) for dl in loaders for b in dl for i in b["id"]) == list(range(16))
-    ref = [(it["id"], it["text"]) for r in range(world)
-           for it in ReferenceImages(builtin_shards["val"], image_size=16, max_samples=40, rank=r, world_size=world)]
+    ref = [
+        (it["id"], it["text"])
+        for r in range(world)
+        for it in ReferenceImages(builtin_shards["val"], image_size=16, max_samples=40, rank=r, world_size=world)
+    ]
     assert sorted(i for i, _ in ref) == list(range(40)) and all(t for _, t in ref)
     first = next(iter(ReferenceImages(builtin_shards["val"], image_size=16, max_samples=1)))
     assert first["image"].shape == (3, 16, 16) and first["valid"]

@@ -31,9 +31,21 @@ def test_validation_with_an_empty_val_shard_on_one_rank(stage, builtin_shards, c
     that exist (rank 0's)."""
     val = f"{builtin_shards['val'].split('{')[0]}00000.tar::{empty_tar(tmp_path / 'empty' / '00001.tar')}"
     image_size = 64 if stage == "upsampler" else 32
-    cmd = stage_cmd(stage, tmp_path / "run", train_urls=builtin_shards["train"], val_urls=val, clip_ckpt=clip_ckpt,
-                    image_size=image_size, extra=(*DDP, "trainer.max_steps=2", "trainer.val_check_interval=2",
-                                                  "trainer.limit_val_batches=2", "data.val_batch_size=8"))  # fmt: skip
+    cmd = stage_cmd(
+        stage,
+        tmp_path / "run",
+        train_urls=builtin_shards["train"],
+        val_urls=val,
+        clip_ckpt=clip_ckpt,
+        image_size=image_size,
+        extra=(
+            *DDP,
+            "trainer.max_steps=2",
+            "trainer.val_check_interval=2",
+            "trainer.limit_val_batches=2",
+            "data.val_batch_size=8",
+        ),
+    )
     proc = run(cmd, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = val_rows(tmp_path / "run")
@@ -76,10 +88,22 @@ def test_signal_to_one_rank_stops_every_rank_with_a_checkpoint(signame, rank, bu
     from helpers.tiny_runs import REPO_ROOT, run_env
 
     run_dir = tmp_path / "run"
-    cmd = stage_cmd("prior", run_dir, train_urls=builtin_shards["train"], clip_ckpt=clip_ckpt,
-                    extra=(*DDP, "trainer.max_steps=100000", "callbacks.model_checkpoint.every_n_train_steps=2"))
-    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)  # fmt: skip
+    cmd = stage_cmd(
+        "prior",
+        run_dir,
+        train_urls=builtin_shards["train"],
+        clip_ckpt=clip_ckpt,
+        extra=(*DDP, "trainer.max_steps=100000", "callbacks.model_checkpoint.every_n_train_steps=2"),
+    )
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO_ROOT,
+        env=run_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         first = run_dir / "checkpoints" / "step_0000002.ckpt"
         deadline = time.time() + 180
@@ -105,8 +129,11 @@ def test_signal_to_one_rank_stops_every_rank_with_a_checkpoint(signame, rank, bu
     last = run_dir / "checkpoints" / "last.ckpt"
     saved = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
     assert saved >= 2
-    resumed = run(cmd[:-2] + [f"trainer.max_steps={saved + 2}", "callbacks.model_checkpoint.every_n_train_steps=2",
-                              "ckpt_path=last"], timeout=180)  # fmt: skip
+    resumed = run(
+        cmd[:-2]
+        + [f"trainer.max_steps={saved + 2}", "callbacks.model_checkpoint.every_n_train_steps=2", "ckpt_path=last"],
+        timeout=180,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == saved + 2
 
@@ -134,10 +161,23 @@ def test_sample_evaluation_with_a_corrupt_png_on_one_rank(builtin_shards, clip_c
             f.write(json.dumps({"file": f"{i:05d}.png", "prompt": make_caption(attrs, rng), "index": i}) + "\n")
     (samples / "00001.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     out = tmp_path / "metrics.json"
-    cmd = [sys.executable, str(REPO_ROOT / "eval" / "evaluate.py"), "task=samples", f"clip_ckpt={clip_ckpt}",
-           f"samples={samples}", f"reference.urls='{builtin_shards['val']}'", "reference.max_samples=16",
-           "data.num_workers=0", "data.batch_size=4", "kid.subsets=5", "trainer.accelerator=cpu", "trainer.devices=2",
-           "trainer.strategy=ddp", "trainer.enable_progress_bar=false", f"out={out}"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(REPO_ROOT / "eval" / "evaluate.py"),
+        "task=samples",
+        f"clip_ckpt={clip_ckpt}",
+        f"samples={samples}",
+        f"reference.urls='{builtin_shards['val']}'",
+        "reference.max_samples=16",
+        "data.num_workers=0",
+        "data.batch_size=4",
+        "kid.subsets=5",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.strategy=ddp",
+        "trainer.enable_progress_bar=false",
+        f"out={out}",
+    ]
     proc = run(cmd, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())

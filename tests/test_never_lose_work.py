@@ -34,11 +34,25 @@ class Regression(L.LightningModule):
 
 
 def fit(tmp_path, max_steps, *, every=2, keep_last=-1, ckpt_path=None):
-    cb = RunCheckpoint(dirpath=tmp_path / "checkpoints", filename="step_{step:07d}", auto_insert_metric_name=False,
-                       save_last=True, keep_last=keep_last, every_n_train_steps=every, save_on_train_epoch_end=False)
-    trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=tmp_path, callbacks=[cb],
-                        plugins=[AtomicCheckpointIO()])  # fmt: skip
+    cb = RunCheckpoint(
+        dirpath=tmp_path / "checkpoints",
+        filename="step_{step:07d}",
+        auto_insert_metric_name=False,
+        save_last=True,
+        keep_last=keep_last,
+        every_n_train_steps=every,
+        save_on_train_epoch_end=False,
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=max_steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[cb],
+        plugins=[AtomicCheckpointIO()],
+    )
     trainer.fit(Regression(), ckpt_path=ckpt_path)
     return trainer
 
@@ -62,8 +76,12 @@ def test_keep_last_prunes_only_old_periodic_checkpoints(tmp_path):
     assert names == ["last.ckpt", "mine.ckpt", "step_0000010.ckpt", "step_0000012.ckpt"]
     # a resumed run keeps pruning the files the first part wrote
     fit(tmp_path, 16, keep_last=2, ckpt_path=str(ckpts / "last.ckpt"))
-    assert sorted(p.name for p in ckpts.iterdir()) == ["last.ckpt", "mine.ckpt", "step_0000014.ckpt",
-                                                         "step_0000016.ckpt"]  # fmt: skip
+    assert sorted(p.name for p in ckpts.iterdir()) == [
+        "last.ckpt",
+        "mine.ckpt",
+        "step_0000014.ckpt",
+        "step_0000016.ckpt",
+    ]
 
 
 def test_disk_full_mid_save_keeps_previous_checkpoint_and_stops(tmp_path, monkeypatch):
@@ -78,7 +96,9 @@ def test_disk_full_mid_save_keeps_previous_checkpoint_and_stops(tmp_path, monkey
         return real_save(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(fault_tolerance.torch, "save", failing_save)
-    with pytest.raises(CheckpointSaveError, match=r"No space left on device.*no existing checkpoint was changed") as info:
+    with pytest.raises(
+        CheckpointSaveError, match=r"No space left on device.*no existing checkpoint was changed"
+    ) as info:
         fit(tmp_path, 10)
     assert "ckpt_path=last" in str(info.value)
     monkeypatch.setattr(fault_tolerance.torch, "save", real_save)
@@ -121,5 +141,6 @@ def test_atomic_checkpoint_writes_stay_when_the_user_gives_trainer_plugins():
     assert [type(p).__name__ for p in plugins] == ["DoublePrecision", "AtomicCheckpointIO"]
     own_io = {"_target_": "lightning.pytorch.plugins.io.TorchCheckpointIO"}
     assert [type(p).__name__ for p in build_plugins(OmegaConf.create({"trainer": {"plugins": [own_io]}}))] == [
-        "TorchCheckpointIO"]  # a checkpoint IO of the user's own is respected
+        "TorchCheckpointIO"
+    ]  # a checkpoint IO of the user's own is respected
     assert [type(p).__name__ for p in build_plugins(OmegaConf.create({"trainer": {}}))] == ["AtomicCheckpointIO"]

@@ -44,8 +44,7 @@ def execute(name: str, *, timeout: int = 600):
     from nbclient import NotebookClient
 
     nb = read(name)
-    client = NotebookClient(nb, timeout=timeout, kernel_name="dalle2-test",
-                            resources={"metadata": {"path": REPO_ROOT}})  # fmt: skip
+    client = NotebookClient(nb, timeout=timeout, kernel_name="dalle2-test", resources={"metadata": {"path": REPO_ROOT}})
     client.execute()
     return nb
 
@@ -66,12 +65,17 @@ def images_of(nb) -> int:
 def nb_env(builtin_shards, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("notebooks")
     env = {
-        "JUPYTER_PATH": str(kernel_spec_dir(tmp)), "DALLE2_NB_SMOKE": "1", "DALLE2_NB_STEPS": "2",
-        "DALLE2_NB_OUT": str(tmp / "quickstart"), "DALLE2_NB_RUN": str(tmp / "quickstart"),
-        "DALLE2_NB_TRAIN_URLS": builtin_shards["train"], "DALLE2_NB_VAL_URLS": builtin_shards["val"],
-        "OMP_NUM_THREADS": "1", "MPLBACKEND": "module://matplotlib_inline.backend_inline",
+        "JUPYTER_PATH": str(kernel_spec_dir(tmp)),
+        "DALLE2_NB_SMOKE": "1",
+        "DALLE2_NB_STEPS": "2",
+        "DALLE2_NB_OUT": str(tmp / "quickstart"),
+        "DALLE2_NB_RUN": str(tmp / "quickstart"),
+        "DALLE2_NB_TRAIN_URLS": builtin_shards["train"],
+        "DALLE2_NB_VAL_URLS": builtin_shards["val"],
+        "OMP_NUM_THREADS": "1",
+        "MPLBACKEND": "module://matplotlib_inline.backend_inline",
         "PYTHONPATH": os.pathsep.join([REPO_ROOT, *filter(None, [os.environ.get("PYTHONPATH")])]),
-    }  # fmt: skip
+    }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # the kernel (and the CLIs it starts) inherit this process's environment
     yield tmp / "quickstart"

@@ -17,14 +17,23 @@ from dalle2.pipeline import SamplingSettings, StageSettings, UnCLIPPipeline, sam
 from helpers.images import assert_same_8bit, png_bytes
 
 PROMPTS = ["a red circle on a blue background", "two green squares", "x", "a small yellow triangle at the top left"]
-FAST = SamplingSettings(prior=StageSettings(steps=4, guidance_scale=2.0), decoder=StageSettings(steps=4, guidance_scale=3.0),
-                        upsampler=StageSettings(steps=3), n_prior_samples=3, upsampler_aug_level=10)  # fmt: skip
+FAST = SamplingSettings(
+    prior=StageSettings(steps=4, guidance_scale=2.0),
+    decoder=StageSettings(steps=4, guidance_scale=3.0),
+    upsampler=StageSettings(steps=3),
+    n_prior_samples=3,
+    upsampler_aug_level=10,
+)
 
 
 @pytest.fixture(scope="module")
 def pipe(tiny_ckpts):
-    return UnCLIPPipeline.from_checkpoints(clip=tiny_ckpts["clip"], prior=tiny_ckpts["prior"],
-                                           decoder=tiny_ckpts["decoder"], upsamplers=[tiny_ckpts["upsampler"]])
+    return UnCLIPPipeline.from_checkpoints(
+        clip=tiny_ckpts["clip"],
+        prior=tiny_ckpts["prior"],
+        decoder=tiny_ckpts["decoder"],
+        upsamplers=[tiny_ckpts["upsampler"]],
+    )
 
 
 # ------------------------------------------------------------------------------------------------ noise plumbing
@@ -39,8 +48,10 @@ def test_randn_per_row_generators():
     y = randn((6, 4), generator=gens())
     assert torch.equal(y[2:4], torch.randn((2, 4), generator=torch.Generator().manual_seed(5)))
     # a single generator keeps the old behaviour
-    assert torch.equal(randn((3, 4), generator=torch.Generator().manual_seed(1)),
-                       torch.randn((3, 4), generator=torch.Generator().manual_seed(1)))  # fmt: skip
+    assert torch.equal(
+        randn((3, 4), generator=torch.Generator().manual_seed(1)),
+        torch.randn((3, 4), generator=torch.Generator().manual_seed(1)),
+    )
     with pytest.raises(ValueError, match="3 generators cannot split a batch of 4"):
         randn((4, 2), generator=gens())
 
@@ -65,13 +76,19 @@ def test_prior_sampling_is_batch_invariant_with_per_prompt_generators():
     diffusion = GaussianDiffusion(schedule=Schedule.make("cosine", 50), objective="x0")
     te, tok = torch.randn(3, 8), torch.randn(3, 5, 6)
     kw = dict(n_samples_per_prompt=4, steps=4, sampler="ddpm", guidance_scale=2.0, scaler=EmbeddingScaler.for_dim(8))
-    full = sample_prior(net, diffusion, text_embed=te, text_tokens=tok, generator=sample_generators([1] * 3, [0, 1, 2], 1), **kw)
-    one = sample_prior(net, diffusion, text_embed=te[2:], text_tokens=tok[2:], generator=sample_generators([1], [2], 1), **kw)
+    full = sample_prior(
+        net, diffusion, text_embed=te, text_tokens=tok, generator=sample_generators([1] * 3, [0, 1, 2], 1), **kw
+    )
+    one = sample_prior(
+        net, diffusion, text_embed=te[2:], text_tokens=tok[2:], generator=sample_generators([1], [2], 1), **kw
+    )
     torch.testing.assert_close(full[2:], one, atol=1e-5, rtol=0)
 
 
 def test_sample_seed_mixing():
-    assert sample_seed(0, 5, 1) == sample_seed(0, (5, 0), 1) == sample_seed(0, (5,), 1) == sample_seed(0, np.int64(5), 1)
+    assert (
+        sample_seed(0, 5, 1) == sample_seed(0, (5, 0), 1) == sample_seed(0, (5,), 1) == sample_seed(0, np.int64(5), 1)
+    )
     seeds = {sample_seed(s, i, st) for s in range(4) for i in range(4) for st in (1, 2, 3)}
     assert len(seeds) == 48  # no collisions, e.g. (seed 1, index 0) vs (seed 0, index 1_000_003)
     assert sample_seed(1, 0) != sample_seed(0, 1_000_003) and sample_seed(0, (1, 2)) != sample_seed(0, (2, 1))
@@ -88,8 +105,9 @@ def test_slerp():
 
 
 def test_settings_overrides_and_validation():
-    s = SamplingSettings.from_overrides(steps={"decoder": 7}, sampler={"prior": "ddpm"}, guidance={"decoder": 2},
-                                        n_prior_samples=5, threshold=None)  # fmt: skip
+    s = SamplingSettings.from_overrides(
+        steps={"decoder": 7}, sampler={"prior": "ddpm"}, guidance={"decoder": 2}, n_prior_samples=5, threshold=None
+    )
     assert s.decoder.steps == 7 and s.prior.sampler == "ddpm" and s.decoder.guidance_scale == 2.0
     assert s.n_prior_samples == 5 and s.threshold == "static"
     assert SamplingSettings.from_dict(s.to_dict()) == s
@@ -126,8 +144,9 @@ def test_deterministic_for_a_seed_and_seeds_differ(pipe):
 
 @pytest.mark.parametrize("decoder_sampler", ["ddim", "ddpm"])
 def test_image_does_not_depend_on_its_batch(pipe, decoder_sampler):
-    st = SamplingSettings.from_dict({**FAST.to_dict(), "decoder": {"steps": 4, "sampler": decoder_sampler,
-                                                                   "guidance_scale": 3.0, "eta": 0.0}})  # fmt: skip
+    st = SamplingSettings.from_dict(
+        {**FAST.to_dict(), "decoder": {"steps": 4, "sampler": decoder_sampler, "guidance_scale": 3.0, "eta": 0.0}}
+    )
     batch = pipe(PROMPTS, seed=11, settings=st)
     for i in (0, 2):
         alone = pipe([PROMPTS[i]], seed=11, indices=[i], settings=st)
@@ -143,8 +162,9 @@ def test_image_does_not_depend_on_its_batch(pipe, decoder_sampler):
 
 
 def test_variations_without_prior(tiny_ckpts):
-    pipe = UnCLIPPipeline.from_checkpoints(clip=tiny_ckpts["clip"], decoder=tiny_ckpts["decoder"],
-                                           upsamplers=[tiny_ckpts["upsampler"]])  # fmt: skip
+    pipe = UnCLIPPipeline.from_checkpoints(
+        clip=tiny_ckpts["clip"], decoder=tiny_ckpts["decoder"], upsamplers=[tiny_ckpts["upsampler"]]
+    )
     assert pipe.prior is None
     images = torch.rand(2, 3, 24, 24)
     v = pipe.variations(images, seed=1, settings=FAST)
@@ -175,8 +195,9 @@ def test_wrong_stage_checkpoint_is_a_clear_error(tiny_ckpts):
     with pytest.raises(WrongStageError, match=r"prior.ckpt is a 'prior' checkpoint, but a 'decoder'"):
         UnCLIPPipeline.from_checkpoints(clip=tiny_ckpts["clip"], decoder=tiny_ckpts["prior"])
     with pytest.raises(WrongStageError, match="'upsampler' was expected|but a 'upsampler'"):
-        UnCLIPPipeline.from_checkpoints(clip=tiny_ckpts["clip"], decoder=tiny_ckpts["decoder"],
-                                        upsamplers=[tiny_ckpts["decoder"]])  # fmt: skip
+        UnCLIPPipeline.from_checkpoints(
+            clip=tiny_ckpts["clip"], decoder=tiny_ckpts["decoder"], upsamplers=[tiny_ckpts["decoder"]]
+        )
     with pytest.raises(WrongStageError, match="'clip' checkpoint was expected|but a 'clip'"):
         UnCLIPPipeline.from_checkpoints(clip=tiny_ckpts["decoder"], decoder=tiny_ckpts["decoder"])
 

@@ -38,8 +38,15 @@ def clip(tmp_path_factory):
 
 
 def precompute(clip, urls, out_dir):
-    cmd = [sys.executable, str(REPO_ROOT / "train" / "precompute_embeddings.py"), f"clip_ckpt={clip}",
-           f"data.urls='{urls}'", f"out_dir={out_dir}", "trainer.accelerator=cpu", "data.batch_size=4"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(REPO_ROOT / "train" / "precompute_embeddings.py"),
+        f"clip_ckpt={clip}",
+        f"data.urls='{urls}'",
+        f"out_dir={out_dir}",
+        "trainer.accelerator=cpu",
+        "data.batch_size=4",
+    ]
     return run(cmd, timeout=240)
 
 
@@ -49,16 +56,24 @@ def samples_in(path) -> int:
 
 
 def test_members_in_a_sub_folder_are_embedded(clip, tmp_path):
-    src = write_tar(tmp_path / "00000.tar", {f"part/{i:03d}.{ext}": jpeg(i) if ext == "jpg" else b"a red circle"
-                                             for i in range(5) for ext in ("jpg", "txt")})  # fmt: skip
+    src = write_tar(
+        tmp_path / "00000.tar",
+        {
+            f"part/{i:03d}.{ext}": jpeg(i) if ext == "jpg" else b"a red circle"
+            for i in range(5)
+            for ext in ("jpg", "txt")
+        },
+    )
     proc = precompute(clip, src, tmp_path / "emb")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert samples_in(tmp_path / "emb" / "00000.tar") == 5  # was: exit 0 with no shard written
 
 
 def test_keys_that_do_not_match_are_a_clear_error(clip, tmp_path):
-    src = write_tar(tmp_path / "00000.tar", {**{f"{i:03d}.jpg": jpeg(i) for i in range(3)},
-                                             **{f"cap{i:03d}.txt": b"a red circle" for i in range(3)}})  # fmt: skip
+    src = write_tar(
+        tmp_path / "00000.tar",
+        {**{f"{i:03d}.jpg": jpeg(i) for i in range(3)}, **{f"cap{i:03d}.txt": b"a red circle" for i in range(3)}},
+    )
     proc = precompute(clip, src, tmp_path / "emb")
     assert proc.returncode != 0
     assert "has both an image and a caption" in proc.stderr and "00000.tar" in proc.stderr
@@ -66,7 +81,9 @@ def test_keys_that_do_not_match_are_a_clear_error(clip, tmp_path):
 
 
 def test_corrupt_sample_is_skipped_and_counted_and_a_short_shard_is_redone(clip, tmp_path):
-    members = {f"{i:03d}.{ext}": jpeg(i) if ext == "jpg" else b"a red circle" for i in range(6) for ext in ("jpg", "txt")}
+    members = {
+        f"{i:03d}.{ext}": jpeg(i) if ext == "jpg" else b"a red circle" for i in range(6) for ext in ("jpg", "txt")
+    }
     members["002.jpg"] = b"not a jpeg"
     src = write_tar(tmp_path / "00000.tar", members)
     out = tmp_path / "emb"
@@ -87,7 +104,9 @@ def test_corrupt_sample_is_skipped_and_counted_and_a_short_shard_is_redone(clip,
 
 
 def test_a_source_shard_cut_short_gives_what_it_holds_and_counts_as_done(clip, tmp_path):
-    members = {f"{i:03d}.{ext}": jpeg(i) if ext == "jpg" else b"a red circle" for i in range(6) for ext in ("jpg", "txt")}
+    members = {
+        f"{i:03d}.{ext}": jpeg(i) if ext == "jpg" else b"a red circle" for i in range(6) for ext in ("jpg", "txt")
+    }
     src = write_tar(tmp_path / "00000.tar", members)
     data = open(src, "rb").read()
     open(src, "wb").write(data[: len(data) // 2])  # a download cut in the middle

@@ -21,8 +21,19 @@ from dalle2.lit.prior_module import PriorModule, load_prior, trim_text
 
 D, DT = 16, 24
 NET = dict(embed_dim=D, text_token_dim=DT, width=32, depth=2, heads=2, dim_head=16, mlp_ratio=2, max_text_len=77)
-TINY_CLIP = dict(embed_dim=D, image_size=16, vision_width=32, vision_layers=1, vision_heads=2, vision_patch_size=8,
-                 context_length=77, vocab_size=8192, text_width=DT, text_layers=1, text_heads=2)
+TINY_CLIP = dict(
+    embed_dim=D,
+    image_size=16,
+    vision_width=32,
+    vision_layers=1,
+    vision_heads=2,
+    vision_patch_size=8,
+    context_length=77,
+    vocab_size=8192,
+    text_width=DT,
+    text_layers=1,
+    text_heads=2,
+)
 
 
 def make_batch(n: int = 8, *, seed: int = 0, emb: bool = True, lengths: tuple[int, int] = (3, 9)) -> dict:
@@ -62,8 +73,16 @@ def loader(batches):
 
 def tiny_trainer(tmp_path, **kw) -> L.Trainer:
     kw.setdefault("max_steps", 3)
-    return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                     enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path), **kw)
+    return L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+        **kw,
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -148,7 +167,9 @@ def test_sample_api_unit_norm_deterministic_and_guided():
     kw = dict(text_embed=b["txt_emb"], text_tokens=b["txt_tokens"], text_mask=mask, steps=4)
 
     def run(seed, **extra):
-        return m.sample(**kw, generator=torch.Generator().manual_seed(seed), **{**dict(n_samples_per_prompt=2), **extra})
+        return m.sample(
+            **kw, generator=torch.Generator().manual_seed(seed), **{**dict(n_samples_per_prompt=2), **extra}
+        )
 
     s = run(0)
     assert s.shape == (3, D) and torch.allclose(s.norm(dim=-1), torch.ones(3), atol=1e-5)
@@ -164,8 +185,11 @@ def test_sample_api_unit_norm_deterministic_and_guided():
 def test_validation_logs_loss_and_three_cosines(tmp_path):
     m = prior()
     trainer = tiny_trainer(tmp_path, max_steps=2, limit_val_batches=1, val_check_interval=2, num_sanity_val_steps=0)
-    trainer.fit(m, train_dataloaders=loader([make_batch(8, seed=i) for i in range(2)]),
-                val_dataloaders=loader([make_batch(8, seed=99)]))
+    trainer.fit(
+        m,
+        train_dataloaders=loader([make_batch(8, seed=i) for i in range(2)]),
+        val_dataloaders=loader([make_batch(8, seed=99)]),
+    )
     metrics = trainer.callback_metrics
     for k in ("val/loss", "val/cos_sampled", "val/cos_text_baseline", "val/cos_shuffled"):
         assert k in metrics and torch.isfinite(metrics[k]) and -1.0 <= float(metrics[k]) <= 1.0 or k == "val/loss"
@@ -195,8 +219,16 @@ def test_checkpoint_roundtrip_same_samples(tmp_path):
     out = []
     for mod in (m, loaded, via_load_prior):
         for use_ema in (True, False):
-            out.append(mod.sample(text_embed=b["txt_emb"], text_tokens=b["txt_tokens"], text_mask=mask, steps=3,
-                                  generator=torch.Generator().manual_seed(5), use_ema=use_ema))
+            out.append(
+                mod.sample(
+                    text_embed=b["txt_emb"],
+                    text_tokens=b["txt_tokens"],
+                    text_mask=mask,
+                    steps=3,
+                    generator=torch.Generator().manual_seed(5),
+                    use_ema=use_ema,
+                )
+            )
     # load_from_checkpoint: bitwise identical samples, from the EMA and from the raw weights
     torch.testing.assert_close(out[2], out[0], rtol=0, atol=0)
     torch.testing.assert_close(out[3], out[1], rtol=0, atol=0)
@@ -204,8 +236,13 @@ def test_checkpoint_roundtrip_same_samples(tmp_path):
     # which can pick another CPU kernel (differences ~1e-7)
     torch.testing.assert_close(out[4], out[0], rtol=0, atol=0)
     torch.testing.assert_close(out[5], out[1], rtol=0, atol=1e-6)
-    again = load_prior(str(ckpt)).sample(text_embed=b["txt_emb"], text_tokens=b["txt_tokens"], text_mask=mask, steps=3,
-                                         generator=torch.Generator().manual_seed(5))
+    again = load_prior(str(ckpt)).sample(
+        text_embed=b["txt_emb"],
+        text_tokens=b["txt_tokens"],
+        text_mask=mask,
+        steps=3,
+        generator=torch.Generator().manual_seed(5),
+    )
     torch.testing.assert_close(again, out[4], rtol=0, atol=0)
     assert not torch.equal(out[0], out[1])  # EMA and raw weights really are different networks
 
@@ -214,8 +251,15 @@ def _tiny_clip_ckpt(path):
     from dalle2.lit.clip_module import CLIPModule
 
     clip = CLIPModule(network=TINY_CLIP)
-    torch.save({"state_dict": clip.state_dict(), "hyper_parameters": dict(clip.hparams), STAGE_KEY: "clip",
-                "pytorch-lightning_version": L.__version__}, path)
+    torch.save(
+        {
+            "state_dict": clip.state_dict(),
+            "hyper_parameters": dict(clip.hparams),
+            STAGE_KEY: "clip",
+            "pytorch-lightning_version": L.__version__,
+        },
+        path,
+    )
     return clip
 
 
@@ -262,17 +306,30 @@ def embedding_shards(builtin_shards, tmp_path_factory):
     net = {**TINY_CLIP, "image_size": 32}
     dm = WebDataModule(train_urls=builtin_shards["train"], val_urls=None, image_size=32, batch_size=32, num_workers=0)
     clip = CLIPModule(network=net)
-    trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
     trainer.fit(clip, datamodule=dm)
     clip_path = out / "clip.ckpt"
     trainer.save_checkpoint(clip_path)
     env = dict(os.environ, PYTHONPATH=REPO_ROOT)
     urls = {}
     for split in ("train", "val"):
-        cmd = [sys.executable, "train/precompute_embeddings.py", f"clip_ckpt={clip_path}",
-               f"data.urls='{builtin_shards[split]}'", f"out_dir={out / split}", "trainer.accelerator=cpu",
-               f"hydra.run.dir={out / ('pre_' + split)}"]
+        cmd = [
+            sys.executable,
+            "train/precompute_embeddings.py",
+            f"clip_ckpt={clip_path}",
+            f"data.urls='{builtin_shards[split]}'",
+            f"out_dir={out / split}",
+            "trainer.accelerator=cpu",
+            f"hydra.run.dir={out / ('pre_' + split)}",
+        ]
         proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env=env)
         assert proc.returncode == 0, proc.stderr[-2000:]
         urls[split] = ",".join(str(p) for p in sorted((out / split).glob("*.tar")))
@@ -284,28 +341,49 @@ def _brace(urls: str) -> str:
     return paths[0] if len(paths) == 1 else "{" + ",".join(paths) + "}"
 
 
-TINY_OVERRIDES = [f"model.embed_dim={D}", f"model.text_token_dim={DT}", "model.width=32", "model.depth=2",
-                  "model.heads=2", "model.dim_head=16", "data.batch_size=16", "data.num_workers=0",
-                  "module.val_sample_steps=2", "logger=csv"]
+TINY_OVERRIDES = [
+    f"model.embed_dim={D}",
+    f"model.text_token_dim={DT}",
+    "model.width=32",
+    "model.depth=2",
+    "model.heads=2",
+    "model.dim_head=16",
+    "data.batch_size=16",
+    "data.num_workers=0",
+    "module.val_sample_steps=2",
+    "logger=csv",
+]
 
 
 @pytest.mark.slow
 def test_train_cli_prior_tiny_on_embedding_shards(embedding_shards, tmp_path):
     run_dir = tmp_path / "run"
     env = dict(os.environ, PYTHONPATH=REPO_ROOT, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "train/train.py", "experiment=prior_tiny", *TINY_OVERRIDES,
-           f"data.train_urls={embedding_shards['train'].split(',')[0]}",
-           f"data.val_urls={embedding_shards['val'].split(',')[0]}",
-           "trainer.max_steps=4", "trainer.val_check_interval=4", "trainer.limit_val_batches=1",
-           f"hydra.run.dir={run_dir}"]
+    cmd = [
+        sys.executable,
+        "train/train.py",
+        "experiment=prior_tiny",
+        *TINY_OVERRIDES,
+        f"data.train_urls={embedding_shards['train'].split(',')[0]}",
+        f"data.val_urls={embedding_shards['val'].split(',')[0]}",
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=4",
+        "trainer.limit_val_batches=1",
+        f"hydra.run.dir={run_dir}",
+    ]
     proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=400, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     assert ckpt.is_file(), proc.stdout[-2000:]
     m = load_prior(str(ckpt))
     assert m.embed_dim == D and not m.training
-    s = m.sample(text_embed=torch.randn(2, D), text_tokens=torch.randn(2, 5, DT),
-                 text_mask=torch.ones(2, 5, dtype=torch.bool), steps=3, generator=torch.Generator().manual_seed(0))
+    s = m.sample(
+        text_embed=torch.randn(2, D),
+        text_tokens=torch.randn(2, 5, DT),
+        text_mask=torch.ones(2, 5, dtype=torch.bool),
+        steps=3,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert s.shape == (2, D) and torch.isfinite(s).all()
 
 
@@ -315,12 +393,21 @@ def test_ddp_two_processes_cli(embedding_shards, tmp_path):
     with sync_dist over both ranks, and writes a checkpoint that loads."""
     run_dir = tmp_path / "run"
     env = dict(os.environ, PYTHONPATH=REPO_ROOT, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "train/train.py", "experiment=prior_tiny", *TINY_OVERRIDES,
-           f"data.train_urls='{_brace(embedding_shards['train'])}'",
-           f"data.val_urls='{_brace(embedding_shards['val'])}'",
-           "trainer.accelerator=cpu", "trainer.devices=2", "+trainer.strategy=ddp",
-           "trainer.max_steps=3", "trainer.val_check_interval=3", "trainer.limit_val_batches=2",
-           f"hydra.run.dir={run_dir}"]
+    cmd = [
+        sys.executable,
+        "train/train.py",
+        "experiment=prior_tiny",
+        *TINY_OVERRIDES,
+        f"data.train_urls='{_brace(embedding_shards['train'])}'",
+        f"data.val_urls='{_brace(embedding_shards['val'])}'",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "+trainer.strategy=ddp",
+        "trainer.max_steps=3",
+        "trainer.val_check_interval=3",
+        "trainer.limit_val_batches=2",
+        f"hydra.run.dir={run_dir}",
+    ]
     proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=400, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = run_dir / "checkpoints" / "last.ckpt"

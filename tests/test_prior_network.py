@@ -196,8 +196,14 @@ def _full_sequence_reference(net: PriorNetwork, x, t, te, tok, mask) -> torch.Te
     """One causal pass over the whole sequence [tokens, text emb, t, x, query] (what the network computes in two)."""
     tokens, valid = net._text_tokens(tok, mask, None)
     b = x.shape[0]
-    h = torch.cat([tokens, net.text_embed_proj(torch.nn.functional.normalize(te, dim=-1))[:, None],
-                   torch.stack([net.time_embed(t), net.x_proj(x), net.query[None].expand(b, -1)], dim=1)], dim=1)
+    h = torch.cat(
+        [
+            tokens,
+            net.text_embed_proj(torch.nn.functional.normalize(te, dim=-1))[:, None],
+            torch.stack([net.time_embed(t), net.x_proj(x), net.query[None].expand(b, -1)], dim=1),
+        ],
+        dim=1,
+    )
     positions = torch.cat([torch.arange(tok.shape[1]), torch.arange(4) + net.max_text_len])
     h, rotary = net._position(h, positions)
     full_mask = net._attention_mask(torch.cat([valid, torch.ones(b, 4, dtype=torch.bool)], dim=1))
@@ -238,5 +244,6 @@ def test_cached_text_prior_reuses_the_prefix_under_guidance():
         assert len(calls) - n_before == (2 if step == 0 else 1)  # cached: once in all; plain: every call
     # other text -> the prefix is recomputed
     te2 = torch.randn_like(te)
-    torch.testing.assert_close(cached(x, t, **{**kw, "text_embed": te2}), plain(x, t, **{**kw, "text_embed": te2}),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        cached(x, t, **{**kw, "text_embed": te2}), plain(x, t, **{**kw, "text_embed": te2}), rtol=1e-5, atol=1e-5
+    )

@@ -69,8 +69,15 @@ def test_sample_prior_batched_and_deterministic(guidance_scale):
     net = Counting(make_net().eval())
     diffusion, scaler = make_diffusion(), EmbeddingScaler.for_dim(D)
     te, tok, mask = make_text()
-    kw = dict(text_embed=te, text_tokens=tok, text_mask=mask, n_samples_per_prompt=4, steps=5,
-              guidance_scale=guidance_scale, scaler=scaler)
+    kw = dict(
+        text_embed=te,
+        text_tokens=tok,
+        text_mask=mask,
+        n_samples_per_prompt=4,
+        steps=5,
+        guidance_scale=guidance_scale,
+        scaler=scaler,
+    )
     a = sample_prior(net, diffusion, generator=torch.Generator().manual_seed(7), **kw)
     assert a.shape == (B, D) and torch.isfinite(a).all()
     torch.testing.assert_close(a.norm(dim=-1), torch.ones(B))
@@ -139,7 +146,16 @@ def test_tiny_overfit_then_sample(one_thread):
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     assert last < 0.1 * first, (first, last)
     net.eval()
-    samples = sample_prior(net, diffusion, text_embed=te, text_tokens=tok, n_samples_per_prompt=2, steps=10,
-                           guidance_scale=2.0, generator=torch.Generator().manual_seed(0), scaler=scaler)
+    samples = sample_prior(
+        net,
+        diffusion,
+        text_embed=te,
+        text_tokens=tok,
+        n_samples_per_prompt=2,
+        steps=10,
+        guidance_scale=2.0,
+        generator=torch.Generator().manual_seed(0),
+        scaler=scaler,
+    )
     cos = (samples * target).sum(-1)
     assert cos.min() > 0.9, cos

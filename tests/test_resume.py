@@ -11,8 +11,15 @@ from helpers.shards import StandInTokenizer
 
 def _dm(urls, workers, persistent=True):
     return WebDataModule(
-        train_urls=urls, image_size=32, batch_size=8, num_workers=workers, epoch_size=40, shuffle_buffer=50,
-        tokenizer=StandInTokenizer(), random_crop=True, persistent_workers=persistent,
+        train_urls=urls,
+        image_size=32,
+        batch_size=8,
+        num_workers=workers,
+        epoch_size=40,
+        shuffle_buffer=50,
+        tokenizer=StandInTokenizer(),
+        random_crop=True,
+        persistent_workers=persistent,
     )
 
 
@@ -83,12 +90,24 @@ def test_sigkill_and_resume_matches_uninterrupted(builtin_shards, tiny_clip_ckpt
     n, k = 12, 4
     common = [f"trainer.max_steps={n}", f"callbacks.model_checkpoint.every_n_train_steps={k}"]
     a_dir, b_dir = tmp_path / "A", tmp_path / "B"
-    a = subprocess.run(decoder_cmd(builtin_shards, tiny_clip_ckpt, a_dir, *common), cwd=REPO_ROOT, env=run_env(),
-                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    a = subprocess.run(
+        decoder_cmd(builtin_shards, tiny_clip_ckpt, a_dir, *common),
+        cwd=REPO_ROOT,
+        env=run_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert a.returncode == 0, a.stderr[-3000:]
 
-    proc = subprocess.Popen(decoder_cmd(builtin_shards, tiny_clip_ckpt, b_dir, *common), cwd=REPO_ROOT, env=run_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        decoder_cmd(builtin_shards, tiny_clip_ckpt, b_dir, *common),
+        cwd=REPO_ROOT,
+        env=run_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     last = b_dir / "checkpoints" / "last.ckpt"
     deadline = time.time() + 240
     while not last.exists() and proc.poll() is None and time.time() < deadline:
@@ -99,9 +118,14 @@ def test_sigkill_and_resume_matches_uninterrupted(builtin_shards, tiny_clip_ckpt
     killed_at = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
     assert killed_at < n and killed_at % k == 0
 
-    b = subprocess.run(decoder_cmd(builtin_shards, tiny_clip_ckpt, b_dir, *common, "ckpt_path=last",
-                                   "logger.csv.name=csv_resumed"),
-                       cwd=REPO_ROOT, env=run_env(), capture_output=True, text=True, timeout=300)  # fmt: skip
+    b = subprocess.run(
+        decoder_cmd(builtin_shards, tiny_clip_ckpt, b_dir, *common, "ckpt_path=last", "logger.csv.name=csv_resumed"),
+        cwd=REPO_ROOT,
+        env=run_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert b.returncode == 0, b.stderr[-3000:]
     curve_a, curve_b = losses(a_dir / "csv" / "metrics.csv"), losses(b_dir / "csv_resumed" / "metrics.csv")
     assert min(curve_b) == killed_at and max(curve_b) == max(curve_a) == n - 1  # resumed from the checkpoint

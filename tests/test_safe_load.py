@@ -67,8 +67,9 @@ def test_pipeline_from_checkpoints_refuses_a_payload_in_any_stage(cascade, tmp_p
     evil = malicious_checkpoint(tmp_path / f"{stage}.ckpt", marker, stage=stage)
     paths = {**cascade, stage: evil}
     with pytest.raises(UntrustedCheckpointError) as e:
-        UnCLIPPipeline.from_checkpoints(clip=paths["clip"], prior=paths["prior"], decoder=paths["decoder"],
-                                        upsamplers=[paths["upsampler"]])  # fmt: skip
+        UnCLIPPipeline.from_checkpoints(
+            clip=paths["clip"], prior=paths["prior"], decoder=paths["decoder"], upsamplers=[paths["upsampler"]]
+        )
     assert_refused(str(e.value), evil, marker)
 
 
@@ -91,8 +92,9 @@ def test_our_checkpoints_load_with_weights_only_true(cascade, monkeypatch):
         return real_load(*args, **kwargs)
 
     monkeypatch.setattr(torch, "load", spy)
-    pipe = UnCLIPPipeline.from_checkpoints(clip=cascade["clip"], prior=cascade["prior"], decoder=cascade["decoder"],
-                                           upsamplers=[cascade["upsampler"]])  # fmt: skip
+    pipe = UnCLIPPipeline.from_checkpoints(
+        clip=cascade["clip"], prior=cascade["prior"], decoder=cascade["decoder"], upsamplers=[cascade["upsampler"]]
+    )
     assert pipe.sizes == (16, 32)
     assert calls and all(wo is True for wo in calls), calls
 
@@ -110,13 +112,25 @@ def test_a_lightning_written_checkpoint_needs_no_unsafe_global(builtin_shards, t
     from dalle2.lit.optim import warmup_cosine
     from helpers.cascade import TINY_CLIP
 
-    dm = WebDataModule(train_urls=builtin_shards["train"], val_urls=builtin_shards["val"], image_size=16,
-                       batch_size=8, num_workers=0)  # fmt: skip
-    module = CLIPModule(network=TINY_CLIP, optimizer=functools.partial(torch.optim.AdamW, lr=1e-3),
-                        scheduler=functools.partial(warmup_cosine, warmup_steps=1, total_steps=2))  # fmt: skip
-    trainer = L.Trainer(accelerator="cpu", max_steps=2, limit_val_batches=1, val_check_interval=2, logger=False,
-                        default_root_dir=tmp_path, enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[NonFiniteGuard(), L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True)])  # fmt: skip
+    dm = WebDataModule(
+        train_urls=builtin_shards["train"], val_urls=builtin_shards["val"], image_size=16, batch_size=8, num_workers=0
+    )
+    module = CLIPModule(
+        network=TINY_CLIP,
+        optimizer=functools.partial(torch.optim.AdamW, lr=1e-3),
+        scheduler=functools.partial(warmup_cosine, warmup_steps=1, total_steps=2),
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=2,
+        limit_val_batches=1,
+        val_check_interval=2,
+        logger=False,
+        default_root_dir=tmp_path,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[NonFiniteGuard(), L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True)],
+    )
     trainer.fit(module, datamodule=dm)
     last = tmp_path / "last.ckpt"
     assert torch.serialization.get_unsafe_globals_in_checkpoint(str(last)) == []
@@ -135,10 +149,21 @@ def _refused(proc, evil, marker) -> None:
 
 def test_train_refuses_a_clip_ckpt_payload(builtin_shards, tmp_path, marker):
     evil = malicious_checkpoint(tmp_path / "clip.ckpt", marker, stage="clip")
-    proc = run_script("train/train.py", "stage=prior", "data=builtin", "data.load_image=true",
-                      f"data.train_urls='{builtin_shards['train']}'", f"data.val_urls='{builtin_shards['val']}'",
-                      f"clip_ckpt={evil}", "trainer.max_steps=1", "logger=none", "trainer.enable_progress_bar=false",
-                      "data.num_workers=0", f"hydra.run.dir={tmp_path / 'run'}", env=UNSAFE_TORCH_DEFAULT)  # fmt: skip
+    proc = run_script(
+        "train/train.py",
+        "stage=prior",
+        "data=builtin",
+        "data.load_image=true",
+        f"data.train_urls='{builtin_shards['train']}'",
+        f"data.val_urls='{builtin_shards['val']}'",
+        f"clip_ckpt={evil}",
+        "trainer.max_steps=1",
+        "logger=none",
+        "trainer.enable_progress_bar=false",
+        "data.num_workers=0",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        env=UNSAFE_TORCH_DEFAULT,
+    )
     _refused(proc, evil, marker)
 
 
@@ -146,10 +171,19 @@ def test_train_refuses_a_ckpt_path_payload(builtin_shards, tmp_path, marker):
     """trainer.fit(ckpt_path=...) loads through Lightning: our checkpoints are checked safely first, and Lightning
     is told weights_only=True (not torch's default, which the environment can flip)."""
     evil = malicious_checkpoint(tmp_path / "last.ckpt", marker, stage="clip")
-    proc = run_script("train/train.py", "stage=clip", f"data.train_urls='{builtin_shards['train']}'",
-                      f"data.val_urls='{builtin_shards['val']}'", f"ckpt_path={evil}", "trainer.max_steps=1",
-                      "logger=none", "trainer.enable_progress_bar=false", "data.num_workers=0",
-                      f"hydra.run.dir={tmp_path / 'run'}", env=UNSAFE_TORCH_DEFAULT)  # fmt: skip
+    proc = run_script(
+        "train/train.py",
+        "stage=clip",
+        f"data.train_urls='{builtin_shards['train']}'",
+        f"data.val_urls='{builtin_shards['val']}'",
+        f"ckpt_path={evil}",
+        "trainer.max_steps=1",
+        "logger=none",
+        "trainer.enable_progress_bar=false",
+        "data.num_workers=0",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        env=UNSAFE_TORCH_DEFAULT,
+    )
     _refused(proc, evil, marker)
 
 
@@ -159,33 +193,60 @@ def test_sample_refuses_a_payload(cascade, tmp_path, marker, stage):
     paths = {**cascade, stage: evil}
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\n")
-    proc = run_script("eval/sample.py", f"ckpt.clip={paths['clip']}", f"ckpt.prior={paths['prior']}",
-                      f"ckpt.decoder={paths['decoder']}", f"ckpt.upsamplers=[{paths['upsampler']}]",
-                      f"prompts={prompts}", f"out_dir={tmp_path / 'out'}", "trainer.accelerator=cpu",
-                      env=UNSAFE_TORCH_DEFAULT)  # fmt: skip
+    proc = run_script(
+        "eval/sample.py",
+        f"ckpt.clip={paths['clip']}",
+        f"ckpt.prior={paths['prior']}",
+        f"ckpt.decoder={paths['decoder']}",
+        f"ckpt.upsamplers=[{paths['upsampler']}]",
+        f"prompts={prompts}",
+        f"out_dir={tmp_path / 'out'}",
+        "trainer.accelerator=cpu",
+        env=UNSAFE_TORCH_DEFAULT,
+    )
     _refused(proc, evil, marker)
     assert not (tmp_path / "out").exists()
 
 
 def test_evaluate_refuses_a_payload(builtin_shards, tmp_path, marker):
     evil = malicious_checkpoint(tmp_path / "clip.ckpt", marker, stage="clip")
-    proc = run_script("eval/evaluate.py", "task=retrieval", f"clip_ckpt={evil}",
-                      f"data.urls='{builtin_shards['val']}'", "data.num_workers=0", "trainer.accelerator=cpu",
-                      env=UNSAFE_TORCH_DEFAULT)  # fmt: skip
+    proc = run_script(
+        "eval/evaluate.py",
+        "task=retrieval",
+        f"clip_ckpt={evil}",
+        f"data.urls='{builtin_shards['val']}'",
+        "data.num_workers=0",
+        "trainer.accelerator=cpu",
+        env=UNSAFE_TORCH_DEFAULT,
+    )
     _refused(proc, evil, marker)
 
 
 def test_serve_refuses_a_payload_before_listening(cascade, tmp_path, marker):
     evil = malicious_checkpoint(tmp_path / "decoder.ckpt", marker, stage="decoder")
-    proc = run_script("eval/serve.py", f"ckpt.clip={cascade['clip']}", f"ckpt.prior={cascade['prior']}",
-                      f"ckpt.decoder={evil}", "device=cpu", "port=0", timeout=120, env=UNSAFE_TORCH_DEFAULT)  # fmt: skip
+    proc = run_script(
+        "eval/serve.py",
+        f"ckpt.clip={cascade['clip']}",
+        f"ckpt.prior={cascade['prior']}",
+        f"ckpt.decoder={evil}",
+        "device=cpu",
+        "port=0",
+        timeout=120,
+        env=UNSAFE_TORCH_DEFAULT,
+    )
     _refused(proc, evil, marker)
 
 
 def test_precompute_embeddings_refuses_a_payload(builtin_shards, tmp_path, marker):
     evil = malicious_checkpoint(tmp_path / "clip.ckpt", marker, stage="clip")
-    proc = run_script("train/precompute_embeddings.py", f"clip_ckpt={evil}", f"data.urls='{builtin_shards['val']}'",
-                      f"out_dir={tmp_path / 'emb'}", "trainer.accelerator=cpu", env=UNSAFE_TORCH_DEFAULT)  # fmt: skip
+    proc = run_script(
+        "train/precompute_embeddings.py",
+        f"clip_ckpt={evil}",
+        f"data.urls='{builtin_shards['val']}'",
+        f"out_dir={tmp_path / 'emb'}",
+        "trainer.accelerator=cpu",
+        env=UNSAFE_TORCH_DEFAULT,
+    )
     _refused(proc, evil, marker)
 
 
@@ -197,8 +258,14 @@ def test_notebook_loader_refuses_a_payload(cascade, tmp_path, marker):
     from helpers.notebooks import execute_notebook
 
     evil = malicious_checkpoint(tmp_path / "clip.ckpt", marker, stage="clip")
-    env = {"DALLE2_NB_RUN": str(tmp_path / "no_run"), "DALLE2_NB_CLIP": evil, "DALLE2_NB_PRIOR": cascade["prior"],
-           "DALLE2_NB_DECODER": cascade["decoder"], "DALLE2_NB_SMOKE": "1", **UNSAFE_TORCH_DEFAULT}  # fmt: skip
+    env = {
+        "DALLE2_NB_RUN": str(tmp_path / "no_run"),
+        "DALLE2_NB_CLIP": evil,
+        "DALLE2_NB_PRIOR": cascade["prior"],
+        "DALLE2_NB_DECODER": cascade["decoder"],
+        "DALLE2_NB_SMOKE": "1",
+        **UNSAFE_TORCH_DEFAULT,
+    }
     with pytest.raises(CellExecutionError) as e:
         execute_notebook("explore_checkpoints", env=env, tmp_path=tmp_path)
     assert "UntrustedCheckpointError" in str(e.value)

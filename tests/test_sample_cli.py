@@ -22,16 +22,32 @@ from helpers.images import assert_same_8bit
 from helpers.scripts import compose_conf, load_script
 
 PROMPT_LINES = ["a red circle", "two green squares", "", "x", "a small yellow triangle at the top left"]
-OVERRIDES = ["n_per_prompt=2", "batch_size=3", "seed=5", "steps.prior=3", "steps.decoder=3", "steps.upsampler=2",
-             "guidance.prior=2.0", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false"]  # fmt: skip
+OVERRIDES = [
+    "n_per_prompt=2",
+    "batch_size=3",
+    "seed=5",
+    "steps.prior=3",
+    "steps.decoder=3",
+    "steps.upsampler=2",
+    "guidance.prior=2.0",
+    "trainer.accelerator=cpu",
+    "trainer.enable_progress_bar=false",
+]
 
 
 def _args(ckpts: dict, prompts: Path, out_dir: Path, extra=()) -> list[str]:
     """The CLI overrides: OVERRIDES, with the keys ``extra`` sets replaced (Hydra refuses a key given twice)."""
     keys = {e.split("=", 1)[0] for e in extra}
-    return [f"ckpt.clip={ckpts['clip']}", f"ckpt.prior={ckpts['prior']}", f"ckpt.decoder={ckpts['decoder']}",
-            f"ckpt.upsamplers=[{ckpts['upsampler']}]", f"prompts={prompts}", f"out_dir={out_dir}",
-            *(o for o in OVERRIDES if o.split("=", 1)[0] not in keys), *extra]  # fmt: skip
+    return [
+        f"ckpt.clip={ckpts['clip']}",
+        f"ckpt.prior={ckpts['prior']}",
+        f"ckpt.decoder={ckpts['decoder']}",
+        f"ckpt.upsamplers=[{ckpts['upsampler']}]",
+        f"prompts={prompts}",
+        f"out_dir={out_dir}",
+        *(o for o in OVERRIDES if o.split("=", 1)[0] not in keys),
+        *extra,
+    ]
 
 
 def run_in_process(ckpts: dict, prompts: Path, out_dir: Path, extra=()) -> Path:
@@ -108,8 +124,12 @@ def test_files_manifest_grid_and_deterministic(reference, tiny_ckpts, prompts_fi
 def test_cli_image_is_the_pipeline_image_for_index_i_k(reference, tiny_ckpts):
     from dalle2.pipeline import SamplingSettings, UnCLIPPipeline
 
-    pipe = UnCLIPPipeline.from_checkpoints(clip=tiny_ckpts["clip"], prior=tiny_ckpts["prior"],
-                                           decoder=tiny_ckpts["decoder"], upsamplers=[tiny_ckpts["upsampler"]])  # fmt: skip
+    pipe = UnCLIPPipeline.from_checkpoints(
+        clip=tiny_ckpts["clip"],
+        prior=tiny_ckpts["prior"],
+        decoder=tiny_ckpts["decoder"],
+        upsamplers=[tiny_ckpts["upsampler"]],
+    )
     row = json.loads((reference / "manifest.jsonl").read_text().splitlines()[5])
     assert (row["index"], row["k"]) == (3, 1)
     st = SamplingSettings.from_dict(row["settings"])
@@ -134,8 +154,13 @@ def test_bad_size_and_wrong_stage_are_clear_errors(tiny_ckpts, prompts_file, tmp
 @pytest.mark.slow
 def test_two_ddp_processes_give_byte_identical_pngs(reference, tiny_ckpts, prompts_file, tmp_path):
     out = tmp_path / "ddp2"
-    cmd = [sys.executable, "eval/sample.py", *_args(tiny_ckpts, prompts_file, out),
-           "trainer.devices=2", "trainer.strategy=ddp"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "eval/sample.py",
+        *_args(tiny_ckpts, prompts_file, out),
+        "trainer.devices=2",
+        "trainer.strategy=ddp",
+    ]
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}  # as the reference (see run_in_process)
     proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -149,14 +174,23 @@ def test_fewer_batches_than_processes_idle_rank_writes_nothing(tiny_ckpts, tmp_p
     """6 prompts in one batch of 8 on 2 processes: rank 1 gets no batch. It used to die with "`DataLoader` within
     local rank has zero length"; now rank 1 idles and the files are those of 1 process."""
     prompts = tmp_path / "six.txt"
-    prompts.write_text("".join(f"a {c} circle on the left of a gray background\n" for c in
-                               ("red", "green", "blue", "yellow", "purple", "red")))  # fmt: skip
+    prompts.write_text(
+        "".join(
+            f"a {c} circle on the left of a gray background\n"
+            for c in ("red", "green", "blue", "yellow", "purple", "red")
+        )
+    )
     extra = ["n_per_prompt=1", "batch_size=8"]
     one = run_in_process(tiny_ckpts, prompts, tmp_path / "one", extra=extra)
     assert PromptBatches(make_items(["p"] * 6), batch_size=8).batches_for_rank(1, 2) == []
     out = tmp_path / "two"
-    cmd = [sys.executable, "eval/sample.py", *_args(tiny_ckpts, prompts, out, extra),
-           "trainer.devices=2", "trainer.strategy=ddp"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "eval/sample.py",
+        *_args(tiny_ckpts, prompts, out, extra),
+        "trainer.devices=2",
+        "trainer.strategy=ddp",
+    ]
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -17,8 +17,11 @@ from helpers.tiny_runs import REPO_ROOT, run
 sys.path.insert(0, str(REPO_ROOT / "eval"))
 import sweep_gather  # noqa: E402
 
-PROMPTS = ["a small red circle on the left of a black background", "a large blue square in the center of a white background",
-           "a small green cross on the right of a gray background"]  # fmt: skip
+PROMPTS = [
+    "a small red circle on the left of a black background",
+    "a large blue square in the center of a white background",
+    "a small green cross on the right of a gray background",
+]
 GRID = {"guidance.decoder": ["1", "3"], "sampler.decoder": ["ddim", "dpmpp_2m"], "steps.decoder": ["2", "3"]}
 
 
@@ -30,11 +33,24 @@ def sweep(builtin_shards, tmp_path_factory):
     prompts = tmp / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
     sweep_dir = tmp / "multirun"
-    cmd = [sys.executable, "eval/sample.py", "-m", f"ckpt.clip={ckpts['clip']}", f"ckpt.prior={ckpts['prior']}",
-           f"ckpt.decoder={ckpts['decoder']}", "ckpt.upsamplers=[]", f"prompts={prompts}", "steps.prior=2",
-           "n_prior_samples=1", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
-           f"score.reference_urls='{builtin_shards['val']}'", "score.max_reference=16",
-           *(f"{k}={','.join(v)}" for k, v in GRID.items()), f"hydra.sweep.dir={sweep_dir}"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "eval/sample.py",
+        "-m",
+        f"ckpt.clip={ckpts['clip']}",
+        f"ckpt.prior={ckpts['prior']}",
+        f"ckpt.decoder={ckpts['decoder']}",
+        "ckpt.upsamplers=[]",
+        f"prompts={prompts}",
+        "steps.prior=2",
+        "n_prior_samples=1",
+        "trainer.accelerator=cpu",
+        "trainer.enable_progress_bar=false",
+        f"score.reference_urls='{builtin_shards['val']}'",
+        "score.max_reference=16",
+        *(f"{k}={','.join(v)}" for k, v in GRID.items()),
+        f"hydra.sweep.dir={sweep_dir}",
+    ]
     proc = run(cmd, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return sweep_dir, tmp
@@ -65,10 +81,16 @@ def test_gather_writes_csv_table_and_plots(sweep):
         rows = list(csv.DictReader(f))
     assert len(rows) == 8
     assert {(r["guidance"], r["sampler"], r["steps"]) for r in rows} == {
-        (f"{float(g)}", s, n) for g in GRID["guidance.decoder"] for s in GRID["sampler.decoder"] for n in GRID["steps.decoder"]}
+        (f"{float(g)}", s, n)
+        for g in GRID["guidance.decoder"]
+        for s in GRID["sampler.decoder"]
+        for n in GRID["steps.decoder"]
+    }
     finals = {json.loads((sweep_dir / r["job"] / "final_metrics.json").read_text())["metrics"]["clip_fd"] for r in rows}
     assert {float(r["clip_fd"]) for r in rows} == finals  # the CSV carries each job's own score
-    assert all(r["strict_accuracy"] != "" and r["checker_all"] != "" and float(r["seconds_per_image"]) > 0 for r in rows)
+    assert all(
+        r["strict_accuracy"] != "" and r["checker_all"] != "" and float(r["seconds_per_image"]) > 0 for r in rows
+    )
     assert (out / "sweep.md").read_text().count("\n") == 10  # header, rule, 8 rows
     for name in ("tradeoff", "steps"):
         with Image.open(written[name]) as im:

@@ -27,8 +27,17 @@ SMALL_GPU = ["gpu=custom", "memory_gib=0.25", "peak_tflops=10", "context_gib=0.0
 def plans():
     out = {}
     for stage, config in TINY:
-        r = scale_plan.main([f"stage={stage}", f"config={config}", "gpus=1,4,16", *SMALL_GPU, "global_batch=64",
-                             "iterations=1000", "image_size=16"])  # fmt: skip
+        r = scale_plan.main(
+            [
+                f"stage={stage}",
+                f"config={config}",
+                "gpus=1,4,16",
+                *SMALL_GPU,
+                "global_batch=64",
+                "iterations=1000",
+                "image_size=16",
+            ]
+        )
         out[(stage, config)] = r["plans"]
     return out
 
@@ -48,7 +57,9 @@ def test_bytes_add_up_and_the_micro_batch_fits_exactly(plans, stage, config):
                 assert state + (micro + 1) * per > m["usable_gib"] * GIB  # and it is the largest
         chosen = p["chosen"]
         mem = p["memory"][p["strategy"]]["ckpt" if chosen["ckpt"] else "no_ckpt"]
-        assert chosen["bytes"]["activations"] == pytest.approx(chosen["micro_batch"] * mem["activation_bytes_per_sample"])
+        assert chosen["bytes"]["activations"] == pytest.approx(
+            chosen["micro_batch"] * mem["activation_bytes_per_sample"]
+        )
         assert {k: v for k, v in chosen["bytes"].items() if k != "activations"} == mem["state_bytes"]
 
 
@@ -61,7 +72,10 @@ def test_fsdp_state_is_ddp_state_over_gpus(plans, stage, config):
         # 4 + 4 + 8 + 4 bytes a parameter under DDP
         assert sum(ddp[k] for k in ("weights", "gradients", "optimizer", "ema")) == 20 * p["params"]
     by_gpus = {p["gpus"]: p for p in plans[(stage, config)]}
-    assert by_gpus[16]["memory"]["fsdp"]["no_ckpt"]["max_micro_batch"] >= by_gpus[1]["memory"]["fsdp"]["no_ckpt"]["max_micro_batch"]
+    assert (
+        by_gpus[16]["memory"]["fsdp"]["no_ckpt"]["max_micro_batch"]
+        >= by_gpus[1]["memory"]["fsdp"]["no_ckpt"]["max_micro_batch"]
+    )
     assert by_gpus[16]["memory"]["ddp"]["no_ckpt"] == by_gpus[1]["memory"]["ddp"]["no_ckpt"]  # DDP does not shard
 
 
@@ -72,13 +86,17 @@ def test_times_rates_and_gpu_hours_agree(plans, stage, config):
         assert f["train"] > f["forward"] > 0 and f["train_with_ckpt"] == pytest.approx(f["train"] + f["forward"])
         flops = f["train_with_ckpt"] if p["chosen"]["ckpt"] else f["train"]
         batch, iters = p["paper"]["global_batch"], p["paper"]["iterations"]
-        assert p["compute_s_per_step"] == pytest.approx(batch * flops / (p["gpus"] * p["peak_tflops"] * 1e12 * p["mfu"]))
+        assert p["compute_s_per_step"] == pytest.approx(
+            batch * flops / (p["gpus"] * p["peak_tflops"] * 1e12 * p["mfu"])
+        )
         assert p["step_time_s"] == pytest.approx(max(p["compute_s_per_step"], p["comm_s_per_step"]))
         assert p["samples_per_s"] * p["step_time_s"] == pytest.approx(batch)
         assert p["gpu_hours"] == pytest.approx(iters * p["step_time_s"] * p["gpus"] / 3600)
         assert p["days"] == pytest.approx(p["gpu_hours"] / p["gpus"] / 24)
         nodes = max(1, p["gpus"] // 8)
-        assert p["input"]["mb_per_s_per_node"] == pytest.approx(p["samples_per_s"] / nodes * p["input"]["bytes_per_sample"] / 1e6)
+        assert p["input"]["mb_per_s_per_node"] == pytest.approx(
+            p["samples_per_s"] / nodes * p["input"]["bytes_per_sample"] / 1e6
+        )
         c = p["chosen"]
         if c["fits"]:
             assert c["micro_batch"] * c["accumulation"] * p["gpus"] >= batch  # the global batch is reached
@@ -116,17 +134,32 @@ def test_activations_scale_with_batch():
 
 
 def test_a_model_larger_than_the_gpu_does_not_fit():
-    r = scale_plan.main(["stage=prior", "config=tiny", "gpus=1", "gpu=custom", "memory_gib=0.001", "peak_tflops=10",
-                         "context_gib=0"])  # fmt: skip
+    r = scale_plan.main(
+        ["stage=prior", "config=tiny", "gpus=1", "gpu=custom", "memory_gib=0.001", "peak_tflops=10", "context_gib=0"]
+    )
     p = r["plans"][0]
     assert p["chosen"]["fits"] is False and p["chosen"]["max_micro_batch"] == 0 and "does not fit" in r["table"]
 
 
 def test_cli_prints_json_and_a_table(tmp_path):
     out = tmp_path / "plan.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "scale_plan.py"), "stage=prior", "config=tiny",
-                           "gpus=8", "gpu=a100", "strategy=ddp", "--out", str(out)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "scale_plan.py"),
+            "stage=prior",
+            "config=tiny",
+            "gpus=8",
+            "gpu=a100",
+            "strategy=ddp",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert json.loads(out.read_text()) == result

@@ -31,8 +31,12 @@ uvicorn = pytest.importorskip("uvicorn")
 from helpers.tiny_runs import REPO_ROOT as REPO  # noqa: E402
 
 API_KEY = "sk-test-123"
-FAST = SamplingSettings(prior=StageSettings(steps=2), decoder=StageSettings(steps=3, guidance_scale=2.0),
-                        upsampler=StageSettings(steps=2), n_prior_samples=2)  # fmt: skip
+FAST = SamplingSettings(
+    prior=StageSettings(steps=2),
+    decoder=StageSettings(steps=3, guidance_scale=2.0),
+    upsampler=StageSettings(steps=2),
+    n_prior_samples=2,
+)
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +46,9 @@ def ckpts(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pipe(ckpts):
-    return UnCLIPPipeline.from_checkpoints(clip=ckpts["clip"], prior=ckpts["prior"], decoder=ckpts["decoder"],
-                                           upsamplers=[ckpts["upsampler"]])  # fmt: skip
+    return UnCLIPPipeline.from_checkpoints(
+        clip=ckpts["clip"], prior=ckpts["prior"], decoder=ckpts["decoder"], upsamplers=[ckpts["upsampler"]]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -106,11 +111,13 @@ def test_load_image_crops_resizes_and_rejects_garbage():
 def test_batcher_groups_compatible_requests_and_slices_results():
     fake = FakePipeline()
     b = Batcher(fake, max_batch_size=4, max_wait_ms=200)
-    jobs = [Job(kind="generation", size=8, seed=1, n=2, prompt="ab"),
-            Job(kind="generation", size=4, seed=2, n=1, prompt="abc"),  # other size: its own batch
-            Job(kind="generation", size=8, seed=3, n=1, prompt="abcd"),
-            Job(kind="variation", size=8, seed=4, n=2, image=torch.full((3, 4, 4), 0.5)),
-            Job(kind="generation", size=8, seed=5, n=3, prompt="a")]  # does not fit beside the first two  # fmt: skip
+    jobs = [
+        Job(kind="generation", size=8, seed=1, n=2, prompt="ab"),
+        Job(kind="generation", size=4, seed=2, n=1, prompt="abc"),  # other size: its own batch
+        Job(kind="generation", size=8, seed=3, n=1, prompt="abcd"),
+        Job(kind="variation", size=8, seed=4, n=2, image=torch.full((3, 4, 4), 0.5)),
+        Job(kind="generation", size=8, seed=5, n=3, prompt="a"),
+    ]  # does not fit beside the first two
     for j in jobs:  # queued before the worker starts: batching is deterministic
         b.submit(j)
     b.start()
@@ -142,8 +149,10 @@ def test_batcher_splits_big_requests_and_reports_errors():
 
 
 def test_import_dalle2_stays_light():
-    code = ("import sys, dalle2; assert 'fastapi' not in sys.modules and 'dalle2.serving' not in sys.modules; "
-            "g = dalle2.generate; assert callable(g) and 'fastapi' not in sys.modules")  # fmt: skip
+    code = (
+        "import sys, dalle2; assert 'fastapi' not in sys.modules and 'dalle2.serving' not in sys.modules; "
+        "g = dalle2.generate; assert callable(g) and 'fastapi' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
 
 
@@ -170,27 +179,30 @@ def test_generate_returns_pil_images_deterministically(pipe):
 
 
 def test_openai_client_generations_b64_and_seed(client):
-    r = client.images.generate(prompt="a red circle", n=3, size="32x32", response_format="b64_json",
-                               extra_body={"seed": 11})  # fmt: skip
+    r = client.images.generate(
+        prompt="a red circle", n=3, size="32x32", response_format="b64_json", extra_body={"seed": 11}
+    )
     imgs = decode_b64(r)
     assert len(imgs) == 3 and all(i.size == (32, 32) and i.format == "PNG" for i in imgs)
     assert isinstance(r.created, int) and r.model_extra.get("seed") == 11
-    r2 = client.images.generate(prompt="a red circle", n=3, size="32x32", response_format="b64_json",
-                                extra_body={"seed": 11})  # fmt: skip
+    r2 = client.images.generate(
+        prompt="a red circle", n=3, size="32x32", response_format="b64_json", extra_body={"seed": 11}
+    )
     assert [d.b64_json for d in r2.data] == [d.b64_json for d in r.data]  # same seed -> same bytes
     assert len({d.b64_json for d in r.data}) == 3  # the images of one request differ
-    r3 = client.images.generate(prompt="a red circle", n=1, size="32x32", response_format="b64_json",
-                                extra_body={"seed": 12})  # fmt: skip
+    r3 = client.images.generate(
+        prompt="a red circle", n=1, size="32x32", response_format="b64_json", extra_body={"seed": 12}
+    )
     assert r3.data[0].b64_json != r.data[0].b64_json
-    small = client.images.generate(prompt="two green squares", size="16x16", response_format="b64_json",
-                                   model="dalle2")  # fmt: skip
+    small = client.images.generate(prompt="two green squares", size="16x16", response_format="b64_json", model="dalle2")
     assert [i.size for i in decode_b64(small)] == [(16, 16)] and isinstance(small.model_extra.get("seed"), int)
 
 
 def test_openai_client_url_response(client, server):
     r = client.images.generate(prompt="a blue square", n=2, size="16x16", extra_body={"seed": 3})  # url: default
-    b64 = client.images.generate(prompt="a blue square", n=2, size="16x16", response_format="b64_json",
-                                 extra_body={"seed": 3})  # fmt: skip
+    b64 = client.images.generate(
+        prompt="a blue square", n=2, size="16x16", response_format="b64_json", extra_body={"seed": 3}
+    )
     for d, ref in zip(r.data, b64.data):
         assert d.url.startswith(server.url + "/v1/images/files/") and d.b64_json is None
         got = httpx.get(d.url, timeout=30)
@@ -218,12 +230,20 @@ def test_openai_client_variations(client):
 
 @pytest.mark.parametrize(
     "kwargs, param",
-    [(dict(prompt="x", size="64x64"), "size"), (dict(prompt="x", size="32x16"), "size"),
-     (dict(prompt="x", size="huge"), "size"), (dict(prompt=""), "prompt"), (dict(prompt="   "), "prompt"),
-     (dict(prompt="x", n=0), "n"), (dict(prompt="x", n=5), "n"), (dict(prompt="x" * 1001), "prompt"),
-     (dict(prompt="x", response_format="gif"), "response_format"),
-     (dict(prompt="x", extra_body={"seed": -1}), "seed"), (dict(prompt="x", extra_body={"n": "two"}), "n")],
-)  # fmt: skip
+    [
+        (dict(prompt="x", size="64x64"), "size"),
+        (dict(prompt="x", size="32x16"), "size"),
+        (dict(prompt="x", size="huge"), "size"),
+        (dict(prompt=""), "prompt"),
+        (dict(prompt="   "), "prompt"),
+        (dict(prompt="x", n=0), "n"),
+        (dict(prompt="x", n=5), "n"),
+        (dict(prompt="x" * 1001), "prompt"),
+        (dict(prompt="x", response_format="gif"), "response_format"),
+        (dict(prompt="x", extra_body={"seed": -1}), "seed"),
+        (dict(prompt="x", extra_body={"n": "two"}), "n"),
+    ],
+)
 def test_bad_requests_are_400_with_openai_error_shape(client, kwargs, param):
     with pytest.raises(openai.BadRequestError) as e:
         client.images.generate(**kwargs)
@@ -260,8 +280,9 @@ def test_concurrent_requests_are_batched_and_isolated(server, client, pipe):
     prompts = [f"prompt number {i} with {'many ' * i}words" for i in range(8)]
 
     def call(i):
-        r = client.images.generate(prompt=prompts[i], n=1 + i % 2, size="16x16", response_format="b64_json",
-                                   extra_body={"seed": 100 + i})  # fmt: skip
+        r = client.images.generate(
+            prompt=prompts[i], n=1 + i % 2, size="16x16", response_format="b64_json", extra_body={"seed": 100 + i}
+        )
         return [np.asarray(im) for im in decode_b64(r)]
 
     with ThreadPoolExecutor(8) as ex:
@@ -283,10 +304,24 @@ def test_serve_cli(ckpts, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, str(REPO / "eval/serve.py"), f"ckpt.clip={ckpts['clip']}", f"ckpt.prior={ckpts['prior']}",
-           f"ckpt.decoder={ckpts['decoder']}", f"ckpt.upsamplers=[{ckpts['upsampler']}]", "host=127.0.0.1",
-           f"port={port}", "api_key=sk-cli", "steps.prior=2", "steps.decoder=2", "steps.upsampler=2", "device=cpu",
-           "limits.max_queue=5", "limits.max_image_pixels=4096", f"hydra.run.dir={tmp_path}"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(REPO / "eval/serve.py"),
+        f"ckpt.clip={ckpts['clip']}",
+        f"ckpt.prior={ckpts['prior']}",
+        f"ckpt.decoder={ckpts['decoder']}",
+        f"ckpt.upsamplers=[{ckpts['upsampler']}]",
+        "host=127.0.0.1",
+        f"port={port}",
+        "api_key=sk-cli",
+        "steps.prior=2",
+        "steps.decoder=2",
+        "steps.upsampler=2",
+        "device=cpu",
+        "limits.max_queue=5",
+        "limits.max_image_pixels=4096",
+        f"hydra.run.dir={tmp_path}",
+    ]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         t0 = time.monotonic()
@@ -297,7 +332,9 @@ def test_serve_cli(ckpts, tmp_path):
             except httpx.TransportError:
                 pass
             if proc.poll() is not None or time.monotonic() - t0 > 180:
-                raise AssertionError(f"server did not come up:\n{proc.stdout.read() if proc.poll() is not None else ''}")
+                raise AssertionError(
+                    f"server did not come up:\n{proc.stdout.read() if proc.poll() is not None else ''}"
+                )
             time.sleep(0.5)
         c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-cli", max_retries=0, timeout=120)
         r = c.images.generate(prompt="a red circle", n=2, size="32x32", response_format="b64_json")
@@ -323,10 +360,15 @@ def test_without_prior_only_variations(ckpts):
         assert r.status_code == 400 and r.json()["error"]["code"] == "unsupported"
         buf = io.BytesIO()
         Image.new("RGB", (16, 16), (200, 10, 10)).save(buf, format="JPEG")
-        r = tc.post("/v1/images/variations", files={"image": ("a.jpg", buf.getvalue(), "image/jpeg")},
-                    data={"n": "2", "response_format": "b64_json", "seed": "1"})  # fmt: skip
+        r = tc.post(
+            "/v1/images/variations",
+            files={"image": ("a.jpg", buf.getvalue(), "image/jpeg")},
+            data={"n": "2", "response_format": "b64_json", "seed": "1"},
+        )
         assert r.status_code == 200, r.text
-        assert [Image.open(io.BytesIO(base64.b64decode(d["b64_json"]))).size for d in r.json()["data"]] == [(16, 16)] * 2
+        assert [Image.open(io.BytesIO(base64.b64decode(d["b64_json"]))).size for d in r.json()["data"]] == [
+            (16, 16)
+        ] * 2
         assert tc.get("/v1/nothing").json()["error"]["code"] == "not_found"
 
 
@@ -342,8 +384,11 @@ def test_sampling_failure_is_500_with_error_shape():
         assert r.status_code == 500
         err = r.json()["error"]
         assert err["type"] == "server_error" and "out of memory" in err["message"]
-        ok = tc.post("/v1/images/variations", files={"image": ("a.png", _png(Image.new("RGB", (5, 5))), "image/png")},
-                     data={"size": "4x4", "response_format": "b64_json"})  # the worker survived  # fmt: skip
+        ok = tc.post(
+            "/v1/images/variations",
+            files={"image": ("a.png", _png(Image.new("RGB", (5, 5))), "image/png")},
+            data={"size": "4x4", "response_format": "b64_json"},
+        )  # the worker survived
         assert ok.status_code == 200 and len(ok.json()["data"]) == 1
         assert tc.get("/health").json()["errors"] == 1
 

@@ -90,8 +90,11 @@ def read_response(sock: socket.socket, timeout: float) -> tuple[int | None, dict
         return None, {}, data
     head, _, rest = data.partition(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
-    return int(lines[0].split()[1]), {k.strip().lower(): v.strip() for k, _, v in
-                                      (ln.partition(":") for ln in lines[1:])}, rest  # fmt: skip
+    return (
+        int(lines[0].split()[1]),
+        {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])},
+        rest,
+    )
 
 
 def stream_until_refused(port: int, head: bytes, chunks, *, timeout: float = 30):
@@ -160,8 +163,11 @@ def test_only_png_jpeg_and_webp_are_accepted(fmt):
 def test_bomb_upload_over_http_is_400_at_once():
     fake = FakePipeline()
     with TestClient(create_app(fake, max_wait_ms=0)) as tc:
-        r, seconds = timed(lambda: tc.post("/v1/images/variations", data={"size": "4x4"},
-                                           files={"image": ("bomb.png", png_bomb(), "image/png")}))  # fmt: skip
+        r, seconds = timed(
+            lambda: tc.post(
+                "/v1/images/variations", data={"size": "4x4"}, files={"image": ("bomb.png", png_bomb(), "image/png")}
+            )
+        )
         assert r.status_code == 400 and seconds < 2.0, (r.status_code, seconds)
         assert_error_shape(r.json(), "image_too_large")
     assert fake.calls == []
@@ -171,10 +177,21 @@ def test_bomb_upload_over_http_is_400_at_once():
 
 
 def _scope(path: str, headers: dict[str, str]) -> dict:
-    return {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
-            "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
-            "root_path": "", "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 8000), "state": {},
-            "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()]}  # fmt: skip
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 8000),
+        "state": {},
+        "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+    }
 
 
 def call_asgi(app, path: str, headers: dict[str, str], chunk: bytes, n_chunks: int, first: bytes = b""):
@@ -206,8 +223,9 @@ def test_json_body_with_lying_content_length_is_413_once_the_limit_is_read():
     app = create_app(FakePipeline())
     # says 20 bytes, sends 16 MB
     headers = {"content-type": "application/json", "content-length": "20"}
-    status, hdrs, body, pulled, at_start = call_asgi(app, "/v1/images/generations", headers, b" " * 65536, 256,
-                                                     b'{"prompt": "x"')  # fmt: skip
+    status, hdrs, body, pulled, at_start = call_asgi(
+        app, "/v1/images/generations", headers, b" " * 65536, 256, b'{"prompt": "x"'
+    )
     assert status == 413, (status, body[:200])
     assert_error_shape(json.loads(body), "request_too_large")
     assert at_start < 1 * MB and pulled < 2 * MB, (at_start, pulled)  # answered after reading at most the limit
@@ -216,16 +234,27 @@ def test_json_body_with_lying_content_length_is_413_once_the_limit_is_read():
 
 def test_chunked_json_body_without_content_length_is_413():
     app = create_app(FakePipeline())
-    status, _, body, pulled, at_start = call_asgi(app, "/v1/images/generations", {"content-type": "application/json",
-                                                  "transfer-encoding": "chunked"}, b" " * 65536, 256, b"{")  # fmt: skip
+    status, _, body, pulled, at_start = call_asgi(
+        app,
+        "/v1/images/generations",
+        {"content-type": "application/json", "transfer-encoding": "chunked"},
+        b" " * 65536,
+        256,
+        b"{",
+    )
     assert status == 413 and at_start < 1 * MB, (status, at_start)
     assert_error_shape(json.loads(body), "request_too_large")
 
 
 def test_declared_content_length_over_the_limit_is_413_without_reading():
     app = create_app(FakePipeline())
-    status, _, body, pulled, at_start = call_asgi(app, "/v1/images/generations", {"content-type": "application/json",
-                                                  "content-length": str(10**10)}, b" " * 65536, 256)  # fmt: skip
+    status, _, body, pulled, at_start = call_asgi(
+        app,
+        "/v1/images/generations",
+        {"content-type": "application/json", "content-length": str(10**10)},
+        b" " * 65536,
+        256,
+    )
     assert status == 413 and at_start == 0, (status, at_start)
     assert_error_shape(json.loads(body), "request_too_large")
 
@@ -234,11 +263,18 @@ def test_multipart_body_over_the_upload_limit_is_413_before_it_is_all_read():
     """A 64 MB upload: refused after ~4 MB (so no more than that reached memory or a spooled temporary file)."""
     app = create_app(FakePipeline())
     boundary = "XyZ"
-    first = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\n"
-             f"Content-Type: image/png\r\n\r\n").encode()  # fmt: skip
+    first = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n'
+        f"Content-Type: image/png\r\n\r\n"
+    ).encode()
     status, _, body, pulled, at_start = call_asgi(
-        app, "/v1/images/variations", {"content-type": f"multipart/form-data; boundary={boundary}",
-                                       "transfer-encoding": "chunked"}, b"\x00" * 65536, 1024, first)  # fmt: skip
+        app,
+        "/v1/images/variations",
+        {"content-type": f"multipart/form-data; boundary={boundary}", "transfer-encoding": "chunked"},
+        b"\x00" * 65536,
+        1024,
+        first,
+    )
     assert status == 413, (status, body[:300])
     assert_error_shape(json.loads(body), "request_too_large")
     assert at_start < 6 * MB and pulled < 8 * MB, (at_start, pulled)
@@ -248,8 +284,10 @@ def test_chunked_body_over_real_http_stops_the_read():
     """uvicorn on 127.0.0.1; a raw client streams a 128 MB chunked JSON body, and goes on after the answer: 413, the
     server hung up long before the end, and its memory did not grow with the body."""
     with ServerThread(create_app(FakePipeline())) as srv:
-        head = (b"POST /v1/images/generations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                b"Transfer-Encoding: chunked\r\n\r\n")  # fmt: skip
+        head = (
+            b"POST /v1/images/generations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+        )
         piece = b" " * MB
         chunks = itertools.chain((b"%x\r\n%s\r\n" % (len(piece), piece) for _ in range(128)), [b"0\r\n\r\n"])
         (status, body, sent), peak = peak_rss_delta(lambda: stream_until_refused(srv.port, head, chunks))
@@ -263,8 +301,10 @@ def test_an_answer_before_the_body_is_read_closes_the_connection():
     """401 (no key) to a 128 MB chunked upload: the server answers at once and stops reading, rather than reading
     and discarding the rest to keep the connection alive."""
     with ServerThread(create_app(FakePipeline(), api_key="sk-x")) as srv:
-        head = (b"POST /v1/images/generations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                b"Transfer-Encoding: chunked\r\n\r\n")  # fmt: skip
+        head = (
+            b"POST /v1/images/generations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+        )
         piece = b" " * MB
         chunks = itertools.chain((b"%x\r\n%s\r\n" % (len(piece), piece) for _ in range(128)), [b"0\r\n\r\n"])
         status, body, sent = stream_until_refused(srv.port, head, chunks)

@@ -25,8 +25,15 @@ def test_load_with_abuse_mixed_in_is_answered_with_bounded_memory():
     assert r["unexpected"] == {}, r["unexpected"]  # each kind got its own answer, 408 or 429
     statuses = {int(s) for s in r["status_counts"]}
     assert statuses <= {200, 400, 408, 413, 429} and 200 in statuses
-    for kind, status in [("generate", "200"), ("png_bomb", "400"), ("jpeg_bomb", "400"), ("big_json", "413"),
-                         ("chunked", "413"), ("big_upload", "413"), ("slow_stall", "408")]:  # fmt: skip
+    for kind, status in [
+        ("generate", "200"),
+        ("png_bomb", "400"),
+        ("jpeg_bomb", "400"),
+        ("big_json", "413"),
+        ("chunked", "413"),
+        ("big_upload", "413"),
+        ("slow_stall", "408"),
+    ]:
         assert r["by_kind"][kind]["statuses"].get(status, 0) > 0, (kind, r["by_kind"][kind])
     assert r["server_rss_mb"]["growth"] < 200, r["server_rss_mb"]  # bombs and big bodies never entered memory
     h = r["health_after"]

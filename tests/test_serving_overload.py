@@ -29,6 +29,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 # --------------------------------------------------------------------------------------------------- helpers
 
+
 class GatedPipeline(FakePipeline):
     """Each call records its prompts, sets ``entered`` and waits for ``gate``: the test decides when work ends."""
 
@@ -243,9 +244,16 @@ def test_empty_api_key_is_no_key():
 
 
 def _serve_cli(args: list[str], tmp_path) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(REPO / "eval/serve.py"), "ckpt.clip=/nonexistent/clip.ckpt",
-           "ckpt.decoder=/nonexistent/decoder.ckpt", "port=9", "device=cpu", f"hydra.run.dir={tmp_path}",
-           *args]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(REPO / "eval/serve.py"),
+        "ckpt.clip=/nonexistent/clip.ckpt",
+        "ckpt.decoder=/nonexistent/decoder.ckpt",
+        "port=9",
+        "device=cpu",
+        f"hydra.run.dir={tmp_path}",
+        *args,
+    ]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=180)
 
 
@@ -277,15 +285,31 @@ def test_every_limit_is_reachable_from_the_serve_config():
     assert set(cfg.limits) == {f.name for f in dataclasses.fields(ServeLimits)}
     assert cfg.allow_unauthenticated is False
     assert mod.limits_from_cfg(cfg) == ServeLimits()  # the yaml's defaults are the library's
-    values = {"max_queue": 3, "request_timeout_s": 7.5, "read_timeout_s": 2.0, "shutdown_timeout_s": 4.0,
-              "max_image_pixels": 1000, "max_upload_bytes": 4096, "max_json_bytes": 2048, "max_decodes": 1}
+    values = {
+        "max_queue": 3,
+        "request_timeout_s": 7.5,
+        "read_timeout_s": 2.0,
+        "shutdown_timeout_s": 4.0,
+        "max_image_pixels": 1000,
+        "max_upload_bytes": 4096,
+        "max_json_bytes": 2048,
+        "max_decodes": 1,
+    }
     assert set(values) == set(cfg.limits)
     cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"limits.{k}={v}" for k, v in values.items()]))
     assert mod.limits_from_cfg(cfg) == ServeLimits(**values)
 
 
-@pytest.mark.parametrize("field, value", [("max_queue", 0), ("max_image_pixels", -1), ("read_timeout_s", 0.0),
-                                          ("max_json_bytes", 1.5), ("max_decodes", True)])  # fmt: skip
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("max_queue", 0),
+        ("max_image_pixels", -1),
+        ("read_timeout_s", 0.0),
+        ("max_json_bytes", 1.5),
+        ("max_decodes", True),
+    ],
+)
 def test_a_bad_limit_is_an_error_naming_it(field, value):
     from dalle2.serving import ServeLimits
 

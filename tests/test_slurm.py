@@ -21,18 +21,35 @@ from helpers.tiny_runs import REPO_ROOT, run
 
 # what srun sets for task 1 of `sbatch --nodes=2 --ntasks-per-node=1` (the rank-relevant part)
 SLURM_RANK1_OF_2_NODES = {
-    "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "train", "SLURM_NNODES": "2", "SLURM_JOB_NUM_NODES": "2",
-    "SLURM_JOB_NODELIST": "gpu[007-008]", "SLURM_NODELIST": "gpu[007-008]", "SLURM_NTASKS": "2",
-    "SLURM_NTASKS_PER_NODE": "1", "SLURM_TASKS_PER_NODE": "1(x2)", "SLURM_PROCID": "1", "SLURM_NODEID": "1",
-    "SLURM_LOCALID": "0", "SLURM_CPUS_PER_TASK": "1", "SLURMD_NODENAME": "gpu008",
-}  # fmt: skip
+    "SLURM_JOB_ID": "4242",
+    "SLURM_JOB_NAME": "train",
+    "SLURM_NNODES": "2",
+    "SLURM_JOB_NUM_NODES": "2",
+    "SLURM_JOB_NODELIST": "gpu[007-008]",
+    "SLURM_NODELIST": "gpu[007-008]",
+    "SLURM_NTASKS": "2",
+    "SLURM_NTASKS_PER_NODE": "1",
+    "SLURM_TASKS_PER_NODE": "1(x2)",
+    "SLURM_PROCID": "1",
+    "SLURM_NODEID": "1",
+    "SLURM_LOCALID": "0",
+    "SLURM_CPUS_PER_TASK": "1",
+    "SLURMD_NODENAME": "gpu008",
+}
 
 
 @pytest.fixture
 def slurm_rank1(monkeypatch):
     for name in list(os.environ):
-        if name.startswith(("SLURM_", "SLURMD_")) or name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK",
-                                                              "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        if name.startswith(("SLURM_", "SLURMD_")) or name in (
+            "RANK",
+            "WORLD_SIZE",
+            "LOCAL_RANK",
+            "NODE_RANK",
+            "GROUP_RANK",
+            "MASTER_ADDR",
+            "MASTER_PORT",
+        ):
             monkeypatch.delenv(name)
     for name, value in SLURM_RANK1_OF_2_NODES.items():
         monkeypatch.setenv(name, value)
@@ -43,9 +60,17 @@ def _trainer_from_conf(tmp_path):
     with 1 GPU each), built without initialising the process group."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=["experiment=prior_tiny", "trainer=ddp", "trainer.accelerator=cpu",
-                                           "trainer.devices=1", "trainer.num_nodes=2",
-                                           f"trainer.default_root_dir={tmp_path}"])  # fmt: skip
+        cfg = compose(
+            "config",
+            overrides=[
+                "experiment=prior_tiny",
+                "trainer=ddp",
+                "trainer.accelerator=cpu",
+                "trainer.devices=1",
+                "trainer.num_nodes=2",
+                f"trainer.default_root_dir={tmp_path}",
+            ],
+        )
     GlobalHydra.instance().clear()
     return instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False)
 
@@ -72,26 +97,43 @@ def test_slurm_rank1_of_two_nodes_gets_rank1_and_its_data(slurm_rank1, builtin_s
     # webdataset shards: the datamodule of this trainer reads rank 1's half, as make_dataset(rank=1, world_size=2)
     tok = get_tokenizer(None)
     urls = builtin_shards["train"]  # 4 shards of 64
-    dm = WebDataModule(train_urls=urls, val_urls=urls, image_size=32, batch_size=8, num_workers=0, tokenizer=tok,
-                       epoch_size=None, shuffle_buffer=10)  # fmt: skip
+    dm = WebDataModule(
+        train_urls=urls,
+        val_urls=urls,
+        image_size=32,
+        batch_size=8,
+        num_workers=0,
+        tokenizer=tok,
+        epoch_size=None,
+        shuffle_buffer=10,
+    )
     dm.trainer = trainer
     dm.setup("fit")
     val = _keys(dm.val_dataloader())
-    by_rank = [_keys(make_dataset(urls, image_size=32, tokenizer=tok, train=False, batch_size=8, rank=r, world_size=2))
-               for r in (0, 1)]  # fmt: skip
+    by_rank = [
+        _keys(make_dataset(urls, image_size=32, tokenizer=tok, train=False, batch_size=8, rank=r, world_size=2))
+        for r in (0, 1)
+    ]
     assert val == by_rank[1] and not set(val) & set(by_rank[0])
     assert len(val) + len(by_rank[0]) == 256
     train = dm.train_dataloader()
-    rank1 = make_dataset(urls, image_size=32, tokenizer=tok, train=True, batch_size=8, rank=1, world_size=2,
-                         shuffle_buffer=10)  # fmt: skip
+    rank1 = make_dataset(
+        urls, image_size=32, tokenizer=tok, train=True, batch_size=8, rank=1, world_size=2, shuffle_buffer=10
+    )
     assert train.dataset.batches_per_epoch == rank1.batches_per_epoch == 256 // 2 // 8  # per-rank epoch: N / world
     assert next(iter(train))["key"] == next(iter(rank1))["key"]
 
     # embedding folders: rank 1 validates on the second half of the rows and trains on its own chunks
     data = write_embedding_folder(tmp_path / "emb", rows=(37, 50, 29), dim=8)
     n = len(data["key"])
-    edm = EmbeddingNpyDataModule(train_dir=str(tmp_path / "emb"), val_dir=str(tmp_path / "emb"), batch_size=4,
-                                 num_workers=0, chunk_size=8, tokenizer=tok)  # fmt: skip
+    edm = EmbeddingNpyDataModule(
+        train_dir=str(tmp_path / "emb"),
+        val_dir=str(tmp_path / "emb"),
+        batch_size=4,
+        num_workers=0,
+        chunk_size=8,
+        tokenizer=tok,
+    )
     edm.trainer = trainer
     edm.setup("fit")
     assert _keys(edm.val_dataloader()) == data["key"][n // 2 :]
@@ -116,8 +158,12 @@ def test_submitit_launcher_runs_a_two_step_job(emb_folder, tmp_path):
     """hydra-submitit-launcher (the SLURM launcher's plugin) through submitit's local executor: the job is pickled,
     run as a submitit job in its own process, and finishes with a checkpoint, final_metrics.json and submitit logs."""
     sweep = tmp_path / "sweep"
-    cmd = prior_npy_cmd(tmp_path / "unused", emb_folder, emb_folder, extra=(*TWO_STEPS, "hydra/launcher=local_submitit",
-                                                                            f"hydra.sweep.dir={sweep}"))  # fmt: skip
+    cmd = prior_npy_cmd(
+        tmp_path / "unused",
+        emb_folder,
+        emb_folder,
+        extra=(*TWO_STEPS, "hydra/launcher=local_submitit", f"hydra.sweep.dir={sweep}"),
+    )
     cmd.insert(2, "-m")  # a multirun: the launcher only runs then (Hydra's flags go before the overrides)
     proc = run(cmd, timeout=420)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -139,8 +185,12 @@ def test_torchrun_two_cpu_processes(emb_folder, tmp_path):
     data stream position of each of the 2 ranks."""
     run_dir = tmp_path / "run"
     torchrun = str(Path(sys.executable).with_name("torchrun"))
-    cmd = prior_npy_cmd(run_dir, emb_folder, emb_folder, extra=(*TWO_STEPS, "trainer=ddp", "trainer.accelerator=cpu",
-                                                               "trainer.devices=2"))  # fmt: skip
+    cmd = prior_npy_cmd(
+        run_dir,
+        emb_folder,
+        emb_folder,
+        extra=(*TWO_STEPS, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"),
+    )
     port = str(29500 + os.getpid() % 1000)
     proc = run([torchrun, "--nproc-per-node", "2", "--master-port", port, *cmd[1:]], timeout=420)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -169,10 +219,23 @@ def _sbatch(tmp_path, srun_rc: int, **env: str) -> tuple[int, list[str], str | N
     for f in ("srun", "scontrol"):
         (fake / f).chmod(0o755)
     (tmp_path / "scontrol_args").unlink(missing_ok=True)
-    run_env = dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}", SLURM_JOB_ID="77", SLURM_JOB_NAME="dalle2",
-                   SLURM_NNODES="2", SLURM_NTASKS_PER_NODE="8", SLURM_SUBMIT_DIR=str(REPO_ROOT), **env)  # fmt: skip
-    proc = subprocess.run(["bash", str(SBATCH), "experiment=prior_tiny", "trainer.max_steps=7"], env=run_env,
-                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    run_env = dict(
+        os.environ,
+        PATH=f"{fake}:{os.environ['PATH']}",
+        SLURM_JOB_ID="77",
+        SLURM_JOB_NAME="dalle2",
+        SLURM_NNODES="2",
+        SLURM_NTASKS_PER_NODE="8",
+        SLURM_SUBMIT_DIR=str(REPO_ROOT),
+        **env,
+    )
+    proc = subprocess.run(
+        ["bash", str(SBATCH), "experiment=prior_tiny", "trainer.max_steps=7"],
+        env=run_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     srun_args = (tmp_path / "srun_args").read_text().splitlines()
     sc = tmp_path / "scontrol_args"
     return proc.returncode, srun_args, sc.read_text().strip() if sc.exists() else None

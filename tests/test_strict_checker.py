@@ -68,8 +68,10 @@ def test_a_little_rotation_is_allowed_a_wrong_kind_is_not():
     square = draw_scene(64, bg, [{"shape": "square", "color": fg, "cx": 32.3, "cy": 31.6, "r": 12.0, "angle": 11.0}])
     circle = draw_scene(64, bg, [{"shape": "circle", "color": fg, "cx": 30.0, "cy": 33.0, "r": 12.0}])
     attrs = {"color": "red", "background": "gray", "size": "large", "position": "center"}
-    v = strict_verdicts(np.stack([square, circle, square, circle]),
-                        [{**attrs, "shape": s} for s in ("square", "circle", "circle", "square")])  # fmt: skip
+    v = strict_verdicts(
+        np.stack([square, circle, square, circle]),
+        [{**attrs, "shape": s} for s in ("square", "circle", "circle", "square")],
+    )
     assert v["ok"].tolist() == [True, True, False, False]
     assert abs(abs(v["fit"][0, 3]) - 11.0) <= 3.0  # the angle found
     assert v["iou"][2] > 0.7 and v["iou"][3] > 0.7  # close calls, still below the bar

@@ -16,8 +16,16 @@ import sweep_table  # noqa: E402
 @pytest.mark.slow
 def test_multirun_two_jobs_and_table(builtin_shards, tmp_path):
     sweep_dir = tmp_path / "sweep"
-    cmd = decoder_cmd(builtin_shards, tiny_clip_ckpt(tmp_path / "clip.ckpt"), tmp_path / "unused", "-m", "hydra/launcher=local",
-                      "module.diffusion.objective=eps,v", "trainer.max_steps=2", f"hydra.sweep.dir={sweep_dir}")  # fmt: skip
+    cmd = decoder_cmd(
+        builtin_shards,
+        tiny_clip_ckpt(tmp_path / "clip.ckpt"),
+        tmp_path / "unused",
+        "-m",
+        "hydra/launcher=local",
+        "module.diffusion.objective=eps,v",
+        "trainer.max_steps=2",
+        f"hydra.sweep.dir={sweep_dir}",
+    )
     cmd.remove("-m")
     cmd.insert(2, "-m")  # flags before overrides
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=run_env(), capture_output=True, text=True, timeout=400)

@@ -88,7 +88,17 @@ def openai_bpe_path() -> str:
     os.makedirs(wheel_dir, exist_ok=True)
     wheels = [f for f in os.listdir(wheel_dir) if f.startswith("open_clip_torch") and f.endswith(".whl")]
     if not wheels:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "open_clip_torch", "-d", wheel_dir]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "open_clip_torch",
+            "-d",
+            wheel_dir,
+        ]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
             error = proc.stderr.strip()[-300:] if proc.returncode != 0 else ""
@@ -146,8 +156,11 @@ def _captions(n: int, seed: int) -> list[str]:
     ]
     return [
         rng.choice(templates).format(
-            s=rng.choice(["small", "large", "tiny", "huge"]), c=rng.choice(colors), sh=rng.choice(shapes),
-            p=rng.choice(places), b=rng.choice(colors),
+            s=rng.choice(["small", "large", "tiny", "huge"]),
+            c=rng.choice(colors),
+            sh=rng.choice(shapes),
+            p=rng.choice(places),
+            b=rng.choice(colors),
         )
         for _ in range(n)
     ]
@@ -230,15 +243,39 @@ def test_default_vocab():
     assert tok.eot_token == tok.vocab_size - 1 and tok.sot_token == tok.vocab_size - 2
     assert repr(get_tokenizer(None)) == repr(tok)
     # Caption words of the built-in data are single tokens; arbitrary English still splits sensibly.
-    for word in ["red", "green", "blue", "yellow", "purple", "circle", "square", "triangle", "cross",
-                 "small", "large", "left", "right", "center", "background", "black", "white", "gray"]:
+    for word in [
+        "red",
+        "green",
+        "blue",
+        "yellow",
+        "purple",
+        "circle",
+        "square",
+        "triangle",
+        "cross",
+        "small",
+        "large",
+        "left",
+        "right",
+        "center",
+        "background",
+        "black",
+        "white",
+        "gray",
+    ]:
         assert len(tok.encode(word)) == 1, word
     text = "an astronaut riding a horse on the moon, digital art"
     assert tok.decode(tok.encode(text)) == "an astronaut riding a horse on the moon , digital art"
-    for sentence in [text, "the quick brown fox jumps over the lazy dog near a quiet village", "a bowl of ramen, studio style"]:
+    for sentence in [
+        text,
+        "the quick brown fox jumps over the lazy dog near a quiet village",
+        "a bowl of ramen, studio style",
+    ]:
         assert len(tok.encode(sentence)) < 0.5 * len(sentence.replace(" ", "")), sentence
     batch = tok(["a red circle", "日本 😀"])
-    assert torch.equal(batch.argmax(dim=-1), torch.tensor([len(tok.encode(t)) + 1 for t in ["a red circle", "日本 😀"]]))
+    assert torch.equal(
+        batch.argmax(dim=-1), torch.tensor([len(tok.encode(t)) + 1 for t in ["a red circle", "日本 😀"]])
+    )
 
 
 def test_pickle_and_bad_inputs():
@@ -360,7 +397,7 @@ def test_cli_train_from_shards_and_text(tmp_path, capsys):
     for s in range(2):
         path = tmp_path / f"{s:05d}.tar"
         with tarfile.open(path, "w") as tar:
-            for k, cap in enumerate(captions[s * 60:(s + 1) * 60]):
+            for k, cap in enumerate(captions[s * 60 : (s + 1) * 60]):
                 for name, data in [(f"{s:04d}{k:05d}.txt", cap.encode()), (f"{s:04d}{k:05d}.jpg", b"\xff\xd8")]:
                     info = tarfile.TarInfo(name)
                     info.size = len(data)

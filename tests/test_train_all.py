@@ -19,7 +19,9 @@ from conftest import REPO_ROOT
 
 def load_script(name: str):
     """train/<name>.py as a module (by path: `train` is not a package, and train/train.py shadows the name)."""
-    spec = importlib.util.spec_from_file_location(f"_dalle2_script_{name}", os.path.join(REPO_ROOT, "train", f"{name}.py"))
+    spec = importlib.util.spec_from_file_location(
+        f"_dalle2_script_{name}", os.path.join(REPO_ROOT, "train", f"{name}.py")
+    )
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
@@ -29,8 +31,12 @@ def load_script(name: str):
 train_all = load_script("train_all")
 write_report = load_script("demo_report").write_report
 STAGES, flatten, format_value = train_all.STAGES, train_all.flatten, train_all.format_value
-mirrored_urls, overrides, run, stage_override_argv = (train_all.mirrored_urls, train_all.overrides, train_all.run,
-                                                      train_all.stage_override_argv)  # fmt: skip
+mirrored_urls, overrides, run, stage_override_argv = (
+    train_all.mirrored_urls,
+    train_all.overrides,
+    train_all.run,
+    train_all.stage_override_argv,
+)
 
 
 def compose(overrides_: list[str]):
@@ -61,10 +67,19 @@ def test_format_value_is_hydra_override_grammar():
 
 
 def test_flatten_and_stage_overrides_win():
-    section = {"experiment": "clip_tiny", "trainer": {"max_steps": 5, "val_check_interval": 2},
-               "data.train_urls": "mine.tar", "callbacks": {}}  # fmt: skip
-    assert flatten(section) == {"experiment": "clip_tiny", "trainer.max_steps": 5, "trainer.val_check_interval": 2,
-                                "data.train_urls": "mine.tar", "callbacks": {}}  # fmt: skip
+    section = {
+        "experiment": "clip_tiny",
+        "trainer": {"max_steps": 5, "val_check_interval": 2},
+        "data.train_urls": "mine.tar",
+        "callbacks": {},
+    }
+    assert flatten(section) == {
+        "experiment": "clip_tiny",
+        "trainer.max_steps": 5,
+        "trainer.val_check_interval": 2,
+        "data.train_urls": "mine.tar",
+        "callbacks": {},
+    }
     out = overrides({"data.train_urls": "shared.tar", "hydra.run.dir": "/o/clip"}, section)
     assert out[:2] == ["data.train_urls=mine.tar", "hydra.run.dir=/o/clip"]
     assert "trainer.max_steps=5" in out and "experiment=clip_tiny" in out
@@ -72,11 +87,26 @@ def test_flatten_and_stage_overrides_win():
 
 def test_cli_stage_overrides_become_stage_settings():
     assert stage_override_argv(["clip.trainer.max_steps=3", "out_dir=x", "+prior.a=1", "data.val_urls=v"]) == [
-        "++clip.trainer.max_steps=3", "out_dir=x", "+prior.a=1", "data.val_urls=v"]  # fmt: skip
+        "++clip.trainer.max_steps=3",
+        "out_dir=x",
+        "+prior.a=1",
+        "data.val_urls=v",
+    ]
     assert stage_override_argv(["clip.model=clip/vit_b32", "clip.model.embed_dim=64", "sample.trainer=x"]) == [
-        "++clip.groups.model=clip/vit_b32", "++clip.model.embed_dim=64", "++sample.trainer=x"]  # fmt: skip
-    cfg = compose(["experiment=demo", "out_dir=/tmp/x", "clip.trainer.max_steps=7", "decoder.module.use_text=true",
-                   "decoder.trainer=gpu", "stages=[clip,decoder]"])  # fmt: skip
+        "++clip.groups.model=clip/vit_b32",
+        "++clip.model.embed_dim=64",
+        "++sample.trainer=x",
+    ]
+    cfg = compose(
+        [
+            "experiment=demo",
+            "out_dir=/tmp/x",
+            "clip.trainer.max_steps=7",
+            "decoder.module.use_text=true",
+            "decoder.trainer=gpu",
+            "stages=[clip,decoder]",
+        ]
+    )
     assert cfg.clip.trainer.max_steps == 7 and cfg.clip.trainer.val_check_interval == 200  # demo's value kept
     assert cfg.decoder.module.use_text is True and cfg.decoder.groups.trainer == "gpu"
     argv = train_all.Plan(cfg).build("decoder").commands[0]
@@ -95,8 +125,16 @@ def test_embedding_urls_mirror_the_input_shards(tmp_path):
 
 
 def test_dry_run_plans_every_stage_with_the_right_inputs(tmp_path, capsys):
-    cfg = compose(["experiment=demo", f"out_dir={tmp_path}", "dry_run=true", "report=false",
-                   "data.train_urls='/d/train/{00000..00003}.tar'", "data.val_urls=/d/val/00000.tar"])  # fmt: skip
+    cfg = compose(
+        [
+            "experiment=demo",
+            f"out_dir={tmp_path}",
+            "dry_run=true",
+            "report=false",
+            "data.train_urls='/d/train/{00000..00003}.tar'",
+            "data.val_urls=/d/val/00000.tar",
+        ]
+    )
     summary = run(cfg)
     assert [s for s in STAGES if summary[s]["status"] == "would run"] == list(STAGES)
     assert "train/train.py" in capsys.readouterr().out
@@ -124,23 +162,49 @@ def test_unknown_stage_is_a_clear_error(tmp_path):
 
 
 def tiny_overrides(builtin_shards, out_dir) -> list[str]:
-    few = ["trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
-           "trainer.enable_progress_bar=false", "data.num_workers=0"]  # fmt: skip
-    diffusion = ["module.sample_every_n_steps=2", "callbacks.sample_grid.steps=2", "callbacks.sample_grid.num_samples=4"]
+    few = [
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        "trainer.limit_val_batches=1",
+        "trainer.enable_progress_bar=false",
+        "data.num_workers=0",
+    ]
+    diffusion = [
+        "module.sample_every_n_steps=2",
+        "callbacks.sample_grid.steps=2",
+        "callbacks.sample_grid.num_samples=4",
+    ]
     stage = lambda s, xs: [f"{s}.{x}" for x in xs]  # noqa: E731
     return [
-        f"out_dir={out_dir}", f"data.train_urls='{builtin_shards['train']}'", f"data.val_urls='{builtin_shards['val']}'",
+        f"out_dir={out_dir}",
+        f"data.train_urls='{builtin_shards['train']}'",
+        f"data.val_urls='{builtin_shards['val']}'",
         "prompts.num=4",
         *stage("clip", few + ["data.batch_size=16"]),
         *stage("retrieval", ["data.num_workers=0", "trainer.enable_progress_bar=false"]),
         *stage("prior", few + ["data.batch_size=16", "module.val_sample_steps=2"]),
         *stage("decoder", few + diffusion + ["data.batch_size=8"]),
         *stage("upsampler", few + diffusion + ["data.batch_size=4"]),
-        *stage("sample", ["steps.prior=2", "steps.decoder=2", "steps.upsampler=2", "batch_size=4",
-                          "trainer.enable_progress_bar=false"]),
-        *stage("evaluate", ["reference.max_samples=16", "data.batch_size=16", "data.num_workers=0",
-                            "trainer.enable_progress_bar=false"]),
-    ]  # fmt: skip
+        *stage(
+            "sample",
+            [
+                "steps.prior=2",
+                "steps.decoder=2",
+                "steps.upsampler=2",
+                "batch_size=4",
+                "trainer.enable_progress_bar=false",
+            ],
+        ),
+        *stage(
+            "evaluate",
+            [
+                "reference.max_samples=16",
+                "data.batch_size=16",
+                "data.num_workers=0",
+                "trainer.enable_progress_bar=false",
+            ],
+        ),
+    ]
 
 
 @pytest.mark.slow
@@ -148,8 +212,14 @@ def test_whole_stack_few_steps_every_artefact_then_rerun_skips(builtin_shards, t
     out = tmp_path / "demo"
     args = tiny_overrides(builtin_shards, out)
     env = dict(os.environ, PYTHONPATH=REPO_ROOT, OMP_NUM_THREADS="1", WANDB_MODE="offline")
-    proc = subprocess.run([sys.executable, "train/train_all.py", *args], cwd=REPO_ROOT, capture_output=True,
-                          text=True, timeout=900, env=env)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "train/train_all.py", *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     # every stage finished, with its wall time
@@ -217,7 +287,8 @@ def test_whole_stack_few_steps_every_artefact_then_rerun_skips(builtin_shards, t
 def test_report_says_not_run_for_missing_pieces(tmp_path):
     (tmp_path / "clip" / "csv").mkdir(parents=True)
     (tmp_path / "clip" / "csv" / "metrics.csv").write_text(
-        "epoch,step,train/loss,val/loss\n0,9,4.5,\n0,19,4.0,\n0,19,,3.9\n")
+        "epoch,step,train/loss,val/loss\n0,9,4.5,\n0,19,4.0,\n0,19,,3.9\n"
+    )
     (tmp_path / "clip" / "DONE.json").write_text(json.dumps({"stage": "clip", "wall_s": 61.0}))
     md = write_report(tmp_path).read_text()
     assert "1 min 01 s" in md and "not run" in md
@@ -228,6 +299,7 @@ def test_report_says_not_run_for_missing_pieces(tmp_path):
 def test_report_checks_generated_images_against_their_prompts(tmp_path):
     """Without evaluate/metrics.json the report scores the samples itself with the built-in attribute checker."""
     from dalle2.data.synthetic import STRICT_IOU_THRESHOLD, make_caption, render, sample_attributes
+
     rng = np.random.default_rng(0)
     sample = tmp_path / "sample"
     sample.mkdir()
@@ -242,25 +314,39 @@ def test_report_checks_generated_images_against_their_prompts(tmp_path):
     md = write_report(tmp_path).read_text()
     assert "all attributes right 83.3 %" in md
     thr = STRICT_IOU_THRESHOLD
-    assert f"mask IoU >= {thr:.2f} with the ideal prompted shape): 83.3 %; strict and every attribute right: 83.3 %" \
-        in md
+    assert (
+        f"mask IoU >= {thr:.2f} with the ideal prompted shape): 83.3 %; strict and every attribute right: 83.3 %" in md
+    )
     assert "| strict/iou_mean |" in md and f"| strict/threshold | {thr:.3f} |" in md
 
 
 def test_printed_commands_paste_back_into_a_shell():
     import shlex
 
-    argv = ["python", "x.py", "data.urls='/d/{0..9}.tar'", "ckpt.upsamplers=[/a/b.ckpt]", "k=$HOME", "p=a b", "q=it\"s"]
+    argv = ["python", "x.py", "data.urls='/d/{0..9}.tar'", "ckpt.upsamplers=[/a/b.ckpt]", "k=$HOME", "p=a b", 'q=it"s']
     line = train_all.shell_join(argv)
     assert shlex.split(line) == argv and "\"data.urls='/d/{0..9}.tar'\"" in line
 
 
 def test_given_checkpoints_replace_their_stages(tmp_path):
-    cfg = compose(["experiment=demo", f"out_dir={tmp_path}", "dry_run=true", "report=false",
-                   "ckpt.clip=/w/clip.ckpt", "ckpt.decoder=/w/dec.ckpt", "stages=[clip,embeddings,decoder,sample]"])  # fmt: skip
+    cfg = compose(
+        [
+            "experiment=demo",
+            f"out_dir={tmp_path}",
+            "dry_run=true",
+            "report=false",
+            "ckpt.clip=/w/clip.ckpt",
+            "ckpt.decoder=/w/dec.ckpt",
+            "stages=[clip,embeddings,decoder,sample]",
+        ]
+    )
     summary = run(cfg)
     assert {s: v["status"] for s, v in summary.items()} == {
-        "clip": "given", "embeddings": "would run", "decoder": "given", "sample": "would run"}  # fmt: skip
+        "clip": "given",
+        "embeddings": "would run",
+        "decoder": "given",
+        "sample": "would run",
+    }
     argv = train_all.Plan(cfg).build("sample").commands[0]
     assert "ckpt.clip=/w/clip.ckpt" in argv and "ckpt.decoder=/w/dec.ckpt" in argv
     assert "ckpt.upsamplers=[]" in argv  # no upsampler trained, listed or given: the cascade stops at the decoder
@@ -269,5 +355,7 @@ def test_given_checkpoints_replace_their_stages(tmp_path):
 
 def test_train_groups_are_the_config_groups_of_train_py():
     conf = Path(REPO_ROOT) / "conf"
-    groups = {p.name for p in conf.iterdir() if p.is_dir() and p.name not in ("train_all", "hydra", "predict")} | {"model"}
+    groups = {p.name for p in conf.iterdir() if p.is_dir() and p.name not in ("train_all", "hydra", "predict")} | {
+        "model"
+    }
     assert set(train_all.TRAIN_GROUPS) == groups

@@ -50,8 +50,15 @@ def setup(tmp_path, builtin_shards, monkeypatch):
 
     def run(*extra, kill_at=None):
         """train_all on the decoder stage; with ``kill_at`` the stage is killed at that step (checkpoint written)."""
-        args = [f"out_dir={out}", "experiment=demo", "report=false", "stages=[decoder]",
-                f"data.train_urls='{builtin_shards['train']}'", f"data.val_urls='{builtin_shards['val']}'", *extra]
+        args = [
+            f"out_dir={out}",
+            "experiment=demo",
+            "report=false",
+            "stages=[decoder]",
+            f"data.train_urls='{builtin_shards['train']}'",
+            f"data.val_urls='{builtin_shards['val']}'",
+            *extra,
+        ]
         fake.kill_at = kill_at
         try:
             return train_all.run(compose_train_all(args))
@@ -83,7 +90,9 @@ def test_incompatible_change_stops_before_touching_anything(setup):
     out, fake, run = setup
     assert run(kill_at=700) is None
     before = snapshot(out / "decoder")
-    with pytest.raises(SystemExit, match=r"model\.model_channels: \(unset\) -> 64.*force=\[decoder\].*another out_dir") as e:
+    with pytest.raises(
+        SystemExit, match=r"model\.model_channels: \(unset\) -> 64.*force=\[decoder\].*another out_dir"
+    ) as e:
         run("decoder.model.model_channels=64")
     assert "Nothing was changed" in str(e.value)
     assert snapshot(out / "decoder") == before and len(fake.calls) == 1
@@ -116,8 +125,9 @@ def test_interpreter_and_checkout_paths_are_not_part_of_the_identity(setup):
     assert run(kill_at=5) is None
     started = out / "decoder" / "STARTED.json"
     rec = json.loads(started.read_text())
-    rec["commands"] = [["/other/venv/bin/python", "/elsewhere/checkout/train/train.py", *argv[2:]]
-                       for argv in rec["commands"]]  # fmt: skip
+    rec["commands"] = [
+        ["/other/venv/bin/python", "/elsewhere/checkout/train/train.py", *argv[2:]] for argv in rec["commands"]
+    ]
     started.write_text(json.dumps(rec))
     run()
     assert fake.calls[-1]["found_step"] == 5 and "ckpt_path=last" in fake.calls[-1]["argv"]

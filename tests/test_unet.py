@@ -69,7 +69,9 @@ def test_base_output_shape(learned_variance):
     assert model.out_channels == out.shape[1]
 
 
-@pytest.mark.parametrize(("size", "lowres"), [((16, 16), (8, 8)), ((12, 20), (6, 10)), ((32, 32), (16, 16)), ((8, 8), (8, 8))])
+@pytest.mark.parametrize(
+    ("size", "lowres"), [((16, 16), (8, 8)), ((12, 20), (6, 10)), ((32, 32), (16, 16)), ((8, 8), (8, 8))]
+)
 def test_sr_shapes_crops_and_full_size(size, lowres):
     model = tiny_sr(learned_variance=True)
     out = model(torch.randn(B, 3, *size), T, **sr_cond(*lowres))
@@ -116,7 +118,9 @@ def test_gradients_reach_every_parameter_sr_and_unconditional():
     sr = randomize_zeros(tiny_sr()).train()
     missing, zero = _all_grads_nonzero(sr, sr(torch.randn(B, 3, 16, 16), T, **sr_cond()).square().mean())
     assert not missing and not zero, (missing, zero)
-    plain = randomize_zeros(UNet(model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,), head_channels=16)).train()
+    plain = randomize_zeros(
+        UNet(model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,), head_channels=16)
+    ).train()
     missing, zero = _all_grads_nonzero(plain, plain(torch.randn(B, 3, 16, 16), T).square().mean())
     assert not missing and not zero, (missing, zero)
 
@@ -160,8 +164,12 @@ def test_drop_text_is_independent_of_text_and_length():
     x, img = torch.randn(B, 3, 16, 16), torch.randn(B, CLIP)
     drop = torch.ones(B, dtype=torch.bool)
     with torch.no_grad():
-        a = model(x, T, image_embed=img, text_tokens=torch.randn(B, 5, TEXT), text_embed=torch.randn(B, 5), drop_text=drop)
-        b = model(x, T, image_embed=img, text_tokens=torch.randn(B, 9, TEXT), text_embed=torch.randn(B, 5), drop_text=drop)
+        a = model(
+            x, T, image_embed=img, text_tokens=torch.randn(B, 5, TEXT), text_embed=torch.randn(B, 5), drop_text=drop
+        )
+        b = model(
+            x, T, image_embed=img, text_tokens=torch.randn(B, 9, TEXT), text_embed=torch.randn(B, 5), drop_text=drop
+        )
         c = model(x, T, image_embed=img, drop_text=drop)
         d = model(x, T, image_embed=img, text_tokens=torch.randn(B, 5, TEXT), text_embed=torch.randn(B, 5))
     torch.testing.assert_close(a, b)

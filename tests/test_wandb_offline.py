@@ -20,15 +20,25 @@ STEPS = 4
 def wandb_run(builtin_shards, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("wandb_run")
     run_dir = tmp / "run"
-    cmd = stage_cmd("decoder", run_dir, train_urls=builtin_shards["train"], val_urls=builtin_shards["val"],
-                    clip_ckpt=tiny_clip_ckpt(tmp / "clip.ckpt"),
-                    extra=("logger=wandb", f"trainer.max_steps={STEPS}", "trainer.val_check_interval=2",
-                           "trainer.limit_val_batches=1", "module.sample_every_n_steps=2",
-                           "callbacks.sample_grid.steps=2", "callbacks.sample_grid.num_samples=2"))  # fmt: skip
+    cmd = stage_cmd(
+        "decoder",
+        run_dir,
+        train_urls=builtin_shards["train"],
+        val_urls=builtin_shards["val"],
+        clip_ckpt=tiny_clip_ckpt(tmp / "clip.ckpt"),
+        extra=(
+            "logger=wandb",
+            f"trainer.max_steps={STEPS}",
+            "trainer.val_check_interval=2",
+            "trainer.limit_val_batches=1",
+            "module.sample_every_n_steps=2",
+            "callbacks.sample_grid.steps=2",
+            "callbacks.sample_grid.num_samples=2",
+        ),
+    )
     cmd.remove("~callbacks.sample_grid")
     cmd.remove("logger=csv")
-    proc = run(cmd, timeout=300, env=run_env(WANDB_DIR=str(tmp / "wandb_dir"),
-                                   WANDB_SILENT="true"))  # fmt: skip
+    proc = run(cmd, timeout=300, env=run_env(WANDB_DIR=str(tmp / "wandb_dir"), WANDB_SILENT="true"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = sorted(run_dir.glob("wandb/offline-run-*"))
     assert len(runs) == 1, f"expected one offline wandb run under {run_dir}/wandb, found {runs}"

@@ -95,8 +95,11 @@ def checker_from_samples(sample_dir: Path) -> dict | None:
                 attrs.append(want)
         if not images:
             return None
-        return {**check_images(np.stack(images), attrs, strict=True), "strict/threshold": STRICT_IOU_THRESHOLD,
-                "num_images": len(images)}
+        return {
+            **check_images(np.stack(images), attrs, strict=True),
+            "strict/threshold": STRICT_IOU_THRESHOLD,
+            "num_images": len(images),
+        }
     except Exception as e:  # noqa: BLE001 - a report must not fail on one section
         print(f"[demo_report] attribute check skipped: {e}")
         return None
@@ -120,7 +123,9 @@ def plot_series(path: Path, title: str, curves: dict[str, list[tuple[int, float]
         vals = [p[1] for p in pts]
         if smooth > 1 and len(vals) > smooth:
             k = smooth
-            vals = [sum(vals[max(0, i - k + 1): i + 1]) / len(vals[max(0, i - k + 1): i + 1]) for i in range(len(vals))]
+            vals = [
+                sum(vals[max(0, i - k + 1) : i + 1]) / len(vals[max(0, i - k + 1) : i + 1]) for i in range(len(vals))
+            ]
         ax.plot(steps, vals, marker="o" if len(pts) < 15 else None, label=name)
     ax.set_title(title)
     ax.set_xlabel("step")
@@ -177,9 +182,11 @@ class Doc:
 
     def html(self, title: str) -> str:
         e = html.escape
-        out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{e(title)}</title><style>"
-               "body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse}"
-               "td,th{border:1px solid #ccc;padding:2px 8px}img{max-width:100%}</style></head><body>"]  # fmt: skip
+        out = [
+            f"<!doctype html><html><head><meta charset='utf-8'><title>{e(title)}</title><style>"
+            "body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse}"
+            "td,th{border:1px solid #ccc;padding:2px 8px}img{max-width:100%}</style></head><body>"
+        ]
         for b in self.blocks:
             if b[0] == "h":
                 out.append(f"<h{b[1]}>{e(b[2])}</h{b[1]}>")
@@ -218,8 +225,10 @@ def write_report(out_dir: str | Path) -> Path:
     r1 = (retrieval or {}).get("image_to_text_R@1"), (retrieval or {}).get("text_to_image_R@1")
 
     doc.h(1, "dalle2: the whole unCLIP stack, trained, sampled and scored")
-    doc.p(f"Output directory: `{out}`. Every figure below is read from the files the stages wrote; "
-          f"\"{NOT_RUN}\" marks a stage or metric that is missing.")  # fmt: skip
+    doc.p(
+        f"Output directory: `{out}`. Every figure below is read from the files the stages wrote; "
+        f'"{NOT_RUN}" marks a stage or metric that is missing.'
+    )
 
     # -- summary
     doc.h(2, "Summary")
@@ -227,18 +236,20 @@ def write_report(out_dir: str | Path) -> Path:
     acc_mean = pick(checker, "accuracy/mean")
     strict, strict_all = pick(checker, "strict/accuracy"), pick(checker, "strict/all")
     thr = pick(checker, "strict/threshold")
-    doc.bullets([
-        f"attribute-checker accuracy of generated images vs their prompts: all attributes right {pct(acc_all)}, "
-        f"mean over attributes {pct(acc_mean)} (lenient reader)",
-        f"strict fidelity (one object, inside the frame, mask IoU >= {fmt(thr, 2)} with the ideal prompted shape): "
-        f"{pct(strict)}; strict and every attribute right: {pct(strict_all)}",
-        f"CLIP zero-shot retrieval R@1 on held-out shards: image->text {pct(r1[0])}, text->image {pct(r1[1])}"
-        + (f" (chance {pct(1 / retrieval['num_samples'])})" if retrieval and retrieval.get("num_samples") else ""),
-        f"prior val cosine(sampled, true image emb) {fmt(cos['cos_sampled'])} vs text-embedding baseline "
-        f"{fmt(cos['cos_text_baseline'])} vs shuffled-caption control {fmt(cos['cos_shuffled'])}",
-        f"FID {fmt(find(evaluation, 'fid')) if find(evaluation, 'fid') is not None or not evaluation else 'skipped (no Inception weights file: inception=...)'}, CLIP-FD {fmt(find(evaluation, 'clip_fd', 'fd_clip'))}, "
-        f"CLIP score {fmt(find(evaluation, 'clip_score'))}",
-    ])  # fmt: skip
+    doc.bullets(
+        [
+            f"attribute-checker accuracy of generated images vs their prompts: all attributes right {pct(acc_all)}, "
+            f"mean over attributes {pct(acc_mean)} (lenient reader)",
+            f"strict fidelity (one object, inside the frame, mask IoU >= {fmt(thr, 2)} with the ideal prompted shape): "
+            f"{pct(strict)}; strict and every attribute right: {pct(strict_all)}",
+            f"CLIP zero-shot retrieval R@1 on held-out shards: image->text {pct(r1[0])}, text->image {pct(r1[1])}"
+            + (f" (chance {pct(1 / retrieval['num_samples'])})" if retrieval and retrieval.get("num_samples") else ""),
+            f"prior val cosine(sampled, true image emb) {fmt(cos['cos_sampled'])} vs text-embedding baseline "
+            f"{fmt(cos['cos_text_baseline'])} vs shuffled-caption control {fmt(cos['cos_shuffled'])}",
+            f"FID {fmt(find(evaluation, 'fid')) if find(evaluation, 'fid') is not None or not evaluation else 'skipped (no Inception weights file: inception=...)'}, CLIP-FD {fmt(find(evaluation, 'clip_fd', 'fd_clip'))}, "
+            f"CLIP score {fmt(find(evaluation, 'clip_score'))}",
+        ]
+    )
 
     # -- wall times
     doc.h(2, "Wall time per stage")
@@ -248,14 +259,22 @@ def write_report(out_dir: str | Path) -> Path:
         w, c = (done[s] or {}).get("wall_s"), (done[s] or {}).get("cpu_s")
         total, total_cpu = total + (w or 0.0), total_cpu + (c or 0.0)
         unknown = "n/a" if done[s] else NOT_RUN
-        rows.append([s, fmt_time(w) if w is not None else unknown, fmt_time(c) if c is not None else unknown,
-                     (done[s] or {}).get("finished", "")])  # fmt: skip
+        rows.append(
+            [
+                s,
+                fmt_time(w) if w is not None else unknown,
+                fmt_time(c) if c is not None else unknown,
+                (done[s] or {}).get("finished", ""),
+            ]
+        )
     ran = any(done.values())
     any_cpu = any((d or {}).get("cpu_s") is not None for d in done.values())
     rows.append(["total", fmt_time(total if ran else None), fmt_time(total_cpu) if any_cpu else "n/a", ""])
     doc.table(["stage", "wall time", "CPU time (all processes)", "finished"], rows)
-    doc.p("CPU time is the stage's processes' user + system time: on a loaded machine it tells the cost better "
-          "than the wall time (on N otherwise idle cores, wall ~ CPU / N).")
+    doc.p(
+        "CPU time is the stage's processes' user + system time: on a loaded machine it tells the cost better "
+        "than the wall time (on N otherwise idle cores, wall ~ CPU / N)."
+    )
 
     # -- samples
     doc.h(2, "Generated samples (prompts: held-out captions)")
@@ -267,19 +286,25 @@ def write_report(out_dir: str | Path) -> Path:
     prompts = out / "sample" / "prompts.txt"
     if prompts.is_file():
         lines = [x for x in prompts.read_text().splitlines() if x.strip()]
-        doc.p(f"{len(lines)} prompts (sample/prompts.txt), e.g.: " + "; ".join(f"\"{x}\"" for x in lines[:4]))
+        doc.p(f"{len(lines)} prompts (sample/prompts.txt), e.g.: " + "; ".join(f'"{x}"' for x in lines[:4]))
     if checker:
-        doc.table(["attribute-checker metric", "value"],
-                  [[k, pct(v) if isinstance(v, float) and not k.endswith(("iou_mean", "threshold")) else fmt(v, 3)]
-                   for k, v in sorted(checker.items())])  # fmt: skip
+        doc.table(
+            ["attribute-checker metric", "value"],
+            [
+                [k, pct(v) if isinstance(v, float) and not k.endswith(("iou_mean", "threshold")) else fmt(v, 3)]
+                for k, v in sorted(checker.items())
+            ],
+        )
     else:
         doc.p(f"Attribute-checker accuracy: {NOT_RUN}.")
 
     # -- evaluation
     doc.h(2, "Image metrics (eval/evaluate.py task=samples)")
     if evaluation:
-        doc.table(["metric", "value"], [[k, "skipped" if v is None else fmt(v)] for k, v in flat_items(evaluation)
-                                        if not _is_checker_key(k)])
+        doc.table(
+            ["metric", "value"],
+            [[k, "skipped" if v is None else fmt(v)] for k, v in flat_items(evaluation) if not _is_checker_key(k)],
+        )
     else:
         doc.p(f"Evaluation: {NOT_RUN}.")
 
@@ -294,11 +319,22 @@ def write_report(out_dir: str | Path) -> Path:
     # -- prior
     doc.h(2, "Diffusion prior")
     if any(v is not None for v in cos.values()):
-        doc.table(["val cosine with the true CLIP image embedding", "value"],
-                  [["sampled (prior)", fmt(cos["cos_sampled"])], ["text embedding (baseline)", fmt(cos["cos_text_baseline"])],
-                   ["sampled from shuffled captions (control)", fmt(cos["cos_shuffled"])]])  # fmt: skip
-        doc.img(plot_series(figs / "prior_cosine.png", "prior: val cosine with the true image embedding",
-                            {k: prior.get(f"val/{k}", []) for k in cos}), "prior cosines")  # fmt: skip
+        doc.table(
+            ["val cosine with the true CLIP image embedding", "value"],
+            [
+                ["sampled (prior)", fmt(cos["cos_sampled"])],
+                ["text embedding (baseline)", fmt(cos["cos_text_baseline"])],
+                ["sampled from shuffled captions (control)", fmt(cos["cos_shuffled"])],
+            ],
+        )
+        doc.img(
+            plot_series(
+                figs / "prior_cosine.png",
+                "prior: val cosine with the true image embedding",
+                {k: prior.get(f"val/{k}", []) for k in cos},
+            ),
+            "prior cosines",
+        )
     else:
         doc.p(f"Prior validation: {NOT_RUN}.")
     loss_plot(doc, figs, "prior", logs["prior"])
@@ -310,13 +346,17 @@ def write_report(out_dir: str | Path) -> Path:
             doc.p(f"{title}: {NOT_RUN}.")
             continue
         if s == "upsampler" and last(logs[s], "val/psnr") is not None:
-            doc.p(f"val PSNR {fmt(last(logs[s], 'val/psnr'), 2)} dB vs bicubic {fmt(last(logs[s], 'val/psnr_bicubic'), 2)} dB")
+            doc.p(
+                f"val PSNR {fmt(last(logs[s], 'val/psnr'), 2)} dB vs bicubic {fmt(last(logs[s], 'val/psnr_bicubic'), 2)} dB"
+            )
         loss_plot(doc, figs, s, logs[s])
         grids = sorted((out / s / "samples").glob("*.png")) if (out / s / "samples").is_dir() else []
         if grids:
-            doc.p(f"Training-time sample grid ({grids[-1].stem}; "
-                  + ("rows: reference / upsampled / bicubic" if s == "upsampler" else "from val CLIP image embeddings")
-                  + ")")  # fmt: skip
+            doc.p(
+                f"Training-time sample grid ({grids[-1].stem}; "
+                + ("rows: reference / upsampled / bicubic" if s == "upsampler" else "from val CLIP image embeddings")
+                + ")"
+            )
             doc.img(grids[-1], f"{s} samples")
 
     sweep_section(doc, out / "sweep")
@@ -334,14 +374,18 @@ def sweep_section(doc: Doc, sweep: Path) -> None:
     doc.h(2, "Sampling sweep: guidance x sampler x steps")
     table_csv = sweep / "sweep.csv"
     if not table_csv.is_file():
-        doc.p(f"Sweep: {NOT_RUN} (`python eval/sample.py -m ... guidance.decoder=1,2,3 sampler.decoder=ddim,dpmpp_2m "
-              "steps.decoder=10,25,50`, then `python eval/sweep_gather.py MULTIRUN_DIR --out OUT_DIR/sweep`).")
+        doc.p(
+            f"Sweep: {NOT_RUN} (`python eval/sample.py -m ... guidance.decoder=1,2,3 sampler.decoder=ddim,dpmpp_2m "
+            "steps.decoder=10,25,50`, then `python eval/sweep_gather.py MULTIRUN_DIR --out OUT_DIR/sweep`)."
+        )
         return
     with table_csv.open() as f:
         rows = list(csv.reader(f))
     doc.table(rows[0], [[fmt(float(v)) if _is_number(v) else v for v in r] for r in rows[1:]])
-    for name, alt in (("tradeoff", "CLIP-FD against CLIP score per guidance scale"),
-                      ("steps", "quality against sampling steps per sampler")):  # fmt: skip
+    for name, alt in (
+        ("tradeoff", "CLIP-FD against CLIP score per guidance scale"),
+        ("steps", "quality against sampling steps per sampler"),
+    ):
         if (sweep / f"{name}.png").is_file():
             doc.img(sweep / f"{name}.png", alt)
 
@@ -391,7 +435,9 @@ def find(d: dict | None, *names: str):
         return None
     for k, v in flat_items(d):
         key = k.lower().replace("-", "_")
-        if any(key == n or key.endswith("." + n) or key.endswith("/" + n) for n in names) and isinstance(v, (int, float)):
+        if any(key == n or key.endswith("." + n) or key.endswith("/" + n) for n in names) and isinstance(
+            v, (int, float)
+        ):
             return float(v)
     return None
 

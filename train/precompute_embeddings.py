@@ -65,8 +65,11 @@ def shard_complete(out_path: Path) -> bool:
     try:
         info = json.loads(marker_path(out_path).read_text())
         n = int(info["samples"])
-        return out_path.is_file() and n == count_samples([str(out_path)]) and consistent(n, int(info["source_samples"]),
-                                                                                            info["skipped"])
+        return (
+            out_path.is_file()
+            and n == count_samples([str(out_path)])
+            and consistent(n, int(info["source_samples"]), info["skipped"])
+        )
     except (OSError, ValueError, KeyError, TypeError):
         return False
 
@@ -88,9 +91,16 @@ class ShardEmbedder(L.LightningModule):
         pending: Counter = Counter()  # skips not yet handed out with a batch (each batch carries its own)
         skipped: Counter = Counter()
         batches = make_dataset(
-            url, image_size=self.image_size, tokenizer=self.tokenizer, train=False, batch_size=self.batch_size,
-            context_length=self.clip.model.context_length, rank=0, world_size=1, skip_counter=pending,
-        )  # fmt: skip
+            url,
+            image_size=self.image_size,
+            tokenizer=self.tokenizer,
+            train=False,
+            batch_size=self.batch_size,
+            context_length=self.clip.model.context_length,
+            rank=0,
+            world_size=1,
+            skip_counter=pending,
+        )
         raw = iter_raw_samples(url)
         n = 0
         with atomic_write(out_path) as f, wds.TarWriter(f, encoder=False) as sink:
@@ -107,11 +117,13 @@ class ShardEmbedder(L.LightningModule):
                     if sample is None:
                         raise ShardError(f"shard {url}: decoded sample {key!r} not found among its raw samples")
                     members = {k: v for k, v in sample.items() if not k.startswith("__") and isinstance(v, bytes)}
-                    members.update({
-                        "img_emb.npy": npy_bytes(img_emb[i].astype(self.np_dtype)),
-                        "txt_emb.npy": npy_bytes(txt_emb[i].astype(self.np_dtype)),
-                        "txt_tokens.npy": npy_bytes(states[i].astype(self.np_dtype)),
-                    })  # fmt: skip
+                    members.update(
+                        {
+                            "img_emb.npy": npy_bytes(img_emb[i].astype(self.np_dtype)),
+                            "txt_emb.npy": npy_bytes(txt_emb[i].astype(self.np_dtype)),
+                            "txt_tokens.npy": npy_bytes(states[i].astype(self.np_dtype)),
+                        }
+                    )
                     sink.write({"__key__": key, **members})
                     n += 1
             skipped.update(pending)  # skipped after the last batch
@@ -123,10 +135,13 @@ class ShardEmbedder(L.LightningModule):
                     "img2dataset's layout is {key}.jpg|png|webp + {key}.txt with the same {key}"
                 )
             if not consistent(n, source, skipped):
-                raise ShardError(f"shard {url}: {n} samples embedded, expected {source} minus {sum(skipped.values())} "
-                                 f"skipped ({dict(skipped)}); not marking it complete")  # fmt: skip
-        write_json_atomic(marker_path(out_path), {"source": url, "source_samples": source, "samples": n,
-                                                  "skipped": dict(skipped)})  # fmt: skip
+                raise ShardError(
+                    f"shard {url}: {n} samples embedded, expected {source} minus {sum(skipped.values())} "
+                    f"skipped ({dict(skipped)}); not marking it complete"
+                )
+        write_json_atomic(
+            marker_path(out_path), {"source": url, "source_samples": source, "samples": n, "skipped": dict(skipped)}
+        )
         return {"shard": url, "samples": n, "skipped_shard": False}
 
 
@@ -140,9 +155,14 @@ def main(cfg: DictConfig) -> None:
         raise SystemExit(f"error: {e}") from None
     Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
     embedder = ShardEmbedder(
-        clip, out_dir=cfg.out_dir, image_size=cfg.data.image_size or clip.model.image_size,
-        batch_size=cfg.data.batch_size, tokenizer=tokenizer, dtype=cfg.dtype, overwrite=cfg.overwrite,
-    )  # fmt: skip
+        clip,
+        out_dir=cfg.out_dir,
+        image_size=cfg.data.image_size or clip.model.image_size,
+        batch_size=cfg.data.batch_size,
+        tokenizer=tokenizer,
+        dtype=cfg.dtype,
+        overwrite=cfg.overwrite,
+    )
     trainer = instantiate(cfg.trainer, use_distributed_sampler=True)  # the shard list is split over ranks
     loader = torch.utils.data.DataLoader(urls, batch_size=None, shuffle=False)
     results = trainer.predict(embedder, dataloaders=loader) or []
@@ -152,10 +172,14 @@ def main(cfg: DictConfig) -> None:
         # whatever happened on the way (another rank, an iterator that ended early), never exit 0 with a shard missing
         missing = [u for u in urls if not shard_complete(Path(cfg.out_dir) / Path(u).name)]
         if missing:
-            sys.exit(f"[dalle2] {len(missing)} of {len(urls)} embedding shards are missing or incomplete in "
-                     f"{cfg.out_dir}: {missing[:5]}{' ...' if len(missing) > 5 else ''}")  # fmt: skip
-        print(f"[dalle2] {len(urls)} shards -> {cfg.out_dir}: {done} samples embedded (this process), "
-              f"{skipped} shards already complete")  # fmt: skip
+            sys.exit(
+                f"[dalle2] {len(missing)} of {len(urls)} embedding shards are missing or incomplete in "
+                f"{cfg.out_dir}: {missing[:5]}{' ...' if len(missing) > 5 else ''}"
+            )
+        print(
+            f"[dalle2] {len(urls)} shards -> {cfg.out_dir}: {done} samples embedded (this process), "
+            f"{skipped} shards already complete"
+        )
 
 
 if __name__ == "__main__":

@@ -86,8 +86,9 @@ def git_state() -> dict:
 
     def git(*args: str) -> str | None:
         try:
-            proc = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), *args], capture_output=True,
-                                  text=True, timeout=10)  # fmt: skip
+            proc = subprocess.run(
+                ["git", "-C", str(Path(__file__).resolve().parent), *args], capture_output=True, text=True, timeout=10
+            )
         except (OSError, subprocess.SubprocessError):
             return None
         return proc.stdout.strip() if proc.returncode == 0 else None
@@ -144,8 +145,9 @@ def train(cfg: DictConfig) -> dict:
     datamodule = instantiate(cfg.data, _convert_="all", **({"tokenizer": tokenizer} if tokenizer is not None else {}))
     loggers = build_loggers(cfg)
     callbacks = build_callbacks(cfg)
-    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, plugins=build_plugins(cfg),
-                          _convert_="all")  # fmt: skip
+    trainer = instantiate(
+        cfg.trainer, logger=loggers or False, callbacks=callbacks, plugins=build_plugins(cfg), _convert_="all"
+    )
     log_run_config(loggers, cfg)
     try:
         # weights_only: our check above read it safely; Lightning must not fall back to torch's (overridable) default
@@ -154,8 +156,10 @@ def train(cfg: DictConfig) -> dict:
         pre = next((c for c in callbacks if isinstance(c, Preemption)), None)
         if trainer.is_global_zero:
             saved = pre.saved_path if pre else "nothing (no Preemption callback)"
-            print(f"[dalle2] preempted at step {trainer.global_step}: saved {saved}; "
-                  f"continue with ckpt_path=last hydra.run.dir={cfg.paths.output_dir}")
+            print(
+                f"[dalle2] preempted at step {trainer.global_step}: saved {saved}; "
+                f"continue with ckpt_path=last hydra.run.dir={cfg.paths.output_dir}"
+            )
         sys.exit(pre.exit_code if pre else 143)
     except CheckpointSaveError as exn:
         sys.exit(f"[dalle2] stopped: {exn}")

@@ -62,8 +62,18 @@ DEPENDS = {
 }
 # The config groups of train/train.py's config (conf/<group>/, and model from dalle2/presets): `<stage>.<group>=x`
 # selects an option of the group rather than setting a key (tests/test_train_all.py checks the list against conf/).
-TRAIN_GROUPS = ("callbacks", "data", "debug", "experiment", "hparams_search", "logger", "model", "paths", "stage",
-                "trainer")  # fmt: skip
+TRAIN_GROUPS = (
+    "callbacks",
+    "data",
+    "debug",
+    "experiment",
+    "hparams_search",
+    "logger",
+    "model",
+    "paths",
+    "stage",
+    "trainer",
+)
 _SAFE = re.compile(r"^[\w./\-+@:~%]+$")
 
 
@@ -126,7 +136,7 @@ def stage_override_argv(argv: list[str]) -> list[str]:
     for a in argv:
         m = pattern.match(a)
         if m and m.group(1) in TRAINED and m.group(2) in TRAIN_GROUPS:
-            a = f"{m.group(1)}.groups.{a[len(m.group(1)) + 1:]}"
+            a = f"{m.group(1)}.groups.{a[len(m.group(1)) + 1 :]}"
         out.append(f"++{a}" if m else a)
     return out
 
@@ -216,38 +226,77 @@ class Plan:
     def build(self, stage: str) -> Stage:
         d, data = self.dir(stage), self.data
         if stage == "clip":
-            return Stage(stage, [self.train_cmd(stage, {"data.train_urls": data["train_urls"],
-                                                        "data.val_urls": data["val_urls"]})])  # fmt: skip
+            return Stage(
+                stage,
+                [self.train_cmd(stage, {"data.train_urls": data["train_urls"], "data.val_urls": data["val_urls"]})],
+            )
         if stage == "retrieval":
-            base = {"task": "retrieval", "clip_ckpt": self.ckpt("clip"), "data.urls": data["val_urls"],
-                    "out": str(d / "metrics.json"), "hydra.run.dir": str(d)}  # fmt: skip
+            base = {
+                "task": "retrieval",
+                "clip_ckpt": self.ckpt("clip"),
+                "data.urls": data["val_urls"],
+                "out": str(d / "metrics.json"),
+                "hydra.run.dir": str(d),
+            }
             return Stage(stage, [[self.py, str(ROOT / "eval" / "evaluate.py"), *overrides(base, self.section[stage])]])
         if stage == "embeddings":
             cmds = []
             for split in ("train", "val"):
-                base = {"clip_ckpt": self.ckpt("clip"), "data.urls": data[f"{split}_urls"],
-                        "out_dir": str(d / split), "hydra.run.dir": str(d)}  # fmt: skip
-                cmds.append([self.py, str(ROOT / "train" / "precompute_embeddings.py"),
-                             *overrides(base, self.section[stage])])  # fmt: skip
+                base = {
+                    "clip_ckpt": self.ckpt("clip"),
+                    "data.urls": data[f"{split}_urls"],
+                    "out_dir": str(d / split),
+                    "hydra.run.dir": str(d),
+                }
+                cmds.append(
+                    [self.py, str(ROOT / "train" / "precompute_embeddings.py"), *overrides(base, self.section[stage])]
+                )
             return Stage(stage, cmds, outputs={"train_urls": self.emb_urls("train"), "val_urls": self.emb_urls("val")})
         if stage == "prior":
-            return Stage(stage, [self.train_cmd(stage, {"data.train_urls": self.emb_urls("train"),
-                                                        "data.val_urls": self.emb_urls("val"),
-                                                        "clip_ckpt": self.ckpt("clip")})])  # fmt: skip
+            return Stage(
+                stage,
+                [
+                    self.train_cmd(
+                        stage,
+                        {
+                            "data.train_urls": self.emb_urls("train"),
+                            "data.val_urls": self.emb_urls("val"),
+                            "clip_ckpt": self.ckpt("clip"),
+                        },
+                    )
+                ],
+            )
         if stage == "decoder":
-            return Stage(stage, [self.train_cmd(stage, {"data.train_urls": self.emb_urls("train"),
-                                                        "data.val_urls": self.emb_urls("val"),
-                                                        "data.load_embeddings": True,
-                                                        "clip_ckpt": self.ckpt("clip")})])  # fmt: skip
+            return Stage(
+                stage,
+                [
+                    self.train_cmd(
+                        stage,
+                        {
+                            "data.train_urls": self.emb_urls("train"),
+                            "data.val_urls": self.emb_urls("val"),
+                            "data.load_embeddings": True,
+                            "clip_ckpt": self.ckpt("clip"),
+                        },
+                    )
+                ],
+            )
         if stage == "upsampler":
-            return Stage(stage, [self.train_cmd(stage, {"data.train_urls": data["train_urls"],
-                                                        "data.val_urls": data["val_urls"]})])  # fmt: skip
+            return Stage(
+                stage,
+                [self.train_cmd(stage, {"data.train_urls": data["train_urls"], "data.val_urls": data["val_urls"]})],
+            )
         if stage == "sample":
             prompts = d / "prompts.txt"
-            base = {"ckpt.clip": self.ckpt("clip"), "ckpt.prior": self.ckpt("prior"),
-                    "ckpt.decoder": self.ckpt("decoder"),
-                    "ckpt.upsamplers": [self.ckpt("upsampler")] if "upsampler" in self.enabled_models() else [],
-                    "prompts": str(prompts), "out_dir": str(d), "hydra.run.dir": str(d)}  # fmt: skip
+            base = {
+                "ckpt.clip": self.ckpt("clip"),
+                "ckpt.prior": self.ckpt("prior"),
+                "ckpt.decoder": self.ckpt("decoder"),
+                "ckpt.upsamplers": [self.ckpt("upsampler")] if "upsampler" in self.enabled_models() else [],
+                "prompts": str(prompts),
+                "out_dir": str(d),
+                "hydra.run.dir": str(d),
+            }
             cmd = [self.py, str(ROOT / "eval" / "sample.py"), *overrides(base, self.section[stage])]
             pcfg = self.cfg.prompts
 
@@ -256,15 +305,23 @@ class Plan:
 
             return Stage(stage, [cmd], prepare=prepare)
         if stage == "evaluate":
-            base = {"task": "samples", "samples": str(self.dir("sample")), "reference.urls": data["val_urls"],
-                    "clip_ckpt": self.ckpt("clip"), "out": str(d / "metrics.json"), "hydra.run.dir": str(d)}  # fmt: skip
+            base = {
+                "task": "samples",
+                "samples": str(self.dir("sample")),
+                "reference.urls": data["val_urls"],
+                "clip_ckpt": self.ckpt("clip"),
+                "out": str(d / "metrics.json"),
+                "hydra.run.dir": str(d),
+            }
             return Stage(stage, [[self.py, str(ROOT / "eval" / "evaluate.py"), *overrides(base, self.section[stage])]])
         raise SystemExit(f"unknown stage {stage!r}; expected some of {list(STAGES)}")
 
     def enabled_models(self) -> set[str]:
         """Trained stages whose checkpoint exists or will be made in this run (an upsampler is optional)."""
         listed = set(self.cfg.stages)
-        return {s for s in TRAINED if s in listed or s in self.given or Path(self.ckpt(s)).exists()}  # a file, or a sharded (fsdp) checkpoint dir
+        return {
+            s for s in TRAINED if s in listed or s in self.given or Path(self.ckpt(s)).exists()
+        }  # a file, or a sharded (fsdp) checkpoint dir
 
 
 # --------------------------------------------------------------------------------------------- running
@@ -317,8 +374,10 @@ def run_commands(stage: Stage, *, cwd: Path) -> None:
         finally:
             signal.signal(signal.SIGTERM, previous)
         if rc != 0:
-            raise SystemExit(f"[train_all] stage {stage.name} failed (exit status {rc}); fix it and rerun the same "
-                             "command: finished stages are skipped")  # fmt: skip
+            raise SystemExit(
+                f"[train_all] stage {stage.name} failed (exit status {rc}); fix it and rerun the same "
+                "command: finished stages are skipped"
+            )
 
 
 # Overrides whose change a run can be resumed across (how long, how often to validate/save/log, on how many devices);
@@ -365,8 +424,10 @@ def resumable(stage: str, diff: dict) -> bool:
 
 
 def describe(diff: dict) -> str:
-    return "; ".join(f"{k}: {a if a is not None else '(unset)'} -> {b if b is not None else '(unset)'}"
-                     for k, a, b in ((k, *v) for k, v in diff.items()))  # fmt: skip
+    return "; ".join(
+        f"{k}: {a if a is not None else '(unset)'} -> {b if b is not None else '(unset)'}"
+        for k, a, b in ((k, *v) for k, v in diff.items())
+    )
 
 
 def read_marker(path: Path) -> dict | None:
@@ -409,8 +470,10 @@ def plan_stage(cfg: DictConfig, plan: Plan, name: str, stage: Stage, *, forced: 
     if not d.exists() or not any(d.iterdir()):
         return "fresh"
     if not made_by_train_all(d):
-        raise SystemExit(f"[train_all] {name}: {d} exists and was not made by train_all (no DONE.json/STARTED.json); "
-                         "nothing was changed. Move it away or choose another out_dir.")  # fmt: skip
+        raise SystemExit(
+            f"[train_all] {name}: {d} exists and was not made by train_all (no DONE.json/STARTED.json); "
+            "nothing was changed. Move it away or choose another out_dir."
+        )
     if forced or stale:
         return "fresh"
     new = identity(stage.commands)
@@ -466,8 +529,13 @@ def run(cfg: DictConfig) -> dict[str, dict]:
             print(f"[train_all] {name}: done ({prev.get('wall_s', 0):.0f} s), skipped", flush=True)
             summary[name] = {"status": "skipped", "wall_s": prev.get("wall_s")}
             continue
-        why = "forced" if name in force else f"{', '.join(stale)} reran" if stale else {
-            "resume": "resuming", "rerun": "rerunning an unfinished run", "fresh": "not done yet"}[action]  # fmt: skip
+        why = (
+            "forced"
+            if name in force
+            else f"{', '.join(stale)} reran"
+            if stale
+            else {"resume": "resuming", "rerun": "rerunning an unfinished run", "fresh": "not done yet"}[action]
+        )
         print(f"\n[train_all] ===== {name} ({why}) =====", flush=True)
         if cfg.dry_run:
             for argv in stage.commands:
@@ -491,9 +559,15 @@ def run(cfg: DictConfig) -> dict[str, dict]:
         run_commands(stage, cwd=Path.cwd())
         wall, cpu = time.time() - t0, children_cpu_s() - cpu0
         record = {
-            "stage": name, "wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "resumed": bool(resumed), "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "commands": commands, "settings": plan.section[name], "outputs": stage.outputs,
-        }  # fmt: skip
+            "stage": name,
+            "wall_s": round(wall, 2),
+            "cpu_s": round(cpu, 2),
+            "resumed": bool(resumed),
+            "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "commands": commands,
+            "settings": plan.section[name],
+            "outputs": stage.outputs,
+        }
         if name in TRAINED:
             record["outputs"]["ckpt"] = plan.ckpt(name)
             if not Path(plan.ckpt(name)).exists():  # a file, or a sharded (fsdp) checkpoint directory

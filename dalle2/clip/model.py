@@ -346,11 +346,20 @@ class CLIP(nn.Module):
         if not is_vit:
             vision_layers = [int(n) for n in vision_layers]
         self.config: dict[str, Any] = dict(
-            embed_dim=embed_dim, image_size=image_size, vision_width=vision_width, vision_layers=vision_layers,
-            vision_heads=vision_heads, vision_patch_size=vision_patch_size, context_length=context_length,
-            vocab_size=vocab_size, text_width=text_width, text_layers=text_layers, text_heads=text_heads,
-            activation=activation, grad_checkpointing=grad_checkpointing,
-        )  # fmt: skip
+            embed_dim=embed_dim,
+            image_size=image_size,
+            vision_width=vision_width,
+            vision_layers=vision_layers,
+            vision_heads=vision_heads,
+            vision_patch_size=vision_patch_size,
+            context_length=context_length,
+            vocab_size=vocab_size,
+            text_width=text_width,
+            text_layers=text_layers,
+            text_heads=text_heads,
+            activation=activation,
+            grad_checkpointing=grad_checkpointing,
+        )
         self.embed_dim, self.image_size, self.context_length = embed_dim, image_size, context_length
         if is_vit:
             if vision_patch_size is None:
@@ -385,7 +394,6 @@ class CLIP(nn.Module):
         )
         self.logit_scale = nn.Parameter(torch.tensor(LOGIT_SCALE_INIT))
         self._register_load_state_dict_pre_hook(_logit_scale_shape, with_module=True)
-
 
     # -- config ---------------------------------------------------------------------------------------------
     def to_config(self) -> dict[str, Any]:

@@ -204,7 +204,11 @@ def clip_from_openai_state_dict(
 
 
 def load_clip_checkpoint(
-    path: str | Path, *, map_location="cpu", activation: str | None = None, trust_checkpoint: bool = False,
+    path: str | Path,
+    *,
+    map_location="cpu",
+    activation: str | None = None,
+    trust_checkpoint: bool = False,
     **overrides: Any,
 ) -> CLIP:
     """``CLIP`` (eval mode, float32) from OpenAI or open_clip weights, or from our own safetensors export.

@@ -18,8 +18,9 @@ def _rows(n: int, rows: torch.Tensor | None, device) -> torch.Tensor:
     return torch.arange(n, device=device) if rows is None else rows.to(device=device, dtype=torch.long)
 
 
-def pair_ranks(queries: torch.Tensor, keys: torch.Tensor, *, rows: torch.Tensor | None = None,
-               chunk_size: int = 256) -> torch.Tensor:  # fmt: skip
+def pair_ranks(
+    queries: torch.Tensor, keys: torch.Tensor, *, rows: torch.Tensor | None = None, chunk_size: int = 256
+) -> torch.Tensor:
     """queries, keys (N, D), query i matches key i -> (R,) long: the 1-based rank of key i among all keys for each
     query i in ``rows`` (default all), ties counted in the query's favour (1 + number of strictly better keys)."""
     idx = _rows(queries.shape[0], rows, queries.device)
@@ -32,8 +33,14 @@ def pair_ranks(queries: torch.Tensor, keys: torch.Tensor, *, rows: torch.Tensor 
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.long, device=queries.device)
 
 
-def pair_losses(queries: torch.Tensor, keys: torch.Tensor, logit_scale: torch.Tensor | float, *,
-                rows: torch.Tensor | None = None, chunk_size: int = 256) -> torch.Tensor:  # fmt: skip
+def pair_losses(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+    *,
+    rows: torch.Tensor | None = None,
+    chunk_size: int = 256,
+) -> torch.Tensor:
     """(R,) cross-entropy terms ``logsumexp_j(s q_i.k_j) - s q_i.k_i`` of the rows ``rows`` (default all): the mean
     over all rows is ``F.cross_entropy(s Q K^T, arange(N))``."""
     idx = _rows(queries.shape[0], rows, queries.device)
@@ -45,8 +52,9 @@ def pair_losses(queries: torch.Tensor, keys: torch.Tensor, logit_scale: torch.Te
     return torch.cat(out) if out else torch.zeros(0, device=queries.device)
 
 
-def metrics_from_ranks(image_to_text: torch.Tensor, text_to_image: torch.Tensor, *,
-                       ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:  # fmt: skip
+def metrics_from_ranks(
+    image_to_text: torch.Tensor, text_to_image: torch.Tensor, *, ks: tuple[int, ...] = (1, 5, 10)
+) -> dict[str, float]:
     """Per-pair ranks of both directions (any order) -> R@k, mean rank and ``num_samples``."""
     out: dict[str, float] = {}
     for name, ranks in (("image_to_text", image_to_text), ("text_to_image", text_to_image)):
@@ -81,13 +89,19 @@ def retrieval_metrics(
     _check(image_features, text_features)
     img = F.normalize(image_features.float(), dim=-1)
     txt = F.normalize(text_features.float(), dim=-1)
-    return metrics_from_ranks(pair_ranks(img, txt, chunk_size=chunk_size), pair_ranks(txt, img, chunk_size=chunk_size),
-                              ks=ks)  # fmt: skip
+    return metrics_from_ranks(
+        pair_ranks(img, txt, chunk_size=chunk_size), pair_ranks(txt, img, chunk_size=chunk_size), ks=ks
+    )
 
 
 @torch.no_grad()
-def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor | float, *,
-                     chunk_size: int = 256) -> torch.Tensor:  # fmt: skip
+def contrastive_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+    *,
+    chunk_size: int = 256,
+) -> torch.Tensor:
     """The symmetric InfoNCE of unit-norm features over the whole set, ``(CE(s I T^T) + CE(s T I^T)) / 2``, in
     chunks of query rows (memory O(chunk_size x N))."""
     _check(image_features, text_features)

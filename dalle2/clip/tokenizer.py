@@ -47,9 +47,7 @@ MERGES_HEADER = "#version: 0.2"
 BUILTIN_VOCAB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "bpe_builtin.txt.gz")
 
 # Specials, English contractions, runs of letters, single digits, runs of anything else but whitespace.
-_PRETOKENIZE = (
-    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
-)
+_PRETOKENIZE = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 _WORD_CACHE_SIZE = 100_000
 
 
@@ -127,8 +125,9 @@ class Tokenizer:
     :meth:`default` (the small vocabulary shipped with the package). Picklable (dataloader workers).
     """
 
-    def __init__(self, *, merges: Sequence[tuple[str, str]], context_length: int = DEFAULT_CONTEXT_LENGTH,
-                 name: str = "custom"):
+    def __init__(
+        self, *, merges: Sequence[tuple[str, str]], context_length: int = DEFAULT_CONTEXT_LENGTH, name: str = "custom"
+    ):
         if context_length < 2:
             raise ValueError(f"context_length={context_length} must be >= 2 (room for start and end tokens)")
         byte_chars = sorted(bytes_to_unicode().values())
@@ -137,7 +136,9 @@ class Tokenizer:
         for i, (first, second) in enumerate(merges):
             if first not in known or second not in known:
                 bad = first if first not in known else second
-                raise ValueError(f"merge {i} ({first!r}, {second!r}): symbol {bad!r} is neither a byte nor made by an earlier merge")
+                raise ValueError(
+                    f"merge {i} ({first!r}, {second!r}): symbol {bad!r} is neither a byte nor made by an earlier merge"
+                )
             known.add(first + second)
             vocab.append(first + second)
         vocab += [SOT, EOT]
@@ -154,7 +155,9 @@ class Tokenizer:
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike, *, max_merges: int | None = None, context_length: int = DEFAULT_CONTEXT_LENGTH) -> "Tokenizer":
+    def from_file(
+        cls, path: str | os.PathLike, *, max_merges: int | None = None, context_length: int = DEFAULT_CONTEXT_LENGTH
+    ) -> "Tokenizer":
         """Load a merges file (gzip or plain text; first line a ``#version`` header).
 
         ``max_merges=None`` keeps at most 48894 merges, as CLIP does with OpenAI's file (49408 ids).
@@ -168,8 +171,11 @@ class Tokenizer:
     ) -> "Tokenizer":
         """A tokenizer from the text of a merges file (what :class:`Vocabulary` stores)."""
         lines = text.split("\n")
-        return cls(merges=_parse_merges(lines[0], enumerate(lines[1:], start=2), name),
-                   context_length=context_length, name=name)
+        return cls(
+            merges=_parse_merges(lines[0], enumerate(lines[1:], start=2), name),
+            context_length=context_length,
+            name=name,
+        )
 
     @classmethod
     def default(cls, *, context_length: int = DEFAULT_CONTEXT_LENGTH) -> "Tokenizer":
@@ -262,8 +268,14 @@ class Tokenizer:
         if isinstance(texts, str):
             texts = [texts]
         if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
-            raise TypeError(f"texts must be a str or a list of str, got {type(texts).__name__}"
-                            + ("" if not isinstance(texts, (list, tuple)) else f" holding {sorted({type(t).__name__ for t in texts})}"))
+            raise TypeError(
+                f"texts must be a str or a list of str, got {type(texts).__name__}"
+                + (
+                    ""
+                    if not isinstance(texts, (list, tuple))
+                    else f" holding {sorted({type(t).__name__ for t in texts})}"
+                )
+            )
         length = self.context_length if context_length is None else int(context_length)
         if length < 2:
             raise ValueError(f"context_length={length} must be >= 2 (room for start and end tokens)")
@@ -324,8 +336,10 @@ class Vocabulary:
         digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
         n_merges = sum(1 for line in text.split("\n")[1:] if line)
         if digest != d.get("sha256") or 514 + n_merges != int(d.get("vocab_size", -1)):
-            raise VocabularyMismatchError(f"{source}: the stored vocabulary's merges do not match its sha256 / size "
-                                          f"({str(d.get('sha256'))[:12]}, {d.get('vocab_size')} ids): the file was altered")  # fmt: skip
+            raise VocabularyMismatchError(
+                f"{source}: the stored vocabulary's merges do not match its sha256 / size "
+                f"({str(d.get('sha256'))[:12]}, {d.get('vocab_size')} ids): the file was altered"
+            )
         return cls(text, digest, 514 + n_merges, str(d.get("name", "custom")))
 
     def to_dict(self, *, with_merges: bool = True) -> dict:
@@ -550,7 +564,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m dalle2.clip.tokenizer", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="learn a merges file from captions")
-    train.add_argument("--urls", nargs="+", required=True, help="brace-expanded .tar shards or .txt files (one caption a line)")
+    train.add_argument(
+        "--urls", nargs="+", required=True, help="brace-expanded .tar shards or .txt files (one caption a line)"
+    )
     train.add_argument("--vocab-size", type=int, default=8192, help="ids in the resulting vocabulary (at most)")
     train.add_argument("--out", required=True, help="merges file to write (.gz: gzipped)")
     train.add_argument("--max-texts", type=int, default=None, help="read at most this many captions")
@@ -558,7 +574,12 @@ def main(argv: list[str] | None = None) -> None:
     enc = sub.add_parser("encode", help="print the ids of texts")
     enc.add_argument("texts", nargs="+")
     enc.add_argument("--merges", default=None, help="merges file (default: the shipped vocabulary)")
-    enc.add_argument("--context-length", type=int, default=None, help="pad/truncate to this length (default: no specials, no padding)")
+    enc.add_argument(
+        "--context-length",
+        type=int,
+        default=None,
+        help="pad/truncate to this length (default: no specials, no padding)",
+    )
     args = parser.parse_args(argv)
 
     if args.command == "train":

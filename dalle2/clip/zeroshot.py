@@ -21,8 +21,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ASSETS", "ZeroShotTask", "read_lines", "resolve_file", "zeroshot_classifier", "class_labels",
-           "topk_accuracy", "zeroshot_metrics"]  # fmt: skip
+__all__ = [
+    "ASSETS",
+    "ZeroShotTask",
+    "read_lines",
+    "resolve_file",
+    "zeroshot_classifier",
+    "class_labels",
+    "topk_accuracy",
+    "zeroshot_metrics",
+]
 
 ASSETS = Path(__file__).resolve().parent.parent / "data" / "assets" / "zeroshot"
 
@@ -70,15 +78,22 @@ class ZeroShotTask:
         self.index = {c: i for i, c in enumerate(self.classnames)}
 
     @classmethod
-    def from_files(cls, classnames: str | Path, templates: str | Path, *, label: str = "{shape}",
-                   ks: Sequence[int] = (1, 5)) -> "ZeroShotTask":  # fmt: skip
+    def from_files(
+        cls, classnames: str | Path, templates: str | Path, *, label: str = "{shape}", ks: Sequence[int] = (1, 5)
+    ) -> "ZeroShotTask":
         return cls(classnames=read_lines(classnames), templates=read_lines(templates), label=label, ks=tuple(ks))
 
 
 @torch.no_grad()
-def zeroshot_classifier(encode_text: Callable[[torch.Tensor], torch.Tensor], tokenizer: Callable,
-                        classnames: Sequence[str], templates: Sequence[str], *, batch_size: int = 256,
-                        device: torch.device | str | None = None) -> torch.Tensor:  # fmt: skip
+def zeroshot_classifier(
+    encode_text: Callable[[torch.Tensor], torch.Tensor],
+    tokenizer: Callable,
+    classnames: Sequence[str],
+    templates: Sequence[str],
+    *,
+    batch_size: int = 256,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
     """(C, D) unit-norm class weights: per class, the mean of ``normalize(encode_text(tokenizer(template(c))))`` over
     the templates, renormalised.  ``encode_text``: tokens (B, L) -> (B, D); ``tokenizer``: list[str] -> (B, L)."""
     texts = [t.replace("{}", c) for c in classnames for t in templates]
@@ -117,8 +132,14 @@ def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int])
 
 
 @torch.no_grad()
-def zeroshot_metrics(image_features: torch.Tensor, labels: torch.Tensor, classifier: torch.Tensor, *,
-                     ks: Sequence[int] = (1, 5), chunk_size: int = 4096) -> dict[str, float]:  # fmt: skip
+def zeroshot_metrics(
+    image_features: torch.Tensor,
+    labels: torch.Tensor,
+    classifier: torch.Tensor,
+    *,
+    ks: Sequence[int] = (1, 5),
+    chunk_size: int = 4096,
+) -> dict[str, float]:
     """image_features (N, D) (normalised here), labels (N,) (-1: unlabelled, skipped), classifier (C, D) ->
     ``{"top1", "top5" (k <= C only), "num_samples", "num_unlabelled", "num_classes"}``; memory O(chunk_size x C)."""
     keep = (labels >= 0).to(image_features.device)

@@ -14,6 +14,17 @@ from dalle2.data.synthetic import (
 from dalle2.data.webdataset import expand_urls, load_rgb, make_dataset
 
 __all__ = [
-    "ATTRIBUTES", "SkippedSamplesLogger", "WebDataModule", "check_images", "expand_urls", "load_rgb",
-    "make_caption", "make_dataset", "parse_caption", "random_captions", "render", "sample_attributes", "write_shards",
+    "ATTRIBUTES",
+    "SkippedSamplesLogger",
+    "WebDataModule",
+    "check_images",
+    "expand_urls",
+    "load_rgb",
+    "make_caption",
+    "make_dataset",
+    "parse_caption",
+    "random_captions",
+    "render",
+    "sample_attributes",
+    "write_shards",
 ]

@@ -36,8 +36,19 @@ from dalle2.data.shape_fit import ideal
 
 __all__ = ["CASES", "calibration_images", "calibration_table", "draw_scene"]
 
-CASES = ("clean", "jpeg95", "jpeg75", "noise", "rotated", "bicubic_x2", "shuffled", "skew", "blur", "two_objects",
-         "cut_by_border")  # fmt: skip
+CASES = (
+    "clean",
+    "jpeg95",
+    "jpeg75",
+    "noise",
+    "rotated",
+    "bicubic_x2",
+    "shuffled",
+    "skew",
+    "blur",
+    "two_objects",
+    "cut_by_border",
+)
 
 
 def draw_scene(image_size: int, background, objects: list[dict], ss: int = 4) -> np.ndarray:
@@ -64,7 +75,8 @@ def _geometry(attrs: dict, image_size: int, rng: np.random.Generator) -> dict:
     scale = 1.0 + rng.uniform(-syn._SIZE_JITTER, syn._SIZE_JITTER)
     fg = np.array(syn.COLORS[attrs["color"]], dtype=np.float32) + rng.uniform(-syn._COLOR_JITTER, syn._COLOR_JITTER, 3)
     bg = np.array(syn.BACKGROUNDS[attrs["background"]], dtype=np.float32) + rng.uniform(
-        -syn._COLOR_JITTER, syn._COLOR_JITTER, 3)  # fmt: skip
+        -syn._COLOR_JITTER, syn._COLOR_JITTER, 3
+    )
     r = syn._HALF_EXTENT[attrs["size"]] * scale * s
     cx, cy = (syn._CENTER_X[attrs["position"]] + jx) * s, (0.5 + jy) * s
     return {"background": bg, "object": {"shape": attrs["shape"], "color": fg, "r": r, "cx": cx, "cy": cy}}
@@ -99,8 +111,15 @@ def _one(case: str, attrs: dict, size: int, rng: np.random.Generator) -> np.ndar
         ob["cx"] = 0.6 * ob["r"] if attrs["position"] != "right" else size - 0.6 * ob["r"]
     elif case == "two_objects":
         corner = rng.choice([0.15, 0.85], size=2)
-        objects.append({**ob, "shape": syn.ATTRIBUTES["shape"][int(rng.integers(4))], "r": 0.08 * size,
-                        "cx": corner[0] * size, "cy": corner[1] * size})  # fmt: skip
+        objects.append(
+            {
+                **ob,
+                "shape": syn.ATTRIBUTES["shape"][int(rng.integers(4))],
+                "r": 0.08 * size,
+                "cx": corner[0] * size,
+                "cy": corner[1] * size,
+            }
+        )
     else:
         raise ValueError(f"unknown calibration case {case!r}; expected one of {CASES}")
     return draw_scene(size, g["background"], objects)
@@ -119,8 +138,9 @@ def calibration_images(case: str, n: int, image_size: int, seed: int = 0) -> tup
     return images, attrs
 
 
-def calibration_table(sizes=(32, 64), n: int = 256, seed: int = 0, cases=CASES,
-                      threshold: float = syn.STRICT_IOU_THRESHOLD) -> list[dict]:  # fmt: skip
+def calibration_table(
+    sizes=(32, 64), n: int = 256, seed: int = 0, cases=CASES, threshold: float = syn.STRICT_IOU_THRESHOLD
+) -> list[dict]:
     """One row per (case, size): the strict and lenient figures of ``check_images(..., strict=True)`` plus the
     IoU's 1st / 50th percentile (and, for ``shuffled``, ``chance/shape``: how many prompts name the drawn shape)."""
     rows = []
@@ -129,8 +149,14 @@ def calibration_table(sizes=(32, 64), n: int = 256, seed: int = 0, cases=CASES,
             images, attrs = calibration_images(case, n, size, seed)
             res = syn.check_images(images, attrs, strict=True, threshold=threshold)
             iou = syn.strict_verdicts(images, attrs, threshold=threshold)["iou"]
-            row = {"case": case, "image_size": size, "n": n, **res,
-                   "strict/iou_p01": float(np.quantile(iou, 0.01)), "strict/iou_p50": float(np.median(iou))}
+            row = {
+                "case": case,
+                "image_size": size,
+                "n": n,
+                **res,
+                "strict/iou_p01": float(np.quantile(iou, 0.01)),
+                "strict/iou_p50": float(np.median(iou)),
+            }
             if case == "shuffled":  # chance: the prompts that name the drawn shape anyway
                 drawn = calibration_images("clean", n, size, seed)[1]
                 row["chance/shape"] = float(np.mean([a["shape"] == d["shape"] for a, d in zip(attrs, drawn)]))

@@ -130,8 +130,12 @@ class WebDataModule(pl.LightningDataModule):
         if self.num_workers > 0:
             kw = dict(persistent_workers=self.persistent_workers, prefetch_factor=self.prefetch_factor)
         return StreamLoader(
-            dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
-            generator=torch.Generator().manual_seed(self.seed), **kw,
+            dataset,
+            batch_size=None,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            generator=torch.Generator().manual_seed(self.seed),
+            **kw,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -139,12 +143,24 @@ class WebDataModule(pl.LightningDataModule):
             self.setup("fit")
         rank, world = self._rank_world()
         ds = make_dataset(
-            self._train_shards, image_size=self.image_size, tokenizer=self.tokenizer, train=True,
-            batch_size=self.batch_size, context_length=self.context_length, random_crop=self.random_crop,
-            shuffle_buffer=self.shuffle_buffer, epoch_size=self.epoch_size, num_workers=self.num_workers,
-            seed=self.seed, load_image=self.load_image, load_embeddings=self.load_embeddings, rank=rank, world_size=world,
+            self._train_shards,
+            image_size=self.image_size,
+            tokenizer=self.tokenizer,
+            train=True,
+            batch_size=self.batch_size,
+            context_length=self.context_length,
+            random_crop=self.random_crop,
+            shuffle_buffer=self.shuffle_buffer,
+            epoch_size=self.epoch_size,
+            num_workers=self.num_workers,
+            seed=self.seed,
+            load_image=self.load_image,
+            load_embeddings=self.load_embeddings,
+            rank=rank,
+            world_size=world,
             max_consecutive_skips=self.max_consecutive_skips,
-            max_consecutive_bad_shards=self.max_consecutive_bad_shards, url_commands=self.url_commands,
+            max_consecutive_bad_shards=self.max_consecutive_bad_shards,
+            url_commands=self.url_commands,
         )
         ds.resume_from(self._resume_position, num_workers=self.num_workers)
         return self._loader(ds)
@@ -156,16 +172,29 @@ class WebDataModule(pl.LightningDataModule):
             self.setup("validate")
         rank, world = self._rank_world()
         ds = make_dataset(
-            self._val_shards, image_size=self.image_size, tokenizer=self.tokenizer, train=False,
-            batch_size=self.val_batch_size, context_length=self.context_length, num_workers=self.num_workers,
-            seed=self.seed, load_image=self.load_image, load_embeddings=self.load_embeddings, rank=rank, world_size=world,
+            self._val_shards,
+            image_size=self.image_size,
+            tokenizer=self.tokenizer,
+            train=False,
+            batch_size=self.val_batch_size,
+            context_length=self.context_length,
+            num_workers=self.num_workers,
+            seed=self.seed,
+            load_image=self.load_image,
+            load_embeddings=self.load_embeddings,
+            rank=rank,
+            world_size=world,
             url_commands=self.url_commands,
         )
         # a fresh pass every time: persistent workers would keep an exhausted iterator's state
         kw: dict[str, Any] = {"prefetch_factor": self.prefetch_factor} if self.num_workers > 0 else {}
         return DataLoader(
-            ds, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
-            generator=torch.Generator().manual_seed(self.seed), **kw,  # leaves the global RNG alone
+            ds,
+            batch_size=None,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            generator=torch.Generator().manual_seed(self.seed),
+            **kw,  # leaves the global RNG alone
         )
 
     def test_dataloader(self) -> DataLoader | list:
@@ -217,7 +246,9 @@ class WebDataModule(pl.LightningDataModule):
         positions = state_dict.get("stream") or {}
         rank, world = self._rank_world()
         if positions and len(positions) != world:
-            warnings.warn(f"data stream saved by {len(positions)} ranks, resumed on {world}: the stream restarts", stacklevel=2)
+            warnings.warn(
+                f"data stream saved by {len(positions)} ranks, resumed on {world}: the stream restarts", stacklevel=2
+            )
             positions = {}
         self._resume_position = copy.deepcopy(positions.get(rank))
         self._position = copy.deepcopy(self._resume_position)
@@ -250,7 +281,9 @@ class SkippedSamplesLogger(pl.Callback):
         dm = getattr(trainer, "datamodule", None)
         return dm if isinstance(dm, WebDataModule) else None
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         dm = self._dm(trainer)
         if dm is None or (trainer.global_step % self.log_every_n_steps):
             return

@@ -110,8 +110,11 @@ def scan_embeddings(root: str | os.PathLike, *, caption_column: str = "caption")
     pq = _pyarrow_parquet()
     img, txt, meta, rows, dim = [], [], [], [], None
     for i in indices:
-        paths = (os.path.join(img_dir, f"img_emb_{i}.npy"), os.path.join(root, "text_emb", f"text_emb_{i}.npy"),
-                 os.path.join(root, "metadata", f"metadata_{i}.parquet"))  # fmt: skip
+        paths = (
+            os.path.join(img_dir, f"img_emb_{i}.npy"),
+            os.path.join(root, "text_emb", f"text_emb_{i}.npy"),
+            os.path.join(root, "metadata", f"metadata_{i}.parquet"),
+        )
         for p in paths:
             if not os.path.isfile(p):
                 raise FileNotFoundError(f"missing {p!r} (partner of {paths[0]!r})")
@@ -218,8 +221,14 @@ class _Batcher:
     def collate(self, samples: list[tuple]) -> dict[str, Any]:
         img, txt, captions, keys = zip(*samples)
         tokens = torch.as_tensor(self.tokenizer(list(captions), context_length=self.context_length), dtype=torch.long)
-        batch = {"img_emb": torch.from_numpy(np.stack(img)), "txt_emb": torch.from_numpy(np.stack(txt)),
-                 "tokens": tokens, "caption": list(captions), "key": list(keys), "skipped": dict(self.counts)}  # fmt: skip
+        batch = {
+            "img_emb": torch.from_numpy(np.stack(img)),
+            "txt_emb": torch.from_numpy(np.stack(txt)),
+            "tokens": tokens,
+            "caption": list(captions),
+            "key": list(keys),
+            "skipped": dict(self.counts),
+        }
         self.counts.clear()
         return batch
 
@@ -235,8 +244,17 @@ class EmbeddingStream(IterableDataset):
     resume_from = TrainStream.resume_from  # the same position bookkeeping (epoch, per-worker batches, rotation)
 
     def __init__(
-        self, files: EmbeddingFiles, *, tokenizer: Tokenizer, batch_size: int, rank: int, world_size: int,
-        num_workers: int = 0, chunk_size: int = 8192, seed: int = 0, context_length: int = 77,
+        self,
+        files: EmbeddingFiles,
+        *,
+        tokenizer: Tokenizer,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        num_workers: int = 0,
+        chunk_size: int = 8192,
+        seed: int = 0,
+        context_length: int = 77,
         epoch_size: int | None = None,
     ) -> None:
         super().__init__()
@@ -285,8 +303,14 @@ class EmbeddingStream(IterableDataset):
         parts = [self.reader.read(start, min(total, start + k))]
         if start + k > total:  # the chunk wraps past the last row
             parts.append(self.reader.read(0, start + k - total))
-        rows = parts[0] if len(parts) == 1 else {n: (np.concatenate([p[n] for p in parts]) if n in ("img", "txt")
-                                                     else parts[0][n] + parts[1][n]) for n in parts[0]}  # fmt: skip
+        rows = (
+            parts[0]
+            if len(parts) == 1
+            else {
+                n: (np.concatenate([p[n] for p in parts]) if n in ("img", "txt") else parts[0][n] + parts[1][n])
+                for n in parts[0]
+            }
+        )
         perm = np.random.default_rng([self.seed, epoch, chunk, 0xC4]).permutation(k)
         return {n: (v[perm] if isinstance(v, np.ndarray) else [v[i] for i in perm]) for n, v in rows.items()}
 
@@ -332,8 +356,17 @@ class EmbeddingPass(IterableDataset):
     """One deterministic pass for validation: rank ``r`` of ``W`` reads rows ``[r N / W, (r+1) N / W)``, split
     into contiguous parts over its workers; the last batch may be short, and a rank may get none (N < W)."""
 
-    def __init__(self, files: EmbeddingFiles, *, tokenizer: Tokenizer, batch_size: int, rank: int, world_size: int,
-                 context_length: int = 77, read_rows: int = 8192) -> None:  # fmt: skip
+    def __init__(
+        self,
+        files: EmbeddingFiles,
+        *,
+        tokenizer: Tokenizer,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        context_length: int = 77,
+        read_rows: int = 8192,
+    ) -> None:
         super().__init__()
         self.files, self.reader = files, _Reader(files)
         self.batcher = _Batcher(tokenizer, context_length, batch_size)
@@ -377,20 +410,45 @@ class EmbeddingNpyDataModule(WebDataModule):
     """
 
     def __init__(
-        self, *, train_dir: str, val_dir: str | None = None, batch_size: int = 128, val_batch_size: int | None = None,
-        num_workers: int = 2, chunk_size: int = 8192, caption_column: str = "caption", epoch_size: int | None = None,
-        tokenizer_path: str | None = None, context_length: int = 77, seed: int = 0, load_image: bool = False,
-        load_embeddings: bool = True, persistent_workers: bool = True, pin_memory: bool = False,
-        prefetch_factor: int = 2, tokenizer: Tokenizer | None = None,
-    ) -> None:  # fmt: skip
+        self,
+        *,
+        train_dir: str,
+        val_dir: str | None = None,
+        batch_size: int = 128,
+        val_batch_size: int | None = None,
+        num_workers: int = 2,
+        chunk_size: int = 8192,
+        caption_column: str = "caption",
+        epoch_size: int | None = None,
+        tokenizer_path: str | None = None,
+        context_length: int = 77,
+        seed: int = 0,
+        load_image: bool = False,
+        load_embeddings: bool = True,
+        persistent_workers: bool = True,
+        pin_memory: bool = False,
+        prefetch_factor: int = 2,
+        tokenizer: Tokenizer | None = None,
+    ) -> None:
         if load_image or not load_embeddings:
             raise ValueError("data=embedding_npy holds CLIP embeddings only: load_image=false, load_embeddings=true")
         super().__init__(
-            train_urls=train_dir, val_urls=val_dir, batch_size=batch_size, val_batch_size=val_batch_size,
-            num_workers=num_workers, epoch_size=epoch_size, tokenizer_path=tokenizer_path, context_length=context_length, load_image=False,
-            load_embeddings=True, seed=seed, persistent_workers=persistent_workers, pin_memory=pin_memory,
-            prefetch_factor=prefetch_factor, tokenizer=tokenizer,
-        )  # fmt: skip
+            train_urls=train_dir,
+            val_urls=val_dir,
+            batch_size=batch_size,
+            val_batch_size=val_batch_size,
+            num_workers=num_workers,
+            epoch_size=epoch_size,
+            tokenizer_path=tokenizer_path,
+            context_length=context_length,
+            load_image=False,
+            load_embeddings=True,
+            seed=seed,
+            persistent_workers=persistent_workers,
+            pin_memory=pin_memory,
+            prefetch_factor=prefetch_factor,
+            tokenizer=tokenizer,
+        )
         self.train_dir, self.val_dir = train_dir, val_dir
         self.chunk_size, self.caption_column = chunk_size, caption_column
         self._train_files: EmbeddingFiles | None = None
@@ -412,10 +470,17 @@ class EmbeddingNpyDataModule(WebDataModule):
             self.setup("fit")
         rank, world = self._rank_world()
         ds = EmbeddingStream(
-            self._train_files, tokenizer=self.tokenizer, batch_size=self.batch_size, rank=rank, world_size=world,
-            num_workers=self.num_workers, chunk_size=self.chunk_size, seed=self.seed, context_length=self.context_length,
+            self._train_files,
+            tokenizer=self.tokenizer,
+            batch_size=self.batch_size,
+            rank=rank,
+            world_size=world,
+            num_workers=self.num_workers,
+            chunk_size=self.chunk_size,
+            seed=self.seed,
+            context_length=self.context_length,
             epoch_size=self.epoch_size,
-        )  # fmt: skip
+        )
         ds.resume_from(self._resume_position, num_workers=self.num_workers)
         return self._loader(ds)
 
@@ -425,7 +490,13 @@ class EmbeddingNpyDataModule(WebDataModule):
         if self._val_files is None:
             self.setup("validate")
         rank, world = self._rank_world()
-        ds = EmbeddingPass(self._val_files, tokenizer=self.tokenizer, batch_size=self.val_batch_size, rank=rank,
-                           world_size=world, context_length=self.context_length)  # fmt: skip
+        ds = EmbeddingPass(
+            self._val_files,
+            tokenizer=self.tokenizer,
+            batch_size=self.val_batch_size,
+            rank=rank,
+            world_size=world,
+            context_length=self.context_length,
+        )
         kw: dict[str, Any] = {"prefetch_factor": self.prefetch_factor} if self.num_workers > 0 else {}
         return DataLoader(ds, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory, **kw)

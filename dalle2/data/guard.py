@@ -43,10 +43,16 @@ class StreamGuard:
     """
 
     def __init__(
-        self, *, max_consecutive_skips: int | None, max_consecutive_bad_shards: int | None, where: str = "",
+        self,
+        *,
+        max_consecutive_skips: int | None,
+        max_consecutive_bad_shards: int | None,
+        where: str = "",
     ) -> None:
-        for name, v in (("max_consecutive_skips", max_consecutive_skips),
-                        ("max_consecutive_bad_shards", max_consecutive_bad_shards)):  # fmt: skip
+        for name, v in (
+            ("max_consecutive_skips", max_consecutive_skips),
+            ("max_consecutive_bad_shards", max_consecutive_bad_shards),
+        ):
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"data.{name} must be an integer >= 1 (or null: unbounded), got {v!r}")
         self.max_skips, self.max_bad_shards, self.where = max_consecutive_skips, max_consecutive_bad_shards, where

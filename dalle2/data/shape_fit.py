@@ -21,8 +21,12 @@ MATTE = (0.15, 0.85)  # both mattes go through clip((x - lo) / (hi - lo), 0, 1):
 AREA = {"circle": float(np.pi), "square": 4.0, "triangle": 2.0, "cross": 8 * CROSS_BAR - 4 * CROSS_BAR**2}
 CENTROID_DY = {"circle": 0.0, "square": 0.0, "triangle": 1.0 / 3.0, "cross": 0.0}
 # the coarse angles (degrees) the search starts from; two finer rounds add up to +-6
-ANGLES = {"circle": (0.0,), "square": (-12.0, -6.0, 0.0, 6.0, 12.0), "triangle": (-12.0, -6.0, 0.0, 6.0, 12.0),
-          "cross": (-12.0, -6.0, 0.0, 6.0, 12.0)}  # fmt: skip
+ANGLES = {
+    "circle": (0.0,),
+    "square": (-12.0, -6.0, 0.0, 6.0, 12.0),
+    "triangle": (-12.0, -6.0, 0.0, 6.0, 12.0),
+    "cross": (-12.0, -6.0, 0.0, 6.0, 12.0),
+}
 
 
 def matte(x: torch.Tensor) -> torch.Tensor:
@@ -95,13 +99,23 @@ def fit(shape: str, win, outside, y0, x0, cx, cy, r) -> tuple[torch.Tensor, torc
     centre = lambda step: [(dx, dy, 1.0, 0.0) for dx in (-step, 0.0, step) for dy in (-step, 0.0, step)]  # noqa: E731
     size_angle = lambda sizes, angles: [(0.0, 0.0, sc, a) for sc in sizes for a in angles]  # noqa: E731
     for cands in (
-        size_angle((0.94, 0.97, 1.0, 1.03, 1.06), angles), centre(0.5),
-        size_angle((0.98, 0.99, 1.0, 1.01, 1.02), fine), centre(0.25),
-        size_angle((0.99, 1.0, 1.01), fine), centre(0.125),
+        size_angle((0.94, 0.97, 1.0, 1.03, 1.06), angles),
+        centre(0.5),
+        size_angle((0.98, 0.99, 1.0, 1.01, 1.02), fine),
+        centre(0.25),
+        size_angle((0.99, 1.0, 1.01), fine),
+        centre(0.125),
     ):
         d = torch.tensor(cands, dtype=torch.float32)  # (C, 4): dx, dy, scale, d_angle
-        new = torch.stack([best[:, None, 0] + d[:, 0], best[:, None, 1] + d[:, 1], best[:, None, 2] * d[:, 2],
-                           best[:, None, 3] + d[:, 3]], dim=-1)  # (n, C, 4)  # fmt: skip
+        new = torch.stack(
+            [
+                best[:, None, 0] + d[:, 0],
+                best[:, None, 1] + d[:, 1],
+                best[:, None, 2] * d[:, 2],
+                best[:, None, 3] + d[:, 3],
+            ],
+            dim=-1,
+        )  # (n, C, 4)
         iou = soft_iou(shape, win, outside, y0, x0, *new.unbind(-1))
         got, j = iou.max(dim=1)
         better = got > best_iou

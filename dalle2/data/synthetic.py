@@ -143,7 +143,9 @@ def random_captions(n: int, seed: int = 0) -> list[str]:
 # --------------------------------------------------------------------------------------------- rendering
 
 
-def _coverage(shape: str, cx: float, cy: float, r: float, height: int, width: int, ss: int = _SUPERSAMPLE) -> np.ndarray:
+def _coverage(
+    shape: str, cx: float, cy: float, r: float, height: int, width: int, ss: int = _SUPERSAMPLE
+) -> np.ndarray:
     """Anti-aliased coverage in [0, 1], (H, W), of ``shape`` with bbox centre (cx, cy), half extent ``r``.
 
     Coordinates are in pixels with pixel ``i`` spanning ``[i, i+1]``.
@@ -166,8 +168,9 @@ def _coverage(shape: str, cx: float, cy: float, r: float, height: int, width: in
     return inside.reshape(height, ss, width, ss).mean(axis=(1, 3), dtype=np.float32)
 
 
-def render(attrs: dict[str, str], image_size: int, rng: np.random.Generator | None = None, *,
-           jitter: float = 1.0) -> np.ndarray:
+def render(
+    attrs: dict[str, str], image_size: int, rng: np.random.Generator | None = None, *, jitter: float = 1.0
+) -> np.ndarray:
     """Draw ``attrs`` as a uint8 RGB image of shape (S, S, 3); ``rng=None`` gives the un-jittered picture.
     ``jitter`` scales the position, size and colour jitter (the same draws: 1 gives the built-in data's pictures;
     above ~1.2 a large shape on the left or right can reach the border of a 32 px picture)."""
@@ -268,8 +271,12 @@ def _to_uint8_hwc(images: Any, value_range: tuple[float, float]) -> np.ndarray:
 
 
 def check_images(
-    images: Any, attributes_list: Sequence[dict[str, str]], *, value_range: tuple[float, float] = (-1.0, 1.0),
-    strict: bool = False, threshold: float = STRICT_IOU_THRESHOLD,
+    images: Any,
+    attributes_list: Sequence[dict[str, str]],
+    *,
+    value_range: tuple[float, float] = (-1.0, 1.0),
+    strict: bool = False,
+    threshold: float = STRICT_IOU_THRESHOLD,
 ) -> dict[str, float]:
     """Does each picture show what its attributes (or prompt, via :func:`parse_caption`) say?
 
@@ -358,7 +365,10 @@ def _object_alpha(arr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def strict_verdicts(
-    images: Any, attributes_list: Sequence[dict[str, str]], *, value_range: tuple[float, float] = (-1.0, 1.0),
+    images: Any,
+    attributes_list: Sequence[dict[str, str]],
+    *,
+    value_range: tuple[float, float] = (-1.0, 1.0),
     threshold: float = STRICT_IOU_THRESHOLD,
 ) -> dict[str, np.ndarray]:
     """Per-image strict verdicts, each an (N,) array (inputs as :func:`check_images`):
@@ -450,8 +460,16 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def _write_split(
-    split_dir: str, *, split_id: int, num: int, image_size: int, samples_per_shard: int, seed: int,
-    image_format: str, key_offset: int, jitter: float = 1.0,
+    split_dir: str,
+    *,
+    split_id: int,
+    num: int,
+    image_size: int,
+    samples_per_shard: int,
+    seed: int,
+    image_format: str,
+    key_offset: int,
+    jitter: float = 1.0,
 ) -> str:
     os.makedirs(split_dir, exist_ok=True)
     num_shards = max(1, -(-num // samples_per_shard))
@@ -508,11 +526,14 @@ def write_shards(
     if image_format not in ("jpg", "png"):
         raise ValueError(f"image_format must be 'jpg' or 'png', got {image_format!r}")
     out_dir = os.fspath(out_dir)
-    common = dict(image_size=image_size, samples_per_shard=samples_per_shard, seed=seed, image_format=image_format,
-                  jitter=jitter)
+    common = dict(
+        image_size=image_size, samples_per_shard=samples_per_shard, seed=seed, image_format=image_format, jitter=jitter
+    )
     urls = {"train": _write_split(os.path.join(out_dir, "train"), split_id=0, num=num_train, key_offset=0, **common)}
     if num_val > 0:
-        urls["val"] = _write_split(os.path.join(out_dir, "val"), split_id=1, num=num_val, key_offset=num_train, **common)
+        urls["val"] = _write_split(
+            os.path.join(out_dir, "val"), split_id=1, num=num_val, key_offset=num_train, **common
+        )
     return urls
 
 
@@ -525,12 +546,23 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--samples-per-shard", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-format", choices=["jpg", "png"], default="jpg")
-    p.add_argument("--jitter", type=float, default=1.0, help="scale of the position/size/colour jitter (1: the "
-                   "built-in data's; <= 1.2 keeps every shape off the border at 32 px)")
+    p.add_argument(
+        "--jitter",
+        type=float,
+        default=1.0,
+        help="scale of the position/size/colour jitter (1: the "
+        "built-in data's; <= 1.2 keeps every shape off the border at 32 px)",
+    )
     a = p.parse_args(argv)
     urls = write_shards(
-        a.out, num_train=a.num_train, num_val=a.num_val, image_size=a.image_size,
-        samples_per_shard=a.samples_per_shard, seed=a.seed, image_format=a.image_format, jitter=a.jitter,
+        a.out,
+        num_train=a.num_train,
+        num_val=a.num_val,
+        image_size=a.image_size,
+        samples_per_shard=a.samples_per_shard,
+        seed=a.seed,
+        image_format=a.image_format,
+        jitter=a.jitter,
     )
     for split, url in urls.items():
         print(f"{split}: {url}")

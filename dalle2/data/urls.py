@@ -109,7 +109,7 @@ def expand_urls(urls: str | Sequence[str], *, url_commands: Mapping[str, str] | 
                 shard_command(url, commands)  # raises on an unknown scheme
                 out.append(url)
                 continue
-            path = url[len("file:"):] if url.startswith("file:") else url
+            path = url[len("file:") :] if url.startswith("file:") else url
             if any(c in path for c in "*?["):
                 matches = sorted(glob.glob(path))
                 if not matches:
@@ -135,7 +135,9 @@ def count_samples(urls: Sequence[str]) -> int:
                     if m.isfile() and "." in os.path.basename(m.name):
                         keys.add(m.name.split(".", 1)[0])
         except (tarfile.TarError, OSError) as exn:
-            warnings.warn(f"while counting samples, shard {url!r} is unreadable ({exn}); counted what was read", stacklevel=2)
+            warnings.warn(
+                f"while counting samples, shard {url!r} is unreadable ({exn}); counted what was read", stacklevel=2
+            )
         total += len(keys)
     return total
 

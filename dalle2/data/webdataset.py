@@ -54,15 +54,31 @@ from dalle2.data.urls import close_shard, count_samples, expand_urls, open_shard
 from dalle2.seeding import mix_seed
 
 __all__ = [
-    "DataStreamError", "EMBED_KEYS", "IMAGE_EXTS", "SKIP_REASONS", "TrainStream", "count_samples", "expand_urls",
-    "iter_raw_samples", "load_rgb", "make_dataset", "stream_position", "stream_seed",
-]  # fmt: skip
+    "DataStreamError",
+    "EMBED_KEYS",
+    "IMAGE_EXTS",
+    "SKIP_REASONS",
+    "TrainStream",
+    "count_samples",
+    "expand_urls",
+    "iter_raw_samples",
+    "load_rgb",
+    "make_dataset",
+    "stream_position",
+    "stream_seed",
+]
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 EMBED_KEYS = {"img_emb": "img_emb.npy", "txt_emb": "txt_emb.npy", "txt_tokens": "txt_tokens.npy"}
 SKIP_REASONS = (
-    "corrupt_image", "missing_image", "missing_caption", "empty_caption", "corrupt_json",
-    "missing_embedding", "corrupt_embedding", "bad_shard",
+    "corrupt_image",
+    "missing_image",
+    "missing_caption",
+    "empty_caption",
+    "corrupt_json",
+    "missing_embedding",
+    "corrupt_embedding",
+    "bad_shard",
 )
 
 Tokenizer = Callable[..., torch.Tensor]
@@ -92,7 +108,9 @@ def _worker_seed(seed: int, rank: int) -> int:
 # --------------------------------------------------------------------------------------------- decoding
 
 
-def load_rgb(data: bytes, *, image_size: int, random_crop: bool = False, rng: random.Random | None = None) -> torch.Tensor:
+def load_rgb(
+    data: bytes, *, image_size: int, random_crop: bool = False, rng: random.Random | None = None
+) -> torch.Tensor:
     """Decode image bytes → float32 (3, S, S) in [-1, 1]: RGB, shorter side resized to S (bicubic,
     antialiased), then centre crop (or a random crop when ``random_crop``)."""
     with Image.open(io.BytesIO(data)) as img:
@@ -122,9 +140,20 @@ class _Stages:
     :class:`~dalle2.data.guard.StreamGuard` (one copy per worker process)."""
 
     def __init__(
-        self, *, image_size: int, tokenizer: Tokenizer, context_length: int, batch_size: int, partial: bool,
-        random_crop: bool, load_image: bool, load_embeddings: bool, seed: int, rank: int,
-        skip_counter: Counter | None, url_commands: Mapping[str, str] | None = None,
+        self,
+        *,
+        image_size: int,
+        tokenizer: Tokenizer,
+        context_length: int,
+        batch_size: int,
+        partial: bool,
+        random_crop: bool,
+        load_image: bool,
+        load_embeddings: bool,
+        seed: int,
+        rank: int,
+        skip_counter: Counter | None,
+        url_commands: Mapping[str, str] | None = None,
         guard: StreamGuard | None = None,
     ) -> None:
         self.image_size = image_size
@@ -236,7 +265,9 @@ class _Stages:
                 if sample.get(ext) is None:
                     return "missing_embedding"
                 try:
-                    out[name] = torch.from_numpy(np.load(io.BytesIO(sample[ext]), allow_pickle=False).astype(np.float32))
+                    out[name] = torch.from_numpy(
+                        np.load(io.BytesIO(sample[ext]), allow_pickle=False).astype(np.float32)
+                    )
                 except Exception:
                     return "corrupt_embedding"
         return out
@@ -412,17 +443,27 @@ def make_dataset(
     if not load_image and not load_embeddings and tokenizer is None:
         raise ValueError("nothing to load: load_image=False, load_embeddings=False and no tokenizer")
     guard = StreamGuard(
-        max_consecutive_skips=max_consecutive_skips, max_consecutive_bad_shards=max_consecutive_bad_shards,
+        max_consecutive_skips=max_consecutive_skips,
+        max_consecutive_bad_shards=max_consecutive_bad_shards,
     )  # checks the bounds for validation too
     shard_urls = expand_urls(urls, url_commands=url_commands)
     if rank is None or world_size is None:
         rank, world_size = _rank_world()
     guard.where = f"rank {rank}"
     stages = _Stages(
-        image_size=image_size, tokenizer=tokenizer, context_length=context_length, batch_size=batch_size,
-        partial=not train, random_crop=random_crop and train, load_image=load_image,
-        load_embeddings=load_embeddings, seed=seed, rank=rank, skip_counter=skip_counter,
-        url_commands=url_commands, guard=guard if train else None,
+        image_size=image_size,
+        tokenizer=tokenizer,
+        context_length=context_length,
+        batch_size=batch_size,
+        partial=not train,
+        random_crop=random_crop and train,
+        load_image=load_image,
+        load_embeddings=load_embeddings,
+        seed=seed,
+        rank=rank,
+        skip_counter=skip_counter,
+        url_commands=url_commands,
+        guard=guard if train else None,
     )
     if train:
         if epoch_size is None:
@@ -430,7 +471,11 @@ def make_dataset(
         workers = max(1, num_workers)
         per_worker = max(1, -(-epoch_size // (batch_size * workers)))
         pipeline = TrainStream(
-            shard_urls, stages=stages, seed=seed, rank=rank, shuffle_buffer=shuffle_buffer,
+            shard_urls,
+            stages=stages,
+            seed=seed,
+            rank=rank,
+            shuffle_buffer=shuffle_buffer,
             batches_per_worker=per_worker,
         )
         pipeline.batches_per_epoch = per_worker * workers
@@ -438,9 +483,7 @@ def make_dataset(
         shards = _ValShards(shard_urls, rank=rank, world_size=world_size)
         stages_list: list[Any] = [shards, stages.tar_samples]
         if shards.by_sample:
-            stages_list.append(
-                functools.partial(_keep_rank_samples, urls=shard_urls, rank=rank, world_size=world_size)
-            )
+            stages_list.append(functools.partial(_keep_rank_samples, urls=shard_urls, rank=rank, world_size=world_size))
         pipeline = wds.DataPipeline(*stages_list, stages.decode, stages.batch, stages.warn_if_empty)
         pipeline.batches_per_epoch = None
     pipeline.stages_obj = stages
@@ -471,7 +514,14 @@ class TrainStream(torch.utils.data.IterableDataset):
     """
 
     def __init__(
-        self, urls: list[str], *, stages: _Stages, seed: int, rank: int, shuffle_buffer: int, batches_per_worker: int,
+        self,
+        urls: list[str],
+        *,
+        stages: _Stages,
+        seed: int,
+        rank: int,
+        shuffle_buffer: int,
+        batches_per_worker: int,
     ) -> None:
         super().__init__()
         self.urls, self.stages, self.seed, self.rank = urls, stages, seed, rank
@@ -520,7 +570,9 @@ class TrainStream(torch.utils.data.IterableDataset):
             guard.reset()
         samples: Iterator[dict] = st.tar_samples(self._shards(random.Random(wseed)))
         if self.shuffle_buffer > 1:
-            samples = wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100), seed=mix_seed(wseed, 1))(samples)
+            samples = wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100), seed=mix_seed(wseed, 1))(
+                samples
+            )
         samples = itertools.islice(samples, done_samples, None)  # resume: skip without decoding
         pos = [done_samples]
 
@@ -565,7 +617,16 @@ def iter_raw_samples(url: str) -> Iterator[dict]:
     """The undecoded samples ``{"__key__", "__url__", ext: bytes, ...}`` of one shard, in file order (a truncated
     tar warns and yields the complete samples before the cut, as in training)."""
     stages = _Stages(
-        image_size=0, tokenizer=None, context_length=0, batch_size=1, partial=True, random_crop=False,
-        load_image=False, load_embeddings=False, seed=0, rank=0, skip_counter=None,
-    )  # fmt: skip
+        image_size=0,
+        tokenizer=None,
+        context_length=0,
+        batch_size=1,
+        partial=True,
+        random_crop=False,
+        load_image=False,
+        load_embeddings=False,
+        seed=0,
+        rank=0,
+        skip_counter=None,
+    )
     yield from stages.tar_samples([{"url": url}])

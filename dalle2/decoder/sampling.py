@@ -62,8 +62,9 @@ def residual_base(lowres_images: Tensor, scale: int, *, residual: bool) -> Tenso
     return F.interpolate(lowres_images.float(), size=size, mode="bicubic", align_corners=False)
 
 
-def decoder_conditioning(image_embed: Tensor, *, use_text: bool, text_tokens: Tensor | None = None,
-                         text_mask: Tensor | None = None) -> dict[str, Any]:  # fmt: skip
+def decoder_conditioning(
+    image_embed: Tensor, *, use_text: bool, text_tokens: Tensor | None = None, text_mask: Tensor | None = None
+) -> dict[str, Any]:
     """UNet keyword arguments with nothing dropped: the normalised image embedding and, for a text-conditioned
     decoder, the text (dropped, i.e. the text-unconditional branch, when no ``text_tokens`` are given)."""
     emb = F.normalize(image_embed.float(), dim=-1)
@@ -110,9 +111,18 @@ def sample_decoder(
         model_fn = cfg_model_fn(net, guidance_scale=guidance_scale, learned_variance=diffusion.learned_variance)
     shape = (kw["image_embed"].shape[0], net.in_channels, int(image_size), int(image_size))
     with eval_mode(net):
-        out = sample(model_fn, x_T.to(device) if x_T is not None else shape, diffusion=diffusion, sampler=sampler,
-                     steps=steps, eta=eta, generator=generator, model_kwargs=kw,
-                     x0_transform=x0_transform(threshold, dynamic_percentile), device=device)  # fmt: skip
+        out = sample(
+            model_fn,
+            x_T.to(device) if x_T is not None else shape,
+            diffusion=diffusion,
+            sampler=sampler,
+            steps=steps,
+            eta=eta,
+            generator=generator,
+            model_kwargs=kw,
+            x0_transform=x0_transform(threshold, dynamic_percentile),
+            device=device,
+        )
     return out.float().clamp(-1.0, 1.0)
 
 
@@ -151,8 +161,17 @@ def sample_upsampler(
         image_transform = transform
         transform = lambda r: image_transform(base + r) - base  # noqa: E731
     with eval_mode(net):
-        out = sample(net, x_T.to(device) if x_T is not None else (B, C, h * scale, w * scale), diffusion=diffusion,
-                     sampler=sampler, steps=steps, eta=eta, generator=generator,
-                     model_kwargs={"lowres_image": lo_aug, "lowres_aug_level": level}, x0_transform=transform,
-                     spacing=spacing, device=device)  # fmt: skip
+        out = sample(
+            net,
+            x_T.to(device) if x_T is not None else (B, C, h * scale, w * scale),
+            diffusion=diffusion,
+            sampler=sampler,
+            steps=steps,
+            eta=eta,
+            generator=generator,
+            model_kwargs={"lowres_image": lo_aug, "lowres_aug_level": level},
+            x0_transform=transform,
+            spacing=spacing,
+            device=device,
+        )
     return (base + out.float()).clamp(-1.0, 1.0)

@@ -23,7 +23,9 @@ def decoder_diffusion_config(diffusion: Mapping[str, Any] | None, network: Mappi
     cfg = dict(diffusion or {})
     lv = bool(network.get("learned_variance", False))
     if "learned_variance" in cfg and bool(cfg["learned_variance"]) != lv:
-        raise ValueError(f"diffusion.learned_variance={cfg['learned_variance']} but the network has learned_variance={lv}")
+        raise ValueError(
+            f"diffusion.learned_variance={cfg['learned_variance']} but the network has learned_variance={lv}"
+        )
     cfg["learned_variance"] = lv
     return cfg
 
@@ -39,8 +41,9 @@ def lowres_augmentation(config: Mapping[str, Any] | None) -> LowResAugmentation:
 class DecoderStage(nn.Module):
     """A base decoder: CLIP image embedding (+ text) -> ``image_size`` px images (:meth:`sample`)."""
 
-    def __init__(self, *, net: UNet, diffusion: GaussianDiffusion, image_size: int, use_text: bool = False,
-                 vocabulary=None) -> None:  # fmt: skip
+    def __init__(
+        self, *, net: UNet, diffusion: GaussianDiffusion, image_size: int, use_text: bool = False, vocabulary=None
+    ) -> None:
         super().__init__()
         self.net, self.diffusion = net, diffusion
         self.image_size, self.use_text, self.vocabulary = int(image_size), bool(use_text), vocabulary
@@ -51,28 +54,67 @@ class DecoderStage(nn.Module):
     def from_hparams(cls, hparams: Mapping[str, Any], *, vocabulary=None) -> DecoderStage:
         """From a decoder checkpoint's hyperparameters (``network``, ``diffusion``, ``image_size``, ``use_text``)."""
         net = dict(hparams["network"])
-        return cls(net=UNet(**net), diffusion=build_diffusion(decoder_diffusion_config(hparams.get("diffusion"), net)),
-                   image_size=int(hparams["image_size"]), use_text=bool(hparams.get("use_text", False)),
-                   vocabulary=vocabulary)  # fmt: skip
+        return cls(
+            net=UNet(**net),
+            diffusion=build_diffusion(decoder_diffusion_config(hparams.get("diffusion"), net)),
+            image_size=int(hparams["image_size"]),
+            use_text=bool(hparams.get("use_text", False)),
+            vocabulary=vocabulary,
+        )
 
     @torch.no_grad()
-    def sample(self, image_embed: Tensor, *, steps: int = 50, sampler: str = "ddim", guidance_scale: float = 1.0,
-               eta: float = 0.0, generator: Generators = None, text_tokens: Tensor | None = None,
-               text_mask: Tensor | None = None, threshold: Threshold = "static", dynamic_percentile: float = 0.995,
-               image_size: int | None = None, x_T: Tensor | None = None) -> Tensor:  # fmt: skip
+    def sample(
+        self,
+        image_embed: Tensor,
+        *,
+        steps: int = 50,
+        sampler: str = "ddim",
+        guidance_scale: float = 1.0,
+        eta: float = 0.0,
+        generator: Generators = None,
+        text_tokens: Tensor | None = None,
+        text_mask: Tensor | None = None,
+        threshold: Threshold = "static",
+        dynamic_percentile: float = 0.995,
+        image_size: int | None = None,
+        x_T: Tensor | None = None,
+    ) -> Tensor:
         """Images ``(B, 3, S, S)`` in [-1, 1] for CLIP image embeddings ``(B, D)`` (:func:`sample_decoder`)."""
-        return sample_decoder(self.net, self.diffusion, image_embed, image_size=int(image_size or self.image_size),
-                              use_text=self.use_text, text_tokens=text_tokens, text_mask=text_mask, steps=steps,
-                              sampler=sampler, guidance_scale=guidance_scale, eta=eta, generator=generator,
-                              threshold=threshold, dynamic_percentile=dynamic_percentile, x_T=x_T)  # fmt: skip
+        return sample_decoder(
+            self.net,
+            self.diffusion,
+            image_embed,
+            image_size=int(image_size or self.image_size),
+            use_text=self.use_text,
+            text_tokens=text_tokens,
+            text_mask=text_mask,
+            steps=steps,
+            sampler=sampler,
+            guidance_scale=guidance_scale,
+            eta=eta,
+            generator=generator,
+            threshold=threshold,
+            dynamic_percentile=dynamic_percentile,
+            x_T=x_T,
+        )
 
 
 class UpsamplerStage(nn.Module):
     """A super-resolution stage: ``lowres_size`` -> ``image_size`` px images (:meth:`upsample`)."""
 
-    def __init__(self, *, net: UNet, diffusion: GaussianDiffusion, lowres_size: int, image_size: int,
-                 lowres_aug: LowResAugmentation, sample_aug_level: int = 0, residual: bool = False,
-                 sample_spacing: str = "trailing", downsample_mode: DownsampleMode = "bicubic") -> None:  # fmt: skip
+    def __init__(
+        self,
+        *,
+        net: UNet,
+        diffusion: GaussianDiffusion,
+        lowres_size: int,
+        image_size: int,
+        lowres_aug: LowResAugmentation,
+        sample_aug_level: int = 0,
+        residual: bool = False,
+        sample_spacing: str = "trailing",
+        downsample_mode: DownsampleMode = "bicubic",
+    ) -> None:
         super().__init__()
         if image_size % lowres_size:
             raise ValueError(f"image_size {image_size} must be a multiple of lowres_size {lowres_size}")
@@ -88,26 +130,52 @@ class UpsamplerStage(nn.Module):
     def from_hparams(cls, hparams: Mapping[str, Any]) -> UpsamplerStage:
         """From an upsampler checkpoint's hyperparameters."""
         net = dict(hparams["network"])
-        return cls(net=UNet(**net), diffusion=build_diffusion(decoder_diffusion_config(hparams.get("diffusion"), net)),
-                   lowres_size=int(hparams.get("lowres_size", 64)), image_size=int(hparams.get("image_size", 256)),
-                   lowres_aug=lowres_augmentation(hparams.get("lowres_aug")),
-                   sample_aug_level=int(hparams.get("sample_aug_level", 0)),
-                   residual=bool(hparams.get("residual", False)),
-                   sample_spacing=hparams.get("sample_spacing", "trailing"),
-                   downsample_mode=hparams.get("downsample_mode", "bicubic"))  # fmt: skip
+        return cls(
+            net=UNet(**net),
+            diffusion=build_diffusion(decoder_diffusion_config(hparams.get("diffusion"), net)),
+            lowres_size=int(hparams.get("lowres_size", 64)),
+            image_size=int(hparams.get("image_size", 256)),
+            lowres_aug=lowres_augmentation(hparams.get("lowres_aug")),
+            sample_aug_level=int(hparams.get("sample_aug_level", 0)),
+            residual=bool(hparams.get("residual", False)),
+            sample_spacing=hparams.get("sample_spacing", "trailing"),
+            downsample_mode=hparams.get("downsample_mode", "bicubic"),
+        )
 
     def lowres(self, images: Tensor) -> Tensor:
         """High-res images ``(B, C, H, W)`` -> their clean low-res copies ``(B, C, H/scale, W/scale)``."""
         return downsample(images, images.shape[-1] // self.scale, mode=self.downsample_mode)
 
     @torch.no_grad()
-    def upsample(self, lowres_images: Tensor, *, steps: int = 50, sampler: str = "ddim", generator: Generators = None,
-                 aug_level: int | None = None, eta: float = 0.0, threshold: Threshold = "static",
-                 dynamic_percentile: float = 0.995, x_T: Tensor | None = None, spacing: str | None = None) -> Tensor:  # fmt: skip
+    def upsample(
+        self,
+        lowres_images: Tensor,
+        *,
+        steps: int = 50,
+        sampler: str = "ddim",
+        generator: Generators = None,
+        aug_level: int | None = None,
+        eta: float = 0.0,
+        threshold: Threshold = "static",
+        dynamic_percentile: float = 0.995,
+        x_T: Tensor | None = None,
+        spacing: str | None = None,
+    ) -> Tensor:
         """``(B, C, h, w)`` in [-1, 1] -> ``(B, C, h * scale, w * scale)`` in [-1, 1] (:func:`sample_upsampler`)."""
         return sample_upsampler(
-            self.net, self.diffusion, lowres_images, scale=self.scale, lowres_aug=self.lowres_aug,
-            aug_level=self.sample_aug_level if aug_level is None else int(aug_level), residual=self.residual,
-            steps=steps, sampler=sampler, eta=eta, generator=generator, threshold=threshold,
-            dynamic_percentile=dynamic_percentile, spacing=spacing or self.sample_spacing, x_T=x_T,
-        )  # fmt: skip
+            self.net,
+            self.diffusion,
+            lowres_images,
+            scale=self.scale,
+            lowres_aug=self.lowres_aug,
+            aug_level=self.sample_aug_level if aug_level is None else int(aug_level),
+            residual=self.residual,
+            steps=steps,
+            sampler=sampler,
+            eta=eta,
+            generator=generator,
+            threshold=threshold,
+            dynamic_percentile=dynamic_percentile,
+            spacing=spacing or self.sample_spacing,
+            x_T=x_T,
+        )

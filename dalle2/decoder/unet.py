@@ -107,14 +107,18 @@ class UNet(nn.Module):
         channel_mult, attention_levels = tuple(channel_mult), tuple(attention_levels)
         bad = [lvl for lvl in attention_levels if not 0 <= lvl < len(channel_mult)]
         if bad:
-            raise ValueError(f"attention_levels {bad} out of range for {len(channel_mult)} levels (0..{len(channel_mult) - 1})")
+            raise ValueError(
+                f"attention_levels {bad} out of range for {len(channel_mult)} levels (0..{len(channel_mult) - 1})"
+            )
         self.in_channels, self.model_channels = in_channels, model_channels
         self.channel_mult, self.num_res_blocks = channel_mult, num_res_blocks
         self.learned_variance, self.lowres_cond, self.coord_input = learned_variance, lowres_cond, coord_input
         self.clip_dim, self.text_dim, self.text_embed_dim = clip_dim, text_dim, text_embed_dim
         has_attention = bool(attention_levels) or mid_attention
         if text_dim is not None and not has_attention:
-            raise ValueError("text_dim needs attention layers to attend to the text tokens (attention_levels / mid_attention)")
+            raise ValueError(
+                "text_dim needs attention layers to attend to the text tokens (attention_levels / mid_attention)"
+            )
         # without attention layers the CLIP embedding conditions through the time embedding only
         self.num_image_tokens = num_image_tokens if clip_dim is not None and has_attention else 0
         self.out_channels = in_channels * (2 if learned_variance else 1)
@@ -293,7 +297,9 @@ class UNet(nn.Module):
             raise ValueError("text_embed given but this UNet has no pooled-text conditioning (text_embed_dim=None)")
         if self.lowres_cond:
             if lowres_aug_level is None:
-                raise ValueError(f"lowres_aug_level (B,) = ({b},) is required by this SR UNet (zeros for no augmentation)")
+                raise ValueError(
+                    f"lowres_aug_level (B,) = ({b},) is required by this SR UNet (zeros for no augmentation)"
+                )
             level = torch.as_tensor(lowres_aug_level, device=x.device)
             if level.dim() == 0:
                 level = level.expand(b)
@@ -314,7 +320,9 @@ class UNet(nn.Module):
         if lowres_image is None:
             raise ValueError(f"lowres_image (B, C, h, w) = ({b}, {c}, h, w) is required by this SR UNet")
         if lowres_image.dim() != 4 or lowres_image.shape[:2] != (b, c):
-            raise ValueError(f"lowres_image must have shape (B, C, h, w) = ({b}, {c}, h, w), got {tuple(lowres_image.shape)}")
+            raise ValueError(
+                f"lowres_image must have shape (B, C, h, w) = ({b}, {c}, h, w), got {tuple(lowres_image.shape)}"
+            )
         lowres = lowres_image.to(x.dtype)
         if lowres.shape[-2:] != (height, width):
             lowres = F.interpolate(lowres, size=(height, width), mode="bilinear", align_corners=False)

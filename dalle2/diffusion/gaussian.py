@@ -345,8 +345,10 @@ class GaussianDiffusion:
         out = model_fn(x_t, t, **dict(model_kwargs or {}))
         mean_out, v = self.split_output(out)
         if mean_out.shape != x0.shape:
-            raise ValueError(f"model output {tuple(out.shape)} does not match x0 {tuple(x0.shape)}"
-                             f"{' (with doubled channels for learned variance)' if self.learned_variance else ''}")
+            raise ValueError(
+                f"model output {tuple(out.shape)} does not match x0 {tuple(x0.shape)}"
+                f"{' (with doubled channels for learned variance)' if self.learned_variance else ''}"
+            )
         with torch.autocast(device_type=x0.device.type, enabled=False):
             target = self.target(x0.float(), t, noise.float())
             err = mean_out.float() - target

@@ -60,7 +60,9 @@ __all__ = [
 def _timesteps_list(timesteps: Tensor | Sequence[int], T: int) -> list[int]:
     ts = [int(t) for t in (timesteps.tolist() if isinstance(timesteps, Tensor) else timesteps)]
     if not ts or any(b >= a for a, b in zip(ts, ts[1:])) or ts[0] >= T or ts[-1] < 0:
-        raise ValueError(f"timesteps must be strictly descending within [0, {T}), got {ts[:8]}{'...' if len(ts) > 8 else ''}")
+        raise ValueError(
+            f"timesteps must be strictly descending within [0, {T}), got {ts[:8]}{'...' if len(ts) > 8 else ''}"
+        )
     return ts
 
 
@@ -86,7 +88,9 @@ def _per_row_draw(draw: Callable[..., Tensor], shape: Sequence[int], generator: 
     return torch.cat(parts, dim=0)
 
 
-def randn(shape: Sequence[int], *, generator: Generators = None, device=None, dtype: torch.dtype | None = None) -> Tensor:
+def randn(
+    shape: Sequence[int], *, generator: Generators = None, device=None, dtype: torch.dtype | None = None
+) -> Tensor:
     """Standard normal noise of ``shape`` on ``device``, drawn on each generator's own device.
 
     ``generator``: None (global RNG), one ``torch.Generator`` for the whole tensor, or a sequence of ``n``
@@ -96,7 +100,9 @@ def randn(shape: Sequence[int], *, generator: Generators = None, device=None, dt
     return _per_row_draw(torch.randn, shape, generator, device, dtype or torch.float32)
 
 
-def rand(shape: Sequence[int], *, generator: Generators = None, device=None, dtype: torch.dtype | None = None) -> Tensor:
+def rand(
+    shape: Sequence[int], *, generator: Generators = None, device=None, dtype: torch.dtype | None = None
+) -> Tensor:
     """Uniform [0, 1) counterpart of :func:`randn` (same generator conventions)."""
     return _per_row_draw(torch.rand, shape, generator, device, dtype or torch.float32)
 
@@ -132,7 +138,9 @@ def ddpm_step(x: Tensor, d: Denoised, abar: float, abar_prev: float, *, noise: T
     return mean + math.sqrt(max(var, 1e-20)) * noise
 
 
-def ddim_step(x: Tensor, d: Denoised, abar: float, abar_prev: float, *, eta: float = 0.0, noise: Tensor | None = None) -> Tensor:
+def ddim_step(
+    x: Tensor, d: Denoised, abar: float, abar_prev: float, *, eta: float = 0.0, noise: Tensor | None = None
+) -> Tensor:
     """``x' = sqrt(abar') x0 + sqrt(1 - abar' - s^2) eps + s z``, ``s = eta sqrt((1-abar')/(1-abar) (1 - abar/abar'))``."""
     sigma = eta * math.sqrt(max((1.0 - abar_prev) / (1.0 - abar) * (1.0 - abar / abar_prev), 0.0))
     out = math.sqrt(abar_prev) * d.x0 + math.sqrt(max(1.0 - abar_prev - sigma**2, 0.0)) * d.eps
@@ -324,8 +332,16 @@ def sample_euler(
     callback: Callback | None = None,
 ) -> Tensor:
     """Euler on the probability-flow ODE in sigma (deterministic)."""
-    return _sample_karras(model_fn, x, timesteps, diffusion=diffusion, second_order=False,
-                          model_kwargs=model_kwargs, x0_transform=x0_transform, callback=callback)
+    return _sample_karras(
+        model_fn,
+        x,
+        timesteps,
+        diffusion=diffusion,
+        second_order=False,
+        model_kwargs=model_kwargs,
+        x0_transform=x0_transform,
+        callback=callback,
+    )
 
 
 def sample_heun(
@@ -340,8 +356,16 @@ def sample_heun(
 ) -> Tensor:
     """Heun (2nd order) on the probability-flow ODE in sigma; Euler on the last step (to sigma = 0) and on
     steps starting above ``HEUN_MAX_SIGMA`` (the jump from T-1 onto the Karras ramp)."""
-    return _sample_karras(model_fn, x, timesteps, diffusion=diffusion, second_order=True,
-                          model_kwargs=model_kwargs, x0_transform=x0_transform, callback=callback)
+    return _sample_karras(
+        model_fn,
+        x,
+        timesteps,
+        diffusion=diffusion,
+        second_order=True,
+        model_kwargs=model_kwargs,
+        x0_transform=x0_transform,
+        callback=callback,
+    )
 
 
 SAMPLERS: dict[str, Callable[..., Tensor]] = {
@@ -404,8 +428,9 @@ def sample(
             device = generator.device
         x = randn(shape_or_x_T, generator=generator, device=device, dtype=dtype or torch.float32)
     timesteps = make_timesteps(diffusion, steps, spacing, rho=rho)
-    kwargs: dict[str, Any] = dict(diffusion=diffusion, model_kwargs=model_kwargs, x0_transform=x0_transform,
-                                  callback=callback)
+    kwargs: dict[str, Any] = dict(
+        diffusion=diffusion, model_kwargs=model_kwargs, x0_transform=x0_transform, callback=callback
+    )
     if sampler in ("ddpm", "ddim"):
         kwargs["generator"] = generator
     if sampler == "ddim":

@@ -228,7 +228,9 @@ def respace_timesteps(num_timesteps: int, steps: int, kind: Spacing = "trailing"
     return ts.flip(0)
 
 
-def karras_timesteps(schedule: Schedule, steps: int, *, rho: float = 7.0, sigma_max: float | None = 80.0) -> torch.Tensor:
+def karras_timesteps(
+    schedule: Schedule, steps: int, *, rho: float = 7.0, sigma_max: float | None = 80.0
+) -> torch.Tensor:
     """Karras et al. 2022 sigmas ``(s_max^(1/rho) + i/(n-1) (s_min^(1/rho) - s_max^(1/rho)))^rho`` snapped to
     the nearest training timestep (in log sigma), made strictly decreasing; descending int64, starting at T-1.
 

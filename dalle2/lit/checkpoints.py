@@ -44,12 +44,31 @@ STAGE_CLASSES = {
 }
 
 __all__ = [
-    "CHECKPOINT_ERRORS", "EXPORT_FORMAT", "EXPORT_KEY", "EXPORT_VERSION", "STAGE_CLASSES", "STAGE_KEY", "VOCAB_KEY",
-    "VOCAB_TENSOR", "RunDirInUseError", "StageCheckpointMixin", "StageFile", "UntrustedCheckpointError",
-    "WrongStageError", "build_module", "check_stage", "checkpoint_stage", "is_export", "is_sharded_checkpoint",
+    "CHECKPOINT_ERRORS",
+    "EXPORT_FORMAT",
+    "EXPORT_KEY",
+    "EXPORT_VERSION",
+    "STAGE_CLASSES",
+    "STAGE_KEY",
+    "VOCAB_KEY",
+    "VOCAB_TENSOR",
+    "RunDirInUseError",
+    "StageCheckpointMixin",
+    "StageFile",
+    "UntrustedCheckpointError",
+    "WrongStageError",
+    "build_module",
+    "check_stage",
+    "checkpoint_stage",
+    "is_export",
+    "is_sharded_checkpoint",
     "load_checkpoint",
-    "load_stage_module", "read_export", "read_stage", "resolve_ckpt_path", "run_checkpoints",
-]  # fmt: skip
+    "load_stage_module",
+    "read_export",
+    "read_stage",
+    "resolve_ckpt_path",
+    "run_checkpoints",
+]
 
 
 class StageCheckpointMixin:
@@ -86,8 +105,9 @@ class StageCheckpointMixin:
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         stored = checkpoint.get(VOCAB_KEY)
         if stored:
-            self.bind_vocabulary(Vocabulary.from_dict(stored, source=f"this {self.stage} checkpoint"),
-                                 source="the checkpoint")  # fmt: skip
+            self.bind_vocabulary(
+                Vocabulary.from_dict(stored, source=f"this {self.stage} checkpoint"), source="the checkpoint"
+            )
 
 
 # -- rebuilding modules -------------------------------------------------------------------------------------
@@ -115,8 +135,9 @@ def _load_weights(module, sd: dict, *, source, what: str = "weights") -> None:
     try:
         module.load_state_dict(sd, strict=True)
     except RuntimeError as e:
-        raise ValueError(f"{source}: its {what} do not match the network its hyperparameters build: "
-                         f"{' '.join(str(e).split())[:600]}") from None  # fmt: skip
+        raise ValueError(
+            f"{source}: its {what} do not match the network its hyperparameters build: {' '.join(str(e).split())[:600]}"
+        ) from None
 
 
 def load_stage_module(path: str | Path, stage: str, *, map_location="cpu", trust_checkpoint: bool = False):
@@ -173,8 +194,11 @@ def run_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     names = ("last*.ckpt", "step_*.ckpt", "*.ckpt")
     files = dict.fromkeys(p for pattern in names for p in sorted((run_dir / "checkpoints").glob(pattern)))
     files.update(dict.fromkeys(sorted(run_dir.glob("hpc_ckpt_*.ckpt"))))
-    found = [(step, p) for p in files
-             if (p.is_file() or is_sharded_checkpoint(p)) and (step := checkpoint_step(p)) is not None]  # fmt: skip
+    found = [
+        (step, p)
+        for p in files
+        if (p.is_file() or is_sharded_checkpoint(p)) and (step := checkpoint_step(p)) is not None
+    ]
     return sorted(found, key=lambda sp: -sp[0])  # stable: last.ckpt first among equal steps
 
 
@@ -213,7 +237,9 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: str | Path) -> str | No
         existing = run_checkpoints(path.parent if given_checkpoints_dir else path)
         if existing:
             return str(existing[0][1])
-        raise FileNotFoundError(f"ckpt_path={ckpt_path!r}: a directory without checkpoints (checkpoints/last.ckpt, ...)")
+        raise FileNotFoundError(
+            f"ckpt_path={ckpt_path!r}: a directory without checkpoints (checkpoints/last.ckpt, ...)"
+        )
     if not path.is_file():
         raise FileNotFoundError(f"ckpt_path={ckpt_path!r}: no such checkpoint")
     return str(path)

@@ -62,9 +62,14 @@ class CLIPModule(StageCheckpointMixin, L.LightningModule):
         self.zeroshot: ZeroShotTask | None = None
         self._zeroshot_tokenizer: Tokenizer | None = None
         if zeroshot and zeroshot.get("classnames"):
-            self.set_zeroshot(ZeroShotTask.from_files(zeroshot["classnames"], zeroshot["templates"],
-                                                      label=zeroshot.get("label", "{shape}"),
-                                                      ks=tuple(zeroshot.get("ks", (1, 5)))))  # fmt: skip
+            self.set_zeroshot(
+                ZeroShotTask.from_files(
+                    zeroshot["classnames"],
+                    zeroshot["templates"],
+                    label=zeroshot.get("label", "{shape}"),
+                    ks=tuple(zeroshot.get("ks", (1, 5))),
+                )
+            )
 
     def set_zeroshot(self, task: ZeroShotTask | None, tokenizer: Tokenizer | None = None) -> None:
         """Score zero-shot classification at validation (None: off); ``tokenizer`` for the prompts (default: this
@@ -76,15 +81,21 @@ class CLIPModule(StageCheckpointMixin, L.LightningModule):
         tok, rows = self._datamodule_tokenizer(), int(self.model.config["vocab_size"])
         if isinstance(tok, Tokenizer):
             if tok.vocab_size > rows:
-                raise ValueError(f"the data's tokenizer {tok.name} has {tok.vocab_size} ids but the CLIP's text "
-                                 f"embedding only {rows}: set model.vocab_size={tok.vocab_size}")  # fmt: skip
+                raise ValueError(
+                    f"the data's tokenizer {tok.name} has {tok.vocab_size} ids but the CLIP's text "
+                    f"embedding only {rows}: set model.vocab_size={tok.vocab_size}"
+                )
             self.bind_tokenizer(tok, source="the data's tokenizer")
 
     def tokenizer(self, path=None) -> Tokenizer:
         """The tokenizer of this CLIP's vocabulary (``path``: a merges file, checked against it; for a CLIP that
         records none, its size must match the text embedding)."""
-        return resolve_tokenizer(self.vocabulary, path, context_length=self.model.context_length,
-                                 model_vocab_size=int(self.model.config["vocab_size"]))  # fmt: skip
+        return resolve_tokenizer(
+            self.vocabulary,
+            path,
+            context_length=self.model.context_length,
+            model_vocab_size=int(self.model.config["vocab_size"]),
+        )
 
     # -- encoders used by the later stages -------------------------------------------------------------
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
@@ -138,8 +149,14 @@ class CLIPModule(StageCheckpointMixin, L.LightningModule):
         scale = self.model.clamped_logit_scale().detach().float()
         i2t = gather_ragged(pair_ranks(img, txt, rows=rows, chunk_size=chunk))
         t2i = gather_ragged(pair_ranks(txt, img, rows=rows, chunk_size=chunk))
-        loss_terms = gather_ragged(torch.cat([pair_losses(img, txt, scale, rows=rows, chunk_size=chunk),
-                                              pair_losses(txt, img, scale, rows=rows, chunk_size=chunk)]))  # fmt: skip
+        loss_terms = gather_ragged(
+            torch.cat(
+                [
+                    pair_losses(img, txt, scale, rows=rows, chunk_size=chunk),
+                    pair_losses(txt, img, scale, rows=rows, chunk_size=chunk),
+                ]
+            )
+        )
         log = {f"val/{k}": float(v) for k, v in metrics_from_ranks(i2t, t2i).items()}
         log["val/loss"] = float(loss_terms.mean())  # = (CE(s I T^T) + CE(s T I^T)) / 2: equal counts per direction
         if self.zeroshot is not None:
@@ -151,8 +168,9 @@ class CLIPModule(StageCheckpointMixin, L.LightningModule):
         """Top-k accuracy of ``image_features`` (N, D) against :attr:`zeroshot`'s class weights."""
         task = self.zeroshot
         tokenizer = self._zeroshot_tokenizer or self.tokenizer()
-        classifier = zeroshot_classifier(self.model.encode_text, tokenizer, task.classnames, task.templates,
-                                         device=self.device)  # fmt: skip
+        classifier = zeroshot_classifier(
+            self.model.encode_text, tokenizer, task.classnames, task.templates, device=self.device
+        )
         return zeroshot_metrics(image_features, labels, classifier, ks=task.ks)
 
     def configure_model(self) -> None:

@@ -57,8 +57,9 @@ class _CascadeStageModule(DiffusionStageModule):
     def _network(self, use_ema: bool) -> torch.nn.Module:
         return self.ema_net if use_ema else self.net
 
-    def training_inputs(self, batch: dict, *, train: bool,
-                        generator: torch.Generator | None = None) -> tuple[Tensor, dict]:  # fmt: skip
+    def training_inputs(
+        self, batch: dict, *, train: bool, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, dict]:
         """``(x0, model_kwargs)``: the diffusion target and the network's conditioning for ``batch`` (``train``: with
         the CFG drops / augmentation drawn from ``generator``). The training and validation steps, and
         ``bench/train_step.py``, are built on it."""
@@ -69,9 +70,7 @@ class _CascadeStageModule(DiffusionStageModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         x0, kwargs = self.training_inputs(batch, train=True)
-        losses, per_sample = self.diffusion.training_losses(
-            self.net, x0, model_kwargs=kwargs, return_per_sample=True
-        )
+        losses, per_sample = self.diffusion.training_losses(self.net, x0, model_kwargs=kwargs, return_per_sample=True)
         # a non-finite loss is skipped and counted by dalle2.lit.fault_tolerance.NonFiniteGuard (callbacks.nonfinite)
         self.log_losses(losses, per_sample)
         return losses["loss"]
@@ -160,8 +159,10 @@ class DecoderModule(FrozenClipMixin, _CascadeStageModule):
         else:
             clip = self.clip
             if clip is None:
-                raise ValueError("batch has no 'img_emb' and no clip_ckpt was given to embed images on the fly "
-                                 "(use data=embeddings shards or set clip_ckpt=...)")
+                raise ValueError(
+                    "batch has no 'img_emb' and no clip_ckpt was given to embed images on the fly "
+                    "(use data=embeddings shards or set clip_ckpt=...)"
+                )
             emb = clip.encode_image(batch["image"])
         return self.normalize_embed(emb)
 
@@ -191,8 +192,9 @@ class DecoderModule(FrozenClipMixin, _CascadeStageModule):
     def conditioning(self, batch: dict) -> dict:
         """Model kwargs with nothing dropped (for validation and sampling)."""
         text_tokens, text_mask = self.text_conditioning(batch) if self.use_text else (None, None)
-        return decoder_conditioning(self.image_embeddings(batch), use_text=self.use_text, text_tokens=text_tokens,
-                                    text_mask=text_mask)  # fmt: skip
+        return decoder_conditioning(
+            self.image_embeddings(batch), use_text=self.use_text, text_tokens=text_tokens, text_mask=text_mask
+        )
 
     def model_kwargs(self, batch: dict, *, train: bool, generator: torch.Generator | None = None) -> dict:
         kw = self.conditioning(batch)
@@ -227,21 +229,49 @@ class DecoderModule(FrozenClipMixin, _CascadeStageModule):
         from ``generator`` (same seed -> same images).
         """
         return self.sampling_stage(use_ema=use_ema).sample(
-            image_embed, steps=steps, sampler=sampler, guidance_scale=guidance_scale, eta=eta, generator=generator,
-            text_tokens=text_tokens, text_mask=text_mask, threshold=threshold, dynamic_percentile=dynamic_percentile,
-            image_size=image_size, x_T=x_T,
-        )  # fmt: skip
+            image_embed,
+            steps=steps,
+            sampler=sampler,
+            guidance_scale=guidance_scale,
+            eta=eta,
+            generator=generator,
+            text_tokens=text_tokens,
+            text_mask=text_mask,
+            threshold=threshold,
+            dynamic_percentile=dynamic_percentile,
+            image_size=image_size,
+            x_T=x_T,
+        )
 
     def sampling_stage(self, *, use_ema: bool = True) -> DecoderStage:
         """This decoder as the pipeline samples it (:class:`dalle2.decoder.stage.DecoderStage`; shares the network)."""
-        return DecoderStage(net=self._network(use_ema), diffusion=self.diffusion, image_size=self.image_size,
-                            use_text=self.use_text, vocabulary=self.vocabulary)  # fmt: skip
+        return DecoderStage(
+            net=self._network(use_ema),
+            diffusion=self.diffusion,
+            image_size=self.image_size,
+            use_text=self.use_text,
+            vocabulary=self.vocabulary,
+        )
 
-    def preview(self, batch: dict, *, steps: int = 20, sampler: str = "ddim", guidance_scale: float = 1.0,
-                generator: torch.Generator | None = None) -> dict:
+    def preview(
+        self,
+        batch: dict,
+        *,
+        steps: int = 20,
+        sampler: str = "ddim",
+        guidance_scale: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> dict:
         kw = self.conditioning(batch)
-        imgs = self.sample(kw["image_embed"], steps=steps, sampler=sampler, guidance_scale=guidance_scale,
-                           generator=generator, text_tokens=kw.get("text_tokens"), text_mask=kw.get("text_mask"))
+        imgs = self.sample(
+            kw["image_embed"],
+            steps=steps,
+            sampler=sampler,
+            guidance_scale=guidance_scale,
+            generator=generator,
+            text_tokens=kw.get("text_tokens"),
+            text_mask=kw.get("text_mask"),
+        )
         return {"samples": imgs, "reference": batch.get("image"), "metrics": {}, "captions": batch.get("caption")}
 
 
@@ -333,8 +363,9 @@ class UpsamplerModule(_CascadeStageModule):
         left = int(torch.randint(0, (W - c) // s + 1, ())) * s
         return images[..., top : top + c, left : left + c]
 
-    def training_inputs(self, batch: dict, *, train: bool,
-                        generator: torch.Generator | None = None) -> tuple[Tensor, dict]:  # fmt: skip
+    def training_inputs(
+        self, batch: dict, *, train: bool, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, dict]:
         """``(x0, model_kwargs)``: the (cropped, when training with ``train_crop_size``) high-res image — or its residual
         over bicubic — and its augmented low-res copy with the augmentation level."""
         hi = batch["image"]
@@ -367,24 +398,51 @@ class UpsamplerModule(_CascadeStageModule):
         ``generator``, as in training; the network sees that level.
         """
         return self.sampling_stage(use_ema=use_ema).upsample(
-            lowres_images, steps=steps, sampler=sampler, generator=generator, aug_level=aug_level, eta=eta,
-            threshold=threshold, dynamic_percentile=dynamic_percentile, x_T=x_T, spacing=spacing,
-        )  # fmt: skip
+            lowres_images,
+            steps=steps,
+            sampler=sampler,
+            generator=generator,
+            aug_level=aug_level,
+            eta=eta,
+            threshold=threshold,
+            dynamic_percentile=dynamic_percentile,
+            x_T=x_T,
+            spacing=spacing,
+        )
 
     def sampling_stage(self, *, use_ema: bool = True) -> UpsamplerStage:
         """This upsampler as the pipeline samples it (:class:`dalle2.decoder.stage.UpsamplerStage`; shares the network)."""
         hp = self.hparams
-        return UpsamplerStage(net=self._network(use_ema), diffusion=self.diffusion, lowres_size=hp.lowres_size,
-                              image_size=hp.image_size, lowres_aug=self.lowres_aug,
-                              sample_aug_level=self.sample_aug_level, residual=hp.residual,
-                              sample_spacing=hp.sample_spacing, downsample_mode=hp.downsample_mode)  # fmt: skip
+        return UpsamplerStage(
+            net=self._network(use_ema),
+            diffusion=self.diffusion,
+            lowres_size=hp.lowres_size,
+            image_size=hp.image_size,
+            lowres_aug=self.lowres_aug,
+            sample_aug_level=self.sample_aug_level,
+            residual=hp.residual,
+            sample_spacing=hp.sample_spacing,
+            downsample_mode=hp.downsample_mode,
+        )
 
-    def preview(self, batch: dict, *, steps: int = 20, sampler: str = "ddim", guidance_scale: float = 1.0,
-                generator: torch.Generator | None = None) -> dict:
+    def preview(
+        self,
+        batch: dict,
+        *,
+        steps: int = 20,
+        sampler: str = "ddim",
+        guidance_scale: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> dict:
         hi = batch["image"].to(self.device).float()
         lo = self.lowres(hi)
         up = self.upsample(lo, steps=steps, sampler=sampler, generator=generator)
         bicubic = F.interpolate(lo, size=hi.shape[-2:], mode="bicubic", align_corners=False).clamp(-1, 1)
         metrics = {"val/psnr": float(psnr(up, hi).mean()), "val/psnr_bicubic": float(psnr(bicubic, hi).mean())}
-        return {"samples": up, "reference": hi, "baseline": bicubic, "metrics": metrics,
-                "captions": batch.get("caption")}
+        return {
+            "samples": up,
+            "reference": hi,
+            "baseline": bicubic,
+            "metrics": metrics,
+            "captions": batch.get("caption"),
+        }

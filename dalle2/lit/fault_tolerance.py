@@ -41,8 +41,14 @@ from dalle2.io import atomic_write
 from dalle2.seeding import mix_seed
 
 __all__ = [
-    "AtomicCheckpointIO", "CheckpointSaveError", "NonFiniteGuard", "NonFiniteLossError", "Preemption", "RunCheckpoint",
-    "StepSeed", "last_checkpoint",
+    "AtomicCheckpointIO",
+    "CheckpointSaveError",
+    "NonFiniteGuard",
+    "NonFiniteLossError",
+    "Preemption",
+    "RunCheckpoint",
+    "StepSeed",
+    "last_checkpoint",
 ]
 
 
@@ -89,10 +95,17 @@ class NonFiniteGuard(L.Callback):
 
     @staticmethod
     def _bn_buffers(pl_module: L.LightningModule) -> list[torch.Tensor]:
-        return [b for m in pl_module.modules() if isinstance(m, torch.nn.modules.batchnorm._NormBase)
-                for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]  # fmt: skip
+        return [
+            b
+            for m in pl_module.modules()
+            if isinstance(m, torch.nn.modules.batchnorm._NormBase)
+            for b in (m.running_mean, m.running_var, m.num_batches_tracked)
+            if b is not None
+        ]
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if self._bn_snapshot is None:  # the first micro-batch of an accumulation window
             self._bn_snapshot = [(b, b.detach().clone()) for b in self._bn_buffers(pl_module)]
 
@@ -167,7 +180,9 @@ class StepSeed(L.Callback):
     def batch_seed(self, batch_index: int, rank: int) -> int:
         return mix_seed(self.seed, batch_index, rank, bits=32)
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         s = self.batch_seed(trainer.fit_loop.total_batch_idx, trainer.global_rank)
         torch.manual_seed(s)
         np.random.seed(s)

@@ -44,8 +44,14 @@ __all__ = ["DTYPES", "FSDP2Strategy", "SHARD_UNITS", "compile_network", "is_shar
 SHARD_UNITS: tuple[type[nn.Module], ...] = (PriorBlock, ResidualAttentionBlock, ResBlock, PixelAttention, Bottleneck)
 # methods other than forward that the stages call on a network (they all-gather its root parameters too)
 FORWARD_METHODS = ("encode_text", "encode_image", "embed_images", "encode_text_features", "clamped_logit_scale")
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 def _dtype(name: str | None) -> torch.dtype | None:
@@ -177,8 +183,12 @@ class FSDP2Strategy(ModelParallelStrategy):
             for m in net.modules():
                 if hasattr(m, "grad_checkpointing"):
                     m.grad_checkpointing = True
-        return shard_network(net, self.device_mesh["data_parallel"], mp_policy=self.mp_policy,
-                             reshard_after_forward=self.reshard_after_forward)  # fmt: skip
+        return shard_network(
+            net,
+            self.device_mesh["data_parallel"],
+            mp_policy=self.mp_policy,
+            reshard_after_forward=self.reshard_after_forward,
+        )
 
     # -- atomic sharded checkpoints -------------------------------------------------------------------------------
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Any | None = None) -> None:

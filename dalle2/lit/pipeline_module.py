@@ -33,7 +33,15 @@ from PIL import Image, ImageDraw, ImageFont
 from dalle2.imaging import to_uint8
 from dalle2.pipeline import SamplingSettings, UnCLIPPipeline
 
-__all__ = ["make_items", "PromptBatches", "PipelineModule", "SampleWriter", "caption_lines", "image_grid", "valid_image"]
+__all__ = [
+    "make_items",
+    "PromptBatches",
+    "PipelineModule",
+    "SampleWriter",
+    "caption_lines",
+    "image_grid",
+    "valid_image",
+]
 
 
 def make_items(prompts: Sequence[str | None], *, n_per_prompt: int = 1, seed: int = 0) -> list[dict]:
@@ -134,9 +142,12 @@ class PipelineModule(L.LightningModule):
         if not items:  # an idle rank's empty batch (see PromptBatches)
             return {"images": torch.zeros(0, 1, 1, 3, dtype=torch.uint8), "items": []}
         images = self.pipeline(
-            [it["prompt"] for it in items], seed=[it["seed"] for it in items],
-            indices=[(it["index"], it["k"]) for it in items], size=self.size, settings=self.settings,
-        )  # fmt: skip
+            [it["prompt"] for it in items],
+            seed=[it["seed"] for it in items],
+            indices=[(it["index"], it["k"]) for it in items],
+            size=self.size,
+            settings=self.settings,
+        )
         return {"images": to_uint8(images), "items": items}
 
 
@@ -177,8 +188,10 @@ def caption_lines(text: str, width: int, *, font=None, max_lines: int = 4) -> li
         words = [w for w in words if w.lower().strip(",.;:") not in FILLER_WORDS] or words
         lines = _wrap(words, width, font)
     if len(lines) > max_lines:
-        words = [ABBREVIATIONS.get(w.lower().strip(",.;:"), w.lower().strip(",.;:")) + w[len(w.rstrip(",.;:")):]
-                 for w in words]  # fmt: skip
+        words = [
+            ABBREVIATIONS.get(w.lower().strip(",.;:"), w.lower().strip(",.;:")) + w[len(w.rstrip(",.;:")) :]
+            for w in words
+        ]
         lines = _wrap(words, width, font)
     if len(lines) > max_lines:
         last = lines[max_lines - 1]
@@ -188,8 +201,14 @@ def caption_lines(text: str, width: int, *, font=None, max_lines: int = 4) -> li
     return lines
 
 
-def image_grid(images: Sequence[np.ndarray], captions: Sequence[str] | None = None, *, ncol: int | None = None,
-               max_caption_lines: int = 4, min_cell_width: int = 64) -> Image.Image:
+def image_grid(
+    images: Sequence[np.ndarray],
+    captions: Sequence[str] | None = None,
+    *,
+    ncol: int | None = None,
+    max_caption_lines: int = 4,
+    min_cell_width: int = 64,
+) -> Image.Image:
     """Equal-size ``(H, W, 3)`` uint8 images -> one PIL grid.  With ``captions`` each cell (at least
     ``min_cell_width`` px wide, the image centred) carries its caption underneath, laid out by
     :func:`caption_lines` in up to ``max_caption_lines`` lines (PIL's default font)."""
@@ -221,9 +240,17 @@ class SampleWriter(BasePredictionWriter):
     a barrier) rank 0 writes ``manifest.jsonl`` (one JSON per image in prompt order: the item plus ``extra``) and
     ``grid.png`` (the first ``grid_max`` images, captioned)."""
 
-    def __init__(self, out_dir: str | os.PathLike, items: list[dict], *, extra: dict | None = None,
-                 grid_max: int = 64, grid_ncol: int | None = None, grid_captions: bool = True,
-                 keep: Callable[[Path], bool] | None = None):  # fmt: skip
+    def __init__(
+        self,
+        out_dir: str | os.PathLike,
+        items: list[dict],
+        *,
+        extra: dict | None = None,
+        grid_max: int = 64,
+        grid_ncol: int | None = None,
+        grid_captions: bool = True,
+        keep: Callable[[Path], bool] | None = None,
+    ):
         super().__init__(write_interval="batch")
         self.out_dir, self.items, self.extra = Path(out_dir), items, dict(extra or {})
         self.grid_max, self.grid_ncol, self.grid_captions = grid_max, grid_ncol, grid_captions

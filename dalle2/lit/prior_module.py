@@ -100,8 +100,10 @@ class PriorModule(FrozenClipMixin, DiffusionStageModule):
 
     def _require_clip(self, what: str):
         if self.clip is None:
-            raise ValueError(f"batch has no {what!r} and no clip_ckpt was given to embed on the fly "
-                             "(use data=embeddings shards or set clip_ckpt=...)")
+            raise ValueError(
+                f"batch has no {what!r} and no clip_ckpt was given to embed on the fly "
+                "(use data=embeddings shards or set clip_ckpt=...)"
+            )
         return self.clip
 
     # -- conditioning -------------------------------------------------------------------------------------------
@@ -118,8 +120,12 @@ class PriorModule(FrozenClipMixin, DiffusionStageModule):
         txt = batch.get("txt_emb")
         if txt is None or (self.use_text_tokens and states is None):
             txt, states, _ = self._require_clip("txt_emb").encode_text_features(tokens)
-        out = {"image_embed": F.normalize(img.float(), dim=-1), "text_embed": txt.float(),
-               "text_tokens": None, "text_mask": None}
+        out = {
+            "image_embed": F.normalize(img.float(), dim=-1),
+            "text_embed": txt.float(),
+            "text_tokens": None,
+            "text_mask": None,
+        }
         if self.use_text_tokens:
             states = states.float()
             out["text_tokens"], out["text_mask"] = trim_text(states, text_mask(tokens, states.shape[1]))
@@ -136,15 +142,19 @@ class PriorModule(FrozenClipMixin, DiffusionStageModule):
         return (torch.rand(batch_size, generator=generator, device=gen_device) < self.cond_drop_prob).to(device)
 
     # -- training -----------------------------------------------------------------------------------------------
-    def training_inputs(self, batch: dict, *, train: bool,
-                        generator: torch.Generator | None = None) -> tuple[Tensor, dict]:  # fmt: skip
+    def training_inputs(
+        self, batch: dict, *, train: bool, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, dict]:
         """``(x0, model_kwargs)``: the scaled image embedding and the text conditioning (``train``: with the CFG text
         drop drawn from ``generator``; else nothing dropped). The training step and ``bench/train_step.py`` are built on it."""
         emb = self.embeddings(batch)
         x0 = self.scaler.scale_embed(emb["image_embed"])
         kwargs = self._text_kwargs(emb)
-        kwargs["drop_text"] = (self.drop_text_mask(x0.shape[0], device=x0.device, generator=generator) if train
-                               else torch.zeros(x0.shape[0], dtype=torch.bool, device=x0.device))  # fmt: skip
+        kwargs["drop_text"] = (
+            self.drop_text_mask(x0.shape[0], device=x0.device, generator=generator)
+            if train
+            else torch.zeros(x0.shape[0], dtype=torch.bool, device=x0.device)
+        )
         return x0, kwargs
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
@@ -162,14 +172,18 @@ class PriorModule(FrozenClipMixin, DiffusionStageModule):
         B = x0.shape[0]
         kwargs = self._text_kwargs(emb)
         losses = self.diffusion.training_losses(self.ema_net, x0, generator=gen, model_kwargs=kwargs)
-        opts = dict(steps=self.hparams.val_sample_steps, sampler=self.hparams.val_sampler,
-                    n_samples_per_prompt=self.hparams.val_candidates)
+        opts = dict(
+            steps=self.hparams.val_sample_steps,
+            sampler=self.hparams.val_sampler,
+            n_samples_per_prompt=self.hparams.val_candidates,
+        )
         sample_seed = seed + 1  # the same noise for the real and the shuffled captions: only the text differs
         sampled = self.sample(**kwargs, generator=torch.Generator(self.device).manual_seed(sample_seed), **opts)
         # control: each embedding sampled from another sample's caption (the batch rolled by one)
         shuffled_kwargs = {k: (None if v is None else v.roll(1, dims=0)) for k, v in kwargs.items()}
-        shuffled = self.sample(**shuffled_kwargs, generator=torch.Generator(self.device).manual_seed(sample_seed),
-                               **opts)
+        shuffled = self.sample(
+            **shuffled_kwargs, generator=torch.Generator(self.device).manual_seed(sample_seed), **opts
+        )
         metrics = {
             "val/loss": losses["loss"],
             "val/cos_sampled": F.cosine_similarity(sampled, true, dim=-1).mean(),
@@ -198,15 +212,26 @@ class PriorModule(FrozenClipMixin, DiffusionStageModule):
         (B, L, Dt)``, ``text_mask (B, L)`` bool: ``n_samples_per_prompt`` candidates per prompt, the one with the
         highest dot product with the text embedding kept.  ``guidance_scale != 1``: classifier-free guidance."""
         return self.sampling_stage(use_ema=use_ema).sample(
-            text_embed=text_embed, text_tokens=text_tokens, text_mask=text_mask,
-            n_samples_per_prompt=n_samples_per_prompt, steps=steps, sampler=sampler, guidance_scale=guidance_scale,
-            eta=eta, generator=generator,
-        )  # fmt: skip
+            text_embed=text_embed,
+            text_tokens=text_tokens,
+            text_mask=text_mask,
+            n_samples_per_prompt=n_samples_per_prompt,
+            steps=steps,
+            sampler=sampler,
+            guidance_scale=guidance_scale,
+            eta=eta,
+            generator=generator,
+        )
 
     def sampling_stage(self, *, use_ema: bool = True) -> PriorStage:
         """This prior as the pipeline samples it (:class:`dalle2.prior.stage.PriorStage`; shares the network)."""
-        return PriorStage(net=self.ema_net if use_ema else self.net, diffusion=self.diffusion, scaler=self.scaler,
-                          use_text_tokens=self.use_text_tokens, vocabulary=self.vocabulary)  # fmt: skip
+        return PriorStage(
+            net=self.ema_net if use_ema else self.net,
+            diffusion=self.diffusion,
+            scaler=self.scaler,
+            use_text_tokens=self.use_text_tokens,
+            vocabulary=self.vocabulary,
+        )
 
 
 def load_prior(path: str, *, map_location="cpu") -> PriorModule:

@@ -140,8 +140,9 @@ class SampleGrid(L.Callback):
         batch = {k: v.to(pl_module.device) if isinstance(v, Tensor) else v for k, v in self._batch.items()}
         gen = torch.Generator(device=pl_module.device).manual_seed(self.seed)
         with trainer.precision_plugin.forward_context():
-            out = pl_module.preview(batch, steps=self.steps, sampler=self.sampler,
-                                    guidance_scale=self.guidance_scale, generator=gen)
+            out = pl_module.preview(
+                batch, steps=self.steps, sampler=self.sampler, guidance_scale=self.guidance_scale, generator=gen
+            )
         if not trainer.is_global_zero:
             return {}
         samples = out["samples"].float()
@@ -151,8 +152,11 @@ class SampleGrid(L.Callback):
 
         flags = noise_like(samples)
         bad = bool(flags.float().mean() >= 0.5)
-        metrics = {"sanity/noise_like": float(bad), "sanity/autocorr": float(spatial_autocorrelation(samples).mean()),
-                   **out.get("metrics", {})}
+        metrics = {
+            "sanity/noise_like": float(bad),
+            "sanity/autocorr": float(spatial_autocorrelation(samples).mean()),
+            **out.get("metrics", {}),
+        }
         if bad or not math.isfinite(float(samples.sum())):
             rank_zero_warn(
                 f"\n{'!' * 80}\n[dalle2] step {step}: {int(flags.sum())}/{len(flags)} {pl_module.stage} samples look like "

@@ -7,6 +7,15 @@ from dalle2.metrics.inception import FIDInceptionV3, InceptionWeightsError, load
 from dalle2.metrics.precision_recall import precision_recall
 
 __all__ = [
-    "ClipScorer", "clip_score", "OrderedKID", "PrecomputedFeatures", "frechet_distance", "kernel_distance",
-    "make_fid", "FIDInceptionV3", "InceptionWeightsError", "load_fid_inception", "precision_recall",
-]  # fmt: skip
+    "ClipScorer",
+    "clip_score",
+    "OrderedKID",
+    "PrecomputedFeatures",
+    "frechet_distance",
+    "kernel_distance",
+    "make_fid",
+    "FIDInceptionV3",
+    "InceptionWeightsError",
+    "load_fid_inception",
+    "precision_recall",
+]

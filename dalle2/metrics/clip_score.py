@@ -59,4 +59,3 @@ class ClipScorer(nn.Module):
         if len(prompts) != len(images):
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
         return clip_score(self.encode_images(images), self.encode_texts(prompts))
-

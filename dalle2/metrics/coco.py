@@ -31,8 +31,15 @@ import numpy as np
 from dalle2.io import atomic_write
 from dalle2.seeding import mix_seed
 
-__all__ = ["CocoCaptions", "draw_captions", "reference_files", "file_list_digest", "file_sha256", "ReferenceCache",
-           "write_jsonl_atomic"]  # fmt: skip
+__all__ = [
+    "CocoCaptions",
+    "draw_captions",
+    "reference_files",
+    "file_list_digest",
+    "file_sha256",
+    "ReferenceCache",
+    "write_jsonl_atomic",
+]
 
 
 class CocoCaptions:
@@ -47,8 +54,11 @@ class CocoCaptions:
             data = json.loads(self.path.read_text(encoding="utf-8"))
         except ValueError as exc:
             raise ValueError(f"{self.path}: not JSON ({exc})") from None
-        if not isinstance(data, dict) or not isinstance(data.get("images"), list) or not isinstance(
-                data.get("annotations"), list):  # fmt: skip
+        if (
+            not isinstance(data, dict)
+            or not isinstance(data.get("images"), list)
+            or not isinstance(data.get("annotations"), list)
+        ):
             raise ValueError(f"{self.path}: expected a COCO captions file with 'images' and 'annotations' lists")
         try:
             self.files = {int(im["id"]): str(im["file_name"]) for im in data["images"]}
@@ -56,8 +66,10 @@ class CocoCaptions:
             for a in data["annotations"]:
                 caps.setdefault(int(a["image_id"]), []).append((int(a["id"]), " ".join(str(a["caption"]).split())))
         except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"{self.path}: an image needs 'id' and 'file_name', an annotation 'image_id', 'id' and "
-                             f"'caption' ({type(exc).__name__}: {exc})") from None  # fmt: skip
+            raise ValueError(
+                f"{self.path}: an image needs 'id' and 'file_name', an annotation 'image_id', 'id' and "
+                f"'caption' ({type(exc).__name__}: {exc})"
+            ) from None
         unknown = sorted(set(caps) - set(self.files))
         if unknown:
             raise ValueError(f"{self.path}: {len(unknown)} annotations name images not in 'images' (e.g. {unknown[0]})")
@@ -78,13 +90,15 @@ def draw_captions(coco: CocoCaptions, *, n: int | None, seed: int) -> list[dict]
     for j, image_id in enumerate(order[: n if n is not None else len(order)]):
         caps = coco.captions[image_id]
         cap_id, text = caps[mix_seed(seed, image_id, 1) % len(caps)]
-        rows.append({"index": j, "image_id": image_id, "file_name": coco.files[image_id], "caption_id": cap_id,
-                     "caption": text})  # fmt: skip
+        rows.append(
+            {"index": j, "image_id": image_id, "file_name": coco.files[image_id], "caption_id": cap_id, "caption": text}
+        )
     return rows
 
 
-def reference_files(coco: CocoCaptions, images_dir: str | os.PathLike, *, n_ref: int | None = None,
-                    seed: int = 0) -> list[tuple[int, Path]]:  # fmt: skip
+def reference_files(
+    coco: CocoCaptions, images_dir: str | os.PathLike, *, n_ref: int | None = None, seed: int = 0
+) -> list[tuple[int, Path]]:
     """(image_id, path) of the reference images, sorted by file name: all images of the json, or the first ``n_ref``
     in the seeded order.  A listed file that is missing is an error naming it (a wrong ``images_dir``)."""
     root = Path(images_dir)
@@ -98,8 +112,10 @@ def reference_files(coco: CocoCaptions, images_dir: str | os.PathLike, *, n_ref:
     out = sorted(((i, root / coco.files[i]) for i in ids), key=lambda t: t[1].name)
     missing = [p for _, p in out if not p.is_file()]
     if missing:
-        raise FileNotFoundError(f"{len(missing)} of {len(out)} reference images listed in {coco.path} are not under "
-                                f"{root} (first: {missing[0]})")  # fmt: skip
+        raise FileNotFoundError(
+            f"{len(missing)} of {len(out)} reference images listed in {coco.path} are not under "
+            f"{root} (first: {missing[0]})"
+        )
     return out
 
 

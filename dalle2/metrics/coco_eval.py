@@ -38,8 +38,9 @@ class ImageFiles(torch.utils.data.IterableDataset):
     """Yields ``{"pixels": (3, S, S) uint8, "inception": (3, 299, 299) float in [0, 1] (when ``inception``),
     "id", "text", "valid"}`` for this rank's items (``{"path", "text"}`` dicts; id = position in ``items``)."""
 
-    def __init__(self, items: Sequence[dict], *, image_size: int, inception: bool = True, rank: int = 0,
-                 world_size: int = 1):  # fmt: skip
+    def __init__(
+        self, items: Sequence[dict], *, image_size: int, inception: bool = True, rank: int = 0, world_size: int = 1
+    ):
         super().__init__()
         self.items, self.image_size, self.inception = list(items), int(image_size), bool(inception)
         self.rank, self.world_size = rank, world_size
@@ -49,8 +50,12 @@ class ImageFiles(torch.utils.data.IterableDataset):
         for j, item in enumerate(self.items):
             if not reads_item(j, self.rank, self.world_size):
                 continue
-            out = {"pixels": torch.zeros(3, s, s, dtype=torch.uint8), "id": j, "text": item.get("text") or "",
-                   "valid": False}  # fmt: skip
+            out = {
+                "pixels": torch.zeros(3, s, s, dtype=torch.uint8),
+                "id": j,
+                "text": item.get("text") or "",
+                "valid": False,
+            }
             if self.inception:
                 out["inception"] = torch.zeros(3, FID_INPUT_SIZE, FID_INPUT_SIZE)
             try:
@@ -60,16 +65,24 @@ class ImageFiles(torch.utils.data.IterableDataset):
                     out["inception"] = inception_input(pixels)
                 out["valid"] = True
             except Exception as exc:  # counted as skipped; raising here would leave the other ranks waiting
-                warnings.warn(f"image {item['path']} could not be read ({type(exc).__name__}: {exc}); skipped",
-                              stacklevel=2)  # fmt: skip
+                warnings.warn(
+                    f"image {item['path']} could not be read ({type(exc).__name__}: {exc}); skipped", stacklevel=2
+                )
             yield out
 
 
 class ImageFilesData(L.LightningDataModule):
     """One predict loader per source (``{name: items}``, in the given order), split over ranks."""
 
-    def __init__(self, sources: dict[str, Sequence[dict]], *, image_size: int, inception: bool = True,
-                 batch_size: int = 32, num_workers: int = 0):  # fmt: skip
+    def __init__(
+        self,
+        sources: dict[str, Sequence[dict]],
+        *,
+        image_size: int,
+        inception: bool = True,
+        batch_size: int = 32,
+        num_workers: int = 0,
+    ):
         super().__init__()
         self.sources = {k: list(v) for k, v in sources.items()}
         self.image_size, self.inception = int(image_size), bool(inception)
@@ -77,10 +90,15 @@ class ImageFilesData(L.LightningDataModule):
 
     def predict_dataloader(self) -> list[DataLoader]:
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        return [DataLoader(ImageFiles(items, image_size=self.image_size, inception=self.inception, rank=rank,
-                                      world_size=world),
-                           batch_size=self.batch_size, num_workers=self.num_workers, persistent_workers=False)
-                for items in self.sources.values()]  # fmt: skip
+        return [
+            DataLoader(
+                ImageFiles(items, image_size=self.image_size, inception=self.inception, rank=rank, world_size=world),
+                batch_size=self.batch_size,
+                num_workers=self.num_workers,
+                persistent_workers=False,
+            )
+            for items in self.sources.values()
+        ]
 
 
 class FileFeatures(L.LightningModule):
@@ -88,8 +106,9 @@ class FileFeatures(L.LightningModule):
     given).  After predict, ``results[source]`` holds ``id`` (N,), ``inception`` (N, 2048), ``clip_score`` (N,)
     (NaN without a caption) sorted by id, and ``skipped`` (int), on every rank."""
 
-    def __init__(self, sources: Sequence[str], *, inception: FIDInceptionV3 | None = None,
-                 scorer: ClipScorer | None = None):  # fmt: skip
+    def __init__(
+        self, sources: Sequence[str], *, inception: FIDInceptionV3 | None = None, scorer: ClipScorer | None = None
+    ):
         super().__init__()
         self.source_names = list(sources)
         self.inception = inception.eval().requires_grad_(False) if inception is not None else None
@@ -120,8 +139,11 @@ class FileFeatures(L.LightningModule):
         results = {}
         for name in self.source_names:
             store = self._store[name]
-            parts = {"id": (torch.long, ()), "clip_score": (torch.float32, ()),
-                     **({"inception": (torch.float32, (FIDInceptionV3.num_features,))} if self.inception else {})}
+            parts = {
+                "id": (torch.long, ()),
+                "clip_score": (torch.float32, ()),
+                **({"inception": (torch.float32, (FIDInceptionV3.num_features,))} if self.inception else {}),
+            }
             out = {}
             for key, (dtype, tail) in parts.items():
                 x = torch.cat(store[key]) if store.get(key) else torch.zeros((0, *tail), dtype=dtype)
@@ -140,13 +162,27 @@ def reference_arrays(ids: torch.Tensor, feats: torch.Tensor, *, k: int = 3, chun
     ``radii`` of the features (precision/recall), as numpy arrays."""
     mu, sigma = gaussian_stats(feats)
     radii = knn_radii(feats, k=k, chunk_size=chunk_size)
-    return {"ids": ids.cpu().numpy(), "features": feats.float().cpu().numpy(), "mu": mu.cpu().numpy(),
-            "sigma": sigma.cpu().numpy(), "radii": radii.cpu().numpy()}  # fmt: skip
+    return {
+        "ids": ids.cpu().numpy(),
+        "features": feats.float().cpu().numpy(),
+        "mu": mu.cpu().numpy(),
+        "sigma": sigma.cpu().numpy(),
+        "radii": radii.cpu().numpy(),
+    }
 
 
-def coco_metrics(ref: dict, fake: torch.Tensor | None, clip_scores: torch.Tensor, *, kid_subsets: int = 100,
-                 kid_subset_size: int = 1000, kid_seed: int = 0, k: int = 3, chunk_size: int = 1024,
-                 device: str | torch.device = "cpu") -> dict:  # fmt: skip
+def coco_metrics(
+    ref: dict,
+    fake: torch.Tensor | None,
+    clip_scores: torch.Tensor,
+    *,
+    kid_subsets: int = 100,
+    kid_subset_size: int = 1000,
+    kid_seed: int = 0,
+    k: int = 3,
+    chunk_size: int = 1024,
+    device: str | torch.device = "cpu",
+) -> dict:
     """FID (from the cached reference mean/covariance), KID, precision/recall (reference radii from the cache) on
     Inception features ``fake`` (None: those are null), and the mean/std CLIP score of ``clip_scores`` (NaN: none)."""
     res: dict = {"fid": None, "kid_mean": None, "kid_std": None, "precision": None, "recall": None}
@@ -154,10 +190,12 @@ def coco_metrics(ref: dict, fake: torch.Tensor | None, clip_scores: torch.Tensor
         fake = fake.double().to(device)
         real = torch.from_numpy(np.asarray(ref["features"])).double().to(device)
         mu, sigma = gaussian_stats(fake)
-        res["fid"] = frechet_distance_from_stats(torch.from_numpy(ref["mu"]).to(device),
-                                                 torch.from_numpy(ref["sigma"]).to(device), mu, sigma)  # fmt: skip
-        res["kid_mean"], res["kid_std"] = kernel_distance(real, fake, subsets=kid_subsets,
-                                                          subset_size=kid_subset_size, seed=kid_seed)  # fmt: skip
+        res["fid"] = frechet_distance_from_stats(
+            torch.from_numpy(ref["mu"]).to(device), torch.from_numpy(ref["sigma"]).to(device), mu, sigma
+        )
+        res["kid_mean"], res["kid_std"] = kernel_distance(
+            real, fake, subsets=kid_subsets, subset_size=kid_subset_size, seed=kid_seed
+        )
         radii = torch.from_numpy(np.asarray(ref["radii"])).to(device)
         res.update(precision_recall(real, fake, k=k, chunk_size=chunk_size, real_radii=radii))
     scores = clip_scores[~torch.isnan(clip_scores)].double()

@@ -46,8 +46,16 @@ class SampleEvalData(L.LightningDataModule):
     """Predict loaders over ``samples_dir`` (manifest + PNGs) and the first ``max_reference`` samples of
     ``reference_urls``, all decoded at ``image_size`` (default: the samples' own size)."""
 
-    def __init__(self, *, samples_dir: str, reference_urls: str, image_size: int | None = None,
-                 max_reference: int | None = None, batch_size: int = 64, num_workers: int = 0):  # fmt: skip
+    def __init__(
+        self,
+        *,
+        samples_dir: str,
+        reference_urls: str,
+        image_size: int | None = None,
+        max_reference: int | None = None,
+        batch_size: int = 64,
+        num_workers: int = 0,
+    ):
         super().__init__()
         self.samples_dir = str(samples_dir)
         self.rows = read_manifest(samples_dir)
@@ -59,8 +67,9 @@ class SampleEvalData(L.LightningDataModule):
     def predict_dataloader(self) -> list[DataLoader]:
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         samples = SampleFiles(self.samples_dir, self.rows, image_size=self.image_size, rank=rank, world_size=world)
-        reference = ReferenceImages(self.reference_urls, image_size=self.image_size, max_samples=self.max_reference,
-                                    rank=rank, world_size=world)  # fmt: skip
+        reference = ReferenceImages(
+            self.reference_urls, image_size=self.image_size, max_samples=self.max_reference, rank=rank, world_size=world
+        )
         kw = dict(batch_size=self.batch_size, num_workers=self.num_workers, persistent_workers=False)
         return [DataLoader(samples, **kw), DataLoader(reference, **kw)]
 
@@ -76,9 +85,17 @@ class SampleEvaluator(L.LightningModule):
         strict_threshold: the strict checker's IoU bar (``dalle2.data.synthetic.STRICT_IOU_THRESHOLD``).
     """
 
-    def __init__(self, *, clip: torch.nn.Module, tokenizer, inception: FIDInceptionV3 | None = None,
-                 kid_subsets: int = 100, kid_subset_size: int = 1000, kid_seed: int = 0,
-                 strict_threshold: float = STRICT_IOU_THRESHOLD):  # fmt: skip
+    def __init__(
+        self,
+        *,
+        clip: torch.nn.Module,
+        tokenizer,
+        inception: FIDInceptionV3 | None = None,
+        kid_subsets: int = 100,
+        kid_subset_size: int = 1000,
+        kid_seed: int = 0,
+        strict_threshold: float = STRICT_IOU_THRESHOLD,
+    ):
         super().__init__()
         self.strict_threshold = float(strict_threshold)
         self.scorer = ClipScorer(clip=clip.eval().requires_grad_(False), tokenizer=tokenizer)
@@ -126,16 +143,26 @@ class SampleEvaluator(L.LightningModule):
         for j, i in enumerate(rows):
             got = read_attributes(pixels[i].numpy())
             lenient = [float(got[a] == wants[i][a]) for a in ATTRIBUTES]
-            extra = [float(strict["ok"][j]), float(strict["iou"][j]), float(strict["num_objects"][j] == 1),
-                     float(not strict["touches_border"][j])]  # fmt: skip
+            extra = [
+                float(strict["ok"][j]),
+                float(strict["iou"][j]),
+                float(strict["num_objects"][j] == 1),
+                float(not strict["touches_border"][j]),
+            ]
             out[i] = torch.tensor(lenient + extra, device=self.device)
         return out
 
     # -- end of epoch: gather, sort by id, compute ------------------------------------------------------------
     def _gathered(self, source: str) -> dict[str, torch.Tensor]:
         store = self._store[source]
-        dims = {"clip": (int(self.scorer.clip.model.embed_dim),), "inception": (FIDInceptionV3.num_features,),
-                "checker": (len(CHECKER_COLUMNS),), "id": (), "score": (), "has_text": ()}  # fmt: skip
+        dims = {
+            "clip": (int(self.scorer.clip.model.embed_dim),),
+            "inception": (FIDInceptionV3.num_features,),
+            "checker": (len(CHECKER_COLUMNS),),
+            "id": (),
+            "score": (),
+            "has_text": (),
+        }
         dtypes = {"id": torch.long, "has_text": torch.bool}
         out = {}
         for key, tail in dims.items():
@@ -157,8 +184,12 @@ class SampleEvaluator(L.LightningModule):
         n_fake, n_real = len(fake["id"]), len(real["id"])
         if n_fake < 2 or n_real < 2:
             raise ValueError(f"need >= 2 samples and >= 2 reference images, got {n_fake} and {n_real}")
-        res: dict = {"num_samples": n_fake, "num_reference": n_real, "samples_skipped": int(fake["skipped"]),
-                     "reference_skipped": int(real["skipped"])}  # fmt: skip
+        res: dict = {
+            "num_samples": n_fake,
+            "num_reference": n_real,
+            "samples_skipped": int(fake["skipped"]),
+            "reference_skipped": int(real["skipped"]),
+        }
         kid = dict(self.kid)
         res["kid_subset_size"] = min(kid["subset_size"], n_fake, n_real)
         res["clip_fd"] = frechet_distance(real["clip"], fake["clip"])
@@ -204,7 +235,8 @@ def samples_summary_line(results: dict) -> str:
         parts.append(f"FID {results['fid']:.2f}")
     parts += [f"CLIP-FD {results['clip_fd']:.3f}", f"CLIP score {results['clip_score']:.2f}"]
     if results.get("checker"):
-        parts.append(f"checker all-correct {results['checker']['accuracy/all']:.3f} (lenient), "
-                     f"strict {results['checker']['strict/accuracy']:.3f}")
+        parts.append(
+            f"checker all-correct {results['checker']['accuracy/all']:.3f} (lenient), "
+            f"strict {results['checker']['strict/accuracy']:.3f}"
+        )
     return ", ".join(parts)
-

@@ -22,8 +22,15 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance, poly_mmd
 from torchmetrics.utilities import dim_zero_cat
 
-__all__ = ["PrecomputedFeatures", "OrderedKID", "frechet_distance", "kernel_distance", "make_fid", "gaussian_stats",
-           "frechet_distance_from_stats"]
+__all__ = [
+    "PrecomputedFeatures",
+    "OrderedKID",
+    "frechet_distance",
+    "kernel_distance",
+    "make_fid",
+    "gaussian_stats",
+    "frechet_distance_from_stats",
+]
 
 
 class PrecomputedFeatures(nn.Module):
@@ -57,8 +64,9 @@ class OrderedKID(KernelInceptionDistance):
     def __init__(self, num_features: int, *, subsets: int = 100, subset_size: int = 1000, seed: int = 0, **kwargs):
         with warnings.catch_warnings():  # "will save all extracted features in buffer": that is the point here
             warnings.filterwarnings("ignore", message=".*save all extracted features.*")
-            super().__init__(feature=PrecomputedFeatures(num_features), subsets=subsets, subset_size=subset_size,
-                             **kwargs)  # fmt: skip
+            super().__init__(
+                feature=PrecomputedFeatures(num_features), subsets=subsets, subset_size=subset_size, **kwargs
+            )
         self.seed = int(seed)
         self.num_features = int(num_features)
 
@@ -113,14 +121,16 @@ def gaussian_stats(feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def frechet_distance_from_stats(mu1: torch.Tensor, sigma1: torch.Tensor, mu2: torch.Tensor,
-                                sigma2: torch.Tensor) -> float:  # fmt: skip
+def frechet_distance_from_stats(
+    mu1: torch.Tensor, sigma1: torch.Tensor, mu2: torch.Tensor, sigma2: torch.Tensor
+) -> float:
     """The Fréchet distance of two Gaussians (cached reference statistics against a sample's), with torchmetrics'
     formula: ``|mu1 - mu2|² + tr S1 + tr S2 - 2 sum sqrt(eigvals(S1 S2))``, in float64."""
     mu1, s1, mu2, s2 = (t.double() for t in (mu1, sigma1, mu2.to(mu1.device), sigma2.to(mu1.device)))
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (len(mu1), len(mu1)):
-        raise ValueError(f"statistics do not match: {tuple(mu1.shape)}, {tuple(s1.shape)}, {tuple(mu2.shape)}, "
-                         f"{tuple(s2.shape)}")  # fmt: skip
+        raise ValueError(
+            f"statistics do not match: {tuple(mu1.shape)}, {tuple(s1.shape)}, {tuple(mu2.shape)}, {tuple(s2.shape)}"
+        )
     root = torch.linalg.eigvals(s1 @ s2).sqrt().real.sum()
     return float((mu1 - mu2).square().sum() + s1.trace() + s2.trace() - 2.0 * root)
 

@@ -34,8 +34,17 @@ from dalle2.pipeline import STREAM_UPSAMPLER, SamplingSettings, UnCLIPPipeline, 
 __all__ = ["load_val", "derangement", "stage_fidelity", "fidelity_table", "SCORE_KEYS"]
 
 # the columns of a row, in table order: strict first, then the lenient reader's
-SCORE_KEYS = ("strict/accuracy", "strict/all", "strict/iou_mean", "strict/one_object", "strict/inside",
-              "accuracy/all", "accuracy/shape", "accuracy/color", "accuracy/background")  # fmt: skip
+SCORE_KEYS = (
+    "strict/accuracy",
+    "strict/all",
+    "strict/iou_mean",
+    "strict/one_object",
+    "strict/inside",
+    "accuracy/all",
+    "accuracy/shape",
+    "accuracy/color",
+    "accuracy/background",
+)
 
 
 def load_val(
@@ -51,8 +60,17 @@ def load_val(
     ``image (N, 3, S, S)`` in [-1, 1], ``tokens (N, L)``, ``caption`` (N strings) [, ``img_emb``, ``txt_tokens``]."""
     from dalle2.clip.tokenizer import get_tokenizer
 
-    ds = make_dataset(urls, image_size=image_size, tokenizer=get_tokenizer(), train=False, batch_size=batch_size,
-                      context_length=context_length, load_embeddings=load_embeddings, rank=0, world_size=1)
+    ds = make_dataset(
+        urls,
+        image_size=image_size,
+        tokenizer=get_tokenizer(),
+        train=False,
+        batch_size=batch_size,
+        context_length=context_length,
+        load_embeddings=load_embeddings,
+        rank=0,
+        world_size=1,
+    )
     parts: list[dict] = []
     n = 0
     for batch in ds:
@@ -86,14 +104,18 @@ def _batches(n: int, batch_size: int):
 
 
 @torch.no_grad()
-def _decode(pipe: UnCLIPPipeline, emb: Tensor, text: dict | None, settings: SamplingSettings, seed: int,
-            batch_size: int) -> Tensor:  # fmt: skip
+def _decode(
+    pipe: UnCLIPPipeline, emb: Tensor, text: dict | None, settings: SamplingSettings, seed: int, batch_size: int
+) -> Tensor:
     """Decoder samples (N, 3, s, s) in [0, 1], image i seeded as the pipeline seeds index i."""
     out = []
     for idx in _batches(len(emb), batch_size):
         t = {k: v[idx] for k, v in text.items()} if text is not None else None
-        out.append(pipe.decode(emb[idx], seeds=[seed] * len(idx), indices=idx, settings=settings, num_upsamplers=0,
-                               text=t).cpu())  # fmt: skip
+        out.append(
+            pipe.decode(
+                emb[idx], seeds=[seed] * len(idx), indices=idx, settings=settings, num_upsamplers=0, text=t
+            ).cpu()
+        )
     return torch.cat(out)
 
 
@@ -103,9 +125,15 @@ def _upsample(pipe: UnCLIPPipeline, low: Tensor, settings: SamplingSettings, see
     up, su, out = pipe.upsamplers[0], settings.upsampler, []
     for idx in _batches(len(low), batch_size):
         gen = sample_generators([seed] * len(idx), idx, STREAM_UPSAMPLER)
-        x = up.upsample(low[idx].to(pipe.device) * 2.0 - 1.0, steps=int(su.steps), sampler=su.sampler,
-                        eta=float(su.eta), aug_level=settings.upsampler_aug_level, threshold=settings.threshold,
-                        generator=gen)  # fmt: skip
+        x = up.upsample(
+            low[idx].to(pipe.device) * 2.0 - 1.0,
+            steps=int(su.steps),
+            sampler=su.sampler,
+            eta=float(su.eta),
+            aug_level=settings.upsampler_aug_level,
+            threshold=settings.threshold,
+            generator=gen,
+        )
         out.append(((x.float() + 1.0) / 2.0).clamp(0.0, 1.0).cpu())
     return torch.cat(out)
 
@@ -148,8 +176,10 @@ def stage_fidelity(
         raise ValueError("val_low and val_high must hold the same samples in the same order")
     attrs = [parse_caption(c) for c in captions]
     hi = int(pipe.sizes[1])
-    rows = [_row("real", "val images", (val_low["image"].float() + 1) / 2, attrs),
-            _row("real", "val images", (val_high["image"].float() + 1) / 2, attrs)]  # fmt: skip
+    rows = [
+        _row("real", "val images", (val_low["image"].float() + 1) / 2, attrs),
+        _row("real", "val images", (val_high["image"].float() + 1) / 2, attrs),
+    ]
     log(f"[fidelity] {len(captions)} captions; real images scored")
 
     def timed(fn):
@@ -158,23 +188,43 @@ def stage_fidelity(
         return out, time.perf_counter() - t0
 
     # text conditioning (the decoder's, when it uses text, and the prior's)
-    text = {k: torch.cat([pipe.encode_prompts([captions[i] for i in idx])[k].cpu() for idx in
-                          _batches(len(captions), batch_size)]) for k in ("text_embed", "text_tokens", "text_mask")}
+    text = {
+        k: torch.cat(
+            [pipe.encode_prompts([captions[i] for i in idx])[k].cpu() for idx in _batches(len(captions), batch_size)]
+        )
+        for k in ("text_embed", "text_tokens", "text_mask")
+    }
     dec_text = text if pipe.decoder.use_text else None
     # (a) + (b): from the val images' own CLIP image embeddings
-    emb_true = torch.cat([pipe.encode_images((val_low["image"][idx].float() + 1) / 2).cpu()
-                          for idx in _batches(len(captions), batch_size)])  # fmt: skip
+    emb_true = torch.cat(
+        [
+            pipe.encode_images((val_low["image"][idx].float() + 1) / 2).cpu()
+            for idx in _batches(len(captions), batch_size)
+        ]
+    )
     dec_true, t = timed(lambda: _decode(pipe, emb_true, dec_text, settings, seed, batch_size))
     rows.append(_row("a", "decoder <- true CLIP image embedding", dec_true, attrs, t))
     up_true, t = timed(lambda: _upsample(pipe, dec_true, settings, seed, batch_size))
     rows.append(_row("b", "(a) + upsampler", up_true, attrs, t))
     rows.append(_row("b", "(a) + bicubic", _bicubic(dec_true, hi), attrs))
-    log(f"[fidelity] (a) strict {rows[-3]['strict/accuracy']:.3f}, (b) upsampler {rows[-2]['strict/accuracy']:.3f} "
-        f"vs bicubic {rows[-1]['strict/accuracy']:.3f}")
+    log(
+        f"[fidelity] (a) strict {rows[-3]['strict/accuracy']:.3f}, (b) upsampler {rows[-2]['strict/accuracy']:.3f} "
+        f"vs bicubic {rows[-1]['strict/accuracy']:.3f}"
+    )
     # (c) + (d): from the prior's embeddings of the captions
-    emb_prior, t_prior = timed(lambda: torch.cat([
-        pipe.prior_embeddings({k: v[idx].to(pipe.device) for k, v in text.items()}, seeds=[seed] * len(idx),
-                              indices=idx, settings=settings).cpu() for idx in _batches(len(captions), batch_size)]))
+    emb_prior, t_prior = timed(
+        lambda: torch.cat(
+            [
+                pipe.prior_embeddings(
+                    {k: v[idx].to(pipe.device) for k, v in text.items()},
+                    seeds=[seed] * len(idx),
+                    indices=idx,
+                    settings=settings,
+                ).cpu()
+                for idx in _batches(len(captions), batch_size)
+            ]
+        )
+    )
     cos = float(F.cosine_similarity(emb_prior, emb_true, dim=-1).mean())
     dec_prior, t = timed(lambda: _decode(pipe, emb_prior, dec_text, settings, seed, batch_size))
     rows.append(_row("c", "decoder <- prior embedding", dec_prior, attrs, t + t_prior, prior_cos_true=round(cos, 4)))
@@ -190,21 +240,48 @@ def stage_fidelity(
         low, t1 = timed(lambda: _decode(pipe, emb_prior[:m], sub_text, st, seed, batch_size))
         up, t2 = timed(lambda: _upsample(pipe, low, st, seed, batch_size))
         label = f"{dec.sampler}, {dec.steps} steps, guidance {dec.guidance_scale:g}"
-        rows.append(_row("sweep", f"(d) decoder {label}", up, attrs[:m], t1 + t2, n=m, decoder=dataclasses.asdict(dec),
-                         decoder_strict=_row("", "", low, attrs[:m])["strict/accuracy"]))  # fmt: skip
+        rows.append(
+            _row(
+                "sweep",
+                f"(d) decoder {label}",
+                up,
+                attrs[:m],
+                t1 + t2,
+                n=m,
+                decoder=dataclasses.asdict(dec),
+                decoder_strict=_row("", "", low, attrs[:m])["strict/accuracy"],
+            )
+        )
         log(f"[fidelity] sweep {label}: strict {rows[-1]['strict/accuracy']:.3f}")
     return rows
 
 
 def fidelity_table(rows: Sequence[dict]) -> str:
     """A Markdown table of :func:`stage_fidelity` (or calibration) rows."""
-    head = ["stage", "what", "px", "strict", "strict + all attrs", "IoU mean", "lenient all", "lenient shape",
-            "colour", "background"]  # fmt: skip
+    head = [
+        "stage",
+        "what",
+        "px",
+        "strict",
+        "strict + all attrs",
+        "IoU mean",
+        "lenient all",
+        "lenient shape",
+        "colour",
+        "background",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r.get("stage", ""), r.get("what", ""), str(r.get("size", ""))]
-        for k in ("strict/accuracy", "strict/all", "strict/iou_mean", "accuracy/all", "accuracy/shape",
-                  "accuracy/color", "accuracy/background"):  # fmt: skip
+        for k in (
+            "strict/accuracy",
+            "strict/all",
+            "strict/iou_mean",
+            "accuracy/all",
+            "accuracy/shape",
+            "accuracy/color",
+            "accuracy/background",
+        ):
             v = r.get(k)
             cells.append("" if v is None else (f"{v:.3f}" if k.endswith("iou_mean") else f"{100 * v:.1f}"))
         lines.append("| " + " | ".join(cells) + " |")

@@ -211,8 +211,19 @@ class FIDInceptionV3(nn.Module):
         x = F.max_pool2d(x, kernel_size=3, stride=2)
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))
         x = F.max_pool2d(x, kernel_size=3, stride=2)
-        for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c,
-                      self.Mixed_6d, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c):  # fmt: skip
+        for block in (
+            self.Mixed_5b,
+            self.Mixed_5c,
+            self.Mixed_5d,
+            self.Mixed_6a,
+            self.Mixed_6b,
+            self.Mixed_6c,
+            self.Mixed_6d,
+            self.Mixed_6e,
+            self.Mixed_7a,
+            self.Mixed_7b,
+            self.Mixed_7c,
+        ):
             x = block(x)
         return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1).float()
 
@@ -245,8 +256,10 @@ def load_fid_inception(path: str | Path, *, map_location: str | torch.device = "
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # pickle/zip errors: not a torch state dict at all
-        raise InceptionWeightsError(f"{path} could not be read as a torch state dict ({type(exc).__name__}: "
-                                    f"{str(exc).splitlines()[0] if str(exc) else ''})") from None  # fmt: skip
+        raise InceptionWeightsError(
+            f"{path} could not be read as a torch state dict ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from None
     state = _checked_state_dict(obj, path)
     model = FIDInceptionV3()
     want = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}

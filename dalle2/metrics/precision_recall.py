@@ -45,13 +45,15 @@ def knn_radii(feats: torch.Tensor, *, k: int = 3, chunk_size: int = 1024) -> tor
 
 
 @torch.no_grad()
-def inside_manifold(query: torch.Tensor, ref: torch.Tensor, radii: torch.Tensor, *,
-                    chunk_size: int = 1024) -> torch.Tensor:  # fmt: skip
+def inside_manifold(
+    query: torch.Tensor, ref: torch.Tensor, radii: torch.Tensor, *, chunk_size: int = 1024
+) -> torch.Tensor:
     """query (Q, D), ref (N, D) with ``radii`` (N,) -> (Q,) bool: within ``radii[j]`` of some ``ref[j]``."""
     q, r = _check(query, "query"), _check(ref, "ref").to(query.device)
     if q.shape[1] != r.shape[1] or radii.shape != (len(r),):
-        raise ValueError(f"shapes do not match: query {tuple(q.shape)}, ref {tuple(r.shape)}, "
-                         f"radii {tuple(radii.shape)}")
+        raise ValueError(
+            f"shapes do not match: query {tuple(q.shape)}, ref {tuple(r.shape)}, radii {tuple(radii.shape)}"
+        )
     r_sq, rad_sq = r.square().sum(1), radii.double().to(q.device).square()
     out = torch.empty(len(q), dtype=torch.bool, device=q.device)
     for s in range(0, len(q), chunk_size):
@@ -60,8 +62,14 @@ def inside_manifold(query: torch.Tensor, ref: torch.Tensor, radii: torch.Tensor,
 
 
 @torch.no_grad()
-def precision_recall(real: torch.Tensor, fake: torch.Tensor, *, k: int = 3, chunk_size: int = 1024,
-                     real_radii: torch.Tensor | None = None) -> dict[str, float]:  # fmt: skip
+def precision_recall(
+    real: torch.Tensor,
+    fake: torch.Tensor,
+    *,
+    k: int = 3,
+    chunk_size: int = 1024,
+    real_radii: torch.Tensor | None = None,
+) -> dict[str, float]:
     """real (N, D), fake (M, D) -> ``{"precision", "recall"}`` (see the module docstring).  ``real_radii`` may be
     given (cached with the real features: they depend on the real set and ``k`` only)."""
     if real.dim() != 2 or fake.dim() != 2 or real.shape[1] != fake.shape[1]:

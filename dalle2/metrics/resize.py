@@ -27,8 +27,14 @@ from PIL import Image
 
 from dalle2.metrics.inception import FID_INPUT_SIZE
 
-__all__ = ["RESIZE_DESCRIPTION", "clean_resize", "resize_center_crop", "inception_input", "torch_bilinear_input",
-           "load_image"]  # fmt: skip
+__all__ = [
+    "RESIZE_DESCRIPTION",
+    "clean_resize",
+    "resize_center_crop",
+    "inception_input",
+    "torch_bilinear_input",
+    "load_image",
+]
 
 RESIZE_DESCRIPTION = (
     "RGB; shorter side to {size} px then centre crop ((new - {size}) // 2), clean-fid's PIL bicubic on float32 "
@@ -43,8 +49,10 @@ def clean_resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected an (H, W, 3) image, got shape {image.shape}")
     w, h = size
-    channels = [np.asarray(Image.fromarray(image[:, :, c].astype(np.float32)).resize((w, h), Image.Resampling.BICUBIC))
-                for c in range(3)]  # fmt: skip
+    channels = [
+        np.asarray(Image.fromarray(image[:, :, c].astype(np.float32)).resize((w, h), Image.Resampling.BICUBIC))
+        for c in range(3)
+    ]
     return np.stack(channels, axis=2).clip(0, 255).astype(np.float32)
 
 
@@ -71,8 +79,9 @@ def inception_input(image: np.ndarray) -> torch.Tensor:
 def torch_bilinear_input(images: torch.Tensor, *, antialias: bool = False) -> torch.Tensor:
     """(B, 3, H, W) uint8 -> (B, 3, 299, 299) float in [0, 1] by ``F.interpolate(mode="bilinear",
     align_corners=False)`` on the 8-bit values (pytorch-fid; torchmetrics' default adds ``antialias=True``)."""
-    x = F.interpolate(images.float(), size=(FID_INPUT_SIZE, FID_INPUT_SIZE), mode="bilinear", align_corners=False,
-                      antialias=antialias)  # fmt: skip
+    x = F.interpolate(
+        images.float(), size=(FID_INPUT_SIZE, FID_INPUT_SIZE), mode="bilinear", align_corners=False, antialias=antialias
+    )
     return (x / 255.0).clamp(0.0, 1.0)
 
 

@@ -72,8 +72,9 @@ class SampleFiles(torch.utils.data.IterableDataset):
     """Yields ``{"image": (3, S, S) float in [-1, 1], "id": row number, "text": prompt, "valid"}``; an unreadable or
     corrupt PNG yields ``valid=False`` (a zero image) so that the evaluator skips and counts it."""
 
-    def __init__(self, samples_dir: str | Path, rows: list[dict], *, image_size: int, rank: int = 0,
-                 world_size: int = 1):  # fmt: skip
+    def __init__(
+        self, samples_dir: str | Path, rows: list[dict], *, image_size: int, rank: int = 0, world_size: int = 1
+    ):
         super().__init__()
         self.root, self.rows, self.image_size = Path(samples_dir), rows, int(image_size)
         self.rank, self.world_size = rank, world_size
@@ -83,14 +84,19 @@ class SampleFiles(torch.utils.data.IterableDataset):
             if not reads_item(j, self.rank, self.world_size):
                 continue
             path = self.root / row["file"]
-            out = {"image": torch.zeros(3, self.image_size, self.image_size), "id": j, "text": row["prompt"],
-                   "valid": False}  # fmt: skip
+            out = {
+                "image": torch.zeros(3, self.image_size, self.image_size),
+                "id": j,
+                "text": row["prompt"],
+                "valid": False,
+            }
             try:
                 out["image"] = load_rgb(path.read_bytes(), image_size=self.image_size)
                 out["valid"] = True
             except Exception as exc:  # counted as samples_skipped; raising here would leave the other ranks waiting
-                warnings.warn(f"sample image {path} could not be read ({type(exc).__name__}: {exc}); skipped",
-                              stacklevel=2)  # fmt: skip
+                warnings.warn(
+                    f"sample image {path} could not be read ({type(exc).__name__}: {exc}); skipped", stacklevel=2
+                )
             yield out
 
 
@@ -103,8 +109,9 @@ class ReferenceImages(torch.utils.data.IterableDataset):
     up to ``max_samples`` but decodes only its own items.
     """
 
-    def __init__(self, urls: str, *, image_size: int, max_samples: int | None = None, rank: int = 0,
-                 world_size: int = 1):  # fmt: skip
+    def __init__(
+        self, urls: str, *, image_size: int, max_samples: int | None = None, rank: int = 0, world_size: int = 1
+    ):
         super().__init__()
         self.urls = expand_urls(urls)
         self.image_size, self.max_samples = int(image_size), max_samples
@@ -126,13 +133,17 @@ class ReferenceImages(torch.utils.data.IterableDataset):
         data = next((sample[e] for e in IMAGE_EXTS if sample.get(e) is not None), None)
         out = {"image": torch.zeros(3, self.image_size, self.image_size), "id": j, "text": text, "valid": False}
         if data is None:
-            warnings.warn(f"reference sample {sample.get('__key__')!r} in {sample.get('__url__')} has no image; "
-                          "skipped", stacklevel=2)  # fmt: skip
+            warnings.warn(
+                f"reference sample {sample.get('__key__')!r} in {sample.get('__url__')} has no image; skipped",
+                stacklevel=2,
+            )
             return out
         try:
             out["image"] = load_rgb(data, image_size=self.image_size)
             out["valid"] = True
         except Exception:
-            warnings.warn(f"reference sample {sample.get('__key__')!r} in {sample.get('__url__')}: corrupt image; "
-                          "skipped", stacklevel=2)  # fmt: skip
+            warnings.warn(
+                f"reference sample {sample.get('__key__')!r} in {sample.get('__url__')}: corrupt image; skipped",
+                stacklevel=2,
+            )
         return out

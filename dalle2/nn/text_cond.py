@@ -11,8 +11,9 @@ from torch import nn
 __all__ = ["project_text"]
 
 
-def project_text(proj: nn.Module, text_tokens: torch.Tensor, valid: torch.Tensor, drop: torch.Tensor | None,
-                 null_token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def project_text(
+    proj: nn.Module, text_tokens: torch.Tensor, valid: torch.Tensor, drop: torch.Tensor | None, null_token: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """text_tokens (B, L, Dt), valid (B, L) bool, drop (B,) bool | None, null_token (W,) ->
     (tokens (B, L, W), valid (B, L) bool)."""
     # where() rather than multiply: garbage (even NaN) in padded slots cannot leak

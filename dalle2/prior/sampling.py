@@ -85,12 +85,23 @@ def sample_prior_candidates(
             model_kwargs["text_mask"] = rep(text_mask)
     # a PriorNetwork computes the text positions once for the whole run (causal attention: they do not change)
     net_fn = CachedTextPrior(network) if isinstance(network, PriorNetwork) else network
-    model_fn = net_fn if guidance_scale == 1.0 else cfg_model_fn(
-        net_fn, guidance_scale=guidance_scale, learned_variance=diffusion.learned_variance
+    model_fn = (
+        net_fn
+        if guidance_scale == 1.0
+        else cfg_model_fn(net_fn, guidance_scale=guidance_scale, learned_variance=diffusion.learned_variance)
     )
     with eval_mode(network if isinstance(network, nn.Module) else None):
-        x = sample(model_fn, (b * k, d), diffusion=diffusion, sampler=sampler, steps=steps, eta=eta,
-                   generator=generator, model_kwargs=model_kwargs, device=device)  # fmt: skip
+        x = sample(
+            model_fn,
+            (b * k, d),
+            diffusion=diffusion,
+            sampler=sampler,
+            steps=steps,
+            eta=eta,
+            generator=generator,
+            model_kwargs=model_kwargs,
+            device=device,
+        )
     return scaler.unscale_embed(x, renormalize=renormalize).reshape(b, k, d)
 
 

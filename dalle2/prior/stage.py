@@ -43,8 +43,15 @@ class PriorStage(nn.Module):
     """A prior network with its diffusion and embedding scale; :meth:`sample` gives unit-norm CLIP image
     embeddings.  ``use_text_tokens=False``: conditioned on the text embedding only (the tokens are ignored)."""
 
-    def __init__(self, *, net: PriorNetwork, diffusion: GaussianDiffusion, scaler: EmbeddingScaler,
-                 use_text_tokens: bool = True, vocabulary=None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        *,
+        net: PriorNetwork,
+        diffusion: GaussianDiffusion,
+        scaler: EmbeddingScaler,
+        use_text_tokens: bool = True,
+        vocabulary=None,
+    ) -> None:
         super().__init__()
         self.net, self.diffusion, self.scaler = net, diffusion, scaler
         self.use_text_tokens, self.vocabulary = bool(use_text_tokens), vocabulary
@@ -56,18 +63,33 @@ class PriorStage(nn.Module):
         """From a prior checkpoint's hyperparameters (``network``, ``diffusion``, ``embed_scale``, ``use_text_tokens``);
         the weights are to be loaded into ``.net``."""
         net = PriorNetwork(**hparams["network"])
-        return cls(net=net, diffusion=build_diffusion(prior_diffusion_config(hparams.get("diffusion"))),
-                   scaler=embedding_scaler(net.embed_dim, hparams.get("embed_scale")),
-                   use_text_tokens=bool(hparams.get("use_text_tokens", True)), vocabulary=vocabulary)  # fmt: skip
+        return cls(
+            net=net,
+            diffusion=build_diffusion(prior_diffusion_config(hparams.get("diffusion"))),
+            scaler=embedding_scaler(net.embed_dim, hparams.get("embed_scale")),
+            use_text_tokens=bool(hparams.get("use_text_tokens", True)),
+            vocabulary=vocabulary,
+        )
 
     @property
     def max_text_len(self) -> int:
         return int(self.net.max_text_len)
 
     @torch.no_grad()
-    def sample(self, *, text_embed: Tensor, text_tokens: Tensor | None = None, text_mask: Tensor | None = None,
-               n_samples_per_prompt: int = 2, steps: int = 64, sampler: str = "ddim", guidance_scale: float = 1.0,
-               eta: float = 0.0, generator: Generators = None, trim: bool = True) -> Tensor:  # fmt: skip
+    def sample(
+        self,
+        *,
+        text_embed: Tensor,
+        text_tokens: Tensor | None = None,
+        text_mask: Tensor | None = None,
+        n_samples_per_prompt: int = 2,
+        steps: int = 64,
+        sampler: str = "ddim",
+        guidance_scale: float = 1.0,
+        eta: float = 0.0,
+        generator: Generators = None,
+        trim: bool = True,
+    ) -> Tensor:
         """Unit-norm CLIP image embeddings ``(B, D)`` for text conditioning ``text_embed (B, D)``, ``text_tokens
         (B, L, Dt)``, ``text_mask (B, L)`` bool: ``n_samples_per_prompt`` candidates per prompt, the one with the
         highest dot product with the text embedding kept.  ``guidance_scale != 1``: classifier-free guidance.
@@ -79,9 +101,16 @@ class PriorStage(nn.Module):
         elif trim:
             text_tokens, text_mask = trim_text(text_tokens, text_mask)
         return sample_prior(
-            self.net, self.diffusion, text_embed=text_embed.to(dev).float(),
+            self.net,
+            self.diffusion,
+            text_embed=text_embed.to(dev).float(),
             text_tokens=None if text_tokens is None else text_tokens.to(dev).float(),
-            text_mask=None if text_mask is None else text_mask.to(dev), n_samples_per_prompt=n_samples_per_prompt,
-            steps=steps, sampler=sampler, guidance_scale=guidance_scale, eta=eta, generator=generator,
+            text_mask=None if text_mask is None else text_mask.to(dev),
+            n_samples_per_prompt=n_samples_per_prompt,
+            steps=steps,
+            sampler=sampler,
+            guidance_scale=guidance_scale,
+            eta=eta,
+            generator=generator,
             scaler=self.scaler,
-        )  # fmt: skip
+        )

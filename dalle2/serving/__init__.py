@@ -43,7 +43,30 @@ from dalle2.serving.limits import BodyLimit, ServeLimits
 from dalle2.serving.server import check_bind, is_loopback, make_server, normalize_api_key, run_server
 from dalle2.serving.validation import MAX_SEED, APIError, check_int, check_prompt, check_response_format, parse_size
 
-__all__ = ["APIError", "Batcher", "BodyLimit", "ImageStore", "Job", "MAX_SEED", "QueueFull", "ServeLimits",
-           "ShuttingDown", "check_bind", "check_int", "check_prompt", "check_response_format", "clip_side",
-           "create_app", "generate", "is_loopback", "load_image", "make_server", "normalize_api_key",
-           "open_checked", "parse_size", "png_bytes", "run_server", "to_pil"]  # fmt: skip
+__all__ = [
+    "APIError",
+    "Batcher",
+    "BodyLimit",
+    "ImageStore",
+    "Job",
+    "MAX_SEED",
+    "QueueFull",
+    "ServeLimits",
+    "ShuttingDown",
+    "check_bind",
+    "check_int",
+    "check_prompt",
+    "check_response_format",
+    "clip_side",
+    "create_app",
+    "generate",
+    "is_loopback",
+    "load_image",
+    "make_server",
+    "normalize_api_key",
+    "open_checked",
+    "parse_size",
+    "png_bytes",
+    "run_server",
+    "to_pil",
+]

@@ -33,14 +33,15 @@ from dalle2.serving.validation import (
     check_prompt,
     check_response_format,
     parse_size,
-    random_seed,  # fmt: skip
+    random_seed,
 )
 
 # --------------------------------------------------------------------------------------------------- python API
 
 
-def generate(prompt: str, *, n: int = 1, size: str | int | None = None, seed: int | None = None, pipeline,
-             settings=None) -> list[Image.Image]:  # fmt: skip
+def generate(
+    prompt: str, *, n: int = 1, size: str | int | None = None, seed: int | None = None, pipeline, settings=None
+) -> list[Image.Image]:
     """``n`` images of ``prompt`` as PIL images, exactly what the server returns for the same request.
 
     ``size``: ``"WxH"`` (square) or an int side, one of ``pipeline.sizes`` (None: the largest); ``seed``: image
@@ -119,11 +120,17 @@ async def wait_for_job(batcher: Batcher, job: Job, receive, timeout_s: float):
         gone.cancel()
     if batcher.cancel(job, "timed_out"):
         ra = batcher.retry_after()
-        raise APIError(429, f"the request waited {timeout_s:g} s (request_timeout_s) without starting: the server is "
-                       f"busy; retry after {ra} s", type="rate_limit_error", code="queue_timeout",
-                       headers={"Retry-After": str(ra)})  # fmt: skip
-    raise APIError(504, f"sampling did not finish within {timeout_s:g} s (request_timeout_s)", type="server_error",
-                   code="timeout")  # fmt: skip
+        raise APIError(
+            429,
+            f"the request waited {timeout_s:g} s (request_timeout_s) without starting: the server is "
+            f"busy; retry after {ra} s",
+            type="rate_limit_error",
+            code="queue_timeout",
+            headers={"Retry-After": str(ra)},
+        )
+    raise APIError(
+        504, f"sampling did not finish within {timeout_s:g} s (request_timeout_s)", type="server_error", code="timeout"
+    )
 
 
 # --------------------------------------------------------------------------------------------------- the app
@@ -161,8 +168,9 @@ def create_app(
 
     limits = limits or ServeLimits()
     api_key = normalize_api_key(api_key)
-    batcher = Batcher(pipeline, settings=settings, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
-                      max_queue=limits.max_queue)  # fmt: skip
+    batcher = Batcher(
+        pipeline, settings=settings, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=limits.max_queue
+    )
     store = ImageStore(max_items=url_store_max, ttl_s=url_ttl_s)
     sizes = [int(s) for s in pipeline.sizes]
     side_in = clip_side(pipeline)
@@ -195,13 +203,19 @@ def create_app(
 
     @app.exception_handler(QueueFull)
     async def _queue_full(request, exc: QueueFull):
-        return error(APIError(429, str(exc), type="rate_limit_error", code="queue_full",
-                              headers={"Retry-After": str(exc.retry_after)}))  # fmt: skip
+        return error(
+            APIError(
+                429, str(exc), type="rate_limit_error", code="queue_full", headers={"Retry-After": str(exc.retry_after)}
+            )
+        )
 
     @app.exception_handler(ShuttingDown)
     async def _shutting_down(request, exc: ShuttingDown):
-        return error(APIError(503, str(exc), type="server_error", code="shutting_down",
-                              headers={"Retry-After": str(exc.retry_after)}))  # fmt: skip
+        return error(
+            APIError(
+                503, str(exc), type="server_error", code="shutting_down", headers={"Retry-After": str(exc.retry_after)}
+            )
+        )
 
     @app.exception_handler(ClientGone)
     async def _client_gone(request, exc: ClientGone):  # nobody reads it; nginx's "client closed request"
@@ -226,8 +240,9 @@ def create_app(
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         if not header:
-            raise APIError(401, "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.",
-                           code="missing_api_key")  # fmt: skip
+            raise APIError(
+                401, "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.", code="missing_api_key"
+            )
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
             raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
 
@@ -235,8 +250,12 @@ def create_app(
         if model is None or model == "":
             return
         if model not in accepted_models:
-            raise APIError(404, f"The model {model!r} does not exist; this server has {sorted(accepted_models)}",
-                           param="model", code="model_not_found")  # fmt: skip
+            raise APIError(
+                404,
+                f"The model {model!r} does not exist; this server has {sorted(accepted_models)}",
+                param="model",
+                code="model_not_found",
+            )
 
     async def respond(request: Request, job: Job, response_format: str) -> dict[str, Any]:
         batcher.submit(job)
@@ -269,8 +288,11 @@ def create_app(
             raise APIError(400, "the request body must be a JSON object", code="invalid_json")
         check_model(body.get("model"))
         if not has_prior:
-            raise APIError(400, "this server was started without a prior checkpoint: only /v1/images/variations "
-                           "works", code="unsupported")  # fmt: skip
+            raise APIError(
+                400,
+                "this server was started without a prior checkpoint: only /v1/images/variations works",
+                code="unsupported",
+            )
         prompt = check_prompt(body.get("prompt"), max_chars=max_prompt_chars)
         n = check_int(body.get("n"), name="n", lo=1, hi=max_n, default=1)
         side = parse_size(body.get("size"), sizes)
@@ -289,14 +311,22 @@ def create_app(
             raise
         except Exception as e:  # noqa: BLE001
             detail = getattr(e, "detail", None) or e
-            raise APIError(400, f"the request body must be multipart/form-data with an image file ({detail})",
-                           param="image", code="invalid_image") from None  # fmt: skip
+            raise APIError(
+                400,
+                f"the request body must be multipart/form-data with an image file ({detail})",
+                param="image",
+                code="invalid_image",
+            ) from None
         try:
             check_model(form.get("model"))
             upload = form.get("image")
             if not isinstance(upload, UploadFile):
-                raise APIError(400, "an image file is required (multipart field 'image')", param="image",
-                               code="missing_required_parameter")  # fmt: skip
+                raise APIError(
+                    400,
+                    "an image file is required (multipart field 'image')",
+                    param="image",
+                    code="missing_required_parameter",
+                )
             n = check_int(form.get("n"), name="n", lo=1, hi=max_n, default=1)
             side = parse_size(form.get("size") or None, sizes)
             fmt = check_response_format(form.get("response_format"))
@@ -323,8 +353,10 @@ def create_app(
     @app.get("/v1/models")
     async def models(request: Request):
         authorize(request)
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": started,
-                                            "owned_by": "dalle2"}]}  # fmt: skip
+        return {
+            "object": "list",
+            "data": [{"id": model_name, "object": "model", "created": started, "owned_by": "dalle2"}],
+        }
 
     @app.get("/v1/models/{model}")
     async def model(model: str, request: Request):
@@ -337,9 +369,16 @@ def create_app(
         """200 while the server works; 503 when the last batches all failed (``unhealthy``) or it is shutting down
         (``draining``).  Queue depth, recent failures, counters, limits."""
         stats = batcher.stats()
-        body = {"status": stats.pop("status"), "model": model_name, "sizes": [f"{s}x{s}" for s in sizes],
-                "max_n": max_n, "max_batch_size": max_batch_size, "max_wait_ms": max_wait_ms, **stats,
-                "limits": dataclasses.asdict(limits)}  # fmt: skip
+        body = {
+            "status": stats.pop("status"),
+            "model": model_name,
+            "sizes": [f"{s}x{s}" for s in sizes],
+            "max_n": max_n,
+            "max_batch_size": max_batch_size,
+            "max_wait_ms": max_wait_ms,
+            **stats,
+            "limits": dataclasses.asdict(limits),
+        }
         return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
 
     return app

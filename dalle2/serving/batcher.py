@@ -68,8 +68,17 @@ class Batcher:
     of up to ``max_batch_size`` images.  ``max_queue``: requests that may wait (None: unbounded).  Health: the last
     ``window`` batches are remembered; the status is ``"unhealthy"`` once the last ``unhealthy_after`` all failed."""
 
-    def __init__(self, pipeline, *, settings=None, max_batch_size: int = 8, max_wait_ms: float = 25.0,
-                 max_queue: int | None = None, window: int = 20, unhealthy_after: int = 3):  # fmt: skip
+    def __init__(
+        self,
+        pipeline,
+        *,
+        settings=None,
+        max_batch_size: int = 8,
+        max_wait_ms: float = 25.0,
+        max_queue: int | None = None,
+        window: int = 20,
+        unhealthy_after: int = 3,
+    ):
         if int(max_batch_size) < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if max_queue is not None and int(max_queue) < 1:
@@ -85,9 +94,18 @@ class Batcher:
         self._stop = False
         self._closing = False  # drain began: nothing new is accepted
         self._drain_deadline: float | None = None
-        self._stats: dict[str, Any] = {"batches": 0, "pipeline_calls": 0, "requests": 0, "images": 0,
-                                       "max_batch_requests": 0, "errors": 0, "rejected": 0, "refused": 0,
-                                       "dropped": 0, "timed_out": 0}  # fmt: skip
+        self._stats: dict[str, Any] = {
+            "batches": 0,
+            "pipeline_calls": 0,
+            "requests": 0,
+            "images": 0,
+            "max_batch_requests": 0,
+            "errors": 0,
+            "rejected": 0,
+            "refused": 0,
+            "dropped": 0,
+            "timed_out": 0,
+        }
         self._per_batch: Counter[int] = Counter()
         self._recent: deque[bool] = deque(maxlen=int(window))  # True: the batch succeeded
         self._consecutive_failures = 0
@@ -122,8 +140,12 @@ class Batcher:
                 self._cond.wait(wait)
             stuck = list(self._running)
         for job in stuck:
-            _settle(job.future, error=ShuttingDown(f"the server shut down before this request finished (it had "
-                                                   f"{timeout:g} s to finish running work)"))  # fmt: skip
+            _settle(
+                job.future,
+                error=ShuttingDown(
+                    f"the server shut down before this request finished (it had {timeout:g} s to finish running work)"
+                ),
+            )
 
     def stop(self, timeout: float | None = 30.0) -> None:
         """:meth:`drain` (``timeout``), then end the worker thread."""
@@ -158,8 +180,11 @@ class Batcher:
         if self.max_queue is not None and len(self._waiting) >= self.max_queue:
             self._stats["rejected"] += 1
             ra = self.retry_after()
-            raise QueueFull(f"the server is busy: {len(self._waiting)} requests are waiting (max_queue="
-                            f"{self.max_queue}); retry after {ra} s", ra)  # fmt: skip
+            raise QueueFull(
+                f"the server is busy: {len(self._waiting)} requests are waiting (max_queue="
+                f"{self.max_queue}); retry after {ra} s",
+                ra,
+            )
 
     def retry_after(self) -> int:
         """Seconds until the waiting work is likely done (the batches ahead x the recent batch time), 1..600."""
@@ -184,12 +209,18 @@ class Batcher:
             out = dict(self._stats)
             out["requests_per_batch"] = {str(k): v for k, v in sorted(self._per_batch.items())}
             unhealthy = self._consecutive_failures >= self.unhealthy_after
-            out.update(status="draining" if self._closing else "unhealthy" if unhealthy else "ok",
-                       queued=len(self._waiting), queued_images=sum(j.n for j in self._waiting),
-                       running=len(self._running), max_queue=self.max_queue, recent_batches=len(self._recent),
-                       recent_failures=list(self._recent).count(False),
-                       consecutive_failures=self._consecutive_failures, last_error=self._last_error,
-                       batch_seconds=None if self._batch_s is None else round(self._batch_s, 4))  # fmt: skip
+            out.update(
+                status="draining" if self._closing else "unhealthy" if unhealthy else "ok",
+                queued=len(self._waiting),
+                queued_images=sum(j.n for j in self._waiting),
+                running=len(self._running),
+                max_queue=self.max_queue,
+                recent_batches=len(self._recent),
+                recent_failures=list(self._recent).count(False),
+                consecutive_failures=self._consecutive_failures,
+                last_error=self._last_error,
+                batch_seconds=None if self._batch_s is None else round(self._batch_s, 4),
+            )
         return out
 
     # -- worker ---------------------------------------------------------------------------------------------------

@@ -52,15 +52,17 @@ def open_checked(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
             other = _format_name(data)
             if other is not None:
-                raise _invalid(f"images must be PNG, JPEG or WebP files; this one is {other}",
-                               "invalid_image_format") from None  # fmt: skip
+                raise _invalid(
+                    f"images must be PNG, JPEG or WebP files; this one is {other}", "invalid_image_format"
+                ) from None
             raise _invalid(f"image could not be decoded ({type(e).__name__}); send a PNG, JPEG or WebP file") from None
     w, h = img.size
     if w < 1 or h < 1:
         raise _invalid(f"image has no pixels ({w}x{h})")
     if w * h > max_pixels:
-        raise _invalid(f"image is {w}x{h} = {w * h} pixels; the limit is {max_pixels} pixels (max_image_pixels)",
-                       "image_too_large")  # fmt: skip
+        raise _invalid(
+            f"image is {w}x{h} = {w * h} pixels; the limit is {max_pixels} pixels (max_image_pixels)", "image_too_large"
+        )
     return img
 
 

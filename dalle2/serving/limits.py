@@ -71,15 +71,19 @@ def too_large(limit: int, what: str = "request body") -> APIError:
 
 
 def too_slow(timeout: float) -> APIError:
-    return APIError(408, f"the request body did not arrive within {timeout:g} s (read_timeout_s)",
-                    code="request_timeout")  # fmt: skip
+    return APIError(
+        408, f"the request body did not arrive within {timeout:g} s (read_timeout_s)", code="request_timeout"
+    )
 
 
 async def send_error(send, error: APIError) -> None:
     """Answer with OpenAI's error body and close the connection (the rest of the body is never read)."""
     body = json.dumps(error.body()).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-               (b"connection", b"close")]  # fmt: skip
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"),
+    ]
     headers += [(k.lower().encode(), str(v).encode()) for k, v in error.headers.items()]
     await send({"type": "http.response.start", "status": error.status, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})

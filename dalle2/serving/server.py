@@ -37,11 +37,17 @@ def check_bind(host: str, api_key: str | None, *, allow_unauthenticated: bool = 
     key = normalize_api_key(api_key)
     if key is None and not is_loopback(host):
         if not allow_unauthenticated:
-            raise ValueError(f"refusing to serve on host={host} without an api_key: anyone who can reach it could use "
-                             f"the model; set api_key=..., bind host=127.0.0.1, or pass allow_unauthenticated=true "
-                             f"to serve openly on purpose")  # fmt: skip
-        warnings.warn(f"serving on host={host} without an api_key (allow_unauthenticated=true): anyone who can reach "
-                      f"it can use the model", UserWarning, stacklevel=2)  # fmt: skip
+            raise ValueError(
+                f"refusing to serve on host={host} without an api_key: anyone who can reach it could use "
+                f"the model; set api_key=..., bind host=127.0.0.1, or pass allow_unauthenticated=true "
+                f"to serve openly on purpose"
+            )
+        warnings.warn(
+            f"serving on host={host} without an api_key (allow_unauthenticated=true): anyone who can reach "
+            f"it can use the model",
+            UserWarning,
+            stacklevel=2,
+        )
     return key
 
 

@@ -15,8 +15,16 @@ class APIError(ValueError):
     """A request error with OpenAI's error body; a ``ValueError`` for Python callers of ``generate``.  ``headers``:
     extra response headers (``Retry-After`` on 429 / 503)."""
 
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None):  # fmt: skip
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = int(status), message, type, param, code
         self.headers = dict(headers or {})
@@ -38,28 +46,41 @@ def parse_size(size: str | int | None, sizes: Sequence[int]) -> int:
     elif isinstance(size, str) and (m := _SIZE_RE.match(size)):
         w, h = int(m.group(1)), int(m.group(2))
         if w != h:
-            raise APIError(400, f"size {size!r} is not square; this model makes {choices}", param="size",
-                           code="invalid_size")  # fmt: skip
+            raise APIError(
+                400, f"size {size!r} is not square; this model makes {choices}", param="size", code="invalid_size"
+            )
         side = w
     else:
         side = None
     if side is None:
         raise APIError(400, f"size must be 'WxH' (one of {choices}), got {size!r}", param="size", code="invalid_size")
     if side not in sizes:
-        raise APIError(400, f"size {side}x{side} is not supported by this cascade; expected one of {choices}",
-                       param="size", code="invalid_size")  # fmt: skip
+        raise APIError(
+            400,
+            f"size {side}x{side} is not supported by this cascade; expected one of {choices}",
+            param="size",
+            code="invalid_size",
+        )
     return side
 
 
 def check_prompt(prompt: Any, *, max_chars: int = 1000) -> str:
     if not isinstance(prompt, str):
-        raise APIError(400, f"prompt must be a string, got {type(prompt).__name__}", param="prompt",
-                       code="invalid_prompt" if prompt is not None else "missing_required_parameter")  # fmt: skip
+        raise APIError(
+            400,
+            f"prompt must be a string, got {type(prompt).__name__}",
+            param="prompt",
+            code="invalid_prompt" if prompt is not None else "missing_required_parameter",
+        )
     if not prompt.strip():
         raise APIError(400, "prompt must not be empty", param="prompt", code="invalid_prompt")
     if len(prompt) > max_chars:
-        raise APIError(400, f"prompt is {len(prompt)} characters long; the maximum is {max_chars}", param="prompt",
-                       code="invalid_prompt")  # fmt: skip
+        raise APIError(
+            400,
+            f"prompt is {len(prompt)} characters long; the maximum is {max_chars}",
+            param="prompt",
+            code="invalid_prompt",
+        )
     return prompt
 
 
@@ -85,8 +106,12 @@ def check_response_format(value: Any) -> Literal["url", "b64_json"]:
     if value is None or value == "":
         return "url"
     if value not in ("url", "b64_json"):
-        raise APIError(400, f"response_format must be 'url' or 'b64_json', got {value!r}", param="response_format",
-                       code="invalid_value")  # fmt: skip
+        raise APIError(
+            400,
+            f"response_format must be 'url' or 'b64_json', got {value!r}",
+            param="response_format",
+            code="invalid_value",
+        )
     return value
 
 

@@ -27,8 +27,12 @@ class Payload:
 
 def malicious_checkpoint(path, marker, *, stage: str | None = "clip") -> str:
     """A Lightning-looking ``.ckpt`` of ``stage`` whose unpickling runs ``touch marker``."""
-    ckpt = {"state_dict": {"w": torch.zeros(2)}, "hyper_parameters": {"network": {}}, "payload": Payload(marker),
-            "pytorch-lightning_version": L.__version__}  # fmt: skip
+    ckpt = {
+        "state_dict": {"w": torch.zeros(2)},
+        "hyper_parameters": {"network": {}},
+        "payload": Payload(marker),
+        "pytorch-lightning_version": L.__version__,
+    }
     if stage is not None:
         ckpt[STAGE_KEY] = stage
     torch.save(ckpt, path)

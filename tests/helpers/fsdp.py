@@ -34,10 +34,11 @@ class FullStateProbe(L.Callback):
         opt = trainer.optimizers[0]
         counts = {
             "params": local_bytes(pl_module.net.parameters()),
-            "optimizer": local_bytes(t for s in opt.state.values() for t in s.values()
-                                     if isinstance(t, torch.Tensor) and t.ndim > 0),
+            "optimizer": local_bytes(
+                t for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor) and t.ndim > 0
+            ),
             "ema": local_bytes(pl_module.ema.module.parameters()),
-        }  # fmt: skip
+        }
         per_rank = [None] * trainer.world_size
         torch.distributed.all_gather_object(per_rank, counts)
         if trainer.is_global_zero:

@@ -11,8 +11,15 @@ import numpy as np
 from helpers.tiny_runs import _TINY, CLIP_DIM, REPO_ROOT
 
 
-def write_embedding_folder(root: str | Path, rows: tuple[int, ...] = (37, 50, 29), *, dim: int = CLIP_DIM, seed: int = 0,
-                           empty_captions: tuple[int, ...] = (), nan_rows: tuple[int, ...] = ()) -> dict:
+def write_embedding_folder(
+    root: str | Path,
+    rows: tuple[int, ...] = (37, 50, 29),
+    *,
+    dim: int = CLIP_DIM,
+    seed: int = 0,
+    empty_captions: tuple[int, ...] = (),
+    nan_rows: tuple[int, ...] = (),
+) -> dict:
     """Write ``len(rows)`` file triples (float16 unit-norm embeddings, as clip-retrieval writes them, and a parquet
     with ``caption`` and ``url`` columns). ``empty_captions`` / ``nan_rows`` are global row indices given an empty
     caption / a NaN image embedding. -> ``{"img", "txt"}`` float32 (N, D) as read back, ``"caption"``, ``"key"``."""
@@ -48,15 +55,26 @@ def write_embedding_folder(root: str | Path, rows: tuple[int, ...] = (37, 50, 29
     return out
 
 
-def prior_npy_cmd(run_dir: str | Path, train_dir: str | Path, val_dir: str | Path | None = None, *,
-                  extra: tuple[str, ...] = ()) -> list[str]:
+def prior_npy_cmd(
+    run_dir: str | Path, train_dir: str | Path, val_dir: str | Path | None = None, *, extra: tuple[str, ...] = ()
+) -> list[str]:
     """``python train/train.py`` for a tiny prior (``experiment=prior_tiny``, tiny model) on ``data=embedding_npy``:
     text embedding only (no CLIP needed), batch 4, 1 worker, csv logs, no progress bar."""
     tiny = [a for a in _TINY["prior"] if not a.startswith("data=")]
     return [
-        sys.executable, str(REPO_ROOT / "train" / "train.py"), *tiny, "data=embedding_npy",
-        f"data.train_dir={train_dir}", f"data.val_dir={val_dir}" if val_dir else "data.val_dir=null",
-        "data.batch_size=4", "data.num_workers=1", "module.use_text_tokens=false", f"model.embed_dim={CLIP_DIM}",
-        "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", "logger=csv", f"hydra.run.dir={run_dir}",
+        sys.executable,
+        str(REPO_ROOT / "train" / "train.py"),
+        *tiny,
+        "data=embedding_npy",
+        f"data.train_dir={train_dir}",
+        f"data.val_dir={val_dir}" if val_dir else "data.val_dir=null",
+        "data.batch_size=4",
+        "data.num_workers=1",
+        "module.use_text_tokens=false",
+        f"model.embed_dim={CLIP_DIM}",
+        "trainer.log_every_n_steps=1",
+        "trainer.enable_progress_bar=false",
+        "logger=csv",
+        f"hydra.run.dir={run_dir}",
         *extra,
-    ]  # fmt: skip
+    ]

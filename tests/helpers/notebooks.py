@@ -17,10 +17,15 @@ def kernel_spec_dir(tmp_path: Path) -> Path:
     one that points at another Python); found through JUPYTER_PATH."""
     spec = Path(tmp_path) / "jupyter" / "kernels" / "dalle2-test"
     spec.mkdir(parents=True, exist_ok=True)
-    (spec / "kernel.json").write_text(json.dumps({
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": "dalle2 test", "language": "python",
-    }))  # fmt: skip
+    (spec / "kernel.json").write_text(
+        json.dumps(
+            {
+                "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                "display_name": "dalle2 test",
+                "language": "python",
+            }
+        )
+    )
     return spec.parent.parent
 
 
@@ -31,14 +36,19 @@ def execute_notebook(name: str, *, env: dict, tmp_path: Path, timeout: int = 600
     from nbclient import NotebookClient
 
     nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
-    full = {"JUPYTER_PATH": str(kernel_spec_dir(tmp_path)), "OMP_NUM_THREADS": "1",
-            "MPLBACKEND": "module://matplotlib_inline.backend_inline",
-            "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]), **env}  # fmt: skip
+    full = {
+        "JUPYTER_PATH": str(kernel_spec_dir(tmp_path)),
+        "OMP_NUM_THREADS": "1",
+        "MPLBACKEND": "module://matplotlib_inline.backend_inline",
+        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
+        **env,
+    }
     saved = {k: os.environ.get(k) for k in full}
     os.environ.update(full)  # the kernel inherits this process's environment
     try:
-        client = NotebookClient(nb, timeout=timeout, kernel_name="dalle2-test",
-                                resources={"metadata": {"path": str(REPO_ROOT)}})  # fmt: skip
+        client = NotebookClient(
+            nb, timeout=timeout, kernel_name="dalle2-test", resources={"metadata": {"path": str(REPO_ROOT)}}
+        )
         client.execute()
     finally:
         for k, v in saved.items():

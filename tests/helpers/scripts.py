@@ -15,8 +15,14 @@ def run_script(script: str, *args: str, timeout: int = 300, env: dict | None = N
     """``python <script> args...`` (or ``script="-m module"``) from the repository root with one thread and wandb
     offline; ``env`` entries are added to this process's environment.  stdout and stderr are captured; a run past
     ``timeout`` is killed with its process group and comes back with returncode -9 (see ``tiny_runs.run``)."""
-    full_env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline",
-                "PYTHONWARNINGS": "ignore", **(env or {})}  # fmt: skip
+    full_env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO_ROOT),
+        "OMP_NUM_THREADS": "1",
+        "WANDB_MODE": "offline",
+        "PYTHONWARNINGS": "ignore",
+        **(env or {}),
+    }
     cmd = [sys.executable, *(script.split() if script.startswith("-m ") else [script]), *args]
     return run(cmd, timeout=timeout, env=full_env)
 
