@@ -74,12 +74,15 @@ def _exists(path: Path) -> None:
         raise FileNotFoundError(f"checkpoint {what}: {path}")
 
 
-def load_checkpoint(path: str | Path, *, trust_checkpoint: bool = False, tensors: bool = True) -> Any:
+def load_checkpoint(
+    path: str | Path, *, trust_checkpoint: bool = False, tensors: bool = True, optimizer: bool = False
+) -> Any:
     """The unpickled ``.ckpt`` (a dict for ours), tensors memory-mapped; never runs code unless ``trust_checkpoint``.
 
     A sharded checkpoint directory gives the same dict: its ``meta.pt`` with the consolidated ``state_dict`` (full
     tensors, keys as in a ``.ckpt``) and ``optimizer_states``; ``tensors=False`` reads ``meta.pt`` alone (after
-    checking the shards' index)."""
+    checking the shards' index); the optimizer state of a directory is consolidated only with ``optimizer=True``
+    (it is ~2x the weights, and no reader of weights needs it)."""
     path = Path(path)
     _exists(path)
     if path.is_file():
@@ -88,7 +91,8 @@ def load_checkpoint(path: str | Path, *, trust_checkpoint: bool = False, tensors
     if not tensors:
         read_dcp_metadata(path, trust_checkpoint=trust_checkpoint)
         return ckpt
-    state = read_dcp_state(path, trust_checkpoint=trust_checkpoint)
+    keys = None if optimizer else {"state_dict"}
+    state = read_dcp_state(path, keys, trust_checkpoint=trust_checkpoint)
     ckpt["state_dict"] = state.pop("state_dict", {})
     optimizers = sorted((k for k in state if k.startswith("optimizer_")), key=lambda k: int(k.split("_")[1]))
     ckpt["optimizer_states"] = [state[k] for k in optimizers]  # keyed by parameter name (FQN), not index

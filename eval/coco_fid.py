@@ -24,6 +24,8 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+import torch
+from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -50,19 +52,13 @@ from dalle2.pipeline import SamplingSettings, UnCLIPPipeline  # noqa: E402
 PROTOCOL_VERSION = 1  # bump when the features a cache holds would change
 
 
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
 def _trainer(cfg: DictConfig, callbacks=()) -> L.Trainer:
-    return L.Trainer(
-        accelerator=cfg.trainer.accelerator,
-        devices=cfg.trainer.devices,
-        strategy=cfg.trainer.strategy,
-        precision=cfg.trainer.precision,
-        enable_progress_bar=bool(cfg.trainer.enable_progress_bar),
-        use_distributed_sampler=False,
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        callbacks=list(callbacks),
-    )
+    # fixed batches (samples) and ImageFilesData (features) are dealt to ranks by us: no distributed sampler
+    return instantiate(cfg.trainer, use_distributed_sampler=False, callbacks=list(callbacks))
 
 
 def _check_identity(path: Path, identity: dict, force: bool) -> None:
@@ -142,9 +138,14 @@ def evaluate(cfg: DictConfig, rows: list[dict], refs: list, out: Path, hashes: d
             "version": PROTOCOL_VERSION,
         },
     )
-    ref = cache.load(key) if inception is not None else None
+    # rank 0 decides hit or miss for every rank (a concurrent job or a lagging shared file system could otherwise
+    # show ranks different caches, and their gathers would go out of step); only rank 0 keeps the arrays
+    ref = cache.load(key) if inception is not None and _rank() == 0 else None
+    need_reference = [inception is not None and ref is None]
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.broadcast_object_list(need_reference, src=0)
     sources = {"samples": [{"path": out / "samples" / f"{r['index']:05d}.png", "text": r["caption"]} for r in rows]}
-    if inception is not None and ref is None:
+    if need_reference[0]:
         sources["reference"] = [{"path": p, "text": ""} for _, p in refs]
     module = FileFeatures(list(sources), inception=inception, scorer=scorer)
     data = ImageFilesData(

@@ -16,13 +16,14 @@ import sys
 from pathlib import Path
 
 import hydra
-import lightning as L
+from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dalle2.clip.zeroshot import ZeroShotTask  # noqa: E402
 from dalle2.data.datamodule import WebDataModule  # noqa: E402
+from dalle2.io import write_json_atomic  # noqa: E402
 from dalle2.lit.checkpoints import CHECKPOINT_ERRORS  # noqa: E402
 from dalle2.lit.clip_module import load_clip  # noqa: E402
 
@@ -44,16 +45,10 @@ def run(cfg: DictConfig) -> dict:
         tokenizer=tokenizer,
         context_length=module.model.context_length,
     )
-    trainer = L.Trainer(
-        accelerator=cfg.trainer.accelerator,
-        devices=cfg.trainer.devices,
-        precision=cfg.trainer.precision,
-        enable_progress_bar=bool(cfg.trainer.enable_progress_bar),
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-    )
+    trainer = instantiate(cfg.trainer)
     [metrics] = trainer.validate(module, datamodule=dm, verbose=False)
+    if not trainer.is_global_zero:
+        return None  # every rank holds the gathered result; rank 0 writes it
     result = {k.removeprefix("val/zeroshot/"): v for k, v in metrics.items() if k.startswith("val/zeroshot/")}
     for k in ("num_samples", "num_unlabelled", "num_classes"):
         result[k] = int(result.get(k, 0))
@@ -74,6 +69,8 @@ def main(cfg: DictConfig) -> None:
         result = run(cfg)
     except CHECKPOINT_ERRORS as e:  # a refused / wrong-stage / missing checkpoint, a mismatched vocabulary: one line
         raise SystemExit(f"error: {e}") from None
+    if result is None:  # a non-zero rank of a multi-process run
+        return
     if result["num_samples"] == 0:
         raise SystemExit(
             f"error: no sample of {cfg.data.urls} has a class of {cfg.classnames} "
@@ -81,8 +78,7 @@ def main(cfg: DictConfig) -> None:
         )
     text = json.dumps(result, indent=2, sort_keys=True)
     if cfg.out:
-        Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(cfg.out).write_text(text + "\n")
+        write_json_atomic(cfg.out, result)
         print(f"[dalle2] wrote {cfg.out}")
     print(text)
 

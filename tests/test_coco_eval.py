@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 from PIL import Image
 
 from conftest import REPO_ROOT
@@ -24,7 +23,7 @@ from dalle2.metrics.fid import frechet_distance, frechet_distance_from_stats, ga
 from dalle2.metrics.precision_recall import knn_radii, precision_recall
 from dalle2.metrics.resize import clean_resize, inception_input, resize_center_crop
 from helpers.cascade import build_tiny_checkpoints
-from helpers.scripts import load_script
+from helpers.scripts import compose_conf, load_script
 
 SIZES = [(48, 36), (36, 48), (40, 40), (64, 30), (33, 45), (50, 38), (44, 44), (30, 60), (52, 39), (41, 31)]
 N = 8  # captions drawn (of 10 images)
@@ -103,9 +102,7 @@ def overrides(coco: dict, ckpts: dict, out: Path, extra=()) -> list[str]:
 def run_in_process(args: list[str]) -> dict | None:
     """eval/coco_fid.py's ``run(cfg)`` on conf/coco.yaml + ``args`` in this process, with one intra-op thread (as
     each of 2 DDP CPU processes gets on 2 cores: the same float summation order)."""
-    cfg = OmegaConf.load(os.path.join(REPO_ROOT, "conf", "coco.yaml"))
-    cfg.pop("hydra"), cfg.pop("defaults")
-    cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(args))
+    cfg = compose_conf("coco", list(args))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

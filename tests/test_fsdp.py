@@ -239,3 +239,86 @@ def test_a_sharded_index_that_would_run_code_is_refused(tmp_path):
         checkpoint_stage(ckpt)
     with pytest.raises(UntrustedCheckpointError):
         load_checkpoint(ckpt)
+
+
+def test_a_save_killed_while_removing_the_previous_checkpoint_leaves_one_visible(tmp_path, monkeypatch):
+    """A save killed between its renames left only ``last-prev.ckpt``; the next save is killed while deleting: a
+    complete checkpoint is still visible to resume at that moment (the old code deleted ``-prev`` first)."""
+    import shutil
+
+    from dalle2.lit import fsdp
+    from dalle2.lit.checkpoints import run_checkpoints
+
+    ckpts = tmp_path / "checkpoints"
+    fake_sharded(ckpts / "last-prev.ckpt", 2)
+    new = fake_sharded(ckpts / ".last.ckpt.partial", 4)
+    seen = []
+
+    def killed_rmtree(path, *a, **k):  # deletes part of the directory, then the process dies
+        (Path(path) / "meta.pt").unlink()
+        seen.append([(s, p.name) for s, p in run_checkpoints(tmp_path)])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shutil, "rmtree", killed_rmtree)
+    with pytest.raises(KeyboardInterrupt):
+        fsdp.replace_dir(new, ckpts / "last.ckpt")
+    assert seen and seen[0][0] == (4, "last.ckpt")
+    assert [(s, p.name) for s, p in run_checkpoints(tmp_path)][0] == (4, "last.ckpt")
+
+
+def test_fsdp_refuses_a_fractional_val_limit():
+    """Every forward of a sharded network all-gathers: ranks with different val batch counts would hang."""
+    from types import SimpleNamespace
+
+    from dalle2.lit.fsdp import FSDP2Strategy
+
+    strategy = FSDP2Strategy()
+    strategy._lightning_module = SimpleNamespace(trainer=SimpleNamespace(limit_val_batches=1.0))
+    with pytest.raises(ValueError, match="limit_val_batches as an int"):
+        strategy.on_validation_start()
+    strategy._lightning_module = SimpleNamespace(trainer=SimpleNamespace(limit_val_batches=4))
+    strategy.on_validation_start()
+
+
+def _ema_zero2_worker(rank: int, port: int, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from dalle2.lit.fsdp import FSDP2Strategy
+    from dalle2.nn import EMA
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        strategy = FSDP2Strategy(reshard_after_forward=False)
+        strategy._device_mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("data_parallel",))
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        ema = EMA(net, decay=0.9, warmup=0)
+        strategy.shard(net, trainable=True)
+        strategy.shard(ema.module, trainable=False)
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        for _ in range(2):
+            net(torch.randn(3, 4)).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+            with torch.no_grad():
+                ema.module(torch.randn(3, 4))  # a validation forward of the EMA copy
+            ema.update(net)
+        Path(f"{out}.{rank}").write_text("ok")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_ema_copy_reshards_after_its_forward_even_under_zero2(tmp_path):
+    """``reshard_after_forward=false`` (ZeRO-2) for the trained network only: the EMA copy never runs a backward, so
+    FSDP2 would leave its weights gathered after a validation forward, and the next EMA update fails (2 processes)."""
+    import os
+
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "done")
+    mp.spawn(_ema_zero2_worker, args=(29400 + os.getpid() % 500, out), nprocs=2, join=True)
+    assert Path(f"{out}.0").read_text() == Path(f"{out}.1").read_text() == "ok"

@@ -187,8 +187,22 @@ class FSDP2Strategy(ModelParallelStrategy):
             net,
             self.device_mesh["data_parallel"],
             mp_policy=self.mp_policy,
-            reshard_after_forward=self.reshard_after_forward,
+            # a network without a backward pass (the EMA copy) must reshard after its forward: FSDP2 reshards a
+            # reshard_after_forward=False module only in backward, so its weights would stay gathered (and unsharded)
+            reshard_after_forward=self.reshard_after_forward if trainable else True,
         )
+
+    def on_validation_start(self) -> None:
+        # every forward of a sharded network all-gathers: a rank that runs out of val batches first leaves the
+        # others waiting in their next forward. An int limit gives every rank the same count (when each has that
+        # many); a fraction of each rank's own (uneven) share does not.
+        limit = self.lightning_module.trainer.limit_val_batches
+        if isinstance(limit, float) and limit > 0:
+            raise ValueError(
+                f"trainer=fsdp needs trainer.limit_val_batches as an int (got {limit}): every rank must run the same "
+                "number of validation batches, at most what the smallest rank's val shards hold"
+            )
+        super().on_validation_start()
 
     # -- atomic sharded checkpoints -------------------------------------------------------------------------------
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Any | None = None) -> None:
@@ -208,16 +222,26 @@ class FSDP2Strategy(ModelParallelStrategy):
 
 def replace_dir(src: Path, dst: Path) -> None:
     """Put directory ``src`` at ``dst``. An existing ``dst`` (directory or file) is first renamed aside to a name
-    resume still finds (``<stem>-prev<suffix>``) and removed once ``src`` is in place: at every moment one complete
-    checkpoint exists."""
+    resume still finds (``<stem>-prev<suffix>``) and removed once ``src`` is in place; an older ``-prev`` left by a
+    killed save is first renamed to a hidden name. Only hidden names are ever deleted, and only once the new
+    checkpoint is in place: at every moment a complete checkpoint is visible to resume."""
     prev = dst.with_name(f"{dst.stem}-prev{dst.suffix}")
-    if prev.exists():
-        shutil.rmtree(prev) if prev.is_dir() else prev.unlink()
+    trash = dst.with_name(f".{dst.name}.trash")
+    _remove(trash)
     if dst.exists():
+        if prev.exists():
+            os.replace(prev, trash)
         os.replace(dst, prev)
     os.replace(src, dst)
-    if prev.exists():
-        shutil.rmtree(prev) if prev.is_dir() else prev.unlink()
+    _remove(prev)
+    _remove(trash)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
 
 
 def compile_network(net: nn.Module) -> nn.Module:

@@ -127,10 +127,19 @@ def file_list_digest(paths) -> str:
 
 
 def file_sha256(path: str | os.PathLike | None, *, chunk: int = 1 << 22) -> str | None:
-    """The sha256 of a file's bytes (None for None)."""
+    """The sha256 of a file's bytes (None for None).  A directory (a sharded checkpoint) is identified by the sha256
+    of its files' relative paths and sizes and of the bytes of its small files (its index and metadata: they hold the
+    step and the tensors' layout), without reading the shards."""
     if path is None:
         return None
     h = hashlib.sha256()
+    if os.path.isdir(path):
+        for f in sorted(p for p in Path(path).rglob("*") if p.is_file()):
+            size = f.stat().st_size
+            h.update(f"{f.relative_to(path).as_posix()}\0{size}\0".encode())
+            if size <= chunk:
+                h.update(f.read_bytes())
+        return h.hexdigest()
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
