@@ -4,6 +4,7 @@ SIGTERM mid-run saves a checkpoint, exits with the documented code, and the run 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -256,3 +257,42 @@ def test_guard_under_16_mixed_with_a_grad_scaler(tmp_path, nan):
         trainer.fit(m)
         assert trainer.global_step == 12 and guard_cb.skipped >= 3 and guard_cb.consecutive == 0
         assert scaler.get_scale() < 2.0**100  # the scaler did calibrate down
+
+
+def _scaler_count_worker(rank: int, port: int, out: str) -> None:
+    """Rank 1's loss is NaN, rank 0's finite; the step is skipped on both (a global decision). Under a GradScaler
+    only a NaN loss counts towards max_consecutive=1: both ranks must count it, or rank 1 alone would stop."""
+    import os
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from dalle2.lit.fault_tolerance import NonFiniteGuard, NonFiniteLossError
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        guard = NonFiniteGuard(max_consecutive=1, log=False)
+        trainer = SimpleNamespace(
+            world_size=2, precision_plugin=SimpleNamespace(scaler=object()), checkpoint_callback=None
+        )
+        guard._decided = (7, True)
+        loss = torch.tensor(float("nan") if rank == 1 else 1.0)
+        try:
+            guard.on_train_batch_end(trainer, SimpleNamespace(device=torch.device("cpu")), {"loss": loss}, None, 0)
+            outcome = "continued"
+        except NonFiniteLossError:
+            outcome = "stopped"
+        Path(f"{out}.{rank}").write_text(outcome)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_under_a_grad_scaler_every_rank_counts_a_nan_loss_of_any_rank(tmp_path):
+    import os
+
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "outcome")
+    mp.spawn(_scaler_count_worker, args=(29900 + os.getpid() % 500, out), nprocs=2, join=True)
+    assert Path(f"{out}.0").read_text() == Path(f"{out}.1").read_text() == "stopped"

@@ -67,6 +67,10 @@ def last_checkpoint(trainer: L.Trainer) -> str | None:
     return str(files[-1]) if files else None
 
 
+def _distributed(trainer: L.Trainer) -> bool:
+    return trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 class NonFiniteGuard(L.Callback):
     """Skip optimizer steps whose gradients are not finite; stop after ``max_consecutive`` in a row.
 
@@ -116,7 +120,7 @@ class NonFiniteGuard(L.Callback):
             # each rank checks its own shard of a sharded (FSDP2, DTensor) gradient; the all_reduce below combines them
             norms = torch._foreach_norm([local_shard(p.grad) for p in params])
             finite = bool(torch.isfinite(torch.stack([n.float() for n in norms])).all())  # one sync per step
-        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        if _distributed(trainer):
             flag = torch.tensor([1 if finite else 0], device=pl_module.device)
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
             finite = bool(flag.item())
@@ -141,6 +145,12 @@ class NonFiniteGuard(L.Callback):
             loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
             loss_finite = isinstance(loss, torch.Tensor) and bool(torch.isfinite(loss.detach()).all())
             scaler = getattr(trainer.precision_plugin, "scaler", None)
+            if scaler is not None and _distributed(trainer):
+                # every rank reaches this branch (the skip is decided globally): decide the count globally too, or
+                # one rank would stop (NonFiniteLossError) while the others wait for it in their next collective
+                flag = torch.tensor([1 if loss_finite else 0], device=pl_module.device)
+                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+                loss_finite = bool(flag.item())
             if scaler is None or not loss_finite:
                 self.consecutive += 1
                 rank_zero_warn(
