@@ -109,7 +109,10 @@ class SamplingSettings:
     """
 
     prior: StageSettings = field(default_factory=lambda: StageSettings(steps=64, guidance_scale=1.0))
-    decoder: StageSettings = field(default_factory=lambda: StageSettings(steps=50, guidance_scale=3.0))
+    # decoder: DPM-Solver++(2M) 25 steps matches 250 steps on the demo checkpoints (README "Sweeps"), at half 50 DDIM's cost
+    decoder: StageSettings = field(
+        default_factory=lambda: StageSettings(steps=25, sampler="dpmpp_2m", guidance_scale=3.0)
+    )
     upsampler: StageSettings = field(default_factory=lambda: StageSettings(steps=25))
     n_prior_samples: int = 2
     threshold: Literal["static", "dynamic", "none"] = "static"
