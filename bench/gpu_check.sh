@@ -91,10 +91,11 @@ for status in sorted(work.glob("*.status")):
 for name, s in result["steps"].items():  # the headline figures
     r = s.get("result") or {}
     if name.startswith("train_") and "variants" in r:
-        result[name] = {"compile_speedup": r.get("speedup_on_vs_off"),
-                        **{("compiled" if v.get("compile") else "eager"): {k: v.get(k) for k in
-                           ("s_per_step", "samples_per_s", "mfu", "achieved_tflops", "peak_memory_gib")}
-                           for v in r["variants"]}}
+        # train_step.py compare=compile: "variants" keyed by the flag's value ("False" eager, "True" compiled)
+        result[name] = {"compile_speedup": r.get("speedup_on_vs_off"), "peak_memory_gib": r.get("peak_memory_gib"),
+                        **{("compiled" if key in ("True", "true", "1") else "eager"):
+                           {k: v.get(k) for k in ("s_per_step", "samples_per_s", "tflops_per_s", "mfu")}
+                           for key, v in r["variants"].items()}}
 result["sharded_checkpoint"] = (work / "fsdp_ckpt.json").is_file()
 result["ok"] = all(s["rc"] == 0 for s in result["steps"].values())
 pathlib.Path(out).parent.mkdir(parents=True, exist_ok=True)
