@@ -308,6 +308,8 @@ def _ema_zero2_worker(rank: int, port: int, out: str) -> None:
                 ema.module(torch.randn(3, 4))  # a validation forward of the EMA copy
             ema.update(net)
         Path(f"{out}.{rank}").write_text("ok")
+        del net, ema, opt, strategy  # free the sharded modules (and their process-group handles) first
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
