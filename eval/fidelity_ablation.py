@@ -9,7 +9,8 @@ own calibration; JSON and a Markdown table out.
 
 ``run`` (``dalle2.metrics.fidelity.stage_fidelity``): real val images (the ceiling); (a) decoder samples from the
 val images' own CLIP image embeddings; (b) those upsampled by the upsampler and by bicubic; (c) decoder samples
-from the prior's embeddings of the captions; (d) the full pipeline (= (c) upsampled).  ``--sweep``: (d) again on
+from the prior's embeddings of the captions; (d) the full pipeline (= (c) upsampled).  A run without an upsampler
+checkpoint (the 64 px demo decoder) has no (b), and its (d) is (c).  ``--sweep``: (d) again on
 the first ``--sweep-num`` captions (same prior embeddings) for each decoder sampler x steps at the default guidance,
 and each other guidance scale at the default sampler and steps (``--samplers``, ``--steps-list``,
 ``--guidance-list``).  Sampling settings are
@@ -95,10 +96,13 @@ def sweep_settings(a: argparse.Namespace, default: StageSettings) -> list[dict]:
 
 
 def _checkpoints(a: argparse.Namespace) -> dict[str, str]:
+    """The stages' checkpoints; the upsampler is optional (a run without one, e.g. the 64 px demo decoder)."""
     out = {}
     for stage in ("clip", "prior", "decoder", "upsampler"):
         path = getattr(a, stage) or (Path(a.run_dir) / stage / "checkpoints" / "last.ckpt" if a.run_dir else None)
         if path is None or not Path(path).is_file():
+            if stage == "upsampler" and not a.upsampler:
+                continue
             raise SystemExit(f"error: no {stage} checkpoint: give --{stage} or --run-dir (looked for {path})")
         out[stage] = str(path)
     return out
@@ -109,17 +113,16 @@ def run(a: argparse.Namespace) -> dict:
 
     ckpts = _checkpoints(a)
     pipe = UnCLIPPipeline.from_checkpoints(
-        clip=ckpts["clip"], prior=ckpts["prior"], decoder=ckpts["decoder"], upsamplers=[ckpts["upsampler"]]
+        clip=ckpts["clip"], prior=ckpts["prior"], decoder=ckpts["decoder"], upsamplers=ckpts.get("upsampler", [])
     )
     settings = settings_from_args(a)
-    low, high = pipe.sizes[0], pipe.sizes[1]
-    val_low, val_high = (load_val(a.val, image_size=s, num=a.num) for s in (low, high))
+    val_low, *val_high = (load_val(a.val, image_size=s, num=a.num) for s in pipe.sizes[:2])
     t0 = time.perf_counter()
     sweep = sweep_settings(a, settings.decoder) if a.sweep else ()
     rows = stage_fidelity(
         pipe,
         val_low,
-        val_high,
+        val_high[0] if val_high else None,
         settings=settings,
         seed=a.seed,
         batch_size=a.batch_size,

@@ -52,6 +52,26 @@ def test_zero_terminal_snr(kind):
     assert bool((z[1:] <= z[:-1]).all())
 
 
+@pytest.mark.parametrize("kind", ["linear", "cosine", "sigmoid"])
+def test_snr_shift_divides_every_snr_by_its_square(kind):
+    """snr_shift k (simple diffusion): log-SNR lowered by 2 log k at every step; k=1 is the plain schedule; a
+    diffusion built from the stage config carries it (so sampling uses the schedule the model trained on)."""
+    from dalle2.diffusion import build_diffusion
+    from dalle2.diffusion.schedules import log_snr_from_alpha_bar
+
+    ref = Schedule.make(kind, 1000).alphas_cumprod
+    shifted = Schedule.make(kind, 1000, snr_shift=2.0).alphas_cumprod
+    keep = ref < 0.99  # the last steps of cosine are capped at max_beta; compare where neither is saturated
+    keep &= ref > 1e-4
+    gap = log_snr_from_alpha_bar(ref) - log_snr_from_alpha_bar(shifted)
+    torch.testing.assert_close(gap[keep], torch.full_like(gap[keep], 2 * math.log(2.0)))
+    assert torch.equal(Schedule.make(kind, 1000, snr_shift=1.0).alphas_cumprod, ref)
+    built = build_diffusion({"schedule": kind, "snr_shift": 2.0}).schedule.alphas_cumprod
+    torch.testing.assert_close(built.to(shifted.dtype), shifted)
+    with pytest.raises(ValueError, match="snr_shift"):
+        make_betas(kind, 10, snr_shift=0.0)
+
+
 def test_respace_alpha_bar_is_subsampled():
     s = Schedule.make("cosine", 1000)
     ts = respace_timesteps(1000, 37, "uniform")

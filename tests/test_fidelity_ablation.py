@@ -34,11 +34,12 @@ def val64(tmp_path_factory):
     return urls["val"]
 
 
-def _oracle_pipeline(val_low: dict) -> UnCLIPPipeline:
+def _oracle_pipeline(val_low: dict, upsampler: bool = True) -> UnCLIPPipeline:
     """A cascade whose decoder returns the val image whose CLIP embedding is nearest (a perfect decoder) and whose
-    upsampler is bicubic."""
+    upsampler (if any) is bicubic."""
     m = tiny_cascade_modules_32()
-    pipe = UnCLIPPipeline(clip=m["clip"], prior=m["prior"], decoder=m["decoder"], upsamplers=[m["upsampler"]])
+    ups = [m["upsampler"]] if upsampler else []
+    pipe = UnCLIPPipeline(clip=m["clip"], prior=m["prior"], decoder=m["decoder"], upsamplers=ups)
     bank_img = val_low["image"].float()
     bank_emb = pipe.encode_images((bank_img + 1) / 2)
 
@@ -48,7 +49,9 @@ def _oracle_pipeline(val_low: dict) -> UnCLIPPipeline:
     def bicubic(low, **kw):
         return F.interpolate(low.float(), scale_factor=2, mode="bicubic", align_corners=False).clamp(-1, 1)
 
-    pipe.decoder.sample, pipe.upsamplers[0].upsample = oracle, bicubic
+    pipe.decoder.sample = oracle
+    if upsampler:
+        pipe.upsamplers[0].upsample = bicubic
     return pipe
 
 
@@ -93,6 +96,20 @@ def test_stage_rows_oracle_decoder_bicubic_upsampler_and_batch_size(val64):
         stage_fidelity(pipe, val_low, load_val(val64, image_size=64, num=6), settings=FAST)
     table = fidelity_table(rows)
     assert table.count("\n") == len(rows) + 1 and "| a | decoder <- true CLIP image embedding | 32 |" in table
+
+
+def test_a_cascade_without_upsampler_has_no_b_and_its_full_pipeline_is_c(val64):
+    """The 64 px demo decoder has no upsampler: (a), (c), and (d) = (c)'s images; the sweep scores decoder samples."""
+    val_low = load_val(val64, image_size=32, num=12)
+    pipe = _oracle_pipeline(val_low, upsampler=False)
+    sweep = [{"guidance_scale": 1.0}]
+    rows = stage_fidelity(pipe, val_low, None, settings=FAST, sweep=sweep, sweep_num=5, log=lambda *a: None)
+    assert [(r["stage"], r["size"]) for r in rows] == [("real", 32), ("a", 32), ("c", 32), ("d", 32), ("sweep", 32)]
+    assert _scores(rows[1]) == _scores(rows[0])  # the oracle decoder
+    assert _scores(rows[3]) == _scores(rows[2]) and rows[3]["what"] == "full pipeline = (c) (no upsampler)"
+    assert rows[4]["strict/accuracy"] == rows[4]["decoder_strict"]  # nothing after the decoder
+    with pytest.raises(ValueError, match="exactly when the pipeline has an upsampler"):
+        stage_fidelity(pipe, val_low, load_val(val64, image_size=64, num=12), settings=FAST)
 
 
 @pytest.mark.slow

@@ -357,3 +357,34 @@ def test_tiny_presets_forward():
     sr = unet_from_preset("tiny_sr32_64")
     out = sr(torch.randn(1, 3, 64, 64), T[:1], lowres_image=torch.randn(1, 3, 32, 32), lowres_aug_level=torch.zeros(1))
     assert out.shape == (1, 3, 64, 64)
+
+
+# ------------------------------------------------------------------------------------------------ patch_size (64 px)
+
+
+def test_patch_size_runs_the_network_at_a_quarter_of_the_pixels():
+    """patch_size 2: a 64 px picture goes through the UNet's levels at 32 px (pixel unshuffle / shuffle at the ends),
+    with tiny32's parameters but for the wider input/output convs, and every output pixel has its own value."""
+    net = randomize_zeros(tiny_base(patch_size=2))
+    seen = []
+    net.down[0].register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape[-2:])))
+    out = net(torch.randn(B, 3, 64, 64), T, **base_cond())
+    assert out.shape == (B, 3, 64, 64) and seen == [(32, 32)]
+    assert net.downsample_factor == 4
+    # the four pixels of a 2 x 2 patch are predicted separately, not one value repeated
+    assert (out[..., 0::2, 0::2] - out[..., 1::2, 1::2]).abs().min() > 0
+    extra = sum(m.weight.numel() + m.bias.numel() for m in (net.input_conv, net.out[-1]))
+    plain = tiny_base()
+    extra_plain = sum(m.weight.numel() + m.bias.numel() for m in (plain.input_conv, plain.out[-1]))
+    assert count_parameters(net) - extra == count_parameters(plain) - extra_plain
+    with pytest.raises(ValueError, match=r"divisible by 4 \(patch_size"):
+        net(torch.randn(B, 3, 34, 34), T, **base_cond())
+    with pytest.raises(ValueError, match="patch_size"):
+        tiny_base(patch_size=0)
+
+
+def test_patch_size_gradients_reach_every_parameter():
+    net = randomize_zeros(tiny_base(patch_size=2, coord_input=True)).train()
+    drops = dict(drop_image_embed=torch.tensor([False, True]), drop_text=torch.tensor([True, False]))
+    missing, zero = _all_grads_nonzero(net, net(torch.randn(B, 3, 16, 16), T, **base_cond(), **drops).square().mean())
+    assert not missing and not zero, (missing, zero)

@@ -371,11 +371,13 @@ class GaussianDiffusion:
 
 
 def build_diffusion(config: Mapping[str, Any] | None) -> GaussianDiffusion:
-    """``{"schedule": "cosine", "num_timesteps": 1000, "zero_terminal_snr": False, "objective": ..., ...}`` ->
+    """``{"schedule": "cosine", "num_timesteps": 1000, "zero_terminal_snr": False, "snr_shift": 1, "objective": ...}`` ->
     ``GaussianDiffusion``; keys other than the schedule's go to ``GaussianDiffusion`` as they are (the ``diffusion``
     hyperparameter of every diffusion stage)."""
     cfg = dict(config or {})
     kind = cfg.pop("schedule", "cosine")
     steps = int(cfg.pop("num_timesteps", 1000))
     zero_terminal_snr = bool(cfg.pop("zero_terminal_snr", False))
-    return GaussianDiffusion(schedule=Schedule.make(kind, steps, zero_terminal_snr=zero_terminal_snr), **cfg)
+    snr_shift = float(cfg.pop("snr_shift", 1.0))
+    schedule = Schedule.make(kind, steps, zero_terminal_snr=zero_terminal_snr, snr_shift=snr_shift)
+    return GaussianDiffusion(schedule=schedule, **cfg)

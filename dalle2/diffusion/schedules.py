@@ -74,6 +74,7 @@ def make_betas(
     sigmoid_end: float = 3.0,
     sigmoid_tau: float = 1.0,
     max_beta: float = 0.999,
+    snr_shift: float = 1.0,
 ) -> torch.Tensor:
     """Betas ``(num_timesteps,)`` in float64.
 
@@ -81,8 +82,13 @@ def make_betas(
       multiplied by ``1000 / T`` so that any T has the same total noise as T=1000 (guided-diffusion); capped.
     - ``cosine``: Nichol & Dhariwal 2021, ``abar(u) = cos((u + s)/(1 + s) * pi/2)^2``, betas capped at ``max_beta``.
     - ``sigmoid``: Chen 2023 / Jabri et al., ``abar(u)`` from a sigmoid over ``[start, end] / tau``, capped.
+    - ``snr_shift`` = ``k``: every SNR divided by ``k**2`` (log-SNR shifted by ``-2 log k``; Hoogeboom et al. 2023,
+      "simple diffusion").  A picture of ``k`` times the side has ``k**2`` times the pixels per feature, so the same
+      noise hides it less: ``k = 2`` gives a 64 px model the 32 px schedule's noise on the picture's large shapes.
     - ``zero_terminal_snr``: rescale afterwards (:func:`rescale_zero_terminal_snr`).
     """
+    if snr_shift <= 0:
+        raise ValueError(f"snr_shift must be > 0, got {snr_shift}")
     if num_timesteps < 1:
         raise ValueError(f"num_timesteps must be >= 1, got {num_timesteps}")
     T = num_timesteps
@@ -98,6 +104,9 @@ def make_betas(
         betas = (1.0 - f[1:] / f[:-1]).clamp(min=0.0, max=max_beta)
     else:
         raise ValueError(f"unknown schedule kind {kind!r}; expected 'linear', 'cosine' or 'sigmoid'")
+    if snr_shift != 1.0:  # abar' = snr' / (1 + snr') with snr' = snr / k^2, written without dividing by 1 - abar
+        abar = torch.cumprod(1.0 - betas, dim=0)
+        betas = betas_from_alphas_cumprod(abar / (abar + snr_shift**2 * (1.0 - abar))).clamp(max=max_beta)
     if zero_terminal_snr:
         betas = rescale_zero_terminal_snr(betas)
     return betas

@@ -155,7 +155,7 @@ def _row(stage: str, what: str, images01: Tensor, attrs: list[dict], seconds: fl
 def stage_fidelity(
     pipe: UnCLIPPipeline,
     val_low: dict,
-    val_high: dict,
+    val_high: dict | None,
     *,
     settings: SamplingSettings | None = None,
     sweep: Sequence[dict] = (),
@@ -165,21 +165,21 @@ def stage_fidelity(
     log=print,
 ) -> list[dict]:
     """Rows of strict / lenient scores per stage (see the module docstring).  ``val_low`` / ``val_high``:
-    :func:`load_val` dicts of the same samples at the decoder's and the upsampler's size; ``sweep``: decoder
+    :func:`load_val` dicts of the same samples at the decoder's and the upsampler's size (``val_high`` None for a
+    pipeline without upsampler: no (b), and (d) is (c)'s images, the cascade's output); ``sweep``: decoder
     settings for ``d``, e.g. ``{"sampler": "dpmpp_2m", "steps": 25}`` (fields of ``StageSettings``), each on the
     first ``sweep_num`` captions (default all) with their prior embeddings of ``c``."""
-    if not pipe.upsamplers or pipe.prior is None:
-        raise ValueError("stage_fidelity needs a pipeline with a prior and an upsampler")
+    if pipe.prior is None:
+        raise ValueError("stage_fidelity needs a pipeline with a prior")
+    upsampled = bool(pipe.upsamplers)
+    if upsampled != (val_high is not None):
+        raise ValueError("val_high must be given exactly when the pipeline has an upsampler")
     settings = settings or SamplingSettings()
     captions = list(val_low["caption"])
-    if list(val_high["caption"]) != captions:
+    if upsampled and list(val_high["caption"]) != captions:
         raise ValueError("val_low and val_high must hold the same samples in the same order")
     attrs = [parse_caption(c) for c in captions]
-    hi = int(pipe.sizes[1])
-    rows = [
-        _row("real", "val images", (val_low["image"].float() + 1) / 2, attrs),
-        _row("real", "val images", (val_high["image"].float() + 1) / 2, attrs),
-    ]
+    rows = [_row("real", "val images", (v["image"].float() + 1) / 2, attrs) for v in (val_low, val_high) if v]
     log(f"[fidelity] {len(captions)} captions; real images scored")
 
     def timed(fn):
@@ -204,13 +204,13 @@ def stage_fidelity(
     )
     dec_true, t = timed(lambda: _decode(pipe, emb_true, dec_text, settings, seed, batch_size))
     rows.append(_row("a", "decoder <- true CLIP image embedding", dec_true, attrs, t))
-    up_true, t = timed(lambda: _upsample(pipe, dec_true, settings, seed, batch_size))
-    rows.append(_row("b", "(a) + upsampler", up_true, attrs, t))
-    rows.append(_row("b", "(a) + bicubic", _bicubic(dec_true, hi), attrs))
-    log(
-        f"[fidelity] (a) strict {rows[-3]['strict/accuracy']:.3f}, (b) upsampler {rows[-2]['strict/accuracy']:.3f} "
-        f"vs bicubic {rows[-1]['strict/accuracy']:.3f}"
-    )
+    log(f"[fidelity] (a) strict {rows[-1]['strict/accuracy']:.3f}")
+    if upsampled:
+        hi = int(pipe.sizes[1])
+        up_true, t = timed(lambda: _upsample(pipe, dec_true, settings, seed, batch_size))
+        rows.append(_row("b", "(a) + upsampler", up_true, attrs, t))
+        rows.append(_row("b", "(a) + bicubic", _bicubic(dec_true, hi), attrs))
+        log(f"[fidelity] (b) upsampler {rows[-2]['strict/accuracy']:.3f} vs bicubic {rows[-1]['strict/accuracy']:.3f}")
     # (c) + (d): from the prior's embeddings of the captions
     emb_prior, t_prior = timed(
         lambda: torch.cat(
@@ -227,18 +227,22 @@ def stage_fidelity(
     )
     cos = float(F.cosine_similarity(emb_prior, emb_true, dim=-1).mean())
     dec_prior, t = timed(lambda: _decode(pipe, emb_prior, dec_text, settings, seed, batch_size))
-    rows.append(_row("c", "decoder <- prior embedding", dec_prior, attrs, t + t_prior, prior_cos_true=round(cos, 4)))
-    up_prior, t = timed(lambda: _upsample(pipe, dec_prior, settings, seed, batch_size))
-    rows.append(_row("d", "full pipeline (c) + upsampler", up_prior, attrs, t))
-    rows.append(_row("d", "(c) + bicubic", _bicubic(dec_prior, hi), attrs))
-    log(f"[fidelity] (c) strict {rows[-3]['strict/accuracy']:.3f}, (d) {rows[-2]['strict/accuracy']:.3f}")
+    row_c = _row("c", "decoder <- prior embedding", dec_prior, attrs, t + t_prior, prior_cos_true=round(cos, 4))
+    if upsampled:
+        up_prior, t = timed(lambda: _upsample(pipe, dec_prior, settings, seed, batch_size))
+        row_d = _row("d", "full pipeline (c) + upsampler", up_prior, attrs, t)
+        rows += [row_c, row_d, _row("d", "(c) + bicubic", _bicubic(dec_prior, hi), attrs)]
+    else:
+        row_d = {**row_c, "stage": "d", "what": "full pipeline = (c) (no upsampler)"}
+        rows += [row_c, row_d]
+    log(f"[fidelity] (c) strict {row_c['strict/accuracy']:.3f}, (d) {row_d['strict/accuracy']:.3f}")
     m = len(captions) if sweep_num is None else min(int(sweep_num), len(captions))
     sub_text = {k: v[:m] for k, v in dec_text.items()} if dec_text is not None else None
     for change in sweep:
         dec = dataclasses.replace(settings.decoder, **change)
         st = dataclasses.replace(settings, decoder=dec)
         low, t1 = timed(lambda: _decode(pipe, emb_prior[:m], sub_text, st, seed, batch_size))
-        up, t2 = timed(lambda: _upsample(pipe, low, st, seed, batch_size))
+        up, t2 = timed(lambda: _upsample(pipe, low, st, seed, batch_size)) if upsampled else (low, 0.0)
         label = f"{dec.sampler}, {dec.steps} steps, guidance {dec.guidance_scale:g}"
         rows.append(
             _row(
