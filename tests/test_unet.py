@@ -388,3 +388,15 @@ def test_patch_size_gradients_reach_every_parameter():
     drops = dict(drop_image_embed=torch.tensor([False, True]), drop_text=torch.tensor([True, False]))
     missing, zero = _all_grads_nonzero(net, net(torch.randn(B, 3, 16, 16), T, **base_cond(), **drops).square().mean())
     assert not missing and not zero, (missing, zero)
+
+
+def test_tiny64_preset_is_tiny32_behind_a_64_px_level():
+    """tiny64: the levels below 64 px have tiny32's widths (32, 64, 64 channels at 32, 16, 8 px)."""
+    from dalle2.presets import load_preset
+
+    p64, p32 = load_preset("decoder", "tiny64"), load_preset("decoder", "tiny32")
+    widths = lambda p: [p["model_channels"] * m for m in p["channel_mult"]]  # noqa: E731
+    assert widths(p64)[1:] == widths(p32)
+    net = unet_from_preset("tiny64", clip_dim=CLIP)
+    assert count_parameters(net) <= 1.1 * count_parameters(unet_from_preset("tiny32", clip_dim=CLIP))
+    assert net(torch.randn(1, 3, 64, 64), T[:1], image_embed=torch.randn(1, CLIP)).shape == (1, 3, 64, 64)
