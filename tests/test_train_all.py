@@ -151,6 +151,19 @@ def test_dry_run_plans_every_stage_with_the_right_inputs(tmp_path, capsys):
     assert "task=samples" in argv["evaluate"][0] and f"samples={tmp_path}/sample" in argv["evaluate"][0]
 
 
+def test_demo64_plans_a_64_px_decoder_and_no_upsampler(tmp_path):
+    cfg = compose(["experiment=demo64", f"out_dir={tmp_path}", "dry_run=true", "report=false"])
+    summary = run(cfg)
+    assert [s for s in STAGES if summary.get(s, {}).get("status") == "would run"] == [
+        s for s in STAGES if s != "upsampler"
+    ]
+    plan = train_all.Plan(cfg)
+    decoder, sample = plan.build("decoder").commands[0], plan.build("sample").commands[0]
+    assert "experiment=decoder_tiny64" in decoder and "trainer.max_steps=3000" in decoder
+    assert "trainer.max_steps=600" in plan.build("clip").commands[0]  # the rest is the demo's
+    assert "ckpt.upsamplers=[]" in sample
+
+
 def test_unknown_stage_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="unknown stages.*'decodr'"):
         run(compose([f"out_dir={tmp_path}", "stages=[clip,decodr]", "dry_run=true"]))
