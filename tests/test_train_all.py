@@ -159,7 +159,7 @@ def test_demo64_plans_a_64_px_decoder_and_no_upsampler(tmp_path):
     ]
     plan = train_all.Plan(cfg)
     decoder, sample = plan.build("decoder").commands[0], plan.build("sample").commands[0]
-    assert "experiment=decoder_tiny64" in decoder and "trainer.max_steps=3000" in decoder
+    assert "experiment=decoder_tiny64" in decoder and "trainer.max_steps=4500" in decoder
     assert "trainer.max_steps=600" in plan.build("clip").commands[0]  # the rest is the demo's
     assert "ckpt.upsamplers=[]" in sample
 
