@@ -18,7 +18,7 @@ trained decoder does not manage (it puts every object in the centre; see README 
 ``patch_size=p`` (1 by default; not in the paper, "simple diffusion"'s patching, Hoogeboom et al. 2023) runs the whole
 UNet at ``H / p``: the input conv reads each ``p x p`` patch as ``p * p * C`` channels (pixel unshuffle) and the output
 conv predicts them back (pixel shuffle).  A 64 px base decoder then costs about what a 32 px one does, and draws edges
-at 64 px precision (README "A recipe that gets there").
+at 64 px precision (README "Where fidelity is lost").
 
 Classifier-free guidance: where ``drop_image_embed`` / ``drop_text`` is True the image embedding (its time-embedding
 term and its tokens) / the text (its tokens and pooled embedding) are replaced by LEARNED null embeddings.  A dropped
@@ -162,8 +162,7 @@ class UNet(nn.Module):
             return PixelAttention(ch, head_channels=head_channels, context_dim=self.cond_dim)
 
         input_channels = in_channels * (2 if lowres_cond else 1) + (2 if coord_input else 0)
-        # patch_size p > 1: the network runs at H/p; the input conv sees each p x p patch as p*p*C channels and the
-        # output conv predicts them back (pixel unshuffle / shuffle), so a 64 px image costs about a 32 px one
+        # patch_size: see the module docstring (pixel unshuffle in, pixel shuffle out)
         self.input_conv = nn.Conv2d(input_channels * patch_size**2, model_channels, 3, padding=1)
         self.down = nn.ModuleList()
         skip_channels, ch = [model_channels], model_channels
