@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from conftest import REPO_ROOT
+from helpers.scripts import compose_conf
 
 
 def load_script(name: str):
@@ -81,8 +82,21 @@ def test_flatten_and_stage_overrides_win():
         "callbacks": {},
     }
     out = overrides({"data.train_urls": "shared.tar", "hydra.run.dir": "/o/clip"}, section)
-    assert out[:2] == ["data.train_urls=mine.tar", "hydra.run.dir=/o/clip"]
-    assert "trainer.max_steps=5" in out and "experiment=clip_tiny" in out
+    assert out[:2] == ["++data.train_urls=mine.tar", "hydra.run.dir=/o/clip"]
+    assert "++trainer.max_steps=5" in out and "experiment=clip_tiny" in out and "callbacks={}" in out
+
+
+def test_a_stage_section_can_add_keys_its_config_lacks():
+    # swapping a stage's scheduler needs that scheduler's own arguments (keys the stage config does not have)
+    section = {
+        "experiment": "decoder_tiny",
+        "scheduler": {"_target_": "dalle2.lit.optim.warmup_cosine", "total_steps": 100},
+        "trainer": {"max_steps": 100},
+    }
+    cfg = compose_conf("config", overrides({"clip_ckpt": "c.ckpt"}, section))
+    assert cfg.scheduler._target_ == "dalle2.lit.optim.warmup_cosine"
+    assert cfg.scheduler.total_steps == 100 and cfg.scheduler.warmup_steps == 50
+    assert cfg.trainer.max_steps == 100 and cfg.clip_ckpt == "c.ckpt"
 
 
 def test_cli_stage_overrides_become_stage_settings():
@@ -111,7 +125,7 @@ def test_cli_stage_overrides_become_stage_settings():
     assert cfg.decoder.module.use_text is True and cfg.decoder.groups.trainer == "gpu"
     argv = train_all.Plan(cfg).build("decoder").commands[0]
     demo_steps = cfg.decoder.trainer.max_steps  # conf/train_all/experiment/demo.yaml's, passed through
-    assert "trainer=gpu" in argv and f"trainer.max_steps={demo_steps}" in argv and "experiment=decoder_tiny" in argv
+    assert "trainer=gpu" in argv and f"++trainer.max_steps={demo_steps}" in argv and "experiment=decoder_tiny" in argv
     assert list(cfg.stages) == ["clip", "decoder"]
 
 
@@ -145,7 +159,7 @@ def test_dry_run_plans_every_stage_with_the_right_inputs(tmp_path, capsys):
     emb = f"data.train_urls='{tmp_path}/embeddings/train/{{00000..00003}}.tar'"
     assert emb in argv["prior"][0] and emb in argv["decoder"][0] and "data.load_embeddings=true" in argv["decoder"][0]
     assert "data.train_urls='/d/train/{00000..00003}.tar'" in argv["clip"][0] + argv["upsampler"][0]
-    assert "trainer.max_steps=600" in argv["clip"][0] and "experiment=decoder_tiny" in argv["decoder"][0]
+    assert "++trainer.max_steps=600" in argv["clip"][0] and "experiment=decoder_tiny" in argv["decoder"][0]
     assert f"out_dir={tmp_path}/embeddings/val" in argv["embeddings"][1]
     assert f"ckpt.upsamplers=[{tmp_path}/upsampler/checkpoints/last.ckpt]" in argv["sample"][0]
     assert "task=samples" in argv["evaluate"][0] and f"samples={tmp_path}/sample" in argv["evaluate"][0]
@@ -159,8 +173,8 @@ def test_demo64_plans_a_64_px_decoder_and_no_upsampler(tmp_path):
     ]
     plan = train_all.Plan(cfg)
     decoder, sample = plan.build("decoder").commands[0], plan.build("sample").commands[0]
-    assert "experiment=decoder_tiny64" in decoder and "trainer.max_steps=4500" in decoder
-    assert "trainer.max_steps=600" in plan.build("clip").commands[0]  # the rest is the demo's
+    assert "experiment=decoder_tiny64" in decoder and "++trainer.max_steps=4500" in decoder
+    assert "++trainer.max_steps=600" in plan.build("clip").commands[0]  # the rest is the demo's
     assert "ckpt.upsamplers=[]" in sample
 
 

@@ -121,10 +121,14 @@ def overrides(defaults: dict[str, object], section: dict) -> list[str]:
     """
     section = dict(section)
     groups = section.pop("groups", None) or {}
-    merged = dict(defaults)
-    merged.update(flatten(section))
-    merged.update(groups)
-    return [f"{k}={format_value(v)}" for k, v in merged.items()]
+    merged = {k: (k, v) for k, v in defaults.items()}
+    for k, v in flatten(section).items():
+        # a key of the stage's config: ``++`` sets it whether or not the config has it yet (a new scheduler's
+        # ``total_steps``); a config-group choice (``experiment``, ``trainer``) and ``hydra.*`` stay plain
+        plain = k in TRAIN_GROUPS or k.startswith("hydra.")
+        merged[k] = (k if plain else f"++{k}", v)
+    merged.update({k: (k, v) for k, v in groups.items()})
+    return [f"{name}={format_value(v)}" for name, v in merged.values()]
 
 
 def stage_override_argv(argv: list[str]) -> list[str]:
