@@ -30,7 +30,7 @@ class FakeStages:
 
     def __call__(self, stage, *, cwd):
         argv = stage.commands[0]
-        opts = dict(a.split("=", 1) for a in argv[2:] if "=" in a)
+        opts = dict(a.lstrip("+").split("=", 1) for a in argv[2:] if "=" in a)  # ++key=value: a stage key
         last = self.out / stage.name / "checkpoints" / "last.ckpt"
         found = torch.load(last, weights_only=True)["global_step"] if last.exists() else None
         self.calls.append({"stage": stage.name, "argv": list(argv), "found_step": found})

@@ -399,11 +399,12 @@ EXTENDS = re.compile(r"^trainer\.(max_steps|max_epochs|max_time)$")  # a finishe
 
 def identity(commands: list[list[str]]) -> list[dict]:
     """What a stage's commands mean, independent of the interpreter and of where the checkout lies: per command
-    the script (``train/train.py``) and its overrides as ``{key: value}``."""
+    the script (``train/train.py``) and its overrides as ``{key: value}`` (``++key`` and ``key`` are one key: runs
+    recorded before stage keys were passed as ``++key=value`` compare equal)."""
     out = []
     for argv in commands:
         script = Path(argv[1])
-        pairs = (a.split("=", 1) for a in argv[2:] if "=" in a)
+        pairs = (a.lstrip("+").split("=", 1) for a in argv[2:] if "=" in a)
         out.append({"script": f"{script.parent.name}/{script.name}", "overrides": {k: v for k, v in pairs}})
     return out
 
