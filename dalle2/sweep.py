@@ -81,7 +81,7 @@ def gather(multirun_dir: str | Path) -> list[dict]:
             overrides, settings = data.get("overrides") or _overrides(job), data.get("settings")
         else:
             metrics, status, step, overrides = _last_csv_values(job), "unfinished", None, _overrides(job)
-        pairs = dict(o.split("=", 1) for o in overrides if "=" in o)
+        pairs = dict(o.lstrip("+").split("=", 1) for o in overrides if "=" in o)  # +key / ++key: the key
         rows.append(
             {
                 "job": job.name,

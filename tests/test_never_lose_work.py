@@ -144,3 +144,24 @@ def test_atomic_checkpoint_writes_stay_when_the_user_gives_trainer_plugins():
         "TorchCheckpointIO"
     ]  # a checkpoint IO of the user's own is respected
     assert [type(p).__name__ for p in build_plugins(OmegaConf.create({"trainer": {}}))] == ["AtomicCheckpointIO"]
+
+
+def test_a_run_dir_moved_or_copied_resumes_into_its_own_last_ckpt(tmp_path):
+    # A run copied to another disk (or renamed) and resumed there: Lightning restored the old dir's checkpoint
+    # bookkeeping and wrote last-v1.ckpt beside the copied last.ckpt, so every reader of checkpoints/last.ckpt
+    # (train_all's later stages, export, the pipeline) went on reading the stale step.
+    import shutil
+
+    fit(tmp_path / "a", 4)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(tmp_path / "a")
+    fit(tmp_path / "b", 8, ckpt_path=resolve_ckpt_path("last", tmp_path / "b"))
+    ckpts = tmp_path / "b" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == [
+        "last.ckpt",
+        "step_0000002.ckpt",
+        "step_0000004.ckpt",
+        "step_0000006.ckpt",
+        "step_0000008.ckpt",
+    ]
+    assert step_of(ckpts / "last.ckpt") == 8

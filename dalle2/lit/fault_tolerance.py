@@ -314,11 +314,16 @@ class RunCheckpoint(ModelCheckpoint):
     * The final step is always in ``last.ckpt``: Lightning skips its end-of-training save once any ``last`` was
       written, so a run whose ``max_steps`` is not a multiple of ``every_n_train_steps`` would end with a stale
       ``last.ckpt``.
+    * A run dir that was moved or copied resumes into its own ``last.ckpt``: no version counter, which made
+      Lightning write ``last-v1.ckpt`` beside the copied ``last.ckpt`` (its restored state named the old dir) and
+      left every reader of ``last.ckpt`` on the stale step.  A new run never starts in a used dir
+      (``resolve_ckpt_path``), so nothing of another run is overwritten.
     """
 
     def __init__(self, *, keep_last: int = -1, monitor: str | None = None, mode: str = "max", **kwargs: Any) -> None:
         if monitor is None and keep_last != -1:
             monitor, mode = "step", "max"
+        kwargs.setdefault("enable_version_counter", False)
         super().__init__(monitor=monitor, mode=mode, save_top_k=keep_last, **kwargs)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
