@@ -22,6 +22,7 @@ from pathlib import Path
 
 __all__ = [
     "gather",
+    "override_pairs",
     "table",
     "markdown",
     "write_csv",
@@ -30,6 +31,12 @@ __all__ = [
     "plot_steps",
     "SAMPLING_COLUMNS",
 ]
+
+
+def override_pairs(overrides: Sequence[str]) -> dict[str, str]:
+    """Hydra command-line overrides as ``{key: value}`` text; ``+key`` / ``++key`` (add / force-add) are the key
+    (what train_all and a sweep compare runs by)."""
+    return dict(o.lstrip("+").split("=", 1) for o in overrides if "=" in o)
 
 
 def _overrides(job: Path) -> list[str]:
@@ -81,7 +88,7 @@ def gather(multirun_dir: str | Path) -> list[dict]:
             overrides, settings = data.get("overrides") or _overrides(job), data.get("settings")
         else:
             metrics, status, step, overrides = _last_csv_values(job), "unfinished", None, _overrides(job)
-        pairs = dict(o.lstrip("+").split("=", 1) for o in overrides if "=" in o)  # +key / ++key: the key
+        pairs = override_pairs(overrides)
         rows.append(
             {
                 "job": job.name,

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from dalle2.sweep import override_pairs
 from helpers.scripts import compose_train_all, load_script
 
 train_all = load_script("train", "train_all")
@@ -30,7 +31,7 @@ class FakeStages:
 
     def __call__(self, stage, *, cwd):
         argv = stage.commands[0]
-        opts = dict(a.lstrip("+").split("=", 1) for a in argv[2:] if "=" in a)  # ++key=value: a stage key
+        opts = override_pairs(argv[2:])  # ++key=value: a stage key
         last = self.out / stage.name / "checkpoints" / "last.ckpt"
         found = torch.load(last, weights_only=True)["global_step"] if last.exists() else None
         self.calls.append({"stage": stage.name, "argv": list(argv), "found_step": found})

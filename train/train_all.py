@@ -46,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 from dalle2.io import atomic_write, write_json_atomic  # noqa: E402
 from dalle2.lit.checkpoints import run_checkpoints  # noqa: E402
+from dalle2.sweep import override_pairs  # noqa: E402
 
 STAGES = ("clip", "retrieval", "embeddings", "prior", "decoder", "upsampler", "sample", "evaluate")
 TRAINED = ("clip", "prior", "decoder", "upsampler")  # stages that end in checkpoints/last.ckpt
@@ -404,8 +405,7 @@ def identity(commands: list[list[str]]) -> list[dict]:
     out = []
     for argv in commands:
         script = Path(argv[1])
-        pairs = (a.lstrip("+").split("=", 1) for a in argv[2:] if "=" in a)
-        out.append({"script": f"{script.parent.name}/{script.name}", "overrides": {k: v for k, v in pairs}})
+        out.append({"script": f"{script.parent.name}/{script.name}", "overrides": override_pairs(argv[2:])})
     return out
 
 
