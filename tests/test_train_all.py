@@ -125,7 +125,11 @@ def test_cli_stage_overrides_become_stage_settings():
     assert cfg.decoder.module.use_text is True and cfg.decoder.groups.trainer == "gpu"
     argv = train_all.Plan(cfg).build("decoder").commands[0]
     demo_steps = cfg.decoder.trainer.max_steps  # conf/train_all/experiment/demo.yaml's, passed through
-    assert "trainer=gpu" in argv and f"++trainer.max_steps={demo_steps}" in argv and "experiment=decoder_tiny" in argv
+    assert (
+        "trainer=gpu" in argv
+        and f"++trainer.max_steps={demo_steps}" in argv
+        and "experiment=decoder_tiny64_lite" in argv
+    )
     assert list(cfg.stages) == ["clip", "decoder"]
 
 
@@ -141,7 +145,7 @@ def test_embedding_urls_mirror_the_input_shards(tmp_path):
 def test_dry_run_plans_every_stage_with_the_right_inputs(tmp_path, capsys):
     cfg = compose(
         [
-            "experiment=demo",
+            "experiment=demo_cascade",
             f"out_dir={tmp_path}",
             "dry_run=true",
             "report=false",
@@ -163,6 +167,18 @@ def test_dry_run_plans_every_stage_with_the_right_inputs(tmp_path, capsys):
     assert f"out_dir={tmp_path}/embeddings/val" in argv["embeddings"][1]
     assert f"ckpt.upsamplers=[{tmp_path}/upsampler/checkpoints/last.ckpt]" in argv["sample"][0]
     assert "task=samples" in argv["evaluate"][0] and f"samples={tmp_path}/sample" in argv["evaluate"][0]
+
+
+def test_demo_plans_a_bf16_64_px_decoder_and_no_upsampler(tmp_path):
+    cfg = compose(["experiment=demo", f"out_dir={tmp_path}", "dry_run=true", "report=false"])
+    summary = run(cfg)
+    assert [s for s in STAGES if summary.get(s, {}).get("status") == "would run"] == [
+        s for s in STAGES if s != "upsampler"
+    ]
+    plan = train_all.Plan(cfg)
+    decoder, clip = plan.build("decoder").commands[0], plan.build("clip").commands[0]
+    assert "experiment=decoder_tiny64_lite" in decoder and "++trainer.precision=bf16-mixed-if-native" in clip
+    assert "ckpt.upsamplers=[]" in plan.build("sample").commands[0]
 
 
 def test_demo64_plans_a_64_px_decoder_and_no_upsampler(tmp_path):

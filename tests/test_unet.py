@@ -400,3 +400,35 @@ def test_tiny64_preset_is_tiny32_behind_a_64_px_level():
     net = unet_from_preset("tiny64", clip_dim=CLIP)
     assert count_parameters(net) <= 1.1 * count_parameters(unet_from_preset("tiny32", clip_dim=CLIP))
     assert net(torch.randn(1, 3, 64, 64), T[:1], image_embed=torch.randn(1, CLIP)).shape == (1, 3, 64, 64)
+
+
+# ------------------------------------------------------------------------------------------------ narrow_upsample
+
+
+def test_narrow_upsample_hands_each_level_its_own_width():
+    """narrow_upsample: each up-path upsampling conv writes the width of the level it enters, so the full-resolution
+    level's up blocks read (16 + 16) channels, not (32 + 16); fewer parameters, same output, gradients everywhere."""
+    wide, narrow = tiny_base(channel_mult=(1, 2, 2)), tiny_base(channel_mult=(1, 2, 2), narrow_upsample=True)
+    conv_in = lambda net: [m.in_channels for m in net.up.modules() if isinstance(m, torch.nn.Conv2d)]  # noqa: E731
+    ups = lambda net: [m.conv.out_channels for m in net.up.modules() if type(m).__name__ == "Upsample"]  # noqa: E731
+    assert ups(wide) == [32, 32] and ups(narrow) == [32, 16]
+    assert max(conv_in(narrow)[-4:]) < max(conv_in(wide)[-4:])  # the 16 px level's first block: 32 in, not 48
+    assert count_parameters(narrow) < count_parameters(wide)
+    net = randomize_zeros(narrow).train()
+    drops = dict(drop_image_embed=torch.tensor([False, True]), drop_text=torch.tensor([True, False]))
+    out = net(torch.randn(B, 3, 16, 16), T, **base_cond(), **drops)
+    assert out.shape == (B, 3, 16, 16)
+    missing, zero = _all_grads_nonzero(net, out.square().mean())
+    assert not missing and not zero, (missing, zero)
+
+
+def test_tiny64_lite_preset_is_tiny64_with_less_attention_and_narrow_upsampling():
+    from dalle2.presets import load_preset
+
+    lite, full = load_preset("decoder", "tiny64_lite"), load_preset("decoder", "tiny64")
+    assert lite["attention_levels"] == [3] and lite["narrow_upsample"] is True
+    same = lambda p: {k: v for k, v in p.items() if k not in ("attention_levels", "narrow_upsample")}  # noqa: E731
+    assert same(lite) == same(full)
+    net = unet_from_preset("tiny64_lite", clip_dim=CLIP)
+    assert count_parameters(net) < count_parameters(unet_from_preset("tiny64", clip_dim=CLIP))
+    assert net(torch.randn(1, 3, 64, 64), T[:1], image_embed=torch.randn(1, CLIP)).shape == (1, 3, 64, 64)

@@ -31,6 +31,7 @@ from dalle2.lit.checkpoints import (  # noqa: E402
     resolve_ckpt_path,
 )
 from dalle2.lit.fault_tolerance import AtomicCheckpointIO, CheckpointSaveError, Preemption  # noqa: E402
+from dalle2.lit.precision import resolve_precision  # noqa: E402
 
 
 def hydra_job() -> dict:
@@ -146,7 +147,12 @@ def train(cfg: DictConfig) -> dict:
     loggers = build_loggers(cfg)
     callbacks = build_callbacks(cfg)
     trainer = instantiate(
-        cfg.trainer, logger=loggers or False, callbacks=callbacks, plugins=build_plugins(cfg), _convert_="all"
+        cfg.trainer,
+        logger=loggers or False,
+        callbacks=callbacks,
+        plugins=build_plugins(cfg),
+        precision=resolve_precision(cfg.trainer.get("precision", "32-true"), cfg.trainer.get("accelerator", "auto")),
+        _convert_="all",
     )
     log_run_config(loggers, cfg)
     try:

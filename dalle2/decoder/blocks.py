@@ -122,11 +122,12 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Nearest-neighbour x2 then 3x3 conv.  forward(x: (B, C, H, W), ...) -> (B, C, 2H, 2W)"""
+    """Nearest-neighbour x2 then 3x3 conv.  forward(x: (B, C, H, W), ...) -> (B, C_out, 2H, 2W); C_out = C unless
+    ``out_channels`` is given."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, out_channels: int | None = None):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = nn.Conv2d(channels, out_channels or channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, emb=None, context=None, context_mask=None) -> torch.Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))

@@ -20,6 +20,11 @@ UNet at ``H / p``: the input conv reads each ``p x p`` patch as ``p * p * C`` ch
 conv predicts them back (pixel shuffle).  A 64 px base decoder then costs about what a 32 px one does, and draws edges
 at 64 px precision (README "Where fidelity is lost").
 
+``narrow_upsample=True`` (off by default; not in the paper) makes each up-path upsampling conv output the width of the
+level it enters, not the width of the level it leaves: at a cheap, narrow full-resolution level (the CPU ``tiny64``
+preset: 16 channels at 64 px, 32 at 32 px) its two most expensive convolutions then read 16 + 16 channels instead of
+32 + 16, and the upsampling conv writes 16 channels at 64 px instead of 32.
+
 Classifier-free guidance: where ``drop_image_embed`` / ``drop_text`` is True the image embedding (its time-embedding
 term and its tokens) / the text (its tokens and pooled embedding) are replaced by LEARNED null embeddings.  A dropped
 text row becomes a single null token (other positions masked), so it does not depend on the text length.  Guidance
@@ -55,6 +60,8 @@ UNET_PRESETS: dict[str, dict[str, Any]] = {
 # image size each preset is meant for (for benchmarks and demos; the network itself takes any divisible size)
 PRESET_IMAGE_SIZES: dict[str, int] = {
     "tiny32": 32,
+    "tiny64": 64,
+    "tiny64_lite": 64,
     "tiny_sr32_64": 64,
     "base64": 64,
     "sr64_256": 256,
@@ -107,6 +114,7 @@ class UNet(nn.Module):
         lowres_cond: bool = False,
         coord_input: bool = False,
         patch_size: int = 1,
+        narrow_upsample: bool = False,
         grad_checkpointing: bool = False,
     ):
         super().__init__()
@@ -188,7 +196,11 @@ class UNet(nn.Module):
                 if level in attention_levels:
                     blocks.append(attn(ch))
                 if level > 0 and i == num_res_blocks:
-                    blocks.append(Upsample(ch))
+                    # narrow_upsample: the upsampling conv already outputs the next level's width, so the first
+                    # up block there reads (next width + skip) channels, not (this width + skip)
+                    out = model_channels * channel_mult[level - 1] if narrow_upsample else ch
+                    blocks.append(Upsample(ch, out))
+                    ch = out
                 self.up.append(Stage(blocks))
 
         self.out = nn.Sequential(

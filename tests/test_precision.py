@@ -1,0 +1,33 @@
+"""trainer.precision: bf16-mixed-if-native resolves to bf16 autocast only where the device computes bf16 natively."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dalle2.lit import precision
+from dalle2.lit.precision import IF_NATIVE, resolve_precision
+
+
+@pytest.mark.parametrize("value", ["32-true", "bf16-mixed", "16-mixed", 32])
+def test_lightning_precisions_pass_through(value):
+    assert resolve_precision(value, "cpu") == value
+
+
+@pytest.mark.parametrize(
+    "avx512_bf16, amx, expected", [(True, False, "bf16-mixed"), (False, True, "bf16-mixed"), (False, False, "32-true")]
+)
+def test_a_cpu_without_native_bf16_trains_in_fp32(monkeypatch, avx512_bf16, amx, expected):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_precision(IF_NATIVE, "cpu") == expected
+    assert resolve_precision(IF_NATIVE, "auto") == expected
+
+
+def test_a_gpu_asks_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for supported, expected in ((True, "bf16-mixed"), (False, "32-true")):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda s=supported: s)
+        assert resolve_precision(IF_NATIVE, "gpu") == expected
+    assert precision.native_bf16("mps") is False
