@@ -223,7 +223,8 @@ def tiny_overrides(builtin_shards, out_dir) -> list[str]:
         f"data.train_urls='{builtin_shards['train']}'",
         f"data.val_urls='{builtin_shards['val']}'",
         "prompts.num=4",
-        *stage("clip", few + ["data.batch_size=16"]),
+        # bf16-mixed-if-native (the demo's): resolved by train.py to bf16-mixed or 32-true, either trains
+        *stage("clip", few + ["data.batch_size=16", "trainer.precision=bf16-mixed-if-native"]),
         *stage("retrieval", ["data.num_workers=0", "trainer.enable_progress_bar=false"]),
         *stage("prior", few + ["data.batch_size=16", "module.val_sample_steps=2"]),
         *stage("decoder", few + diffusion + ["data.batch_size=8"]),

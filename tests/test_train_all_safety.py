@@ -104,9 +104,16 @@ def test_finished_stage_with_more_steps_continues_and_other_changes_stop(setup):
     run("decoder.trainer.max_steps=10")
     assert run("decoder.trainer.max_steps=10")["decoder"]["status"] == "skipped"
     assert run("decoder.trainer.max_steps=10", "decoder.trainer.log_every_n_steps=3")["decoder"]["status"] == "skipped"
+    done_path = out / "decoder" / "DONE.json"
+    first = {**json.loads(done_path.read_text()), "wall_s": 100.0, "cpu_s": 150.0}  # as if the 10 steps took 100 s
+    done_path.write_text(json.dumps(first))
     summary = run("decoder.trainer.max_steps=20")
     assert summary["decoder"]["status"] == "ran" and fake.calls[-1]["found_step"] == 10
     assert "ckpt_path=last" in fake.calls[-1]["argv"]
+    # the continued stage's times are the whole run's (the report sums them), the last part's kept beside them
+    done = json.loads(done_path.read_text())
+    assert done["wall_s"] >= 100.0 and done["cpu_s"] >= 150.0
+    assert done["wall_s"] - 100.0 == pytest.approx(done["continued"]["this_wall_s"], abs=0.011)
     with pytest.raises(SystemExit, match=r"finished run.*optimizer\.lr"):
         run("decoder.trainer.max_steps=20", "decoder.optimizer.lr=0.5")
 

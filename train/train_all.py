@@ -553,6 +553,8 @@ def run(cfg: DictConfig) -> dict[str, dict]:
         if action == "fresh" and d.exists() and any(d.iterdir()):
             print(f"[train_all] {name}: the previous outputs are kept in {move_aside(d)}", flush=True)
         resumed = action == "resume" and name in TRAINED and bool(run_checkpoints(d))
+        # a finished stage continued to more steps: its DONE.json times cover the whole run, not the last part
+        before = (read_marker(done_path(plan, name)) or {}) if resumed else {}
         if resumed:
             print(f"[train_all] {name}: resuming from {run_checkpoints(d)[0][1]}", flush=True)
             stage.commands[0].append("ckpt_path=last")  # the newest checkpoint of the stage's run dir
@@ -565,14 +567,16 @@ def run(cfg: DictConfig) -> dict[str, dict]:
         wall, cpu = time.time() - t0, children_cpu_s() - cpu0
         record = {
             "stage": name,
-            "wall_s": round(wall, 2),
-            "cpu_s": round(cpu, 2),
+            "wall_s": round(wall + float(before.get("wall_s", 0.0)), 2),
+            "cpu_s": round(cpu + float(before.get("cpu_s", 0.0)), 2),
             "resumed": bool(resumed),
             "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
             "commands": commands,
             "settings": plan.section[name],
             "outputs": stage.outputs,
         }
+        if before:
+            record["continued"] = {"this_wall_s": round(wall, 2), "this_cpu_s": round(cpu, 2)}
         if name in TRAINED:
             record["outputs"]["ckpt"] = plan.ckpt(name)
             if not Path(plan.ckpt(name)).exists():  # a file, or a sharded (fsdp) checkpoint directory
