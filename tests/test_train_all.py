@@ -169,29 +169,26 @@ def test_dry_run_plans_every_stage_with_the_right_inputs(tmp_path, capsys):
     assert "task=samples" in argv["evaluate"][0] and f"samples={tmp_path}/sample" in argv["evaluate"][0]
 
 
-def test_demo_plans_a_bf16_64_px_decoder_and_no_upsampler(tmp_path):
-    cfg = compose(["experiment=demo", f"out_dir={tmp_path}", "dry_run=true", "report=false"])
+@pytest.mark.parametrize(
+    "experiment, decoder_experiment, clip_precision",
+    [("demo", "decoder_tiny64_lite", "bf16-mixed-if-native"), ("demo64", "decoder_tiny64", None)],
+)
+def test_64_px_demos_plan_a_64_px_decoder_and_no_upsampler(tmp_path, experiment, decoder_experiment, clip_precision):
+    """demo: the lighter bf16 decoder for 4500 steps, CLIP in bf16 too; demo64: the fp32 reference (the cascade
+    demo's CLIP); both stop the cascade at the decoder."""
+    cfg = compose([f"experiment={experiment}", f"out_dir={tmp_path}", "dry_run=true", "report=false"])
     summary = run(cfg)
     assert [s for s in STAGES if summary.get(s, {}).get("status") == "would run"] == [
         s for s in STAGES if s != "upsampler"
     ]
     plan = train_all.Plan(cfg)
     decoder, clip = plan.build("decoder").commands[0], plan.build("clip").commands[0]
-    assert "experiment=decoder_tiny64_lite" in decoder and "++trainer.precision=bf16-mixed-if-native" in clip
+    assert f"experiment={decoder_experiment}" in decoder and "++trainer.max_steps=4500" in decoder
+    assert "++trainer.max_steps=600" in clip
+    assert [a for a in clip if "precision" in a] == (
+        [f"++trainer.precision={clip_precision}"] if clip_precision else []
+    )
     assert "ckpt.upsamplers=[]" in plan.build("sample").commands[0]
-
-
-def test_demo64_plans_a_64_px_decoder_and_no_upsampler(tmp_path):
-    cfg = compose(["experiment=demo64", f"out_dir={tmp_path}", "dry_run=true", "report=false"])
-    summary = run(cfg)
-    assert [s for s in STAGES if summary.get(s, {}).get("status") == "would run"] == [
-        s for s in STAGES if s != "upsampler"
-    ]
-    plan = train_all.Plan(cfg)
-    decoder, sample = plan.build("decoder").commands[0], plan.build("sample").commands[0]
-    assert "experiment=decoder_tiny64" in decoder and "++trainer.max_steps=4500" in decoder
-    assert "++trainer.max_steps=600" in plan.build("clip").commands[0]  # the rest is the demo's
-    assert "ckpt.upsamplers=[]" in sample
 
 
 def test_unknown_stage_is_a_clear_error(tmp_path):
