@@ -1,4 +1,5 @@
-"""trainer.precision: bf16-mixed-if-native resolves to bf16 autocast only where the device computes bf16 natively."""
+"""trainer.precision: bf16-mixed-if-native resolves to bf16 autocast only where the device computes bf16 natively;
+train.py releases the process group before exit."""
 
 from __future__ import annotations
 
@@ -31,3 +32,17 @@ def test_a_gpu_asks_cuda(monkeypatch):
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda s=supported: s)
         assert resolve_precision(IF_NATIVE, "gpu") == expected
     assert precision.native_bf16("mps") is False
+
+
+def test_release_process_group_destroys_the_group_and_is_a_no_op_without_one(tmp_path):
+    """train.py's exit path: an orderly destroy (not static destructors at exit), harmless outside a distributed run."""
+    import torch.distributed as dist
+
+    from dalle2.lit.distributed import release_process_group
+
+    release_process_group()  # none yet: no-op
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    assert dist.is_initialized()
+    release_process_group()
+    assert not dist.is_initialized()
+    release_process_group()

@@ -30,6 +30,7 @@ from dalle2.lit.checkpoints import (  # noqa: E402
     checkpoint_stage,
     resolve_ckpt_path,
 )
+from dalle2.lit.distributed import release_process_group  # noqa: E402
 from dalle2.lit.fault_tolerance import AtomicCheckpointIO, CheckpointSaveError, Preemption  # noqa: E402
 from dalle2.lit.precision import resolve_precision  # noqa: E402
 
@@ -191,7 +192,10 @@ def train(cfg: DictConfig) -> dict:
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
-    result = train(cfg)
+    try:
+        result = train(cfg)
+    finally:
+        release_process_group()  # an orderly gloo/NCCL shutdown, not one by static destructors at exit
     # the sweep/hparams_search objective, when the config names one
     objective = cfg.get("optimized_metric")
     return result["metrics"].get(objective) if objective else None

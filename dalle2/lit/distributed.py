@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 from dalle2.distributed import gather_ragged, is_distributed
 
-__all__ = ["MeanAccumulator", "gather_ragged", "log_reduced"]
+__all__ = ["MeanAccumulator", "gather_ragged", "log_reduced", "release_process_group"]
 
 
 class MeanAccumulator:
@@ -53,3 +53,15 @@ def log_reduced(module, metrics: dict[str, float], *, prog_bar: tuple[str, ...] 
         warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\(")
         for k, v in metrics.items():
             module.log(k, v, sync_dist=False, prog_bar=k in prog_bar)
+
+
+def release_process_group() -> None:
+    """Destroy the default process group, if any, before the interpreter exits.
+
+    Lightning's DDP/FSDP strategies leave it initialised after ``fit``; a gloo group then torn down by static
+    destructors at exit sometimes aborts the process ("terminate called without an active exception", exit -6,
+    seen on a 2-process CPU run that had finished and saved), which a caller such as train_all reads as a failed
+    stage. Local: no collective, so it cannot hang; a no-op outside a distributed run.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
