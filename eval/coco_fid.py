@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from dalle2.io import write_json_atomic  # noqa: E402
 from dalle2.lit.checkpoints import CHECKPOINT_ERRORS  # noqa: E402
 from dalle2.lit.clip_module import load_clip  # noqa: E402
+from dalle2.lit.distributed import releases_process_group  # noqa: E402
 from dalle2.lit.pipeline_module import PipelineModule, PromptBatches, SampleWriter, make_items, valid_image  # noqa: E402
 from dalle2.metrics.clip_score import ClipScorer  # noqa: E402
 from dalle2.metrics.coco import (  # noqa: E402
@@ -275,6 +276,7 @@ def run(cfg: DictConfig) -> dict | None:
 
 
 @hydra.main(config_path="../conf", config_name="coco", version_base="1.3")
+@releases_process_group
 def main(cfg: DictConfig) -> None:
     try:
         run(cfg)

@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from dalle2.data.datamodule import WebDataModule  # noqa: E402
 from dalle2.lit.checkpoints import CHECKPOINT_ERRORS  # noqa: E402
 from dalle2.lit.clip_module import load_clip  # noqa: E402
+from dalle2.lit.distributed import releases_process_group  # noqa: E402
 from dalle2.metrics.evaluator import samples_summary_line  # noqa: E402
 from dalle2.metrics.inception import InceptionWeightsError, load_fid_inception  # noqa: E402
 from dalle2.metrics.score_samples import score_samples_dir  # noqa: E402
@@ -108,6 +109,7 @@ TASKS = {"retrieval": evaluate_retrieval, "samples": evaluate_samples}
 
 
 @hydra.main(config_path="../conf", config_name="evaluate", version_base="1.3")
+@releases_process_group
 def main(cfg: DictConfig) -> None:
     if cfg.task not in TASKS:
         raise SystemExit(f"unknown task {cfg.task!r}; expected one of {sorted(TASKS)}")

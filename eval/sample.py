@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dalle2.io import write_json_atomic  # noqa: E402
 from dalle2.lit.checkpoints import CHECKPOINT_ERRORS  # noqa: E402
+from dalle2.lit.distributed import releases_process_group  # noqa: E402
 from dalle2.lit.pipeline_module import PipelineModule, PromptBatches, SampleWriter, make_items  # noqa: E402
 from dalle2.pipeline import SamplingSettings, UnCLIPPipeline  # noqa: E402
 
@@ -159,6 +160,7 @@ def job_overrides() -> list[str]:
 
 
 @hydra.main(config_path="../conf", config_name="sample", version_base="1.3")
+@releases_process_group
 def main(cfg: DictConfig) -> None:
     try:
         run(cfg)

@@ -26,6 +26,7 @@ from dalle2.data.datamodule import WebDataModule  # noqa: E402
 from dalle2.io import write_json_atomic  # noqa: E402
 from dalle2.lit.checkpoints import CHECKPOINT_ERRORS  # noqa: E402
 from dalle2.lit.clip_module import load_clip  # noqa: E402
+from dalle2.lit.distributed import releases_process_group  # noqa: E402
 
 
 def run(cfg: DictConfig) -> dict:
@@ -64,6 +65,7 @@ def run(cfg: DictConfig) -> dict:
 
 
 @hydra.main(config_path="../conf", config_name="zeroshot", version_base="1.3")
+@releases_process_group
 def main(cfg: DictConfig) -> None:
     try:
         result = run(cfg)

@@ -46,3 +46,39 @@ def test_release_process_group_destroys_the_group_and_is_a_no_op_without_one(tmp
     release_process_group()
     assert not dist.is_initialized()
     release_process_group()
+
+
+def test_every_entry_point_that_runs_a_trainer_releases_the_group_on_return_raise_and_exit(tmp_path):
+    """The decorator releases on every way out; each script with a Lightning trainer wears it on its ``main``."""
+    import re
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    from dalle2.lit.distributed import releases_process_group
+
+    def init(name):
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / name}", rank=0, world_size=1)
+
+    @releases_process_group
+    def returns():
+        init("a")
+        return 7
+
+    @releases_process_group
+    def exits():
+        init("b")
+        raise SystemExit("error: refused")
+
+    assert returns() == 7 and not dist.is_initialized()
+    with pytest.raises(SystemExit):
+        exits()
+    assert not dist.is_initialized()
+
+    root = Path(__file__).resolve().parent.parent
+    scripts = [p for d in ("train", "eval") for p in sorted((root / d).glob("*.py"))]
+    with_trainer = [p for p in scripts if re.search(r"instantiate\(\s*cfg\.trainer|Trainer\(", p.read_text())]
+    assert len(with_trainer) >= 6, with_trainer  # train, precompute, sample, evaluate, zeroshot, coco_fid at least
+    for p in with_trainer:
+        text = p.read_text()
+        assert re.search(r"@hydra\.main\([^\n]*\)\n@releases_process_group\ndef main", text), p.name

@@ -34,6 +34,7 @@ from dalle2.data.webdataset import count_samples, expand_urls, iter_raw_samples,
 from dalle2.io import atomic_write, write_json_atomic  # noqa: E402
 from dalle2.lit.checkpoints import CHECKPOINT_ERRORS  # noqa: E402
 from dalle2.lit.clip_module import load_clip  # noqa: E402
+from dalle2.lit.distributed import releases_process_group  # noqa: E402
 
 
 def npy_bytes(a: np.ndarray) -> bytes:
@@ -146,6 +147,7 @@ class ShardEmbedder(L.LightningModule):
 
 
 @hydra.main(config_path="../conf", config_name="precompute", version_base="1.3")
+@releases_process_group
 def main(cfg: DictConfig) -> None:
     urls = expand_urls(cfg.data.urls)
     try:  # the CLIP (safe load) and its own vocabulary (a named tokenizer must match it)

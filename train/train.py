@@ -30,7 +30,7 @@ from dalle2.lit.checkpoints import (  # noqa: E402
     checkpoint_stage,
     resolve_ckpt_path,
 )
-from dalle2.lit.distributed import release_process_group  # noqa: E402
+from dalle2.lit.distributed import releases_process_group  # noqa: E402
 from dalle2.lit.fault_tolerance import AtomicCheckpointIO, CheckpointSaveError, Preemption  # noqa: E402
 from dalle2.lit.precision import resolve_precision  # noqa: E402
 
@@ -190,12 +190,11 @@ def train(cfg: DictConfig) -> dict:
     return result
 
 
+# releases_process_group: an orderly gloo/NCCL shutdown, not one by static destructors at exit
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+@releases_process_group
 def main(cfg: DictConfig) -> float | None:
-    try:
-        result = train(cfg)
-    finally:
-        release_process_group()  # an orderly gloo/NCCL shutdown, not one by static destructors at exit
+    result = train(cfg)
     # the sweep/hparams_search objective, when the config names one
     objective = cfg.get("optimized_metric")
     return result["metrics"].get(objective) if objective else None

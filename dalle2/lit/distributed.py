@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -9,7 +10,7 @@ import torch.distributed as dist
 
 from dalle2.distributed import gather_ragged, is_distributed
 
-__all__ = ["MeanAccumulator", "gather_ragged", "log_reduced", "release_process_group"]
+__all__ = ["MeanAccumulator", "gather_ragged", "log_reduced", "release_process_group", "releases_process_group"]
 
 
 class MeanAccumulator:
@@ -65,3 +66,17 @@ def release_process_group() -> None:
     """
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def releases_process_group(fn):
+    """Decorate an entry point's ``main`` (under ``@hydra.main``) so that it calls ``release_process_group`` on the
+    way out, whether it returns, raises or exits: every script that runs a Lightning trainer ends the same way."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            release_process_group()
+
+    return wrapper
