@@ -59,10 +59,11 @@ def log_reduced(module, metrics: dict[str, float], *, prog_bar: tuple[str, ...] 
 def release_process_group() -> None:
     """Destroy the default process group, if any, before the interpreter exits.
 
-    Lightning's DDP/FSDP strategies leave it initialised after ``fit``; a gloo group then torn down by static
-    destructors at exit sometimes aborts the process ("terminate called without an active exception", exit -6,
-    seen on a 2-process CPU run that had finished and saved), which a caller such as train_all reads as a failed
-    stage. Local: no collective, so it cannot hang; a no-op outside a distributed run.
+    Lightning's DDP/FSDP strategies leave it initialised after ``fit`` (they destroy an NCCL group at ``atexit``, a
+    gloo group never); a gloo group then torn down by static destructors at exit sometimes aborts the process
+    ("terminate called without an active exception", exit -6, seen on a 2-process CPU run that had finished and
+    saved), which a caller such as train_all reads as a failed stage. For NCCL this is what Lightning's ``atexit``
+    does, only earlier. Local: no collective, so it cannot hang; a no-op outside a distributed run.
     """
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
