@@ -255,7 +255,7 @@ class WebDataModule(pl.LightningDataModule):
 
 
 class StreamLoader(DataLoader):
-    """A DataLoader over a :class:`~dalle2.data.webdataset.TrainStream` that keeps the stream's epoch counter
+    """A DataLoader over a :class:`~dalle2.data.train_stream.TrainStream` that keeps the stream's epoch counter
     right when workers are not persistent (each epoch then pickles the main process's copy afresh)."""
 
     def __iter__(self):

@@ -47,7 +47,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from dalle2.data.datamodule import WebDataModule
-from dalle2.data.webdataset import TrainStream
+from dalle2.data.train_stream import TrainStream
 
 __all__ = ["EmbeddingFiles", "EmbeddingNpyDataModule", "EmbeddingPass", "EmbeddingStream", "scan_embeddings"]
 
@@ -238,7 +238,7 @@ class _Batcher:
 
 class EmbeddingStream(IterableDataset):
     """The training stream of one rank (see the module docstring); ``batches_per_epoch`` batches per epoch over
-    all its workers. Position and resume as :class:`dalle2.data.webdataset.TrainStream` (same ``_stream`` marker,
+    all its workers. Position and resume as :class:`dalle2.data.train_stream.TrainStream` (same ``_stream`` marker,
     same :meth:`resume_from`), with rows in place of raw samples."""
 
     resume_from = TrainStream.resume_from  # the same position bookkeeping (epoch, per-worker batches, rotation)
