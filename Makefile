@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv lint format test test-fast demo data clean
+.PHONY: venv lint format docs test test-fast demo data clean
 
 # The CPU torch wheel that lies on this machine's disk is installed first, so that pip never resolves a
 # CUDA build; pyproject only asks torch>=2.6 (safe weights-only loading), which keeps a GPU machine's own build.
@@ -28,7 +28,11 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-test: lint
+# The docs site (mkdocs.yml -> site/): --strict makes a broken link or anchor, or a page left out of nav, an error.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
+
+test: lint docs
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
@@ -52,4 +56,4 @@ demo: $(STAMP)
 	@echo "[make demo] report: $(DEMO_OUT)/report.md (also $(DEMO_OUT)/report.html; samples in $(DEMO_OUT)/sample/)"
 
 clean:
-	rm -rf $(VENV) runs outputs multirun demo_out data_builtin .pytest_cache
+	rm -rf $(VENV) runs outputs multirun demo_out data_builtin .pytest_cache site
