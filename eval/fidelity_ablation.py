@@ -1,8 +1,9 @@
 """Which stage of the cascade loses fidelity?  Strict and lenient checker scores per stage, and the checker's
 own calibration; JSON and a Markdown table out.
 
-    # per stage on the first 256 val captions of a train_all.py run (clip/prior/decoder/upsampler last.ckpt)
-    python eval/fidelity_ablation.py run --run-dir demo_out --val 'data_builtin/val/{00000..00001}.tar' --num 256 \
+    # per stage on the first 256 test captions of a train_all.py run (clip/prior/decoder/upsampler last.ckpt);
+    # --split val while choosing settings (the sweep), --split test for the figures you report
+    python eval/fidelity_ablation.py run --run-dir demo_out --split test --num 256 \
         [--sweep] [--sweep-num 128] --out abl.json --md abl.md
     # the strict checker's calibration (clean, JPEG, shuffled prompts, skewed / blurred / ... renders)
     python eval/fidelity_ablation.py calibrate --num 256 --out cal.json --md cal.md
@@ -43,7 +44,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     r.add_argument("--run-dir", default=None, help="a train_all.py out_dir (its <stage>/checkpoints/last.ckpt)")
     for stage in ("clip", "prior", "decoder", "upsampler"):
         r.add_argument(f"--{stage}", default=None, help=f"{stage} checkpoint (default: from --run-dir)")
-    r.add_argument("--val", default="data_builtin/val/{00000..00001}.tar", help="captioned val shards")
+    r.add_argument(
+        "--split", choices=["val", "test"], default="test", help="built-in split: val to choose, test to report"
+    )
+    r.add_argument("--data-dir", default="data_builtin", help="the built-in data (python -m dalle2.data.synthetic)")
+    r.add_argument("--val", default=None, help="captioned shards instead of DATA_DIR/SPLIT/{00000..00001}.tar")
     r.add_argument("--num", type=int, default=256, help="the first NUM val samples")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--batch-size", type=int, default=64)
@@ -116,7 +121,8 @@ def run(a: argparse.Namespace) -> dict:
         clip=ckpts["clip"], prior=ckpts["prior"], decoder=ckpts["decoder"], upsamplers=ckpts.get("upsampler", [])
     )
     settings = settings_from_args(a)
-    val_low, *val_high = (load_val(a.val, image_size=s, num=a.num) for s in pipe.sizes[:2])
+    urls = a.val or f"{a.data_dir}/{a.split}/{{00000..00001}}.tar"
+    val_low, *val_high = (load_val(urls, image_size=s, num=a.num) for s in pipe.sizes[:2])
     t0 = time.perf_counter()
     sweep = sweep_settings(a, settings.decoder) if a.sweep else ()
     rows = stage_fidelity(
@@ -132,7 +138,8 @@ def run(a: argparse.Namespace) -> dict:
     return {
         "rows": rows,
         "num": len(val_low["caption"]),
-        "val": a.val,
+        "val": urls,
+        "split": None if a.val else a.split,
         "seed": a.seed,
         "checkpoints": ckpts,
         "settings": settings.to_dict(),

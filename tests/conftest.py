@@ -21,12 +21,12 @@ def _seed_and_threads():
 
 @pytest.fixture(scope="session")
 def builtin_shards(tmp_path_factory):
-    """Small built-in captioned shards (img2dataset layout) at 32 px: {"train": urls, "val": urls, "root": dir}."""
+    """Small built-in captioned shards (img2dataset layout) at 32 px: {"train", "val", "test": urls, "root": dir}."""
     from dalle2.data.synthetic import write_shards
 
     root = tmp_path_factory.mktemp("builtin")
     urls = write_shards(root, num_train=256, num_val=64, image_size=32, samples_per_shard=64, seed=0)
-    return {"train": urls["train"], "val": urls["val"], "root": str(root)}
+    return {"train": urls["train"], "val": urls["val"], "test": urls["test"], "root": str(root)}
 
 
 @pytest.fixture(scope="session")

@@ -156,3 +156,38 @@ def test_jitter_option_scales_the_variation(tmp_path):
     imgs = np.stack([render(a, 32, rng, jitter=1.2) for a in attrs])
     v = strict_verdicts(imgs, attrs)
     assert not v["touches_border"].any() and v["ok"].all()
+
+
+def _members(url_pattern_dir):
+    out = {}
+    for tar_path in sorted(url_pattern_dir.glob("*.tar")):
+        with tarfile.open(tar_path) as tar:
+            for name in tar.getnames():
+                out[name] = tar.extractfile(name).read()
+    return out
+
+
+def test_cli_writes_disjoint_train_val_test_splits(tmp_path, capsys):
+    """Choose on val, report on test: the CLI writes three held-apart splits; test draws from its own stream, and
+    adding it leaves train and val byte for byte as before."""
+    from dalle2.data.synthetic import main
+
+    main(["--out", str(tmp_path / "a"), "--num-train", "6", "--num-val", "5", "--image-size", "16"])
+    out = capsys.readouterr().out
+    assert "test: " in out and (tmp_path / "a/test/00000.tar").is_file()
+    train, val, test = (_members(tmp_path / "a" / s) for s in ("train", "val", "test"))
+    assert len(test) == len(val) == 15  # --num-test defaults to --num-val (3 members per sample)
+    keys = [{n.split(".")[0] for n in m} for m in (train, val, test)]
+    assert not (keys[0] & keys[1]) and not (keys[0] & keys[2]) and not (keys[1] & keys[2])
+    images = [{v for n, v in m.items() if n.endswith(".jpg")} for m in (train, val, test)]
+    assert not (images[2] & images[1]) and not (images[2] & images[0])  # no test picture is a val/train picture
+    # another seed stream: test sample i is not val sample i (captions differ somewhere)
+    caps = [[m[n] for n in sorted(m) if n.endswith(".txt")] for m in (val, test)]
+    assert caps[0] != caps[1]
+    main(["--out", str(tmp_path / "b"), "--num-train", "6", "--num-val", "5", "--num-test", "9", "--image-size", "16"])
+    assert _members(tmp_path / "b/train") == train and _members(tmp_path / "b/val") == val
+    assert len(_members(tmp_path / "b/test")) == 27
+    urls = write_shards(tmp_path / "c", num_train=2, num_val=2, num_test=0, image_size=16)
+    assert set(urls) == {"train", "val"} and not (tmp_path / "c/test").exists()
+    with pytest.raises(ValueError, match="num_test"):
+        write_shards(tmp_path / "d", num_train=2, num_val=2, num_test=-1)

@@ -169,6 +169,22 @@ def test_dry_run_plans_every_stage_with_the_right_inputs(tmp_path, capsys):
     assert "task=samples" in argv["evaluate"][0] and f"samples={tmp_path}/sample" in argv["evaluate"][0]
 
 
+def test_reported_figures_use_the_test_split_and_val_is_for_choosing(tmp_path):
+    """Choose on val, report on test: sample prompts, the evaluation's reference and retrieval read the test shards
+    (report_split=test, the default); report_split=val switches them while choosing; training still validates on val."""
+    base = [f"out_dir={tmp_path}", "dry_run=true", "report=false", "data.val_urls=/d/val/0.tar"]
+    plan = train_all.Plan(compose([*base, "data.test_urls=/d/test/0.tar"]))
+    assert "reference.urls=/d/test/0.tar" in plan.build("evaluate").commands[0]
+    assert "data.urls=/d/test/0.tar" in plan.build("retrieval").commands[0]
+    assert plan.report_urls() == "/d/test/0.tar" and "data.val_urls=/d/val/0.tar" in plan.build("clip").commands[0]
+    plan = train_all.Plan(compose([*base, "data.test_urls=/d/test/0.tar", "report_split=val"]))
+    assert "reference.urls=/d/val/0.tar" in plan.build("evaluate").commands[0]
+    with pytest.raises(SystemExit, match="data.test_urls is not set"):
+        train_all.Plan(compose([*base, "data.test_urls=null"])).build("evaluate")
+    with pytest.raises(SystemExit, match="report_split must be val or test"):
+        train_all.Plan(compose([*base, "report_split=train"])).build("evaluate")
+
+
 @pytest.mark.parametrize(
     "experiment, decoder_experiment, clip_precision",
     [("demo", "decoder_tiny64_lite", "bf16-mixed-if-native"), ("demo64", "decoder_tiny64", None)],
@@ -219,6 +235,7 @@ def tiny_overrides(builtin_shards, out_dir) -> list[str]:
         f"out_dir={out_dir}",
         f"data.train_urls='{builtin_shards['train']}'",
         f"data.val_urls='{builtin_shards['val']}'",
+        f"data.test_urls='{builtin_shards['test']}'",
         "prompts.num=4",
         # bf16-mixed-if-native (the demo's): resolved by train.py to bf16-mixed or 32-true, either trains
         *stage("clip", few + ["data.batch_size=16", "trainer.precision=bf16-mixed-if-native"]),

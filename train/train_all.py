@@ -82,6 +82,16 @@ class Plan:
     def ckpt(self, stage: str) -> str:
         return str(self.given.get(stage) or self.dir(stage) / "checkpoints" / "last.ckpt")
 
+    def report_urls(self) -> str:
+        """The held-out shards the reported figures use (``report_split``: test, or val while choosing)."""
+        split = str(self.cfg.get("report_split") or "test")
+        if split not in ("val", "test"):
+            raise SystemExit(f"report_split must be val or test, got {split!r}")
+        urls = self.data.get(f"{split}_urls")
+        if not urls:
+            raise SystemExit(f"report_split={split} but data.{split}_urls is not set (give it, or report_split=val)")
+        return urls
+
     def emb_urls(self, split: str) -> str:
         return mirrored_urls(self.data[f"{split}_urls"], self.dir("embeddings") / split)
 
@@ -100,7 +110,7 @@ class Plan:
             base = {
                 "task": "retrieval",
                 "clip_ckpt": self.ckpt("clip"),
-                "data.urls": data["val_urls"],
+                "data.urls": self.report_urls(),
                 "out": str(d / "metrics.json"),
                 "hydra.run.dir": str(d),
             }
@@ -167,14 +177,14 @@ class Plan:
             pcfg = self.cfg.prompts
 
             def prepare() -> None:
-                write_prompts(prompts, file=pcfg.file, num=int(pcfg.num), val_urls=data["val_urls"])
+                write_prompts(prompts, file=pcfg.file, num=int(pcfg.num), val_urls=self.report_urls())
 
             return Stage(stage, [cmd], prepare=prepare)
         if stage == "evaluate":
             base = {
                 "task": "samples",
                 "samples": str(self.dir("sample")),
-                "reference.urls": data["val_urls"],
+                "reference.urls": self.report_urls(),
                 "clip_ckpt": self.ckpt("clip"),
                 "out": str(d / "metrics.json"),
                 "hydra.run.dir": str(d),

@@ -71,14 +71,14 @@ def draw_scene(image_size: int, background, objects: list[dict], ss: int = 4) ->
 def _geometry(attrs: dict, image_size: int, rng: np.random.Generator) -> dict:
     """The jittered object and background of :func:`render` for ``attrs`` (same draws, same order)."""
     s = float(image_size)
-    jx, jy = rng.uniform(-syn._POS_JITTER, syn._POS_JITTER, size=2)
-    scale = 1.0 + rng.uniform(-syn._SIZE_JITTER, syn._SIZE_JITTER)
-    fg = np.array(syn.COLORS[attrs["color"]], dtype=np.float32) + rng.uniform(-syn._COLOR_JITTER, syn._COLOR_JITTER, 3)
+    jx, jy = rng.uniform(-syn.POS_JITTER, syn.POS_JITTER, size=2)
+    scale = 1.0 + rng.uniform(-syn.SIZE_JITTER, syn.SIZE_JITTER)
+    fg = np.array(syn.COLORS[attrs["color"]], dtype=np.float32) + rng.uniform(-syn.COLOR_JITTER, syn.COLOR_JITTER, 3)
     bg = np.array(syn.BACKGROUNDS[attrs["background"]], dtype=np.float32) + rng.uniform(
-        -syn._COLOR_JITTER, syn._COLOR_JITTER, 3
+        -syn.COLOR_JITTER, syn.COLOR_JITTER, 3
     )
-    r = syn._HALF_EXTENT[attrs["size"]] * scale * s
-    cx, cy = (syn._CENTER_X[attrs["position"]] + jx) * s, (0.5 + jy) * s
+    r = syn.HALF_EXTENT[attrs["size"]] * scale * s
+    cx, cy = (syn.CENTER_X[attrs["position"]] + jx) * s, (0.5 + jy) * s
     return {"background": bg, "object": {"shape": attrs["shape"], "color": fg, "r": r, "cx": cx, "cy": cy}}
 
 
