@@ -130,7 +130,8 @@ def mirrored_urls(urls: str, out_dir: Path) -> str:
 
 
 def write_prompts(path: Path, *, file: str | None, num: int, val_urls: str) -> Path:
-    """The prompt file: a copy of ``file``, or the first ``num`` captions of the val shards (held out)."""
+    """The prompt file: a copy of ``file``, or the first ``num`` captions of the held-out shards ``val_urls``
+    (train_all passes its report split's: test, or val while choosing)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if file:
         shutil.copyfile(file, path)
