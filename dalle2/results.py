@@ -18,6 +18,7 @@ Docs cite figures so that a test can compare them with their file (``python -m d
   ``python -m dalle2.results render README.md docs`` rewrites the bodies, ``check`` fails when one is stale.
   Optional ``fmt=.1f`` formats floats (default ``.4g``); ``cols=a,b,c`` picks and orders the columns.
 
+Markers inside code (fenced blocks, `inline code`) are examples, not markers.
 Keys address nested figures with ``/``: ``strict/all`` is ``figures["strict/all"]`` if that key exists, otherwise
 ``figures["strict"]["all"]``; list items by index (``rows/0/fid``).
 """
@@ -215,6 +216,7 @@ def lookup(figures: Any, key: str) -> Any:
 # --------------------------------------------------------------------------------------------- docs checking
 _FIG = re.compile(r"<!--\s*fig\s+(?P<file>\S+)\s+(?P<key>\S+)(?:\s+x(?P<scale>[0-9.eE+-]+))?\s*-->")
 _TABLE = re.compile(r"<!--\s*table\s+(?P<file>\S+)\s+(?P<key>\S+)(?P<opts>(?:\s+\w+=\S+)*)\s*-->")
+_INLINE_CODE = re.compile(r"`[^`\n]*`")
 _TABLE_END = re.compile(r"<!--\s*/table\s*-->")
 _NUMBER = re.compile(r"(-?\d[\d,]*(?:\.\d+)?|-?\.\d+)(?:[eE][+-]?\d+)?")
 
@@ -277,9 +279,17 @@ def _process(doc: Path, results: _Results, *, render: bool) -> tuple[list[str], 
     lines = doc.read_text().splitlines(keepends=True)
     out: list[str] = []
     i = 0
+    fenced = False
     while i < len(lines):
         line = lines[i]
-        for m in _FIG.finditer(line):
+        if line.lstrip().startswith(("```", "~~~")):
+            fenced = not fenced
+        if fenced or line.lstrip().startswith(("```", "~~~")):  # examples inside code blocks are not markers
+            out.append(line)
+            i += 1
+            continue
+        line_code_free = _INLINE_CODE.sub(lambda c: " " * len(c.group()), line)
+        for m in _FIG.finditer(line_code_free):
             where = f"{doc}:{i + 1}"
             before = _FIG.sub("", line[: m.start()])
             nums = _NUMBER.findall(before)
@@ -296,7 +306,7 @@ def _process(doc: Path, results: _Results, *, render: bool) -> tuple[list[str], 
             if not math.isfinite(value) or round(value, decimals) != round(float(written), decimals):
                 problems.append(f"{where}: docs say {written}, {m['file']} {m['key']} gives {value:.{decimals}f}")
         out.append(line)
-        tm = _TABLE.search(line)
+        tm = _TABLE.search(line_code_free)
         if tm is None:
             i += 1
             continue

@@ -117,3 +117,14 @@ def test_repository_docs_match_their_results_files():
         [sys.executable, "-m", "dalle2.results", "check", *paths], cwd=REPO_ROOT, capture_output=True, text=True
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_markers_inside_code_are_examples(results_dir):
+    doc = _doc(
+        results_dir,
+        "Write `1.0<!-- fig results/none.json x -->` like this:\n```\n2<!-- fig results/none.json y -->\n"
+        "<!-- table results/none.json z -->\n```\nreal: 12.3<!-- fig results/demo.json fid -->\n",
+    )
+    assert check_docs([doc], root=results_dir) == []
+    doc.write_text(doc.read_text().replace("12.3<!--", "12.9<!--"))
+    assert len(check_docs([doc], root=results_dir)) == 1
