@@ -145,3 +145,69 @@ def test_precompute_embeddings_shards_are_readable_and_resumable(trained_ckpt, b
     # rerun: complete shards are skipped
     proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0 and f"{len(shards)} shards already complete" in proc.stdout
+
+
+class _ChosenFeatures(CLIPModule):
+    """A CLIPModule whose towers return chosen features: image i (all pixels = i) -> ``features(i, tower)``."""
+
+    features = None
+
+    def forward(self, images, tokens):
+        idx = images[:, 0, 0, 0].round().long()
+        return {
+            "image_features": self.features(idx, "image"),
+            "text_features": self.features(idx, "text"),
+            "logit_scale": torch.tensor(10.0),
+        }
+
+
+def _validate(features, n: int = 24) -> dict:
+    module = _ChosenFeatures(network=NET)
+    module.features = features
+    items = [
+        {"image": torch.full((3, 32, 32), float(i)), "tokens": torch.zeros(77, dtype=torch.long)} for i in range(n)
+    ]
+    trainer = L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    [metrics] = trainer.validate(module, dataloaders=torch.utils.data.DataLoader(items, batch_size=8), verbose=False)
+    return metrics
+
+
+def test_validation_of_a_collapsed_clip_scores_chance_and_warns():
+    """Every embedding equal: formerly val R@1 = 1.0 and nothing said; now chance (1/N), the spread is logged and a
+    warning names the collapsed towers."""
+    with pytest.warns(UserWarning, match=r"CLIP image embeddings collapsed: mean pairwise cosine 1\.0000 > 0\.95"):
+        got = _validate(lambda idx, tower: torch.ones(len(idx), 32))
+    assert got["val/image_to_text_R@1"] == pytest.approx(1 / 24) and got["val/text_to_image_R@1"] == pytest.approx(
+        1 / 24
+    )
+    assert got["val/image_to_text_mean_rank"] == pytest.approx(12.5)
+    assert got["val/spread/image_mean_cosine"] == pytest.approx(1.0) and got["val/spread/text_std"] < 1e-6
+
+
+def test_validation_of_a_healthy_clip_does_not_warn():
+    import warnings
+
+    table = torch.randn(24, 32, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = _validate(lambda idx, tower: table[idx])
+    assert not [w for w in caught if "collapsed" in str(w.message)]
+    assert got["val/image_to_text_R@1"] == 1.0 and abs(got["val/spread/image_mean_cosine"]) < 0.1
+    assert got["val/spread/image_std"] > 0.8
+
+
+def test_validation_with_nan_embeddings_is_an_error():
+    def features(idx, tower):
+        out = torch.randn(len(idx), 32)
+        if tower == "text":
+            out[idx % 4 == 0] = float("nan")  # 6 of 24
+        return out
+
+    with pytest.raises(ValueError, match=r"CLIP validation retrieval: 6 of 24 text embedding rows hold NaN/inf"):
+        _validate(features)

@@ -4,7 +4,9 @@ Class names and prompt templates come from text files (one a line; blank lines a
 template holds ``{}`` where the class name goes, e.g. ``a photo of a {}.``).  Each class's weight is the mean of its
 templates' L2-normalised text embeddings, renormalised (:func:`zeroshot_classifier`); an image's class scores are
 cosine similarities with these weights, and top-k accuracy counts an image right when its class ranks within the
-first k (ties counted in the image's favour, as :mod:`dalle2.clip.retrieval` does).
+first k, ties counted as a uniformly random tie-break would in expectation (as :mod:`dalle2.clip.retrieval` does and
+for the same reason: a model whose every class score is equal scores chance, 1/C, not 100 %).  NaN/inf image
+features or class weights raise ``ValueError``.
 
 Shipped files for the built-in data (``dalle2/data/assets/zeroshot/``; pass the name instead of a path):
 ``builtin_shapes`` (4 classes), ``builtin_colors`` (5), ``builtin_color_shapes`` (20, "red circle"...) and
@@ -20,6 +22,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from dalle2.clip.retrieval import check_finite, expected_hits
 
 __all__ = [
     "ASSETS",
@@ -119,15 +123,17 @@ def class_labels(metas: Sequence[dict | None], task: ZeroShotTask) -> torch.Tens
     return torch.tensor(out, dtype=torch.long)
 
 
-def _topk_hits(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int]) -> dict[int, int]:
+def _topk_hits(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int]) -> dict[int, float]:
+    check_finite(logits, metric="zero-shot top-k accuracy", what="class-score")
     correct = logits.gather(1, labels[:, None])
-    ranks = (logits > correct).sum(dim=1) + 1
-    return {int(k): int((ranks <= k).sum()) for k in ks if k <= logits.shape[1]}
+    counts = torch.stack([(logits > correct).sum(dim=1), (logits == correct).sum(dim=1) - 1], dim=1)
+    return {int(k): float(expected_hits(counts, int(k)).sum()) for k in ks if k <= logits.shape[1]}
 
 
 def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int]) -> dict[int, float]:
-    """logits (N, C), labels (N,) in [0, C) -> {k: fraction of rows whose label ranks within the first k} for each
-    k <= C (ties in the row's favour: rank = 1 + number of strictly higher scores)."""
+    """logits (N, C), labels (N,) in [0, C) -> {k: expected fraction of rows whose label ranks within the first k}
+    for each k <= C; a row whose label ties with t other classes after b strictly higher ones counts
+    ``clamp((k - b) / (t + 1), 0, 1)`` (a random tie-break, in expectation)."""
     return {k: v / max(len(labels), 1) for k, v in _topk_hits(logits, labels, ks).items()}
 
 
@@ -141,14 +147,17 @@ def zeroshot_metrics(
     chunk_size: int = 4096,
 ) -> dict[str, float]:
     """image_features (N, D) (normalised here), labels (N,) (-1: unlabelled, skipped), classifier (C, D) ->
-    ``{"top1", "top5" (k <= C only), "num_samples", "num_unlabelled", "num_classes"}``; memory O(chunk_size x C)."""
+    ``{"top1", "top5" (k <= C only), "num_samples", "num_unlabelled", "num_classes"}``; memory O(chunk_size x C).
+    NaN/inf features or class weights raise ``ValueError`` naming how many rows."""
     keep = (labels >= 0).to(image_features.device)
+    check_finite(image_features[keep], metric="zeroshot_metrics", what="image embedding")
+    check_finite(classifier, metric="zeroshot_metrics", what="class weight")
     img, lab = F.normalize(image_features[keep].float(), dim=-1), labels.to(image_features.device)[keep]
     n = int(img.shape[0])
     out: dict[str, float] = {"num_samples": n, "num_unlabelled": int((~keep).sum()), "num_classes": len(classifier)}
     if n == 0:
         return out
-    hits = {int(k): 0 for k in ks if k <= len(classifier)}
+    hits = {int(k): 0.0 for k in ks if k <= len(classifier)}
     weights = classifier.to(img.device, torch.float32)
     for start in range(0, n, chunk_size):
         chunk = _topk_hits(img[start : start + chunk_size] @ weights.t(), lab[start : start + chunk_size], ks)

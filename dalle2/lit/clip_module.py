@@ -8,10 +8,11 @@ from collections.abc import Callable
 import lightning as L
 import torch
 import torch.distributed as dist
+from lightning.pytorch.utilities import rank_zero_warn
 
 from dalle2.clip.loss import ClipLoss
 from dalle2.clip.model import CLIP, preprocess_for_clip
-from dalle2.clip.retrieval import metrics_from_ranks, pair_losses, pair_ranks
+from dalle2.clip.retrieval import check_finite, embedding_spread, metrics_from_ranks, pair_losses, pair_rank_counts
 from dalle2.clip.tokenizer import Tokenizer, resolve_tokenizer
 from dalle2.clip.zeroshot import ZeroShotTask, class_labels, zeroshot_classifier, zeroshot_metrics
 from dalle2.distributed import is_distributed
@@ -35,6 +36,12 @@ class CLIPModule(StageCheckpointMixin, L.LightningModule):
     N x N matrix); with ``zeroshot={"classnames": FILE, "templates": FILE, "label": "{shape}"}`` (or
     :meth:`set_zeroshot`) also ``val/zeroshot/top1`` / ``top5`` (:mod:`dalle2.clip.zeroshot`; the files are read
     here and not stored in the checkpoint's hyperparameters).
+
+    Ties in the ranking count as a random tie-break would in expectation and NaN/inf embeddings stop validation with
+    an error (:mod:`dalle2.clip.retrieval`).  A collapse is flagged loudly: ``val/spread/{image,text}_mean_cosine``
+    (mean pairwise cosine) and ``val/spread/{image,text}_std`` (per-dimension std of the unit embeddings x sqrt(D);
+    ~1 spread evenly, 0 collapsed) are logged, and a warning names the tower whose mean cosine exceeds
+    ``collapse_cosine``.
     """
 
     stage = "clip"
@@ -47,6 +54,7 @@ class CLIPModule(StageCheckpointMixin, L.LightningModule):
         gather_with_grad: bool = True,
         image_key: str = "image",
         val_chunk_size: int = 256,
+        collapse_cosine: float = 0.95,
         zeroshot: dict | None = None,
         optimizer: Callable | None = None,
         scheduler: Callable | None = None,
@@ -146,9 +154,12 @@ class CLIPModule(StageCheckpointMixin, L.LightningModule):
         rank, world = (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
         rows = torch.arange(rank, len(img), world, device=img.device)
         chunk = int(self.hparams.get("val_chunk_size") or 256)
+        # every rank holds the same gathered features: all raise together (no rank is left waiting in a gather)
+        check_finite(img, metric="CLIP validation retrieval", what="image embedding")
+        check_finite(txt, metric="CLIP validation retrieval", what="text embedding")
         scale = self.model.clamped_logit_scale().detach().float()
-        i2t = gather_ragged(pair_ranks(img, txt, rows=rows, chunk_size=chunk))
-        t2i = gather_ragged(pair_ranks(txt, img, rows=rows, chunk_size=chunk))
+        i2t = gather_ragged(pair_rank_counts(img, txt, rows=rows, chunk_size=chunk))
+        t2i = gather_ragged(pair_rank_counts(txt, img, rows=rows, chunk_size=chunk))
         loss_terms = gather_ragged(
             torch.cat(
                 [
@@ -159,9 +170,26 @@ class CLIPModule(StageCheckpointMixin, L.LightningModule):
         )
         log = {f"val/{k}": float(v) for k, v in metrics_from_ranks(i2t, t2i).items()}
         log["val/loss"] = float(loss_terms.mean())  # = (CE(s I T^T) + CE(s T I^T)) / 2: equal counts per direction
+        log.update(self._spread(img, txt))
         if self.zeroshot is not None:
             log.update({f"val/zeroshot/{k}": float(v) for k, v in self.zeroshot_scores(img, labels).items()})
         log_reduced(self, log)  # every rank holds the same gathered values: no further reduction needed
+
+    def _spread(self, img: torch.Tensor, txt: torch.Tensor) -> dict[str, float]:
+        """``val/spread/*`` of both towers, and a warning for each tower that collapsed (see the class docstring)."""
+        if len(img) < 2:
+            return {}
+        out, limit = {}, float(self.hparams.get("collapse_cosine") or 0.95)
+        for tower, feats in (("image", img), ("text", txt)):
+            spread = embedding_spread(feats)
+            out.update({f"val/spread/{tower}_{k}": v for k, v in spread.items()})
+            if spread["mean_cosine"] > limit:
+                rank_zero_warn(
+                    f"CLIP {tower} embeddings collapsed: mean pairwise cosine {spread['mean_cosine']:.4f} > "
+                    f"{limit} over {len(feats)} validation samples (per-dimension spread {spread['std']:.4f}; "
+                    "~1 when spread evenly): retrieval and zero-shot scores of this model mean little"
+                )
+        return out
 
     @torch.no_grad()
     def zeroshot_scores(self, image_features: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
