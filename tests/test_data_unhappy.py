@@ -127,6 +127,60 @@ def test_skip_bound_is_exact_and_configurable(tmp_path):
         stream(0)
 
 
+def _mostly_bad_shard(path, *, good_every: int, n: int = 100) -> str:
+    """``n`` samples in order; every ``good_every``-th has an image and a caption, the others a caption only
+    (``missing_image``): never many skips in a row, but most samples unusable."""
+    members = []
+    for i in range(n):
+        if i % good_every == 0:
+            members.append((f"{i:04d}.png", png()))
+        members.append((f"{i:04d}.txt", b"a red square"))
+    return write_tar(path, members)
+
+
+@pytest.mark.timeout(HANG_S)
+def test_a_stream_of_mostly_bad_samples_fails_by_ratio_with_the_defaults(tmp_path):
+    """9 of 10 samples unusable, but never more than 9 in a row: the bound on skips in a row never trips, so the
+    stream used to train on 1 sample in 10 without a word. The ratio over the last ``skip_window`` samples stops it."""
+    url = _mostly_bad_shard(tmp_path / "mostly_bad.tar", good_every=10)
+    dm = _dm(url, epoch_size=100_000, shuffle_buffer=0)
+    msg = _raises_fast(dm.train_dataloader(), "of the last")
+    window, frac = _DEFAULTS["skip_window"].default, _DEFAULTS["max_skipped_fraction"].default
+    assert f"{int(window * 0.9)} of the last {window} samples skipped" in msg
+    assert f"data.max_skipped_fraction={frac}" in msg and f"data.skip_window={window}" in msg
+    assert f"missing_image={int(window * 0.9)}" in msg and url in msg and "usable" in msg
+
+
+@pytest.mark.timeout(HANG_S)
+def test_skip_ratio_bound_is_configurable_and_spares_a_tolerable_stream(tmp_path):
+    url = _mostly_bad_shard(tmp_path / "mostly_bad.tar", good_every=10)
+
+    def stream(**kw):
+        return make_dataset(
+            url, image_size=32, tokenizer=TOK, train=True, batch_size=4, epoch_size=40, shuffle_buffer=0, **kw
+        )
+
+    msg = _raises_fast(stream(max_skipped_fraction=0.8, skip_window=50), "45 of the last 50 samples skipped")
+    assert "max_skipped_fraction=0.8" in msg
+    assert len(list(stream(max_skipped_fraction=0.95, skip_window=50))) == 10  # 90 % < 95 %: a whole epoch
+    assert len(list(stream(max_skipped_fraction=None))) == 10  # null: unbounded
+    tolerable = _mostly_bad_shard(tmp_path / "half_bad.tar", good_every=2)  # exactly half bad: not more than 0.5
+    ds = make_dataset(
+        tolerable,
+        image_size=32,
+        tokenizer=TOK,
+        train=True,
+        batch_size=4,
+        epoch_size=200,
+        shuffle_buffer=0,
+        skip_window=20,
+    )
+    assert len(list(ds)) == 50
+    for bad in (dict(max_skipped_fraction=0.0), dict(max_skipped_fraction=1.0), dict(skip_window=0)):
+        with pytest.raises(ValueError, match="max_skipped_fraction|skip_window"):
+            stream(**bad)
+
+
 @pytest.mark.timeout(HANG_S)
 def test_bad_shard_bound_is_configurable(tmp_path):
     urls = [empty_tar(tmp_path / "e0.tar")]

@@ -37,6 +37,8 @@ class WebDataModule(pl.LightningDataModule):
         max_consecutive_skips, max_consecutive_bad_shards: the training stream stops with
             :class:`~dalle2.data.guard.DataStreamError` naming why after this many skipped samples in a row, or
             shards in a row that yielded no sample (``None``: unbounded); validation only warns when it yields nothing.
+        max_skipped_fraction, skip_window: the training stream also stops when more than this share of a worker's
+            last ``skip_window`` samples was skipped (``None``: unbounded), naming the counts.
         url_commands: ``{scheme: "command {url}"}`` reading object-store urls (defaults: ``s3://`` → ``aws s3 cp
             {url} -``, ``gs://`` → ``gcloud storage cat {url}``; see :mod:`dalle2.data.urls`).
     """
@@ -64,6 +66,8 @@ class WebDataModule(pl.LightningDataModule):
         tokenizer: Callable[..., torch.Tensor] | None = None,
         max_consecutive_skips: int | None = 1000,
         max_consecutive_bad_shards: int | None = 50,
+        max_skipped_fraction: float | None = 0.5,
+        skip_window: int = 1000,
         url_commands: dict[str, str] | None = None,
     ) -> None:
         super().__init__()
@@ -90,7 +94,13 @@ class WebDataModule(pl.LightningDataModule):
         self.prefetch_factor = prefetch_factor
         self.tokenizer = tokenizer
         # check the bounds now, not at the first training batch
-        StreamGuard(max_consecutive_skips=max_consecutive_skips, max_consecutive_bad_shards=max_consecutive_bad_shards)
+        self.guard_bounds = dict(
+            max_consecutive_skips=max_consecutive_skips,
+            max_consecutive_bad_shards=max_consecutive_bad_shards,
+            max_skipped_fraction=max_skipped_fraction,
+            skip_window=skip_window,
+        )
+        StreamGuard(**self.guard_bounds)
         self.max_consecutive_skips = max_consecutive_skips
         self.max_consecutive_bad_shards = max_consecutive_bad_shards
         self.url_commands = dict(url_commands or {})
@@ -158,8 +168,7 @@ class WebDataModule(pl.LightningDataModule):
             load_embeddings=self.load_embeddings,
             rank=rank,
             world_size=world,
-            max_consecutive_skips=self.max_consecutive_skips,
-            max_consecutive_bad_shards=self.max_consecutive_bad_shards,
+            **self.guard_bounds,
             url_commands=self.url_commands,
         )
         ds.resume_from(self._resume_position, num_workers=self.num_workers)

@@ -24,7 +24,8 @@ Bad samples are skipped and counted by reason (``corrupt_image``, ``missing_imag
 ``empty_caption``, ``corrupt_json``, ``missing_embedding``, ``corrupt_embedding``, ``bad_shard``); a
 truncated or unreadable tar, or a ``pipe:`` command that exits non-zero, warns, counts ``bad_shard`` and the
 stream moves on. The endless training stream never spins silently: after ``max_consecutive_skips`` skipped
-samples in a row, or ``max_consecutive_bad_shards`` shards in a row that yielded no sample, it raises
+samples in a row, more than ``max_skipped_fraction`` of its last ``skip_window`` samples skipped, or
+``max_consecutive_bad_shards`` shards in a row that yielded no sample, it raises
 :class:`~dalle2.data.guard.DataStreamError` naming the reasons, counts and shards (:mod:`dalle2.data.guard`).
 Shard urls (local, ``pipe:``, http(s), ``s3://`` / ``gs://`` through commands) are in :mod:`dalle2.data.urls`; the
 read/decode/batch stages in :mod:`dalle2.data.shard_reader`; the resumable training stream in
@@ -129,6 +130,8 @@ def make_dataset(
     world_size: int | None = None,
     max_consecutive_skips: int | None = 1000,
     max_consecutive_bad_shards: int | None = 50,
+    max_skipped_fraction: float | None = 0.5,
+    skip_window: int = 1000,
     url_commands: Mapping[str, str] | None = None,
 ) -> wds.DataPipeline:
     """An iterable of batches (see the module docstring for the batch dict) over ``urls``.
@@ -149,6 +152,8 @@ def make_dataset(
             :class:`DataStreamError` (naming the skip reasons and counts, the shards and a likely cause) after this
             many skipped samples in a row, or shards in a row that yielded no sample (empty, unreadable, a failing
             command); ``None``: unbounded. Validation is one finite pass: never raised, warns when it yields nothing.
+        max_skipped_fraction, skip_window: training only: a worker's stream raises :class:`DataStreamError` when more
+            than this share of its last ``skip_window`` samples was skipped (``None``: unbounded), naming the counts.
         url_commands: ``{scheme: "command {url}"}`` for object-store urls (see :mod:`dalle2.data.urls`).
     """
     if image_size < 1 or batch_size < 1:
@@ -158,6 +163,8 @@ def make_dataset(
     guard = StreamGuard(
         max_consecutive_skips=max_consecutive_skips,
         max_consecutive_bad_shards=max_consecutive_bad_shards,
+        max_skipped_fraction=max_skipped_fraction,
+        skip_window=skip_window,
     )  # checks the bounds for validation too
     shard_urls = expand_urls(urls, url_commands=url_commands)
     if rank is None or world_size is None:
