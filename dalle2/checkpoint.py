@@ -4,8 +4,11 @@
   that would run code is refused with :class:`UntrustedCheckpointError` before anything else is looked at;
   ``trust_checkpoint=True`` unpickles it anyway, with a warning.
 * Sharded checkpoints (``trainer=fsdp``: a directory ``last.ckpt/`` with one DCP shard file per rank and Lightning's
-  ``meta.pt``) read the same way: ``meta.pt`` weights-only, the DCP index through an allowlist, and the shards'
-  tensors consolidated in this process (:func:`dalle2.safe_load.read_dcp_state`; no process group needed).
+  ``meta.pt``) read the same way: ``meta.pt`` weights-only, the DCP index through an allowlist (shard files outside
+  the directory refused), the shards' byte entries weights-only, and their tensors consolidated in this process
+  (:func:`dalle2.safe_load.read_dcp_state`; no process group needed).  Even without tensors (``checkpoint_stage``,
+  which train.py runs before Lightning resumes from the directory with torch's own, unrestricted reader) every byte
+  entry is read weights-only first.
 * dalle2 safetensors exports (``python -m dalle2.export``) are read with no unpickling at all.
 * A file of the wrong stage is one clear :class:`WrongStageError`.
 
@@ -24,7 +27,7 @@ from typing import Any
 import torch
 
 from dalle2.clip.tokenizer import Vocabulary, VocabularyMismatchError
-from dalle2.safe_load import UntrustedCheckpointError, read_dcp_metadata, read_dcp_state, torch_load
+from dalle2.safe_load import UntrustedCheckpointError, check_dcp_checkpoint, read_dcp_state, torch_load
 
 STAGE_KEY = "dalle2_stage"
 VOCAB_KEY = "dalle2_vocabulary"  # {"name", "sha256", "vocab_size", "merges"}: the CLIP's BPE vocabulary
@@ -88,8 +91,8 @@ def load_checkpoint(
     if path.is_file():
         return torch_load(path, trust_checkpoint=trust_checkpoint)
     ckpt = torch_load(path / SHARDED_META, trust_checkpoint=trust_checkpoint)
-    if not tensors:
-        read_dcp_metadata(path, trust_checkpoint=trust_checkpoint)
+    if not tensors:  # what resuming would unpickle is checked all the same: the index and every byte entry
+        check_dcp_checkpoint(path, trust_checkpoint=trust_checkpoint)
         return ckpt
     keys = None if optimizer else {"state_dict"}
     state = read_dcp_state(path, keys, trust_checkpoint=trust_checkpoint)

@@ -6,7 +6,11 @@
   and ``trust_checkpoint=true`` — the explicit (warned) way to unpickle it anyway.
 * :func:`read_dcp_metadata` — the ``.metadata`` index of a sharded (torch.distributed.checkpoint) checkpoint
   directory, which torch itself unpickles with no restriction: here only DCP's own metadata records, ``torch.Size``,
-  dtypes and paths may be built.  :func:`read_dcp_state` then reads the shards' tensors through it.
+  dtypes and paths may be built, and every shard file it names must lie inside the directory.
+  :func:`read_dcp_state` then reads the shards through it: tensors as torch does, byte entries (any non-tensor value,
+  which torch's planner unpickles with ``weights_only=False``) with the weights-only unpickler;
+  :func:`check_dcp_checkpoint` reads all of that but the tensors, before a directory goes to torch's own reader
+  (Lightning's resume).
 * :func:`read_torchscript_state_dict` — the tensors of a TorchScript archive (OpenAI's CLIP ``.pt`` files) without
   ``torch.jit.load``, which would run the archive's code: ``data.pkl`` goes through the same weights-only unpickler,
   TorchScript's own classes (``__torch__.*``) become inert attribute records, and the tensors' bytes are read from
@@ -33,6 +37,7 @@ import torch
 __all__ = [
     "TRUST_HINT",
     "UntrustedCheckpointError",
+    "check_dcp_checkpoint",
     "is_torchscript_archive",
     "read_dcp_metadata",
     "read_dcp_state",
@@ -93,6 +98,36 @@ def _weights_only_reason(exc: BaseException) -> str:
 _CODE_WORDS = re.compile(r"global|reduce|build|new object|blocked|persistent", re.IGNORECASE)
 
 
+def _load_weights_only(f, where, *, entry: str | None = None, map_location: Any = "cpu", mmap: bool = False) -> Any:
+    """``torch.load(f, weights_only=True)`` with its failures as our one-line errors naming ``where`` (the file) and
+    ``entry`` (a byte entry inside it, for a DCP shard)."""
+    it = f"its entry {entry!r}" if entry else "it"
+    try:
+        return torch.load(f, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        try:
+            if hasattr(f, "seek"):
+                f.seek(0)
+            names = torch.serialization.get_unsafe_globals_in_checkpoint(f if hasattr(f, "read") else str(f))
+        except Exception:  # noqa: BLE001 - legacy (non-zip) files: fall back to torch's own message
+            names = []
+        reason = _weights_only_reason(e)
+        if names:
+            more = f" (+{len(names) - 4} more)" if len(names) > 4 else ""
+            what = "unpickling it" if entry is None else f"unpickling {it}"
+            raise refusal(where, f"{what} would call or build {', '.join(names[:4])}{more}") from None
+        if _CODE_WORDS.search(reason):
+            raise refusal(where, f"{it} holds more than weights ({reason})") from None
+        raise ValueError(f"{where}: {_unreadable(entry)} ({reason})") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(f"{where}: {_unreadable(entry)} ({type(e).__name__}: {first})") from None
+
+
+def _unreadable(entry: str | None) -> str:
+    return "not a readable torch checkpoint" if entry is None else f"its entry {entry!r} is not readable"
+
+
 def torch_load(path, *, trust_checkpoint: bool = False, map_location: Any = "cpu", mmap: bool | None = None) -> Any:
     """``torch.load`` that never runs code unless ``trust_checkpoint``.
 
@@ -111,23 +146,7 @@ def torch_load(path, *, trust_checkpoint: bool = False, map_location: Any = "cpu
     _check_torch()
     if is_torchscript_archive(path):
         raise refusal(path, "it is a TorchScript archive (torch.jit.load runs its code), not a pickled checkpoint")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as e:
-        try:
-            names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-        except Exception:  # noqa: BLE001 - legacy (non-zip) files: fall back to torch's own message
-            names = []
-        reason = _weights_only_reason(e)
-        if names:
-            more = f" (+{len(names) - 4} more)" if len(names) > 4 else ""
-            raise refusal(path, f"unpickling it would call or build {', '.join(names[:4])}{more}") from None
-        if _CODE_WORDS.search(reason):
-            raise refusal(path, f"it holds more than weights ({reason})") from None
-        raise ValueError(f"{path}: not a readable torch checkpoint ({reason})") from None
-    except (RuntimeError, EOFError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise ValueError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {first})") from None
+    return _load_weights_only(path, path, map_location=map_location, mmap=mmap)
 
 
 # -- sharded (DCP) checkpoint directories ---------------------------------------------------------------------
@@ -166,7 +185,9 @@ class _DCPMetadataUnpickler(pickle.Unpickler):
 
 def read_dcp_metadata(path, *, trust_checkpoint: bool = False):
     """The ``Metadata`` of the DCP checkpoint directory ``path`` (its ``.metadata`` file), unpickled with nothing but
-    DCP's metadata records allowed; anything else is an :class:`UntrustedCheckpointError` (unless trusted)."""
+    DCP's metadata records allowed; anything else is an :class:`UntrustedCheckpointError` (unless trusted).  Every
+    shard file it names must lie inside ``path`` (no ``..``, absolute path or symlink leading out: refused) and exist
+    (``FileNotFoundError``)."""
     import torch.distributed.checkpoint.filesystem  # noqa: F401 - the classes the allowlist names
 
     file = Path(path) / ".metadata"
@@ -177,21 +198,75 @@ def read_dcp_metadata(path, *, trust_checkpoint: bool = False):
             warn_trusted(file)
             return pickle.load(f)
         try:
-            return _DCPMetadataUnpickler(f).load()
+            metadata = _DCPMetadataUnpickler(f).load()
         except pickle.UnpicklingError as e:
             raise refusal(file, f"unpickling it would call or build {e}") from None
         except (EOFError, ValueError, TypeError, AttributeError) as e:
             raise ValueError(f"{file}: not a readable checkpoint index ({type(e).__name__}: {e})") from None
+    _check_dcp_storage(Path(path), metadata)
+    return metadata
+
+
+def _check_dcp_storage(path: Path, metadata) -> None:
+    """The index is DCP's ``Metadata``, and every shard it names is a file inside ``path``."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    file = path / ".metadata"
+    storage = getattr(metadata, "storage_data", None)
+    if not (isinstance(metadata, Metadata) and isinstance(metadata.state_dict_metadata, dict)):
+        raise ValueError(f"{file}: not a checkpoint index (a {type(metadata).__name__})")
+    if not isinstance(storage, dict):
+        raise ValueError(f"{file}: not a checkpoint index (its storage_data is a {type(storage).__name__})")
+    root, checked = path.resolve(), set()
+    for info in storage.values():
+        rel = getattr(info, "relative_path", None)
+        if not (isinstance(info, _StorageInfo) and isinstance(rel, str) and rel):
+            raise ValueError(f"{file}: not a checkpoint index (a shard entry {info!r})")
+        if not all(isinstance(v, int) and v >= 0 for v in (info.offset, info.length)):
+            raise ValueError(f"{file}: a shard entry with offset {info.offset!r}, length {info.length!r}")
+        if rel in checked:
+            continue
+        checked.add(rel)
+        target = (root / rel).resolve()
+        if not target.is_relative_to(root) or target == root:
+            raise refusal(
+                path / rel, f"this shard file lies outside the checkpoint directory {root} (it resolves to {target})"
+            )
+        if not target.is_file():
+            raise FileNotFoundError(f"{path / rel}: a shard file of this checkpoint is missing (named by {file})")
+
+
+def check_dcp_checkpoint(path, *, trust_checkpoint: bool = False):
+    """Everything that reading or resuming from the DCP checkpoint directory ``path`` would unpickle, read safely
+    without its tensors: the index (:func:`read_dcp_metadata`) and every byte entry of the shards (a non-tensor value,
+    which torch's own planner unpickles with ``weights_only=False``: here the weights-only unpickler).  Returns the
+    ``Metadata``.  Run it before handing the directory to anything that reads it with torch's planner (Lightning's
+    resume)."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    metadata = read_dcp_metadata(path, trust_checkpoint=trust_checkpoint)
+    entries = {k for k, v in metadata.state_dict_metadata.items() if isinstance(v, BytesStorageMetadata)}
+    if entries and not trust_checkpoint:
+        _read_dcp(Path(path), metadata, entries, trust_checkpoint=False)
+    return metadata
 
 
 def read_dcp_state(path, keys: set[str] | None = None, *, trust_checkpoint: bool = False) -> dict:
     """The tensors (and other entries) of the DCP checkpoint directory ``path`` as one nested dict, in this process
-    (no process group), optionally only the top-level ``keys``; the index is read by :func:`read_dcp_metadata`."""
+    (no process group), optionally only the top-level ``keys``; the index is read by :func:`read_dcp_metadata`, the
+    byte entries (non-tensor values) with the weights-only unpickler — both with no restriction if
+    ``trust_checkpoint`` (torch's own behaviour)."""
+    path = Path(path)
+    metadata = read_dcp_metadata(path, trust_checkpoint=trust_checkpoint)
+    return _read_dcp(path, metadata, keys, trust_checkpoint=trust_checkpoint)
+
+
+def _read_dcp(path: Path, metadata, keys: set[str] | None, *, trust_checkpoint: bool) -> dict:
     from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
-
-    metadata = read_dcp_metadata(path, trust_checkpoint=trust_checkpoint)
 
     class _Reader(FileSystemReader):
         def read_metadata(self, *args, **kwargs):
@@ -199,10 +274,28 @@ def read_dcp_state(path, keys: set[str] | None = None, *, trust_checkpoint: bool
                 metadata.storage_meta.load_id = self.load_id
             return metadata
 
+    class _WeightsOnlyPlanner(_EmptyStateDictLoadPlanner):
+        def load_bytes(self, read_item, value) -> None:
+            # torch's planner unpickles a byte entry with weights_only=False: read it weights-only here, and hand the
+            # planner a pickle of what that built (plain values and tensors), never the file's own bytes
+            info = metadata.storage_data[read_item.storage_index]
+            obj = _load_weights_only(value, path / info.relative_path, entry=read_item.dest_index.fqn)
+            safe = io.BytesIO()
+            torch.save(obj, safe)
+            safe.seek(0)
+            super().load_bytes(read_item, safe)
+
+    planner = (_EmptyStateDictLoadPlanner if trust_checkpoint else _WeightsOnlyPlanner)(keys=keys)
     state: dict = {}
-    _load_state_dict(
-        state, storage_reader=_Reader(str(path)), planner=_EmptyStateDictLoadPlanner(keys=keys), no_dist=True
-    )
+    try:
+        _load_state_dict(state, storage_reader=_Reader(str(path)), planner=planner, no_dist=True)
+    except CheckpointException as e:  # what DCP wraps a reader's error in: the error itself, on one line
+        failure = next(iter(e.failures.values()), None)
+        exc = failure[0] if isinstance(failure, tuple) else failure
+        if isinstance(exc, (UntrustedCheckpointError, FileNotFoundError, ValueError)):
+            raise exc from None
+        first = str(exc).strip().splitlines()[0] if exc is not None and str(exc).strip() else ""
+        raise ValueError(f"{path}: not a readable sharded checkpoint ({type(exc).__name__}: {first})") from None
     return state
 
 
