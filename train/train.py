@@ -108,6 +108,45 @@ def log_run_config(loggers: list, cfg: DictConfig) -> None:
         lg.log_hyperparams(params)
 
 
+class StartLoggers(L.Callback):
+    """Hands the loggers to the trainer when fit starts, after the data is set up, and records the run's config with
+    them: Lightning starts every logger's run (a wandb offline run folder, a csv folder) before the datamodule's
+    setup, so a run that fails before training would leave a logger run behind for nothing."""
+
+    def __init__(self, loggers: list, cfg: DictConfig):
+        self.loggers, self.cfg = loggers, cfg
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if self.loggers:
+            trainer.loggers = self.loggers
+            log_run_config(self.loggers, self.cfg)
+
+
+def check_shards(cfg: DictConfig) -> None:
+    """Stop before anything is built when a shard pattern names a local file that is not there, in one line that
+    names the fix: ``make data`` for the built-in shards, the config key for the user's own."""
+    from dalle2.data.urls import expand_urls
+
+    data = cfg.get("data")
+    if data is None:
+        return
+    commands = OmegaConf.to_container(data.url_commands, resolve=True) if data.get("url_commands") else None
+    builtin = os.path.abspath(str(cfg.paths.data_dir)) if cfg.get("paths") else None
+    for key in ("train_urls", "val_urls"):
+        if key not in data or OmegaConf.is_missing(data, key) or not data.get(key):
+            continue
+        urls = data.get(key)
+        try:
+            expand_urls(OmegaConf.to_container(urls) if OmegaConf.is_config(urls) else urls, url_commands=commands)
+        except (FileNotFoundError, ValueError) as exn:
+            first = (urls if isinstance(urls, str) else str(list(urls)[0])).split("::")[0]
+            if builtin and os.path.abspath(first).startswith(builtin + os.sep):
+                fix = f"run `make data` (or set data.{key}=... to your own shards)"
+            else:
+                fix = f"check data.{key}=..."
+            raise SystemExit(f"error: data.{key}: {exn}: {fix}") from None
+
+
 def instantiate_module(cfg: DictConfig):
     optimizer = instantiate(cfg.optimizer) if cfg.get("optimizer") else None
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
@@ -138,6 +177,7 @@ def train(cfg: DictConfig) -> dict:
         ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.output_dir)
     except RunDirInUseError as exn:
         sys.exit(f"[dalle2] {exn}")
+    check_shards(cfg)
     trust = bool(cfg.get("trust_checkpoint", False))
     module = instantiate_module(cfg)
     try:
@@ -146,16 +186,15 @@ def train(cfg: DictConfig) -> dict:
         raise SystemExit(f"error: {e}") from None
     datamodule = instantiate(cfg.data, _convert_="all", **({"tokenizer": tokenizer} if tokenizer is not None else {}))
     loggers = build_loggers(cfg)
-    callbacks = build_callbacks(cfg)
+    callbacks = [StartLoggers(loggers, cfg), *build_callbacks(cfg)]  # first: the others may use the loggers
     trainer = instantiate(
         cfg.trainer,
-        logger=loggers or False,
+        logger=False,  # StartLoggers hands them over once the data is set up
         callbacks=callbacks,
         plugins=build_plugins(cfg),
         precision=resolve_precision(cfg.trainer.get("precision", "32-true"), cfg.trainer.get("accelerator", "auto")),
         _convert_="all",
     )
-    log_run_config(loggers, cfg)
     try:
         # weights_only: our check above read it safely; Lightning must not fall back to torch's (overridable) default
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=not trust)
