@@ -2,7 +2,8 @@
 
     python eval/serve.py ckpt.clip=clip.ckpt ckpt.prior=prior.ckpt ckpt.decoder=decoder.ckpt \
         "ckpt.upsamplers=[sr.ckpt]" host=127.0.0.1 port=8000 [api_key=sk-local device=cuda max_batch_size=8 \
-        max_wait_ms=25 steps.decoder=50 guidance.decoder=3 limits.max_queue=64 limits.request_timeout_s=300]
+        max_wait_ms=25 steps.decoder=50 guidance.decoder=3 limits.max_queue=64 limits.request_timeout_s=300 \
+        limits.max_connections=256 url_store_max_bytes=268435456]
 
 Then ``OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="sk-local").images.generate(prompt=..., n=4,
 size="256x256")``.  The model loads once; concurrent requests are batched; ``limits.*`` bound what a request may
@@ -67,6 +68,7 @@ def build_app(cfg: DictConfig):
         public_url=cfg.public_url,
         url_ttl_s=float(cfg.url_ttl_s),
         url_store_max=int(cfg.url_store_max),
+        url_store_max_bytes=int(cfg.url_store_max_bytes),
         limits=limits,
     )
     sizes = ", ".join(f"{s}x{s}" for s in pipe.sizes)

@@ -294,6 +294,7 @@ def test_every_limit_is_reachable_from_the_serve_config():
         "max_upload_bytes": 4096,
         "max_json_bytes": 2048,
         "max_decodes": 1,
+        "max_connections": 5,
     }
     assert set(values) == set(cfg.limits)
     cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"limits.{k}={v}" for k, v in values.items()]))

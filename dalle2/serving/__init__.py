@@ -21,9 +21,13 @@ several calls), and hands each request its own slice.  The event loop only parse
 
 **Abuse.**  Every limit (:class:`ServeLimits`) is checked before the work it guards: the queue bound before a body
 is read (429 + ``Retry-After``), body sizes while they are read (413) and their arrival time (408), an image's
-format and pixel count from its header before decoding (400), a waiting request's time (429 / 504); a client that
-hangs up has its waiting work taken back; ``/health`` turns 503 when the last batches all failed; a public bind
-needs an ``api_key`` (:func:`check_bind`).
+format and pixel count from its header before decoding (400), a waiting request's time (429 / 504), open
+connections (``max_connections``: 503); a client that hangs up, or a request that times out, has its work taken back
+(waiting: never started; running: its pipeline call stops at the next network call once no live request shares it,
+and the batch's remaining calls are skipped); ``/health`` turns 503 when the last batches all failed; a public bind
+needs an ``api_key`` (:func:`check_bind`).  ``response_format=url`` files live in memory, bounded in bytes and count
+(the oldest go first), behind unguessable names that expire (``url_ttl_s``): the name is the capability, no key is
+asked for a file (as OpenAI's URLs).
 
 Errors have OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: 400 for a bad request (size,
 prompt, n, image, JSON), 401 for a missing or wrong ``Authorization: Bearer`` key when ``api_key`` is set, 404 for
@@ -37,7 +41,7 @@ Modules: ``validation`` (request fields, :class:`APIError`), ``images`` (upload 
 """
 
 from dalle2.serving.api import ImageStore, create_app, generate
-from dalle2.serving.batcher import Batcher, Job, QueueFull, ShuttingDown
+from dalle2.serving.batcher import Abandoned, Batcher, Job, QueueFull, ShuttingDown
 from dalle2.serving.images import clip_side, load_image, open_checked, png_bytes, to_pil
 from dalle2.serving.limits import BodyLimit, ServeLimits
 from dalle2.serving.server import check_bind, is_loopback, make_server, normalize_api_key, run_server
@@ -45,6 +49,7 @@ from dalle2.serving.validation import MAX_SEED, APIError, check_int, check_promp
 
 __all__ = [
     "APIError",
+    "Abandoned",
     "Batcher",
     "BodyLimit",
     "ImageStore",

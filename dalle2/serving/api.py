@@ -57,21 +57,51 @@ def generate(
 # --------------------------------------------------------------------------------------------------- url store
 
 
-class ImageStore:
-    """In-memory PNGs behind unguessable ids, for ``response_format=url``; oldest dropped past ``max_items`` or
-    ``ttl_s`` seconds (OpenAI's URLs also expire)."""
+DEFAULT_URL_STORE_BYTES = 256 * 2**20  # ~100 images of 1024 px (a 1024 px PNG is ~1.5-3 MB)
+# a file URL is a capability (no key is asked for it, like OpenAI's): keep it out of shared caches and Referer headers
+FILE_HEADERS = {
+    "Cache-Control": "private, no-store",
+    "Referrer-Policy": "no-referrer",
+    "X-Content-Type-Options": "nosniff",
+}
 
-    def __init__(self, *, max_items: int = 512, ttl_s: float = 3600.0):
-        self.max_items, self.ttl_s = int(max_items), float(ttl_s)
+
+class ImageStore:
+    """In-memory PNGs behind unguessable names, for ``response_format=url``.  Bounded in bytes (``max_bytes``) and in
+    count (``max_items``): past either, the oldest go first; each expires ``ttl_s`` seconds after it was stored.
+
+    A name is 144 random bits (``secrets.token_urlsafe(18)``) and is the only thing that gives the file: at a
+    billion guesses a second for an hour against a full store the odds of a hit are ~1e-28."""
+
+    def __init__(self, *, max_items: int = 512, max_bytes: int = DEFAULT_URL_STORE_BYTES, ttl_s: float = 3600.0):
+        self.max_items, self.max_bytes, self.ttl_s = int(max_items), int(max_bytes), float(ttl_s)
+        for name in ("max_items", "max_bytes", "ttl_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"ImageStore.{name} must be positive, got {getattr(self, name)!r}")
         self._items: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
+        self._bytes = 0
         self._lock = threading.Lock()
 
     def put(self, data: bytes) -> str:
-        key = secrets.token_urlsafe(18)
+        return self.put_many([data])[0]
+
+    def put_many(self, items: Sequence[bytes]) -> list[str]:
+        """Store one response's images together: their names.  ValueError (nothing stored, nothing evicted) if they
+        alone exceed ``max_bytes`` or ``max_items``."""
+        total = sum(len(d) for d in items)
+        if total > self.max_bytes or len(items) > self.max_items:
+            raise ValueError(
+                f"{len(items)} images of {total} bytes do not fit in the url store (max_bytes={self.max_bytes}, "
+                f"max_items={self.max_items})"
+            )
+        keys = [secrets.token_urlsafe(18) for _ in items]
         with self._lock:
-            self._items[key] = (time.monotonic() + self.ttl_s, data)
+            expires = time.monotonic() + self.ttl_s
+            for key, data in zip(keys, items):
+                self._items[key] = (expires, data)
+                self._bytes += len(data)
             self._evict()
-        return key
+        return keys
 
     def get(self, key: str) -> bytes | None:
         with self._lock:
@@ -79,10 +109,22 @@ class ImageStore:
             item = self._items.get(key)
         return None if item is None else item[1]
 
-    def _evict(self) -> None:
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def _evict(self) -> None:  # under self._lock; insertion order is expiry order (one ttl for all)
         now = time.monotonic()
-        while self._items and (len(self._items) > self.max_items or next(iter(self._items.values()))[0] < now):
-            self._items.popitem(last=False)
+        while self._items and (
+            len(self._items) > self.max_items
+            or self._bytes > self.max_bytes
+            or next(iter(self._items.values()))[0] < now
+        ):
+            _, (_, data) = self._items.popitem(last=False)
+            self._bytes -= len(data)
 
 
 class ClientGone(Exception):
@@ -101,7 +143,8 @@ async def wait_disconnect(receive) -> bool:
 
 async def wait_for_job(batcher: Batcher, job: Job, receive, timeout_s: float):
     """The job's images; meanwhile, a client that hangs up (:class:`ClientGone`) or a timeout takes the job back
-    from the queue if it has not started (429 ``queue_timeout``; 504 ``timeout`` if it was running)."""
+    from the queue if it has not started (429 ``queue_timeout``), or its work stops if it was running (504
+    ``timeout``; :meth:`Batcher.cancel`)."""
     fut = asyncio.wrap_future(job.future)
     fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # nobody may read it: no "never retrieved" log
     gone = asyncio.ensure_future(wait_disconnect(receive))
@@ -150,10 +193,14 @@ def create_app(
     public_url: str | None = None,
     url_ttl_s: float = 3600.0,
     url_store_max: int = 512,
+    url_store_max_bytes: int = DEFAULT_URL_STORE_BYTES,
     limits: ServeLimits | None = None,
 ):
     """The FastAPI app over a loaded pipeline (see the package docstring).  ``api_key``: required as
-    ``Authorization: Bearer <key>`` on ``/v1/images/*`` and ``/v1/models`` (None or empty: no check).  ``model_name``
+    ``Authorization: Bearer <key>`` on ``/v1/images/generations|variations`` and ``/v1/models`` (None or empty: no
+    check); the files of ``response_format=url`` need no key: their unguessable names, which expire after
+    ``url_ttl_s``, are the capability (as OpenAI's URLs), and the store holds at most ``url_store_max`` images and
+    ``url_store_max_bytes`` bytes (the oldest go first).  ``model_name``
     (and ``model_aliases``) are the accepted ``model`` values; ``public_url``: base of the returned URLs (None:
     the request's own); ``limits``: :class:`ServeLimits` (None: its defaults).  The batch worker starts and stops
     with the app's lifespan; serve it with :func:`~dalle2.serving.run_server` so that a shutdown drains it first."""
@@ -171,7 +218,7 @@ def create_app(
     batcher = Batcher(
         pipeline, settings=settings, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=limits.max_queue
     )
-    store = ImageStore(max_items=url_store_max, ttl_s=url_ttl_s)
+    store = ImageStore(max_items=url_store_max, max_bytes=url_store_max_bytes, ttl_s=url_ttl_s)
     sizes = [int(s) for s in pipeline.sizes]
     side_in = clip_side(pipeline)
     accepted_models = {model_name, *model_aliases}
@@ -270,7 +317,16 @@ def create_app(
             data = [{"b64_json": base64.b64encode(p).decode("ascii")} for p in pngs]
         else:
             base = (public_url or str(request.base_url)).rstrip("/")
-            data = [{"url": f"{base}/v1/images/files/{store.put(p)}.png"} for p in pngs]
+            try:
+                keys = store.put_many(pngs)
+            except ValueError as e:
+                raise APIError(
+                    500,
+                    f"{e}: ask for response_format=b64_json (or raise url_store_max_bytes)",
+                    type="server_error",
+                    code="url_store_too_small",
+                ) from None
+            data = [{"url": f"{base}/v1/images/files/{key}.png"} for key in keys]
         return {"created": int(time.time()), "data": data, "seed": job.seed}
 
     @app.post("/v1/images/generations")
@@ -348,7 +404,7 @@ def create_app(
         data = store.get(key)
         if data is None:
             raise APIError(404, "no such image (URLs expire)", code="not_found")
-        return Response(content=data, media_type="image/png")
+        return Response(content=data, media_type="image/png", headers=FILE_HEADERS)
 
     @app.get("/v1/models")
     async def models(request: Request):

@@ -2,8 +2,12 @@
 
 The queue holds at most ``max_queue`` requests: one more is refused at once (:class:`QueueFull`, a 429 with a
 ``Retry-After`` estimated from recent batch times), never buffered.  A request can be taken back while it waits
-(:meth:`Batcher.cancel`: its client went away or its time ran out), so no work is done for nobody.  The worker keeps
-the outcome of the recent batches for ``/health``.  :meth:`Batcher.drain` begins a shutdown: new and waiting
+(:meth:`Batcher.cancel`: its client went away or its time ran out), so no work is done for nobody; once it runs,
+the same takes its work back as far as it is its own: when every request of the running pipeline call is gone
+(timed out, hung up, or cut off by a drain), the call stops at its next network call (a forward pre-hook on the
+pipeline's top modules, firing in the worker thread only: within a sampling step) and the batch's remaining calls
+are skipped; work shared with a request that still waits goes on.  The worker keeps the outcome of the recent batches
+for ``/health``.  :meth:`Batcher.drain` begins a shutdown: new and waiting
 requests are refused (:class:`ShuttingDown`, 503), the running batch gets ``timeout`` seconds to finish."""
 
 from __future__ import annotations
@@ -17,7 +21,11 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+# the pipeline's modules up to this many levels down check for abandoned work before they run (a few checks per
+# sampling step; deeper modules would only add cost: a hook is a Python call per module call)
+INTERRUPT_DEPTH = 3
 
 
 class QueueFull(RuntimeError):
@@ -26,6 +34,11 @@ class QueueFull(RuntimeError):
     def __init__(self, message: str, retry_after: int):
         super().__init__(message)
         self.retry_after = int(retry_after)
+
+
+class Abandoned(BaseException):
+    """Raised inside the running pipeline call (at a module call) once every request it works for is gone.  A
+    ``BaseException``, like ``KeyboardInterrupt``: a pipeline's own ``except Exception`` does not swallow it."""
 
 
 class ShuttingDown(RuntimeError):
@@ -45,6 +58,7 @@ class Job:
     prompt: str | None = None
     image: Tensor | None = None  # (3, s, s) in [0, 1]
     future: Future = field(default_factory=Future)
+    abandoned: bool = False  # taken back while running: its remaining work is for nobody
 
     def key(self) -> tuple[str, int]:
         return self.kind, self.size
@@ -94,6 +108,10 @@ class Batcher:
         self._stop = False
         self._closing = False  # drain began: nothing new is accepted
         self._drain_deadline: float | None = None
+        self._chunk: list[Job] = []  # the requests of the running pipeline call
+        self._abort = False  # every one of them is abandoned: the call stops at its next module call
+        self._worker_ident: int | None = None
+        self._hooks: list = []
         self._stats: dict[str, Any] = {
             "batches": 0,
             "pipeline_calls": 0,
@@ -105,6 +123,7 @@ class Batcher:
             "refused": 0,
             "dropped": 0,
             "timed_out": 0,
+            "aborted": 0,  # pipeline calls stopped or skipped: every request they worked for was gone
         }
         self._per_batch: Counter[int] = Counter()
         self._recent: deque[bool] = deque(maxlen=int(window))  # True: the batch succeeded
@@ -116,6 +135,12 @@ class Batcher:
     def start(self) -> "Batcher":
         with self._cond:
             self._closing, self._drain_deadline = False, None
+        if not self._hooks and isinstance(self.pipeline, nn.Module):
+            self._hooks = [
+                m.register_forward_pre_hook(self._interrupt)
+                for name, m in self.pipeline.named_modules()
+                if name.count(".") < INTERRUPT_DEPTH  # the stages, their networks and the networks' blocks
+            ]
         if self._thread is None or not self._thread.is_alive():
             self._stop = False
             self._thread = threading.Thread(target=self._loop, name="dalle2-batcher", daemon=True)
@@ -139,6 +164,10 @@ class Batcher:
             while self._running and (wait := self._drain_deadline - time.monotonic()) > 0:
                 self._cond.wait(wait)
             stuck = list(self._running)
+        with self._cond:
+            for job in stuck:
+                job.abandoned = True  # its answer is given: the work stops
+            self._update_abort()
         for job in stuck:
             _settle(
                 job.future,
@@ -156,6 +185,9 @@ class Batcher:
             left = max(0.0, self._drain_deadline - time.monotonic())
         if self._thread is not None:
             self._thread.join(left)
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
 
     # -- the queue ------------------------------------------------------------------------------------------------
     def admit(self) -> None:
@@ -194,10 +226,14 @@ class Batcher:
 
     def cancel(self, job: Job, reason: Literal["dropped", "timed_out"]) -> bool:
         """Take ``job`` back (its client went away: ``"dropped"``, or its time ran out: ``"timed_out"``).  True if
-        it had not started (it never will); False if it is running or done."""
+        it had not started (it never will); False if it is running (its remaining work stops once no live request
+        shares it) or done."""
         with self._cond:
             self._waiting = [j for j in self._waiting if j is not job]
             not_started = job.future.cancel()
+            if not not_started and any(j is job for j in self._running):
+                job.abandoned = True
+                self._update_abort()
             if reason == "timed_out" or not_started:
                 self._stats[reason] += 1
             return not_started
@@ -224,6 +260,14 @@ class Batcher:
         return out
 
     # -- worker ---------------------------------------------------------------------------------------------------
+    def _update_abort(self) -> None:  # under self._cond
+        self._abort = bool(self._chunk) and all(j.abandoned for j in self._chunk)
+
+    def _interrupt(self, module, args) -> None:
+        """Forward pre-hook on the pipeline's top modules: stops the running call when it is for nobody."""
+        if self._abort and threading.get_ident() == self._worker_ident:
+            raise Abandoned()
+
     def _take_batch(self) -> list[Job] | None:
         """Blocks for the first job, then gathers compatible ones until the deadline or the batch is full."""
         with self._cond:
@@ -253,6 +297,7 @@ class Batcher:
             return batch
 
     def _loop(self) -> None:
+        self._worker_ident = threading.get_ident()
         while True:
             batch = self._take_batch()
             if batch is None:
@@ -266,15 +311,16 @@ class Batcher:
                     error = e
             with self._cond:
                 self._running = []
-                if live:
-                    self._record(error, time.monotonic() - t0)
+                if live:  # a call cut short says nothing of how long a batch takes
+                    self._record(error, time.monotonic() - t0, timed=error is not None or None not in outs)
                 self._cond.notify_all()
             for i, j in enumerate(live):
                 _settle(j.future, result=None if error else outs[i], error=error)
 
-    def _record(self, error: BaseException | None, seconds: float) -> None:  # under self._cond
+    def _record(self, error: BaseException | None, seconds: float, timed: bool = True) -> None:  # under self._cond
         self._recent.append(error is None)
-        self._batch_s = seconds if self._batch_s is None else 0.8 * self._batch_s + 0.2 * seconds
+        if timed:
+            self._batch_s = seconds if self._batch_s is None else 0.8 * self._batch_s + 0.2 * seconds
         if error is None:
             self._consecutive_failures = 0
         else:
@@ -282,29 +328,52 @@ class Batcher:
             self._consecutive_failures += 1
             self._last_error = f"{type(error).__name__}: {error}"[:500]
 
-    def run(self, jobs: list[Job]) -> list[Tensor]:
-        """Runs jobs of one (kind, size) as pipeline calls of at most ``max_batch_size`` images; one tensor per job."""
+    def run(self, jobs: list[Job]) -> list[Tensor | None]:
+        """Runs jobs of one (kind, size) as pipeline calls of at most ``max_batch_size`` images; one tensor per job
+        (None for a job abandoned while it ran, when a call it needed was stopped or skipped)."""
         kind, size = jobs[0].key()
+        owners = [j for j in jobs for _ in range(j.n)]
         seeds = [j.seed for j in jobs for _ in range(j.n)]
         indices = [k for j in jobs for k in range(j.n)]
         if kind == "generation":
             inputs: list[Any] = [j.prompt for j in jobs for _ in range(j.n)]
         else:
             inputs = [j.image for j in jobs for _ in range(j.n)]
-        chunks, bs = [], self.max_batch_size
+        rows: list[Tensor | None] = []
+        calls = aborted = 0
+        bs = self.max_batch_size
         for a in range(0, len(seeds), bs):
+            with self._cond:
+                self._chunk = list({id(j): j for j in owners[a : a + bs]}.values())
+                self._update_abort()
+                skip = self._abort
             kw = dict(seed=seeds[a : a + bs], indices=indices[a : a + bs], size=size, settings=self.settings)
-            if kind == "generation":
-                chunks.append(self.pipeline(inputs[a : a + bs], **kw).detach().cpu())
-            else:
-                chunks.append(self.pipeline.variations(torch.stack(inputs[a : a + bs]), **kw).detach().cpu())
-        images = torch.cat(chunks)
+            try:
+                if skip:
+                    raise Abandoned()
+                calls += 1
+                if kind == "generation":
+                    out = self.pipeline(inputs[a : a + bs], **kw)
+                else:
+                    out = self.pipeline.variations(torch.stack(inputs[a : a + bs]), **kw)
+                rows.extend(out.detach().cpu().unbind(0))
+            except Abandoned:
+                aborted += 1
+                rows.extend([None] * len(seeds[a : a + bs]))
+            finally:
+                with self._cond:
+                    self._chunk, self._abort = [], False
         with self._cond:
             s = self._stats
             s["batches"] += 1
-            s["pipeline_calls"] += len(chunks)
+            s["pipeline_calls"] += calls
+            s["aborted"] += aborted
             s["requests"] += len(jobs)
             s["images"] += len(seeds)
             s["max_batch_requests"] = max(s["max_batch_requests"], len(jobs))
             self._per_batch[len(jobs)] += 1
-        return list(images.split([j.n for j in jobs]))
+        out, start = [], 0
+        for j in jobs:
+            mine, start = rows[start : start + j.n], start + j.n
+            out.append(None if any(r is None for r in mine) else torch.stack(mine))
+        return out

@@ -32,6 +32,9 @@ class ServeLimits:
     - ``read_timeout_s``: from the request's headers to the end of its body; later -> 408.
     - ``shutdown_timeout_s``: how long running work may take to finish once shutdown begins.
     - ``max_decodes``: uploads decoded at the same time (each may take ~4 bytes x ``max_image_pixels`` briefly).
+    - ``max_connections``: open HTTP connections (uvicorn's ``limit_concurrency``, set by
+      :func:`~dalle2.serving.make_server`): a request that finds this many open (idle keep-alive ones included) is
+      answered 503 at once and its connection closed; it bounds the sockets and the requests in flight.
     """
 
     max_upload_bytes: int = 4 * 1024 * 1024
@@ -42,6 +45,7 @@ class ServeLimits:
     read_timeout_s: float = 30.0
     shutdown_timeout_s: float = 30.0
     max_decodes: int = 2
+    max_connections: int = 256
 
     def __post_init__(self):
         for f in fields(self):

@@ -55,7 +55,8 @@ def make_server(app, *, host: str = "127.0.0.1", port: int = 8000, log_level: st
     """A ``uvicorn.Server`` for an app of :func:`~dalle2.serving.create_app`.  On shutdown (SIGINT / SIGTERM, or
     ``server.should_exit = True``) it first drains the app's batch worker: new and waiting requests get 503, the
     running batch has ``limits.shutdown_timeout_s`` to finish; then uvicorn closes the connections, giving the
-    answers ``SEND_GRACE_S`` to go out."""
+    answers ``SEND_GRACE_S`` to go out.  Open connections are capped at ``limits.max_connections`` (uvicorn's
+    ``limit_concurrency``: past it, 503 and the connection closed)."""
     import uvicorn
 
     batcher, limits = app.state.batcher, app.state.limits
@@ -66,6 +67,7 @@ def make_server(app, *, host: str = "127.0.0.1", port: int = 8000, log_level: st
             await super().shutdown(sockets)
 
     uvicorn_options.setdefault("timeout_graceful_shutdown", SEND_GRACE_S)
+    uvicorn_options.setdefault("limit_concurrency", int(limits.max_connections))
     config = uvicorn.Config(app, host=host, port=int(port), log_level=log_level, lifespan="on", **uvicorn_options)
     return DrainingServer(config)
 
