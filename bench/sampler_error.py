@@ -1,4 +1,4 @@
-"""Sampler error on an analytic target: ``python bench/sampler_error.py [--out FILE.json]``.
+"""Sampler error on an analytic target: ``python bench/sampler_error.py [--out FILE.json] [--result results/F.json]``.
 
 Data x0 ~ mixture of isotropic Gaussians in 2-D (or one Gaussian): the exact denoiser E[x0 | x_t] is closed
 form, so sampler error is pure discretisation error.  For every sampler and step count we report
@@ -143,6 +143,7 @@ def print_table(res: dict) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--result", default=None, help="write a results file (dalle2.results: figures + provenance)")
     p.add_argument("--targets", default="mixture,gaussian")
     p.add_argument("--schedule", default="cosine", choices=["linear", "cosine", "sigmoid"])
     p.add_argument("--objective", default="eps", choices=["eps", "x0", "v"])
@@ -156,6 +157,23 @@ def main() -> None:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=2)
         print(f"\nwrote {args.out}")
+    if args.result:
+        from dalle2.results import write_result
+
+        # ode_err/<target>: {sampler: {"<steps> steps": mean |x - x_ODE|}} (a docs table), and every run in full
+        ode = {
+            res["target"]: {
+                name: {f"{r['steps']} steps": r["ode_err"] for r in res["rows"] if r["sampler"] == name}
+                for name, sampler, _ in VARIANTS
+                if sampler != "ddpm"
+            }
+            for res in results
+        }
+        runs = [
+            {**res, "rows": [{k: v for k, v in r.items() if k != "seconds"} for r in res["rows"]]} for res in results
+        ]
+        write_result(args.result, {"ode_err": ode, "runs": runs}, seeds=[args.seed])
+        print(f"wrote {args.result}")
 
 
 if __name__ == "__main__":
