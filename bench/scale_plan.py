@@ -109,6 +109,7 @@ DEFAULTS = {
     "nvlink_gbs": 300.0,
     "net_gbps": 400.0,
     "out": None,
+    "result": None,  # results/<name>.json: the plans and the table's rows with their provenance (dalle2.results)
 }
 GIB = 2**30
 
@@ -408,12 +409,26 @@ def plan_one(stage: str, config: str, gpus: int, o: dict[str, Any], m: Measureme
     }
 
 
-def table(plans: list[dict]) -> str:
-    head = (
-        "| stage | params | GPUs | strategy | act. ckpt | weights+grads+optim+EMA / GPU | activations / sample | "
-        "max micro-batch: chosen (ddp, fsdp+ckpt) | step (s) | samples/s | GPU-hours | days | input / node |"
-    )
-    rows = [head, "|" + "---|" * (head.count("|") - 1)]
+COLUMNS = (
+    "stage",
+    "params",
+    "GPUs",
+    "strategy",
+    "act. ckpt",
+    "weights+grads+optim+EMA / GPU",
+    "activations / sample",
+    "max micro-batch: chosen (ddp, fsdp+ckpt)",
+    "step (s)",
+    "samples/s",
+    "GPU-hours",
+    "days",
+    "input / node",
+)
+
+
+def table_rows(plans: list[dict]) -> list[dict[str, str]]:
+    """One row of display strings per plan (the Markdown table's cells, and a results file's ``rows``)."""
+    rows = []
     for p in plans:
         c, b = p["chosen"], p["chosen"]["bytes"]
         state = (b["weights"] + b["gradients"] + b["optimizer"] + b["ema"]) / GIB
@@ -422,13 +437,29 @@ def table(plans: list[dict]) -> str:
         ddp = p["memory"]["ddp"]["ckpt" if c["ckpt"] else "no_ckpt"]["max_micro_batch"]
         fits += f" ({ddp or 'does not fit'}, {p['memory']['fsdp']['ckpt']['max_micro_batch']})"
         step = f"{p['step_time_s']:.2f}" + (" comm-bound" if p["bound"] == "communication" else "")
-        rows.append(
-            f"| {p['stage']}/{p['config']} | {p['params'] / 1e9:.2f} B | {p['gpus']} | {p['strategy']} | "
-            f"{'yes' if c['ckpt'] else 'no'} | {state:.1f} GiB (+{b['comm'] / GIB:.1f} buffers) | {act:.0f} MiB | {fits} | "
-            f"{step} | {p['samples_per_s']:,.0f} | {p['gpu_hours']:,.0f} | {p['days']:.1f} | "
-            f"{p['input']['mb_per_s_per_node']:.0f} MB/s |"
+        cells = (
+            f"{p['stage']}/{p['config']}",
+            f"{p['params'] / 1e9:.2f} B",
+            str(p["gpus"]),
+            p["strategy"],
+            "yes" if c["ckpt"] else "no",
+            f"{state:.1f} GiB (+{b['comm'] / GIB:.1f} buffers)",
+            f"{act:.0f} MiB",
+            fits,
+            step,
+            f"{p['samples_per_s']:,.0f}",
+            f"{p['gpu_hours']:,.0f}",
+            f"{p['days']:.1f}",
+            f"{p['input']['mb_per_s_per_node']:.0f} MB/s",
         )
-    return "\n".join(rows)
+        rows.append(dict(zip(COLUMNS, cells)))
+    return rows
+
+
+def table(plans: list[dict]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(row.values()) + " |" for row in table_rows(plans)]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -464,6 +495,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "paper_schedule": {k: {"global_batch": b, "iterations": i} for k, (b, i) in PAPER_SCHEDULE.items()},
         },
     }
+    if o["result"]:
+        from dalle2.results import write_result
+
+        write_result(o["result"], {"rows": table_rows(plans), "plans": plans, "assumptions": result["assumptions"]})
     return emit(result, o["out"])
 
 
