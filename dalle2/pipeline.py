@@ -109,7 +109,7 @@ class SamplingSettings:
     """
 
     prior: StageSettings = field(default_factory=lambda: StageSettings(steps=64, guidance_scale=1.0))
-    # decoder: DPM-Solver++(2M) 25 steps matches 250 steps on the demo checkpoints (README "Sweeps"), at half 50 DDIM's cost
+    # decoder: DPM-Solver++(2M) 25 steps matches 250 steps on the demo checkpoints (docs/sweeps.md), at half 50 DDIM's cost
     decoder: StageSettings = field(
         default_factory=lambda: StageSettings(steps=25, sampler="dpmpp_2m", guidance_scale=3.0)
     )

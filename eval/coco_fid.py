@@ -12,7 +12,7 @@ Writes ``DIR/captions.jsonl`` (the drawn captions), ``DIR/generation.json`` (wha
 same PNGs at any ``trainer.devices``.  A rerun resumes: batches whose PNGs are all present and decode completely
 are skipped, the others are sampled again whole (same batch mates, same bytes) and only their missing or broken
 files written.  Reference statistics are cached in ``ref_cache`` by a hash of the reference file list, the resize
-and the Inception weights: a sweep computes them once.  See README "COCO zero-shot FID".
+and the Inception weights: a sweep computes them once.  See docs/evaluation.md.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""How much the resize protocol moves FID, measured on the built-in synthetic pictures (README "COCO zero-shot FID").
+"""How much the resize protocol moves FID, measured on the built-in synthetic pictures (docs/evaluation.md).
 
     python eval/fid_resize_gap.py --image-size 64 --num 128 [--inception pt_inception-2015-12-05-6726825d.pth] \
         --out runs/eval/fid_resize_gap_64.json

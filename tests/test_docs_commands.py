@@ -505,3 +505,22 @@ def test_extractor_reads_fences_indented_blocks_and_continuations():
     assert "python a.py x=1 y=2" in flat and "python b.py --flag" in flat
     assert "make test && make demo" in flat
     assert not any("inline" in f or "python_code" in f for f in flat)
+
+
+def test_readme_links_resolve():
+    """README.md is read on the code host, outside the site's --strict build: its relative links must name files that
+    exist, and its in-page anchors headings that exist."""
+    text = (ROOT / "README.md").read_text()
+    headings = {
+        re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in re.findall(r"^#+ (.+)$", text, re.M)
+    }
+    bad = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"^[a-z]+://", target):
+            continue
+        path, _, anchor = target.partition("#")
+        if path and not (ROOT / path).exists():
+            bad.append(target)
+        elif not path and anchor not in headings:
+            bad.append(target)
+    assert not bad, bad

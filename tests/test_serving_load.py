@@ -1,6 +1,6 @@
 """A short run of bench/serve_load.py (50 clients x 5 s on 127.0.0.1, abuse mixed in): every request answered with
 the status its kind calls for (200 / 400 / 408 / 413 / 429), none a 5xx or a broken connection, the server's memory
-bounded and /health healthy afterwards.  The full run (200 clients x 30 s) is in README's "Serve your checkpoints"."""
+bounded and /health healthy afterwards.  The full run (200 clients x 30 s): docs/serving.md."""
 
 from __future__ import annotations
 

@@ -13,12 +13,12 @@ and samples at full size (any H, W divisible by ``2 ** (len(channel_mult) - 1)``
 
 ``coord_input=True`` (off by default; not in the paper) concatenates the pixel coordinates (x, y in [-1, 1]) to the
 input: a convolutional network otherwise only learns where it is from the zero padding, which a small, briefly
-trained decoder does not manage (it puts every object in the centre; see README "Decoder and upsamplers").
+trained decoder does not manage (it puts every object in the centre; see docs/decoder.md).
 
 ``patch_size=p`` (1 by default; not in the paper, "simple diffusion"'s patching, Hoogeboom et al. 2023) runs the whole
 UNet at ``H / p``: the input conv reads each ``p x p`` patch as ``p * p * C`` channels (pixel unshuffle) and the output
 conv predicts them back (pixel shuffle).  A 64 px base decoder then costs about what a 32 px one does, and draws edges
-at 64 px precision (README "Where fidelity is lost").
+at 64 px precision (docs/changelog.md).
 
 ``narrow_upsample=True`` (off by default; not in the paper) makes each up-path upsampling conv output the width of the
 level it enters, not the width of the level it leaves: at a cheap, narrow full-resolution level (the CPU ``tiny64``

@@ -15,7 +15,7 @@ Imagen) compares 256x256 images, so here:
    scaled to [0, 1]; ``FIDInceptionV3`` skips its bilinear resize for 299 px input.
 
 :func:`torch_bilinear_input` is the other common path (pytorch-fid, torchmetrics): ``F.interpolate(mode="bilinear")``
-straight to 299 (torchmetrics >= 1.4 passes ``antialias=True``); kept for the README's comparison.
+straight to 299 (torchmetrics >= 1.4 passes ``antialias=True``); kept for eval/fid_resize_gap.py's comparison.
 """
 
 from __future__ import annotations
