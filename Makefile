@@ -5,6 +5,8 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
+# read as source (never installed) by the pytorch-fid parity test: pyproject's fid-reference comment says why
+TORCHVISION_SOURCE ?= torchvision==0.29.1
 
 .PHONY: venv lint format docs test test-fast demo data clean
 
@@ -15,6 +17,10 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e ".[dev]"
+	$(PY) -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['fid-reference'])" \
+		| xargs $(PIP) install -q --no-deps
+	$(PIP) download -q --no-deps --only-binary=:all: --platform manylinux_2_28_x86_64 --python-version 3.11 \
+		-d $(VENV)/share/fid-reference $(TORCHVISION_SOURCE)
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -47,7 +47,8 @@ from dalle2.metrics.coco import (  # noqa: E402
 )
 from dalle2.metrics.coco_eval import FileFeatures, ImageFilesData, coco_metrics, reference_arrays  # noqa: E402
 from dalle2.metrics.inception import InceptionWeightsError, load_fid_inception  # noqa: E402
-from dalle2.metrics.resize import RESIZE_DESCRIPTION  # noqa: E402
+from dalle2.metrics.precision_recall import PR_FEATURES  # noqa: E402
+from dalle2.metrics.resize import RESIZE_DESCRIPTION, fid_preprocessing  # noqa: E402
 from dalle2.pipeline import SamplingSettings, UnCLIPPipeline  # noqa: E402
 
 PROTOCOL_VERSION = 1  # bump when the features a cache holds would change
@@ -191,6 +192,7 @@ def evaluate(cfg: DictConfig, rows: list[dict], refs: list, out: Path, hashes: d
         kid_seed=int(cfg.kid.seed),
         k=k,
         chunk_size=int(cfg.precision_recall.chunk_size),
+        equal_sizes=bool(cfg.precision_recall.equal_sizes),
         device=module.device,
     )
     n_ref = int(ref["meta"]["num_reference"]) if ref is not None else 0
@@ -203,10 +205,16 @@ def evaluate(cfg: DictConfig, rows: list[dict], refs: list, out: Path, hashes: d
                 "formula); reference statistics cached",
                 "kid": f"unbiased MMD^2, kernel (x.y/d + 1)^3, {cfg.kid.subsets} subsets of min({cfg.kid.subset_size}, "
                 "N, M) rows, seeded after a canonical row order",
-                "precision_recall": f"Kynkaenniemi et al. 2019, k={k}, Euclidean on the same Inception features",
+                "precision_recall": f"Kynkaenniemi et al. 2019, k={k}, Euclidean, on {PR_FEATURES}; "
+                + (
+                    "the larger set cut to the smaller's size (seeded with kid.seed)"
+                    if cfg.precision_recall.equal_sizes
+                    else "unequal set sizes as given"
+                ),
                 "clip_score": "100 * max(cos(CLIP image emb, CLIP text emb), 0), mean over samples (Hessel et al. 2021)",
             },
             "resize": resize,
+            "preprocessing": fid_preprocessing(size),
             "image_size": size,
             "counts": {
                 "captions": len(rows),

@@ -65,11 +65,12 @@ def coco(tmp_path_factory) -> dict:
 def ckpts(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("coco_ckpts")
     paths = build_tiny_checkpoints(root)
-    from dalle2.metrics.inception import FIDInceptionV3
+    from helpers.fid_reference import spread_inception
 
-    torch.manual_seed(0)
     paths["inception"] = str(root / "pt_inception-2015-12-05-6726825d.pth")
-    torch.save(FIDInceptionV3().state_dict(), paths["inception"])  # random init: the real file is a download away
+    # random weights with O(1) features (the default init gives ~1e-8: every figure would be ~0 and pass any
+    # tolerance); the real file is a download away
+    torch.save(spread_inception(0).state_dict(), paths["inception"])
     return paths
 
 
@@ -212,8 +213,15 @@ def test_precision_recall_known_outcomes():
     assert precision_recall(real, far) == {"precision": 0.0, "recall": 0.0}
     # mode collapse: fakes crowd around 5 real points -> every fake is realistic, most real points are not covered
     collapsed = real[:5].repeat(20, 1) + 0.01 * torch.randn(100, 16, generator=g)
-    pr = precision_recall(real, collapsed)
+    pr = precision_recall(real, collapsed, equal_sizes=False)
     assert pr["precision"] == 1.0 and pr["recall"] < 0.2
+    # equal sizes (the default): the 300 real rows cut to 100 by a seeded draw; the 5 crowded points may be cut too
+    from dalle2.metrics.precision_recall import equal_size_rows
+
+    rows, none = equal_size_rows(300, 100, seed=0)
+    assert none is None and len(rows) == 100 and len(set(rows.tolist())) == 100
+    assert precision_recall(real, collapsed) == precision_recall(real[rows], collapsed, equal_sizes=False)
+    assert not torch.equal(equal_size_rows(300, 100, seed=1)[0], rows)  # another seed, another draw
     # a wider fake distribution covers the real one but many fakes are off it
     wide = torch.randn(300, 16, generator=g) * 3
     pr = precision_recall(real, wide)
@@ -262,6 +270,60 @@ def test_run_writes_captions_samples_and_a_self_describing_json(first_run, coco)
     assert len(res["sha256"]["decoder"]) == 64 and len(res["sha256"]["upsamplers"]) == 1
     assert res["checkpoints"]["inception"].endswith(".pth") and "torchmetrics" in res["implementation"]["fid"]
     assert res["reference_cache"]["hit"] is False and Path(res["reference_cache"]["file"]).is_file()
+
+
+@pytest.mark.slow
+def test_metrics_equal_an_independent_computation(first_run, coco, ckpts):
+    """FID, KID and precision/recall of the run recomputed from the image files the reference way: our shorter-side
+    crop (checked against PIL above), clean-fid's own resizer to 299, the Inception (sample features all recomputed,
+    reference features read from the run's cache and two of them recomputed), scipy's sqrtm FID, the MMD formula,
+    brute-force k-NN balls on equal-size sets."""
+    from cleanfid.resize import make_resizer
+    from test_metrics_evaluate import _unbiased_mmd2
+    from test_metrics_fid import scipy_fid
+
+    from dalle2.metrics.inception import load_fid_inception
+
+    out, res = first_run
+    net = load_fid_inception(ckpts["inception"])
+    resize = make_resizer("PIL", False, "bicubic", (299, 299))
+
+    def features(paths) -> torch.Tensor:
+        x = [torch.from_numpy(resize(resize_center_crop(Image.open(p), 32)) / 255).permute(2, 0, 1) for p in paths]
+        return net(torch.stack(x).float()).double()
+
+    fake = features(sorted(p for p in (out / "samples").glob("0*.png")))
+    # the reference features the run cached (9 readable images; one JPEG is truncated), two of them recomputed here
+    cached = np.load(res["reference_cache"]["file"], allow_pickle=False)
+    real = torch.from_numpy(cached["features"]).double()
+    refs = [p for _, p in reference_files(CocoCaptions(coco["captions"]), coco["images"]) if _readable(p)]
+    assert len(fake) == N and len(real) == len(refs) == 9 and float(fake.std(0).mean()) > 0.01
+    torch.testing.assert_close(features([refs[0], refs[5]]), real[[0, 5]], rtol=1e-5, atol=1e-5)
+    assert res["fid"] == pytest.approx(scipy_fid(real, fake), rel=1e-5)
+    # KID: 5 subsets of min(1000, 9, 8) = 8 rows; with 8 of 9 reference rows per subset, each subset's MMD lies
+    # within the range of the whole-set statistic's leave-one-out values
+    loo = [_unbiased_mmd2(np.delete(real.numpy(), i, 0), fake.numpy()) for i in range(9)]
+    assert min(loo) - 1e-9 <= res["kid_mean"] <= max(loo) + 1e-9
+    # precision/recall on equal sizes: the reference set cut to 8 rows by the seeded draw
+    from dalle2.metrics.precision_recall import equal_size_rows
+
+    rows, _ = equal_size_rows(9, 8, seed=0)
+    r = real[rows]
+    rad_r = torch.cdist(r, r).kthvalue(4, dim=1).values
+    rad_f = torch.cdist(fake, fake).kthvalue(4, dim=1).values
+    precision = float((torch.cdist(fake, r) <= rad_r[None, :]).any(1).double().mean())
+    recall = float((torch.cdist(r, fake) <= rad_f[None, :]).any(1).double().mean())
+    assert (res["precision"], res["recall"]) == pytest.approx((precision, recall))
+    assert res["preprocessing"]["image_size"] == 32 and "smaller's size" in res["implementation"]["precision_recall"]
+
+
+def _readable(path) -> bool:
+    try:
+        with Image.open(path) as img:
+            img.load()
+        return True
+    except OSError:
+        return False
 
 
 def test_second_run_hits_the_reference_cache(first_run, coco, ckpts, tmp_path):

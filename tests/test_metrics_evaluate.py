@@ -232,16 +232,19 @@ def test_evaluate_samples_clear_errors(trained_clip, samples_dir, builtin_shards
 
 @pytest.mark.slow
 def test_evaluate_with_inception_weights(trained_clip, samples_dir, builtin_shards, tmp_path):
-    """FID/KID with an Inception weights file (random init here: the real one is a download away)."""
-    from dalle2.metrics.inception import FIDInceptionV3
+    """FID/KID/precision/recall with an Inception weights file (random weights with O(1) features here: the real
+    file is a download away)."""
+    from helpers.fid_reference import spread_inception
 
     path = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
-    torch.save(FIDInceptionV3().state_dict(), path)
+    torch.save(spread_inception(0).state_dict(), path)
     res = run_in_process(
         _overrides(trained_clip, samples_dir, builtin_shards["val"], [f"inception={path}", "reference.max_samples=8"])
     )
     assert res["num_reference"] == 8 and res["inception"] == str(path)
-    assert np.isfinite(res["fid"]) and res["fid"] >= -1e-6 and np.isfinite(res["kid_mean"])
+    assert res["fid"] > 1.0 and np.isfinite(res["kid_mean"])  # 16 samples vs 8 other pictures: clearly apart
+    assert 0 <= res["precision"] <= 1 and 0 <= res["recall"] <= 1 and res["precision_recall"]["num_each"] == 8
+    assert res["preprocessing"]["image_size"] == 32
 
 
 @pytest.mark.slow
@@ -339,3 +342,107 @@ def test_corrupt_reference_images_are_skipped_and_counted(trained_clip, samples_
                 tar.addfile(info, io.BytesIO(payload))
     res = run_in_process(_overrides(trained_clip, samples_dir, str(shard)))
     assert res["num_reference"] == 5 and res["reference_skipped"] == 1
+
+
+# ------------------------------------------------------------------------------------------------ FID/KID/P&R end to end
+
+
+def _shard(path: Path, images: torch.Tensor, caps: list[str]) -> str:
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for i, (img, cap) in enumerate(zip(images, caps)):
+            for ext, data in (("png", _png_bytes(img)), ("txt", cap.encode())):
+                info = tarfile.TarInfo(f"{i:05d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+def _png_bytes(img: torch.Tensor) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(((img + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _independent_features(files: list[Path], net) -> torch.Tensor:
+    """Features of image files the reference way: PIL decode, clean-fid's own resizer to 299, / 255, ``net``."""
+    from cleanfid.resize import make_resizer
+
+    resize = make_resizer("PIL", False, "bicubic", (299, 299))
+    x = [torch.from_numpy(resize(np.asarray(Image.open(f).convert("RGB"))) / 255).permute(2, 0, 1) for f in files]
+    return net(torch.stack(x).float()).double()
+
+
+def _unbiased_mmd2(x: np.ndarray, y: np.ndarray) -> float:
+    """KID's statistic on whole sets: unbiased MMD^2 with the kernel (x.y / d + 1)^3 (Binkowski et al. 2018)."""
+    d = x.shape[1]
+    kxx, kyy, kxy = ((a @ b.T / d + 1) ** 3 for a, b in ((x, x), (y, y), (x, y)))
+    n, m = len(x), len(y)
+    return float(
+        (kxx.sum() - np.trace(kxx)) / (n * (n - 1)) + (kyy.sum() - np.trace(kyy)) / (m * (m - 1)) - 2 * kxy.mean()
+    )
+
+
+N_E2E = 48
+
+
+def test_fid_kid_precision_recall_end_to_end_can_fail(tmp_path):
+    """Samples against reference shards through the evaluator, with a feature network whose features have real
+    spread: a set against itself gives FID ~0, KID at its identical-set value and precision = recall = 1; a
+    brightness-shifted set gives the FID and KID computed independently (clean-fid's resizer, scipy's sqrtm, the
+    MMD formula); a disjoint set gives precision and recall near 0.  The JSON names its preprocessing."""
+    from lightning import Trainer
+    from test_metrics_fid import scipy_fid
+
+    from dalle2.metrics.score_samples import score_samples_dir
+    from helpers.fid_reference import PixelProjection
+
+    images, caps = synthetic(N_E2E, seed=21)
+    shard = _shard(tmp_path / "ref.tar", images, caps)
+    net = PixelProjection(num_features=16)
+    clip = CLIPModule(network=NET).eval()
+
+    def score(samples: Path) -> dict:
+        trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return score_samples_dir(
+                str(samples),
+                reference_urls=shard,
+                clip=clip,
+                tokenizer=get_tokenizer(None),
+                trainer=trainer,
+                inception=net,
+                kid_subsets=1,
+                kid_subset_size=1000,  # clamped to N: one subset = the whole sets, KID = the MMD formula
+                batch_size=8,
+            )
+
+    same = score(write_samples_dir(tmp_path / "same", images, caps))
+    ref_feats = _independent_features([tmp_path / "same" / f"{i:05d}.png" for i in range(N_E2E)], net)
+    assert float(ref_feats.std(0).mean()) > 0.05  # real spread
+    assert abs(same["fid"]) < 1e-6 * float(ref_feats.var(0).sum())
+    assert same["kid_mean"] == pytest.approx(_unbiased_mmd2(ref_feats.numpy(), ref_feats.numpy()), rel=1e-6)
+    assert same["precision"] == 1.0 and same["recall"] == 1.0
+    assert same["preprocessing"]["image_size"] == 32 and "BICUBIC" in same["preprocessing"]["resize"]
+    assert "Inception" in same["precision_recall"]["features"] and same["precision_recall"]["num_each"] == N_E2E
+
+    brighter = (images + 0.25).clamp(-1, 1)
+    shifted = score(write_samples_dir(tmp_path / "shifted", brighter, caps))
+    fake_feats = _independent_features([tmp_path / "shifted" / f"{i:05d}.png" for i in range(N_E2E)], net)
+    want = scipy_fid(ref_feats, fake_feats)
+    assert want > 100 * abs(same["fid"]) + 1e-3
+    assert shifted["fid"] == pytest.approx(want, rel=1e-5)
+    kid = _unbiased_mmd2(ref_feats.numpy(), fake_feats.numpy())
+    assert shifted["kid_mean"] == pytest.approx(kid, rel=1e-5) and kid > same["kid_mean"] + 0.3
+
+    # a disjoint set: flat pictures of a colour no built-in picture is mostly made of
+    g = torch.Generator().manual_seed(0)
+    flat = torch.tensor([0.2, -0.9, 0.9])[:, None, None] + 0.05 * torch.randn(N_E2E, 3, 32, 32, generator=g)
+    far = score(write_samples_dir(tmp_path / "far", flat.clamp(-1, 1), caps))
+    assert far["precision"] <= 0.05 and far["recall"] <= 0.05
+    assert far["fid"] > want and far["kid_mean"] > kid

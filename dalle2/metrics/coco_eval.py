@@ -2,9 +2,8 @@
 
 :class:`ImageFilesData` serves one predict loader per named source (``"samples"``: generated PNGs with their
 captions; ``"reference"``: real images, only when their statistics are not cached).  Item ``j`` of a source is read
-by rank ``j % W`` only (``dalle2.metrics.samples``' split), decoded, resized with the protocol's
-:func:`~dalle2.metrics.resize.resize_center_crop` and :func:`~dalle2.metrics.resize.inception_input` in the loader
-workers.  :class:`FileFeatures` computes Inception pool3 features (and, for captioned items, the CLIP score), then at
+by rank ``j % W`` only (``dalle2.metrics.samples``' split), decoded and preprocessed with the project's one FID
+preprocessing, :func:`~dalle2.metrics.resize.fid_inputs`, in the loader workers.  :class:`FileFeatures` computes Inception pool3 features (and, for captioned items, the CLIP score), then at
 the end of the epoch gathers every per-item tensor from all ranks and sorts it by item id: the same arrays at any
 world size.  An unreadable image is skipped and counted (``skipped``), never fatal.
 
@@ -28,7 +27,7 @@ from dalle2.metrics.clip_score import ClipScorer
 from dalle2.metrics.fid import frechet_distance_from_stats, gaussian_stats, kernel_distance
 from dalle2.metrics.inception import FID_INPUT_SIZE, FIDInceptionV3
 from dalle2.metrics.precision_recall import knn_radii, precision_recall
-from dalle2.metrics.resize import inception_input, load_image, resize_center_crop
+from dalle2.metrics.resize import fid_inputs, load_image
 from dalle2.metrics.samples import reads_item
 
 __all__ = ["ImageFiles", "ImageFilesData", "FileFeatures", "reference_arrays", "coco_metrics"]
@@ -59,10 +58,7 @@ class ImageFiles(torch.utils.data.IterableDataset):
             if self.inception:
                 out["inception"] = torch.zeros(3, FID_INPUT_SIZE, FID_INPUT_SIZE)
             try:
-                pixels = resize_center_crop(load_image(item["path"]), s)
-                out["pixels"] = torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
-                if self.inception:
-                    out["inception"] = inception_input(pixels)
+                out.update(fid_inputs(load_image(item["path"]), s, inception=self.inception))
                 out["valid"] = True
             except Exception as exc:  # counted as skipped; raising here would leave the other ranks waiting
                 warnings.warn(
@@ -142,7 +138,7 @@ class FileFeatures(L.LightningModule):
             parts = {
                 "id": (torch.long, ()),
                 "clip_score": (torch.float32, ()),
-                **({"inception": (torch.float32, (FIDInceptionV3.num_features,))} if self.inception else {}),
+                **({"inception": (torch.float32, (int(self.inception.num_features),))} if self.inception else {}),
             }
             out = {}
             for key, (dtype, tail) in parts.items():
@@ -181,10 +177,12 @@ def coco_metrics(
     kid_seed: int = 0,
     k: int = 3,
     chunk_size: int = 1024,
+    equal_sizes: bool = True,
     device: str | torch.device = "cpu",
 ) -> dict:
-    """FID (from the cached reference mean/covariance), KID, precision/recall (reference radii from the cache) on
-    Inception features ``fake`` (None: those are null), and the mean/std CLIP score of ``clip_scores`` (NaN: none)."""
+    """FID (from the cached reference mean/covariance), KID, precision/recall (reference radii from the cache, unless
+    ``equal_sizes`` cuts the larger set to the smaller's size: seeded with ``kid_seed``) on Inception features
+    ``fake`` (None: those are null), and the mean/std CLIP score of ``clip_scores`` (NaN: none)."""
     res: dict = {"fid": None, "kid_mean": None, "kid_std": None, "precision": None, "recall": None}
     if fake is not None and ref is not None:
         fake = fake.double().to(device)
@@ -197,7 +195,11 @@ def coco_metrics(
             real, fake, subsets=kid_subsets, subset_size=kid_subset_size, seed=kid_seed
         )
         radii = torch.from_numpy(np.asarray(ref["radii"])).to(device)
-        res.update(precision_recall(real, fake, k=k, chunk_size=chunk_size, real_radii=radii))
+        res.update(
+            precision_recall(
+                real, fake, k=k, chunk_size=chunk_size, real_radii=radii, equal_sizes=equal_sizes, seed=kid_seed
+            )
+        )
     scores = clip_scores[~torch.isnan(clip_scores)].double()
     res["clip_score"] = float(scores.mean()) if len(scores) else None
     res["clip_score_std"] = float(scores.std(unbiased=False)) if len(scores) else None

@@ -4,7 +4,9 @@
 by exactly one rank (see ``dalle2.metrics.samples``).  :class:`SampleEvaluator.predict_step` computes per item: our
 CLIP's image embedding, its CLIP score against the prompt/caption, Inception pool3 features (when an Inception is
 given) and, for samples whose prompt is a built-in synthetic caption, the verdicts of the lenient attribute checker and
-of the strict one (``checker``: ``accuracy/*`` and ``strict/*``).  At the end
+of the strict one (``checker``: ``accuracy/*`` and ``strict/*``).  Every image, sample or reference, is preprocessed
+once by :func:`dalle2.metrics.resize.fid_inputs` (the project's one FID preprocessing, named in the results as
+``preprocessing``).  At the end
 of the epoch every per-item tensor is gathered from all ranks and sorted by item id, then the distances are
 computed once on the whole sets (:mod:`dalle2.metrics.fid`): identical results at any ``trainer.devices``.
 ``evaluator.results`` holds the metrics dict on every rank.
@@ -25,6 +27,8 @@ from dalle2.imaging import to_uint8
 from dalle2.metrics.clip_score import ClipScorer, clip_score
 from dalle2.metrics.fid import frechet_distance, kernel_distance
 from dalle2.metrics.inception import FIDInceptionV3
+from dalle2.metrics.precision_recall import PR_FEATURES, precision_recall
+from dalle2.metrics.resize import fid_preprocessing
 from dalle2.metrics.samples import ReferenceImages, SampleFiles, read_manifest, samples_image_size
 
 __all__ = ["SampleEvalData", "SampleEvaluator", "caption_attributes", "samples_summary_line"]
@@ -44,7 +48,8 @@ def caption_attributes(prompt: str) -> dict[str, str] | None:
 
 class SampleEvalData(L.LightningDataModule):
     """Predict loaders over ``samples_dir`` (manifest + PNGs) and the first ``max_reference`` samples of
-    ``reference_urls``, all decoded at ``image_size`` (default: the samples' own size)."""
+    ``reference_urls``, all preprocessed at ``image_size`` (default: the samples' own size); ``inception``: also the
+    299 px Inception input of each image."""
 
     def __init__(
         self,
@@ -55,8 +60,10 @@ class SampleEvalData(L.LightningDataModule):
         max_reference: int | None = None,
         batch_size: int = 64,
         num_workers: int = 0,
+        inception: bool = False,
     ):
         super().__init__()
+        self.inception = bool(inception)
         self.samples_dir = str(samples_dir)
         self.rows = read_manifest(samples_dir)
         self.image_size = int(image_size or samples_image_size(samples_dir, self.rows))
@@ -66,9 +73,21 @@ class SampleEvalData(L.LightningDataModule):
 
     def predict_dataloader(self) -> list[DataLoader]:
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        samples = SampleFiles(self.samples_dir, self.rows, image_size=self.image_size, rank=rank, world_size=world)
+        samples = SampleFiles(
+            self.samples_dir,
+            self.rows,
+            image_size=self.image_size,
+            rank=rank,
+            world_size=world,
+            inception=self.inception,
+        )
         reference = ReferenceImages(
-            self.reference_urls, image_size=self.image_size, max_samples=self.max_reference, rank=rank, world_size=world
+            self.reference_urls,
+            image_size=self.image_size,
+            max_samples=self.max_reference,
+            rank=rank,
+            world_size=world,
+            inception=self.inception,
         )
         kw = dict(batch_size=self.batch_size, num_workers=self.num_workers, persistent_workers=False)
         return [DataLoader(samples, **kw), DataLoader(reference, **kw)]
@@ -80,8 +99,11 @@ class SampleEvaluator(L.LightningModule):
     Args:
         clip: a ``CLIPModule`` (``load_clip``), frozen.
         tokenizer: the CLIP's tokenizer (``get_tokenizer``).
-        inception: an ``FIDInceptionV3`` with the FID weights (``load_fid_inception``), or None to skip FID/KID.
-        kid_subsets, kid_subset_size, kid_seed: KID subsets (size clamped to the smaller set) and their seed.
+        inception: an ``FIDInceptionV3`` with the FID weights (``load_fid_inception``), or None to skip FID/KID and
+            precision/recall (any module mapping (B, 3, 299, 299) in [0, 1] to (B, ``num_features``) serves).
+        kid_subsets, kid_subset_size, kid_seed: KID subsets (size clamped to the smaller set) and their seed (also
+            the seed of the equal-size subset precision/recall draw from the larger set).
+        pr_k: the k of precision/recall's k-NN radii (Kynkäänniemi et al. 2019: 3).
         strict_threshold: the strict checker's IoU bar (``dalle2.data.synthetic.STRICT_IOU_THRESHOLD``).
     """
 
@@ -94,9 +116,11 @@ class SampleEvaluator(L.LightningModule):
         kid_subsets: int = 100,
         kid_subset_size: int = 1000,
         kid_seed: int = 0,
+        pr_k: int = 3,
         strict_threshold: float = STRICT_IOU_THRESHOLD,
     ):
         super().__init__()
+        self.pr_k = int(pr_k)
         self.strict_threshold = float(strict_threshold)
         self.scorer = ClipScorer(clip=clip.eval().requires_grad_(False), tokenizer=tokenizer)
         self.inception = inception.eval().requires_grad_(False) if inception is not None else None
@@ -106,7 +130,8 @@ class SampleEvaluator(L.LightningModule):
 
     # -- per batch ---------------------------------------------------------------------------------------
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
-        """batch: ``image`` (B,3,S,S) in [-1,1], ``id`` (B,), ``text`` B strings, ``valid`` (B,) bool."""
+        """batch: ``image`` (B,3,S,S) in [-1,1], ``id`` (B,), ``text`` B strings, ``valid`` (B,) bool, ``inception``
+        (B,3,299,299) in [0,1] (when an Inception is given)."""
         store = self._store[SOURCES[dataloader_idx]]
         valid = batch["valid"].bool()
         store["skipped"].append(torch.tensor([int((~valid).sum())], device=self.device))
@@ -126,7 +151,7 @@ class SampleEvaluator(L.LightningModule):
         store["score"].append(scores)
         store["has_text"].append(has_text)
         if self.inception is not None:
-            store["inception"].append(self.inception((images.float() + 1.0) * 0.5).float())
+            store["inception"].append(self.inception(batch["inception"][valid].float()).float())
         if dataloader_idx == 0:
             store["checker"].append(self._check(images, texts))
 
@@ -157,7 +182,7 @@ class SampleEvaluator(L.LightningModule):
         store = self._store[source]
         dims = {
             "clip": (int(self.scorer.clip.model.embed_dim),),
-            "inception": (FIDInceptionV3.num_features,),
+            "inception": (int(getattr(self.inception, "num_features", FIDInceptionV3.num_features)),),
             "checker": (len(CHECKER_COLUMNS),),
             "id": (),
             "score": (),
@@ -194,16 +219,22 @@ class SampleEvaluator(L.LightningModule):
         res["kid_subset_size"] = min(kid["subset_size"], n_fake, n_real)
         res["clip_fd"] = frechet_distance(real["clip"], fake["clip"])
         res["clip_kid_mean"], res["clip_kid_std"] = kernel_distance(real["clip"], fake["clip"], **kid)
+        res["fid"] = res["kid_mean"] = res["kid_std"] = res["precision"] = res["recall"] = None
         if self.inception is not None:
             res["fid"] = frechet_distance(real["inception"], fake["inception"])
             res["kid_mean"], res["kid_std"] = kernel_distance(real["inception"], fake["inception"], **kid)
-        else:
-            res["fid"] = res["kid_mean"] = res["kid_std"] = None
+            n_pr = min(n_fake, n_real)
+            if n_pr > self.pr_k:
+                pr = precision_recall(real["inception"], fake["inception"], k=self.pr_k, seed=kid["seed"])
+                res["precision"], res["recall"] = pr["precision"], pr["recall"]
+            res["precision_recall"] = {"k": self.pr_k, "num_each": n_pr, "features": PR_FEATURES}
         scores = fake["score"].double()
         res["clip_score"], res["clip_score_std"] = float(scores.mean()), float(scores.std(unbiased=False))
         ref_scores = real["score"][real["has_text"]].double()
         res["reference_clip_score"] = float(ref_scores.mean()) if len(ref_scores) else None
         res["checker"] = _checker_summary(fake["checker"], self.strict_threshold)
+        size = getattr(getattr(self.trainer, "datamodule", None), "image_size", None)
+        res["preprocessing"] = fid_preprocessing(size) if size else None
         self.results = res
 
 

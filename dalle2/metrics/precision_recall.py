@@ -1,5 +1,11 @@
 """Improved precision and recall (Kynkäänniemi et al. 2019, "Improved Precision and Recall Metric for Assessing
-Generative Models"), on any feature vectors (here the FID Inception's pool3 features).
+Generative Models"), on any feature vectors.  **Feature network here: the FID Inception-v3's pool3 features (2048-d),
+the same features as FID/KID** -- the paper used VGG-16's fc2 features (4096-d), so our values are not comparable with
+the paper's; they are with each other (:data:`PR_FEATURES` says so in every JSON).
+
+**Equal set sizes by default**: the k-NN radii shrink as a set grows, so precision and recall are only defined for
+sets of one size (the paper uses equal sizes).  With ``equal_sizes=True`` (the default) the larger set is cut to the
+smaller one's size by a seeded draw (``seed``) before anything is computed.
 
 Each set's manifold is the union of balls around its points, the radius of a point being the Euclidean distance to
 its ``k``-th nearest neighbour in its own set (``k = 3`` in the paper; the point itself does not count).
@@ -14,7 +20,11 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["knn_radii", "inside_manifold", "precision_recall"]
+__all__ = ["PR_FEATURES", "equal_size_rows", "knn_radii", "inside_manifold", "precision_recall"]
+
+PR_FEATURES = (
+    "FID Inception-v3 pool3 (2048-d), the features of FID/KID; Kynkaenniemi et al. 2019 used VGG-16 fc2 (4096-d)"
+)
 
 
 def _sq_dists(a: torch.Tensor, b: torch.Tensor, b_sq: torch.Tensor) -> torch.Tensor:
@@ -61,6 +71,16 @@ def inside_manifold(
     return out
 
 
+def equal_size_rows(n: int, m: int, *, seed: int = 0) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Row indices (sorted) that cut the larger of two sets of sizes ``n`` and ``m`` to the smaller size, drawn with
+    a generator seeded with ``seed``; None for a set kept whole."""
+    if n == m:
+        return None, None
+    g = torch.Generator().manual_seed(int(seed))
+    pick = torch.randperm(max(n, m), generator=g)[: min(n, m)].sort().values
+    return (pick, None) if n > m else (None, pick)
+
+
 @torch.no_grad()
 def precision_recall(
     real: torch.Tensor,
@@ -69,11 +89,20 @@ def precision_recall(
     k: int = 3,
     chunk_size: int = 1024,
     real_radii: torch.Tensor | None = None,
+    equal_sizes: bool = True,
+    seed: int = 0,
 ) -> dict[str, float]:
     """real (N, D), fake (M, D) -> ``{"precision", "recall"}`` (see the module docstring).  ``real_radii`` may be
-    given (cached with the real features: they depend on the real set and ``k`` only)."""
+    given (cached with the real features: they depend on the real set and ``k`` only); they are recomputed when
+    ``equal_sizes`` cuts the real set."""
     if real.dim() != 2 or fake.dim() != 2 or real.shape[1] != fake.shape[1]:
         raise ValueError(f"expected (N, D) and (M, D) features, got {tuple(real.shape)} and {tuple(fake.shape)}")
+    if equal_sizes:
+        real_rows, fake_rows = equal_size_rows(len(real), len(fake), seed=seed)
+        if real_rows is not None:
+            real, real_radii = real[real_rows.to(real.device)], None
+        if fake_rows is not None:
+            fake = fake[fake_rows.to(fake.device)]
     if real_radii is None:
         real_radii = knn_radii(real, k=k, chunk_size=chunk_size)
     fake_radii = knn_radii(fake, k=k, chunk_size=chunk_size)

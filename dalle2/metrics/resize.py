@@ -1,4 +1,7 @@
-"""The image resizing of the COCO FID protocol: clean-fid's PIL bicubic, with a shorter-side resize and centre crop.
+"""The ONE image preprocessing of every FID, KID and precision/recall the project prints (``eval/coco_fid.py``,
+``eval/evaluate.py task=samples``, the ``eval/sample.py`` sweeps, the demo): clean-fid's PIL bicubic, with a
+shorter-side resize and centre crop.  :func:`fid_preprocessing` describes it; every metrics JSON carries that dict as
+``preprocessing``.  Parity with clean-fid's own code: ``tests/test_fid_reference_parity.py``.
 
 clean-fid (Parmar et al. 2022, ``cleanfid/resize.py``, mode ``"clean"``) resizes every image with
 ``make_resizer("PIL", quantize_after=False, "bicubic", (299, 299))``: each RGB channel becomes a float32 PIL image
@@ -20,7 +23,10 @@ straight to 299 (torchmetrics >= 1.4 passes ``antialias=True``); kept for eval/f
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
+import PIL
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -29,6 +35,9 @@ from dalle2.metrics.inception import FID_INPUT_SIZE
 
 __all__ = [
     "RESIZE_DESCRIPTION",
+    "fid_preprocessing",
+    "fid_inputs",
+    "decode_image",
     "clean_resize",
     "resize_center_crop",
     "inception_input",
@@ -83,6 +92,42 @@ def torch_bilinear_input(images: torch.Tensor, *, antialias: bool = False) -> to
         images.float(), size=(FID_INPUT_SIZE, FID_INPUT_SIZE), mode="bilinear", align_corners=False, antialias=antialias
     )
     return (x / 255.0).clamp(0.0, 1.0)
+
+
+def fid_preprocessing(image_size: int) -> dict:
+    """What :func:`fid_inputs` does at ``image_size``, as the ``preprocessing`` entry of a metrics JSON."""
+    size = int(image_size)
+    return {
+        "name": "clean-fid PIL bicubic, shorter side + centre crop (dalle2.metrics.resize.fid_inputs)",
+        "library": f"Pillow {PIL.__version__}",
+        "decode": "PIL, fully decoded (no JPEG draft mode), converted to RGB",
+        "resize": f"shorter side to {size} px (other side round(side * {size} / shorter)), centre crop at "
+        f"(new - {size}) // 2; PIL Image.BICUBIC on each channel as a float32 image (mode F), clipped to [0, 255]",
+        "image_size": size,
+        "quantisation": f"rounded to uint8 (np.rint, half to even) at {size} px, as a PNG sample is; no rounding after",
+        "inception_input": "the uint8 image to 299x299 by clean-fid's make_resizer('PIL', False, 'bicubic', "
+        "(299, 299)) (float32, no rounding), / 255 -> [0, 1]; FIDInceptionV3 maps it to [-1, 1]",
+        "description": RESIZE_DESCRIPTION.format(size=size),
+    }
+
+
+def fid_inputs(image: Image.Image | np.ndarray, image_size: int, *, inception: bool = True) -> dict[str, torch.Tensor]:
+    """A decoded image -> ``{"pixels": (3, S, S) uint8}`` (:func:`resize_center_crop`) and, with ``inception``,
+    ``{"inception": (3, 299, 299) float32 in [0, 1]}`` (:func:`inception_input`): the preprocessing of
+    :func:`fid_preprocessing`.  CLIP features and the checker read ``pixels``; the FID Inception reads
+    ``inception``."""
+    pixels = np.array(resize_center_crop(image, int(image_size)), dtype=np.uint8)  # a writable copy
+    out = {"pixels": torch.from_numpy(pixels).permute(2, 0, 1).contiguous()}
+    if inception:
+        out["inception"] = inception_input(pixels)
+    return out
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Image file bytes fully decoded, as RGB (what :func:`load_image` does for a path)."""
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()
+        return img.convert("RGB")
 
 
 def load_image(path) -> Image.Image:

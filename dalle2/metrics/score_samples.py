@@ -42,6 +42,7 @@ def score_samples_dir(
         max_reference=max_reference,
         batch_size=batch_size,
         num_workers=num_workers,
+        inception=inception is not None,
     )
     module = SampleEvaluator(
         clip=clip,
