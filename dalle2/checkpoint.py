@@ -84,7 +84,8 @@ def load_checkpoint(
 
     A sharded checkpoint directory gives the same dict: its ``meta.pt`` with the consolidated ``state_dict`` (full
     tensors, keys as in a ``.ckpt``) and ``optimizer_states``; ``tensors=False`` reads ``meta.pt`` alone (after
-    checking the shards' index); the optimizer state of a directory is consolidated only with ``optimizer=True``
+    checking the shards' index and reading every byte entry of the shards weights-only, as resuming would unpickle
+    them); the optimizer state of a directory is consolidated only with ``optimizer=True``
     (it is ~2x the weights, and no reader of weights needs it)."""
     path = Path(path)
     _exists(path)
