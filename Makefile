@@ -36,7 +36,7 @@ format: $(STAMP)
 
 # The docs site (mkdocs.yml -> site/): --strict makes a broken link or anchor, or a page left out of nav, an error.
 docs: $(STAMP)
-	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 test: lint docs
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -19,6 +19,7 @@ file under ``results/`` is listed in docs/results.md, and every file listed ther
 from __future__ import annotations
 
 import ast
+import os
 import re
 import shlex
 import shutil
@@ -526,3 +527,23 @@ def test_readme_links_resolve():
         if not md.exists() or (anchor and md.suffix == ".md" and anchor not in _anchors(md)):
             bad.append(target)
     assert not bad, bad
+
+
+def test_the_site_build_fails_on_a_broken_link(tmp_path):
+    """`make docs`'s own command (its flags: a --quiet build would pass with warnings) on a copy of the site with one
+    broken link exits non-zero naming the link; the same copy without it builds."""
+    import sys
+
+    recipe = subprocess.run(["make", "-n", "-C", str(ROOT), "docs"], capture_output=True, text=True, check=True)
+    line = next(x for x in recipe.stdout.splitlines() if "mkdocs build" in x)
+    args = shlex.split(line.split("mkdocs", 1)[1])  # after `.../bin/mkdocs`
+    shutil.copytree(ROOT / "docs", tmp_path / "docs")
+    shutil.copy(ROOT / "mkdocs.yml", tmp_path / "mkdocs.yml")
+    cmd = [sys.executable, "-m", "mkdocs", *args, "-f", str(tmp_path / "mkdocs.yml"), "-d", str(tmp_path / "site")]
+    env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
+    ok = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    page = tmp_path / "docs" / "karlo.md"
+    page.write_text(page.read_text() + "\n\nSee [the missing page](missing-page.md).\n")
+    broken = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert broken.returncode != 0 and "missing-page.md" in broken.stderr, broken.stderr[-2000:]
