@@ -18,7 +18,9 @@ and the Inception weights: a sweep computes them once.  See docs/evaluation.md.
 from __future__ import annotations
 
 import json
+import os
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -35,6 +37,7 @@ from dalle2.lit.checkpoints import CHECKPOINT_ERRORS  # noqa: E402
 from dalle2.lit.clip_module import load_clip  # noqa: E402
 from dalle2.lit.distributed import releases_process_group  # noqa: E402
 from dalle2.lit.pipeline_module import PipelineModule, PromptBatches, SampleWriter, make_items, valid_image  # noqa: E402
+from dalle2.lit.precision import resolve_precision  # noqa: E402
 from dalle2.metrics.clip_score import ClipScorer  # noqa: E402
 from dalle2.metrics.coco import (  # noqa: E402
     CocoCaptions,
@@ -60,19 +63,58 @@ def _rank() -> int:
 
 def _trainer(cfg: DictConfig, callbacks=()) -> L.Trainer:
     # fixed batches (samples) and ImageFilesData (features) are dealt to ranks by us: no distributed sampler
-    return instantiate(cfg.trainer, use_distributed_sampler=False, callbacks=list(callbacks))
+    precision = resolve_precision(cfg.trainer.get("precision", "32-true"), cfg.trainer.get("accelerator", "auto"))
+    return instantiate(cfg.trainer, use_distributed_sampler=False, callbacks=list(callbacks), precision=precision)
+
+
+def _launch_rank() -> int:
+    """This process's global rank as the launcher set it (before any process group exists)."""
+    for key in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return 0
+
+
+# what a run writes in out= (moved aside together by force=true when the settings changed)
+OUTPUTS = ("samples", "captions.jsonl", "generation.json", "metrics.json")
+
+
+def move_outputs_aside(out: Path) -> Path:
+    """Move the previous run's outputs (:data:`OUTPUTS`) into ``out/replaced-<time>/``: nothing is deleted, and new
+    PNGs never sit beside old ones."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target, n = out / f"replaced-{stamp}", 1
+    while target.exists():
+        target, n = out / f"replaced-{stamp}-{n}", n + 1
+    target.mkdir(parents=True)
+    for name in OUTPUTS:
+        if (out / name).exists():
+            (out / name).rename(target / name)
+    return target
 
 
 def _check_identity(path: Path, identity: dict, force: bool) -> None:
-    """A rerun in ``out`` must make the same images (``n`` may change: the draw for a smaller n is a prefix)."""
+    """A rerun in ``out`` must make the same images (``n`` may change: the draw for a smaller n is a prefix);
+    ``force`` moves a previous run with other settings aside (rank 0; the other ranks wait for its new identity)."""
     if path.is_file():
         old = json.loads(path.read_text())
         diff = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
         if diff and not force:
             raise SystemExit(
                 f"error: {path.parent} holds samples made with other settings ({', '.join(diff)} "
-                "differ); choose another out= (or force=true to regenerate whatever is not valid)"
+                "differ); choose another out= (or force=true to move them aside into out/replaced-<time>/ and "
+                "start afresh)"
             )
+        if diff and _launch_rank() != 0:
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline:
+                if path.is_file() and json.loads(path.read_text()) == json.loads(json.dumps(identity)):
+                    return
+                time.sleep(0.5)
+            raise SystemExit(f"error: rank {_launch_rank()}: rank 0 did not move {path.parent}'s old samples aside")
+        if diff:
+            moved = move_outputs_aside(path.parent)
+            print(f"[dalle2] force=true: the previous run's outputs ({', '.join(diff)} differ) moved to {moved}/")
     write_json_atomic(path, identity)
 
 
@@ -89,6 +131,16 @@ def generate(cfg: DictConfig, rows: list[dict], out: Path, ckpt_hashes: dict) ->
         trust_checkpoint=bool(cfg.trust_checkpoint),
     )
     size = int(cfg.size or pipe.sizes[-1])
+    items = make_items([r["caption"] for r in rows], seed=int(cfg.seed))
+    samples = out / "samples"
+    writer = SampleWriter(
+        samples,
+        items,
+        extra={"size": size, "settings": settings.to_dict(), "ckpt": ckpt_hashes},
+        keep=lambda p: valid_image(p, size),
+    )
+    trainer = _trainer(cfg, [writer])  # before the identity: it names the precision and device that will run
+    tok = pipe.tokenizer
     identity = {
         "seed": int(cfg.seed),
         "captions_sha256": file_sha256(cfg.captions),
@@ -96,24 +148,18 @@ def generate(cfg: DictConfig, rows: list[dict], out: Path, ckpt_hashes: dict) ->
         "batch_size": int(cfg.batch_size),
         "settings": settings.to_dict(),
         "checkpoints": {k: ckpt_hashes[k] for k in ("clip", "prior", "decoder", "upsamplers")},
+        "tokenizer": {"name": tok.name, "sha256": tok.vocabulary.sha256, "context_length": tok.context_length},
+        "precision": str(trainer.precision),
+        "accelerator": type(trainer.accelerator).__name__.removesuffix("Accelerator").lower(),
     }
     _check_identity(out / "generation.json", identity, bool(cfg.force))
     write_jsonl_atomic(out / "captions.jsonl", rows)
-    items = make_items([r["caption"] for r in rows], seed=int(cfg.seed))
-    samples = out / "samples"
 
     def done(batch: list[dict]) -> bool:
         return all(valid_image(samples / it["file"], size) for it in batch)
 
     batches = PromptBatches(items, batch_size=int(cfg.batch_size), skip=done)
-    writer = SampleWriter(
-        samples,
-        items,
-        extra={"size": size, "settings": settings.to_dict(), "ckpt": ckpt_hashes},
-        keep=lambda p: valid_image(p, size),
-    )
     warnings.filterwarnings("ignore", message=".*infer the batch indices.*")
-    trainer = _trainer(cfg, [writer])
     trainer.predict(PipelineModule(pipe, settings=settings, size=size), datamodule=batches, return_predictions=False)
     print(
         f"[dalle2] rank {trainer.global_rank}: {batches.skipped_batches} batches already done, "

@@ -391,6 +391,30 @@ def test_other_settings_in_the_same_out_stop_with_a_message(first_run, coco, ckp
         run_in_process(overrides(coco, ckpts, copy, [f"inception={bad}"]))
 
 
+def test_force_moves_the_old_run_aside_and_the_identity_names_what_ran(first_run, coco, ckpts):
+    """force=true with other settings: the old PNGs (and the files describing them) go to out/replaced-<time>/, the
+    new run starts in an empty samples folder; run twice, both old runs are still there. generation.json names the
+    tokenizer, the precision and the accelerator that made the images."""
+    out, _ = first_run
+    copy = out.parent / "forced"
+    shutil.copytree(out, copy)
+    old = pngs(copy)
+    ident = json.loads((copy / "generation.json").read_text())
+    assert ident["precision"] == "32-true" and ident["accelerator"] == "cpu"
+    assert len(ident["tokenizer"]["sha256"]) == 64 and ident["tokenizer"]["context_length"] > 0
+    run_in_process(overrides(coco, ckpts, copy, ["seed=4", "force=true"]))
+    [moved] = sorted(copy.glob("replaced-*"))
+    assert {p.name: p.read_bytes() for p in sorted((moved / "samples").glob("0*.png"))} == old  # kept, intact
+    assert json.loads((moved / "generation.json").read_text())["seed"] == 3
+    new = pngs(copy)
+    assert sorted(new) == sorted(old) and all(new[k] != old[k] for k in new)  # every PNG made anew, none mixed in
+    assert json.loads((copy / "generation.json").read_text())["seed"] == 4
+    run_in_process(overrides(coco, ckpts, copy, ["seed=3", "force=true"]))  # and back: two old runs kept
+    replaced = sorted(copy.glob("replaced-*"))
+    assert len(replaced) == 2 and pngs(copy) == old
+    assert {p.name: p.read_bytes() for p in sorted((replaced[1] / "samples").glob("0*.png"))} == new
+
+
 @pytest.mark.slow
 def test_two_ddp_processes_write_the_same_pngs(first_run, coco, ckpts, tmp_path):
     out, res = first_run

@@ -82,3 +82,27 @@ def test_every_entry_point_that_runs_a_trainer_releases_the_group_on_return_rais
     for p in with_trainer:
         text = p.read_text()
         assert re.search(r"@hydra\.main\([^\n]*\)\n@releases_process_group\ndef main", text), p.name
+
+
+def test_the_logged_config_names_the_precision_that_ran():
+    """bf16-mixed-if-native is resolved per machine: the hyperparameters a run logs say which precision it got."""
+    import lightning as L
+    from omegaconf import OmegaConf
+
+    from dalle2.lit.precision import resolve_precision
+    from helpers.scripts import load_script
+
+    class Recorder:
+        params = None
+
+        def log_hyperparams(self, params):
+            self.params = params
+
+    train = load_script("train", "train")
+    cfg = OmegaConf.create({"trainer": {"precision": "bf16-mixed-if-native", "accelerator": "cpu"}})
+    resolved = resolve_precision("bf16-mixed-if-native", "cpu")
+    trainer = L.Trainer(accelerator="cpu", precision=resolved, logger=False, enable_progress_bar=False)
+    rec = Recorder()
+    train.StartLoggers([rec], cfg).on_fit_start(trainer, None)
+    assert rec.params["resolved_precision"] == resolved in ("bf16-mixed", "32-true")
+    assert rec.params["trainer"]["precision"] == "bf16-mixed-if-native"  # what was asked stays as asked

@@ -100,10 +100,14 @@ def git_state() -> dict:
     return {"git_sha": sha or "unknown", "git_dirty": None if sha is None or dirty is None else bool(dirty)}
 
 
-def log_run_config(loggers: list, cfg: DictConfig) -> None:
-    """Record the resolved config and the code version (git sha, dirty flag) with every logger."""
+def log_run_config(loggers: list, cfg: DictConfig, trainer=None) -> None:
+    """Record the resolved config, the code version (git sha, dirty flag) and what actually runs with every logger:
+    ``resolved_precision`` is the trainer's precision after ``bf16-mixed-if-native`` was resolved for this machine
+    (``bf16-mixed`` or ``32-true``; the config keeps what was asked)."""
     params = OmegaConf.to_container(cfg, resolve=True)
     params.update(git_state())
+    if trainer is not None:
+        params["resolved_precision"] = str(trainer.precision)
     for lg in loggers:
         lg.log_hyperparams(params)
 
@@ -119,7 +123,7 @@ class StartLoggers(L.Callback):
     def on_fit_start(self, trainer, pl_module) -> None:
         if self.loggers:
             trainer.loggers = self.loggers
-            log_run_config(self.loggers, self.cfg)
+            log_run_config(self.loggers, self.cfg, trainer)
 
 
 def check_shards(cfg: DictConfig) -> None:
