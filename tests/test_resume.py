@@ -1,5 +1,6 @@
 """Exact resume: the training data stream continues where it stopped, and a training run killed with SIGKILL
-and resumed with ``ckpt_path=last`` follows the uninterrupted run's loss curve."""
+and resumed with ``ckpt_path=last`` follows the uninterrupted run's loss curve, its metrics.csv holding the whole
+history."""
 
 from __future__ import annotations
 
@@ -108,18 +109,27 @@ def test_sigkill_and_resume_matches_uninterrupted(builtin_shards, tiny_clip_ckpt
         stderr=subprocess.PIPE,
         text=True,
     )
-    last = b_dir / "checkpoints" / "last.ckpt"
+    # kill -9 once a checkpoint is written and the metrics of every step before it are on disk (the logger writes
+    # them out at each checkpoint): the steps after it are the ones the resume redoes
+    last, metrics = b_dir / "checkpoints" / "last.ckpt", b_dir / "csv" / "metrics.csv"
     deadline = time.time() + 240
-    while not last.exists() and proc.poll() is None and time.time() < deadline:
+    while proc.poll() is None and time.time() < deadline:
+        if last.exists() and metrics.exists():
+            saved = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
+            if max(losses(metrics), default=-1) >= saved - 1:
+                break
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     assert last.exists(), proc.stderr.read()[-3000:]
     killed_at = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
     assert killed_at < n and killed_at % k == 0
+    dead_curve = losses(metrics)
 
+    # resumed into the same run dir and csv logger: metrics.csv keeps the history (Lightning's CSVLogger deleted it
+    # and the resumed run's file began at the checkpoint's step)
     b = subprocess.run(
-        decoder_cmd(builtin_shards, tiny_clip_ckpt, b_dir, *common, "ckpt_path=last", "logger.csv.name=csv_resumed"),
+        decoder_cmd(builtin_shards, tiny_clip_ckpt, b_dir, *common, "ckpt_path=last"),
         cwd=REPO_ROOT,
         env=run_env(),
         capture_output=True,
@@ -127,9 +137,14 @@ def test_sigkill_and_resume_matches_uninterrupted(builtin_shards, tiny_clip_ckpt
         timeout=300,
     )
     assert b.returncode == 0, b.stderr[-3000:]
-    curve_a, curve_b = losses(a_dir / "csv" / "metrics.csv"), losses(b_dir / "csv_resumed" / "metrics.csv")
-    assert min(curve_b) == killed_at and max(curve_b) == max(curve_a) == n - 1  # resumed from the checkpoint
-    for step, loss in curve_b.items():
+    curve_a, curve_b = losses(a_dir / "csv" / "metrics.csv"), losses(metrics)
+    assert sorted(curve_b) == list(range(n)) == sorted(curve_a)  # every step, each once
+    with open(metrics) as f:
+        steps = [int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")]
+    assert steps == sorted(steps) and len(steps) == n
+    for step in range(killed_at):  # the killed run's rows before its checkpoint: kept as they were
+        assert curve_b[step] == dead_curve[step]
+    for step, loss in curve_b.items():  # and the resumed run follows the uninterrupted one
         assert loss == pytest.approx(curve_a[step], rel=1e-5, abs=1e-6), f"step {step}: {loss} vs {curve_a[step]}"
     # the final states agree too: weights, EMA, optimizer moments
     fa = torch.load(a_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
