@@ -165,3 +165,61 @@ def test_a_run_dir_moved_or_copied_resumes_into_its_own_last_ckpt(tmp_path):
         "step_0000008.ckpt",
     ]
     assert step_of(ckpts / "last.ckpt") == 8
+
+
+def test_a_save_killed_mid_write_leaves_no_temp_file_after_the_next_start(tmp_path):
+    """SIGKILL during a save left a full-size ``.last.ckpt.tmp-<pid>`` beside last.ckpt forever. The next start
+    removes temp files of that pattern whose writer is dead and that were last written before it started — and
+    nothing else."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from dalle2.io import temp_path
+    from dalle2.lit.checkpoints import remove_stale_temp_files
+
+    fit(tmp_path, 2)
+    ckpts = tmp_path / "checkpoints"
+    # a save killed half-way: a real atomic write, SIGKILLed while its temp file is open
+    writer = (
+        "import sys, time\n"
+        "from dalle2.io import atomic_write\n"
+        "cm = atomic_write(sys.argv[1]); f = cm.__enter__()\n"
+        "f.write(b'\\0' * 100000); f.flush()\n"
+        "print('writing', flush=True); time.sleep(60)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", writer, str(ckpts / "last.ckpt")],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.getcwd()},
+    )
+    assert proc.stdout.readline().strip() == "writing"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    left = ckpts / f".last.ckpt.tmp-{proc.pid}"
+    assert (
+        left.is_file()
+        and left.stat().st_size == 100000
+        and os.path.basename(temp_path(left.parent / "x")) == (f".x.tmp-{os.getpid()}")
+    )  # the name dalle2.io gives its temp files
+    an_hour_ago = time.time() - 3600
+    os.utime(left, (an_hour_ago, an_hour_ago))  # the kill happened before this run started
+    # what must stay: a temp file of a live process, one written just now (a writer elsewhere on a shared disk),
+    # and files that merely look alike
+    live = ckpts / f".step_0000002.ckpt.tmp-{os.getpid()}"
+    recent = tmp_path / f".metrics.csv.tmp-{proc.pid}"
+    lookalikes = [ckpts / ".last.ckpt.tmp-mine", ckpts / "last.ckpt.tmp-99999999", tmp_path / "notes.tmp-1"]
+    for p in [live, recent, *lookalikes]:
+        p.write_bytes(b"keep")
+    for p in [live, *lookalikes]:
+        os.utime(p, (an_hour_ago, an_hour_ago))
+
+    assert remove_stale_temp_files(tmp_path) == [left]
+    assert not left.exists() and all(p.exists() for p in [live, recent, *lookalikes])
+    assert step_of(ckpts / "last.ckpt") == 2  # the previous checkpoint is intact
+    # resolving where to resume is the start of a run: it tidies the same way
+    left.write_bytes(b"\0" * 10)
+    os.utime(left, (an_hour_ago, an_hour_ago))
+    assert resolve_ckpt_path("last", tmp_path).endswith("last.ckpt") and not left.exists()

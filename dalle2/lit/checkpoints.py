@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
+import re
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -66,6 +69,7 @@ __all__ = [
     "load_stage_module",
     "read_export",
     "read_stage",
+    "remove_stale_temp_files",
     "resolve_ckpt_path",
     "run_checkpoints",
 ]
@@ -202,6 +206,58 @@ def run_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(found, key=lambda sp: -sp[0])  # stable: last.ckpt first among equal steps
 
 
+# The temp files of dalle2.io.atomic_write (checkpoints, markers, shards): ``.<name>.tmp-<pid>`` beside the target.
+TEMP_FILE = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)$")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    except OSError:
+        return True
+    return True
+
+
+def remove_stale_temp_files(
+    run_dir: str | Path, *, started: float | None = None, margin_s: float = 10.0, recursive: bool = False
+) -> list[Path]:
+    """Remove what a save killed mid-write (SIGKILL, OOM, a node lost) left: temp files of our atomic writes
+    (:func:`dalle2.io.temp_path`: ``.<name>.tmp-<pid>``) in ``run_dir`` and ``run_dir/checkpoints`` (every folder
+    under ``run_dir`` when ``recursive``). Only files of that name whose writer is not alive on this machine and
+    that were last written before ``started`` (default: now) less ``margin_s`` — a writer on another machine
+    sharing the disk keeps writing, so its file stays recent. Nothing else is touched. Returns the files removed."""
+    run_dir = Path(run_dir)
+    before = (time.time() if started is None else started) - margin_s
+    if recursive:
+        folders = [run_dir, *(p for p in sorted(run_dir.rglob("*")) if p.is_dir() and not p.is_symlink())]
+    else:
+        folders = [run_dir, run_dir / "checkpoints"]
+    removed = []
+    for folder in folders:
+        try:
+            entries = sorted(folder.iterdir())
+        except OSError:
+            continue
+        for path in entries:
+            m = TEMP_FILE.match(path.name)
+            if not m or path.is_symlink() or not path.is_file() or _alive(int(m["pid"])):
+                continue
+            try:
+                if path.stat().st_mtime >= before:
+                    continue
+                path.unlink()
+            except FileNotFoundError:  # another rank of the same start removed it first
+                continue
+            removed.append(path)
+    for path in removed:
+        print(f"[dalle2] removed {path}: a temp file left by a save that was killed mid-write", flush=True)
+    return removed
+
+
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: str | Path) -> str | None:
     """What ``trainer.fit(ckpt_path=...)`` should get for the ``ckpt_path`` config value.
 
@@ -213,7 +269,11 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: str | Path) -> str | No
       pin the run dir with ``hydra.run.dir=...``).
     * a run directory: its newest checkpoint likewise;  a file or a sharded checkpoint directory: that checkpoint
       (``FileNotFoundError`` when missing).
+
+    A run starts here, so the temp files a save killed mid-write left in ``output_dir`` are removed first
+    (:func:`remove_stale_temp_files`).
     """
+    remove_stale_temp_files(output_dir)
     if ckpt_path in (None, "", "null", "none"):
         existing = run_checkpoints(output_dir)
         if existing:
