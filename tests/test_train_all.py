@@ -354,6 +354,18 @@ def test_report_says_not_run_for_missing_pieces(tmp_path):
     assert (tmp_path / "report.html").is_file()
 
 
+def test_report_counts_every_attempt_of_a_resumed_stage(tmp_path):
+    (tmp_path / "decoder").mkdir()
+    attempts = [
+        {"wall_s": 2760.0, "cpu_s": 5000.0, "ended": "killed"},
+        {"wall_s": 1200.0, "cpu_s": 2200.0, "ended": "finished"},
+    ]
+    done = {"stage": "decoder", "wall_s": 3960.0, "cpu_s": 7200.0, "attempts": attempts}
+    (tmp_path / "decoder" / "DONE.json").write_text(json.dumps(done))
+    md = write_report(tmp_path).read_text()
+    assert "| decoder | 66 min 00 s | 120 min 00 s | 2 (killed, finished) |" in md
+
+
 def test_report_checks_generated_images_against_their_prompts(tmp_path):
     """Without evaluate/metrics.json the report scores the samples itself with the built-in attribute checker."""
     from dalle2.data.synthetic import STRICT_IOU_THRESHOLD, make_caption, render, sample_attributes
@@ -417,3 +429,78 @@ def test_train_groups_are_the_config_groups_of_train_py():
         "model"
     }
     assert set(train_all.TRAIN_GROUPS) == groups
+
+
+@pytest.mark.slow
+def test_train_all_killed_mid_stage_then_resumed_keeps_the_metrics_history_and_the_cost(builtin_shards, tmp_path):
+    """The reproduced case, with a real kill -9 of train_all and its stage (the whole process group) once the stage
+    has saved a checkpoint: the rerun resumes it, and its metrics.csv holds every step once (Lightning's CSVLogger
+    deleted the file on resume, so the curve began at the checkpoint), and DONE.json counts both attempts' time."""
+    import csv
+    import signal
+    import time
+
+    import torch
+
+    from helpers.tiny_runs import _TINY
+
+    n, k = 16, 4
+    out = tmp_path / "run"
+    args = [
+        f"out_dir={out}",
+        f"data.train_urls='{builtin_shards['train']}'",
+        f"data.val_urls='{builtin_shards['val']}'",
+        "stages=[clip]",
+        "report=false",
+        "heartbeat_s=0.5",
+        *(f"clip.{x}" for x in _TINY["clip"][1:]),
+        *(
+            f"clip.{x}"
+            for x in [
+                f"trainer.max_steps={n}",
+                f"callbacks.model_checkpoint.every_n_train_steps={k}",
+                "trainer.limit_val_batches=0",
+                "trainer.log_every_n_steps=1",
+                "trainer.enable_progress_bar=false",
+                "data.batch_size=8",
+                "data.num_workers=0",
+                "logger=csv",
+            ]
+        ),
+    ]
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT, OMP_NUM_THREADS="1", WANDB_MODE="offline")
+    cmd = [sys.executable, "train/train_all.py", *args]
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL)
+    last, metrics, started = (out / "clip" / p for p in ("checkpoints/last.ckpt", "csv/metrics.csv", "STARTED.json"))
+
+    def steps(path):
+        with open(path) as f:
+            return [int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")]
+
+    deadline = time.time() + 400
+    try:
+        while proc.poll() is None and time.time() < deadline:
+            if last.exists() and metrics.exists() and started.exists():
+                saved = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
+                beat = json.loads(started.read_text())["attempts"][-1]["wall_s"]
+                if max(steps(metrics), default=-1) >= saved - 1 and beat > 0:
+                    break
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # train_all and its stage at once
+        proc.wait(timeout=30)
+    killed_at = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
+    assert k <= killed_at < n and not (out / "clip" / "DONE.json").exists()
+    dead_rows = steps(metrics)
+
+    again = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert f"resuming from {last}" in again.stdout
+    rows = steps(metrics)
+    assert rows == list(range(n)), (killed_at, dead_rows, rows)  # every step, once, in order
+    done = json.loads((out / "clip" / "DONE.json").read_text())
+    assert [a["ended"] for a in done["attempts"]] == ["killed", "finished"]
+    first, second = done["attempts"]
+    assert first["wall_s"] > 0 and first["cpu_s"] > 0 and second["wall_s"] > 0
+    assert done["wall_s"] == pytest.approx(first["wall_s"] + second["wall_s"], abs=0.02)
+    assert done["cpu_s"] == pytest.approx(first["cpu_s"] + second["cpu_s"], abs=0.02)

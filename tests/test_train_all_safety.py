@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,8 @@ class Killed(Exception):
 
 class FakeStages:
     """Stands in for ``run_commands``: a trained stage writes ``checkpoints/last.ckpt`` at its max_steps (or, when
-    ``kill_at`` is set, at that step and is then "killed"); it records what it found when it started."""
+    ``kill_at`` is set, at that step and is then "killed") with fresh random weights, as a real run would; the
+    embeddings stage writes shards, the others a metrics file. It records what it found when it started."""
 
     def __init__(self, out: Path):
         self.out, self.calls, self.kill_at = out, [], None
@@ -32,13 +34,21 @@ class FakeStages:
     def __call__(self, stage, *, cwd):
         argv = stage.commands[0]
         opts = override_pairs(argv[2:])  # ++key=value: a stage key
-        last = self.out / stage.name / "checkpoints" / "last.ckpt"
+        d = Path(opts["hydra.run.dir"])
+        last = d / "checkpoints" / "last.ckpt"
         found = torch.load(last, weights_only=True)["global_step"] if last.exists() else None
         self.calls.append({"stage": stage.name, "argv": list(argv), "found_step": found})
         if stage.name in train_all.TRAINED:
             last.parent.mkdir(parents=True, exist_ok=True)
-            step = self.kill_at if self.kill_at is not None else int(opts["trainer.max_steps"])
-            torch.save({"global_step": step}, last)
+            step = self.kill_at if self.kill_at is not None else int(opts.get("trainer.max_steps", 10))
+            torch.save({"global_step": step, "weights": torch.randn(4)}, last)
+        elif stage.name == "embeddings":
+            for split in ("train", "val"):
+                (d / split).mkdir(parents=True, exist_ok=True)
+                (d / split / "00000.tar").write_bytes(os.urandom(64))
+        else:
+            d.mkdir(parents=True, exist_ok=True)
+            (d / "metrics.json").write_text(json.dumps({"score": float(torch.rand(1))}))
         if self.kill_at is not None:
             raise Killed(stage.name)
 
@@ -49,13 +59,14 @@ def setup(tmp_path, builtin_shards, monkeypatch):
     fake = FakeStages(out)
     monkeypatch.setattr(train_all, "run_commands", fake)
 
-    def run(*extra, kill_at=None):
-        """train_all on the decoder stage; with ``kill_at`` the stage is killed at that step (checkpoint written)."""
+    def run(*extra, kill_at=None, stages="[decoder]", out_dir=None):
+        """train_all on ``stages`` (the decoder); with ``kill_at`` the stage is killed at that step (checkpoint
+        written)."""
         args = [
-            f"out_dir={out}",
+            f"out_dir={out_dir or out}",
             "experiment=demo",
             "report=false",
-            "stages=[decoder]",
+            f"stages={stages}",
             f"data.train_urls='{builtin_shards['train']}'",
             f"data.val_urls='{builtin_shards['val']}'",
             *extra,
@@ -105,15 +116,18 @@ def test_finished_stage_with_more_steps_continues_and_other_changes_stop(setup):
     assert run("decoder.trainer.max_steps=10")["decoder"]["status"] == "skipped"
     assert run("decoder.trainer.max_steps=10", "decoder.trainer.log_every_n_steps=3")["decoder"]["status"] == "skipped"
     done_path = out / "decoder" / "DONE.json"
-    first = {**json.loads(done_path.read_text()), "wall_s": 100.0, "cpu_s": 150.0}  # as if the 10 steps took 100 s
-    done_path.write_text(json.dumps(first))
+    for marker in (done_path, out / "decoder" / "STARTED.json"):  # as if the 10 steps took 100 s
+        rec = json.loads(marker.read_text())
+        rec["attempts"][0].update(wall_s=100.0, cpu_s=150.0)
+        marker.write_text(json.dumps(rec))
     summary = run("decoder.trainer.max_steps=20")
     assert summary["decoder"]["status"] == "ran" and fake.calls[-1]["found_step"] == 10
     assert "ckpt_path=last" in fake.calls[-1]["argv"]
-    # the continued stage's times are the whole run's (the report sums them), the last part's kept beside them
+    # the continued stage's times are the whole run's (the report sums them), each part kept as an attempt
     done = json.loads(done_path.read_text())
-    assert done["wall_s"] >= 100.0 and done["cpu_s"] >= 150.0
-    assert done["wall_s"] - 100.0 == pytest.approx(done["continued"]["this_wall_s"], abs=0.011)
+    assert [a["ended"] for a in done["attempts"]] == ["finished", "finished"]
+    assert done["attempts"][0]["wall_s"] == 100.0 and done["cpu_s"] >= 150.0
+    assert done["wall_s"] == pytest.approx(100.0 + done["attempts"][1]["wall_s"], abs=0.011)
     with pytest.raises(SystemExit, match=r"finished run.*optimizer\.lr"):
         run("decoder.trainer.max_steps=20", "decoder.optimizer.lr=0.5")
 
@@ -170,3 +184,128 @@ def test_markers_are_written_atomically(tmp_path, monkeypatch):
             f.write('{"stage": "ne')  # half written, then the disk fails
             raise OSError(28, "No space left on device")
     assert json.loads(path.read_text()) == {"stage": "old"} and os.listdir(tmp_path) == ["DONE.json"]
+
+
+def statuses(summary: dict) -> dict[str, str]:
+    return {s: v["status"] for s, v in summary.items()}
+
+
+UPSTREAM = "[clip,embeddings,prior]"
+
+
+def test_a_stage_built_from_an_older_upstream_reruns_never_skipped(setup, tmp_path):
+    """The reproduced case: stages=[clip] force=[clip], then the full run skipped embeddings and prior, which were
+    built from the old CLIP."""
+    out, fake, run = setup
+    assert set(statuses(run(stages=UPSTREAM)).values()) == {"ran"}
+    assert set(statuses(run(stages=UPSTREAM)).values()) == {"skipped"}  # nothing changed: nothing reruns
+    old_prior = snapshot(out / "prior")
+    assert statuses(run("force=[clip]", stages="[clip]")) == {"clip": "ran"}
+    summary = run(stages=UPSTREAM)
+    assert statuses(summary) == {"clip": "skipped", "embeddings": "ran", "prior": "ran"}
+    assert [c["stage"] for c in fake.calls[-2:]] == ["embeddings", "prior"]
+    moved = [p for p in out.iterdir() if p.name.startswith("prior.old-")]
+    assert len(moved) == 1 and snapshot(moved[0]) == old_prior  # the stale prior is kept, not deleted
+    # what a stage consumed is in its DONE.json: the sha256 of the upstream's checkpoint
+    import hashlib
+
+    done = json.loads((out / "embeddings" / "DONE.json").read_text())
+    clip_sha = hashlib.sha256((out / "clip" / "checkpoints" / "last.ckpt").read_bytes()).hexdigest()
+    assert done["inputs"]["clip"] == clip_sha
+    assert set(statuses(run(stages=UPSTREAM)).values()) == {"skipped"}
+
+    # a given checkpoint that changed on disk makes its dependents rerun too
+    given = tmp_path / "given_clip.ckpt"
+    given.write_bytes(b"clip weights, first version")
+    stages = "[clip,embeddings]"
+    assert statuses(run(f"ckpt.clip={given}", "force=[embeddings]", stages=stages))["embeddings"] == "ran"
+    assert statuses(run(f"ckpt.clip={given}", stages=stages))["embeddings"] == "skipped"
+    given.write_bytes(b"clip weights, second version")
+    assert statuses(run(f"ckpt.clip={given}", stages=stages))["embeddings"] == "ran"
+
+
+def test_an_unfinished_stage_whose_upstream_changed_starts_afresh(setup):
+    out, fake, run = setup
+    run(stages="[clip,embeddings]")
+    assert run(stages="[prior]", kill_at=5) is None
+    run("force=[clip]", stages="[clip]")
+    summary = run(stages=UPSTREAM)
+    assert statuses(summary) == {"clip": "skipped", "embeddings": "ran", "prior": "ran"}
+    assert fake.calls[-1]["found_step"] is None and "ckpt_path=last" not in fake.calls[-1]["argv"]
+    assert any(p.name.startswith("prior.old-") for p in out.iterdir())
+
+
+def test_every_stage_is_planned_before_anything_runs(setup, capsys):
+    """The reproduced case: with force=[prior] and a changed decoder setting, the prior was retrained (and the old
+    one moved aside) before the decoder refused."""
+    out, fake, run = setup
+    run(stages="[prior,decoder]")
+    before, calls = snapshot(out), len(fake.calls)
+    capsys.readouterr()
+    with pytest.raises(SystemExit, match=r"decoder.*model\.model_channels: \(unset\) -> 64") as e:
+        run("force=[prior]", "decoder.model.model_channels=64", stages="[prior,decoder]")
+    assert "Nothing was changed" in str(e.value)
+    assert snapshot(out) == before and len(fake.calls) == calls  # the prior did not run, nothing moved aside
+    printed = capsys.readouterr().out
+    plan = [line.split() for line in printed.splitlines() if line.startswith("[train_all]   ")]
+    assert [row[1:3] for row in plan] == [["prior", "run"], ["decoder", "refuse"]], printed
+    assert "forced" in printed
+
+    # every refusal is named at once, and a plan with none prints each stage's action and reason, then runs
+    with pytest.raises(SystemExit) as e:
+        run("prior.optimizer.lr=0.5", "decoder.model.model_channels=64", stages="[prior,decoder]")
+    assert "prior" in str(e.value) and "optimizer.lr" in str(e.value) and "model_channels" in str(e.value)
+    capsys.readouterr()
+    run("force=[prior]", stages="[prior,decoder]")
+    printed = capsys.readouterr().out
+    assert re.search(r"prior +run +forced", printed) and re.search(r"decoder +skip +done", printed), printed
+
+
+def test_a_moved_out_dir_keeps_its_identity(setup, tmp_path):
+    """Paths inside out_dir are recorded relative to it: a run moved (or copied) elsewhere skips what is done
+    and resumes what is not, rather than refusing every stage."""
+    out, fake, run = setup
+    run(stages=UPSTREAM)
+    assert run(stages="[decoder]", kill_at=5) is None
+    moved = tmp_path / "elsewhere" / "run"
+    moved.parent.mkdir()
+    out.rename(moved)
+    summary = run(stages="[clip,embeddings,prior,decoder]", out_dir=moved)
+    assert statuses(summary) == {"clip": "skipped", "embeddings": "skipped", "prior": "skipped", "decoder": "ran"}
+    assert fake.calls[-1]["found_step"] == 5 and "ckpt_path=last" in fake.calls[-1]["argv"]
+    assert f"hydra.run.dir={moved}/decoder" in fake.calls[-1]["argv"]
+
+
+def test_a_resumed_stage_starts_without_the_temp_files_of_a_killed_save(setup):
+    import subprocess
+    import sys
+    import time
+
+    out, fake, run = setup
+    assert run(stages="[embeddings]", kill_at=5) is None
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    shard, marker = out / "embeddings" / "train" / f".00001.tar.tmp-{dead.pid}", out / "embeddings" / "mine.tmp-1"
+    for p in (shard, marker):
+        p.write_bytes(b"\0" * 1000)
+        os.utime(p, (time.time() - 3600,) * 2)
+    assert statuses(run(stages="[embeddings]")) == {"embeddings": "ran"}
+    assert not shard.exists() and marker.exists()  # a user's file of another name stays
+
+
+def test_a_stage_killed_and_resumed_accounts_every_attempt(setup):
+    """The reproduced case: the demo's decoder killed at ~3250 steps and resumed had a DONE.json with only the
+    resumed part's time (20 of ~66 minutes)."""
+    out, fake, run = setup
+    assert run(kill_at=700) is None  # the stage's process died
+    started = out / "decoder" / "STARTED.json"
+    rec = json.loads(started.read_text())
+    assert [a["ended"] for a in rec["attempts"]] == ["failed (Killed)"]
+    # then train_all itself was killed -9 during a second attempt: what its last heartbeat wrote stays
+    rec["attempts"].append({"started": "2026-01-01 00:00:00", "wall_s": 3600.0, "cpu_s": 7000.0, "ended": "running"})
+    started.write_text(json.dumps(rec))
+    assert run()["decoder"]["status"] == "ran" and fake.calls[-1]["found_step"] == 700
+    done = json.loads((out / "decoder" / "DONE.json").read_text())
+    assert [a["ended"] for a in done["attempts"]] == ["failed (Killed)", "killed", "finished"]
+    assert done["wall_s"] == pytest.approx(sum(a["wall_s"] for a in done["attempts"]), abs=0.02)
+    assert done["wall_s"] >= 3600.0 and done["cpu_s"] >= 7000.0

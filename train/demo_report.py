@@ -67,6 +67,14 @@ def fmt(v, digits: int = 4) -> str:
     return str(v)
 
 
+def attempts_note(attempts: list[dict] | None) -> str:
+    """``1``, or ``3 (killed, failed (exit status 1), finished)``: how many attempts a stage took and how each
+    ended (DONE.json's ``attempts``; none recorded: one)."""
+    if not attempts or len(attempts) == 1:
+        return "1"
+    return f"{len(attempts)} ({', '.join(str(a.get('ended', '?')) for a in attempts)})"
+
+
 def fmt_time(seconds: float | None) -> str:
     if seconds is None:
         return NOT_RUN
@@ -264,16 +272,18 @@ def write_report(out_dir: str | Path) -> Path:
                 s,
                 fmt_time(w) if w is not None else unknown,
                 fmt_time(c) if c is not None else unknown,
+                attempts_note((done[s] or {}).get("attempts")) if done[s] else "",
                 (done[s] or {}).get("finished", ""),
             ]
         )
     ran = any(done.values())
     any_cpu = any((d or {}).get("cpu_s") is not None for d in done.values())
-    rows.append(["total", fmt_time(total if ran else None), fmt_time(total_cpu) if any_cpu else "n/a", ""])
-    doc.table(["stage", "wall time", "CPU time (all processes)", "finished"], rows)
+    rows.append(["total", fmt_time(total if ran else None), fmt_time(total_cpu) if any_cpu else "n/a", "", ""])
+    doc.table(["stage", "wall time", "CPU time (all processes)", "attempts", "finished"], rows)
     doc.p(
         "CPU time is the stage's processes' user + system time: on a loaded machine it tells the cost better "
-        "than the wall time (on N otherwise idle cores, wall ~ CPU / N)."
+        "than the wall time (on N otherwise idle cores, wall ~ CPU / N). A stage killed (or failed) and resumed "
+        "counts every attempt: its loss curves are one history, its times the sum of the attempts."
     )
 
     # -- samples

@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from dalle2.io import atomic_write, write_json_atomic  # noqa: E402
-from dalle2.lit.checkpoints import run_checkpoints  # noqa: E402
+from dalle2.lit.checkpoints import remove_stale_temp_files, run_checkpoints  # noqa: E402
 from dalle2.train_all import DEPENDS, STAGES, TRAINED  # noqa: E402,F401
 from dalle2.train_all.commands import (  # noqa: E402,F401
     TRAIN_GROUPS,
@@ -53,9 +53,16 @@ from dalle2.train_all.commands import (  # noqa: E402,F401
     stage_override_argv,
     write_prompts,
 )
-from dalle2.train_all.identity import read_marker  # noqa: E402
-from dalle2.train_all.planning import forced_stages, plan_stage  # noqa: E402
-from dalle2.train_all.runner import children_cpu_s, move_aside, run_commands  # noqa: E402
+from dalle2.train_all.identity import OUTPUTS, fingerprint, read_marker  # noqa: E402
+from dalle2.train_all.planning import (  # noqa: E402
+    Decision,
+    Upstream,
+    forced_stages,
+    format_plan,
+    plan_stages,
+    refusals,
+)
+from dalle2.train_all.runner import Attempt, earlier_attempts, move_aside, run_commands, total  # noqa: E402
 
 # --------------------------------------------------------------------------------------------- stages
 
@@ -71,6 +78,7 @@ class Plan:
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
         self.out = Path(cfg.out_dir).resolve()
+        self.started = time.time()
         self.py = sys.executable
         self.section = {s: container(cfg.get(s)) for s in STAGES}
         self.data = OmegaConf.to_container(cfg.data, resolve=True)
@@ -207,8 +215,15 @@ def done_path(plan: Plan, stage: str) -> Path:
     return plan.dir(stage) / "DONE.json"
 
 
+def uses(plan: Plan, stages: list[str]) -> dict[str, tuple[str, ...]]:
+    """The earlier stages whose outputs each stage reads (an upsampler only when the cascade has one)."""
+    enabled = plan.enabled_models()
+    return {s: tuple(u for u in DEPENDS[s] if u not in TRAINED or u in enabled) for s in stages}
+
+
 def run(cfg: DictConfig) -> dict[str, dict]:
-    """Run the listed stages in order.
+    """Plan every listed stage (print what each will do and why), refuse before anything runs when a stage must,
+    else run the stages that need it, in order.
 
     Returns ``{stage: {"status": "ran" | "skipped" | "given" | "would run" (dry_run), "wall_s": seconds}}``.
     Never deletes anything: a stage started afresh over an old run of its own has the old dir moved aside.
@@ -219,83 +234,108 @@ def run(cfg: DictConfig) -> dict[str, dict]:
     if unknown:
         raise SystemExit(f"stages= lists unknown stages {unknown}; expected some of {list(STAGES)}")
     force = forced_stages(cfg.force)
-    plan.out.mkdir(parents=True, exist_ok=True)
-    with atomic_write(plan.out / "train_all.yaml", "w") as f:
-        f.write(OmegaConf.to_yaml(cfg, resolve=True))
-    ran: set[str] = set()
+    built = {s: plan.build(s) for s in stages if s not in plan.given}
+    reads = uses(plan, stages)
+    upstream = Upstream({s: plan.dir(s) for s in STAGES}, plan.given)
+    decisions = plan_stages(
+        stages,
+        dirs={s: plan.dir(s) for s in stages},
+        commands={s: stage.commands for s, stage in built.items()},
+        uses=reads,
+        given=plan.given,
+        force=force,
+        resume=bool(cfg.resume),
+        out_dir=plan.out,
+        upstream=upstream,
+    )
+    print(format_plan(decisions, plan.out), flush=True)
+    refused = refusals(decisions)
+    if refused is not None:
+        raise refused
+    if not cfg.dry_run:
+        plan.out.mkdir(parents=True, exist_ok=True)
+        remove_stale_temp_files(plan.out, started=plan.started)  # e.g. a train_all.yaml whose write was killed
+        with atomic_write(plan.out / "train_all.yaml", "w") as f:
+            f.write(OmegaConf.to_yaml(cfg, resolve=True))
     summary: dict[str, dict] = {}
-    for name in stages:
-        if name in plan.given:
-            print(f"[train_all] {name}: using the given checkpoint {plan.given[name]}", flush=True)
+    for dec in decisions:
+        name = dec.stage
+        if dec.action == "given":
             summary[name] = {"status": "given"}
             continue
-        stage = plan.build(name)
-        stale = [s for s in DEPENDS[name] if s in ran]
-        action = plan_stage(
-            name, plan.dir(name), stage.commands, forced=name in force, stale=stale, resume=bool(cfg.resume)
-        )
-        if action == "skip":
+        if dec.action == "skip":
             prev = read_marker(done_path(plan, name)) or {}
-            print(f"[train_all] {name}: done ({prev.get('wall_s', 0):.0f} s), skipped", flush=True)
             summary[name] = {"status": "skipped", "wall_s": prev.get("wall_s")}
             continue
-        why = (
-            "forced"
-            if name in force
-            else f"{', '.join(stale)} reran"
-            if stale
-            else {"resume": "resuming", "rerun": "rerunning an unfinished run", "fresh": "not done yet"}[action]
-        )
-        print(f"\n[train_all] ===== {name} ({why}) =====", flush=True)
+        stage = built[name]
+        print(f"\n[train_all] ===== {name} ({dec.reason}) =====", flush=True)
         if cfg.dry_run:
             for argv in stage.commands:
                 print(shell_join(argv))
-            ran.add(name)
             summary[name] = {"status": "would run"}
             continue
-        commands = [list(argv) for argv in stage.commands]  # as recorded (without a resume's ckpt_path)
-        d = plan.dir(name)
-        if action == "fresh" and d.exists() and any(d.iterdir()):
-            print(f"[train_all] {name}: the previous outputs are kept in {move_aside(d)}", flush=True)
-        resumed = action == "resume" and name in TRAINED and bool(run_checkpoints(d))
-        # a finished stage continued to more steps: its DONE.json times cover the whole run, not the last part
-        before = (read_marker(done_path(plan, name)) or {}) if resumed else {}
-        if resumed:
-            print(f"[train_all] {name}: resuming from {run_checkpoints(d)[0][1]}", flush=True)
-            stage.commands[0].append("ckpt_path=last")  # the newest checkpoint of the stage's run dir
-        d.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(d / "STARTED.json", {"stage": name, "commands": commands})
-        t0, cpu0 = time.time(), children_cpu_s()
-        if stage.prepare is not None:
-            stage.prepare()
-        run_commands(stage, cwd=Path.cwd())
-        wall, cpu = time.time() - t0, children_cpu_s() - cpu0
-        record = {
-            "stage": name,
-            "wall_s": round(wall + float(before.get("wall_s", 0.0)), 2),
-            "cpu_s": round(cpu + float(before.get("cpu_s", 0.0)), 2),
-            "resumed": bool(resumed),
-            "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "commands": commands,
-            "settings": plan.section[name],
-            "outputs": stage.outputs,
-        }
-        if before:
-            record["continued"] = {"this_wall_s": round(wall, 2), "this_cpu_s": round(cpu, 2)}
-        if name in TRAINED:
-            record["outputs"]["ckpt"] = plan.ckpt(name)
-            if not Path(plan.ckpt(name)).exists():  # a file, or a sharded (fsdp) checkpoint directory
-                raise SystemExit(f"[train_all] stage {name} ended without {plan.ckpt(name)}")
-        write_json_atomic(done_path(plan, name), record)
-        print(f"[train_all] {name}: done in {wall:.0f} s ({cpu:.0f} CPU-s)", flush=True)
-        ran.add(name)
-        summary[name] = {"status": "ran", "wall_s": wall}
+        summary[name] = run_stage(
+            plan, stage, dec, uses=reads[name], upstream=upstream, heartbeat_s=float(cfg.get("heartbeat_s", 30))
+        )
+        upstream.forget(name)
     if cfg.report and not cfg.dry_run:
         rc = subprocess.call([sys.executable, str(ROOT / "train" / "demo_report.py"), str(plan.out)])
         if rc != 0:
             raise SystemExit(f"[train_all] train/demo_report.py failed (exit status {rc})")
         print(f"[train_all] report: {plan.out / 'report.md'} (and report.html)", flush=True)
     return summary
+
+
+def run_stage(
+    plan: Plan, stage: Stage, dec: Decision, *, uses: tuple[str, ...], upstream: Upstream, heartbeat_s: float = 30.0
+) -> dict:
+    """Run one stage as decided (``run``: from the start, an old dir moved aside; ``resume``: from its newest
+    checkpoint), then write its DONE.json: every attempt at the stage and their summed wall and CPU time (a stage
+    killed and resumed cost all of its attempts), commands, settings, the sha256 of what it consumed (``inputs``)
+    and of what it made (``fingerprint``)."""
+    name, d = stage.name, plan.dir(stage.name)
+    commands = [list(argv) for argv in stage.commands]  # as recorded (without a resume's ckpt_path)
+    if dec.move_aside and d.exists() and any(d.iterdir()):
+        print(f"[train_all] {name}: the previous outputs are kept in {move_aside(d)}", flush=True)
+    elif d.exists():  # what a killed attempt's saves left half-written (a checkpoint, a shard, a marker)
+        remove_stale_temp_files(d, started=plan.started, recursive=True)
+    # the attempts so far at this run of the stage (STARTED.json holds every one since the run began; a DONE.json
+    # written before attempts were recorded counts as one)
+    started = read_marker(d / "STARTED.json")
+    attempts = earlier_attempts(started if started and "attempts" in started else read_marker(done_path(plan, name)))
+    resumed = dec.action == "resume" and name in TRAINED and bool(run_checkpoints(d))
+    if resumed:
+        print(f"[train_all] {name}: resuming from {run_checkpoints(d)[0][1]}", flush=True)
+        stage.commands[0].append("ckpt_path=last")  # the newest checkpoint of the stage's run dir
+    inputs = upstream.inputs(uses)
+    d.mkdir(parents=True, exist_ok=True)
+    marker = {"stage": name, "out_dir": str(plan.out), "commands": commands, "inputs": inputs, "attempts": attempts}
+    with Attempt(d / "STARTED.json", marker, every_s=heartbeat_s) as attempt:
+        if stage.prepare is not None:
+            stage.prepare()
+        run_commands(stage, cwd=Path.cwd())
+    if name in TRAINED and not Path(plan.ckpt(name)).exists():  # a file, or a sharded (fsdp) checkpoint directory
+        raise SystemExit(f"[train_all] stage {name} ended without {plan.ckpt(name)}")
+    attempts = marker["attempts"]
+    record = {
+        "stage": name,
+        "wall_s": total(attempts, "wall_s"),
+        "cpu_s": total(attempts, "cpu_s"),
+        "attempts": attempts,
+        "resumed": bool(resumed),
+        "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "out_dir": str(plan.out),
+        "commands": commands,
+        "settings": plan.section[name],
+        "inputs": inputs,
+        "fingerprint": fingerprint(d, OUTPUTS[name]),
+        "outputs": {**stage.outputs, **({"ckpt": plan.ckpt(name)} if name in TRAINED else {})},
+    }
+    write_json_atomic(done_path(plan, name), record)
+    this = attempt.record
+    more = f"; {len(attempts)} attempts, {record['wall_s']:.0f} s in all" if len(attempts) > 1 else ""
+    print(f"[train_all] {name}: done in {this['wall_s']:.0f} s ({this['cpu_s']:.0f} CPU-s){more}", flush=True)
+    return {"status": "ran", "wall_s": this["wall_s"]}
 
 
 @hydra.main(config_path="../conf/train_all", config_name="config", version_base="1.3")

@@ -1,13 +1,18 @@
-"""What a stage's run is, to tell a resume from another experiment: its script and overrides (the interpreter and
-the checkout left out), and the markers train_all leaves in a stage's dir (STARTED.json, DONE.json)."""
+"""What a stage's run is, to tell a resume from another experiment: its script and overrides (the interpreter, the
+checkout and where out_dir lies left out), what it consumed and made (sha256 of checkpoints and outputs), and the
+markers train_all leaves in a stage's dir (STARTED.json, DONE.json)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
 from pathlib import Path
 
+from dalle2.results import sha256_file
 from dalle2.sweep import override_pairs
+from dalle2.train_all import TRAINED
 
 # Overrides whose change a run can be resumed across (how long, how often to validate/save/log, on how many devices);
 # any other difference means another experiment, which a resume would silently mix with the first.
@@ -22,15 +27,46 @@ STAGE_RESUMABLE = {"embeddings": re.compile(r"^data\.batch_size$")}  # shards al
 EXTENDS = re.compile(r"^trainer\.(max_steps|max_epochs|max_time)$")  # a finished run continues when these change
 
 
-def identity(commands: list[list[str]]) -> list[dict]:
-    """What a stage's commands mean, independent of the interpreter and of where the checkout lies: per command
-    the script (``train/train.py``) and its overrides as ``{key: value}`` (``++key`` and ``key`` are one key: runs
-    recorded before stage keys were passed as ``++key=value`` compare equal)."""
+OUT_DIR = "${out_dir}"  # how a path inside out_dir reads in a run's identity
+
+
+def relative_to_out_dir(value: str, out_dir: str | os.PathLike | None) -> str:
+    """Override text with ``out_dir`` (as a path prefix, anywhere in the text: lists, ``::``-joined urls) written
+    as ``${out_dir}``, so that a run moved or copied elsewhere keeps its identity."""
+    if not out_dir:
+        return value
+    root = os.path.normpath(os.fspath(out_dir))
+    return re.sub(r"(?<![\w.~-])" + re.escape(root) + r"(?=$|[/\\,\]'\":])", lambda m: OUT_DIR, value)
+
+
+def identity(commands: list[list[str]], out_dir: str | os.PathLike | None = None) -> list[dict]:
+    """What a stage's commands mean, independent of the interpreter, of where the checkout lies and of where
+    ``out_dir`` lies: per command the script (``train/train.py``) and its overrides as ``{key: value}`` with paths
+    inside ``out_dir`` relative to it (``++key`` and ``key`` are one key: runs recorded before stage keys were
+    passed as ``++key=value`` compare equal)."""
     out = []
     for argv in commands:
         script = Path(argv[1])
-        out.append({"script": f"{script.parent.name}/{script.name}", "overrides": override_pairs(argv[2:])})
+        pairs = {k: relative_to_out_dir(v, out_dir) for k, v in override_pairs(argv[2:]).items()}
+        out.append({"script": f"{script.parent.name}/{script.name}", "overrides": pairs})
     return out
+
+
+def recorded_out_dir(marker: dict) -> str | None:
+    """The out_dir a marker was written under: recorded since markers hold it, else read from the stage's
+    ``hydra.run.dir=<out_dir>/<stage>`` (every stage command sets it)."""
+    if marker.get("out_dir"):
+        return str(marker["out_dir"])
+    for argv in marker.get("commands") or []:
+        run_dir = override_pairs(argv[2:]).get("hydra.run.dir")
+        if run_dir:
+            return os.path.dirname(os.path.normpath(run_dir))
+    return None
+
+
+def recorded_identity(marker: dict) -> list[dict]:
+    """The identity of the commands a marker recorded, paths relative to the out_dir it was written under."""
+    return identity(marker["commands"], recorded_out_dir(marker))
 
 
 def differences(old: list[dict], new: list[dict]) -> dict[str, tuple]:
@@ -70,3 +106,49 @@ def read_marker(path: Path) -> dict | None:
 
 def made_by_train_all(d: Path) -> bool:
     return read_marker(d / "STARTED.json") is not None or read_marker(d / "DONE.json") is not None
+
+
+# ------------------------------------------------------------------------------------------------ fingerprints
+
+# What a stage makes that later stages read (relative to its dir; a folder means every file in it).
+OUTPUTS = {
+    **{s: ("checkpoints/last.ckpt",) for s in TRAINED},
+    "retrieval": ("metrics.json",),
+    "embeddings": ("train", "val"),
+    "sample": ("manifest.jsonl", "*.png"),
+    "evaluate": ("metrics.json",),
+}
+
+
+def _files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    if path.is_dir():  # hidden files are temp files of a write in progress
+        return sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+    return []
+
+
+def fingerprint(root: str | os.PathLike, patterns: tuple[str, ...] | list[str]) -> str | None:
+    """The sha256 of what ``patterns`` (paths or globs under ``root``; a folder stands for every file in it) name:
+    the file's own sha256 when that is a single file (a checkpoint), else a sha256 over each file's relative path
+    and sha256. None when nothing is there. Read once, when a stage finishes or when a given checkpoint is used."""
+    root = Path(root)
+    files: list[Path] = []
+    for pattern in patterns:
+        for match in sorted(root.glob(pattern)) if any(c in pattern for c in "*?[") else [root / pattern]:
+            files += _files(match)
+    files = sorted(dict.fromkeys(files))
+    if not files:
+        return None
+    if len(files) == 1 and len(patterns) == 1 and (root / patterns[0]).is_file():
+        return sha256_file(files[0])
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f"{f.relative_to(root).as_posix()}\0{sha256_file(f)}\n".encode())
+    return h.hexdigest()
+
+
+def path_fingerprint(path: str | os.PathLike) -> str | None:
+    """The sha256 of a checkpoint file, or of every file of a sharded checkpoint directory (None: not there)."""
+    path = Path(path)
+    return fingerprint(path.parent, (path.name,)) if path.exists() else None

@@ -1,14 +1,28 @@
-"""Running a stage: its commands as subprocesses (SIGTERM passed on), their CPU time, and moving old outputs aside."""
+"""Running a stage: its commands as subprocesses (SIGTERM passed on), the account of each attempt (wall and CPU
+time, kept current in STARTED.json so that a kill -9 loses little of it), and moving old outputs aside."""
 
 from __future__ import annotations
 
+import os
 import resource
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
+from dalle2.io import write_json_atomic
 from dalle2.train_all.commands import Stage, shell_join
+
+_live: set[int] = set()  # pids of the stage commands running now (their CPU time is not in RUSAGE_CHILDREN yet)
+
+
+class StageFailed(SystemExit):
+    """A stage command exited with a non-zero status (``returncode``; negative: killed by that signal)."""
+
+    def __init__(self, message: str, returncode: int):
+        super().__init__(message)
+        self.returncode = returncode
 
 
 def children_cpu_s() -> float:
@@ -17,22 +31,121 @@ def children_cpu_s() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def process_tree_cpu_s(pid: int) -> float:
+    """CPU seconds of a running process and its descendants so far (Linux ``/proc``; 0 where it cannot be read)."""
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    total, todo, seen = 0.0, [pid], set()
+    while todo:
+        p = todo.pop()
+        if p in seen:
+            continue
+        seen.add(p)
+        try:
+            stat = Path(f"/proc/{p}/stat").read_text()
+            fields = stat[stat.rindex(")") + 2 :].split()
+            # utime, stime, and the reaped children's cutime, cstime (fields 14-17 of proc(5))
+            total += sum(int(x) for x in fields[11:15]) / tick
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
+
+
 def run_commands(stage: Stage, *, cwd: Path) -> None:
     """Run the stage's commands one after another (printed first); a failing one ends train_all naming the stage."""
     for argv in stage.commands:
         print(f"[train_all] {stage.name}: {shell_join(argv)}", flush=True)
         proc = subprocess.Popen(argv, cwd=cwd)
+        _live.add(proc.pid)
         # SIGTERM (a scheduler's preemption) goes on to the stage, which saves last.ckpt; a rerun resumes it.
         previous = signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signum))
         try:
             rc = proc.wait()
         finally:
             signal.signal(signal.SIGTERM, previous)
+            _live.discard(proc.pid)
         if rc != 0:
-            raise SystemExit(
+            raise StageFailed(
                 f"[train_all] stage {stage.name} failed (exit status {rc}); fix it and rerun the same "
-                "command: finished stages are skipped"
+                "command: finished stages are skipped",
+                rc,
             )
+
+
+def earlier_attempts(marker: dict | None) -> list[dict]:
+    """The attempts a stage's marker recorded; one still ``running`` there was killed with train_all (its account
+    is what the last heartbeat wrote). A DONE.json from before attempts were recorded counts as one attempt."""
+    if not marker:
+        return []
+    if "attempts" not in marker:
+        if marker.get("wall_s") is None:
+            return []
+        return [{"wall_s": marker["wall_s"], "cpu_s": marker.get("cpu_s"), "ended": "finished"}]
+    out = []
+    for a in marker["attempts"]:
+        a = dict(a)
+        if a.get("ended") == "running":
+            a["ended"] = "killed"
+        out.append(a)
+    return out
+
+
+def total(attempts: list[dict], key: str) -> float | None:
+    values = [a.get(key) for a in attempts]
+    return round(sum(v for v in values if v is not None), 2) if any(v is not None for v in values) else None
+
+
+class Attempt:
+    """One attempt at a stage, accounted in its ``STARTED.json``: the attempt (start, wall and CPU time so far,
+    how it ended) is appended to ``marker["attempts"]`` and written at the start, every ``every_s`` seconds while
+    the stage runs (a heartbeat: a kill -9 of train_all loses at most that much of the account) and at the end,
+    however it ends. CPU time: the finished subprocesses' (rusage) plus the running ones' (``/proc``)."""
+
+    def __init__(self, path: Path, marker: dict, *, every_s: float = 30.0):
+        self.path, self.marker, self.every_s = Path(path), marker, float(every_s)
+        self.record = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "wall_s": 0.0, "cpu_s": 0.0, "ended": "running"}
+        marker.setdefault("attempts", []).append(self.record)
+        self._lock, self._stop = threading.Lock(), threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="train_all-heartbeat", daemon=True)
+
+    def __enter__(self) -> Attempt:
+        self._t0, self._cpu0 = time.time(), children_cpu_s()
+        self.write()
+        if self.every_s > 0:
+            self._thread.start()
+        return self
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.every_s):
+            try:
+                self.write()
+            except OSError as e:  # a full disk must not kill the stage; the final write will say so
+                print(f"[train_all] could not update {self.path}: {e}", flush=True)
+
+    def write(self, ended: str | None = None) -> None:
+        with self._lock:
+            live = sum(process_tree_cpu_s(pid) for pid in list(_live))
+            self.record["wall_s"] = round(time.time() - self._t0, 2)
+            self.record["cpu_s"] = round(children_cpu_s() - self._cpu0 + live, 2)
+            if ended is not None:
+                self.record["ended"] = ended
+            write_json_atomic(self.path, self.marker)
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        if exc_type is None:
+            ended = "finished"
+        elif isinstance(exc, StageFailed):
+            ended = f"failed (exit status {exc.returncode})"
+        elif isinstance(exc, KeyboardInterrupt):
+            ended = "interrupted"
+        else:
+            ended = f"failed ({exc_type.__name__})"
+        self.write(ended)
+        return False
 
 
 def move_aside(d: Path) -> Path:
