@@ -296,3 +296,135 @@ def test_under_a_grad_scaler_every_rank_counts_a_nan_loss_of_any_rank(tmp_path):
     out = str(tmp_path / "outcome")
     mp.spawn(_scaler_count_worker, args=(29900 + os.getpid() % 500, out), nprocs=2, join=True)
     assert Path(f"{out}.0").read_text() == Path(f"{out}.1").read_text() == "stopped"
+
+
+# ------------------------------------------------------------------------------------------------ a rank that fails
+
+FAULT_SCRIPT = """
+import sys, time
+import lightning as L, torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+conf, fault, overrides = sys.argv[1], sys.argv[2], sys.argv[3:]
+with initialize_config_dir(config_dir=conf, version_base="1.3"):
+    cfg = compose("config", overrides=["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", *overrides])
+
+class Tiny(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 1)
+
+    def training_step(self, batch, batch_idx):
+        if self.global_step == 2:
+            with open(f"fault_at.{self.global_rank}", "w") as f:  # when the fault happens (the tests time from here)
+                f.write(repr(time.time()))
+            if fault == "rank0_raises" and self.global_rank == 0:
+                raise RuntimeError("boom")
+            if self.global_rank == 1:  # stuck (a hung read, a deadlock): never reaches the step's all-reduce
+                time.sleep(300)
+        return self.lin(batch).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.randn(64, 4), batch_size=4)
+
+trainer = L.Trainer(accelerator="cpu", devices=2, strategy=instantiate(cfg.trainer.strategy), max_steps=8,
+                    logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+trainer.fit(Tiny())
+"""
+
+
+def _fault_run(tmp_path, fault: str, *overrides: str, timeout: float = 240):
+    """The script above as Lightning launches it (rank 0 starts rank 1): -> (returncode, stderr, seconds from the fault
+    to the end of the job)."""
+    import subprocess
+    import sys
+    import time
+
+    from helpers.tiny_runs import REPO_ROOT, run_env
+
+    script = tmp_path / "fault.py"
+    script.write_text(FAULT_SCRIPT)
+    cmd = [sys.executable, str(script), str(REPO_ROOT / "conf"), fault, *overrides]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=tmp_path,
+        env=run_env(),
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        _, err = proc.communicate()
+        return None, err, float("inf")
+    return proc.returncode, err, time.time() - float((tmp_path / "fault_at.0").read_text())
+
+
+@pytest.mark.slow
+def test_a_failing_rank_names_itself_and_ends_the_job(tmp_path):
+    """trainer=ddp, 2 CPU processes started by Lightning: rank 0 raises at step 2 while rank 1 is stuck in that step.
+    Rank 0 prints one line naming itself, the step and the error, and stops the rank it launched: the job exits 1
+    within seconds (it used to exit only when rank 1 came back, here after 300 s; under NCCL, at the timeout)."""
+    rc, err, seconds = _fault_run(tmp_path, "rank0_raises")
+    assert rc == 1, err[-3000:]
+    assert "[dalle2] rank 0 of 2 failed at step 2: RuntimeError: boom" in err
+    assert "[dalle2] rank 0: stopping the 1 other rank(s) it launched" in err
+    assert seconds < 30, f"the job took {seconds:.0f} s to end after the failure"
+
+
+@pytest.mark.slow
+def test_a_rank_left_waiting_stops_at_the_configured_timeout(tmp_path):
+    """trainer=ddp with ``trainer.strategy.timeout.seconds=10``, the 2 ranks started apart (as srun or torchrun start
+    them): rank 1 is stuck at step 2, so rank 0 waits in the step's all-reduce. It stops after 10 s with a line saying
+    it was left waiting (not 30 min, Lightning's default, which the config used to keep)."""
+    import subprocess
+    import sys
+    import time
+
+    from helpers.tiny_runs import REPO_ROOT, run_env
+
+    script = tmp_path / "fault.py"
+    script.write_text(FAULT_SCRIPT)
+    port = str(29000 + os.getpid() % 800)
+    procs = []
+    try:
+        for rank in (0, 1):
+            env = run_env(
+                LOCAL_RANK=str(rank), NODE_RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port
+            )
+            procs.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        str(script),
+                        str(REPO_ROOT / "conf"),
+                        "rank1_stuck",
+                        "trainer.strategy.timeout.seconds=10",
+                    ],
+                    cwd=tmp_path,
+                    env=env,
+                    stderr=subprocess.PIPE,
+                    stdout=subprocess.DEVNULL,
+                    text=True,
+                )
+            )
+        try:
+            _, err = procs[0].communicate(timeout=240)
+        except subprocess.TimeoutExpired:
+            pytest.fail("rank 0 still waited after 240 s")
+        seconds = time.time() - float((tmp_path / "fault_at.0").read_text())
+    finally:
+        for p in procs:
+            p.kill()
+            p.communicate()
+    assert procs[0].returncode == 1, err[-3000:]
+    assert "[dalle2] rank 0 of 2 stopped at step 2: a collective failed" in err, err[-3000:]
+    assert "trainer.strategy.timeout=0:00:10" in err
+    assert 10 <= seconds < 40, f"rank 0 stopped {seconds:.0f} s after the step began"

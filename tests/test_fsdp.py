@@ -7,14 +7,16 @@ refused when their index would run code."""
 from __future__ import annotations
 
 import csv
+import json
 import pickle
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers.tiny_runs import run, stage_cmd, tiny_clip_ckpt
+from helpers.tiny_runs import empty_tar, run, stage_cmd, tiny_clip_ckpt
 
 FSDP = ("trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2")
 DDP = ("trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2")
@@ -184,6 +186,93 @@ def test_sharded_save_resume_matches_uninterrupted(builtin_shards, clip_ckpt, tm
     assert_tensors_close(second["probe"]["state"], whole["probe"]["state"], "final state", rtol=1e-5, atol=1e-7)
 
 
+# ------------------------------------------------------------------------------ CLIP and the upsampler, uneven val data
+
+
+def probe_run(stage: str, run_dir: Path, shards: dict, val_urls: str, *extra: str, image_size: int = 32):
+    """A 2-step ``trainer=fsdp`` run validating at step 2, with :class:`helpers.fsdp.ForwardProbe`: -> (process, probe)."""
+    probe = run_dir.with_name(run_dir.name + ".probe.json")
+    cmd = stage_cmd(
+        stage,
+        run_dir,
+        train_urls=shards["train"],
+        val_urls=val_urls,
+        image_size=image_size,
+        extra=(
+            *FSDP,
+            "trainer.max_steps=2",
+            "trainer.val_check_interval=2",
+            "+callbacks.probe._target_=helpers.fsdp.ForwardProbe",
+            f"+callbacks.probe.path={probe}",
+            *extra,
+        ),
+    )
+    proc = run(cmd, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc, json.loads(probe.read_text())
+
+
+@pytest.mark.slow
+def test_fsdp_clip_with_an_empty_val_shard_on_one_rank_in_bf16_with_activation_checkpointing(builtin_shards, tmp_path):
+    """One 2-process CLIP run, three checks. (1) val = a good shard + an empty tar (what img2dataset writes when every
+    download of a shard failed): rank 1 has no val batch. This crashed ("Received data size doesn't match expected
+    size": rank 1 gathered its val features while rank 0 all-gathered weights for a forward); every rank now runs the
+    smallest rank's count (0 here) and rank 0 says why. (2) ``param_dtype=bfloat16``: a Linear inside a sharded block
+    sees bf16 inputs and weights in the training forward. (3) ``activation_checkpointing=true``: each block runs twice
+    per step (its forward, and the recompute in backward)."""
+    val = f"{builtin_shards['val'].split('{')[0]}00000.tar::{empty_tar(tmp_path / 'empty' / '00001.tar')}"
+    proc, probe = probe_run(
+        "clip",
+        tmp_path / "run",
+        builtin_shards,
+        val,
+        "data.val_batch_size=8",
+        "trainer.strategy.param_dtype=bfloat16",
+        "trainer.strategy.reduce_dtype=float32",
+        "trainer.strategy.activation_checkpointing=true",
+    )
+    assert probe["val_batches"] == [0, 0]
+    assert (
+        "validation ran no batch on any rank" in proc.stderr
+        and "rank(s) [1] had no more validation data" in proc.stderr
+    )
+    assert probe["dtypes"] == ["torch.bfloat16", "torch.bfloat16"]
+    assert probe["train_calls"] == [2, 2] and all(on for _, on in probe["checkpointing"])
+    train_losses = losses(tmp_path / "run" / "csv" / "metrics.csv")
+    assert sorted(train_losses) == [0, 1] and all(v == v for v in train_losses.values())
+
+
+@pytest.mark.slow
+def test_fsdp_upsampler_with_fewer_val_batches_on_one_rank(builtin_shards, tmp_path):
+    """The upsampler under ``trainer=fsdp``; val = 64 samples for rank 0 and 4 for rank 1 (batches of 2: 32 and 2), with
+    ``limit_val_batches=4`` (trainer=fsdp's old default): rank 0 went on to its 3rd forward while rank 1 waited in the
+    end-of-validation gather — a hang. Every rank now runs 2 batches, logs the val loss over them, and rank 0 warns."""
+    from helpers.shards import write_tar
+
+    good = f"{builtin_shards['val'].split('{')[0]}00000.tar"
+    with tarfile.open(good) as tar:
+        first = [m for m in tar.getmembers() if m.isfile()]
+        keys = sorted({m.name.split(".", 1)[0] for m in first})[:4]
+        small = write_tar(
+            tmp_path / "small.tar",
+            [(m.name, tar.extractfile(m).read()) for m in first if m.name.split(".", 1)[0] in keys],
+        )
+    proc, probe = probe_run(
+        "upsampler",
+        tmp_path / "run",
+        builtin_shards,
+        f"{good}::{small}",
+        "data.val_batch_size=2",
+        "trainer.limit_val_batches=4",
+        image_size=64,
+    )
+    assert probe["val_batches"] == [2, 2]
+    assert "validation ran 2 batch(es) per rank: rank(s) [1] had no more validation data" in proc.stderr
+    with open(tmp_path / "run" / "csv" / "metrics.csv") as f:
+        val = [float(r["val/loss"]) for r in csv.DictReader(f) if r.get("val/loss")]
+    assert len(val) == 1 and val[0] == val[0]
+
+
 # ------------------------------------------------------------------------------ sharded checkpoint directories (fast)
 
 
@@ -266,18 +355,39 @@ def test_a_save_killed_while_removing_the_previous_checkpoint_leaves_one_visible
     assert [(s, p.name) for s, p in run_checkpoints(tmp_path)][0] == (4, "last.ckpt")
 
 
-def test_fsdp_refuses_a_fractional_val_limit():
-    """Every forward of a sharded network all-gathers: ranks with different val batch counts would hang."""
-    from types import SimpleNamespace
+def _same_count_worker(rank: int, port: int, out: str) -> None:
+    import os
 
-    from dalle2.lit.fsdp import FSDP2Strategy
+    import torch.distributed as dist
 
-    strategy = FSDP2Strategy()
-    strategy._lightning_module = SimpleNamespace(trainer=SimpleNamespace(limit_val_batches=1.0))
-    with pytest.raises(ValueError, match="limit_val_batches as an int"):
-        strategy.on_validation_start()
-    strategy._lightning_module = SimpleNamespace(trainer=SimpleNamespace(limit_val_batches=4))
-    strategy.on_validation_start()
+    from dalle2.lit.distributed import SameBatchCount
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        seen = []
+        for counts in ((5, 2), (0, 3), (4, 4)):  # rank 1 shorter; rank 0 empty; even
+            loader = SameBatchCount([torch.full((1,), i) for i in range(counts[rank])])
+            got = [int(b) for b in loader]
+            total = torch.tensor([float(len(got))])
+            dist.all_reduce(total)  # a collective after the pass: reached by both ranks, in step
+            seen.append((got, loader.last_count, int(total)))
+        Path(f"{out}.{rank}").write_text(json.dumps(seen))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_evaluation_batches_are_the_smallest_ranks_count_on_every_rank(tmp_path):
+    """``SameBatchCount`` (what ``trainer=fsdp`` wraps evaluation loaders in): 2 gloo processes with 5/2, 0/3 and 4/4
+    batches each run 2, 0 and 4, and meet in the next collective (uneven counts hung, an empty rank crashed gloo)."""
+    import os
+
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "seen")
+    mp.spawn(_same_count_worker, args=(29900 + os.getpid() % 90, out), nprocs=2, join=True)
+    want = [[[0, 1], 2, 4], [[], 0, 0], [[0, 1, 2, 3], 4, 8]]
+    assert json.loads(Path(f"{out}.0").read_text()) == json.loads(Path(f"{out}.1").read_text()) == want
 
 
 def _ema_zero2_worker(rank: int, port: int, out: str) -> None:

@@ -19,7 +19,9 @@ trained network and for its EMA copy alike — the EMA's tensors are DTensors wi
 parameters they average, so its update is local (:class:`dalle2.nn.EMA`) and it is saved in shards with them.
 
 Every rank must run the same forward passes of a sharded network (each one all-gathers): sampling previews run on
-every rank (rank 0 writes them), and validation needs the same number of batches on every rank.
+every rank (rank 0 writes them), and evaluation loaders yield the same number of batches on every rank — the
+smallest rank's, agreed batch by batch (:class:`~dalle2.lit.distributed.SameBatchCount`), so a rank whose val shards
+are shorter or empty neither hangs the others nor meets them in a different collective.
 """
 
 from __future__ import annotations
@@ -31,10 +33,12 @@ from typing import Any
 
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.trainer.states import RunningStage
 from torch import nn
 
 from dalle2.clip.model import Bottleneck
 from dalle2.decoder.blocks import PixelAttention, ResBlock
+from dalle2.lit.distributed import FailFast, SameBatchCount
 from dalle2.nn.transformer import ResidualAttentionBlock
 from dalle2.prior.network import PriorBlock
 
@@ -135,8 +139,9 @@ def _register_forward_method(net: nn.Module, name: str) -> None:
     setattr(net, name, method.__get__(net, type(net)))
 
 
-class FSDP2Strategy(ModelParallelStrategy):
-    """``ModelParallelStrategy`` as pure FSDP2 over all processes, with the sharding options and atomic saves.
+class FSDP2Strategy(FailFast, ModelParallelStrategy):
+    """``ModelParallelStrategy`` as pure FSDP2 over all processes, with the sharding options and atomic saves; a failing
+    rank ends the job (:class:`~dalle2.lit.distributed.FailFast`).
 
     Args (keyword-only):
         param_dtype: dtype of the all-gathered parameters the forward/backward compute in (``bfloat16``; null: the
@@ -192,17 +197,16 @@ class FSDP2Strategy(ModelParallelStrategy):
             reshard_after_forward=self.reshard_after_forward if trainable else True,
         )
 
-    def on_validation_start(self) -> None:
-        # every forward of a sharded network all-gathers: a rank that runs out of val batches first leaves the
-        # others waiting in their next forward. An int limit gives every rank the same count (when each has that
-        # many); a fraction of each rank's own (uneven) share does not.
-        limit = self.lightning_module.trainer.limit_val_batches
-        if isinstance(limit, float) and limit > 0:
-            raise ValueError(
-                f"trainer=fsdp needs trainer.limit_val_batches as an int (got {limit}): every rank must run the same "
-                "number of validation batches, at most what the smallest rank's val shards hold"
-            )
-        super().on_validation_start()
+    def process_dataloader(self, dataloader: object) -> object:
+        """Evaluation loaders (validation, test, predict) yield the same number of batches on every rank (the smallest
+        rank's, :class:`~dalle2.lit.distributed.SameBatchCount`): every forward of a sharded network all-gathers."""
+        dataloader = super().process_dataloader(dataloader)
+        trainer = getattr(self.lightning_module, "_trainer", None)
+        stage = getattr(getattr(trainer, "state", None), "stage", None)
+        if stage is None or stage == RunningStage.TRAINING:
+            return dataloader  # training streams give every rank the same batches by construction
+        what = {"val": "validation", "test": "test", "predict": "prediction"}.get(stage.dataloader_prefix, "evaluation")
+        return SameBatchCount(dataloader, device=self.root_device, what=what)
 
     # -- atomic sharded checkpoints -------------------------------------------------------------------------------
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Any | None = None) -> None:
