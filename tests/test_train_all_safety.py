@@ -224,6 +224,18 @@ def test_a_stage_built_from_an_older_upstream_reruns_never_skipped(setup, tmp_pa
     assert statuses(run(f"ckpt.clip={given}", stages=stages))["embeddings"] == "ran"
 
 
+def test_a_stage_is_not_rerun_on_an_out_of_date_upstream_left_out_of_stages(setup):
+    out, fake, run = setup
+    run(stages=UPSTREAM)
+    run("force=[clip]", stages="[clip]")
+    before, calls = snapshot(out), len(fake.calls)
+    # the prior must rerun (clip changed), but it would read embeddings made from the old CLIP
+    with pytest.raises(SystemExit, match=r"prior: would read embeddings.*older than clip.*Add embeddings to stages="):
+        run(stages="[prior]")
+    assert snapshot(out) == before and len(fake.calls) == calls
+    assert statuses(run(stages="[embeddings,prior]")) == {"embeddings": "ran", "prior": "ran"}
+
+
 def test_an_unfinished_stage_whose_upstream_changed_starts_afresh(setup):
     out, fake, run = setup
     run(stages="[clip,embeddings]")

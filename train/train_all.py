@@ -235,11 +235,11 @@ def run(cfg: DictConfig) -> dict[str, dict]:
         raise SystemExit(f"stages= lists unknown stages {unknown}; expected some of {list(STAGES)}")
     force = forced_stages(cfg.force)
     built = {s: plan.build(s) for s in stages if s not in plan.given}
-    reads = uses(plan, stages)
+    reads = uses(plan, list(STAGES))
     upstream = Upstream({s: plan.dir(s) for s in STAGES}, plan.given)
     decisions = plan_stages(
         stages,
-        dirs={s: plan.dir(s) for s in stages},
+        dirs={s: plan.dir(s) for s in STAGES},
         commands={s: stage.commands for s, stage in built.items()},
         uses=reads,
         given=plan.given,

@@ -125,12 +125,29 @@ def plan_stages(
     out_dir: Path,
     upstream: Upstream | None = None,
 ) -> list[Decision]:
-    """A :class:`Decision` for every stage of ``stages`` (in order), touching nothing. ``uses[s]``: the stages
-    whose outputs ``s`` reads; a stage whose upstream runs in this plan, or changed since the stage was made, runs
-    again."""
+    """A :class:`Decision` for every stage of ``stages`` (in order), touching nothing. ``dirs`` and ``uses`` cover
+    every stage (``uses[s]``: the stages whose outputs ``s`` reads). A stage whose upstream runs in this plan, or
+    changed since the stage was made, runs again; a stage that would run on an upstream left out of ``stages``
+    that is itself out of date (made from an older one) is refused."""
     upstream = upstream or Upstream(dirs, given)
     decisions: list[Decision] = []
     changing: set[str] = set()
+    listed = set(stages)
+    out_of_date: dict[str, list[str]] = {}
+
+    def behind(u: str) -> list[str]:
+        """Why a stage that is not listed (so not remade in this run) is older than what it was made from."""
+        if u not in out_of_date:
+            out_of_date[u] = []
+            done = read_marker(dirs[u] / "DONE.json") if u not in given else None
+            if done is not None:
+                ups = uses.get(u, ())
+                why = [w for w in ups if w in changing]
+                why += changed_inputs(ups, done, done=True, upstream=upstream)
+                why += [w for w in ups if w not in listed and w not in given and behind(w)]
+                out_of_date[u] = sorted(set(why), key=STAGES.index)
+        return out_of_date[u]
+
     for name in stages:
         decision = _decide(
             name,
@@ -144,6 +161,16 @@ def plan_stages(
             changing=changing,
             upstream=upstream,
         )
+        if decision.action in RUNS:  # it would read an unlisted upstream that is itself out of date: stop first
+            stale = {u: behind(u) for u in uses.get(name, ()) if u not in listed and u not in given and behind(u)}
+            if stale:
+                what = "; ".join(f"{u} is older than {', '.join(why)}" for u, why in stale.items())
+                message = (
+                    f"[train_all] {name}: would read {', '.join(stale)}, which {'is' if len(stale) == 1 else 'are'} "
+                    f"not in stages= and out of date ({what}). Nothing was changed. Add "
+                    f"{', '.join(stale)} to stages= so that {'it is' if len(stale) == 1 else 'they are'} remade first."
+                )
+                decision = Decision(name, "refuse", f"reads out-of-date {', '.join(stale)}", message=message)
         if decision.action in RUNS:
             changing.add(name)
         decisions.append(decision)
