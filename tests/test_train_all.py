@@ -483,8 +483,11 @@ def test_train_all_killed_mid_stage_then_resumed_keeps_the_metrics_history_and_t
             if last.exists() and metrics.exists() and started.exists():
                 saved = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
                 beat = json.loads(started.read_text())["attempts"][-1]["wall_s"]
-                if max(steps(metrics), default=-1) >= saved - 1 and beat > 0:
-                    break
+                try:
+                    if max(steps(metrics), default=-1) >= saved - 1 and beat > 0:
+                        break
+                except ValueError:  # a row being appended, read half-written
+                    pass
             time.sleep(0.05)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # train_all and its stage at once
