@@ -269,3 +269,25 @@ def test_sbatch_script_overrides_compose_into_a_multi_node_run(tmp_path):
     assert cfg.trainer.max_steps == 7  # the user's overrides win
     pre = instantiate(cfg.callbacks.preemption)
     assert isinstance(pre, Preemption) and "SIGUSR2" in pre.signals and "SIGTERM" in pre.signals
+
+
+def test_slurm_launcher_composes_into_a_job_that_ends_when_a_rank_fails():
+    """``hydra/launcher=slurm`` composes (the submitit plugin's SLURM launcher with our fields), and its sbatch setup
+    makes srun end every task when one exits non-zero (a failed rank ends the job; none waits for the timeout)."""
+    from datetime import timedelta
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
+        cfg = compose(
+            "config",
+            overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu", "trainer=ddp", "trainer.devices=8"],
+            return_hydra_config=True,
+        )
+    GlobalHydra.instance().clear()
+    launcher = cfg.hydra.launcher
+    assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert (launcher.partition, launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == ("gpu", 1, 8, 8)
+    assert launcher.tasks_per_node == cfg.trainer.devices  # one task per GPU, as Lightning expects under SLURM
+    assert "export SLURM_KILL_BAD_EXIT=1" in launcher.setup
+    strategy = instantiate(cfg.trainer.strategy)
+    assert strategy._timeout == timedelta(minutes=10) and type(strategy).__name__ == "DDPStrategy"

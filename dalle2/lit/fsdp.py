@@ -248,15 +248,16 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-def compile_network(net: nn.Module) -> nn.Module:
+def compile_network(net: nn.Module, **options: Any) -> nn.Module:
     """``torch.compile`` ``net`` in place (``nn.Module.compile``: parameter names, state_dict and checkpoints unchanged):
     the whole network, or, when it is sharded (FSDP2 hooks between blocks), each :data:`SHARD_UNITS` block (the
-    torchtitan recipe) with the glue around them eager. Idempotent."""
+    torchtitan recipe) with the glue around them eager. ``options`` go to ``torch.compile`` (``backend``, ``mode``).
+    Idempotent."""
     if getattr(net, "_dalle2_compiled", False):
         return net
     targets = [m for m in net.modules() if isinstance(m, SHARD_UNITS)] if is_sharded(net) else [net]
     for m in targets:
-        m.compile()
+        m.compile(**options)
     net._dalle2_compiled = True
     return net
 
