@@ -95,7 +95,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=os.path.join(ASSETS, "bpe_builtin.txt.gz"))
     args = parser.parse_args(argv)
 
-    from dalle2.clip.tokenizer import Tokenizer, train_bpe, write_merges
+    from dalle2.clip.bpe_train import train_bpe
+    from dalle2.clip.tokenizer import Tokenizer, write_merges
     from dalle2.data.synthetic import random_captions
 
     start = time.time()

@@ -16,16 +16,15 @@ import zipfile
 import pytest
 import torch
 
+from dalle2.clip.bpe_train import iter_texts, train_bpe
 from dalle2.clip.tokenizer import (
     BUILTIN_VOCAB,
     CLIP_NUM_MERGES,
     Tokenizer,
     clean_text,
     get_tokenizer,
-    iter_texts,
     main,
     read_merges,
-    train_bpe,
     write_merges,
 )
 

@@ -299,10 +299,17 @@ class TextFeatures(NamedTuple):
 
 
 def text_mask(tokens: torch.Tensor, length: int | None = None) -> torch.Tensor:
-    """The one rule for which text positions are real: ``tokens != 0`` (0 pads), the start token always on (never
-    an all-masked row), cut or padded (False) to ``length`` positions (the token states' length; default the ids')."""
+    """The one rule for which text positions are real: everything but the padding — the trailing run of pad ids,
+    which is a run of 0s (OpenAI's padding) or of end tokens after the text's own end token (``transformers``' CLIP
+    tokenizers pad with the end token) — the start token always on (never an all-masked row), cut or padded (False)
+    to ``length`` positions (the token states' length; default the ids').  Equals the reference tokenizers'
+    attention masks, whichever the padding."""
     length = tokens.shape[1] if length is None else int(length)
-    mask = tokens[:, :length] != 0
+    last = tokens[:, -1:]
+    run = (tokens == last).flip(1).long().cumprod(1).sum(1)  # length of the trailing run of the last id
+    first_of_run = tokens.shape[1] - run
+    end = torch.where(last[:, 0] == 0, first_of_run - 1, first_of_run)  # an end-token run keeps its first token
+    mask = (torch.arange(tokens.shape[1], device=tokens.device)[None] <= end[:, None])[:, :length]
     if mask.shape[1] < length:
         mask = F.pad(mask, (0, length - mask.shape[1]), value=False)
     mask[:, 0] = True
@@ -318,7 +325,8 @@ def _logit_scale_shape(module, state_dict, prefix, *args) -> None:
 
 
 class CLIP(nn.Module):
-    """Contrastive image-text model (``vision_layers`` as an int: ViT; as 4 stage depths: ModifiedResNet).
+    """Contrastive image-text model (``vision_layers`` as an int: ViT; as 4 stage depths: ModifiedResNet; 0: no image
+    tower, a text encoder alone, as converted from a pipeline that ships only CLIP's text tower, e.g. Karlo).
 
     ``self.config`` holds the constructor keywords (plain JSON types) so a checkpoint can rebuild the model:
     ``CLIP.from_config(model.to_config())``.
@@ -361,10 +369,12 @@ class CLIP(nn.Module):
             grad_checkpointing=grad_checkpointing,
         )
         self.embed_dim, self.image_size, self.context_length = embed_dim, image_size, context_length
-        if is_vit:
+        if is_vit and vision_layers == 0:
+            self.visual: nn.Module | None = None  # text tower only: encode_image raises
+        elif is_vit:
             if vision_patch_size is None:
                 raise ValueError("a ViT image tower (vision_layers: int) needs vision_patch_size")
-            self.visual: nn.Module = VisionTransformer(
+            self.visual = VisionTransformer(
                 image_size=image_size,
                 patch_size=vision_patch_size,
                 width=vision_width,
@@ -412,12 +422,24 @@ class CLIP(nn.Module):
     # -- encoders -------------------------------------------------------------------------------------------
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """images: (B, 3, image_size, image_size) CLIP-normalised -> (B, embed_dim), not normalised."""
-        return self.visual(images)
+        return self._visual()(images)
+
+    @property
+    def has_image_tower(self) -> bool:
+        return self.visual is not None
+
+    def _visual(self) -> nn.Module:
+        if self.visual is None:
+            raise ValueError(
+                "this CLIP has no image tower (a text encoder converted alone, e.g. Karlo's): image embeddings "
+                "need a full CLIP (e.g. OpenAI's ViT-L/14 weights for Karlo)"
+            )
+        return self.visual
 
     def embed_images(self, images: torch.Tensor) -> torch.Tensor:
         """Pictures as the rest of the stack holds them — (B, 3, H, W) in [-1, 1], any size — -> (B, embed_dim),
         not normalised (:func:`preprocess_for_clip`, then :meth:`encode_image`)."""
-        return self.visual(preprocess_for_clip(images, self.image_size))
+        return self._visual()(preprocess_for_clip(images, self.image_size))
 
     def encode_text_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """tokens: (B, L) long -> (states (B, L, text_width) after ln_final, pooled (B, embed_dim) unnormalised)."""

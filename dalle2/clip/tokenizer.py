@@ -14,6 +14,13 @@ by one space (``"i n"``, ``"t h</w>"``). :func:`train_bpe` + :func:`write_merges
     python -m dalle2.clip.tokenizer train --urls '/data/{00000..00099}.tar' --vocab-size 8192 --out bpe.txt.gz
     python -m dalle2.clip.tokenizer encode --merges bpe.txt.gz "a photo of a cat"
 
+(Learning merges lives in :mod:`dalle2.clip.bpe_train`.)  Two things differ between CLIP tokenizers that share a
+vocabulary: the text cleaning (``cleaning="clip"``: OpenAI's ftfy + HTML unescape; ``"nfc"``: Hugging Face
+``transformers``' ``CLIPTokenizer``, which NFC-normalises, folds whitespace and lower-cases, nothing else) and the
+padding id (OpenAI pads with 0, ``transformers`` CLIP tokenizers usually with the end token).  Both are part of
+:class:`Vocabulary`, so a stage bound to a vocabulary tokenizes as its CLIP did.  Which positions are text does not
+depend on the padding: everything up to the first end token (:func:`dalle2.clip.model.text_mask`).
+
 A CLIP is bound to the vocabulary it was trained with: :class:`Vocabulary` (the merges, their sha256, the id
 count) is stored in its checkpoint and carried by the stages that consume its text features; :func:`resolve_tokenizer`
 gives a consumer that vocabulary's tokenizer, and raises :class:`VocabularyMismatchError` for another one.
@@ -25,95 +32,35 @@ import argparse
 import collections
 import gzip
 import hashlib
-import heapq
-import html
 import os
-import tarfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from functools import cached_property, lru_cache
+from functools import cached_property
 
-import ftfy
-import regex
 import torch
 
-SOT = "<|startoftext|>"
-EOT = "<|endoftext|>"
-END_OF_WORD = "</w>"
+from dalle2.clip.pretokenize import (  # noqa: F401 - clean_text, bytes_to_unicode: part of this module's API
+    CLEANINGS,
+    END_OF_WORD,
+    EOT,
+    SOT,
+    Cleaning,
+    _cleaner,
+    _merge_pair,
+    _word_symbols,
+    bytes_to_unicode,
+    clean_text,
+    clean_text_nfc,
+    pretokenize,
+)
+
 DEFAULT_CONTEXT_LENGTH = 77
 # OpenAI's CLIP keeps only the first 49152 - 256 - 2 merges of its file: 49408 ids in all.
 CLIP_NUM_MERGES = 49152 - 256 - 2
 MERGES_HEADER = "#version: 0.2"
 BUILTIN_VOCAB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "bpe_builtin.txt.gz")
 
-# Specials, English contractions, runs of letters, single digits, runs of anything else but whitespace.
-_PRETOKENIZE = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 _WORD_CACHE_SIZE = 100_000
-
-
-# --------------------------------------------------------------------------------------------- text
-
-
-@lru_cache(maxsize=1)
-def bytes_to_unicode() -> dict[int, str]:
-    """The reversible byte -> printable char table of GPT-2/CLIP (256 entries).
-
-    Bytes that are already visible latin-1 chars (``!``..``~``, ``¡``..``¬``, ``®``..``ÿ``) stand for
-    themselves; the other 68 bytes (controls, space, soft hyphen, ...) take chr(256), chr(257), ... in
-    increasing byte order. The table's values, sorted by code point, are ids 0..255.
-    """
-    visible = set(range(ord("!"), ord("~") + 1)) | set(range(ord("¡"), ord("¬") + 1))
-    visible |= set(range(ord("®"), ord("ÿ") + 1))
-    table: dict[int, str] = {}
-    extra = 0
-    for byte in range(256):
-        if byte in visible:
-            table[byte] = chr(byte)
-        else:
-            table[byte] = chr(256 + extra)
-            extra += 1
-    return table
-
-
-def clean_text(text: str) -> str:
-    """CLIP's cleaning: ftfy ``fix_text``, HTML unescape twice, whitespace runs -> one space, strip, lower."""
-    text = ftfy.fix_text(text)
-    text = html.unescape(html.unescape(text))
-    return " ".join(text.split()).lower()
-
-
-@lru_cache(maxsize=1)
-def _pretokenizer() -> regex.Pattern:
-    return regex.compile(_PRETOKENIZE, regex.IGNORECASE)
-
-
-def pretokenize(text: str) -> list[str]:
-    """Cleaned text -> pre-tokens (words, digits, punctuation runs, specials), each as byte-chars.
-
-    ``"a café!"`` -> ``["a", "cafÃ©", "!"]`` (é is two UTF-8 bytes, each shown as its table char).
-    """
-    table = bytes_to_unicode()
-    return ["".join(table[b] for b in piece.encode("utf-8")) for piece in _pretokenizer().findall(clean_text(text))]
-
-
-def _merge_pair(word: Sequence[str], first: str, second: str) -> list[str]:
-    """Replace each non-overlapping (first, second) in ``word``, scanning left to right, by first+second."""
-    out: list[str] = []
-    i, n = 0, len(word)
-    while i < n:
-        if i < n - 1 and word[i] == first and word[i + 1] == second:
-            out.append(first + second)
-            i += 2
-        else:
-            out.append(word[i])
-            i += 1
-    return out
-
-
-def _word_symbols(piece: str) -> list[str]:
-    """A pre-token as its initial symbols: one per byte-char, the last one marked as the word's end."""
-    return [*piece[:-1], piece[-1] + END_OF_WORD]
-
 
 # --------------------------------------------------------------------------------------------- tokenizer
 
@@ -126,8 +73,15 @@ class Tokenizer:
     """
 
     def __init__(
-        self, *, merges: Sequence[tuple[str, str]], context_length: int = DEFAULT_CONTEXT_LENGTH, name: str = "custom"
+        self,
+        *,
+        merges: Sequence[tuple[str, str]],
+        context_length: int = DEFAULT_CONTEXT_LENGTH,
+        name: str = "custom",
+        pad_id: int = 0,
+        cleaning: Cleaning = "clip",
     ):
+        _cleaner(cleaning)  # a bad name fails here
         if context_length < 2:
             raise ValueError(f"context_length={context_length} must be >= 2 (room for start and end tokens)")
         byte_chars = sorted(bytes_to_unicode().values())
@@ -142,6 +96,9 @@ class Tokenizer:
             known.add(first + second)
             vocab.append(first + second)
         vocab += [SOT, EOT]
+        if not 0 <= int(pad_id) < len(vocab):
+            raise ValueError(f"pad_id={pad_id} is outside the vocabulary (0..{len(vocab) - 1})")
+        self.pad_id, self.cleaning = int(pad_id), str(cleaning)
         self.merges: list[tuple[str, str]] = [(a, b) for a, b in merges]
         self.context_length = int(context_length)
         self.name = str(name)  # where the merges came from (a file name), for messages
@@ -167,7 +124,13 @@ class Tokenizer:
 
     @classmethod
     def from_merges_text(
-        cls, text: str, *, context_length: int = DEFAULT_CONTEXT_LENGTH, name: str = "custom"
+        cls,
+        text: str,
+        *,
+        context_length: int = DEFAULT_CONTEXT_LENGTH,
+        name: str = "custom",
+        pad_id: int = 0,
+        cleaning: Cleaning = "clip",
     ) -> "Tokenizer":
         """A tokenizer from the text of a merges file (what :class:`Vocabulary` stores)."""
         lines = text.split("\n")
@@ -175,6 +138,8 @@ class Tokenizer:
             merges=_parse_merges(lines[0], enumerate(lines[1:], start=2), name),
             context_length=context_length,
             name=name,
+            pad_id=pad_id,
+            cleaning=cleaning,
         )
 
     @classmethod
@@ -192,7 +157,7 @@ class Tokenizer:
     @cached_property
     def vocabulary(self) -> "Vocabulary":
         """This tokenizer's :class:`Vocabulary` (merges, sha256, size, name)."""
-        return Vocabulary.from_merges(self.merges, name=self.name)
+        return Vocabulary.from_merges(self.merges, name=self.name, pad_id=self.pad_id, cleaning=self.cleaning)
 
     @property
     def sot_token(self) -> int:
@@ -232,7 +197,7 @@ class Tokenizer:
         if not isinstance(text, str):
             raise TypeError(f"encode expects a str, got {type(text).__name__}")
         ids: list[int] = []
-        for piece in pretokenize(text):
+        for piece in pretokenize(text, self.cleaning):
             ids.extend(self._bpe(piece))
         return ids
 
@@ -246,8 +211,8 @@ class Tokenizer:
         for i in ids:
             if not 0 <= i < len(self._vocab):
                 raise ValueError(f"id {i} is outside the vocabulary (0..{len(self._vocab) - 1})")
-        # Trailing zeros are padding: id 0 is "!" without a word end, which never ends an encoded text.
-        while ids and ids[-1] == 0:
+        # Trailing pad ids are padding (id 0 is "!" without a word end, which never ends an encoded text).
+        while ids and ids[-1] in (0, self.pad_id):
             ids.pop()
         symbols = [self._vocab[i] for i in ids if i not in (self.sot_token, self.eot_token)]
         return self._symbols_to_text(symbols)
@@ -261,7 +226,8 @@ class Tokenizer:
         return out.decode("utf-8", errors="replace").strip()
 
     def __call__(self, texts: str | Sequence[str], *, context_length: int | None = None) -> torch.Tensor:
-        """Texts -> ``(B, L)`` long ids: start, text, end, zero padding; ``L = context_length or self.context_length``.
+        """Texts -> ``(B, L)`` long ids: start, text, end, padding (``pad_id``); ``L = context_length or
+        self.context_length``.
 
         Too long texts are cut so that the end token is still the last one (position ``L - 1``).
         """
@@ -279,7 +245,7 @@ class Tokenizer:
         length = self.context_length if context_length is None else int(context_length)
         if length < 2:
             raise ValueError(f"context_length={length} must be >= 2 (room for start and end tokens)")
-        out = torch.zeros(len(texts), length, dtype=torch.long)
+        out = torch.full((len(texts), length), self.pad_id, dtype=torch.long)
         for row, text in enumerate(texts):
             ids = [self.sot_token, *self.encode(text)][: length - 1] + [self.eot_token]
             out[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
@@ -288,13 +254,28 @@ class Tokenizer:
     # ------------------------------------------------------------------ pickling / repr
 
     def __getstate__(self) -> dict:
-        return {"merges": self.merges, "context_length": self.context_length, "name": self.name}
+        return {
+            "merges": self.merges,
+            "context_length": self.context_length,
+            "name": self.name,
+            "pad_id": self.pad_id,
+            "cleaning": self.cleaning,
+        }
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(merges=state["merges"], context_length=state["context_length"], name=state.get("name", "custom"))
+        self.__init__(
+            merges=state["merges"],
+            context_length=state["context_length"],
+            name=state.get("name", "custom"),
+            pad_id=state.get("pad_id", 0),
+            cleaning=state.get("cleaning", "clip"),
+        )
 
     def __repr__(self) -> str:
-        return f"Tokenizer({self.name}, vocab_size={self.vocab_size}, context_length={self.context_length})"
+        extra = (
+            "" if (self.pad_id, self.cleaning) == (0, "clip") else f", pad_id={self.pad_id}, cleaning={self.cleaning}"
+        )
+        return f"Tokenizer({self.name}, vocab_size={self.vocab_size}, context_length={self.context_length}{extra})"
 
 
 def get_tokenizer(path: str | os.PathLike | None = None, *, context_length: int = DEFAULT_CONTEXT_LENGTH) -> Tokenizer:
@@ -314,17 +295,23 @@ class VocabularyMismatchError(ValueError):
 @dataclass(frozen=True)
 class Vocabulary:
     """The BPE vocabulary a CLIP was trained with: ``merges`` (the merges file's text), its ``sha256``, the id count
-    ``vocab_size`` and a ``name`` (the file it came from).  Plain strings and ints: checkpoints store it as is."""
+    ``vocab_size``, a ``name`` (the file it came from), the padding id and the text cleaning its tokenizer uses
+    (not hashed: the sha256 names the merges).  Plain strings and ints: checkpoints store it as is."""
 
     merges: str
     sha256: str
     vocab_size: int
     name: str = "custom"
+    pad_id: int = 0
+    cleaning: str = "clip"
 
     @classmethod
-    def from_merges(cls, merges: Sequence[tuple[str, str]], *, name: str = "custom") -> "Vocabulary":
+    def from_merges(
+        cls, merges: Sequence[tuple[str, str]], *, name: str = "custom", pad_id: int = 0, cleaning: str = "clip"
+    ) -> "Vocabulary":
         text = merges_text(merges)
-        return cls(text, hashlib.sha256(text.encode("utf-8")).hexdigest(), 2 * 256 + len(merges) + 2, name)
+        digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+        return cls(text, digest, 2 * 256 + len(merges) + 2, name, int(pad_id), str(cleaning))
 
     @classmethod
     def from_dict(cls, d: dict, *, merges: str | None = None, source: str = "checkpoint") -> "Vocabulary":
@@ -340,17 +327,22 @@ class Vocabulary:
                 f"{source}: the stored vocabulary's merges do not match its sha256 / size "
                 f"({str(d.get('sha256'))[:12]}, {d.get('vocab_size')} ids): the file was altered"
             )
-        return cls(text, digest, 514 + n_merges, str(d.get("name", "custom")))
+        pad_id, cleaning = int(d.get("pad_id", 0)), str(d.get("cleaning", "clip"))
+        return cls(text, digest, 514 + n_merges, str(d.get("name", "custom")), pad_id, cleaning)
 
     def to_dict(self, *, with_merges: bool = True) -> dict:
         out = {"name": self.name, "sha256": self.sha256, "vocab_size": self.vocab_size}
+        if (self.pad_id, self.cleaning) != (0, "clip"):  # older readers ignore them; the defaults stay implicit
+            out.update(pad_id=self.pad_id, cleaning=self.cleaning)
         return {**out, "merges": self.merges} if with_merges else out
 
     def describe(self) -> str:
         return f"{self.name} ({self.vocab_size} ids, sha256 {self.sha256[:12]})"
 
     def tokenizer(self, *, context_length: int = DEFAULT_CONTEXT_LENGTH) -> Tokenizer:
-        tok = Tokenizer.from_merges_text(self.merges, context_length=context_length, name=self.name)
+        tok = Tokenizer.from_merges_text(
+            self.merges, context_length=context_length, name=self.name, pad_id=self.pad_id, cleaning=self.cleaning
+        )
         tok.__dict__["vocabulary"] = self  # the cached property: no need to hash again
         return tok
 
@@ -457,106 +449,6 @@ def write_merges(merges: Sequence[tuple[str, str]], path: str | os.PathLike) -> 
     return path
 
 
-# --------------------------------------------------------------------------------------------- training
-
-
-def train_bpe(texts: Iterable[str], *, vocab_size: int, min_frequency: int = 2) -> list[tuple[str, str]]:
-    """Learn up to ``vocab_size - 514`` merges from ``texts`` (the tokenizer then has <= ``vocab_size`` ids).
-
-    Texts are cleaned and pre-tokenized as :meth:`Tokenizer.encode` does; words are counted once, pair
-    counts are kept up to date incrementally (only words holding the merged pair are touched) and the
-    most frequent pair comes off a lazy max-heap (ties: the smaller pair). Stops early when no pair is
-    seen ``min_frequency`` times.
-    """
-    num_merges = vocab_size - 2 * 256 - 2
-    if num_merges < 0:
-        raise ValueError(f"vocab_size={vocab_size} must be >= 514 (256 bytes, 256 word-end bytes, 2 specials)")
-    text_counts = collections.Counter(texts)
-    for t in text_counts:
-        if not isinstance(t, str):
-            raise TypeError(f"train_bpe expects texts as str, got {type(t).__name__}")
-    word_counts: collections.Counter[str] = collections.Counter()
-    for text, n in text_counts.items():
-        for piece in pretokenize(text):
-            if piece not in (SOT, EOT):
-                word_counts[piece] += n
-    words = [_word_symbols(w) for w in word_counts]
-    freqs = list(word_counts.values())
-
-    pair_counts: collections.defaultdict[tuple[str, str], int] = collections.defaultdict(int)
-    where: collections.defaultdict[tuple[str, str], set[int]] = collections.defaultdict(set)
-    for idx, (word, freq) in enumerate(zip(words, freqs)):
-        for pair in zip(word, word[1:]):
-            pair_counts[pair] += freq
-            where[pair].add(idx)
-    heap = [(-count, pair) for pair, count in pair_counts.items()]
-    heapq.heapify(heap)
-
-    merges: list[tuple[str, str]] = []
-    while len(merges) < num_merges and heap:
-        neg, pair = heapq.heappop(heap)
-        if pair_counts.get(pair, 0) != -neg:
-            continue  # stale entry
-        if -neg < min_frequency:
-            break
-        merges.append(pair)
-        touched: set[tuple[str, str]] = set()
-        for idx in where.pop(pair):
-            word, freq = words[idx], freqs[idx]
-            new = _merge_pair(word, *pair)
-            if len(new) == len(word):
-                continue  # stale index: the pair was merged away by an earlier merge
-            for p in zip(word, word[1:]):
-                pair_counts[p] -= freq
-                touched.add(p)
-            for p in zip(new, new[1:]):
-                pair_counts[p] += freq
-                where[p].add(idx)
-                touched.add(p)
-            words[idx] = new
-        pair_counts.pop(pair, None)
-        for p in touched:
-            count = pair_counts.get(p, 0)
-            if count > 0:
-                heapq.heappush(heap, (-count, p))
-            elif p in pair_counts:
-                del pair_counts[p]
-    return merges
-
-
-def iter_texts(urls: Sequence[str], *, max_texts: int | None = None) -> Iterator[str]:
-    """Captions from brace-expanded URLs: webdataset ``.tar`` shards (their ``.txt`` members) or ``.txt``
-    files (one caption per line, blank lines skipped). Stops after ``max_texts``."""
-    from braceexpand import braceexpand
-
-    count = 0
-    for spec in urls:
-        for path in braceexpand(spec):
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"caption source not found: {path} (from {spec!r})")
-            if path.endswith((".tar", ".tar.gz", ".tgz")):
-                with tarfile.open(path) as tar:
-                    for member in tar:
-                        if not (member.isfile() and member.name.endswith(".txt")):
-                            continue
-                        data = tar.extractfile(member).read()
-                        yield data.decode("utf-8", errors="replace").strip()
-                        count += 1
-                        if max_texts is not None and count >= max_texts:
-                            return
-            elif path.endswith((".txt", ".txt.gz")):
-                opener = gzip.open if path.endswith(".gz") else open
-                with opener(path, "rt", encoding="utf-8", errors="replace") as f:
-                    for line in f:
-                        if line.strip():
-                            yield line.strip()
-                            count += 1
-                            if max_texts is not None and count >= max_texts:
-                                return
-            else:
-                raise ValueError(f"caption source {path}: expected a .tar shard or a .txt file")
-
-
 # --------------------------------------------------------------------------------------------- CLI
 
 
@@ -583,6 +475,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     if args.command == "train":
+        from dalle2.clip.bpe_train import iter_texts, train_bpe
+
         texts = list(iter_texts(args.urls, max_texts=args.max_texts))
         if not texts:
             parser.error(f"no captions found in {args.urls}")
