@@ -17,6 +17,7 @@ from .samplers import (
     sample_heun,
 )
 from .schedules import Schedule, karras_timesteps, make_betas, respace_timesteps
+from .unclip import sample_unclip, unclip_timesteps
 
 __all__ = [
     "Denoised",
@@ -39,5 +40,7 @@ __all__ = [
     "sample_dpmpp_2m",
     "sample_euler",
     "sample_heun",
+    "sample_unclip",
     "static_clip",
+    "unclip_timesteps",
 ]

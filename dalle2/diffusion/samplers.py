@@ -14,6 +14,8 @@ Algorithms (``abar`` = alpha_bar at the current timestep, ``abar'`` at the next 
 - ``ddim``: Song et al. 2021, ``eta`` in [0, 1]; eta = 0 is deterministic (and invertible: :func:`ddim_invert`).
 - ``dpmpp_2m``: DPM-Solver++(2M), Lu et al. 2022, data prediction, multistep; first order on the first and
   the final step.
+- ``unclip``: Karlo's / diffusers' ``UnCLIPScheduler`` (:mod:`dalle2.diffusion.unclip`): ancestral with its own
+  spacing (both ends included: it always ends at t = 0, whatever ``spacing`` says), un-clamped learned range.
 - ``euler``, ``heun``: Karras et al. 2022 on ``sigma = sqrt((1 - abar)/abar)``, state ``x / sqrt(abar)``.
   Euler on the same timesteps is algebraically DDIM(eta=0); Heun costs 2 model calls per step (1 on the last).
   Pair them with ``spacing="karras"`` for Karras sigmas (snapped to training timesteps).
@@ -36,8 +38,9 @@ from torch import Tensor
 
 from .gaussian import Denoised, GaussianDiffusion, ModelFn, X0Transform, interpolate_log_variance
 from .schedules import karras_timesteps, respace_timesteps
+from .unclip import sample_unclip, unclip_timesteps
 
-SamplerName = Literal["ddpm", "ddim", "dpmpp_2m", "euler", "heun"]
+SamplerName = Literal["ddpm", "ddim", "dpmpp_2m", "euler", "heun", "unclip"]
 Callback = Callable[[dict], None]
 Generators = torch.Generator | Sequence[torch.Generator] | None
 
@@ -52,6 +55,7 @@ __all__ = [
     "ddim_step",
     "ddim_invert",
     "make_timesteps",
+    "sampling_timesteps",
     "randn",
     "SAMPLERS",
 ]
@@ -374,21 +378,31 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "dpmpp_2m": sample_dpmpp_2m,
     "euler": sample_euler,
     "heun": sample_heun,
+    "unclip": sample_unclip,
 }
 
 
 def make_timesteps(
     diffusion: GaussianDiffusion,
     steps: int,
-    spacing: Literal["uniform", "trailing", "leading", "karras"] = "trailing",
+    spacing: Literal["uniform", "trailing", "leading", "karras", "unclip"] = "trailing",
     *,
     rho: float = 7.0,
 ) -> Tensor:
     """Descending training timesteps for ``steps`` sampling steps (see :func:`respace_timesteps`; ``karras``
-    snaps Karras sigmas to training timesteps)."""
+    snaps Karras sigmas to training timesteps; ``unclip``: :func:`~dalle2.diffusion.unclip.unclip_timesteps`)."""
+    if spacing == "unclip":
+        return unclip_timesteps(diffusion.num_timesteps, steps)
     if spacing == "karras":
         return karras_timesteps(diffusion.schedule, steps, rho=rho)
     return respace_timesteps(diffusion.num_timesteps, steps, spacing)
+
+
+def sampling_timesteps(
+    diffusion: GaussianDiffusion, sampler: str, steps: int, spacing: str = "trailing", *, rho: float = 7.0
+) -> Tensor:
+    """The timesteps :func:`sample` runs ``sampler`` on (the ``unclip`` sampler always uses its own spacing)."""
+    return make_timesteps(diffusion, steps, "unclip" if sampler == "unclip" else spacing, rho=rho)
 
 
 def sample(
@@ -427,12 +441,14 @@ def sample(
         if device is None and isinstance(generator, torch.Generator):
             device = generator.device
         x = randn(shape_or_x_T, generator=generator, device=device, dtype=dtype or torch.float32)
-    timesteps = make_timesteps(diffusion, steps, spacing, rho=rho)
+    timesteps = sampling_timesteps(diffusion, sampler, steps, spacing, rho=rho)
     kwargs: dict[str, Any] = dict(
         diffusion=diffusion, model_kwargs=model_kwargs, x0_transform=x0_transform, callback=callback
     )
     if sampler in ("ddpm", "ddim"):
         kwargs["generator"] = generator
+    if sampler == "unclip":
+        kwargs["noise"] = lambda like: randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
     if sampler == "ddim":
         kwargs["eta"] = eta
     return SAMPLERS[sampler](model_fn, x, timesteps, **kwargs)
