@@ -45,6 +45,7 @@ __all__ = [
 ]
 
 Index = int | tuple[int, ...]
+PIPELINE_FILE = "pipeline.json"  # a directory that loads as a whole (UnCLIPPipeline.from_dir)
 
 # generator streams: one independent noise stream per stage and image
 STREAM_PRIOR, STREAM_DECODER, STREAM_UPSAMPLER = 1, 2, 3
@@ -268,6 +269,8 @@ class UnCLIPPipeline(nn.Module):
                 )
             sizes.append(up.image_size)
         self.sizes: tuple[int, ...] = tuple(sizes)
+        # what calls without settings= use: SamplingSettings(), or a converted directory's own (from_dir)
+        self.default_settings = SamplingSettings()
         vocab, owner = vocabulary if vocabulary is not None else clip_vocab, "the CLIP"
         for name, stage in (("prior", prior), ("decoder", decoder if decoder.use_text else None)):
             v = getattr(stage, "vocabulary", None)
@@ -318,6 +321,40 @@ class UnCLIPPipeline(nn.Module):
             upsamplers=[load_stage(p, "upsampler", **trust) for p in upsamplers],
         ).to(device)
 
+    @classmethod
+    def from_dir(
+        cls, path: str, *, device: str | torch.device = "cpu", tokenizer: str | None = None
+    ) -> "UnCLIPPipeline":
+        """A whole cascade from a directory with ``pipeline.json`` (e.g. ``python -m dalle2.convert karlo``'s output):
+        its stage files (exports), and its sampling settings as :attr:`default_settings`."""
+        import json
+        from pathlib import Path
+
+        root = Path(path)
+        manifest = root / PIPELINE_FILE
+        if not manifest.is_file():
+            raise FileNotFoundError(f"{path}: no {PIPELINE_FILE} (write one with python -m dalle2.convert karlo)")
+        try:
+            spec = json.loads(manifest.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{manifest}: not JSON ({e})") from None
+        if not isinstance(spec, dict) or spec.get("format") != "dalle2.pipeline":
+            raise ValueError(f"{manifest}: not a dalle2 pipeline manifest (format {spec.get('format')!r})")
+        missing = [k for k in ("clip", "decoder") if not spec.get(k)]
+        if missing:
+            raise ValueError(f"{manifest}: names no {', '.join(missing)}")
+        pipe = cls.from_checkpoints(
+            clip=str(root / spec["clip"]),
+            prior=str(root / spec["prior"]) if spec.get("prior") else None,
+            decoder=str(root / spec["decoder"]),
+            upsamplers=[str(root / u) for u in spec.get("upsamplers") or []],
+            device=device,
+            tokenizer=tokenizer,
+        )
+        if spec.get("sampling"):
+            pipe.default_settings = SamplingSettings.from_dict(spec["sampling"])
+        return pipe
+
     @property
     def device(self) -> torch.device:
         return next(self.decoder.parameters()).device
@@ -366,7 +403,13 @@ class UnCLIPPipeline(nn.Module):
 
     @torch.no_grad()
     def prior_embeddings(
-        self, text: dict[str, Tensor], *, seeds: list[int], indices: list[Index], settings: SamplingSettings
+        self,
+        text: dict[str, Tensor],
+        *,
+        seeds: list[int],
+        indices: list[Index],
+        settings: SamplingSettings,
+        generator: torch.Generator | None = None,
     ) -> Tensor:
         """Text conditioning (from :meth:`encode_prompts`) -> unit-norm image embeddings ``(B, D)`` via the prior."""
         if self.prior is None:
@@ -388,7 +431,7 @@ class UnCLIPPipeline(nn.Module):
             sampler=st.sampler,
             guidance_scale=float(st.guidance_scale),
             eta=float(st.eta),
-            generator=sample_generators(seeds, indices, STREAM_PRIOR),
+            generator=generator or sample_generators(seeds, indices, STREAM_PRIOR),
             trim=False,
         )
 
@@ -402,12 +445,13 @@ class UnCLIPPipeline(nn.Module):
         settings: SamplingSettings,
         num_upsamplers: int,
         text: dict[str, Tensor] | None = None,
+        generator: torch.Generator | None = None,
     ) -> Tensor:
         """Image embeddings ``(B, D)`` -> images ``(B, 3, S, S)`` in [0, 1] (decoder, then ``num_upsamplers``)."""
         st = settings.decoder
-        text_tokens = text_mask = None
+        text_tokens = text_mask = text_embed = None
         if self.decoder.use_text and text is not None:
-            text_tokens, text_mask = text["text_tokens"], text["text_mask"]
+            text_tokens, text_mask, text_embed = text["text_tokens"], text["text_mask"], text["text_embed"]
         x = self.decoder.sample(
             image_embed.to(self.device),
             steps=int(st.steps),
@@ -416,8 +460,9 @@ class UnCLIPPipeline(nn.Module):
             eta=float(st.eta),
             text_tokens=text_tokens,
             text_mask=text_mask,
+            text_embed=text_embed,
             threshold=settings.threshold,
-            generator=sample_generators(seeds, indices, STREAM_DECODER),
+            generator=generator or sample_generators(seeds, indices, STREAM_DECODER),
         )
         su = settings.upsampler
         for j in range(num_upsamplers):
@@ -428,7 +473,7 @@ class UnCLIPPipeline(nn.Module):
                 eta=float(su.eta),
                 aug_level=settings.upsampler_aug_level,
                 threshold=settings.threshold,
-                generator=sample_generators(seeds, indices, STREAM_UPSAMPLER + j),
+                generator=generator or sample_generators(seeds, indices, STREAM_UPSAMPLER + j),
             )
         return ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
 
@@ -442,9 +487,14 @@ class UnCLIPPipeline(nn.Module):
         indices: Sequence[Index] | None = None,
         size: int | None = None,
         settings: SamplingSettings | None = None,
+        generator: torch.Generator | None = None,
     ) -> Tensor:
-        """Prompts (B) -> images ``(B, 3, size, size)`` in [0, 1] (``size`` in :attr:`sizes`; None: the largest)."""
-        settings = settings or SamplingSettings()
+        """Prompts (B) -> images ``(B, 3, size, size)`` in [0, 1] (``size`` in :attr:`sizes`; None: the largest).
+
+        ``generator``: one generator for every stage and image, drawn in stage order (each stage's starting noise,
+        then its steps' noise) — the order Karlo's / diffusers' pipeline draws in, for comparisons with it; the
+        default (None) is the per-image streams of ``seed`` / ``indices`` (see the module docstring)."""
+        settings = settings or self.default_settings
         n_up = self._num_upsamplers(size)
         prompts = list(prompts)
         if not prompts:
@@ -452,8 +502,10 @@ class UnCLIPPipeline(nn.Module):
             return torch.empty(0, 3, s, s, device=self.device)
         seeds, idx = self._seeds_indices(len(prompts), seed, indices)
         text = self.encode_prompts(prompts)
-        emb = self.prior_embeddings(text, seeds=seeds, indices=idx, settings=settings)
-        return self.decode(emb, seeds=seeds, indices=idx, settings=settings, num_upsamplers=n_up, text=text)
+        emb = self.prior_embeddings(text, seeds=seeds, indices=idx, settings=settings, generator=generator)
+        return self.decode(
+            emb, seeds=seeds, indices=idx, settings=settings, num_upsamplers=n_up, text=text, generator=generator
+        )
 
     @torch.no_grad()
     def variations(
@@ -467,7 +519,7 @@ class UnCLIPPipeline(nn.Module):
     ) -> Tensor:
         """Image variations: images ``(B, 3, h, w)`` in [0, 1] -> CLIP image embedding -> decoder (+ upsamplers)
         -> ``(B, 3, size, size)`` in [0, 1].  No prior and no text (a text-conditioned decoder drops its text)."""
-        settings = settings or SamplingSettings()
+        settings = settings or self.default_settings
         n_up = self._num_upsamplers(size)
         seeds, idx = self._seeds_indices(images.shape[0], seed, indices)
         emb = self.encode_images(images)
@@ -511,7 +563,7 @@ class UnCLIPPipeline(nn.Module):
         """
         if num < 2:
             raise ValueError(f"num must be >= 2, got {num}")
-        settings = settings or SamplingSettings()
+        settings = settings or self.default_settings
         n_up = self._num_upsamplers(size)
         ea = self._endpoint_embedding(a, seed=seed, index=index, settings=settings)
         eb = self._endpoint_embedding(b, seed=seed, index=index, settings=settings)

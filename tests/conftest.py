@@ -36,3 +36,18 @@ def tiny_ckpts(tmp_path_factory):
     from helpers.cascade import build_tiny_checkpoints
 
     return build_tiny_checkpoints(tmp_path_factory.mktemp("pipeline_ckpts"))
+
+
+@pytest.fixture(scope="session")
+def tiny_karlo(tmp_path_factory):
+    """A tiny random Karlo-shaped unCLIP in diffusers' format and its conversion (helpers.karlo, config "a"):
+    ``{"src": diffusers dir, "out": converted dir}``.  Needs diffusers and transformers (skipped without)."""
+    pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
+    from dalle2.convert.karlo import convert_karlo
+    from helpers.karlo import CONFIGS, make_karlo_dir
+
+    root = tmp_path_factory.mktemp("karlo")
+    src = make_karlo_dir(root, CONFIGS[0])
+    convert_karlo(src, root / "out")
+    return {"src": src, "out": root / "out", "config": CONFIGS[0]}

@@ -21,8 +21,9 @@ def num_groups(channels: int) -> int:
     return math.gcd(32, channels)
 
 
-def group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups(channels), channels, eps=1e-5)
+def group_norm(channels: int, groups: int | None = None) -> nn.GroupNorm:
+    """GroupNorm over ``channels`` in ``groups`` groups (None: :func:`num_groups`)."""
+    return nn.GroupNorm(num_groups(channels) if groups is None else groups, channels, eps=1e-5)
 
 
 def zero_init(module: nn.Module) -> nn.Module:
@@ -32,18 +33,21 @@ def zero_init(module: nn.Module) -> nn.Module:
 
 
 class ResBlock(nn.Module):
-    """``skip(x) + conv(drop(silu(norm(conv(silu(norm(x)))) * (1 + scale) + shift)))`` with (scale, shift) from ``emb``.
+    """``skip(x) + conv(drop(silu(norm(conv(silu(norm(x)))) * (1 + scale) + shift)))`` with (scale, shift) from ``emb``;
+    ``groups``: the GroupNorms' group count (None: :func:`num_groups`).
 
     forward(x: (B, Cin, H, W), emb: (B, E), context=None, context_mask=None) -> (B, Cout, H, W)
     """
 
-    def __init__(self, in_channels: int, *, out_channels: int, emb_dim: int, dropout: float = 0.0):
+    def __init__(
+        self, in_channels: int, *, out_channels: int, emb_dim: int, dropout: float = 0.0, groups: int | None = None
+    ):
         super().__init__()
         self.in_layers = nn.Sequential(
-            group_norm(in_channels), nn.SiLU(), nn.Conv2d(in_channels, out_channels, 3, padding=1)
+            group_norm(in_channels, groups), nn.SiLU(), nn.Conv2d(in_channels, out_channels, 3, padding=1)
         )
         self.emb_proj = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, 2 * out_channels))
-        self.out_norm = group_norm(out_channels)
+        self.out_norm = group_norm(out_channels, groups)
         self.out_layers = nn.Sequential(
             nn.SiLU(), nn.Dropout(dropout), zero_init(nn.Conv2d(out_channels, out_channels, 3, padding=1))
         )
@@ -73,12 +77,14 @@ class PixelAttention(nn.Module):
     ``context_mask`` is True where a context token may be attended to.
     """
 
-    def __init__(self, channels: int, *, head_channels: int = 64, context_dim: int | None = None):
+    def __init__(
+        self, channels: int, *, head_channels: int = 64, context_dim: int | None = None, groups: int | None = None
+    ):
         super().__init__()
         self.heads = max(1, channels // head_channels)
         if channels % self.heads:
             raise ValueError(f"attention channels {channels} not divisible by {self.heads} heads")
-        self.norm = group_norm(channels)
+        self.norm = group_norm(channels, groups)
         self.qkv = nn.Linear(channels, 3 * channels)
         self.context_kv = nn.Linear(context_dim, 2 * channels) if context_dim is not None else None
         self.proj = zero_init(nn.Linear(channels, channels))

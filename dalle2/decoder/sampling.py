@@ -63,17 +63,27 @@ def residual_base(lowres_images: Tensor, scale: int, *, residual: bool) -> Tenso
 
 
 def decoder_conditioning(
-    image_embed: Tensor, *, use_text: bool, text_tokens: Tensor | None = None, text_mask: Tensor | None = None
+    image_embed: Tensor,
+    *,
+    use_text: bool,
+    text_tokens: Tensor | None = None,
+    text_mask: Tensor | None = None,
+    text_embed: Tensor | None = None,
+    normalize_embed: bool = True,
 ) -> dict[str, Any]:
-    """UNet keyword arguments with nothing dropped: the normalised image embedding and, for a text-conditioned
-    decoder, the text (dropped, i.e. the text-unconditional branch, when no ``text_tokens`` are given)."""
-    emb = F.normalize(image_embed.float(), dim=-1)
+    """UNet keyword arguments with nothing dropped: the normalised image embedding (as given with ``normalize_embed``
+    False: Karlo's decoder takes raw CLIP embeddings) and, for a text-conditioned decoder, the text — its token states,
+    and the pooled ``text_embed`` when given — (dropped, i.e. the text-unconditional branch, when no ``text_tokens``
+    are given)."""
+    emb = F.normalize(image_embed.float(), dim=-1) if normalize_embed else image_embed.float()
     B, device = emb.shape[0], emb.device
     kw: dict[str, Any] = {"image_embed": emb, "drop_image_embed": torch.zeros(B, dtype=torch.bool, device=device)}
     if use_text:
         if text_tokens is not None:
             kw["text_tokens"] = text_tokens.to(device).float()
             kw["text_mask"] = None if text_mask is None else text_mask.to(device)
+            if text_embed is not None:
+                kw["text_embed"] = text_embed.to(device).float()
             kw["drop_text"] = torch.zeros(B, dtype=torch.bool, device=device)
         else:
             kw["drop_text"] = torch.ones(B, dtype=torch.bool, device=device)
@@ -90,6 +100,8 @@ def sample_decoder(
     use_text: bool = False,
     text_tokens: Tensor | None = None,
     text_mask: Tensor | None = None,
+    text_embed: Tensor | None = None,
+    normalize_embed: bool = True,
     steps: int = 50,
     sampler: str = "ddim",
     guidance_scale: float = 1.0,
@@ -99,13 +111,21 @@ def sample_decoder(
     dynamic_percentile: float = 0.995,
     x_T: Tensor | None = None,
 ) -> Tensor:
-    """Images ``(B, 3, S, S)`` in [-1, 1] for CLIP image embeddings ``image_embed (B, D)``.
+    """Images ``(B, 3, S, S)`` in [-1, 1] for CLIP image embeddings ``image_embed (B, D)`` (``text_embed``,
+    ``normalize_embed``: see :func:`decoder_conditioning`).
 
     ``guidance_scale != 1``: classifier-free guidance (the unconditional branch drops the image embedding and the
     text).  The noise comes from ``generator`` (one, or one per row).
     """
     device = next(net.parameters()).device
-    kw = decoder_conditioning(image_embed.to(device), use_text=use_text, text_tokens=text_tokens, text_mask=text_mask)
+    kw = decoder_conditioning(
+        image_embed.to(device),
+        use_text=use_text,
+        text_tokens=text_tokens,
+        text_mask=text_mask,
+        text_embed=text_embed,
+        normalize_embed=normalize_embed,
+    )
     model_fn = net
     if guidance_scale != 1.0:
         model_fn = cfg_model_fn(net, guidance_scale=guidance_scale, learned_variance=diffusion.learned_variance)
@@ -153,7 +173,10 @@ def sample_upsampler(
     """
     device = next(net.parameters()).device
     lo = lowres_images.to(device).float()
-    lo_aug, level = lowres_aug(lo, train=False, level=int(aug_level), generator=generator)
+    if int(aug_level) == 0:  # no augmentation: no noise drawn (the generator's next draw is x_T, as in Karlo's)
+        lo_aug, level = lo, torch.zeros(lo.shape[0], dtype=torch.int64, device=device)
+    else:
+        lo_aug, level = lowres_aug(lo, train=False, level=int(aug_level), generator=generator)
     B, C, h, w = lo.shape
     base = residual_base(lo, scale, residual=residual)
     transform = x0_transform(threshold, dynamic_percentile)

@@ -10,8 +10,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from dalle2.decoder.networks import build_unet
 from dalle2.decoder.sampling import DownsampleMode, Threshold, downsample, sample_decoder, sample_upsampler
-from dalle2.decoder.unet import UNet
 from dalle2.diffusion import GaussianDiffusion, LowResAugmentation, Schedule, build_diffusion
 from dalle2.diffusion.samplers import Generators
 
@@ -42,7 +42,7 @@ class DecoderStage(nn.Module):
     """A base decoder: CLIP image embedding (+ text) -> ``image_size`` px images (:meth:`sample`)."""
 
     def __init__(
-        self, *, net: UNet, diffusion: GaussianDiffusion, image_size: int, use_text: bool = False, vocabulary=None
+        self, *, net: nn.Module, diffusion: GaussianDiffusion, image_size: int, use_text: bool = False, vocabulary=None
     ) -> None:
         super().__init__()
         self.net, self.diffusion = net, diffusion
@@ -55,7 +55,7 @@ class DecoderStage(nn.Module):
         """From a decoder checkpoint's hyperparameters (``network``, ``diffusion``, ``image_size``, ``use_text``)."""
         net = dict(hparams["network"])
         return cls(
-            net=UNet(**net),
+            net=build_unet(net),
             diffusion=build_diffusion(decoder_diffusion_config(hparams.get("diffusion"), net)),
             image_size=int(hparams["image_size"]),
             use_text=bool(hparams.get("use_text", False)),
@@ -74,12 +74,14 @@ class DecoderStage(nn.Module):
         generator: Generators = None,
         text_tokens: Tensor | None = None,
         text_mask: Tensor | None = None,
+        text_embed: Tensor | None = None,
         threshold: Threshold = "static",
         dynamic_percentile: float = 0.995,
         image_size: int | None = None,
         x_T: Tensor | None = None,
     ) -> Tensor:
-        """Images ``(B, 3, S, S)`` in [-1, 1] for CLIP image embeddings ``(B, D)`` (:func:`sample_decoder`)."""
+        """Images ``(B, 3, S, S)`` in [-1, 1] for CLIP image embeddings ``(B, D)`` (:func:`sample_decoder`);
+        ``text_embed`` (the pooled CLIP text embedding) reaches networks that take it (Karlo's)."""
         return sample_decoder(
             self.net,
             self.diffusion,
@@ -88,6 +90,8 @@ class DecoderStage(nn.Module):
             use_text=self.use_text,
             text_tokens=text_tokens,
             text_mask=text_mask,
+            text_embed=text_embed if getattr(self.net, "text_embed_dim", None) is not None else None,
+            normalize_embed=not getattr(self.net, "raw_image_embed", False),
             steps=steps,
             sampler=sampler,
             guidance_scale=guidance_scale,
@@ -105,7 +109,7 @@ class UpsamplerStage(nn.Module):
     def __init__(
         self,
         *,
-        net: UNet,
+        net: nn.Module,
         diffusion: GaussianDiffusion,
         lowres_size: int,
         image_size: int,
@@ -131,7 +135,7 @@ class UpsamplerStage(nn.Module):
         """From an upsampler checkpoint's hyperparameters."""
         net = dict(hparams["network"])
         return cls(
-            net=UNet(**net),
+            net=build_unet(net),
             diffusion=build_diffusion(decoder_diffusion_config(hparams.get("diffusion"), net)),
             lowres_size=int(hparams.get("lowres_size", 64)),
             image_size=int(hparams.get("image_size", 256)),

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["project_text"]
+__all__ = ["project_text", "substitute_null_text"]
 
 
 def project_text(
@@ -24,3 +24,30 @@ def project_text(
         first_only = torch.arange(tokens.shape[1], device=valid.device)[None] == 0
         valid = torch.where(drop[:, None], first_only, valid)
     return tokens, valid
+
+
+def substitute_null_text(
+    drop: torch.Tensor | None,
+    text_embed: torch.Tensor | None,
+    text_tokens: torch.Tensor,
+    valid: torch.Tensor,
+    *,
+    null_embed: torch.Tensor,
+    null_tokens: torch.Tensor,
+    null_valid: torch.Tensor,
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """Rows where ``drop`` is True take a *fixed* null text — pooled ``null_embed (D,)``, token states ``null_tokens
+    (Lmax, Dt)`` and mask ``null_valid (Lmax,)`` cut to the batch's length L (e.g. the CLIP encoding of the empty
+    prompt, Karlo's unconditional branch) — instead of one learned token: ``text_embed (B, D) | None, text_tokens
+    (B, L, Dt), valid (B, L)`` -> the same with those rows replaced."""
+    if drop is None:
+        return text_embed, text_tokens, valid
+    b, length = text_tokens.shape[:2]
+    d = torch.as_tensor(drop, device=text_tokens.device).to(torch.bool).reshape(b)
+    if bool(d.any()) and int(null_valid[:length].sum()) < int(null_valid.sum()):
+        raise ValueError(f"text of length {length} is shorter than the null text ({int(null_valid.sum())} tokens)")
+    if text_embed is not None:
+        text_embed = torch.where(d[:, None], null_embed.to(text_embed.dtype)[None], text_embed)
+    text_tokens = torch.where(d[:, None, None], null_tokens[:length].to(text_tokens.dtype)[None], text_tokens)
+    valid = torch.where(d[:, None], null_valid[:length].to(valid.device)[None], valid)
+    return text_embed, text_tokens, valid

@@ -57,6 +57,7 @@ def sample_prior_candidates(
     generator: Generators = None,
     scaler: EmbeddingScaler,
     renormalize: bool = True,
+    x0_transform: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """-> (B, k, D) candidate CLIP image embeddings (unit norm if ``renormalize``), k = ``n_samples_per_prompt``.
 
@@ -65,6 +66,7 @@ def sample_prior_candidates(
     generators, one per prompt, that draws that prompt's k candidates (so a prompt's embedding does not depend on
     the other prompts in the batch).  ``network`` is called as
     ``network(x, t, text_embed=, text_tokens=, text_mask=, drop_text=)``; it is in eval mode for the call.
+    ``x0_transform`` (e.g. Karlo's clip of x0 to [-5, 5]) is applied to every x0 prediction.
     """
     if n_samples_per_prompt < 1:
         raise ValueError(f"n_samples_per_prompt must be >= 1, got {n_samples_per_prompt}")
@@ -100,6 +102,7 @@ def sample_prior_candidates(
             eta=eta,
             generator=generator,
             model_kwargs=model_kwargs,
+            x0_transform=x0_transform,
             device=device,
         )
     return scaler.unscale_embed(x, renormalize=renormalize).reshape(b, k, d)
@@ -121,6 +124,7 @@ def sample_prior(
     generator: Generators = None,
     scaler: EmbeddingScaler,
     renormalize: bool = True,
+    x0_transform: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """Text conditioning -> (B, D) CLIP image embeddings: k candidates per prompt, keep the one most similar to
     the text embedding.  Arguments as in :func:`sample_prior_candidates`."""
@@ -138,6 +142,7 @@ def sample_prior(
         generator=generator,
         scaler=scaler,
         renormalize=renormalize,
+        x0_transform=x0_transform,
     )
     best, _ = rerank_by_similarity(candidates, text_embed)
     return best

@@ -11,10 +11,38 @@ from torch import Tensor, nn
 
 from dalle2.diffusion import GaussianDiffusion, build_diffusion
 from dalle2.diffusion.samplers import Generators
+from dalle2.prior.karlo import KarloPrior
 from dalle2.prior.network import EmbeddingScaler, PriorNetwork
 from dalle2.prior.sampling import sample_prior
 
-__all__ = ["PriorStage", "embedding_scaler", "prior_diffusion_config", "trim_text"]
+__all__ = [
+    "PriorStage",
+    "build_prior_network",
+    "embedding_scaler",
+    "network_scaler",
+    "prior_diffusion_config",
+    "trim_text",
+]
+
+
+def build_prior_network(network: Mapping[str, Any]) -> nn.Module:
+    """The prior network of a network dict: ``{"arch": "karlo", ...}`` is Karlo's (:class:`KarloPrior`), anything
+    else our :class:`PriorNetwork` — for the stage and the LightningModule alike."""
+    kwargs = dict(network)
+    arch = kwargs.get("arch")
+    if arch is None:
+        return PriorNetwork(**kwargs)
+    if arch != "karlo":
+        raise ValueError(f"unknown prior network arch {arch!r}; expected 'karlo' (or none: our PriorNetwork)")
+    kwargs.pop("grad_checkpointing", None)
+    return KarloPrior(**kwargs)
+
+
+def network_scaler(net: nn.Module, embed_scale: float | None):
+    """The embedding scaler of ``net``: its own when it has one (Karlo's standardisation), else
+    :func:`embedding_scaler`."""
+    own = getattr(net, "embedding_scaler", None)
+    return own() if callable(own) else embedding_scaler(int(net.embed_dim), embed_scale)
 
 
 def prior_diffusion_config(diffusion: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -51,24 +79,27 @@ class PriorStage(nn.Module):
         scaler: EmbeddingScaler,
         use_text_tokens: bool = True,
         vocabulary=None,
+        x0_clip: float | None = None,
     ) -> None:
         super().__init__()
         self.net, self.diffusion, self.scaler = net, diffusion, scaler
         self.use_text_tokens, self.vocabulary = bool(use_text_tokens), vocabulary
+        self.x0_clip = None if x0_clip is None else float(x0_clip)  # clip x0 samples to [-x0_clip, x0_clip]
         self.embed_dim = int(net.embed_dim)
         self.text_token_dim = int(net.text_token_dim)
 
     @classmethod
     def from_hparams(cls, hparams: Mapping[str, Any], *, vocabulary=None) -> PriorStage:
-        """From a prior checkpoint's hyperparameters (``network``, ``diffusion``, ``embed_scale``, ``use_text_tokens``);
-        the weights are to be loaded into ``.net``."""
-        net = PriorNetwork(**hparams["network"])
+        """From a prior checkpoint's hyperparameters (``network``, ``diffusion``, ``embed_scale``, ``use_text_tokens``,
+        ``x0_clip``); the weights are to be loaded into ``.net``."""
+        net = build_prior_network(hparams["network"])
         return cls(
             net=net,
             diffusion=build_diffusion(prior_diffusion_config(hparams.get("diffusion"))),
-            scaler=embedding_scaler(net.embed_dim, hparams.get("embed_scale")),
+            scaler=network_scaler(net, hparams.get("embed_scale")),
             use_text_tokens=bool(hparams.get("use_text_tokens", True)),
             vocabulary=vocabulary,
+            x0_clip=hparams.get("x0_clip"),
         )
 
     @property
@@ -113,4 +144,5 @@ class PriorStage(nn.Module):
             eta=eta,
             generator=generator,
             scaler=self.scaler,
+            x0_transform=None if self.x0_clip is None else (lambda x0: x0.clamp(-self.x0_clip, self.x0_clip)),
         )
