@@ -36,6 +36,7 @@ from dalle2.seeding import mix_seed
 from dalle2.stages import DecoderStage, PriorStage, UpsamplerStage, load_clip_model, load_stage
 
 __all__ = [
+    "stage_paths",
     "StageSettings",
     "SamplingSettings",
     "UnCLIPPipeline",
@@ -151,10 +152,10 @@ class SamplingSettings:
         return cls(**d)
 
     @classmethod
-    def from_config(cls, cfg: Any) -> "SamplingSettings":
+    def from_config(cls, cfg: Any, base: "SamplingSettings | None" = None) -> "SamplingSettings":
         """From an entry point's config (``conf/sample.yaml``, ``conf/serve.yaml``): per-stage ``steps`` /
         ``sampler`` / ``guidance`` / ``eta`` maps and ``n_prior_samples`` / ``threshold`` / ``upsampler_aug_level``;
-        absent or null entries keep the defaults."""
+        absent or null entries keep ``base`` (default: the defaults; a converted cascade's own: ``from_dir``)."""
 
         def per_stage(key: str):
             value = cfg.get(key)
@@ -168,12 +169,14 @@ class SamplingSettings:
             n_prior_samples=cfg.get("n_prior_samples"),
             threshold=cfg.get("threshold"),
             upsampler_aug_level=cfg.get("upsampler_aug_level"),
+            base=base,
         )
 
     @classmethod
     def from_overrides(
         cls,
         *,
+        base: "SamplingSettings | None" = None,
         steps: dict[str, int] | None = None,
         sampler: dict[str, str] | None = None,
         guidance: dict[str, float] | None = None,
@@ -182,7 +185,7 @@ class SamplingSettings:
     ) -> "SamplingSettings":
         """Defaults overridden per kind then stage, the CLI's ``steps.decoder=50 sampler.prior=ddpm ...`` layout:
         ``from_overrides(steps={"decoder": 50}, guidance={"decoder": 4.0}, n_prior_samples=4)``; None = default."""
-        base = cls()
+        base = base or cls()
         stages: dict[str, dict[str, Any]] = {s: dataclasses.asdict(getattr(base, s)) for s in cls.STAGES}
         for key, per_stage in (("steps", steps), ("sampler", sampler), ("guidance_scale", guidance), ("eta", eta)):
             for stage, value in (per_stage or {}).items():
@@ -191,7 +194,31 @@ class SamplingSettings:
                 if value is not None:
                     stages[stage][key] = type(stages[stage][key])(value)
         top = {k: v for k, v in top.items() if v is not None}
-        return cls.from_dict({**{s: StageSettings(**v) for s, v in stages.items()}, **top})
+        inherited = {k: getattr(base, k) for k in ("n_prior_samples", "threshold", "upsampler_aug_level")}
+        return cls.from_dict({**inherited, **{s: StageSettings(**v) for s, v in stages.items()}, **top})
+
+
+def stage_paths(cfg: Any) -> dict[str, Any]:
+    """The stage files an entry point's config names (``eval/sample.py``, ``eval/coco_fid.py``, ``eval/serve.py``):
+    ``pipeline=DIR`` (a directory with ``pipeline.json``, e.g. a converted Karlo: its files and its own sampling
+    settings) or ``ckpt.clip`` / ``ckpt.prior`` / ``ckpt.decoder`` / ``ckpt.upsamplers`` (no settings of their own)
+    -> ``{"clip", "prior", "decoder", "upsamplers", "sampling": dict | None}``; neither is a ``ValueError``."""
+    if cfg.get("pipeline"):
+        return UnCLIPPipeline.read_manifest(str(cfg.get("pipeline")))
+    ckpt = cfg.get("ckpt") or {}
+    missing = [k for k in ("clip", "decoder") if not ckpt.get(k)]
+    if missing:
+        raise ValueError(
+            "give pipeline=DIR (a cascade with pipeline.json, e.g. python -m dalle2.convert karlo's output) or "
+            f"the stage files ckpt.clip= ckpt.decoder= [ckpt.prior= ckpt.upsamplers=[...]] (missing: {', '.join(missing)})"
+        )
+    return {
+        "clip": ckpt.get("clip"),
+        "prior": ckpt.get("prior") or None,
+        "decoder": ckpt.get("decoder"),
+        "upsamplers": list(ckpt.get("upsamplers") or []),
+        "sampling": None,
+    }
 
 
 # --------------------------------------------------------------------------------------------------- pipeline
@@ -321,12 +348,10 @@ class UnCLIPPipeline(nn.Module):
             upsamplers=[load_stage(p, "upsampler", **trust) for p in upsamplers],
         ).to(device)
 
-    @classmethod
-    def from_dir(
-        cls, path: str, *, device: str | torch.device = "cpu", tokenizer: str | None = None
-    ) -> "UnCLIPPipeline":
-        """A whole cascade from a directory with ``pipeline.json`` (e.g. ``python -m dalle2.convert karlo``'s output):
-        its stage files (exports), and its sampling settings as :attr:`default_settings`."""
+    @staticmethod
+    def read_manifest(path: str) -> dict[str, Any]:
+        """``<dir>/pipeline.json`` with its stage files as paths: ``{"clip", "prior", "decoder", "upsamplers",
+        "sampling"}`` (see :meth:`from_dir`)."""
         import json
         from pathlib import Path
 
@@ -343,11 +368,26 @@ class UnCLIPPipeline(nn.Module):
         missing = [k for k in ("clip", "decoder") if not spec.get(k)]
         if missing:
             raise ValueError(f"{manifest}: names no {', '.join(missing)}")
+        return {
+            "clip": str(root / spec["clip"]),
+            "prior": str(root / spec["prior"]) if spec.get("prior") else None,
+            "decoder": str(root / spec["decoder"]),
+            "upsamplers": [str(root / u) for u in spec.get("upsamplers") or []],
+            "sampling": spec.get("sampling"),
+        }
+
+    @classmethod
+    def from_dir(
+        cls, path: str, *, device: str | torch.device = "cpu", tokenizer: str | None = None
+    ) -> "UnCLIPPipeline":
+        """A whole cascade from a directory with ``pipeline.json`` (e.g. ``python -m dalle2.convert karlo``'s output):
+        its stage files (exports), and its sampling settings as :attr:`default_settings`."""
+        spec = cls.read_manifest(path)
         pipe = cls.from_checkpoints(
-            clip=str(root / spec["clip"]),
-            prior=str(root / spec["prior"]) if spec.get("prior") else None,
-            decoder=str(root / spec["decoder"]),
-            upsamplers=[str(root / u) for u in spec.get("upsamplers") or []],
+            clip=spec["clip"],
+            prior=spec["prior"],
+            decoder=spec["decoder"],
+            upsamplers=spec["upsamplers"],
             device=device,
             tokenizer=tokenizer,
         )

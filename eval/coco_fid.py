@@ -28,7 +28,7 @@ import hydra
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -52,7 +52,7 @@ from dalle2.metrics.coco_eval import FileFeatures, ImageFilesData, coco_metrics,
 from dalle2.metrics.inception import InceptionWeightsError, load_fid_inception  # noqa: E402
 from dalle2.metrics.precision_recall import PR_FEATURES  # noqa: E402
 from dalle2.metrics.resize import RESIZE_DESCRIPTION, fid_preprocessing  # noqa: E402
-from dalle2.pipeline import SamplingSettings, UnCLIPPipeline  # noqa: E402
+from dalle2.pipeline import SamplingSettings, UnCLIPPipeline, stage_paths  # noqa: E402
 
 PROTOCOL_VERSION = 1  # bump when the features a cache holds would change
 
@@ -118,9 +118,11 @@ def _check_identity(path: Path, identity: dict, force: bool) -> None:
     write_json_atomic(path, identity)
 
 
-def generate(cfg: DictConfig, rows: list[dict], out: Path, ckpt_hashes: dict) -> dict:
+def generate(
+    cfg: DictConfig, rows: list[dict], out: Path, ckpt_hashes: dict, base: SamplingSettings | None = None
+) -> dict:
     """Samples ``out/samples/{j:05d}.png`` for the drawn captions (resuming); returns the generation identity."""
-    settings = SamplingSettings.from_config(cfg)
+    settings = SamplingSettings.from_config(cfg, base=base)
     upsamplers = list(cfg.ckpt.upsamplers or [])
     pipe = UnCLIPPipeline.from_checkpoints(
         clip=cfg.ckpt.clip,
@@ -172,6 +174,11 @@ def evaluate(cfg: DictConfig, rows: list[dict], refs: list, out: Path, hashes: d
     """FID / KID / precision / recall / CLIP score of ``out/samples`` against ``refs``; the dict on rank 0."""
     inception = load_fid_inception(cfg.inception) if cfg.inception else None
     clip = load_clip(cfg.clip_score_ckpt or cfg.ckpt.clip, trust_checkpoint=bool(cfg.trust_checkpoint))
+    if not clip.model.has_image_tower:
+        raise SystemExit(
+            f"error: the CLIP score needs a CLIP with an image tower; {cfg.clip_score_ckpt or cfg.ckpt.clip} has none "
+            "(a converted Karlo's text encoder): give clip_score_ckpt= (e.g. OpenAI's ViT-L-14.pt)"
+        )
     scorer = ClipScorer(clip=clip, tokenizer=clip.tokenizer(cfg.tokenizer_path))
     size, k = int(cfg.image_size), int(cfg.precision_recall.k)
     cache = ReferenceCache(cfg.ref_cache)
@@ -299,6 +306,21 @@ def evaluate(cfg: DictConfig, rows: list[dict], refs: list, out: Path, hashes: d
     return res
 
 
+def resolve_stages(cfg: DictConfig) -> SamplingSettings | None:
+    """``pipeline=DIR`` or ``ckpt.*`` -> ``cfg.ckpt.*`` filled with the stage files (one-line error for neither);
+    returns the directory's own sampling settings (the base that ``steps.*`` / ``guidance.*`` ... override)."""
+    try:
+        paths = stage_paths(cfg)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    with open_dict(cfg):
+        for key in ("clip", "prior", "decoder", "upsamplers"):
+            cfg.ckpt[key] = paths[key]
+    if not cfg.ckpt.prior:
+        raise SystemExit("error: text-to-image needs a prior: ckpt.prior= (or pipeline=DIR)")
+    return SamplingSettings.from_dict(paths["sampling"]) if paths["sampling"] else None
+
+
 def run(cfg: DictConfig) -> dict | None:
     try:
         coco = CocoCaptions(cfg.captions)
@@ -308,6 +330,7 @@ def run(cfg: DictConfig) -> dict | None:
             load_fid_inception(cfg.inception)  # a wrong weights file fails now, not after hours of sampling
     except (FileNotFoundError, ValueError, InceptionWeightsError) as exc:
         raise SystemExit(f"error: {exc}") from None
+    base = resolve_stages(cfg)
     out = Path(cfg.out)
     names = {
         "clip": cfg.ckpt.clip,
@@ -318,7 +341,7 @@ def run(cfg: DictConfig) -> dict | None:
     }
     hashes = {k: file_sha256(v) for k, v in names.items()}
     hashes["upsamplers"] = [file_sha256(u) for u in cfg.ckpt.upsamplers or []]
-    identity = generate(cfg, rows, out, hashes)
+    identity = generate(cfg, rows, out, hashes, base)
     result = evaluate(cfg, rows, refs, out, hashes, identity)
     if result is not None:
         write_json_atomic(out / "metrics.json", result)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import hydra
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -33,7 +33,7 @@ from dalle2.io import write_json_atomic  # noqa: E402
 from dalle2.lit.checkpoints import CHECKPOINT_ERRORS  # noqa: E402
 from dalle2.lit.distributed import releases_process_group  # noqa: E402
 from dalle2.lit.pipeline_module import PipelineModule, PromptBatches, SampleWriter, make_items  # noqa: E402
-from dalle2.pipeline import SamplingSettings, UnCLIPPipeline  # noqa: E402
+from dalle2.pipeline import SamplingSettings, UnCLIPPipeline, stage_paths  # noqa: E402
 
 
 def read_prompts(path: str) -> list[str | None]:
@@ -48,9 +48,24 @@ def read_prompts(path: str) -> list[str | None]:
     return prompts
 
 
+def resolve_stages(cfg: DictConfig) -> SamplingSettings | None:
+    """``pipeline=DIR`` or ``ckpt.*`` -> ``cfg.ckpt.*`` filled with the stage files (one-line error for neither);
+    returns the directory's own sampling settings (the base that ``steps.*`` / ``guidance.*`` ... override)."""
+    try:
+        paths = stage_paths(cfg)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    with open_dict(cfg):
+        for key in ("clip", "prior", "decoder", "upsamplers"):
+            cfg.ckpt[key] = paths[key]
+    if not cfg.ckpt.prior:
+        raise SystemExit("error: text-to-image needs a prior: ckpt.prior= (or pipeline=DIR)")
+    return SamplingSettings.from_dict(paths["sampling"]) if paths["sampling"] else None
+
+
 def run(cfg: DictConfig) -> Path:
     prompts = read_prompts(cfg.prompts)
-    settings = SamplingSettings.from_config(cfg)
+    settings = SamplingSettings.from_config(cfg, base=resolve_stages(cfg))
     upsamplers = list(cfg.ckpt.upsamplers or [])
     pipe = UnCLIPPipeline.from_checkpoints(
         clip=cfg.ckpt.clip,
@@ -105,7 +120,12 @@ def run(cfg: DictConfig) -> Path:
         from dalle2.metrics.score_samples import score_samples_dir
 
         trainer.strategy.barrier()  # every rank's PNGs and the manifest are written
-        clip = load_clip(cfg.ckpt.clip, trust_checkpoint=bool(cfg.get("trust_checkpoint", False)))
+        clip = load_clip(score.get("clip") or cfg.ckpt.clip, trust_checkpoint=bool(cfg.get("trust_checkpoint", False)))
+        if not clip.model.has_image_tower:
+            raise SystemExit(
+                "error: scoring needs a CLIP with an image tower; the pipeline's has none (a converted Karlo's text "
+                "encoder): give score.clip= (e.g. OpenAI's ViT-L-14.pt)"
+            )
         scorer = instantiate(cfg.trainer, use_distributed_sampler=False, enable_progress_bar=False)
         scores = score_samples_dir(
             str(out_dir),
