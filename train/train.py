@@ -175,6 +175,27 @@ def load_checkpoints(cfg: DictConfig, module, ckpt_path: str | None, trust: bool
     return clip.tokenizer(cfg.data.get("tokenizer_path"))
 
 
+def apply_init_from(cfg: DictConfig, trust: bool):
+    """``init_from=<stage file>``: the module config takes the file's network, diffusion and structural settings (and a
+    decoder's data its image size); returns the file (its weights are loaded once the module exists) or None."""
+    if not cfg.get("init_from"):
+        return None
+    from omegaconf import open_dict
+
+    from dalle2.lit.init_from import init_module_config, read_init
+
+    try:
+        found = read_init(str(cfg.init_from), str(cfg.get("stage_name")), trust_checkpoint=trust)
+    except (*CHECKPOINT_ERRORS, ValueError) as e:
+        raise SystemExit(f"error: init_from: {e}") from None
+    with open_dict(cfg):
+        for key, value in init_module_config(found).items():
+            cfg.module[key] = value
+        if found.stage == "decoder" and "image_size" in found.hparams:
+            cfg.data.image_size = int(found.hparams["image_size"])
+    return found
+
+
 def train(cfg: DictConfig) -> dict:
     L.seed_everything(cfg.seed, workers=True)
     try:
@@ -183,11 +204,21 @@ def train(cfg: DictConfig) -> dict:
         sys.exit(f"[dalle2] {exn}")
     check_shards(cfg)
     trust = bool(cfg.get("trust_checkpoint", False))
+    init = apply_init_from(cfg, trust)
     module = instantiate_module(cfg)
+    if init is not None:
+        from dalle2.lit.init_from import load_init_weights
+
+        try:
+            load_init_weights(module, init)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
     try:
         tokenizer = load_checkpoints(cfg, module, ckpt_path, trust)
     except CHECKPOINT_ERRORS as e:
         raise SystemExit(f"error: {e}") from None
+    if tokenizer is None and init is not None and init.vocabulary is not None:
+        tokenizer = init.vocabulary.tokenizer()  # the data is tokenized as the stage's CLIP was
     datamodule = instantiate(cfg.data, _convert_="all", **({"tokenizer": tokenizer} if tokenizer is not None else {}))
     loggers = build_loggers(cfg)
     callbacks = [StartLoggers(loggers, cfg), *build_callbacks(cfg)]  # first: the others may use the loggers

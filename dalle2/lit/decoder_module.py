@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dalle2.clip.model import text_mask
-from dalle2.decoder import UNet
+from dalle2.decoder.networks import build_unet
 from dalle2.decoder.sampling import Threshold, decoder_conditioning, downsample, psnr, residual_base
 from dalle2.decoder.stage import DecoderStage, UpsamplerStage, decoder_diffusion_config, lowres_augmentation
 from dalle2.lit.diffusion_base import DiffusionStageModule, FrozenClipMixin
@@ -45,7 +45,7 @@ class _CascadeStageModule(DiffusionStageModule):
         kwargs = dict(network)
         if grad_checkpointing:
             kwargs["grad_checkpointing"] = True
-        self.net = UNet(**kwargs)
+        self.net = build_unet(kwargs)
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         self._channels_last = channels_last
@@ -147,8 +147,10 @@ class DecoderModule(FrozenClipMixin, _CascadeStageModule):
         self._build_net(network, channels_last=channels_last, grad_checkpointing=grad_checkpointing)
 
     # -- conditioning -------------------------------------------------------------------------------------------
-    @staticmethod
-    def normalize_embed(image_embed: Tensor) -> Tensor:
+    def normalize_embed(self, image_embed: Tensor) -> Tensor:
+        """Unit norm — or as given for a network trained on raw CLIP embeddings (Karlo's)."""
+        if getattr(self.net, "raw_image_embed", False):
+            return image_embed.float()
         return F.normalize(image_embed.float(), dim=-1)
 
     @torch.no_grad()
@@ -189,11 +191,29 @@ class DecoderModule(FrozenClipMixin, _CascadeStageModule):
             out["drop_text"] = u[1] < self.text_drop_prob
         return out
 
+    @torch.no_grad()
+    def text_embedding(self, batch: dict) -> Tensor:
+        """The pooled CLIP text embedding ``(B, D)`` (``txt_emb`` or the frozen CLIP), for networks that take it."""
+        if batch.get("txt_emb") is not None:
+            return batch["txt_emb"].float()
+        clip = self.clip
+        if clip is None:
+            raise ValueError(
+                "this decoder takes the pooled text embedding: the batch has no 'txt_emb' and no clip_ckpt"
+            )
+        return clip.encode_text_features(batch["tokens"]).embed.float()
+
     def conditioning(self, batch: dict) -> dict:
         """Model kwargs with nothing dropped (for validation and sampling)."""
         text_tokens, text_mask = self.text_conditioning(batch) if self.use_text else (None, None)
+        wants_embed = self.use_text and getattr(self.net, "text_embed_dim", None) is not None
         return decoder_conditioning(
-            self.image_embeddings(batch), use_text=self.use_text, text_tokens=text_tokens, text_mask=text_mask
+            self.image_embeddings(batch),
+            use_text=self.use_text,
+            text_tokens=text_tokens,
+            text_mask=text_mask,
+            text_embed=self.text_embedding(batch) if wants_embed else None,
+            normalize_embed=not getattr(self.net, "raw_image_embed", False),
         )
 
     def model_kwargs(self, batch: dict, *, train: bool, generator: torch.Generator | None = None) -> dict:
@@ -220,6 +240,7 @@ class DecoderModule(FrozenClipMixin, _CascadeStageModule):
         image_size: int | None = None,
         use_ema: bool = True,
         x_T: Tensor | None = None,
+        text_embed: Tensor | None = None,
     ) -> Tensor:
         """Images ``(B, 3, S, S)`` in [-1, 1] for CLIP image embeddings ``image_embed (B, D)`` (normalised here).
 
@@ -237,6 +258,7 @@ class DecoderModule(FrozenClipMixin, _CascadeStageModule):
             generator=generator,
             text_tokens=text_tokens,
             text_mask=text_mask,
+            text_embed=text_embed,
             threshold=threshold,
             dynamic_percentile=dynamic_percentile,
             image_size=image_size,
@@ -271,6 +293,7 @@ class DecoderModule(FrozenClipMixin, _CascadeStageModule):
             generator=generator,
             text_tokens=kw.get("text_tokens"),
             text_mask=kw.get("text_mask"),
+            text_embed=kw.get("text_embed"),
         )
         return {"samples": imgs, "reference": batch.get("image"), "metrics": {}, "captions": batch.get("caption")}
 

@@ -27,8 +27,7 @@ from torch import Tensor
 
 from dalle2.clip.model import text_mask
 from dalle2.lit.diffusion_base import DiffusionStageModule, FrozenClipMixin
-from dalle2.prior import PriorNetwork
-from dalle2.prior.stage import PriorStage, embedding_scaler, prior_diffusion_config, trim_text
+from dalle2.prior.stage import PriorStage, build_prior_network, network_scaler, prior_diffusion_config, trim_text
 from dalle2.seeding import mix_seed
 
 __all__ = ["PriorModule", "load_prior", "trim_text"]
@@ -47,6 +46,7 @@ class PriorModule(FrozenClipMixin, DiffusionStageModule):
         use_text_tokens: attend to the CLIP text-encoder token states (False: text embedding only).
         val_sample_steps / val_candidates / val_sampler: how validation samples (few DDIM steps, rerank).
         compile: ``torch.compile`` the network and its EMA copy (training and sampling; see ``configure_model``).
+        x0_clip: clip the x0 prediction to ``[-x0_clip, x0_clip]`` when sampling (Karlo's prior: 5); None: no clip.
     """
 
     stage = "prior"
@@ -67,6 +67,7 @@ class PriorModule(FrozenClipMixin, DiffusionStageModule):
         val_candidates: int = 2,
         val_sampler: str = "ddim",
         compile: bool = False,
+        x0_clip: float | None = None,
         optimizer: Callable | None = None,
         scheduler: Callable | None = None,
     ):
@@ -83,14 +84,14 @@ class PriorModule(FrozenClipMixin, DiffusionStageModule):
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         if not 0.0 <= cond_drop_prob <= 1.0:
             raise ValueError(f"cond_drop_prob must be in [0, 1], got {cond_drop_prob}")
-        self.net = PriorNetwork(**network)
+        self.net = build_prior_network(network)
         if not use_text_tokens:
             # never used: frozen, so that DDP does not wait for their gradients (and AdamW leaves them alone)
             self.net.text_token_proj.requires_grad_(False)
             self.net.null_text_token.requires_grad_(False)
         self._init_ema()
         self.embed_dim = int(self.net.embed_dim)
-        self.scaler = embedding_scaler(self.embed_dim, embed_scale)
+        self.scaler = network_scaler(self.net, embed_scale)  # Karlo's prior standardises with its own statistics
         self.cond_drop_prob, self.use_text_tokens = float(cond_drop_prob), bool(use_text_tokens)
 
     @property
@@ -120,8 +121,9 @@ class PriorModule(FrozenClipMixin, DiffusionStageModule):
         txt = batch.get("txt_emb")
         if txt is None or (self.use_text_tokens and states is None):
             txt, states, _ = self._require_clip("txt_emb").encode_text_features(tokens)
+        raw = getattr(self.net, "raw_image_embed", False)  # Karlo's prior standardises raw CLIP embeddings
         out = {
-            "image_embed": F.normalize(img.float(), dim=-1),
+            "image_embed": img.float() if raw else F.normalize(img.float(), dim=-1),
             "text_embed": txt.float(),
             "text_tokens": None,
             "text_mask": None,
@@ -231,6 +233,7 @@ class PriorModule(FrozenClipMixin, DiffusionStageModule):
             scaler=self.scaler,
             use_text_tokens=self.use_text_tokens,
             vocabulary=self.vocabulary,
+            x0_clip=self.hparams.get("x0_clip"),
         )
 
 

@@ -56,6 +56,7 @@ class KarloPrior(nn.Module):
     drop_text: (B,) bool | None) -> (B, D)."""
 
     arch = "karlo"
+    raw_image_embed = True  # its space is CLIP's raw image embedding, standardised (never unit-normalised)
 
     def __init__(
         self,

@@ -179,3 +179,48 @@ def make_karlo_dir(path: str | Path, cfg: TinyKarlo = TinyKarlo(), *, seed: int 
     )
     pipe.save_pretrained(str(path / "karlo"), safe_serialization=True)
     return path / "karlo"
+
+
+def write_karlo_shards(root: str | Path, out: str | Path, *, n: int = 16, image_size: int = 16, seed: int = 0) -> str:
+    """Embedding shards (img2dataset layout + ``img_emb`` / ``txt_emb`` / ``txt_tokens`` npy, as
+    ``train/precompute_embeddings.py`` writes them) for a converted tiny Karlo ``out``: text features from its text
+    tower, image embeddings random at CLIP-like norms (the text-only CLIP has no image tower).  Returns the urls."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from dalle2.stages import load_clip_model
+    from helpers.shards import write_tar
+
+    clip, vocab = load_clip_model(str(Path(out) / "clip.safetensors"))
+    tok = vocab.tokenizer()
+    g = torch.Generator().manual_seed(seed)
+    captions = [
+        f"a {c} {s} on a table" for c in ("red", "blue", "green", "white") for s in ("cube", "ball", "cone", "cup")
+    ]
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    members: list[list] = [[], []]  # two shards: one per rank of a 2-process run
+    feats = clip.encode_text_features(tok(captions[:n]))
+    for i in range(n):
+        key = f"{i:06d}"
+        pixels = (torch.rand(image_size, image_size, 3, generator=g) * 255).byte().numpy()
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, format="PNG")
+
+        def npy(a) -> bytes:
+            b = io.BytesIO()
+            np.save(b, np.asarray(a, dtype=np.float16))
+            return b.getvalue()
+
+        members[i % 2] += [
+            (f"{key}.png", buf.getvalue()),
+            (f"{key}.txt", captions[i % len(captions)].encode()),
+            (f"{key}.img_emb.npy", npy(torch.randn(clip.embed_dim, generator=g) * 0.5)),
+            (f"{key}.txt_emb.npy", npy(feats.embed[i].detach())),
+            (f"{key}.txt_tokens.npy", npy(feats.tokens[i].detach())),
+        ]
+    for j, m in enumerate(members):
+        write_tar(root / f"{j:05d}.tar", m)
+    return str(root / "{00000..00001}.tar")
