@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -321,3 +322,83 @@ def test_a_stage_killed_and_resumed_accounts_every_attempt(setup):
     assert [a["ended"] for a in done["attempts"]] == ["failed (Killed)", "killed", "finished"]
     assert done["wall_s"] == pytest.approx(sum(a["wall_s"] for a in done["attempts"]), abs=0.02)
     assert done["wall_s"] >= 3600.0 and done["cpu_s"] >= 7000.0
+
+
+def test_a_stage_still_running_from_a_killed_train_all_is_refused_not_doubled(setup, tmp_path):
+    """A stage whose train_all was killed (where the parent-death signal does not reach it, or a second train_all on
+    the same out_dir) may still be training: rerunning must not start a second trainer in its folder, nor move it
+    aside (force=) under it."""
+    import socket
+    import subprocess
+    import sys
+
+    from dalle2.train_all.runner import cmdline
+
+    out, fake, run = setup
+    assert run(kill_at=700) is None
+    started = out / "decoder" / "STARTED.json"
+    orphan = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        for _ in range(100):  # its cmdline is readable once exec is done
+            if cmdline(orphan.pid) and "sleep" in cmdline(orphan.pid):
+                break
+            time.sleep(0.05)
+        rec = json.loads(started.read_text())
+        rec["attempts"][-1].update(
+            ended="running", host=socket.gethostname(), pids={str(orphan.pid): cmdline(orphan.pid)}
+        )
+        started.write_text(json.dumps(rec))
+        before = snapshot(out / "decoder")
+        for extra in ((), ("force=[decoder]",)):
+            with pytest.raises(SystemExit, match=rf"decoder: still running .*pid {orphan.pid}.*Nothing was changed"):
+                run(*extra)
+            assert snapshot(out / "decoder") == before and len(fake.calls) == 1
+    finally:
+        orphan.kill()
+        orphan.wait()
+    assert run()["decoder"]["status"] == "ran"  # once it is gone, the rerun resumes it
+    assert fake.calls[-1]["found_step"] == 700
+
+
+def test_a_stage_dies_with_its_train_all(tmp_path):
+    """kill -9 of train_all: its running stage gets SIGTERM (saves last.ckpt and exits) instead of training on as an
+    orphan that a rerun would double."""
+    import signal
+    import subprocess
+    import sys
+
+    term, ready = tmp_path / "term", tmp_path / "ready"
+    child = (
+        "import pathlib, signal, sys, time\n"
+        "signal.signal(signal.SIGTERM, lambda *a: (pathlib.Path(sys.argv[1]).write_text('term'), sys.exit(0)))\n"
+        "pathlib.Path(sys.argv[2]).write_text('up')\n"
+        "time.sleep(60)\n"
+    )
+    driver = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from dalle2.train_all.commands import Stage\n"
+        "from dalle2.train_all.runner import run_commands\n"
+        f"run_commands(Stage('decoder', commands=[[sys.executable, '-c', {child!r}, {str(term)!r}, {str(ready)!r}]]),"
+        f" cwd=Path({str(tmp_path)!r}))\n"
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(
+            p for p in [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")] if p
+        ),
+    }
+    proc = subprocess.Popen([sys.executable, "-c", driver], env=env)
+    try:
+        deadline = time.time() + 60
+        while not ready.exists() and time.time() < deadline:
+            time.sleep(0.05)
+        assert ready.exists(), "the stage did not start"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        deadline = time.time() + 10
+        while not term.exists() and time.time() < deadline:
+            time.sleep(0.05)
+        assert term.exists() and term.read_text() == "term"
+    finally:
+        proc.kill()

@@ -25,6 +25,7 @@ from dalle2.train_all.identity import (
     recorded_identity,
     resumable,
 )
+from dalle2.train_all.runner import still_running
 
 RUNS = ("run", "resume")  # actions that change a stage's outputs
 
@@ -188,13 +189,21 @@ def _decide(name, d, commands, *, uses, given, forced, resume, out_dir, changing
             "nothing was changed. Move it away or choose another out_dir."
         )
         return Decision(name, "refuse", "not made by train_all", message=message)
+    done, started = read_marker(d / "DONE.json"), read_marker(d / "STARTED.json")
+    alive = still_running(started) if done is None else []
+    if alive:
+        message = (
+            f"[train_all] {name}: still running in {d} (pid {', '.join(map(str, alive))}; left by a train_all that "
+            "was killed, or another train_all on this out_dir). Nothing was changed. Wait for it to end, or stop "
+            f"it (kill {' '.join(map(str, alive))}: it saves last.ckpt) and rerun to resume it."
+        )
+        return Decision(name, "refuse", f"still running (pid {', '.join(map(str, alive))})", message=message)
     if forced:
         return Decision(name, "run", "forced", move_aside=True)
     runs_first = [u for u in uses if u in changing]
     if runs_first:
         verb = "runs" if len(runs_first) == 1 else "run"
         return Decision(name, "run", f"{', '.join(runs_first)} {verb} first", move_aside=True)
-    done, started = read_marker(d / "DONE.json"), read_marker(d / "STARTED.json")
     marker = done or started
     changed = changed_inputs(uses, marker, done=done is not None, upstream=upstream)
     if changed:

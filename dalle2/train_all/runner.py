@@ -3,10 +3,13 @@ time, kept current in STARTED.json so that a kill -9 loses little of it), and mo
 
 from __future__ import annotations
 
+import ctypes
 import os
 import resource
 import signal
+import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -52,11 +55,52 @@ def process_tree_cpu_s(pid: int) -> float:
     return total
 
 
+def _parent_death_signal():
+    """A ``preexec_fn`` that makes the child get SIGTERM when train_all dies (Linux ``PR_SET_PDEATHSIG``), so a
+    ``kill -9`` of train_all leaves no orphaned stage training on in the background: the stage saves its last.ckpt
+    (SIGTERM is its preemption signal) and exits, and a rerun resumes it. None where unsupported."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here, in the parent, not after the fork
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # train_all died between fork and prctl
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
+
+
+def cmdline(pid: int) -> str | None:
+    """The command line of a live process on this machine (Linux ``/proc``), None when it is not running."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return None
+
+
+def still_running(marker: dict | None) -> list[int]:
+    """Pids of a stage's commands that an attempt recorded as running and that still run on this machine with the
+    same command line (a train_all killed where the parent-death signal does not exist, or a second train_all
+    on the same out_dir): rerunning now would start a second trainer in the same folder."""
+    if not marker or not marker.get("attempts"):
+        return []
+    last = marker["attempts"][-1]
+    if last.get("ended") != "running" or last.get("host") != socket.gethostname():
+        return []
+    return [int(p) for p, cmd in (last.get("pids") or {}).items() if cmd and cmdline(int(p)) == cmd]
+
+
 def run_commands(stage: Stage, *, cwd: Path) -> None:
-    """Run the stage's commands one after another (printed first); a failing one ends train_all naming the stage."""
+    """Run the stage's commands one after another (printed first); a failing one ends train_all naming the stage.
+    Each command dies with train_all (SIGTERM on Linux; see :func:`_parent_death_signal`)."""
     for argv in stage.commands:
         print(f"[train_all] {stage.name}: {shell_join(argv)}", flush=True)
-        proc = subprocess.Popen(argv, cwd=cwd)
+        proc = subprocess.Popen(argv, cwd=cwd, preexec_fn=_parent_death_signal())
         _live.add(proc.pid)
         # SIGTERM (a scheduler's preemption) goes on to the stage, which saves last.ckpt; a rerun resumes it.
         previous = signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signum))
@@ -125,7 +169,10 @@ class Attempt:
 
     def write(self, ended: str | None = None) -> None:
         with self._lock:
-            live = sum(process_tree_cpu_s(pid) for pid in list(_live))
+            pids = sorted(_live)
+            live = sum(process_tree_cpu_s(pid) for pid in pids)
+            self.record["host"] = socket.gethostname()
+            self.record["pids"] = {str(p): cmdline(p) for p in pids}
             self.record["wall_s"] = round(time.time() - self._t0, 2)
             self.record["cpu_s"] = round(children_cpu_s() - self._cpu0 + live, 2)
             if ended is not None:
