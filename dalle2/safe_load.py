@@ -34,6 +34,8 @@ from typing import Any
 
 import torch
 
+from dalle2.torch_private import require as require_private_torch
+
 __all__ = [
     "TRUST_HINT",
     "UntrustedCheckpointError",
@@ -263,6 +265,7 @@ def read_dcp_state(path, keys: set[str] | None = None, *, trust_checkpoint: bool
 
 
 def _read_dcp(path: Path, metadata, keys: set[str] | None, *, trust_checkpoint: bool) -> dict:
+    require_private_torch("dcp_read")  # _load_state_dict, the planner's load_bytes hook: still what they were
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner

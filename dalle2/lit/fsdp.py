@@ -41,6 +41,7 @@ from dalle2.decoder.blocks import PixelAttention, ResBlock
 from dalle2.lit.distributed import FailFast, SameBatchCount
 from dalle2.nn.transformer import ResidualAttentionBlock
 from dalle2.prior.network import PriorBlock
+from dalle2.torch_private import require as require_private_torch
 
 __all__ = ["DTYPES", "FSDP2Strategy", "SHARD_UNITS", "compile_network", "is_sharded", "shard_module", "shard_network"]
 
@@ -119,7 +120,8 @@ def _track_forward(net: nn.Module) -> None:
 def _register_forward_method(net: nn.Module, name: str) -> None:
     """FSDP2's ``register_fsdp_forward_method`` (gather the root's parameters around the method), except when the
     method is called from inside the root's forward (the prior's ``forward`` calls ``encode_text``, CLIP's calls
-    ``encode_image``): the parameters are gathered already, and resharding them there would break the rest of it."""
+    ``encode_image``): the parameters are gathered already, and resharding them there would break the rest of it.
+    Uses FSDP2's private per-module state, checked at :class:`FSDP2Strategy` start (:mod:`dalle2.torch_private`)."""
     import functools
 
     orig = getattr(net, name)
@@ -166,6 +168,7 @@ class FSDP2Strategy(FailFast, ModelParallelStrategy):
         save_distributed_checkpoint: bool = True,
         **kwargs: Any,
     ) -> None:
+        require_private_torch("fsdp_forward_method")  # FSDPModule._get_fsdp_state & co: fail now, not mid-run
         super().__init__(save_distributed_checkpoint=save_distributed_checkpoint, **kwargs)
         self.param_dtype, self.reduce_dtype = _dtype(param_dtype), _dtype(reduce_dtype)
         self.activation_checkpointing = bool(activation_checkpointing)
