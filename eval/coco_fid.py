@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dalle2.io import write_json_atomic  # noqa: E402
 from dalle2.lit.checkpoints import CHECKPOINT_ERRORS  # noqa: E402
-from dalle2.lit.clip_module import load_clip  # noqa: E402
+from dalle2.lit.clip_module import clip_source, load_clip  # noqa: E402
 from dalle2.lit.distributed import releases_process_group  # noqa: E402
 from dalle2.lit.pipeline_module import PipelineModule, PromptBatches, SampleWriter, make_items, valid_image  # noqa: E402
 from dalle2.lit.precision import resolve_precision  # noqa: E402
@@ -65,6 +65,11 @@ def _trainer(cfg: DictConfig, callbacks=()) -> L.Trainer:
     # fixed batches (samples) and ImageFilesData (features) are dealt to ranks by us: no distributed sampler
     precision = resolve_precision(cfg.trainer.get("precision", "32-true"), cfg.trainer.get("accelerator", "auto"))
     return instantiate(cfg.trainer, use_distributed_sampler=False, callbacks=list(callbacks), precision=precision)
+
+
+def _clip_score_path(cfg: DictConfig) -> str:
+    """The CLIP of the CLIP score: ``clip_score.ckpt``, else the cascade's own ``ckpt.clip``."""
+    return str((cfg.get("clip_score") or {}).get("ckpt") or cfg.ckpt.clip)
 
 
 def _launch_rank() -> int:
@@ -173,13 +178,16 @@ def generate(
 def evaluate(cfg: DictConfig, rows: list[dict], refs: list, out: Path, hashes: dict, identity: dict) -> dict | None:
     """FID / KID / precision / recall / CLIP score of ``out/samples`` against ``refs``; the dict on rank 0."""
     inception = load_fid_inception(cfg.inception) if cfg.inception else None
-    clip = load_clip(cfg.clip_score_ckpt or cfg.ckpt.clip, trust_checkpoint=bool(cfg.trust_checkpoint))
+    score_path = _clip_score_path(cfg)
+    clip = load_clip(score_path, trust_checkpoint=bool(cfg.trust_checkpoint))
     if not clip.model.has_image_tower:
         raise SystemExit(
-            f"error: the CLIP score needs a CLIP with an image tower; {cfg.clip_score_ckpt or cfg.ckpt.clip} has none "
-            "(a converted Karlo's text encoder): give clip_score_ckpt= (e.g. OpenAI's ViT-L-14.pt)"
+            f"error: the CLIP score needs a CLIP with an image tower; {score_path} has none "
+            "(a converted Karlo's text encoder): give clip_score.ckpt= (e.g. OpenAI's ViT-L-14.pt)"
         )
-    scorer = ClipScorer(clip=clip, tokenizer=clip.tokenizer(cfg.tokenizer_path))
+    own = score_path == str(cfg.ckpt.clip)  # the cascade's CLIP: the cascade's tokenizer choice applies
+    tok_path = cfg.tokenizer_path if own else (cfg.get("clip_score") or {}).get("tokenizer_path")
+    scorer = ClipScorer(clip=clip, tokenizer=clip.tokenizer(tok_path))
     size, k = int(cfg.image_size), int(cfg.precision_recall.k)
     cache = ReferenceCache(cfg.ref_cache)
     resize = RESIZE_DESCRIPTION.format(size=size)
@@ -295,9 +303,10 @@ def evaluate(cfg: DictConfig, rows: list[dict], refs: list, out: Path, hashes: d
                 "decoder": str(cfg.ckpt.decoder),
                 "upsamplers": [str(u) for u in cfg.ckpt.upsamplers or []],
                 "inception": str(cfg.inception) if cfg.inception else None,
-                "clip_score": str(cfg.clip_score_ckpt or cfg.ckpt.clip),
+                "clip_score": str(score_path),
             },
             "sha256": hashes,
+            "clip_score_clip": {**clip_source(score_path), "generator_clip": bool(own)},
             "data": {"captions": str(cfg.captions), "images": str(cfg.images), "n": len(rows), "n_ref": cfg.n_ref},
             "reference_cache": {"file": str(cache.path(key)), "hit": cache.hits > 0},
             "out": str(out),
@@ -337,7 +346,7 @@ def run(cfg: DictConfig) -> dict | None:
         "prior": cfg.ckpt.prior,
         "decoder": cfg.ckpt.decoder,
         "inception": cfg.inception,
-        "clip_score": cfg.clip_score_ckpt or cfg.ckpt.clip,
+        "clip_score": _clip_score_path(cfg),
     }
     hashes = {k: file_sha256(v) for k, v in names.items()}
     hashes["upsamplers"] = [file_sha256(u) for u in cfg.ckpt.upsamplers or []]

@@ -114,18 +114,23 @@ def run(cfg: DictConfig) -> Path:
         "devices": trainer.world_size,
     }
     score = cfg.get("score") or {}
+    described: dict = {}
     if score.get("reference_urls"):
-        from dalle2.lit.clip_module import load_clip
+        from dalle2.lit.clip_module import clip_source, load_clip
         from dalle2.metrics.inception import load_fid_inception
         from dalle2.metrics.score_samples import score_samples_dir
 
         trainer.strategy.barrier()  # every rank's PNGs and the manifest are written
-        clip = load_clip(score.get("clip") or cfg.ckpt.clip, trust_checkpoint=bool(cfg.get("trust_checkpoint", False)))
+        trust = bool(cfg.get("trust_checkpoint", False))
+        clip_path = score.get("clip") or cfg.ckpt.clip
+        clip = load_clip(clip_path, trust_checkpoint=trust)
         if not clip.model.has_image_tower:
             raise SystemExit(
                 "error: scoring needs a CLIP with an image tower; the pipeline's has none (a converted Karlo's text "
                 "encoder): give score.clip= (e.g. OpenAI's ViT-L-14.pt)"
             )
+        score_cfg = score.get("clip_score") or {}
+        score_clip = load_clip(score_cfg.ckpt, trust_checkpoint=trust) if score_cfg.get("ckpt") else None
         scorer = instantiate(cfg.trainer, use_distributed_sampler=False, enable_progress_bar=False)
         scores = score_samples_dir(
             str(out_dir),
@@ -133,11 +138,18 @@ def run(cfg: DictConfig) -> Path:
             clip=clip,
             tokenizer=clip.tokenizer(cfg.tokenizer_path),
             trainer=scorer,
+            score_clip=score_clip,
+            score_tokenizer=score_clip.tokenizer(score_cfg.get("tokenizer_path")) if score_clip is not None else None,
             inception=load_fid_inception(score.inception) if score.get("inception") else None,
             max_reference=score.get("max_reference"),
             batch_size=int(score.get("batch_size", 64)),
             num_workers=int(score.get("num_workers", 0)),
         )
+        described = {  # strings: flatten keeps numbers only
+            "clip_score_clip": clip_source(score_cfg.get("ckpt") or clip_path),
+            "preprocessing": scores.get("preprocessing"),
+            "precision_recall": scores.get("precision_recall"),
+        }
         metrics.update(flatten(scores))
     if trainer.is_global_zero:
         write_json_atomic(
@@ -148,6 +160,7 @@ def run(cfg: DictConfig) -> Path:
                 "step": None,
                 "settings": settings.to_dict(),
                 "size": int(size),
+                **described,
             },
         )
         print(

@@ -279,10 +279,9 @@ def test_metrics_equal_an_independent_computation(first_run, coco, ckpts):
     reference features read from the run's cache and two of them recomputed), scipy's sqrtm FID, the MMD formula,
     brute-force k-NN balls on equal-size sets."""
     from cleanfid.resize import make_resizer
-    from test_metrics_evaluate import _unbiased_mmd2
-    from test_metrics_fid import scipy_fid
 
     from dalle2.metrics.inception import load_fid_inception
+    from helpers.fid_reference import scipy_fid, unbiased_mmd2
 
     out, res = first_run
     net = load_fid_inception(ckpts["inception"])
@@ -302,7 +301,7 @@ def test_metrics_equal_an_independent_computation(first_run, coco, ckpts):
     assert res["fid"] == pytest.approx(scipy_fid(real, fake), rel=1e-5)
     # KID: 5 subsets of min(1000, 9, 8) = 8 rows; with 8 of 9 reference rows per subset, each subset's MMD lies
     # within the range of the whole-set statistic's leave-one-out values
-    loo = [_unbiased_mmd2(np.delete(real.numpy(), i, 0), fake.numpy()) for i in range(9)]
+    loo = [unbiased_mmd2(np.delete(real.numpy(), i, 0), fake.numpy()) for i in range(9)]
     assert min(loo) - 1e-9 <= res["kid_mean"] <= max(loo) + 1e-9
     # precision/recall on equal sizes: the reference set cut to 8 rows by the seeded draw
     from dalle2.metrics.precision_recall import equal_size_rows

@@ -89,11 +89,11 @@ def test_coco_fid_with_the_karlo_preset(tiny_karlo, tmp_path):
         "eval.num_workers=0",
     ]
     script = load_script("eval", "coco_fid")
-    with pytest.raises(SystemExit, match="clip_score_ckpt="):  # the converted CLIP is a text tower only
+    with pytest.raises(SystemExit, match="clip_score.ckpt="):  # the converted CLIP is a text tower only
         script.run(compose_conf("coco", args))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        result = script.run(compose_conf("coco", [*args, f"clip_score_ckpt={clip_ckpt}", "force=true"]))
+        result = script.run(compose_conf("coco", [*args, f"clip_score.ckpt={clip_ckpt}", "force=true"]))
     assert result["sampling"]["decoder"]["sampler"] == "unclip" and result["sampling"]["decoder"]["guidance_scale"] == 8
     assert np.isfinite(result["clip_score"]) and len(list((tmp_path / "out" / "samples").glob("0*.png"))) == 3
 

@@ -377,16 +377,6 @@ def _independent_features(files: list[Path], net) -> torch.Tensor:
     return net(torch.stack(x).float()).double()
 
 
-def _unbiased_mmd2(x: np.ndarray, y: np.ndarray) -> float:
-    """KID's statistic on whole sets: unbiased MMD^2 with the kernel (x.y / d + 1)^3 (Binkowski et al. 2018)."""
-    d = x.shape[1]
-    kxx, kyy, kxy = ((a @ b.T / d + 1) ** 3 for a, b in ((x, x), (y, y), (x, y)))
-    n, m = len(x), len(y)
-    return float(
-        (kxx.sum() - np.trace(kxx)) / (n * (n - 1)) + (kyy.sum() - np.trace(kyy)) / (m * (m - 1)) - 2 * kxy.mean()
-    )
-
-
 N_E2E = 48
 
 
@@ -396,10 +386,9 @@ def test_fid_kid_precision_recall_end_to_end_can_fail(tmp_path):
     brightness-shifted set gives the FID and KID computed independently (clean-fid's resizer, scipy's sqrtm, the
     MMD formula); a disjoint set gives precision and recall near 0.  The JSON names its preprocessing."""
     from lightning import Trainer
-    from test_metrics_fid import scipy_fid
 
     from dalle2.metrics.score_samples import score_samples_dir
-    from helpers.fid_reference import PixelProjection
+    from helpers.fid_reference import PixelProjection, scipy_fid, unbiased_mmd2
 
     images, caps = synthetic(N_E2E, seed=21)
     shard = _shard(tmp_path / "ref.tar", images, caps)
@@ -426,7 +415,7 @@ def test_fid_kid_precision_recall_end_to_end_can_fail(tmp_path):
     ref_feats = _independent_features([tmp_path / "same" / f"{i:05d}.png" for i in range(N_E2E)], net)
     assert float(ref_feats.std(0).mean()) > 0.05  # real spread
     assert abs(same["fid"]) < 1e-6 * float(ref_feats.var(0).sum())
-    assert same["kid_mean"] == pytest.approx(_unbiased_mmd2(ref_feats.numpy(), ref_feats.numpy()), rel=1e-6)
+    assert same["kid_mean"] == pytest.approx(unbiased_mmd2(ref_feats.numpy(), ref_feats.numpy()), rel=1e-6)
     assert same["precision"] == 1.0 and same["recall"] == 1.0
     assert same["preprocessing"]["image_size"] == 32 and "BICUBIC" in same["preprocessing"]["resize"]
     assert "Inception" in same["precision_recall"]["features"] and same["precision_recall"]["num_each"] == N_E2E
@@ -437,7 +426,7 @@ def test_fid_kid_precision_recall_end_to_end_can_fail(tmp_path):
     want = scipy_fid(ref_feats, fake_feats)
     assert want > 100 * abs(same["fid"]) + 1e-3
     assert shifted["fid"] == pytest.approx(want, rel=1e-5)
-    kid = _unbiased_mmd2(ref_feats.numpy(), fake_feats.numpy())
+    kid = unbiased_mmd2(ref_feats.numpy(), fake_feats.numpy())
     assert shifted["kid_mean"] == pytest.approx(kid, rel=1e-5) and kid > same["kid_mean"] + 0.3
 
     # a disjoint set: flat pictures of a colour no built-in picture is mostly made of
@@ -446,3 +435,51 @@ def test_fid_kid_precision_recall_end_to_end_can_fail(tmp_path):
     far = score(write_samples_dir(tmp_path / "far", flat.clamp(-1, 1), caps))
     assert far["precision"] <= 0.05 and far["recall"] <= 0.05
     assert far["fid"] > want and far["kid_mean"] > kid
+
+
+# ------------------------------------------------------------------------------------------------ CLIP score's CLIP
+
+
+def test_clip_score_under_another_clip_is_named_in_the_json(trained_clip, samples_dir, builtin_shards, tmp_path):
+    """clip_score.ckpt= scores samples and references with another CLIP (here an untrained one: it cannot tell
+    matching prompts, so the score drops); CLIP-FD stays on clip_ckpt; the JSON names the scoring CLIP."""
+    import hashlib
+
+    other = tmp_path / "other_clip.safetensors"
+    torch.manual_seed(1)
+    save_safetensors(CLIPModule(network=NET).model, other)
+    base = run_in_process(_overrides(trained_clip, samples_dir, builtin_shards["val"]))
+    got = run_in_process(_overrides(trained_clip, samples_dir, builtin_shards["val"], [f"clip_score.ckpt={other}"]))
+    assert base["clip_score_clip"]["path"] == str(trained_clip)  # default: clip_ckpt, named as well
+    assert got["clip_score_clip"] == {
+        "path": str(other),
+        "sha256": hashlib.sha256(other.read_bytes()).hexdigest(),
+        "kind": "dalle2 CLIP safetensors",
+    }
+    assert got["clip_fd"] == pytest.approx(base["clip_fd"], rel=1e-6)
+    assert (
+        abs(got["clip_score"] - base["clip_score"]) > 5 and got["reference_clip_score"] != base["reference_clip_score"]
+    )
+
+
+def test_clip_source_names_every_kind_of_clip_file(trained_clip, tmp_path):
+    from safetensors.torch import save_file
+
+    from dalle2.lit.clip_module import clip_source
+
+    sd = {"visual.proj": torch.randn(4, 4), "text_projection": torch.randn(4, 4)}  # only the container matters here
+    torch.save(sd, tmp_path / "open_clip_pytorch_model.bin")
+    torch.jit.save(torch.jit.script(torch.nn.Linear(4, 4)), str(tmp_path / "ViT-B-32.pt"))
+    save_file(sd, str(tmp_path / "open_clip_model.safetensors"))
+    (tmp_path / "last.ckpt").write_bytes(b"x")
+    kinds = {
+        p: clip_source(str(tmp_path / p))["kind"]
+        for p in ("open_clip_pytorch_model.bin", "ViT-B-32.pt", "open_clip_model.safetensors", "last.ckpt")
+    }
+    assert kinds == {
+        "open_clip_pytorch_model.bin": "OpenAI/open_clip state dict",
+        "ViT-B-32.pt": "OpenAI TorchScript archive",
+        "open_clip_model.safetensors": "OpenAI/open_clip state dict",
+        "last.ckpt": "dalle2 checkpoint",
+    }
+    assert clip_source(str(trained_clip))["kind"] == "dalle2 CLIP safetensors"

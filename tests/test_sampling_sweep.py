@@ -70,6 +70,9 @@ def test_each_job_samples_and_scores_in_its_own_dir(sweep):
         assert m["num_images"] == 3 and m["seconds_per_image"] > 0 and m["num_reference"] == 16
         assert m["clip_fd"] >= 0 and m["clip_score"] >= 0
         assert 0 <= m["checker/accuracy/all"] <= 1 and 0 <= m["checker/strict/accuracy"] <= 1
+        # the job's JSON says how FID-like figures would be preprocessed and which CLIP gave the CLIP score
+        assert final["preprocessing"]["image_size"] == m["image_size"] and "BICUBIC" in final["preprocessing"]["resize"]
+        assert final["clip_score_clip"]["kind"] == "dalle2 checkpoint" and len(final["clip_score_clip"]["sha256"]) == 64
     assert seen == {(g, s, n) for g in (1.0, 3.0) for s in ("ddim", "dpmpp_2m") for n in (2, 3)}
 
 

@@ -225,3 +225,33 @@ def load_clip(path: str, *, map_location="cpu", trust_checkpoint: bool = False) 
         module = CLIPModule(network=model.config)
         module.model.load_state_dict(model.state_dict())
     return module.eval().requires_grad_(False)
+
+
+def clip_source(path: str) -> dict:
+    """What a CLIP file is, for a metrics JSON: ``{"path", "sha256", "kind"}``, ``kind`` one of ``dalle2 checkpoint``
+    (a stage=clip ``.ckpt``), ``dalle2 export`` (``python -m dalle2.export``), ``dalle2 CLIP safetensors``
+    (``save_safetensors``), ``OpenAI TorchScript archive`` or ``OpenAI/open_clip state dict`` (any other weights file
+    ``load_clip`` reads)."""
+    import os
+
+    from dalle2.checkpoint import _safetensors_metadata, is_export
+    from dalle2.clip.pretrained import CONFIG_METADATA_KEY
+    from dalle2.metrics.coco import file_sha256
+    from dalle2.safe_load import is_torchscript_archive
+
+    p = str(path)
+    if p.endswith(".ckpt") or os.path.isdir(p):
+        kind = "dalle2 checkpoint"
+    elif is_export(p):
+        kind = "dalle2 export"
+    elif p.endswith(".safetensors"):
+        try:
+            ours = CONFIG_METADATA_KEY in _safetensors_metadata(p)
+        except ValueError:
+            ours = False
+        kind = "dalle2 CLIP safetensors" if ours else "OpenAI/open_clip state dict"
+    elif is_torchscript_archive(p):
+        kind = "OpenAI TorchScript archive"
+    else:
+        kind = "OpenAI/open_clip state dict"
+    return {"path": p, "sha256": file_sha256(p), "kind": kind}

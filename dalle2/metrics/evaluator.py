@@ -97,8 +97,11 @@ class SampleEvaluator(L.LightningModule):
     """Metrics of generated samples against reference images (see the module docstring).
 
     Args:
-        clip: a ``CLIPModule`` (``load_clip``), frozen.
+        clip: a ``CLIPModule`` (``load_clip``), frozen: CLIP-FD / CLIP-KID features, and the CLIP score unless
+            ``score_clip`` is given.
         tokenizer: the CLIP's tokenizer (``get_tokenizer``).
+        score_clip, score_tokenizer: the CLIP (and its tokenizer) of the CLIP score, when it should not be ``clip``
+            (e.g. a CLIP that did not make the images: the generator's own CLIP scores its samples too kindly).
         inception: an ``FIDInceptionV3`` with the FID weights (``load_fid_inception``), or None to skip FID/KID and
             precision/recall (any module mapping (B, 3, 299, 299) in [0, 1] to (B, ``num_features``) serves).
         kid_subsets, kid_subset_size, kid_seed: KID subsets (size clamped to the smaller set) and their seed (also
@@ -112,6 +115,8 @@ class SampleEvaluator(L.LightningModule):
         *,
         clip: torch.nn.Module,
         tokenizer,
+        score_clip: torch.nn.Module | None = None,
+        score_tokenizer=None,
         inception: FIDInceptionV3 | None = None,
         kid_subsets: int = 100,
         kid_subset_size: int = 1000,
@@ -123,6 +128,11 @@ class SampleEvaluator(L.LightningModule):
         self.pr_k = int(pr_k)
         self.strict_threshold = float(strict_threshold)
         self.scorer = ClipScorer(clip=clip.eval().requires_grad_(False), tokenizer=tokenizer)
+        self.score_scorer = (
+            ClipScorer(clip=score_clip.eval().requires_grad_(False), tokenizer=score_tokenizer or tokenizer)
+            if score_clip is not None
+            else self.scorer
+        )
         self.inception = inception.eval().requires_grad_(False) if inception is not None else None
         self.kid = dict(subsets=int(kid_subsets), subset_size=int(kid_subset_size), seed=int(kid_seed))
         self._store: dict[str, dict[str, list[torch.Tensor]]] = {s: defaultdict(list) for s in SOURCES}
@@ -144,8 +154,9 @@ class SampleEvaluator(L.LightningModule):
         img_emb = self.scorer.encode_images(images)
         scores = torch.zeros(len(keep), device=self.device)
         if bool(has_text.any()):
-            txt_emb = self.scorer.encode_texts([t for t in texts if t])
-            scores[has_text] = clip_score(img_emb[has_text], txt_emb)
+            score_emb = img_emb if self.score_scorer is self.scorer else self.score_scorer.encode_images(images)
+            txt_emb = self.score_scorer.encode_texts([t for t in texts if t])
+            scores[has_text] = clip_score(score_emb[has_text], txt_emb)
         store["id"].append(batch["id"][valid].long())
         store["clip"].append(img_emb.float())
         store["score"].append(scores)

@@ -22,6 +22,8 @@ def score_samples_dir(
     clip,
     tokenizer,
     trainer: L.Trainer,
+    score_clip=None,
+    score_tokenizer=None,
     inception: FIDInceptionV3 | None = None,
     image_size: int | None = None,
     max_reference: int | None = 10000,
@@ -33,7 +35,8 @@ def score_samples_dir(
 ) -> dict:
     """The metrics dict (every rank holds it) of ``samples_dir`` against the first ``max_reference`` samples of
     ``reference_urls`` decoded at ``image_size`` (default: the samples' size), with ``clip`` (a CLIP LightningModule)
-    and its ``tokenizer``; FID/KID when ``inception`` is given.  ``trainer`` must not use a distributed sampler
+    and its ``tokenizer`` (the CLIP score under ``score_clip`` / ``score_tokenizer`` when given); FID/KID when
+    ``inception`` is given.  ``trainer`` must not use a distributed sampler
     (``SampleEvalData`` splits the items over ranks itself)."""
     data = SampleEvalData(
         samples_dir=samples_dir,
@@ -47,6 +50,8 @@ def score_samples_dir(
     module = SampleEvaluator(
         clip=clip,
         tokenizer=tokenizer,
+        score_clip=score_clip,
+        score_tokenizer=score_tokenizer,
         inception=inception,
         kid_subsets=kid_subsets,
         kid_subset_size=kid_subset_size,

@@ -17,6 +17,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
+import scipy.linalg
 import torch
 from torch import nn
 
@@ -135,3 +137,22 @@ class PixelProjection(nn.Module):
         if x.shape[-2:] != (299, 299):
             raise ValueError(f"expected the 299 px Inception input, got {tuple(x.shape)}")
         return torch.nn.functional.adaptive_avg_pool2d(x.float(), 16).flatten(1) @ self.proj
+
+
+def scipy_fid(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The reference formula (pytorch-fid's): |mu1 - mu2|^2 + tr(S1 + S2 - 2 sqrtm(S1 S2))."""
+    a, b = a.double().numpy(), b.double().numpy()
+    mu1, mu2 = a.mean(0), b.mean(0)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean = scipy.linalg.sqrtm(s1 @ s2).real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
+
+
+def unbiased_mmd2(x: np.ndarray, y: np.ndarray) -> float:
+    """KID's statistic on whole sets: unbiased MMD^2 with the kernel (x.y / d + 1)^3 (Binkowski et al. 2018)."""
+    d = x.shape[1]
+    kxx, kyy, kxy = ((a @ b.T / d + 1) ** 3 for a, b in ((x, x), (y, y), (x, y)))
+    n, m = len(x), len(y)
+    return float(
+        (kxx.sum() - np.trace(kxx)) / (n * (n - 1)) + (kyy.sum() - np.trace(kyy)) / (m * (m - 1)) - 2 * kxy.mean()
+    )
