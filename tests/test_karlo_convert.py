@@ -34,13 +34,14 @@ TEXTS = [
 ]
 
 
-def test_tokenizer_matches_transformers_padding_included(tmp_path):
-    write_tokenizer_files(tmp_path)
+@pytest.mark.parametrize("pad", ["<|endoftext|>", "!"])
+def test_tokenizer_matches_transformers_padding_included(tmp_path, pad):
+    write_tokenizer_files(tmp_path, pad)
     ref = transformers.CLIPTokenizer.from_pretrained(str(tmp_path))
     ours = load_tokenizer_dir(tmp_path)
     expected = ref(TEXTS, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
     assert torch.equal(ours(TEXTS), expected.input_ids)
-    assert ours.pad_id == ours.eot_token  # the end token pads, as the reference's
+    assert ours.pad_id == (ours.eot_token if pad != "!" else 0)  # the end token or "!" (Karlo's) pads
     # which positions are text does not depend on the padding id: the reference's attention mask
     assert torch.equal(text_mask(ours(TEXTS)), expected.attention_mask.bool())
     # the vocabulary carries the padding and the cleaning to every consumer

@@ -37,6 +37,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
+import regex
 import torch
 
 from dalle2.clip.pretokenize import (  # noqa: F401 - clean_text, bytes_to_unicode: part of this module's API
@@ -80,6 +81,7 @@ class Tokenizer:
         name: str = "custom",
         pad_id: int = 0,
         cleaning: Cleaning = "clip",
+        split_tokens: Sequence[str] = (),
     ):
         _cleaner(cleaning)  # a bad name fails here
         if context_length < 2:
@@ -99,6 +101,17 @@ class Tokenizer:
         if not 0 <= int(pad_id) < len(vocab):
             raise ValueError(f"pad_id={pad_id} is outside the vocabulary (0..{len(vocab) - 1})")
         self.pad_id, self.cleaning = int(pad_id), str(cleaning)
+        # literal strings encoded as their one id wherever they occur, before cleaning (transformers' added tokens,
+        # e.g. Karlo's "!" padding token: "!!" is two of them, not "!" + "!</w>")
+        self.split_tokens = tuple(str(t) for t in split_tokens)
+        unknown = [t for t in self.split_tokens if t not in vocab]
+        if unknown:
+            raise ValueError(f"split tokens {unknown} are not in the vocabulary")
+        self._splitter = (
+            regex.compile("(" + "|".join(regex.escape(t) for t in self.split_tokens) + ")")
+            if self.split_tokens
+            else None
+        )
         self.merges: list[tuple[str, str]] = [(a, b) for a, b in merges]
         self.context_length = int(context_length)
         self.name = str(name)  # where the merges came from (a file name), for messages
@@ -131,6 +144,7 @@ class Tokenizer:
         name: str = "custom",
         pad_id: int = 0,
         cleaning: Cleaning = "clip",
+        split_tokens: Sequence[str] = (),
     ) -> "Tokenizer":
         """A tokenizer from the text of a merges file (what :class:`Vocabulary` stores)."""
         lines = text.split("\n")
@@ -140,6 +154,7 @@ class Tokenizer:
             name=name,
             pad_id=pad_id,
             cleaning=cleaning,
+            split_tokens=split_tokens,
         )
 
     @classmethod
@@ -157,7 +172,9 @@ class Tokenizer:
     @cached_property
     def vocabulary(self) -> "Vocabulary":
         """This tokenizer's :class:`Vocabulary` (merges, sha256, size, name)."""
-        return Vocabulary.from_merges(self.merges, name=self.name, pad_id=self.pad_id, cleaning=self.cleaning)
+        return Vocabulary.from_merges(
+            self.merges, name=self.name, pad_id=self.pad_id, cleaning=self.cleaning, split_tokens=self.split_tokens
+        )
 
     @property
     def sot_token(self) -> int:
@@ -197,8 +214,12 @@ class Tokenizer:
         if not isinstance(text, str):
             raise TypeError(f"encode expects a str, got {type(text).__name__}")
         ids: list[int] = []
-        for piece in pretokenize(text, self.cleaning):
-            ids.extend(self._bpe(piece))
+        for part in self._splitter.split(text) if self._splitter is not None else [text]:
+            if part in self.split_tokens:
+                ids.append(self._encoder[part])
+                continue
+            for piece in pretokenize(part, self.cleaning):
+                ids.extend(self._bpe(piece))
         return ids
 
     def decode(self, ids: Iterable[int] | torch.Tensor) -> str:
@@ -260,6 +281,7 @@ class Tokenizer:
             "name": self.name,
             "pad_id": self.pad_id,
             "cleaning": self.cleaning,
+            "split_tokens": self.split_tokens,
         }
 
     def __setstate__(self, state: dict) -> None:
@@ -269,6 +291,7 @@ class Tokenizer:
             name=state.get("name", "custom"),
             pad_id=state.get("pad_id", 0),
             cleaning=state.get("cleaning", "clip"),
+            split_tokens=state.get("split_tokens", ()),
         )
 
     def __repr__(self) -> str:
@@ -304,14 +327,21 @@ class Vocabulary:
     name: str = "custom"
     pad_id: int = 0
     cleaning: str = "clip"
+    split_tokens: tuple[str, ...] = ()
 
     @classmethod
     def from_merges(
-        cls, merges: Sequence[tuple[str, str]], *, name: str = "custom", pad_id: int = 0, cleaning: str = "clip"
+        cls,
+        merges: Sequence[tuple[str, str]],
+        *,
+        name: str = "custom",
+        pad_id: int = 0,
+        cleaning: str = "clip",
+        split_tokens: Sequence[str] = (),
     ) -> "Vocabulary":
         text = merges_text(merges)
         digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
-        return cls(text, digest, 2 * 256 + len(merges) + 2, name, int(pad_id), str(cleaning))
+        return cls(text, digest, 2 * 256 + len(merges) + 2, name, int(pad_id), str(cleaning), tuple(split_tokens))
 
     @classmethod
     def from_dict(cls, d: dict, *, merges: str | None = None, source: str = "checkpoint") -> "Vocabulary":
@@ -328,12 +358,13 @@ class Vocabulary:
                 f"({str(d.get('sha256'))[:12]}, {d.get('vocab_size')} ids): the file was altered"
             )
         pad_id, cleaning = int(d.get("pad_id", 0)), str(d.get("cleaning", "clip"))
-        return cls(text, digest, 514 + n_merges, str(d.get("name", "custom")), pad_id, cleaning)
+        split = tuple(str(t) for t in d.get("split_tokens") or ())
+        return cls(text, digest, 514 + n_merges, str(d.get("name", "custom")), pad_id, cleaning, split)
 
     def to_dict(self, *, with_merges: bool = True) -> dict:
         out = {"name": self.name, "sha256": self.sha256, "vocab_size": self.vocab_size}
-        if (self.pad_id, self.cleaning) != (0, "clip"):  # older readers ignore them; the defaults stay implicit
-            out.update(pad_id=self.pad_id, cleaning=self.cleaning)
+        if (self.pad_id, self.cleaning, self.split_tokens) != (0, "clip", ()):  # older readers ignore them
+            out.update(pad_id=self.pad_id, cleaning=self.cleaning, split_tokens=list(self.split_tokens))
         return {**out, "merges": self.merges} if with_merges else out
 
     def describe(self) -> str:
@@ -341,7 +372,12 @@ class Vocabulary:
 
     def tokenizer(self, *, context_length: int = DEFAULT_CONTEXT_LENGTH) -> Tokenizer:
         tok = Tokenizer.from_merges_text(
-            self.merges, context_length=context_length, name=self.name, pad_id=self.pad_id, cleaning=self.cleaning
+            self.merges,
+            context_length=context_length,
+            name=self.name,
+            pad_id=self.pad_id,
+            cleaning=self.cleaning,
+            split_tokens=self.split_tokens,
         )
         tok.__dict__["vocabulary"] = self  # the cached property: no need to hash again
         return tok

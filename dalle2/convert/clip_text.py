@@ -84,7 +84,11 @@ def load_tokenizer_dir(path: str | Path, *, name: str = "tokenizer") -> Tokenize
     pad = pad.get("content") if isinstance(pad, dict) else pad
     if pad not in vocab:
         raise ConversionError(f"{path}: pad_token {pad!r} is not in vocab.json")
-    return Tokenizer(merges=merges, context_length=context_length, name=name, pad_id=vocab[pad], cleaning="nfc")
+    # a padding token that is not start / end is an added token of the reference: split out of any text as its id
+    split = (pad,) if pad not in (SOT, EOT) else ()
+    return Tokenizer(
+        merges=merges, context_length=context_length, name=name, pad_id=vocab[pad], cleaning="nfc", split_tokens=split
+    )
 
 
 def _tokenizer_json(path: Path) -> tuple[dict[str, int], list[tuple[str, str]]]:

@@ -111,12 +111,17 @@ def _channels(config: Mapping[str, Any], source: str) -> tuple[int, list[int]]:
     return boc[0], [c // boc[0] for c in boc]
 
 
+def _emb_mode(config: Mapping[str, Any]) -> str:
+    """diffusers' ``resnet_time_scale_shift`` -> our :class:`~dalle2.decoder.adm_unet.ADMResBlock` ``emb_mode``."""
+    return "scale_shift" if config.get("resnet_time_scale_shift") == "scale_shift" else "add"
+
+
 def _common_unet_checks(config: Mapping[str, Any], source: str) -> None:
     _require(
         config,
         source,
         {
-            "resnet_time_scale_shift": "scale_shift",
+            "resnet_time_scale_shift": lambda v: v in (None, "default", "scale_shift"),
             "act_fn": lambda v: v in (None, "silu"),
             "flip_sin_to_cos": lambda v: v in (None, True),
             "freq_shift": lambda v: v in (None, 0),
@@ -332,6 +337,7 @@ def decoder_from_diffusers(
         src,
         {
             "mid_block_type": "UNetMidBlock2DSimpleCrossAttn",
+            "resnet_time_scale_shift": "scale_shift",
             "class_embed_type": "identity",
             "only_cross_attention": lambda v: v in (None, False) or (isinstance(v, list) and not any(v)),
             "cross_attention_norm": None,
@@ -431,6 +437,7 @@ def _sr_config(config: Mapping[str, Any], source: str) -> dict[str, Any]:
         num_res_blocks=_single(config["layers_per_block"], "layers_per_block", src),
         mid_attention=False,
         norm_groups=int(config.get("norm_num_groups", 32)),
+        emb_mode=_emb_mode(config),
     )
 
 

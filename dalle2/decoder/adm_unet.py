@@ -22,33 +22,56 @@ from torch.utils.checkpoint import checkpoint
 
 from dalle2.decoder.blocks import PixelAttention, ResBlock, Stage, group_norm
 
-__all__ = ["ADMUNet", "ResampleResBlock"]
+__all__ = ["ADMResBlock", "ADMUNet"]
+
+EmbMode = Literal["scale_shift", "add"]
 
 
-class ResampleResBlock(ResBlock):
-    """A :class:`ResBlock` that halves (``down``: 2x2 average pooling) or doubles (``up``: nearest) the resolution
-    between its first norm + SiLU and its first conv, on both the residual branch and the skip (ADM / BigGAN).
+class ADMResBlock(ResBlock):
+    """A :class:`ResBlock` with ADM's two options: ``resample`` halves (``down``: 2x2 average pooling) or doubles
+    (``up``: nearest) the resolution between its first norm + SiLU and its first conv, on both the residual branch and
+    the skip (BigGAN style); ``emb_mode="add"`` adds the projected embedding to the features before the second norm
+    (ADM without ``use_scale_shift_norm``; diffusers' ``resnet_time_scale_shift="default"``) instead of scaling and
+    shifting after it.  With neither it is exactly a :class:`ResBlock`.
 
-    forward(x: (B, C, H, W), emb: (B, E), ...) -> (B, C_out, H / 2 | 2 H, W / 2 | 2 W)
+    forward(x: (B, C, H, W), emb: (B, E), ...) -> (B, C_out, H | H / 2 | 2 H, W | W / 2 | 2 W)
     """
 
-    def __init__(self, in_channels: int, *, out_channels: int, emb_dim: int, resample: Literal["up", "down"], **kw):
+    def __init__(
+        self,
+        in_channels: int,
+        *,
+        out_channels: int,
+        emb_dim: int,
+        resample: Literal["up", "down"] | None = None,
+        emb_mode: EmbMode = "scale_shift",
+        **kw,
+    ):
         super().__init__(in_channels, out_channels=out_channels, emb_dim=emb_dim, **kw)
-        if resample not in ("up", "down"):
-            raise ValueError(f"resample must be 'up' or 'down', got {resample!r}")
-        self.resample = resample
+        if resample not in (None, "up", "down"):
+            raise ValueError(f"resample must be None, 'up' or 'down', got {resample!r}")
+        if emb_mode not in ("scale_shift", "add"):
+            raise ValueError(f"emb_mode must be 'scale_shift' or 'add', got {emb_mode!r}")
+        self.resample, self.emb_mode = resample, emb_mode
+        if emb_mode == "add":
+            self.emb_proj[1] = nn.Linear(emb_dim, out_channels)
 
     def _resample(self, x: torch.Tensor) -> torch.Tensor:
         if self.resample == "down":
             return F.avg_pool2d(x, kernel_size=2, stride=2)
-        return F.interpolate(x, scale_factor=2.0, mode="nearest")
+        if self.resample == "up":
+            return F.interpolate(x, scale_factor=2.0, mode="nearest")
+        return x
 
     def forward(self, x, emb, context=None, context_mask=None):
         norm, act, conv = self.in_layers
         h = conv(self._resample(act(norm(x))))
-        scale, shift = self.emb_proj(emb)[..., None, None].chunk(2, dim=1)
-        h = self.out_norm(h)
-        h = h * (1 + scale.to(h.dtype)) + shift.to(h.dtype)
+        e = self.emb_proj(emb)[..., None, None].to(h.dtype)
+        if self.emb_mode == "add":
+            h = self.out_norm(h + e)
+        else:
+            scale, shift = e.chunk(2, dim=1)
+            h = self.out_norm(h) * (1 + scale) + shift
         return self.skip(self._resample(x)) + self.out_layers(h)
 
 
@@ -57,7 +80,8 @@ class ADMUNet(nn.Module):
     context_mask: (B, M) bool | None) -> (B, out_channels, H, W).  H, W divisible by ``2 ** (levels - 1)``.
 
     ``attention_levels`` index ``channel_mult``; ``mid_attention``: attention between the two middle blocks;
-    ``context_dim`` None: self-attention only.  ``norm_groups``: every GroupNorm's group count.
+    ``context_dim`` None: self-attention only.  ``norm_groups``: every GroupNorm's group count.  ``emb_mode``: how the
+    residual blocks take the embedding (:class:`ADMResBlock`).
     """
 
     def __init__(
@@ -73,6 +97,7 @@ class ADMUNet(nn.Module):
         head_channels: int = 64,
         context_dim: int | None = None,
         norm_groups: int = 32,
+        emb_mode: EmbMode = "scale_shift",
         dropout: float = 0.0,
         grad_checkpointing: bool = False,
     ):
@@ -83,7 +108,9 @@ class ADMUNet(nn.Module):
 
         def res(cin: int, cout: int, resample: str | None = None) -> ResBlock:
             kw = dict(out_channels=cout, emb_dim=emb_dim, dropout=dropout, groups=norm_groups)
-            return ResBlock(cin, **kw) if resample is None else ResampleResBlock(cin, resample=resample, **kw)
+            if resample is None and emb_mode == "scale_shift":
+                return ResBlock(cin, **kw)
+            return ADMResBlock(cin, resample=resample, emb_mode=emb_mode, **kw)
 
         def attn(ch: int) -> PixelAttention:
             return PixelAttention(ch, head_channels=head_channels, context_dim=context_dim, groups=norm_groups)

@@ -189,6 +189,7 @@ class KarloSRUNet(nn.Module):
         mid_attention: bool = False,
         head_channels: int = 64,
         norm_groups: int = 32,
+        emb_mode: str = "scale_shift",
         dropout: float = 0.0,
         grad_checkpointing: bool = False,
     ):
@@ -205,6 +206,7 @@ class KarloSRUNet(nn.Module):
             mid_attention=mid_attention,
             head_channels=head_channels,
             norm_groups=norm_groups,
+            emb_mode=emb_mode,
             dropout=dropout,
             grad_checkpointing=grad_checkpointing,
         )

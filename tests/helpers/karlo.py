@@ -35,6 +35,8 @@ class TinyKarlo:
     sr_channels: tuple[int, ...] = (16, 32)
     sr_blocks: int = 1
     sr_size: int = 16
+    sr_time_shift: str = "scale_shift"  # Karlo's own super-resolution UNets use "default" (the embedding is added)
+    pad_token: str = "<|endoftext|>"  # transformers' CLIP default; Karlo's own tokenizer pads with "!" (id 0)
     prior_clip: float = 5.0
 
 
@@ -57,12 +59,14 @@ CONFIGS = [
         sr_channels=(16, 32, 32),
         sr_blocks=2,
         sr_size=32,
+        sr_time_shift="default",
+        pad_token="!",
         prior_clip=10.0,
     ),
 ]
 
 
-def write_tokenizer_files(folder: Path) -> None:
+def write_tokenizer_files(folder: Path, pad_token: str = "<|endoftext|>") -> None:
     from dalle2.clip.tokenizer import Tokenizer
 
     tok = Tokenizer.default()
@@ -70,8 +74,8 @@ def write_tokenizer_files(folder: Path) -> None:
     (folder / "vocab.json").write_text(json.dumps({s: i for i, s in enumerate(tok._vocab)}))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in tok.merges))
     specials = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
-    (folder / "special_tokens_map.json").write_text(json.dumps({**specials, "pad_token": "<|endoftext|>"}))
-    cfg = {**specials, "pad_token": "<|endoftext|>", "model_max_length": 77, "tokenizer_class": "CLIPTokenizer"}
+    (folder / "special_tokens_map.json").write_text(json.dumps({**specials, "pad_token": pad_token}))
+    cfg = {**specials, "pad_token": pad_token, "model_max_length": 77, "tokenizer_class": "CLIPTokenizer"}
     (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
 
 
@@ -96,7 +100,7 @@ def make_karlo_dir(path: str | Path, cfg: TinyKarlo = TinyKarlo(), *, seed: int 
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 
     path = Path(path)
-    write_tokenizer_files(path / "_tok")
+    write_tokenizer_files(path / "_tok", cfg.pad_token)
     tokenizer = CLIPTokenizer.from_pretrained(str(path / "_tok"))
     vocab = len(tokenizer)
     w = cfg.text_width
@@ -155,7 +159,7 @@ def make_karlo_dir(path: str | Path, cfg: TinyKarlo = TinyKarlo(), *, seed: int 
             layers_per_block=cfg.sr_blocks,
             down_block_types=("ResnetDownsampleBlock2D",) * n,
             up_block_types=("ResnetUpsampleBlock2D",) * n,
-            resnet_time_scale_shift="scale_shift",
+            resnet_time_scale_shift=cfg.sr_time_shift,
             norm_num_groups=cfg.groups,
             add_attention=False,
         )
