@@ -11,7 +11,9 @@ How each number is made:
 
 * **Network**: built on the meta device (no memory, no init) from the model config that training uses,
   ``dalle2/presets/model/<stage>/<config>.yaml`` (``config=paper``: prior ``paper``, decoder ``base64``, upsampler ``sr64_256``;
-  or any file name there, e.g. ``sr256_1024``), cast to bf16 as under bf16 mixed precision.
+  or any file name there, e.g. ``sr256_1024``; ``config=karlo``: Karlo v1 alpha's prior, 64 px decoder and 64->256
+  super-resolution pair, as ``python -m dalle2.convert karlo`` builds them), cast to bf16 as under bf16 mixed
+  precision.
 * **FLOPs per sample**: ``torch.utils.flop_counter.FlopCounterMode`` over one forward and backward of the network
   (attention through a flash kernel, as on GPUs: :class:`FlashAttention`) at the training shapes (prior: 77 text tokens; decoder: 64 px; upsampler: ``crop`` x the output side, the paper's
   random crops), divided by the measured batch. Activation checkpointing adds one more forward.
@@ -54,9 +56,11 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import PEAK_BF16_TFLOPS, emit, parse_kv  # noqa: E402
+from dalle2.convert.karlo import KARLO_V1_ALPHA  # noqa: E402
 from dalle2.decoder.blocks import Stage  # noqa: E402
-from dalle2.decoder.unet import UNet  # noqa: E402
-from dalle2.prior.network import PriorBlock, PriorNetwork  # noqa: E402
+from dalle2.decoder.networks import build_unet  # noqa: E402
+from dalle2.prior.network import PriorBlock  # noqa: E402
+from dalle2.prior.stage import build_prior_network  # noqa: E402
 
 STAGES = ("prior", "decoder", "upsampler")
 PAPER_CONFIG = {"prior": "paper", "decoder": "base64", "upsampler": "sr64_256"}
@@ -84,7 +88,7 @@ GPUS = {
     "l40s": (48, "L40S"),
 }
 # output side of each upsampler config (the network is fully convolutional; training runs on crops)
-UPSAMPLER_SIDES = {"sr64_256": 256, "sr256_1024": 1024, "tiny_sr32_64": 64, "bench": 128}
+UPSAMPLER_SIDES = {"sr64_256": 256, "sr256_1024": 1024, "tiny_sr32_64": 64, "bench": 128, "karlo_sr64_256": 256}
 DEFAULTS = {
     "stage": "decoder",
     "config": "paper",
@@ -116,9 +120,12 @@ GIB = 2**30
 
 def model_config(stage: str, config: str) -> tuple[str, dict]:
     """The keyword arguments of preset ``model/<stage>/<config>`` (``dalle2/presets``; ``config=paper``: the stage's
-    paper preset)."""
+    paper preset; ``config=karlo``: Karlo v1 alpha's published shapes, ``dalle2.convert.karlo.KARLO_V1_ALPHA``)."""
     from dalle2.presets import load_preset, preset_names
 
+    if config == "karlo":
+        name, kwargs = KARLO_V1_ALPHA[stage]
+        return name, dict(kwargs)
     name = PAPER_CONFIG[stage] if config == "paper" else config
     if name not in preset_names(stage):
         raise SystemExit(f"no model preset {stage}/{name}; expected one of {preset_names(stage)} (or paper)")
@@ -128,7 +135,9 @@ def model_config(stage: str, config: str) -> tuple[str, dict]:
 def build_network(stage: str, kwargs: dict, device: str = "meta") -> torch.nn.Module:
     """The stage's network in bf16, training mode, on ``device`` (meta: shapes only, nothing allocated)."""
     with torch.device(device):
-        net = PriorNetwork(**kwargs) if stage == "prior" else UNet(**kwargs)
+        net = build_prior_network(kwargs) if stage == "prior" else build_unet(kwargs)
+    if getattr(net, "arch", None) == "karlo_sr":  # Karlo's super-resolution pair: fine-tuning trains `first`
+        net = net.first  # (`last`, the same size, stays frozen: add its weights + EMA, 8 bytes a parameter)
     return net.to(torch.bfloat16).train()
 
 
@@ -149,10 +158,18 @@ def training_inputs(
         return (torch.randn(batch, d, device=dev, dtype=bf16), t), kw
     x = torch.randn(batch, 3, image_size, image_size, device=dev, dtype=bf16)
     if stage == "decoder":
-        return (x, t), {
+        kw = {
             "image_embed": torch.randn(batch, net.clip_dim, device=dev, dtype=bf16),
             "drop_image_embed": torch.zeros(batch, dtype=torch.bool, device=dev),
         }
+        if getattr(net, "arch", None) == "karlo":  # Karlo's decoder: 77 CLIP token states and the pooled embedding
+            kw.update(
+                text_embed=torch.randn(batch, net.clip_dim, device=dev, dtype=bf16),
+                text_tokens=torch.randn(batch, text_len, net.text_dim, device=dev, dtype=bf16),
+                text_mask=torch.ones(batch, text_len, dtype=torch.bool, device=dev),
+                drop_text=torch.zeros(batch, dtype=torch.bool, device=dev),
+            )
+        return (x, t), kw
     low = image_size // 4
     return (x, t), {
         "lowres_image": torch.randn(batch, 3, low, low, device=dev, dtype=bf16),

@@ -43,6 +43,7 @@ from dalle2.prior.karlo import KarloPrior
 __all__ = [
     "COMPONENTS",
     "ConversionError",
+    "KARLO_V1_ALPHA",
     "PIPELINE_FILE",
     "convert_karlo",
     "decoder_from_diffusers",
@@ -61,6 +62,30 @@ COMPONENTS = {
     "prior_scheduler": "UnCLIPScheduler",
     "decoder_scheduler": "UnCLIPScheduler",
     "super_res_scheduler": "UnCLIPScheduler",
+}
+# Karlo v1 alpha's published shapes as our network keywords (what convert_karlo builds from its configs: diffusers'
+# conversion script's PriorTransformer defaults, DECODER_CONFIG + the text projection, the two super-resolution
+# UNet2DModels) — for bench/scale_plan.py config=karlo; a conversion reads the source directory's own configs.
+_KARLO_SR_UNET = dict(in_channels=3, model_channels=320, channel_mult=[1, 2, 3, 4], num_res_blocks=3, emb_mode="add")
+KARLO_V1_ALPHA: dict[str, tuple[str, dict[str, Any]]] = {
+    "prior": ("karlo_prior", dict(arch="karlo", embed_dim=768, text_token_dim=768, heads=32, dim_head=64, depth=20)),
+    "decoder": (
+        "karlo_decoder64",
+        dict(
+            arch="karlo",
+            model_channels=320,
+            channel_mult=[1, 2, 3, 4],
+            num_res_blocks=3,
+            attention_levels=[1, 2, 3],
+            head_channels=64,
+            clip_dim=768,
+            text_dim=768,
+            context_dim=1536,
+            num_image_tokens=4,
+            learned_variance=True,
+        ),
+    ),
+    "upsampler": ("karlo_sr64_256", dict(arch="karlo_sr", first=_KARLO_SR_UNET, last=_KARLO_SR_UNET)),
 }
 PIPELINE_FILE = "pipeline.json"
 PIPELINE_FORMAT = "dalle2.pipeline"

@@ -211,8 +211,8 @@ class KarloSRUNet(nn.Module):
             grad_checkpointing=grad_checkpointing,
         )
 
-    def forward(self, x: Tensor, t: Tensor, *, lowres_image: Tensor) -> Tensor:
-        lo = lowres_image.to(x.dtype)
+    def forward(self, x: Tensor, t: Tensor, *, lowres_image: Tensor, lowres_aug_level: Tensor | None = None) -> Tensor:
+        lo = lowres_image.to(x.dtype)  # (no augmentation-level input: lowres_aug_level is ignored)
         if lo.shape[-2:] != x.shape[-2:]:
             lo = F.interpolate(lo, size=x.shape[-2:], mode="bicubic", align_corners=False, antialias=True)
         return self.body(torch.cat([x, lo], dim=1), self.time_embed(_timesteps(t, x.shape[0], x.device)))

@@ -39,13 +39,13 @@ def substitute_null_text(
     """Rows where ``drop`` is True take a *fixed* null text — pooled ``null_embed (D,)``, token states ``null_tokens
     (Lmax, Dt)`` and mask ``null_valid (Lmax,)`` cut to the batch's length L (e.g. the CLIP encoding of the empty
     prompt, Karlo's unconditional branch) — instead of one learned token: ``text_embed (B, D) | None, text_tokens
-    (B, L, Dt), valid (B, L)`` -> the same with those rows replaced."""
+    (B, L, Dt), valid (B, L)`` -> the same with those rows replaced.  L must hold the null text's valid tokens (the
+    empty prompt's start and end token: any tokenized text is at least that long).  No host sync: the rows are chosen
+    with ``where``."""
     if drop is None:
         return text_embed, text_tokens, valid
     b, length = text_tokens.shape[:2]
     d = torch.as_tensor(drop, device=text_tokens.device).to(torch.bool).reshape(b)
-    if bool(d.any()) and int(null_valid[:length].sum()) < int(null_valid.sum()):
-        raise ValueError(f"text of length {length} is shorter than the null text ({int(null_valid.sum())} tokens)")
     if text_embed is not None:
         text_embed = torch.where(d[:, None], null_embed.to(text_embed.dtype)[None], text_embed)
     text_tokens = torch.where(d[:, None, None], null_tokens[:length].to(text_tokens.dtype)[None], text_tokens)
