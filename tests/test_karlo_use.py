@@ -1,6 +1,7 @@
 """A converted Karlo directory used as a whole: UnCLIPPipeline.from_dir with Karlo's own sampling settings,
 eval/sample.py / eval/coco_fid.py / eval/serve.py with pipeline=DIR (and the Karlo preset), and fine-tuning each
-stage from the converted weights with train/train.py init_from= (EMA starting from them; resume; 2-process DDP)."""
+stage from the converted weights with train/train.py init_from= (EMA starting from them; resume; 2-process DDP and
+FSDP)."""
 
 from __future__ import annotations
 
@@ -172,7 +173,7 @@ def read_raw(path) -> dict:
 
 
 @pytest.mark.slow
-def test_finetune_resumes_and_runs_ddp(tiny_karlo, karlo_shards, tmp_path):
+def test_finetune_resumes_and_runs_ddp_and_fsdp(tiny_karlo, karlo_shards, tmp_path):
     first = run(_finetune_cmd("prior", tiny_karlo, karlo_shards, tmp_path / "r", "trainer.max_steps=2"), timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
     again = run(
@@ -196,6 +197,12 @@ def test_finetune_resumes_and_runs_ddp(tiny_karlo, karlo_shards, tmp_path):
     )
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert (tmp_path / "ddp" / "checkpoints" / "last.ckpt").exists()
+    fsdp_args = ("trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_steps=2")
+    fsdp = run(_finetune_cmd("prior", tiny_karlo, karlo_shards, tmp_path / "fsdp", *fsdp_args), timeout=600)
+    assert fsdp.returncode == 0, fsdp.stderr[-3000:]
+    sharded = _weights(tmp_path / "fsdp" / "checkpoints" / "last.ckpt")  # a directory of shards, consolidated
+    init = _weights(Path(tiny_karlo["out"]) / "prior.safetensors")
+    assert set(sharded) == set(init) and float((sharded["pos_embed"] - init["pos_embed"]).abs().max()) < 0.1
 
 
 def test_init_from_takes_the_files_network_and_refuses_another_stage(tiny_karlo):
