@@ -377,6 +377,7 @@ def _same_count_worker(rank: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_evaluation_batches_are_the_smallest_ranks_count_on_every_rank(tmp_path):
     """``SameBatchCount`` (what ``trainer=fsdp`` wraps evaluation loaders in): 2 gloo processes with 5/2, 0/3 and 4/4
     batches each run 2, 0 and 4, and meet in the next collective (uneven counts hung, an empty rank crashed gloo)."""
