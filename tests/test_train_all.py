@@ -169,6 +169,27 @@ def test_dry_run_plans_every_stage_with_the_right_inputs(tmp_path, capsys):
     assert "task=samples" in argv["evaluate"][0] and f"samples={tmp_path}/sample" in argv["evaluate"][0]
 
 
+def test_the_clip_score_comes_from_an_independent_clip(tmp_path):
+    """score_clip: another seed on the other half of the train shards (the generator's CLIP trains on the first
+    half), and evaluate scores with it; without the stage the generator's CLIP trains on every shard and scores; a
+    given CLIP file is used as is."""
+    base = [f"out_dir={tmp_path}", "dry_run=true", "report=false", "data.train_urls='/d/train/{00000..00003}.tar'"]
+    plan = train_all.Plan(compose(base))
+    clip, score, evaluate = (" ".join(plan.build(s).commands[0]) for s in ("clip", "score_clip", "evaluate"))
+    assert "data.train_urls=/d/train/00000.tar::/d/train/00001.tar" in clip
+    assert "data.train_urls=/d/train/00002.tar::/d/train/00003.tar" in score
+    assert "++seed=1" in score and "experiment=clip_tiny" in score and "seed" not in clip
+    assert f"clip_score.ckpt={tmp_path}/score_clip/checkpoints/last.ckpt" in evaluate
+    plan = train_all.Plan(compose([*base, "stages=[clip,sample,evaluate]"]))
+    assert "data.train_urls='/d/train/{00000..00003}.tar'" in plan.build("clip").commands[0]
+    assert "clip_score.ckpt" not in " ".join(plan.build("evaluate").commands[0])
+    plan = train_all.Plan(compose([*base, "ckpt.score_clip=/m/ViT-B-32.pt"]))
+    assert "clip_score.ckpt=/m/ViT-B-32.pt" in plan.build("evaluate").commands[0]
+    assert "data.train_urls='/d/train/{00000..00003}.tar'" in plan.build("clip").commands[0]
+    with pytest.raises(SystemExit, match="score_clip trains on half of the train shards"):
+        train_all.Plan(compose([*base, "data.train_urls=/d/train/0.tar"])).build("clip")
+
+
 def test_reported_figures_use_the_test_split_and_val_is_for_choosing(tmp_path):
     """Choose on val, report on test: sample prompts, the evaluation's reference and retrieval read the test shards
     (report_split=test, the default); report_split=val switches them while choosing; training still validates on val."""
@@ -196,7 +217,7 @@ def test_64_px_demos_plan_a_64_px_decoder_and_no_upsampler(tmp_path, experiment,
     summary = run(cfg)
     assert [s for s in STAGES if summary.get(s, {}).get("status") == "would run"] == [
         s for s in STAGES if s != "upsampler"
-    ]
+    ]  # score_clip included: the CLIP score comes from an independent CLIP
     plan = train_all.Plan(cfg)
     decoder, clip = plan.build("decoder").commands[0], plan.build("clip").commands[0]
     assert f"experiment={decoder_experiment}" in decoder and "++trainer.max_steps=4500" in decoder
@@ -253,6 +274,7 @@ def tiny_overrides(builtin_shards, out_dir) -> list[str]:
                 "trainer.enable_progress_bar=false",
             ],
         ),
+        *stage("score_clip", few + ["data.batch_size=16"]),
         *stage(
             "evaluate",
             [
@@ -314,9 +336,13 @@ def test_whole_stack_few_steps_every_artefact_then_rerun_skips(builtin_shards, t
     assert 0.0 <= retrieval["image_to_text_R@1"] <= 1.0
     evaluation = json.loads((out / "evaluate/metrics.json").read_text())
     assert evaluation and json.dumps(evaluation)
+    # the CLIP score comes from the independent scoring CLIP, and the report says so beside the real images' score
+    assert evaluation["clip_score_clip"]["path"] == str(out / "score_clip/checkpoints/last.ckpt")
+    assert evaluation["reference_clip_score"] is not None
     # report and its plots
     report = (out / "report.md").read_text()
     assert "Wall time per stage" in report and "sample/grid.png" in report and "not run" not in report.split("##")[2]
+    assert "(real images: " in report and "scored by an independent CLIP (stage score_clip" in report
     for stage in ("clip", "prior", "decoder", "upsampler"):
         assert f"report/loss_{stage}.png" in report
         Image.open(out / "report" / f"loss_{stage}.png").verify()
@@ -332,8 +358,8 @@ def test_whole_stack_few_steps_every_artefact_then_rerun_skips(builtin_shards, t
     summary = run(compose([*args, "force=[upsampler]", "dry_run=true"]))
     rerun = [s for s in STAGES if summary[s]["status"] == "would run"]
     assert rerun == ["upsampler", "sample", "evaluate"]
-    summary = run(compose([*args, "force=[clip]", "dry_run=true"]))
-    assert [s for s in STAGES if summary[s]["status"] == "skipped"] == ["upsampler"]
+    summary = run(compose([*args, "force=[clip]", "dry_run=true"]))  # the scoring CLIP is independent of it
+    assert [s for s in STAGES if summary[s]["status"] == "skipped"] == ["upsampler", "score_clip"]
     # a stage killed before its DONE.json resumes from its last.ckpt (here: already at max_steps, so no new steps)
     (out / "upsampler" / "DONE.json").unlink()
     summary = run(compose([*args, "stages=[upsampler]", "report=false"]))

@@ -214,6 +214,19 @@ class Doc:
 # --------------------------------------------------------------------------------------------- report
 
 
+def clip_score_scorer(evaluation: dict | None, out: Path) -> str:
+    """Which CLIP gave the CLIP score, in words (the evaluation JSON's ``clip_score_clip``)."""
+    path = ((evaluation or {}).get("clip_score_clip") or {}).get("path")
+    if not path:
+        return f"scoring CLIP {NOT_RUN}"
+    p = Path(path).resolve()
+    if (out / "score_clip").resolve() in p.parents:
+        return "scored by an independent CLIP (stage score_clip: another seed, the other half of the train shards)"
+    if (out / "clip").resolve() in p.parents:
+        return "scored by the generator's own CLIP (it scores its own samples too kindly)"
+    return f"scored by {path}"
+
+
 def write_report(out_dir: str | Path) -> Path:
     """Write ``out_dir/report.md`` and ``report.html``; returns the Markdown path."""
     out = Path(out_dir)
@@ -255,7 +268,8 @@ def write_report(out_dir: str | Path) -> Path:
             f"prior val cosine(sampled, true image emb) {fmt(cos['cos_sampled'])} vs text-embedding baseline "
             f"{fmt(cos['cos_text_baseline'])} vs shuffled-caption control {fmt(cos['cos_shuffled'])}",
             f"FID {fmt(find(evaluation, 'fid')) if find(evaluation, 'fid') is not None or not evaluation else 'skipped (no Inception weights file: inception=...)'}, CLIP-FD {fmt(find(evaluation, 'clip_fd', 'fd_clip'))}, "
-            f"CLIP score {fmt(find(evaluation, 'clip_score'))}",
+            f"CLIP score {fmt(find(evaluation, 'clip_score'))} (real images: "
+            f"{fmt(find(evaluation, 'reference_clip_score'))}), {clip_score_scorer(evaluation, out)}",
         ]
     )
 

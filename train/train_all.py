@@ -16,7 +16,9 @@ Hydra config, and its progress bars stream to this terminal):
     decoder     train/train.py on the embedding shards            -> out_dir/decoder/checkpoints/last.ckpt
     upsampler   train/train.py on the image shards                -> out_dir/upsampler/checkpoints/last.ckpt
     sample      eval/sample.py on a prompt file (val captions)    -> out_dir/sample/{00000.png,manifest.jsonl,grid.png}
-    evaluate    eval/evaluate.py task=samples                     -> out_dir/evaluate/metrics.json
+    score_clip  train/train.py: an independent CLIP for the CLIP score (another seed, the other half of the train
+                shards; the generator's CLIP then trains on the first half) -> out_dir/score_clip/checkpoints/last.ckpt
+    evaluate    eval/evaluate.py task=samples (CLIP score by score_clip when there is one) -> out_dir/evaluate/metrics.json
 
 then train/demo_report.py writes out_dir/report.md (+ report.html). A stage that succeeded leaves
 out_dir/<stage>/DONE.json (wall time, commands, settings) and is skipped next time unless forced; a stage that
@@ -51,6 +53,7 @@ from dalle2.train_all.commands import (  # noqa: E402,F401
     overrides,
     shell_join,
     stage_override_argv,
+    train_halves,
     write_prompts,
 )
 from dalle2.train_all.identity import OUTPUTS, fingerprint, read_marker  # noqa: E402
@@ -109,11 +112,11 @@ class Plan:
 
     def build(self, stage: str) -> Stage:
         d, data = self.dir(stage), self.data
-        if stage == "clip":
-            return Stage(
-                stage,
-                [self.train_cmd(stage, {"data.train_urls": data["train_urls"], "data.val_urls": data["val_urls"]})],
-            )
+        if stage in ("clip", "score_clip"):
+            urls = data["train_urls"]
+            if self.trains_score_clip():  # the two CLIPs see disjoint halves of the train shards
+                urls = train_halves(urls)[stage == "score_clip"]
+            return Stage(stage, [self.train_cmd(stage, {"data.train_urls": urls, "data.val_urls": data["val_urls"]})])
         if stage == "retrieval":
             base = {
                 "task": "retrieval",
@@ -197,8 +200,14 @@ class Plan:
                 "out": str(d / "metrics.json"),
                 "hydra.run.dir": str(d),
             }
+            if "score_clip" in self.enabled_models():  # the CLIP score from a CLIP that did not make the images
+                base["clip_score.ckpt"] = self.ckpt("score_clip")
             return Stage(stage, [[self.py, str(ROOT / "eval" / "evaluate.py"), *overrides(base, self.section[stage])]])
         raise SystemExit(f"unknown stage {stage!r}; expected some of {list(STAGES)}")
+
+    def trains_score_clip(self) -> bool:
+        """Whether this run trains the independent scoring CLIP (listed, not given as a file)."""
+        return "score_clip" in set(self.cfg.stages) and "score_clip" not in self.given
 
     def enabled_models(self) -> set[str]:
         """Trained stages whose checkpoint exists or will be made in this run (an upsampler is optional)."""

@@ -1,4 +1,4 @@
-"""train/train_all.py's plain logic: the whole unCLIP stack as one run of eight stages.
+"""train/train_all.py's plain logic: the whole unCLIP stack as one run of nine stages.
 
 Each stage is a subprocess of the command a researcher would type; train/train_all.py (Hydra) turns its config into
 those commands and hands them here.
@@ -11,8 +11,10 @@ those commands and hands them here.
 
 from __future__ import annotations
 
-STAGES = ("clip", "retrieval", "embeddings", "prior", "decoder", "upsampler", "sample", "evaluate")
-TRAINED = ("clip", "prior", "decoder", "upsampler")  # stages that end in checkpoints/last.ckpt
+STAGES = ("clip", "retrieval", "embeddings", "prior", "decoder", "upsampler", "sample", "score_clip", "evaluate")
+# stages that end in checkpoints/last.ckpt; score_clip: an independent CLIP for the CLIP score (another seed, the
+# other half of the train shards), optional like the upsampler
+TRAINED = ("clip", "prior", "decoder", "upsampler", "score_clip")
 # Which earlier stages' outputs a stage reads (a stage that reruns makes these dependents rerun too).
 DEPENDS = {
     "clip": (),
@@ -22,6 +24,7 @@ DEPENDS = {
     "decoder": ("clip", "embeddings"),
     "upsampler": (),
     "sample": ("clip", "prior", "decoder", "upsampler"),
-    "evaluate": ("clip", "sample"),
+    "score_clip": (),
+    "evaluate": ("clip", "sample", "score_clip"),
 }
 # The config groups of train/train.py's config (conf/<group>/, and model from dalle2/presets): `<stage>.<group>=x`

@@ -122,6 +122,23 @@ def shard_names(urls: str) -> list[str]:
     return names
 
 
+def train_halves(urls: str) -> tuple[str, str]:
+    """The shards of ``urls`` (braces and ``::`` expanded; not checked) cut into two halves, each a ``::``-joined url
+    string: with a score_clip stage, the generator's CLIP trains on the first half and the scoring CLIP on the
+    second, so that neither saw the other's images."""
+    from braceexpand import braceexpand
+
+    parts = list(urls) if isinstance(urls, (list, tuple)) else str(urls).split("::")
+    shards = [u for part in parts for u in braceexpand(part)]
+    if len(shards) < 2:
+        raise SystemExit(
+            f"score_clip trains on half of the train shards and the generator's CLIP on the other half: "
+            f"data.train_urls={urls!r} has {len(shards)} shard (give more shards, or ckpt.score_clip=A_CLIP_FILE)"
+        )
+    half = len(shards) // 2
+    return "::".join(shards[:half]), "::".join(shards[half:])
+
+
 def mirrored_urls(urls: str, out_dir: Path) -> str:
     """Where train/precompute_embeddings.py puts the embedding shards of ``urls`` (same file names in out_dir)."""
     if isinstance(urls, str) and "::" not in urls and "{" not in os.path.dirname(urls):
