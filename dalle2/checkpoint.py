@@ -7,8 +7,8 @@
   ``meta.pt``) read the same way: ``meta.pt`` weights-only, the DCP index through an allowlist (shard files outside
   the directory refused), the shards' byte entries weights-only, and their tensors consolidated in this process
   (:func:`dalle2.safe_load.read_dcp_state`; no process group needed).  Even without tensors (``checkpoint_stage``,
-  which train.py runs before Lightning resumes from the directory with torch's own, unrestricted reader) every byte
-  entry is read weights-only first.
+  which train.py runs before Lightning resumes from the directory; ``FSDP2Strategy`` then reads it through
+  :func:`dalle2.safe_load.load_dcp_into`) every byte entry is read weights-only first.
 * dalle2 safetensors exports (``python -m dalle2.export``) are read with no unpickling at all.
 * A file of the wrong stage is one clear :class:`WrongStageError`.
 

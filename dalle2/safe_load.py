@@ -9,8 +9,9 @@
   dtypes and paths may be built, and every shard file it names must lie inside the directory.
   :func:`read_dcp_state` then reads the shards through it: tensors as torch does, byte entries (any non-tensor value,
   which torch's planner unpickles with ``weights_only=False``) with the weights-only unpickler;
-  :func:`check_dcp_checkpoint` reads all of that but the tensors, before a directory goes to torch's own reader
-  (Lightning's resume).
+  :func:`check_dcp_checkpoint` reads all of that but the tensors (train.py, before it builds anything);
+  :func:`load_dcp_into` is ``torch.distributed.checkpoint.load`` into a (sharded) state dict with the same reader and
+  planner (Lightning's resume under ``FSDP2Strategy``).
 * :func:`read_torchscript_state_dict` — the tensors of a TorchScript archive (OpenAI's CLIP ``.pt`` files) without
   ``torch.jit.load``, which would run the archive's code: ``data.pkl`` goes through the same weights-only unpickler,
   TorchScript's own classes (``__torch__.*``) become inert attribute records, and the tensors' bytes are read from
@@ -41,6 +42,7 @@ __all__ = [
     "UntrustedCheckpointError",
     "check_dcp_checkpoint",
     "is_torchscript_archive",
+    "load_dcp_into",
     "read_dcp_metadata",
     "read_dcp_state",
     "read_torchscript_state_dict",
@@ -264,41 +266,92 @@ def read_dcp_state(path, keys: set[str] | None = None, *, trust_checkpoint: bool
     return _read_dcp(path, metadata, keys, trust_checkpoint=trust_checkpoint)
 
 
-def _read_dcp(path: Path, metadata, keys: set[str] | None, *, trust_checkpoint: bool) -> dict:
-    require_private_torch("dcp_read")  # _load_state_dict, the planner's load_bytes hook: still what they were
+def load_dcp_into(state: dict, path, *, trust_checkpoint: bool = False) -> None:
+    """``torch.distributed.checkpoint.load(state, checkpoint_id=path)`` — ``state``'s tensors (DTensors too) filled in
+    place from the DCP checkpoint directory ``path``, its other entries replaced, collectively over the default process
+    group when there is one — with the index read by :func:`read_dcp_metadata` and every byte entry with the
+    weights-only unpickler (torch's own reader, unrestricted, when ``trust_checkpoint``). What resuming a sharded run
+    reads through (:class:`dalle2.lit.fsdp.FSDP2Strategy`), so that Lightning's resume is no second, unchecked read."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+
+    path = Path(path)
+    if trust_checkpoint:
+        warn_trusted(path, "reading its shards with torch's own reader")
+        dcp.load(state, checkpoint_id=str(path))
+        return
+    require_private_torch("dcp_read")  # the planner's load_bytes hook: still where byte entries are unpickled
+    reader = _safe_reader(path)
+    _raise_from_dcp(
+        path, reader, lambda: dcp.load(state, storage_reader=reader, planner=_planner(DefaultLoadPlanner, path)())
+    )
+
+
+def _safe_reader(path: Path, metadata=None):
+    """A ``FileSystemReader`` of ``path`` whose index is ``metadata`` or, read when DCP asks (on every rank, inside
+    its collective: a refusal reaches every rank), :func:`read_dcp_metadata`'s."""
     from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.api import CheckpointException
-    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
     class _Reader(FileSystemReader):
-        def read_metadata(self, *args, **kwargs):
-            if getattr(metadata, "storage_meta", None) is not None:
-                metadata.storage_meta.load_id = self.load_id
-            return metadata
+        error: Exception | None = None  # why the index was refused (DCP reports it only as text)
 
-    class _WeightsOnlyPlanner(_EmptyStateDictLoadPlanner):
+        def read_metadata(self, *args, **kwargs):
+            try:
+                found = metadata if metadata is not None else read_dcp_metadata(path)
+            except Exception as e:
+                self.error = e
+                raise
+            if getattr(found, "storage_meta", None) is not None:
+                found.storage_meta.load_id = self.load_id
+            return found
+
+    return _Reader(str(path))
+
+
+def _planner(base, path: Path):
+    """``base`` (a DCP load planner class) whose byte entries are unpickled weights-only: torch's planner uses
+    ``weights_only=False``; here the planner gets a re-pickle of what the weights-only unpickler built (plain values
+    and tensors), never the file's own bytes."""
+
+    class _WeightsOnlyPlanner(base):
         def load_bytes(self, read_item, value) -> None:
-            # torch's planner unpickles a byte entry with weights_only=False: read it weights-only here, and hand the
-            # planner a pickle of what that built (plain values and tensors), never the file's own bytes
-            info = metadata.storage_data[read_item.storage_index]
+            info = self.metadata.storage_data[read_item.storage_index]
             obj = _load_weights_only(value, path / info.relative_path, entry=read_item.dest_index.fqn)
             safe = io.BytesIO()
             torch.save(obj, safe)
             safe.seek(0)
             super().load_bytes(read_item, safe)
 
-    planner = (_EmptyStateDictLoadPlanner if trust_checkpoint else _WeightsOnlyPlanner)(keys=keys)
-    state: dict = {}
+    return _WeightsOnlyPlanner
+
+
+def _raise_from_dcp(path: Path, reader, load) -> None:
+    """Run ``load``; the error DCP wraps a reader's or planner's in (``CheckpointException``) comes out as itself, on
+    one line."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
     try:
-        _load_state_dict(state, storage_reader=_Reader(str(path)), planner=planner, no_dist=True)
-    except CheckpointException as e:  # what DCP wraps a reader's error in: the error itself, on one line
+        load()
+    except CheckpointException as e:
         failure = next(iter(e.failures.values()), None)
-        exc = failure[0] if isinstance(failure, tuple) else failure
+        exc = reader.error or (failure[0] if isinstance(failure, tuple) else failure)
         if isinstance(exc, (UntrustedCheckpointError, FileNotFoundError, ValueError)):
             raise exc from None
         first = str(exc).strip().splitlines()[0] if exc is not None and str(exc).strip() else ""
         raise ValueError(f"{path}: not a readable sharded checkpoint ({type(exc).__name__}: {first})") from None
+
+
+def _read_dcp(path: Path, metadata, keys: set[str] | None, *, trust_checkpoint: bool) -> dict:
+    require_private_torch("dcp_read")  # _load_state_dict, the planner's load_bytes hook: still what they were
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    planner = (_EmptyStateDictLoadPlanner if trust_checkpoint else _planner(_EmptyStateDictLoadPlanner, path))(
+        keys=keys
+    )
+    state: dict = {}
+    reader = _safe_reader(path, metadata)
+    _raise_from_dcp(path, reader, lambda: _load_state_dict(state, storage_reader=reader, planner=planner, no_dist=True))
     return state
 
 

@@ -8,6 +8,8 @@ checkpoint keeps torch's behaviour (and runs the payload: the gate is real)."""
 
 from __future__ import annotations
 
+import json
+import sys
 import types
 
 import pytest
@@ -213,3 +215,126 @@ def test_sample_and_serve_refuse_an_evil_shard(cascade, tmp_path, marker):
     with pytest.raises(UntrustedCheckpointError) as e:
         load_script("eval", "serve").build_app(cfg)
     _refused_shard(e, evil, marker)
+
+
+# ------------------------------------------------------------------------------- Lightning's resume under trainer=fsdp
+
+RESUME_SCRIPT = """
+import json, os, pickle, shutil, sys, warnings
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+
+from dalle2.lit.fsdp import FSDP2Strategy, shard_module
+from dalle2.safe_load import read_dcp_state
+from helpers.evil import Payload, malicious_checkpoint
+
+work, marker = Path(sys.argv[1]), Path(sys.argv[2])
+warnings.filterwarnings("ignore")
+
+
+class Tiny(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Linear(4, 4)
+
+    def configure_model(self):
+        shard_module(self, [(self.net, True)])
+
+    def training_step(self, batch, batch_idx):
+        return self.net(batch).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=0.1)
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.randn(32, 4), batch_size=4)
+
+
+def fit(root, ckpt_path=None, steps=2, trust=False):
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps,
+                        strategy=FSDP2Strategy(**({"trust_checkpoint": True} if trust else {})),
+                        default_root_dir=root, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    module = Tiny()
+    trainer.fit(module, ckpt_path=ckpt_path, weights_only=not trust)  # as train.py calls it
+    return trainer, module
+
+
+def weights(module):
+    return {k: v.full_tensor() for k, v in module.net.state_dict().items()}
+
+
+out = {}
+trainer, module = fit(work / "a")
+good = work / "good.ckpt"
+trainer.save_checkpoint(good)
+trainer, resumed = fit(work / "b", good)  # at max_steps already: restores, trains nothing
+out["good"] = {
+    "weights": all(torch.equal(v, weights(module)[k]) for k, v in weights(resumed).items()),
+    "step": trainer.global_step,
+    "adam_step": float(trainer.optimizers[0].state_dict()["state"][0]["step"]),
+}
+evil_index = work / "evil_index.ckpt"  # a valid index with a payload in one of its fields
+shutil.copytree(good, evil_index)
+metadata = pickle.loads((evil_index / ".metadata").read_bytes())
+metadata.planner_data = Payload(marker)
+(evil_index / ".metadata").write_bytes(pickle.dumps(metadata))
+evil_entry = work / "evil_entry.ckpt"  # the same weights; the optimizer's learning rate is a payload
+state = read_dcp_state(good)
+state["optimizer_0"]["param_groups"][0]["lr"] = Payload(marker)
+dcp.save(state, checkpoint_id=evil_entry, no_dist=True)
+shutil.copy(good / "meta.pt", evil_entry / "meta.pt")
+hpc = work / "c" / "hpc_ckpt_1.ckpt"  # SLURM's requeue checkpoint, which Lightning finds by itself
+shutil.copytree(evil_index, hpc)
+evil_file = malicious_checkpoint(work / "evil.ckpt", marker)  # save_distributed_checkpoint=false: one file
+
+cases = [("index", evil_index, False), ("entry", evil_entry, False), ("file", evil_file, False), ("hpc", None, False),
+         ("trusted", evil_entry, True)]
+for name, path, trust in cases:
+    if name == "hpc":
+        os.environ.update(SLURM_NTASKS="1", SLURM_NTASKS_PER_NODE="1", SLURM_JOB_NAME="train", SLURM_PROCID="0",
+                          SLURM_LOCALID="0", SLURM_NODEID="0", SLURM_JOB_ID="1", SLURM_NNODES="1")
+    try:
+        fit(work / ("c" if name == "hpc" else name), path, steps=3, trust=trust)
+        error = None
+    except Exception as e:
+        error = f"{type(e).__name__}: {e}"
+    out[name] = {"ran": marker.exists(), "error": error}
+    marker.unlink(missing_ok=True)
+(work / "result.json").write_text(json.dumps(out))
+"""
+
+
+def test_lightnings_resume_under_fsdp_reads_through_the_safe_reader(tmp_path, marker):
+    """train.py checks ``ckpt_path=<dir>`` safely, but then Lightning resumes: under ``trainer=fsdp`` its
+    ``ModelParallelStrategy`` read the shards again with torch's own DCP reader (index and byte entries unpickled with
+    no restriction), read files with torch's default ``weights_only`` (off with TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1:
+    the ``weights_only`` given to ``fit`` does not reach it), and under SLURM picked ``hpc_ckpt_*.ckpt`` by itself,
+    which train.py never checked. The strategy now reads all of it safely: a genuine checkpoint resumes (weights,
+    optimizer state), an evil index, shard entry, file or SLURM checkpoint is refused naming it, and nothing runs
+    unless ``trust_checkpoint``."""
+    from helpers.tiny_runs import run, run_env
+
+    script = tmp_path / "resume.py"
+    script.write_text(RESUME_SCRIPT)
+    work = tmp_path / "work"
+    work.mkdir()
+    env = run_env(**UNSAFE_TORCH_DEFAULT, PYTHONWARNINGS="ignore")
+    proc = run([sys.executable, str(script), str(work), str(marker)], timeout=240, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads((work / "result.json").read_text())
+    assert out["good"] == {"weights": True, "step": 2, "adam_step": 2.0}
+    for case, named in [
+        ("index", f"{work}/evil_index.ckpt/.metadata"),
+        ("entry", f"{work}/evil_entry.ckpt/{SHARD}"),
+        ("hpc", f"{work}/c/hpc_ckpt_1.ckpt/.metadata"),
+    ]:
+        assert not out[case]["ran"], f"{case}: the payload ran"
+        assert_refused(out[case]["error"], named, marker)
+        assert out[case]["error"].startswith("UntrustedCheckpointError")
+    assert not out["file"]["ran"] and "Weights only load failed" in out["file"]["error"]
+    assert out["trusted"] == {"ran": True, "error": None}  # the gate is real: trust_checkpoint=true runs it

@@ -36,11 +36,13 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.trainer.states import RunningStage
 from torch import nn
 
+from dalle2.checkpoint import SHARDED_META, is_sharded_checkpoint
 from dalle2.clip.model import Bottleneck
 from dalle2.decoder.blocks import PixelAttention, ResBlock
 from dalle2.lit.distributed import FailFast, SameBatchCount
 from dalle2.nn.transformer import ResidualAttentionBlock
 from dalle2.prior.network import PriorBlock
+from dalle2.safe_load import load_dcp_into, torch_load
 from dalle2.torch_private import require as require_private_torch
 
 __all__ = ["DTYPES", "FSDP2Strategy", "SHARD_UNITS", "compile_network", "is_sharded", "shard_module", "shard_network"]
@@ -156,6 +158,10 @@ class FSDP2Strategy(FailFast, ModelParallelStrategy):
             until the backward (ZeRO-2: less communication, more memory).
         save_distributed_checkpoint: true: each rank writes its shards (a checkpoint is a directory); false: rank 0
             gathers full weights and optimizer state into one ``.ckpt`` file (only for what fits one process).
+        trust_checkpoint: resume from a checkpoint that holds more than weights (runs its code); default false: a
+            sharded checkpoint is read through :func:`dalle2.safe_load.load_dcp_into` (the index through the
+            allowlist, byte entries weights-only) and a ``.ckpt`` file weights-only, whichever path Lightning
+            resumes from (``ckpt_path``, or the ``hpc_ckpt_*.ckpt`` it finds by itself under SLURM).
     """
 
     def __init__(
@@ -166,6 +172,7 @@ class FSDP2Strategy(FailFast, ModelParallelStrategy):
         activation_checkpointing: bool = False,
         reshard_after_forward: bool = True,
         save_distributed_checkpoint: bool = True,
+        trust_checkpoint: bool = False,
         **kwargs: Any,
     ) -> None:
         require_private_torch("fsdp_forward_method")  # FSDPModule._get_fsdp_state & co: fail now, not mid-run
@@ -173,6 +180,7 @@ class FSDP2Strategy(FailFast, ModelParallelStrategy):
         self.param_dtype, self.reduce_dtype = _dtype(param_dtype), _dtype(reduce_dtype)
         self.activation_checkpointing = bool(activation_checkpointing)
         self.reshard_after_forward = bool(reshard_after_forward)
+        self.trust_checkpoint = bool(trust_checkpoint)
 
     def setup_environment(self) -> None:
         # one data-parallel dimension over every process (no tensor parallelism)
@@ -210,6 +218,35 @@ class FSDP2Strategy(FailFast, ModelParallelStrategy):
             return dataloader  # training streams give every rank the same batches by construction
         what = {"val": "validation", "test": "test", "predict": "prediction"}.get(stage.dataloader_prefix, "evaluation")
         return SameBatchCount(dataloader, device=self.root_device, what=what)
+
+    # -- reading checkpoints safely ------------------------------------------------------------------------------
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
+        """Lightning's resume (``ckpt_path``, or SLURM's ``hpc_ckpt_*.ckpt``), reading nothing that could run code
+        unless ``trust_checkpoint``: Lightning would read a sharded directory with torch's own DCP reader (its index
+        and byte entries unpickled with no restriction) and ``meta.pt`` / a ``.ckpt`` file with torch's default
+        ``weights_only``, which an environment variable can turn off (and the ``weights_only`` given to ``fit`` does
+        not reach this strategy). The sharded branch is Lightning's ``_load_checkpoint``, with our reader."""
+        trust = self.trust_checkpoint or weights_only is False
+        path = Path(self.broadcast(checkpoint_path))
+        if not is_sharded_checkpoint(path):
+            return super().load_checkpoint(path, weights_only=not trust)
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        module_state = {"state_dict": get_model_state_dict(self.model)}
+        load_dcp_into(module_state, path, trust_checkpoint=trust)
+        self.model.load_state_dict(module_state["state_dict"], strict=self.lightning_module.strict_loading)
+        for idx, optimizer in enumerate(self.optimizers):
+            key = f"optimizer_{idx}"
+            optim_state = {key: get_optimizer_state_dict(self.model, optimizer)}
+            load_dcp_into(optim_state, path, trust_checkpoint=trust)
+            options = StateDictOptions(cpu_offload=True)
+            set_optimizer_state_dict(self.model, optimizer, optim_state_dict=optim_state[key], options=options)
+        return torch_load(path / SHARDED_META, trust_checkpoint=trust)  # the rest: loops, callbacks, hparams...
 
     # -- atomic sharded checkpoints -------------------------------------------------------------------------------
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Any | None = None) -> None:
