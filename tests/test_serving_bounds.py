@@ -106,6 +106,43 @@ def test_open_connections_are_capped_by_max_connections():
         wait_for(lambda: httpx.get(srv.url + "/health", timeout=10).status_code == 200, what="room again")
 
 
+def test_connections_that_send_no_request_give_their_place_back():
+    """The cap counts open connections, so connections that never send a whole request (a client that connected and
+    vanished, a half-open socket, a slowloris trickling header bytes) held it forever: 3 of them made every other
+    request 503 for as long as they stayed open. A connection must now send its request head within
+    ``read_timeout_s`` of opening (or of its last response), else it is closed; a request that takes longer to
+    answer than that is not cut."""
+    app = create_app(FakePipeline(delay=1.5), max_wait_ms=0, limits=ServeLimits(max_connections=3, read_timeout_s=1.0))
+    with ServerThread(app, server=make_server(app, log_level="critical")) as srv:
+        idle = [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(3)]
+        try:
+            slowloris = idle[0]
+            slowloris.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # a head never finished
+            time.sleep(0.2)
+            assert httpx.get(srv.url + "/health", timeout=10).status_code == 503  # the cap holds
+            trickled, t0 = 0, time.monotonic()
+            while time.monotonic() - t0 < 10:  # a byte every 0.1 s does not keep it open
+                time.sleep(0.1)
+                try:
+                    slowloris.sendall(b"X")
+                except OSError:  # closed by the server
+                    break
+                trickled += 1
+            assert trickled >= 2 and time.monotonic() - t0 < 10
+            for s in idle[1:]:  # closed by the server while the clients still hold their ends
+                s.settimeout(5)
+                assert s.recv(1024) == b""
+            assert httpx.get(srv.url + "/health", timeout=10).status_code == 200
+        finally:
+            for s in idle:
+                s.close()
+        # a request whose answer takes longer than read_timeout_s is answered, on a connection that stays usable
+        with httpx.Client(base_url=srv.url, timeout=10) as client:
+            body = {"prompt": "slow", "size": "4x4", "response_format": "b64_json"}
+            assert client.post("/v1/images/generations", json=body).status_code == 200
+            assert client.get("/health").status_code == 200
+
+
 # ------------------------------------------------------------------------------------ a timed-out request's work
 
 

@@ -29,7 +29,9 @@ class ServeLimits:
     - ``max_image_pixels``: width x height of an upload, read from its header before decoding.
     - ``max_queue``: requests waiting for the worker; one more gets 429 with ``Retry-After``.
     - ``request_timeout_s``: from queued to answered; not started by then -> 429, started -> 504.
-    - ``read_timeout_s``: from the request's headers to the end of its body; later -> 408.
+    - ``read_timeout_s``: from the request's headers to the end of its body; later -> 408. Also from a connection's
+      opening (or its last response) to a whole request head; later, the connection is closed
+      (:func:`~dalle2.serving.server.request_head_deadline`, set by :func:`~dalle2.serving.make_server`).
     - ``shutdown_timeout_s``: how long running work may take to finish once shutdown begins.
     - ``max_decodes``: uploads decoded at the same time (each may take ~4 bytes x ``max_image_pixels`` briefly).
     - ``max_connections``: open HTTP connections (uvicorn's ``limit_concurrency``, set by

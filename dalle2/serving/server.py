@@ -56,7 +56,8 @@ def make_server(app, *, host: str = "127.0.0.1", port: int = 8000, log_level: st
     ``server.should_exit = True``) it first drains the app's batch worker: new and waiting requests get 503, the
     running batch has ``limits.shutdown_timeout_s`` to finish; then uvicorn closes the connections, giving the
     answers ``SEND_GRACE_S`` to go out.  Open connections are capped at ``limits.max_connections`` (uvicorn's
-    ``limit_concurrency``: past it, 503 and the connection closed)."""
+    ``limit_concurrency``: past it, 503 and the connection closed), and a connection that sends no request head
+    within ``limits.read_timeout_s`` is closed (:func:`request_head_deadline`)."""
     import uvicorn
 
     batcher, limits = app.state.batcher, app.state.limits
@@ -68,8 +69,39 @@ def make_server(app, *, host: str = "127.0.0.1", port: int = 8000, log_level: st
 
     uvicorn_options.setdefault("timeout_graceful_shutdown", SEND_GRACE_S)
     uvicorn_options.setdefault("limit_concurrency", int(limits.max_connections))
+    uvicorn_options.setdefault("http", request_head_deadline(limits.read_timeout_s))
     config = uvicorn.Config(app, host=host, port=int(port), log_level=log_level, lifespan="on", **uvicorn_options)
     return DrainingServer(config)
+
+
+def request_head_deadline(timeout_s: float):
+    """uvicorn's HTTP protocol (h11 or httptools, as uvicorn picks) that closes a connection which has not sent a
+    whole request head within ``timeout_s`` of opening, or of its last response. uvicorn itself times out neither
+    (only an idle keep-alive connection after a response), and ``limit_concurrency`` counts open connections: a
+    client that connected and vanished, a half-open socket or a slowloris trickling header bytes would otherwise
+    hold its place in ``limits.max_connections`` for good. A request being answered is never cut."""
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    class RequestHeadDeadline(AutoHTTPProtocol):
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm_head_deadline()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm_head_deadline()
+
+        def _arm_head_deadline(self) -> None:
+            cycle = self.cycle  # a new request head makes a new cycle
+
+            def expire() -> None:
+                idle = self.cycle is cycle and (cycle is None or cycle.response_complete)
+                if idle and not self.transport.is_closing():
+                    self.transport.close()
+
+            self.loop.call_later(float(timeout_s), expire)
+
+    return RequestHeadDeadline
 
 
 def run_server(app, **kwargs) -> None:
