@@ -360,6 +360,32 @@ def test_a_stage_still_running_from_a_killed_train_all_is_refused_not_doubled(se
     assert fake.calls[-1]["found_step"] == 700
 
 
+def test_a_stage_running_on_another_machine_is_refused_while_its_heartbeat_is_fresh(setup):
+    """The same out_dir on a shared disk, seen from a second machine (a login node while the SLURM job runs): its pids
+    mean nothing here, so only the attempt's heartbeat tells that it runs. A fresh one refuses the stage (no second
+    trainer in its folder, nothing moved aside or tidied under it, also with force=); a stale one (that machine's
+    train_all died) resumes it."""
+    out, fake, run = setup
+    assert run(kill_at=700) is None
+    started = out / "decoder" / "STARTED.json"
+    rec = json.loads(started.read_text())
+    assert rec["attempts"][-1]["beat"] == pytest.approx(time.time(), abs=60) and rec["attempts"][-1]["every_s"] > 0
+    rec["attempts"][-1].update(ended="running", host="gpu-node-17", pids={"4242": "python train/train.py"})
+    rec["attempts"][-1].update(beat=time.time() - 5, every_s=30.0)
+    started.write_text(json.dumps(rec))
+    tmp = out / "decoder" / "checkpoints" / ".last.ckpt.tmp-4242"  # that machine's save in progress
+    tmp.write_bytes(b"\0" * 10)
+    os.utime(tmp, (time.time() - 3600,) * 2)
+    before = snapshot(out / "decoder")
+    for extra in ((), ("force=[decoder]",)):
+        with pytest.raises(SystemExit, match=r"decoder: still running .*on gpu-node-17.*Nothing was changed"):
+            run(*extra)
+        assert snapshot(out / "decoder") == before and len(fake.calls) == 1
+    rec["attempts"][-1]["beat"] = time.time() - 3600  # its train_all died an hour ago
+    started.write_text(json.dumps(rec))
+    assert run()["decoder"]["status"] == "ran" and fake.calls[-1]["found_step"] == 700
+
+
 def test_a_stage_dies_with_its_train_all(tmp_path):
     """kill -9 of train_all: its running stage gets SIGTERM (saves last.ckpt and exits) instead of training on as an
     orphan that a rerun would double."""

@@ -25,7 +25,7 @@ from dalle2.train_all.identity import (
     recorded_identity,
     resumable,
 )
-from dalle2.train_all.runner import still_running
+from dalle2.train_all.runner import running_elsewhere, still_running
 
 RUNS = ("run", "resume")  # actions that change a stage's outputs
 
@@ -198,6 +198,15 @@ def _decide(name, d, commands, *, uses, given, forced, resume, out_dir, changing
             f"it (kill {' '.join(map(str, alive))}: it saves last.ckpt) and rerun to resume it."
         )
         return Decision(name, "refuse", f"still running (pid {', '.join(map(str, alive))})", message=message)
+    elsewhere = running_elsewhere(started) if done is None else None
+    if elsewhere:
+        host, age = elsewhere
+        message = (
+            f"[train_all] {name}: still running in {d} on {host} (its train_all's heartbeat {age:.0f} s ago). "
+            "Nothing was changed. Wait for it to end, or stop that train_all (its stage saves last.ckpt) and rerun "
+            "to resume it."
+        )
+        return Decision(name, "refuse", f"still running on {host}", message=message)
     if forced:
         return Decision(name, "run", "forced", move_aside=True)
     runs_first = [u for u in uses if u in changing]

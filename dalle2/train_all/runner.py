@@ -95,6 +95,23 @@ def still_running(marker: dict | None) -> list[int]:
     return [int(p) for p, cmd in (last.get("pids") or {}).items() if cmd and cmdline(int(p)) == cmd]
 
 
+def running_elsewhere(marker: dict | None, *, now: float | None = None) -> tuple[str, float] | None:
+    """``(host, seconds since its last heartbeat)`` when a stage's last attempt runs on another machine that shares
+    this disk (a SLURM job's node, seen from a login node): recorded as running there, with a heartbeat younger than
+    three heartbeat periods (+10 s). Its pids mean nothing here, so the heartbeat is the only sign of life; None when
+    it is stale (that train_all died) or was not recorded."""
+    if not marker or not marker.get("attempts"):
+        return None
+    last = marker["attempts"][-1]
+    host, beat, every = last.get("host"), last.get("beat"), last.get("every_s")
+    if last.get("ended") != "running" or not host or host == socket.gethostname():
+        return None
+    if not isinstance(beat, (int, float)) or not isinstance(every, (int, float)) or every <= 0:
+        return None
+    age = (time.time() if now is None else now) - beat
+    return (str(host), age) if age < 3 * every + 10 else None
+
+
 def run_commands(stage: Stage, *, cwd: Path) -> None:
     """Run the stage's commands one after another (printed first); a failing one ends train_all naming the stage.
     Each command dies with train_all (SIGTERM on Linux; see :func:`_parent_death_signal`)."""
@@ -172,6 +189,7 @@ class Attempt:
             pids = sorted(_live)
             live = sum(process_tree_cpu_s(pid) for pid in pids)
             self.record["host"] = socket.gethostname()
+            self.record["beat"], self.record["every_s"] = round(time.time(), 2), self.every_s  # see running_elsewhere
             self.record["pids"] = {str(p): cmdline(p) for p in pids}
             self.record["wall_s"] = round(time.time() - self._t0, 2)
             self.record["cpu_s"] = round(children_cpu_s() - self._cpu0 + live, 2)
