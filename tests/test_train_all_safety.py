@@ -428,3 +428,36 @@ def test_a_stage_dies_with_its_train_all(tmp_path):
         assert term.exists() and term.read_text() == "term"
     finally:
         proc.kill()
+
+
+def test_a_folder_fingerprint_reads_big_files_only_at_their_edges(tmp_path, monkeypatch):
+    """An embedding folder at LAION scale holds hundreds of GB: its fingerprint must not read every byte, yet still
+    change when a shard is rewritten (a new size, mtime or edge) or one is added."""
+    from dalle2.train_all import identity
+
+    monkeypatch.setattr(identity, "WHOLE_FILE_BYTES", 3 << 20)
+    d = tmp_path / "emb" / "train"
+    d.mkdir(parents=True)
+    big = d / "00000.tar"
+    big.write_bytes(os.urandom(8 << 20))
+    (d / "00001.tar").write_bytes(b"small")
+    read = []
+    real_open = open
+
+    def counting_open(path, mode="r", *a, **k):
+        f = real_open(path, mode, *a, **k)
+        if "b" in mode and Path(path) == big:
+            orig = f.read
+            f.read = lambda n=-1: read.append(len(chunk := orig(n))) or chunk
+        return f
+
+    monkeypatch.setattr("builtins.open", counting_open)
+    first = identity.fingerprint(tmp_path / "emb", ("train",))
+    assert sum(read) <= 2 << 20  # its two edges, not its 8 MiB
+    data = bytearray(big.read_bytes())
+    data[4 << 20] ^= 0xFF  # a byte in the middle: same size and edges, but a rewrite moves the mtime
+    big.write_bytes(bytes(data))
+    os.utime(big, ns=(time.time_ns(), time.time_ns() + 10**9))
+    assert identity.fingerprint(tmp_path / "emb", ("train",)) != first
+    (d / "00002.tar").write_bytes(b"more")
+    assert identity.fingerprint(tmp_path / "emb", ("train",)) not in (first, None)

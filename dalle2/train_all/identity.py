@@ -128,10 +128,31 @@ def _files(path: Path) -> list[Path]:
     return []
 
 
+# A file of a folder's fingerprint larger than this is not read whole (a LAION-scale embedding folder holds hundreds
+# of GB): its size, mtime and the sha256 of its first and last MiB stand for it.
+WHOLE_FILE_BYTES = 64 << 20
+_EDGE = 1 << 20
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file up to :data:`WHOLE_FILE_BYTES`; above that ``size:mtime_ns:sha256(first + last MiB)``
+    (what a rewrite of a shard changes; a folder's fingerprint then reads at most 2 MiB a file)."""
+    st = path.stat()
+    if st.st_size <= WHOLE_FILE_BYTES:
+        return sha256_file(path)
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        h.update(f.read(_EDGE))
+        f.seek(st.st_size - _EDGE)
+        h.update(f.read(_EDGE))
+    return f"{st.st_size}:{st.st_mtime_ns}:{h.hexdigest()}"
+
+
 def fingerprint(root: str | os.PathLike, patterns: tuple[str, ...] | list[str]) -> str | None:
     """The sha256 of what ``patterns`` (paths or globs under ``root``; a folder stands for every file in it) name:
     the file's own sha256 when that is a single file (a checkpoint), else a sha256 over each file's relative path
-    and sha256. None when nothing is there. Read once, when a stage finishes or when a given checkpoint is used."""
+    and :func:`file_digest`. None when nothing is there. Read once, when a stage finishes or when a given
+    checkpoint is used."""
     root = Path(root)
     files: list[Path] = []
     for pattern in patterns:
@@ -144,7 +165,7 @@ def fingerprint(root: str | os.PathLike, patterns: tuple[str, ...] | list[str]) 
         return sha256_file(files[0])
     h = hashlib.sha256()
     for f in files:
-        h.update(f"{f.relative_to(root).as_posix()}\0{sha256_file(f)}\n".encode())
+        h.update(f"{f.relative_to(root).as_posix()}\0{file_digest(f)}\n".encode())
     return h.hexdigest()
 
 
