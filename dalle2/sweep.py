@@ -138,39 +138,46 @@ def write_csv(path: str | Path, header: list[str], cells: list[list]) -> Path:
 
 # --------------------------------------------------------------------------------------------- sampling sweeps
 
-# the columns of a sampling sweep's CSV: the stage's settings, then the scores (checker: lenient and strict)
+# the columns of a sampling sweep's CSV: the stage's settings, the seeds merged, then the scores (the strict
+# checker's strict/all first: the headline, with its bootstrap 95 % interval over the checked images of all seeds)
 SAMPLING_COLUMNS = (
     "job",
     "guidance",
     "sampler",
     "steps",
+    "seeds",
+    "strict_all",
+    "strict_all_lo",
+    "strict_all_hi",
+    "checked",
     "clip_fd",
     "fid",
     "clip_score",
     "checker_all",
     "checker_mean",
-    "strict_accuracy",
-    "strict_all",
     "seconds_per_image",
     "num_images",
 )
 _METRIC_KEYS = {
+    "strict_all": "checker/strict/all",
+    "checked": "checker/num_samples",
     "clip_fd": "clip_fd",
     "fid": "fid",
     "clip_score": "clip_score",
     "checker_all": "checker/accuracy/all",
     "checker_mean": "checker/accuracy/mean",
-    "strict_accuracy": "checker/strict/accuracy",
-    "strict_all": "checker/strict/all",
     "seconds_per_image": "seconds_per_image",
     "num_images": "num_images",
 }
 
 
 def sampling_rows(rows: list[dict], stage: str = "decoder") -> list[dict]:
-    """Jobs of an ``eval/sample.py`` sweep -> one flat dict per finished job with :data:`SAMPLING_COLUMNS` (the
-    ``stage``'s resolved guidance / sampler / steps from the job's settings; missing scores are None)."""
-    out = []
+    """Jobs of an ``eval/sample.py`` sweep -> one flat dict per setting with :data:`SAMPLING_COLUMNS`: the
+    ``stage``'s resolved guidance / sampler / steps from the job's settings; jobs that differ only in their ``seed``
+    override are merged into one row (``job``: their numbers, ``seeds``: how many; scores: the mean over them;
+    ``strict_all_lo`` / ``_hi``: the bootstrap 95 % interval of ``strict_all`` over the checked images of all of
+    them, ``checked`` their number).  Missing scores are None."""
+    groups: dict[tuple, list[dict]] = {}
     for r in rows:
         st = (r.get("settings") or {}).get(stage)
         if r["status"] != "finished" or not isinstance(st, dict):
@@ -182,9 +189,28 @@ def sampling_rows(rows: list[dict], stage: str = "decoder") -> list[dict]:
             "steps": int(st["steps"]),
         }
         flat.update({col: r["metrics"].get(key) for col, key in _METRIC_KEYS.items()})
-        out.append(flat)
-    if not out:
+        rest = tuple(sorted((k, v) for k, v in r["overrides"].items() if k != "seed"))
+        groups.setdefault((flat["guidance"], flat["sampler"], flat["steps"], rest), []).append(flat)
+    if not groups:
         raise ValueError(f"no finished eval/sample.py job with {stage!r} settings among {len(rows)} jobs")
+    return [_merge_seeds(g) for g in groups.values()]
+
+
+def _merge_seeds(jobs: list[dict]) -> dict:
+    """One row from the jobs of one setting (one per seed): means, and strict/all's interval over all images."""
+    from dalle2.metrics.bootstrap import fraction_ci
+
+    out = {k: jobs[0][k] for k in ("guidance", "sampler", "steps")}
+    out["job"] = ",".join(j["job"] for j in jobs)
+    out["seeds"] = len(jobs)
+    for col in _METRIC_KEYS:
+        vals = [j[col] for j in jobs if isinstance(j.get(col), (int, float))]
+        out[col] = (sum(vals) if col in ("checked", "num_images") else sum(vals) / len(vals)) if vals else None
+    out["strict_all_lo"] = out["strict_all_hi"] = None
+    scored = [j for j in jobs if j.get("strict_all") is not None and j.get("checked")]
+    if scored:
+        est = fraction_ci([j["strict_all"] for j in scored], [j["checked"] for j in scored])
+        out["strict_all"], out["strict_all_lo"], out["strict_all_hi"] = est["mean"], est["lo"], est["hi"]
     return out
 
 
@@ -227,10 +253,10 @@ def plot_tradeoff(rows: Sequence[dict], path: str | Path) -> Path | None:
 
 def plot_steps(rows: Sequence[dict], path: str | Path) -> Path | None:
     """Quality against sampling steps, one curve per (sampler, guidance): CLIP-FD (or FID), the strict checker's
-    accuracy and the lenient all-attributes accuracy (panels whose metric no job has are left out)."""
+    ``strict/all`` and the lenient all-attributes accuracy (panels whose metric no job has are left out)."""
     panels = [
         (_quality_key(rows), "FID" if _quality_key(rows) == "fid" else "CLIP-FD (lower is better)"),
-        ("strict_accuracy", "strict checker accuracy"),
+        ("strict_all", "strict checker: strict/all"),
         ("checker_all", "checker: all attributes right"),
         ("seconds_per_image", "seconds per image"),
     ]

@@ -9,8 +9,8 @@
         --val 'data_builtin/val/{00000..00001}.tar' --steps 20 --num 256 --out runs/up/acceptance.json
 
 Decoder JSON: ``samples`` / ``real`` / ``shuffled``, each the lenient ``{"accuracy/<attr>", "accuracy/all",
-"accuracy/mean"}`` and the strict ``{"strict/accuracy", "strict/all", "strict/one_object", "strict/inside",
-"strict/iou_mean"}`` of :func:`dalle2.data.synthetic.check_images` (``strict=True``) against the attributes
+"accuracy/mean"}`` and the strict ``strict/all`` (the headline: every strict verdict) and ``strict/<verdict>``
+(docs/checker.md) of :func:`dalle2.data.synthetic.check_images` (``strict=True``) against the attributes
 :func:`~dalle2.data.synthetic.parse_caption` reads from each val caption:
 
 - ``samples``: decoder samples (EMA weights, ``--sampler`` with ``--steps`` steps, guidance ``--guidance-scale``) from

@@ -5,8 +5,8 @@ own calibration; JSON and a Markdown table out.
     # --split val while choosing settings (the sweep), --split test for the figures you report
     python eval/fidelity_ablation.py run --run-dir demo_out --split test --num 256 \
         [--sweep] [--sweep-num 128] --out abl.json --md abl.md
-    # the strict checker's calibration (clean, JPEG, shuffled prompts, skewed / blurred / ... renders)
-    python eval/fidelity_ablation.py calibrate --num 256 --out cal.json --md cal.md
+    # the strict checker's calibration: thresholds chosen on val pictures, the acceptance table on test pictures
+    python eval/fidelity_ablation.py calibrate --out results/checker_calibration.json --md cal.md
 
 ``run`` (``dalle2.metrics.fidelity.stage_fidelity``): real val images (the ceiling); (a) decoder samples from the
 val images' own CLIP image embeddings; (b) those upsampled by the upsampler and by bicubic; (c) decoder samples
@@ -18,14 +18,17 @@ and each other guidance scale at the default sampler and steps (``--samplers``, 
 ``SamplingSettings``' defaults unless given (``--prior-steps``, ``--decoder-steps``, ...).  The same arguments give
 the same figures.
 
-``calibrate`` (``dalle2.data.checker_calibration.calibration_table``): acceptance of each calibration case at
-32 and 64 px by the strict checker, beside the lenient reader's.
+``calibrate`` (``dalle2.metrics.strict_calibration``): the strict checker's bars chosen on ``--num-val`` pictures per
+case and size of the val stream (``choose_thresholds``: halfway between what must pass and what must fail), then
+the acceptance of every calibration case (``dalle2.data.checker_calibration``) at 32, 64 and 256 px on ``--num``
+pictures per seed of the test stream, ``strict/all`` and each verdict with bootstrap 95 % intervals over
+``--seeds``; written with ``dalle2.results.write_result`` (``--out``).  It says whether the bars it chose are the
+ones in the code (``dalle2.data.strict_checker.STRICT``); ``--use-code-thresholds`` reports with those instead.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -50,7 +53,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     r.add_argument("--data-dir", default="data_builtin", help="the built-in data (python -m dalle2.data.synthetic)")
     r.add_argument("--val", default=None, help="captioned shards instead of DATA_DIR/SPLIT/{00000..00001}.tar")
     r.add_argument("--num", type=int, default=256, help="the first NUM val samples")
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="sampling seeds (>= 3 for reporting)")
     r.add_argument("--batch-size", type=int, default=64)
     r.add_argument("--prior-steps", type=int, default=None)
     r.add_argument("--prior-guidance", type=float, default=None)
@@ -66,12 +69,14 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     r.add_argument("--guidance-list", nargs="+", type=float, default=[1.0, 3.0, 5.0])
     r.add_argument("--out", default=None, help="JSON path")
     r.add_argument("--md", default=None, help="Markdown table path")
-    c = sub.add_parser("calibrate", help="the strict checker's acceptance per calibration case")
-    c.add_argument("--num", type=int, default=256)
-    c.add_argument("--sizes", nargs="+", type=int, default=[32, 64])
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--threshold", type=float, default=None)
-    c.add_argument("--out", default=None)
+    c = sub.add_parser("calibrate", help="the strict checker's bars (val) and acceptance per calibration case (test)")
+    c.add_argument("--num", type=int, default=128, help="test pictures per case, size and seed")
+    c.add_argument("--num-val", type=int, default=128, help="val pictures per case and size (choosing the bars)")
+    c.add_argument("--sizes", nargs="+", type=int, default=[32, 64, 256])
+    c.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="test streams' seeds")
+    c.add_argument("--cases", nargs="+", default=None, help="calibration cases (default: all)")
+    c.add_argument("--use-code-thresholds", action="store_true", help="report with STRICT, choose nothing")
+    c.add_argument("--out", default=None, help="results JSON (dalle2.results.write_result)")
     c.add_argument("--md", default=None)
     return p.parse_args(argv)
 
@@ -114,7 +119,7 @@ def _checkpoints(a: argparse.Namespace) -> dict[str, str]:
 
 
 def run(a: argparse.Namespace) -> dict:
-    from dalle2.metrics.fidelity import load_val, stage_fidelity
+    from dalle2.metrics.fidelity import load_val, stage_fidelity_seeds
 
     ckpts = _checkpoints(a)
     pipe = UnCLIPPipeline.from_checkpoints(
@@ -125,12 +130,12 @@ def run(a: argparse.Namespace) -> dict:
     val_low, *val_high = (load_val(urls, image_size=s, num=a.num) for s in pipe.sizes[:2])
     t0 = time.perf_counter()
     sweep = sweep_settings(a, settings.decoder) if a.sweep else ()
-    rows = stage_fidelity(
+    rows = stage_fidelity_seeds(
         pipe,
         val_low,
         val_high[0] if val_high else None,
         settings=settings,
-        seed=a.seed,
+        seeds=a.seeds,
         batch_size=a.batch_size,
         sweep=sweep,
         sweep_num=a.sweep_num,
@@ -140,7 +145,7 @@ def run(a: argparse.Namespace) -> dict:
         "num": len(val_low["caption"]),
         "val": urls,
         "split": None if a.val else a.split,
-        "seed": a.seed,
+        "seeds": a.seeds,
         "checkpoints": ckpts,
         "settings": settings.to_dict(),
         "wall_s": round(time.perf_counter() - t0, 1),
@@ -148,26 +153,62 @@ def run(a: argparse.Namespace) -> dict:
 
 
 def calibrate(a: argparse.Namespace) -> dict:
-    from dalle2.data.checker_calibration import calibration_table
-    from dalle2.data.synthetic import STRICT_IOU_THRESHOLD
+    import dataclasses
 
-    thr = STRICT_IOU_THRESHOLD if a.threshold is None else a.threshold
-    rows = calibration_table(sizes=tuple(a.sizes), n=a.num, seed=a.seed, threshold=thr)
+    from dalle2.data.checker_calibration import CASES
+    from dalle2.data.strict_checker import STRICT
+    from dalle2.metrics.strict_calibration import (
+        calibration_display,
+        calibration_table,
+        choose_thresholds,
+        measure_cases,
+    )
+
+    cases = tuple(a.cases or CASES)
+    t0 = time.perf_counter()
+    if a.use_code_thresholds:
+        th, why = STRICT, None
+    else:
+        print(f"[calibrate] choosing the bars on {a.num_val} val pictures per case and size {a.sizes}")
+        th, why = choose_thresholds(measure_cases(CASES, a.sizes, a.num_val, seed=0, stream="val"))
+    same = dataclasses.asdict(th) == dataclasses.asdict(STRICT)
+    note = "the code's" if same else "NOT the code's: put them into dalle2.data.strict_checker.StrictThresholds"
+    print(f"[calibrate] bars: {dataclasses.asdict(th)} ({note})")
+    rows = calibration_table(th, cases=cases, sizes=a.sizes, n=a.num, seeds=a.seeds, stream="test", log=print)
     for r in rows:
         r["stage"], r["what"], r["size"] = "calibration", r["case"], r["image_size"]
-    return {"rows": rows, "threshold": thr, "num": a.num, "seed": a.seed}
+    return {
+        "thresholds": dataclasses.asdict(th),
+        "thresholds_are_the_code_s": same,
+        "chosen_on_val": why,
+        "num_val": a.num_val,
+        "rows": rows,
+        **calibration_display(rows, why),
+        "num": a.num,
+        "seeds": a.seeds,
+        "wall_s": round(time.perf_counter() - t0, 1),
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
     from dalle2.metrics.fidelity import fidelity_table
+    from dalle2.metrics.strict_calibration import calibration_markdown
+    from dalle2.results import write_result
 
     a = _parse(argv)
     torch.set_grad_enabled(False)
     result = run(a) if a.cmd == "run" else calibrate(a)
-    table = fidelity_table(result["rows"])
+    table = fidelity_table(result["rows"]) if a.cmd == "run" else calibration_markdown(result["rows"])
     if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
+        split = result.get("split") if a.cmd == "run" else "test"  # run --val URLS: not a built-in split
+        write_result(
+            a.out,
+            result,
+            checkpoints=result.get("checkpoints") if a.cmd == "run" else None,
+            split=split,
+            seeds=list(a.seeds),
+            notes=None if a.cmd == "run" else "bars chosen on the val stream, table on the test stream",
+        )
         print(f"[dalle2] wrote {a.out}")
     if a.md:
         Path(a.md).parent.mkdir(parents=True, exist_ok=True)

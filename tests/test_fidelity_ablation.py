@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import REPO_ROOT
-from dalle2.metrics.fidelity import SCORE_KEYS, fidelity_table, load_val, stage_fidelity
+from dalle2.metrics.fidelity import SCORE_KEYS, fidelity_table, load_val, stage_fidelity, stage_fidelity_seeds
 from dalle2.pipeline import SamplingSettings, StageSettings, UnCLIPPipeline
 from helpers.cascade import save_run_dir, tiny_modules
 
@@ -80,7 +80,8 @@ def test_stage_rows_oracle_decoder_bicubic_upsampler_and_batch_size(val64):
     ]
     by = {(r["stage"], r["what"]): r for r in rows}
     real32, a = rows[0], rows[2]
-    assert real32["strict/accuracy"] >= 0.9 and rows[1]["strict/accuracy"] >= 0.9  # the val images: the ceiling
+    assert real32["strict/all"] >= 0.9 and rows[1]["strict/all"] >= 0.9  # the val images: the ceiling
+    assert real32["n"] == 12 and real32["strict/all_ci"][0] <= real32["strict/all"] <= real32["strict/all_ci"][1]
     assert _scores(a) == _scores(real32)  # the oracle decoder returns the real images from their embeddings
     assert _scores(by[("b", "(a) + upsampler")]) == _scores(by[("b", "(a) + bicubic")])  # a bicubic "upsampler"
     sweep_rows = rows[-2:]
@@ -107,9 +108,25 @@ def test_a_cascade_without_upsampler_has_no_b_and_its_full_pipeline_is_c(val64):
     assert [(r["stage"], r["size"]) for r in rows] == [("real", 32), ("a", 32), ("c", 32), ("d", 32), ("sweep", 32)]
     assert _scores(rows[1]) == _scores(rows[0])  # the oracle decoder
     assert _scores(rows[3]) == _scores(rows[2]) and rows[3]["what"] == "full pipeline = (c) (no upsampler)"
-    assert rows[4]["strict/accuracy"] == rows[4]["decoder_strict"]  # nothing after the decoder
+    assert rows[4]["strict/all"] == rows[4]["decoder_strict"]  # nothing after the decoder
     with pytest.raises(ValueError, match="exactly when the pipeline has an upsampler"):
         stage_fidelity(pipe, val_low, load_val(val64, image_size=64, num=12), settings=FAST)
+
+
+def test_seeds_are_merged_with_an_interval_over_all_pictures(val64):
+    """stage_fidelity_seeds: one row per stage, n = pictures x seeds, strict/all the mean of the seeds' figures with
+    a bootstrap interval around it; the oracle decoder gives every seed the real images' figures."""
+    val_low = load_val(val64, image_size=32, num=8)
+    pipe = _oracle_pipeline(val_low, upsampler=False)
+    rows = stage_fidelity_seeds(pipe, val_low, None, settings=FAST, seeds=(0, 1, 2), log=lambda *a: None)
+    assert [r["stage"] for r in rows] == ["real", "a", "c", "d"]
+    for r in rows:
+        assert r["n"] == 24 and r["seeds"] == [0, 1, 2] and len(r["per_seed"]) == 3
+        assert r["strict/all_ci"][0] <= r["strict/all"] <= r["strict/all_ci"][1]
+        assert not any(k.startswith("_") for k in r)  # no per-image arrays in what goes to JSON
+    assert rows[1]["per_seed"] == [rows[0]["strict/all"]] * 3
+    with pytest.raises(ValueError, match="at least one seed"):
+        stage_fidelity_seeds(pipe, val_low, None, settings=FAST, seeds=())
 
 
 @pytest.mark.slow
@@ -125,6 +142,10 @@ def test_cli_run_and_calibrate_write_json_and_markdown(val64, tmp_path):
         str(run_dir),
         "--val",
         val64,
+        "--seeds",
+        "0",
+        "1",
+        "2",
         "--num",
         "6",
         "--batch-size",
@@ -151,8 +172,11 @@ def test_cli_run_and_calibrate_write_json_and_markdown(val64, tmp_path):
     ]
     proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(out.read_text())
+    record = json.loads(out.read_text())
+    result = record["figures"]  # dalle2.results.write_result: the figures and what made them
+    assert record["seeds"] == [0, 1, 2] and record["split"] is None and set(record["checkpoints"]) >= {"decoder"}
     assert result["num"] == 6 and result["settings"]["decoder"]["steps"] == 2
+    assert all(r["seeds"] == [0, 1, 2] and r["n"] == 3 * (3 if r["stage"] == "sweep" else 6) for r in result["rows"])
     assert [r["stage"] for r in result["rows"]] == ["real", "real", "a", "b", "b", "c", "d", "d", "sweep"]
     assert md.read_text().startswith("| stage | what |")
     missing = subprocess.run(
@@ -165,8 +189,9 @@ def test_cli_run_and_calibrate_write_json_and_markdown(val64, tmp_path):
     )
     assert missing.returncode != 0 and "no clip checkpoint" in missing.stderr
     cal = tmp_path / "cal.json"
+    args = ["calibrate", "--num", "4", "--num-val", "4", "--sizes", "32", "--seeds", "0", "--out", str(cal)]
     proc = subprocess.run(
-        [sys.executable, "eval/fidelity_ablation.py", "calibrate", "--num", "4", "--sizes", "32", "--out", str(cal)],
+        [sys.executable, "eval/fidelity_ablation.py", *args, "--cases", "clean", "two_objects"],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
@@ -174,9 +199,11 @@ def test_cli_run_and_calibrate_write_json_and_markdown(val64, tmp_path):
         env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = {r["case"]: r for r in json.loads(cal.read_text())["rows"]}
-    assert rows["clean"]["strict/accuracy"] == 1.0 and rows["two_objects"]["strict/accuracy"] == 0.0
-    assert torch.tensor([r["size"] for r in rows.values()]).eq(32).all()
+    record = json.loads(cal.read_text())
+    assert record["split"] == "test" and record["figures"]["chosen_on_val"]["edge_width"]["measurement"] == "edge_width"
+    rows = {r["case"]: r for r in record["figures"]["rows"]}
+    assert set(rows) == {"clean", "two_objects"} and rows["two_objects"]["strict/all"] == 0.0
+    assert rows["two_objects"]["strict/one_object"] == 0.0 and rows["clean"]["strict/one_object"] == 1.0
 
 
 def tiny_cascade_modules_32() -> dict:

@@ -69,7 +69,7 @@ def test_each_job_samples_and_scores_in_its_own_dir(sweep):
         assert f"steps.decoder={st['steps']}" in final["overrides"]
         assert m["num_images"] == 3 and m["seconds_per_image"] > 0 and m["num_reference"] == 16
         assert m["clip_fd"] >= 0 and m["clip_score"] >= 0
-        assert 0 <= m["checker/accuracy/all"] <= 1 and 0 <= m["checker/strict/accuracy"] <= 1
+        assert 0 <= m["checker/accuracy/all"] <= 1 and 0 <= m["checker/strict/all"] <= 1
         # the job's JSON says how FID-like figures would be preprocessed and which CLIP gave the CLIP score
         assert final["preprocessing"]["image_size"] == m["image_size"] and "BICUBIC" in final["preprocessing"]["resize"]
         assert final["clip_score_clip"]["kind"] == "dalle2 checkpoint" and len(final["clip_score_clip"]["sha256"]) == 64
@@ -91,9 +91,10 @@ def test_gather_writes_csv_table_and_plots(sweep):
     }
     finals = {json.loads((sweep_dir / r["job"] / "final_metrics.json").read_text())["metrics"]["clip_fd"] for r in rows}
     assert {float(r["clip_fd"]) for r in rows} == finals  # the CSV carries each job's own score
-    assert all(
-        r["strict_accuracy"] != "" and r["checker_all"] != "" and float(r["seconds_per_image"]) > 0 for r in rows
-    )
+    assert all(r["strict_all"] != "" and r["checker_all"] != "" and float(r["seconds_per_image"]) > 0 for r in rows)
+    for r in rows:  # the headline with its interval over the checked images (one seed per setting here)
+        assert r["seeds"] == "1" and int(r["checked"]) == 3
+        assert float(r["strict_all_lo"]) <= float(r["strict_all"]) <= float(r["strict_all_hi"])
     assert (out / "sweep.md").read_text().count("\n") == 10  # header, rule, 8 rows
     for name in ("tradeoff", "steps"):
         with Image.open(written[name]) as im:

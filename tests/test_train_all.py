@@ -394,7 +394,7 @@ def test_report_counts_every_attempt_of_a_resumed_stage(tmp_path):
 
 def test_report_checks_generated_images_against_their_prompts(tmp_path):
     """Without evaluate/metrics.json the report scores the samples itself with the built-in attribute checker."""
-    from dalle2.data.synthetic import STRICT_IOU_THRESHOLD, make_caption, render, sample_attributes
+    from dalle2.data.synthetic import make_caption, render, sample_attributes
 
     rng = np.random.default_rng(0)
     sample = tmp_path / "sample"
@@ -409,11 +409,9 @@ def test_report_checks_generated_images_against_their_prompts(tmp_path):
             f.write(json.dumps({"file": f"{i:05d}.png", "prompt": make_caption(attrs, rng)}) + "\n")
     md = write_report(tmp_path).read_text()
     assert "all attributes right 83.3 %" in md
-    thr = STRICT_IOU_THRESHOLD
-    assert (
-        f"mask IoU >= {thr:.2f} with the ideal prompted shape): 83.3 %; strict and every attribute right: 83.3 %" in md
-    )
-    assert "| strict/iou_mean |" in md and f"| strict/threshold | {thr:.3f} |" in md
+    # strict/all is the headline, with its bootstrap interval over the 6 images (5 right, 1 blank)
+    assert "(strict/all: every attribute judged strictly, docs/checker.md): 83.3 % [" in md and "(n=6, 1 seed)" in md
+    assert "| strict/all | 83.3 % |" in md and "| strict/shape |" in md and "| strict/sharp |" in md
 
 
 def test_printed_commands_paste_back_into_a_shell():

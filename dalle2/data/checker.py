@@ -7,6 +7,7 @@ correlates best.  :func:`strict_verdicts` is the strict checker (:mod:`dalle2.da
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,10 +15,19 @@ import numpy as np
 import torch
 
 from dalle2.data.scene import ATTRIBUTES, BACKGROUNDS, COLORS, coverage
-from dalle2.data.strict_checker import STRICT_IOU_THRESHOLD, judge, strict_summary
+from dalle2.data.strict_checker import STRICT, VERDICTS, StrictThresholds, judge, strict_summary
 from dalle2.imaging import to_uint8
 
-__all__ = ["as_uint8_images", "read_attributes", "check_images", "strict_verdicts", "strict_summary"]
+__all__ = [
+    "CHECKER_COLUMNS",
+    "as_uint8_images",
+    "read_attributes",
+    "check_images",
+    "checker_rows",
+    "summarize_rows",
+    "strict_verdicts",
+    "strict_summary",
+]
 
 
 def _nearest(color: np.ndarray, palette: dict[str, tuple[int, int, int]]) -> str:
@@ -92,13 +102,69 @@ def as_uint8_images(images: Any, value_range: tuple[float, float]) -> np.ndarray
     return to_uint8(torch.as_tensor(arr, dtype=torch.float32), value_range).numpy()
 
 
+# the per-image columns of :func:`checker_rows`: the lenient reader's attributes (1 right, 0 wrong, NaN not named),
+# the strict verdicts (1 / 0) and two strict measurements
+CHECKER_COLUMNS = (
+    *ATTRIBUTES,
+    *(f"strict/{v}" for v in VERDICTS),
+    "strict/all",
+    "strict/iou",
+    "strict/edge_width",
+)
+
+
+def checker_rows(
+    arr: np.ndarray,
+    attributes_list: Sequence[dict[str, str]],
+    *,
+    strict: bool = True,
+    thresholds: StrictThresholds = STRICT,
+) -> np.ndarray:
+    """(N, len(CHECKER_COLUMNS)) float64 per-image verdicts of uint8 (N, H, W, 3) pictures (strict columns NaN
+    without ``strict``); :func:`summarize_rows` turns them, or rows gathered from several ranks, into fractions."""
+    if len(arr) != len(attributes_list):
+        raise ValueError(f"{len(arr)} images but {len(attributes_list)} attribute dicts")
+    rows = np.full((len(arr), len(CHECKER_COLUMNS)), np.nan)
+    for i, (img, want) in enumerate(zip(arr, attributes_list)):
+        got = read_attributes(img)
+        rows[i, : len(ATTRIBUTES)] = [float(got[a] == want[a]) if a in want else np.nan for a in ATTRIBUTES]
+    if strict and len(arr):
+        v = judge(arr, attributes_list, thresholds=thresholds)
+        j = len(ATTRIBUTES)
+        for k, name in enumerate((*VERDICTS, "all")):
+            rows[:, j + k] = v[name]
+        rows[:, -2], rows[:, -1] = v["iou"], v["edge_width"]
+    return rows
+
+
+def summarize_rows(rows: np.ndarray) -> dict[str, float]:
+    """Fractions over pictures of :func:`checker_rows`' rows: the lenient ``accuracy/<attr>`` (over the pictures
+    naming it), ``accuracy/all`` (every named attribute right), ``accuracy/mean``; when the strict columns are
+    filled, :func:`~dalle2.data.strict_checker.strict_summary`'s ``strict/all`` (the headline), ``strict/<verdict>``,
+    ``strict/iou_mean`` and ``strict/edge_width_median``."""
+    rows = np.asarray(rows, dtype=np.float64)
+    if rows.ndim != 2 or rows.shape[1] != len(CHECKER_COLUMNS) or len(rows) == 0:
+        raise ValueError(f"expected (N >= 1, {len(CHECKER_COLUMNS)}) checker rows, got shape {rows.shape}")
+    col = {c: rows[:, j] for j, c in enumerate(CHECKER_COLUMNS)}
+    out = {f"accuracy/{a}": float(np.nanmean(col[a])) for a in ATTRIBUTES if not np.isnan(col[a]).all()}
+    lenient = rows[:, : len(ATTRIBUTES)]
+    out["accuracy/all"] = float(np.mean(np.all(np.isnan(lenient) | (lenient == 1.0), axis=1)))
+    per_attr = [v for k, v in out.items() if k != "accuracy/all"]
+    out["accuracy/mean"] = float(np.mean(per_attr)) if per_attr else 0.0
+    if not np.isnan(col["strict/all"]).any():
+        verdicts = {v: col[f"strict/{v}"] > 0.5 for v in (*VERDICTS, "all")}
+        out.update(strict_summary({**verdicts, "iou": col["strict/iou"], "edge_width": col["strict/edge_width"]}))
+    return out
+
+
 def check_images(
     images: Any,
     attributes_list: Sequence[dict[str, str]],
     *,
     value_range: tuple[float, float] = (-1.0, 1.0),
     strict: bool = False,
-    threshold: float = STRICT_IOU_THRESHOLD,
+    thresholds: StrictThresholds = STRICT,
+    threshold: float | None = None,
 ) -> dict[str, float]:
     """Does each picture show what its attributes (or prompt, via :func:`parse_caption`) say?
 
@@ -106,40 +172,23 @@ def check_images(
         images: uint8 (N, H, W, 3) array/tensor, or float (N, 3, H, W) array/tensor in ``value_range``
             (default [-1, 1]; pass ``(0, 1)`` for [0, 1] images).
         attributes_list: N dicts; an attribute a dict leaves out is not scored for that image.
-        strict: also run the strict checker (:func:`strict_verdicts`, IoU ``threshold``).
+        strict: also run the strict checker (:func:`strict_verdicts`) with ``thresholds`` (``threshold``: its IoU
+            bar instead).
 
     Returns:
         the lenient reader's ``{"accuracy/<attr>": fraction correct, "accuracy/all": fraction with every given
-        attribute right, "accuracy/mean": mean over attributes}``; with ``strict`` also :func:`strict_summary`'s
-        ``strict/accuracy`` (one object, inside the frame, IoU >= threshold with the prompted shape),
-        ``strict/one_object``, ``strict/inside``, ``strict/iou_mean`` and ``strict/all`` (strict and every
-        attribute right).
+        attribute right, "accuracy/mean": mean over attributes}``; with ``strict`` also ``strict/all`` (every strict
+        verdict passes: THE headline figure), ``strict/<verdict>`` for each verdict
+        (:data:`~dalle2.data.strict_checker.VERDICTS`), ``strict/iou_mean`` and ``strict/edge_width_median``.
     """
     arr = as_uint8_images(images, value_range)
     if len(arr) != len(attributes_list):
         raise ValueError(f"{len(arr)} images but {len(attributes_list)} attribute dicts")
     if len(arr) == 0:
         raise ValueError("check_images got no images")
-    right = {a: 0 for a in ATTRIBUTES}
-    total = {a: 0 for a in ATTRIBUTES}
-    all_right = []
-    for img, want in zip(arr, attributes_list):
-        got = read_attributes(img)
-        ok = True
-        for a in ATTRIBUTES:
-            if a in want:
-                total[a] += 1
-                hit = got[a] == want[a]
-                right[a] += int(hit)
-                ok &= hit
-        all_right.append(ok)
-    result = {f"accuracy/{a}": right[a] / total[a] for a in ATTRIBUTES if total[a]}
-    result["accuracy/all"] = sum(all_right) / len(arr)
-    per_attr = [v for k, v in result.items() if k != "accuracy/all"]
-    result["accuracy/mean"] = float(np.mean(per_attr)) if per_attr else 0.0
-    if strict:
-        result.update(strict_summary(judge(arr, attributes_list, threshold=threshold), np.array(all_right)))
-    return result
+    if threshold is not None:
+        thresholds = dataclasses.replace(thresholds, iou=float(threshold))
+    return summarize_rows(checker_rows(arr, attributes_list, strict=strict, thresholds=thresholds))
 
 
 def strict_verdicts(
@@ -147,8 +196,9 @@ def strict_verdicts(
     attributes_list: Sequence[dict[str, str]],
     *,
     value_range: tuple[float, float] = (-1.0, 1.0),
-    threshold: float = STRICT_IOU_THRESHOLD,
+    thresholds: StrictThresholds = STRICT,
+    threshold: float | None = None,
 ) -> dict[str, np.ndarray]:
-    """Per-image strict verdicts (:func:`dalle2.data.strict_checker.judge`) of pictures given as to
-    :func:`check_images`."""
-    return judge(as_uint8_images(images, value_range), attributes_list, threshold=threshold)
+    """Per-image strict verdicts and measurements (:func:`dalle2.data.strict_checker.judge`) of pictures given as
+    to :func:`check_images`."""
+    return judge(as_uint8_images(images, value_range), attributes_list, thresholds=thresholds, threshold=threshold)

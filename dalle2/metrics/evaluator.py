@@ -17,11 +17,12 @@ from __future__ import annotations
 from collections import defaultdict
 
 import lightning as L
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from dalle2.data.synthetic import ATTRIBUTES, STRICT_IOU_THRESHOLD, parse_caption, read_attributes, strict_verdicts
+from dalle2.data.checker import CHECKER_COLUMNS, checker_rows, summarize_rows
+from dalle2.data.strict_checker import STRICT, StrictThresholds
+from dalle2.data.synthetic import parse_caption
 from dalle2.distributed import gather_ragged
 from dalle2.imaging import to_uint8
 from dalle2.metrics.clip_score import ClipScorer, clip_score
@@ -34,8 +35,8 @@ from dalle2.metrics.samples import ReferenceImages, SampleFiles, read_manifest, 
 __all__ = ["SampleEvalData", "SampleEvaluator", "caption_attributes", "samples_summary_line"]
 
 SOURCES = ("samples", "reference")
-# the per-sample checker verdicts gathered over ranks: the lenient reader's attributes, then the strict checker's
-CHECKER_COLUMNS = (*ATTRIBUTES, "strict_ok", "strict_iou", "strict_one_object", "strict_inside")
+# the per-sample checker verdicts gathered over ranks: dalle2.data.checker.CHECKER_COLUMNS (the lenient reader's
+# attributes, then every strict verdict, strict/all, the IoU and the edge width)
 
 
 def caption_attributes(prompt: str) -> dict[str, str] | None:
@@ -107,7 +108,7 @@ class SampleEvaluator(L.LightningModule):
         kid_subsets, kid_subset_size, kid_seed: KID subsets (size clamped to the smaller set) and their seed (also
             the seed of the equal-size subset precision/recall draw from the larger set).
         pr_k: the k of precision/recall's k-NN radii (Kynkäänniemi et al. 2019: 3).
-        strict_threshold: the strict checker's IoU bar (``dalle2.data.synthetic.STRICT_IOU_THRESHOLD``).
+        strict_thresholds: the strict checker's bars (``dalle2.data.strict_checker.STRICT``, the calibrated ones).
     """
 
     def __init__(
@@ -122,11 +123,11 @@ class SampleEvaluator(L.LightningModule):
         kid_subset_size: int = 1000,
         kid_seed: int = 0,
         pr_k: int = 3,
-        strict_threshold: float = STRICT_IOU_THRESHOLD,
+        strict_thresholds: StrictThresholds = STRICT,
     ):
         super().__init__()
         self.pr_k = int(pr_k)
-        self.strict_threshold = float(strict_threshold)
+        self.strict_thresholds = strict_thresholds
         self.scorer = ClipScorer(clip=clip.eval().requires_grad_(False), tokenizer=tokenizer)
         self.score_scorer = (
             ClipScorer(clip=score_clip.eval().requires_grad_(False), tokenizer=score_tokenizer or tokenizer)
@@ -167,25 +168,16 @@ class SampleEvaluator(L.LightningModule):
             store["checker"].append(self._check(images, texts))
 
     def _check(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        """(B, A + 4) verdicts, -1 rows when the prompt is not a synthetic caption: per attribute (lenient reader)
-        1 right / 0 wrong, then the strict checker's ok, IoU, one object, inside the frame (:data:`CHECKER_COLUMNS`)."""
+        """(B, len(CHECKER_COLUMNS)) per-image verdicts (``dalle2.data.checker.checker_rows``: the lenient reader's
+        attributes, every strict verdict, the IoU, the edge width); -1 rows when the prompt is not a synthetic
+        caption."""
         out = torch.full((len(prompts), len(CHECKER_COLUMNS)), -1.0, device=self.device)
         pixels = to_uint8(images, (-1.0, 1.0))
         wants = [caption_attributes(p) for p in prompts]
         rows = [i for i, want in enumerate(wants) if want is not None]
-        if not rows:
-            return out
-        strict = strict_verdicts(pixels[rows].numpy(), [wants[i] for i in rows], threshold=self.strict_threshold)
-        for j, i in enumerate(rows):
-            got = read_attributes(pixels[i].numpy())
-            lenient = [float(got[a] == wants[i][a]) for a in ATTRIBUTES]
-            extra = [
-                float(strict["ok"][j]),
-                float(strict["iou"][j]),
-                float(strict["num_objects"][j] == 1),
-                float(not strict["touches_border"][j]),
-            ]
-            out[i] = torch.tensor(lenient + extra, device=self.device)
+        if rows:
+            got = checker_rows(pixels[rows].numpy(), [wants[i] for i in rows], thresholds=self.strict_thresholds)
+            out[rows] = torch.from_numpy(got).float().to(self.device)
         return out
 
     # -- end of epoch: gather, sort by id, compute ------------------------------------------------------------
@@ -243,31 +235,20 @@ class SampleEvaluator(L.LightningModule):
         res["clip_score"], res["clip_score_std"] = float(scores.mean()), float(scores.std(unbiased=False))
         ref_scores = real["score"][real["has_text"]].double()
         res["reference_clip_score"] = float(ref_scores.mean()) if len(ref_scores) else None
-        res["checker"] = _checker_summary(fake["checker"], self.strict_threshold)
+        res["checker"] = _checker_summary(fake["checker"])
         size = getattr(getattr(self.trainer, "datamodule", None), "image_size", None)
         res["preprocessing"] = fid_preprocessing(size) if size else None
         self.results = res
 
 
-def _checker_summary(verdicts: torch.Tensor, threshold: float = STRICT_IOU_THRESHOLD) -> dict | None:
+def _checker_summary(verdicts: torch.Tensor) -> dict | None:
     """(N, len(CHECKER_COLUMNS)) verdicts (-1 rows: prompt not a synthetic caption) -> ``check_images(...,
-    strict=True)``-style figures: lenient ``accuracy/*`` and ``strict/*``, or None."""
-    rows = verdicts[(verdicts >= 0).all(dim=1)].cpu().numpy()
+    strict=True)``'s figures (lenient ``accuracy/*``, strict ``strict/*`` with ``strict/all`` the headline) and
+    ``num_samples``, or None."""
+    rows = verdicts[(verdicts[:, 0] >= 0)].double().cpu().numpy()
     if len(rows) == 0:
         return None
-    col = {c: rows[:, j] for j, c in enumerate(CHECKER_COLUMNS)}
-    lenient = rows[:, : len(ATTRIBUTES)]
-    out = {"num_samples": int(len(rows))}
-    out.update({f"accuracy/{a}": float(col[a].mean()) for a in ATTRIBUTES})
-    out["accuracy/all"] = float(lenient.min(axis=1).mean())
-    out["accuracy/mean"] = float(np.mean([out[f"accuracy/{a}"] for a in ATTRIBUTES]))
-    out["strict/accuracy"] = float(col["strict_ok"].mean())
-    out["strict/all"] = float((col["strict_ok"] * lenient.min(axis=1)).mean())
-    out["strict/one_object"] = float(col["strict_one_object"].mean())
-    out["strict/inside"] = float(col["strict_inside"].mean())
-    out["strict/iou_mean"] = float(col["strict_iou"].mean())
-    out["strict/threshold"] = float(threshold)
-    return out
+    return {"num_samples": int(len(rows)), **summarize_rows(rows)}
 
 
 def samples_summary_line(results: dict) -> str:
@@ -279,6 +260,6 @@ def samples_summary_line(results: dict) -> str:
     if results.get("checker"):
         parts.append(
             f"checker all-correct {results['checker']['accuracy/all']:.3f} (lenient), "
-            f"strict {results['checker']['strict/accuracy']:.3f}"
+            f"strict/all {results['checker']['strict/all']:.3f}"
         )
     return ", ".join(parts)

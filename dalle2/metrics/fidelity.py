@@ -27,24 +27,27 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dalle2.data.synthetic import check_images, parse_caption
+from dalle2.data.checker import CHECKER_COLUMNS, checker_rows, summarize_rows
+from dalle2.data.strict_checker import VERDICTS
+from dalle2.data.synthetic import parse_caption
 from dalle2.data.webdataset import make_dataset
+from dalle2.imaging import to_uint8
+from dalle2.metrics.bootstrap import over_seeds
 from dalle2.pipeline import STREAM_UPSAMPLER, SamplingSettings, UnCLIPPipeline, sample_generators
 
-__all__ = ["load_val", "derangement", "stage_fidelity", "fidelity_table", "SCORE_KEYS"]
+__all__ = ["load_val", "derangement", "stage_fidelity", "stage_fidelity_seeds", "fidelity_table", "SCORE_KEYS"]
 
-# the columns of a row, in table order: strict first, then the lenient reader's
+# the columns of a row, in table order: the strict checker's headline and verdicts, then the lenient reader's
 SCORE_KEYS = (
-    "strict/accuracy",
     "strict/all",
+    *(f"strict/{v}" for v in VERDICTS),
     "strict/iou_mean",
-    "strict/one_object",
-    "strict/inside",
     "accuracy/all",
     "accuracy/shape",
     "accuracy/color",
     "accuracy/background",
 )
+_ALL = CHECKER_COLUMNS.index("strict/all")
 
 
 def load_val(
@@ -143,9 +146,15 @@ def _bicubic(low: Tensor, size: int) -> Tensor:
 
 
 def _row(stage: str, what: str, images01: Tensor, attrs: list[dict], seconds: float | None = None, **extra) -> dict:
-    res = check_images(images01, attrs, value_range=(0.0, 1.0), strict=True)
+    """Scores of ``images01`` (N, 3, S, S) in [0, 1]; ``_verdicts`` holds the per-image checker rows (for the
+    intervals and the aggregation over seeds: :func:`stage_fidelity_seeds`)."""
+    verdicts = checker_rows(to_uint8(images01.float(), (0.0, 1.0)).numpy(), attrs)
+    res = summarize_rows(verdicts)
     row = {"stage": stage, "what": what, "size": int(images01.shape[-1]), **extra}
     row.update({k: res[k] for k in SCORE_KEYS if k in res})
+    est = over_seeds([verdicts[:, _ALL]])
+    row["strict/all_ci"], row["n"], row["seeds"] = [est["lo"], est["hi"]], len(verdicts), 1
+    row["_verdicts"] = verdicts
     if seconds is not None:
         row["sample_seconds"] = round(seconds, 1)
     return row
@@ -163,12 +172,15 @@ def stage_fidelity(
     seed: int = 0,
     batch_size: int = 64,
     log=print,
+    keep_verdicts: bool = False,
 ) -> list[dict]:
     """Rows of strict / lenient scores per stage (see the module docstring).  ``val_low`` / ``val_high``:
     :func:`load_val` dicts of the same samples at the decoder's and the upsampler's size (``val_high`` None for a
     pipeline without upsampler: no (b), and (d) is (c)'s images, the cascade's output); ``sweep``: decoder
     settings for ``d``, e.g. ``{"sampler": "dpmpp_2m", "steps": 25}`` (fields of ``StageSettings``), each on the
-    first ``sweep_num`` captions (default all) with their prior embeddings of ``c``."""
+    first ``sweep_num`` captions (default all) with their prior embeddings of ``c``.  Each row holds ``strict/all``
+    (the headline) with ``strict/all_ci`` (bootstrap 95 % interval over its ``n`` pictures), every strict verdict and
+    the lenient figures; ``keep_verdicts`` keeps the per-image checker rows (``_verdicts``)."""
     if pipe.prior is None:
         raise ValueError("stage_fidelity needs a pipeline with a prior")
     upsampled = bool(pipe.upsamplers)
@@ -204,13 +216,13 @@ def stage_fidelity(
     )
     dec_true, t = timed(lambda: _decode(pipe, emb_true, dec_text, settings, seed, batch_size))
     rows.append(_row("a", "decoder <- true CLIP image embedding", dec_true, attrs, t))
-    log(f"[fidelity] (a) strict {rows[-1]['strict/accuracy']:.3f}")
+    log(f"[fidelity] (a) strict {rows[-1]['strict/all']:.3f}")
     if upsampled:
         hi = int(pipe.sizes[1])
         up_true, t = timed(lambda: _upsample(pipe, dec_true, settings, seed, batch_size))
         rows.append(_row("b", "(a) + upsampler", up_true, attrs, t))
         rows.append(_row("b", "(a) + bicubic", _bicubic(dec_true, hi), attrs))
-        log(f"[fidelity] (b) upsampler {rows[-2]['strict/accuracy']:.3f} vs bicubic {rows[-1]['strict/accuracy']:.3f}")
+        log(f"[fidelity] (b) upsampler {rows[-2]['strict/all']:.3f} vs bicubic {rows[-1]['strict/all']:.3f}")
     # (c) + (d): from the prior's embeddings of the captions
     emb_prior, t_prior = timed(
         lambda: torch.cat(
@@ -235,7 +247,7 @@ def stage_fidelity(
     else:
         row_d = {**row_c, "stage": "d", "what": "full pipeline = (c) (no upsampler)"}
         rows += [row_c, row_d]
-    log(f"[fidelity] (c) strict {row_c['strict/accuracy']:.3f}, (d) {row_d['strict/accuracy']:.3f}")
+    log(f"[fidelity] (c) strict {row_c['strict/all']:.3f}, (d) {row_d['strict/all']:.3f}")
     m = len(captions) if sweep_num is None else min(int(sweep_num), len(captions))
     sub_text = {k: v[:m] for k, v in dec_text.items()} if dec_text is not None else None
     for change in sweep:
@@ -251,41 +263,62 @@ def stage_fidelity(
                 up,
                 attrs[:m],
                 t1 + t2,
-                n=m,
                 decoder=dataclasses.asdict(dec),
-                decoder_strict=_row("", "", low, attrs[:m])["strict/accuracy"],
+                decoder_strict=_row("", "", low, attrs[:m])["strict/all"],
             )
         )
-        log(f"[fidelity] sweep {label}: strict {rows[-1]['strict/accuracy']:.3f}")
-    return rows
+        log(f"[fidelity] sweep {label}: strict {rows[-1]['strict/all']:.3f}")
+    return rows if keep_verdicts else [_public(r) for r in rows]
+
+
+def stage_fidelity_seeds(pipe: UnCLIPPipeline, val_low: dict, val_high: dict | None, *, seeds=(0, 1, 2), **kw):
+    """:func:`stage_fidelity` for each of ``seeds`` (>= 3 for reported figures), merged: one row per stage whose
+    figures are the mean over seeds of each seed's fractions, ``strict/all_ci`` the bootstrap 95 % interval over
+    the pictures of all seeds (:func:`~dalle2.metrics.bootstrap.over_seeds`), ``n`` the pictures and ``seeds``
+    the seeds (``per_seed``: each seed's ``strict/all``)."""
+    seeds = list(seeds)
+    if not seeds:
+        raise ValueError("stage_fidelity_seeds needs at least one seed")
+    runs = [stage_fidelity(pipe, val_low, val_high, seed=s, keep_verdicts=True, **kw) for s in seeds]
+    rows = []
+    for group in zip(*runs):
+        row = dict(group[0])
+        for k in SCORE_KEYS:
+            if all(k in r for r in group):
+                row[k] = float(sum(r[k] for r in group) / len(group))
+        est = over_seeds([r["_verdicts"][:, _ALL] for r in group])
+        row["strict/all"], row["strict/all_ci"] = est["mean"], [est["lo"], est["hi"]]
+        row["n"], row["seeds"], row["per_seed"] = est["n"], seeds, est["per_seed"]
+        if "decoder_strict" in row:
+            row["decoder_strict"] = float(sum(r["decoder_strict"] for r in group) / len(group))
+        if "sample_seconds" in row:
+            row["sample_seconds"] = round(sum(r["sample_seconds"] for r in group), 1)
+        rows.append(row)
+    return [_public(r) for r in rows]
+
+
+def _public(row: dict) -> dict:
+    """A row without its per-image arrays (what goes into JSON)."""
+    return {k: v for k, v in row.items() if not k.startswith("_")}
 
 
 def fidelity_table(rows: Sequence[dict]) -> str:
-    """A Markdown table of :func:`stage_fidelity` (or calibration) rows."""
-    head = [
-        "stage",
-        "what",
-        "px",
-        "strict",
-        "strict + all attrs",
-        "IoU mean",
-        "lenient all",
-        "lenient shape",
-        "colour",
-        "background",
-    ]
+    """A Markdown table of :func:`stage_fidelity` (or calibration) rows: ``strict/all`` (the headline, with its
+    95 % interval, n pictures and seeds), each strict verdict, then the lenient reader's figures."""
+    head = ["stage", "what", "px", "strict/all [95 % CI]", "n (seeds)"]
+    head += [v.replace("_", " ") for v in VERDICTS] + ["IoU mean", "lenient all", "lenient shape", "colour"]
+    keys = [f"strict/{v}" for v in VERDICTS] + ["strict/iou_mean", "accuracy/all", "accuracy/shape", "accuracy/color"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r.get("stage", ""), r.get("what", ""), str(r.get("size", ""))]
-        for k in (
-            "strict/accuracy",
-            "strict/all",
-            "strict/iou_mean",
-            "accuracy/all",
-            "accuracy/shape",
-            "accuracy/color",
-            "accuracy/background",
-        ):
+        cells = [str(r.get("stage", "")), str(r.get("what", "")), str(r.get("size", ""))]
+        v, ci = r.get("strict/all"), r.get("strict/all_ci")
+        cells.append(
+            "" if v is None else f"**{100 * v:.1f}**" + (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "")
+        )
+        seeds = r.get("seeds")
+        nseeds = len(seeds) if isinstance(seeds, (list, tuple)) else seeds
+        cells.append(f"{r.get('n', '')} ({nseeds})" if nseeds else str(r.get("n", "")))
+        for k in keys:
             v = r.get(k)
             cells.append("" if v is None else (f"{v:.3f}" if k.endswith("iou_mean") else f"{100 * v:.1f}"))
         lines.append("| " + " | ".join(cells) + " |")
