@@ -19,17 +19,28 @@ import torch.nn.functional as F
 __all__ = ["edge_width"]
 
 
+def _box_count(x: torch.Tensor, band: int) -> torch.Tensor:
+    """Per pixel of ``x`` (N, H, W) int, the sum over its (2 band + 1)^2 window clipped to the picture (integral
+    image: exact, and far cheaper on a CPU than a max pool)."""
+    k = 2 * band + 1
+    c = F.pad(x, (band + 1, band, band + 1, band)).cumsum(1).cumsum(2)
+    h, w = x.shape[-2:]
+    return c[:, k:, k:] - c[:, :h, k:] - c[:, k:, :w] + c[:, :h, :w]
+
+
+def _ring(mask: torch.Tensor, band: int) -> torch.Tensor:
+    """(N, H, W) float 1 where the window of ``band`` around a pixel holds both ``mask`` and non-mask pixels: the
+    dilation minus the erosion of the mask."""
+    count = _box_count(mask.to(torch.int32), band)
+    full = _box_count(torch.ones_like(mask[:1], dtype=torch.int32), band)
+    return ((count > 0) & (count < full)).float()
+
+
 def edge_width(matte: torch.Tensor, mask: torch.Tensor, band: int = 3) -> torch.Tensor:
     """Blend width (px) per picture of ``matte`` (N, H, W) in [0, 1] around the outline of ``mask`` (N, H, W) bool
     (the object's pixels); ``inf`` where the mask has no outline (nothing drawn)."""
     m = matte.float()
-    k = 2 * band + 1
-    mk = mask.float()[:, None]
-
-    def dilate(x):  # separable: a k x k max pool as 1 x k then k x 1
-        return F.max_pool2d(F.max_pool2d(x, (1, k), 1, (0, band)), (k, 1), 1, (band, 0))
-
-    ring = (dilate(mk) + dilate(-mk))[:, 0]  # dilated minus eroded
+    ring = _ring(mask.bool(), band)  # pixels whose window holds both object and background: the outline's band
     gx = torch.zeros_like(m)
     gy = torch.zeros_like(m)
     gx[:, :, 1:-1] = (m[:, :, 2:] - m[:, :, :-2]) * 0.5

@@ -161,7 +161,9 @@ def fit_kinds(proj: np.ndarray, main: np.ndarray) -> tuple[np.ndarray, np.ndarra
     a = torch.from_numpy(proj)[:, None]
     core = torch.from_numpy(main).float()[:, None]
     if f > 1:
-        a, core = F.avg_pool2d(a, f), F.max_pool2d(core, f)
+        a = F.avg_pool2d(a, f)
+        hh, ww = a.shape[-2:]
+        core = core[..., : hh * f, : ww * f].reshape(n, 1, hh, f, ww, f).amax((3, 5))  # any, per block
     mattes = matte(a[:, 0])
     hh, ww = mattes.shape[1:]
     rim = F.max_pool2d(core, 3, 1, 1)[:, 0]
