@@ -4,7 +4,8 @@
         "ckpt.upsamplers=[sr.ckpt]" prompts=prompts.txt out_dir=samples [seed=0 n_per_prompt=4 batch_size=8 \
         trainer.devices=8 trainer.strategy=ddp steps.decoder=50 guidance.decoder=3 size=64]
 
-Writes ``out_dir/{i:05d}.png`` for prompt line ``i`` (``{i:05d}_{k}.png`` for its sample ``k > 0``),
+Writes ``out_dir/{i:05d}.png`` for prompt line ``i`` (``{i:05d}_{k}.png`` for its sample ``k > 0``; with
+``seed=[0,1,2]`` every image once per seed, ``{i:05d}[_{k}]_s{seed}.png``: headline figures over seeds),
 ``out_dir/manifest.jsonl`` (one JSON per image, prompt order: file, prompt, index i, k, seed, size, settings,
 checkpoints), ``out_dir/grid.png`` and ``out_dir/final_metrics.json`` (settings, the job's overrides, seconds per
 image and, with ``score.reference_urls=SHARDS``, the scores of ``eval/evaluate.py task=samples``: CLIP-FD, CLIP
@@ -77,7 +78,8 @@ def run(cfg: DictConfig) -> Path:
     )
     module = PipelineModule(pipe, settings=settings, size=cfg.size)
     size = cfg.size or pipe.sizes[-1]
-    items = make_items(prompts, n_per_prompt=int(cfg.n_per_prompt), seed=int(cfg.seed))
+    seed = cfg.seed if isinstance(cfg.seed, int) else list(cfg.seed)  # a list: every image once per seed
+    items = make_items(prompts, n_per_prompt=int(cfg.n_per_prompt), seed=seed)
     out_dir = Path(cfg.out_dir)
     extra = {
         "size": int(size),

@@ -116,9 +116,21 @@ def test_files_manifest_grid_and_deterministic(reference, tiny_ckpts, prompts_fi
     # same seed -> same bytes
     again = run_in_process(tiny_ckpts, prompts_file, tmp_path / "again")
     assert _files(again) == _files(reference)
-    # another seed -> other images
-    other = run_in_process(tiny_ckpts, prompts_file, tmp_path / "other", extra=["seed=6"])
-    assert (other / "00000.png").read_bytes() != (reference / "00000.png").read_bytes()
+    # a list of seeds: every image once per seed; seed 5's are the single-seed run's, seed 6's other images
+    seeds = run_in_process(tiny_ckpts, prompts_file, tmp_path / "seeds", extra=["seed=[5,6]"])
+    rows = [json.loads(line) for line in (seeds / "manifest.jsonl").read_text().splitlines()]
+    assert [(r["file"], r["seed"]) for r in rows] == [
+        (w.replace(".png", f"_s{s}.png"), s) for s in (5, 6) for w in want
+    ]
+
+    def load(path):
+        return torch.from_numpy(np.array(Image.open(path))).permute(2, 0, 1).float() / 255
+
+    for w in want:
+        assert_same_8bit(load(seeds / w.replace(".png", "_s5.png")), load(reference / w))
+        assert (load(seeds / w.replace(".png", "_s6.png")) - load(reference / w)).abs().mean() > 0.01
+    with pytest.raises(ValueError, match="distinct"):
+        make_items(["a"], seed=[1, 1])
 
 
 def test_cli_image_is_the_pipeline_image_for_index_i_k(reference, tiny_ckpts):

@@ -44,18 +44,24 @@ __all__ = [
 ]
 
 
-def make_items(prompts: Sequence[str | None], *, n_per_prompt: int = 1, seed: int = 0) -> list[dict]:
+def make_items(prompts: Sequence[str | None], *, n_per_prompt: int = 1, seed: int | Sequence[int] = 0) -> list[dict]:
     """One dict per image, in prompt order: ``{"file", "prompt", "index": i, "k", "seed"}``.  ``prompts[i]`` is
-    prompt line ``i``; None (a blank line) is skipped but keeps its number."""
+    prompt line ``i``; None (a blank line) is skipped but keeps its number.  ``seed`` a list (``[0, 1, 2]``):
+    every image once per seed, seed by seed, files ``{i:05d}[_{k}]_s{seed}.png`` (one seed: ``{i:05d}[_{k}].png``)."""
     if n_per_prompt < 1:
         raise ValueError(f"n_per_prompt must be >= 1, got {n_per_prompt}")
+    seeds = [int(seed)] if isinstance(seed, (int, str)) else [int(s) for s in seed]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seed must be an int or a list of distinct ints, got {seed!r}")
     items = []
-    for i, p in enumerate(prompts):
-        if p is None:
-            continue
-        for k in range(n_per_prompt):
-            name = f"{i:05d}.png" if k == 0 else f"{i:05d}_{k}.png"
-            items.append({"file": name, "prompt": p, "index": i, "k": k, "seed": int(seed)})
+    for s in seeds:
+        tag = f"_s{s}" if len(seeds) > 1 else ""
+        for i, p in enumerate(prompts):
+            if p is None:
+                continue
+            for k in range(n_per_prompt):
+                name = f"{i:05d}{tag}.png" if k == 0 else f"{i:05d}_{k}{tag}.png"
+                items.append({"file": name, "prompt": p, "index": i, "k": k, "seed": s})
     return items
 
 
