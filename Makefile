@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 # read as source (never installed) by the pytorch-fid parity test: pyproject's fid-reference comment says why
 TORCHVISION_SOURCE ?= torchvision==0.29.1
 
-.PHONY: venv lint format docs test test-fast demo data clean
+.PHONY: venv lint format docs test test-all test-fast demo data clean
 
 # The CPU torch wheel that lies on this machine's disk is installed first, so that pip never resolves a
 # CUDA build; pyproject only asks torch>=2.6 (safe weights-only loading), which keeps a GPU machine's own build.
@@ -38,7 +38,13 @@ format: $(STAMP)
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
+# `make test` (what CI runs, ~15 min on 2 cores): lint, the docs site, and every test not marked `slow` -- the
+# unhappy-path guarantees (kill -9 and resume, a signal to one rank, a dead rank, uneven shards) included.
+# `make test-all` adds the `slow` ones (compile parity, FSDP vs DDP equality, the whole stack, notebooks, ~23 min more).
 test: lint docs
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-all: lint docs
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: $(STAMP)

@@ -80,6 +80,32 @@ def _atomic_write(path: Path, write) -> None:
             tmp.unlink()
 
 
+def write_export_files(
+    st_path: Path, json_path: Path, *, stage: str, weights: str, hparams: dict, tensors: dict, vocabulary, source: dict
+) -> None:
+    """Write one stage's export (``.safetensors`` with the JSON config in its metadata, and the ``.json`` beside it),
+    each atomically: the format ``python -m dalle2.export`` and ``python -m dalle2.convert`` share."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    if vocabulary is not None:
+        tensors[VOCAB_TENSOR] = torch.frombuffer(bytearray(vocabulary.merges.encode("utf-8")), dtype=torch.uint8)
+    config = {
+        "format": EXPORT_FORMAT,
+        "version": EXPORT_VERSION,
+        "stage": stage,
+        "class": STAGE_CLASSES[stage],
+        "weights": weights,
+        "hparams": hparams,
+        "vocabulary": vocabulary.to_dict(with_merges=False) if vocabulary is not None else None,
+        "source": {**source, "torch": torch.__version__},
+    }
+    st_path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(config, indent=2, sort_keys=True)
+    _atomic_write(st_path, lambda p: save_file(tensors, str(p), metadata={"format": "pt", EXPORT_KEY: text}))
+    _atomic_write(json_path, lambda p: p.write_text(text + "\n"))
+
+
 def export_checkpoint(
     ckpt: str | Path, out: str | Path, *, weights: str = "ema", force: bool = False, trust_checkpoint: bool = False
 ) -> Path:
@@ -88,7 +114,6 @@ def export_checkpoint(
 
     ``weights``: ``ema`` (default: what sampling uses) or ``raw`` for the prior, decoder and upsamplers (a CLIP has
     one set of weights)."""
-    from safetensors.torch import save_file
 
     ckpt = Path(ckpt)
     if weights not in ("ema", "raw"):
@@ -100,30 +125,23 @@ def export_checkpoint(
             f"{ckpt}: not a dalle2 stage checkpoint ({e}); export .ckpt files written by train/train.py"
         ) from None
     stage, vocab = found.stage, found.vocabulary
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in found.weights.items()}
     hparams = _json_value(found.hparams, "hparams")
     if "clip_ckpt" in hparams:
         hparams["clip_ckpt"] = None  # a path on the exporting machine; sampling never needs the frozen CLIP
-    if vocab is not None:
-        tensors[VOCAB_TENSOR] = torch.frombuffer(bytearray(vocab.merges.encode("utf-8")), dtype=torch.uint8)
-    config = {
-        "format": EXPORT_FORMAT,
-        "version": EXPORT_VERSION,
-        "stage": stage,
-        "class": STAGE_CLASSES[stage],
-        "weights": "model" if stage == "clip" else weights,
-        "hparams": hparams,
-        "vocabulary": vocab.to_dict(with_merges=False) if vocab is not None else None,
-        "source": {"file": ckpt.name, "global_step": found.global_step, "torch": torch.__version__},
-    }
     st_path, json_path = export_paths(out, stage)
     existing = [str(p) for p in (st_path, json_path) if p.exists()]
     if existing and not force:
         raise FileExistsError(f"{', '.join(existing)} exists: pass force=true to replace it")
-    st_path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(config, indent=2, sort_keys=True)
-    _atomic_write(st_path, lambda p: save_file(tensors, str(p), metadata={"format": "pt", EXPORT_KEY: text}))
-    _atomic_write(json_path, lambda p: p.write_text(text + "\n"))
+    write_export_files(
+        st_path,
+        json_path,
+        stage=stage,
+        weights="model" if stage == "clip" else weights,
+        hparams=hparams,
+        tensors=found.weights,
+        vocabulary=vocab,
+        source={"file": ckpt.name, "global_step": found.global_step},
+    )
     return st_path
 
 

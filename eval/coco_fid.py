@@ -28,7 +28,7 @@ import hydra
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -52,7 +52,7 @@ from dalle2.metrics.coco_eval import FileFeatures, ImageFilesData, coco_metrics,
 from dalle2.metrics.inception import InceptionWeightsError, load_fid_inception  # noqa: E402
 from dalle2.metrics.precision_recall import PR_FEATURES  # noqa: E402
 from dalle2.metrics.resize import RESIZE_DESCRIPTION, fid_preprocessing  # noqa: E402
-from dalle2.pipeline import SamplingSettings, UnCLIPPipeline, stage_paths  # noqa: E402
+from dalle2.pipeline import SamplingSettings, UnCLIPPipeline, resolve_stages  # noqa: E402
 
 PROTOCOL_VERSION = 1  # bump when the features a cache holds would change
 
@@ -313,21 +313,6 @@ def evaluate(cfg: DictConfig, rows: list[dict], refs: list, out: Path, hashes: d
         }
     )
     return res
-
-
-def resolve_stages(cfg: DictConfig) -> SamplingSettings | None:
-    """``pipeline=DIR`` or ``ckpt.*`` -> ``cfg.ckpt.*`` filled with the stage files (one-line error for neither);
-    returns the directory's own sampling settings (the base that ``steps.*`` / ``guidance.*`` ... override)."""
-    try:
-        paths = stage_paths(cfg)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
-    with open_dict(cfg):
-        for key in ("clip", "prior", "decoder", "upsamplers"):
-            cfg.ckpt[key] = paths[key]
-    if not cfg.ckpt.prior:
-        raise SystemExit("error: text-to-image needs a prior: ckpt.prior= (or pipeline=DIR)")
-    return SamplingSettings.from_dict(paths["sampling"]) if paths["sampling"] else None
 
 
 def run(cfg: DictConfig) -> dict | None:

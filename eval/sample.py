@@ -26,7 +26,7 @@ from pathlib import Path
 
 import hydra
 from hydra.utils import instantiate
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -34,7 +34,7 @@ from dalle2.io import write_json_atomic  # noqa: E402
 from dalle2.lit.checkpoints import CHECKPOINT_ERRORS  # noqa: E402
 from dalle2.lit.distributed import releases_process_group  # noqa: E402
 from dalle2.lit.pipeline_module import PipelineModule, PromptBatches, SampleWriter, make_items  # noqa: E402
-from dalle2.pipeline import SamplingSettings, UnCLIPPipeline, stage_paths  # noqa: E402
+from dalle2.pipeline import SamplingSettings, UnCLIPPipeline, resolve_stages  # noqa: E402
 
 
 def read_prompts(path: str) -> list[str | None]:
@@ -47,21 +47,6 @@ def read_prompts(path: str) -> list[str | None]:
     if not any(prompts):
         raise SystemExit(f"no prompts in {path} (expected one prompt a line)")
     return prompts
-
-
-def resolve_stages(cfg: DictConfig) -> SamplingSettings | None:
-    """``pipeline=DIR`` or ``ckpt.*`` -> ``cfg.ckpt.*`` filled with the stage files (one-line error for neither);
-    returns the directory's own sampling settings (the base that ``steps.*`` / ``guidance.*`` ... override)."""
-    try:
-        paths = stage_paths(cfg)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
-    with open_dict(cfg):
-        for key in ("clip", "prior", "decoder", "upsamplers"):
-            cfg.ckpt[key] = paths[key]
-    if not cfg.ckpt.prior:
-        raise SystemExit("error: text-to-image needs a prior: ckpt.prior= (or pipeline=DIR)")
-    return SamplingSettings.from_dict(paths["sampling"]) if paths["sampling"] else None
 
 
 def run(cfg: DictConfig) -> Path:

@@ -17,12 +17,12 @@ import sys
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dalle2.lit.checkpoints import CHECKPOINT_ERRORS  # noqa: E402
-from dalle2.pipeline import SamplingSettings, UnCLIPPipeline, stage_paths  # noqa: E402
+from dalle2.pipeline import SamplingSettings, UnCLIPPipeline, resolve_stages  # noqa: E402
 
 
 def limits_from_cfg(cfg: DictConfig):
@@ -30,19 +30,6 @@ def limits_from_cfg(cfg: DictConfig):
     from dalle2.serving import ServeLimits
 
     return ServeLimits(**OmegaConf.to_container(cfg.limits, resolve=True))
-
-
-def resolve_stages(cfg: DictConfig) -> SamplingSettings | None:
-    """``pipeline=DIR`` or ``ckpt.*`` -> ``cfg.ckpt.*`` filled with the stage files (one-line error for neither);
-    returns the directory's own sampling settings (the base that ``steps.*`` / ``guidance.*`` ... override)."""
-    try:
-        paths = stage_paths(cfg)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"[dalle2] serve: {e}") from None
-    with open_dict(cfg):
-        for key in ("clip", "prior", "decoder", "upsamplers"):
-            cfg.ckpt[key] = paths[key]
-    return SamplingSettings.from_dict(paths["sampling"]) if paths["sampling"] else None
 
 
 def build_app(cfg: DictConfig):
@@ -59,7 +46,7 @@ def build_app(cfg: DictConfig):
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     trust = bool(cfg.get("trust_checkpoint", False))
-    base = resolve_stages(cfg)
+    base = resolve_stages(cfg, error_prefix="[dalle2] serve: ", need_prior=False)
     pipe = UnCLIPPipeline.from_checkpoints(
         clip=cfg.ckpt.clip,
         prior=cfg.ckpt.prior or None,

@@ -87,7 +87,6 @@ def _worker(rank: int, world: int, port: int, data_path: str, out_dir: str) -> N
         dist.destroy_process_group()
 
 
-@pytest.mark.slow
 def test_distributed_loss_and_gradients_match_full_batch(tmp_path):
     """2 ranks x 3 pairs vs 1 process x 6 pairs.  Under DDP (gradients *averaged* over ranks):
 

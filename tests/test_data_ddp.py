@@ -67,7 +67,6 @@ SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_ddp_two_ranks_few_uneven_shards(tmp_path):
     from dalle2.data.synthetic import write_shards

@@ -217,7 +217,6 @@ def test_validation_that_yields_nothing_warns(builtin_shards, workers, capfd):
     assert batches == []
 
 
-@pytest.mark.slow
 def test_train_py_embeddings_on_image_shards_exits_fast(builtin_shards, tmp_path):
     """The reproduced case end to end: `experiment=prior_tiny` (data=embeddings) on image shards, 2 workers."""
     cmd = [

@@ -127,7 +127,6 @@ class StepMarker(L.Callback):
         open(os.path.join(self.dir, f"step_{trainer.global_step}"), "w").close()
 
 
-@pytest.mark.slow
 def test_sigterm_saves_exits_and_resumes(builtin_shards, tmp_path):
     import json
     import signal
@@ -367,7 +366,6 @@ def _fault_run(tmp_path, fault: str, *overrides: str, timeout: float = 240):
     return proc.returncode, err, time.time() - float((tmp_path / "fault_at.0").read_text())
 
 
-@pytest.mark.slow
 def test_a_failing_rank_names_itself_and_ends_the_job(tmp_path):
     """trainer=ddp, 2 CPU processes started by Lightning: rank 0 raises at step 2 while rank 1 is stuck in that step.
     Rank 0 prints one line naming itself, the step and the error, and stops the rank it launched: the job exits 1
@@ -379,7 +377,6 @@ def test_a_failing_rank_names_itself_and_ends_the_job(tmp_path):
     assert seconds < 30, f"the job took {seconds:.0f} s to end after the failure"
 
 
-@pytest.mark.slow
 def test_a_rank_left_waiting_stops_at_the_configured_timeout(tmp_path):
     """trainer=ddp with ``trainer.strategy.timeout.seconds=10``, the 2 ranks started apart (as srun or torchrun start
     them): rank 1 is stuck at step 2, so rank 0 waits in the step's all-reduce. It stops after 10 s with a line saying

@@ -212,7 +212,6 @@ def probe_run(stage: str, run_dir: Path, shards: dict, val_urls: str, *extra: st
     return proc, json.loads(probe.read_text())
 
 
-@pytest.mark.slow
 def test_fsdp_clip_with_an_empty_val_shard_on_one_rank_in_bf16_with_activation_checkpointing(builtin_shards, tmp_path):
     """One 2-process CLIP run, three checks. (1) val = a good shard + an empty tar (what img2dataset writes when every
     download of a shard failed): rank 1 has no val batch. This crashed ("Received data size doesn't match expected

@@ -5,20 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import scipy.linalg
 import torch
 from torchmetrics.image.kid import KernelInceptionDistance
 
 from dalle2.metrics.fid import PrecomputedFeatures, frechet_distance, kernel_distance
-
-
-def scipy_fid(a: torch.Tensor, b: torch.Tensor) -> float:
-    """The reference formula (pytorch-fid's): |mu1 - mu2|^2 + tr(S1 + S2 - 2 sqrtm(S1 S2))."""
-    a, b = a.double().numpy(), b.double().numpy()
-    mu1, mu2 = a.mean(0), b.mean(0)
-    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean = scipy.linalg.sqrtm(s1 @ s2).real
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
+from helpers.fid_reference import scipy_fid
 
 
 def _features(n: int, d: int, *, seed: int, scale: float = 1.0, shift: float = 0.0) -> torch.Tensor:

@@ -23,7 +23,6 @@ def val_rows(run_dir: Path) -> list[dict]:
         return [r for r in csv.DictReader(f) if r.get("val/loss")]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["clip", "prior", "decoder", "upsampler"])
 def test_validation_with_an_empty_val_shard_on_one_rank(stage, builtin_shards, clip_ckpt, tmp_path):
     """img2dataset writes an empty tar when every download of a shard fails: with val = one good shard + one
@@ -72,7 +71,6 @@ def _rank1_pid(main_pid: int) -> int | None:
     return None
 
 
-@pytest.mark.slow
 # both signals and both ranks, in two runs (each case was checked on its own: rank 1 alone hung before the fix)
 @pytest.mark.parametrize("signame,rank", [("SIGTERM", 1), ("SIGUSR1", 0)])
 def test_signal_to_one_rank_stops_every_rank_with_a_checkpoint(signame, rank, builtin_shards, clip_ckpt, tmp_path):

@@ -86,7 +86,6 @@ def losses(metrics_csv):
     return out
 
 
-@pytest.mark.slow
 def test_sigkill_and_resume_matches_uninterrupted(builtin_shards, tiny_clip_ckpt, tmp_path):
     n, k = 12, 4
     common = [f"trainer.max_steps={n}", f"callbacks.model_checkpoint.every_n_train_steps={k}"]

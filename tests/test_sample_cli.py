@@ -163,7 +163,6 @@ def test_bad_size_and_wrong_stage_are_clear_errors(tiny_ckpts, prompts_file, tmp
     assert Image.open(tmp_path / "c" / "00000.png").size == (16, 16)
 
 
-@pytest.mark.slow
 def test_two_ddp_processes_give_byte_identical_pngs(reference, tiny_ckpts, prompts_file, tmp_path):
     out = tmp_path / "ddp2"
     cmd = [

@@ -298,7 +298,6 @@ def test_concurrent_requests_are_batched_and_isolated(server, client, pipe):
             assert_close_8bit(got, png_of(ref))
 
 
-@pytest.mark.slow
 def test_serve_cli(ckpts, tmp_path):
     """eval/serve.py loads the checkpoints and answers on the asked port (subprocess, as a user would start it)."""
     with socket.socket() as s:

@@ -16,7 +16,6 @@ import serve_load  # noqa: E402
 pytest.importorskip("uvicorn")
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="server RSS is read from /proc (Linux)")
 def test_load_with_abuse_mixed_in_is_answered_with_bounded_memory():
     r = serve_load.main(["clients=50", "duration=5"])

@@ -257,7 +257,6 @@ def _serve_cli(args: list[str], tmp_path) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=180)
 
 
-@pytest.mark.slow
 def test_serve_cli_refuses_a_public_bind_without_a_key_before_loading_anything(tmp_path):
     refused = _serve_cli(["host=0.0.0.0", "api_key="], tmp_path)
     out = refused.stdout + refused.stderr

@@ -454,7 +454,6 @@ def test_train_groups_are_the_config_groups_of_train_py():
     assert set(train_all.TRAIN_GROUPS) == groups
 
 
-@pytest.mark.slow
 def test_train_all_killed_mid_stage_then_resumed_keeps_the_metrics_history_and_the_cost(builtin_shards, tmp_path):
     """The reproduced case, with a real kill -9 of train_all and its stage (the whole process group) once the stage
     has saved a checkpoint: the rerun resumes it, and its metrics.csv holds every step once (Lightning's CSVLogger

@@ -19,7 +19,7 @@ import math
 import sys
 from pathlib import Path
 
-STAGES = ("clip", "retrieval", "embeddings", "prior", "decoder", "upsampler", "sample", "evaluate")
+STAGES = ("clip", "retrieval", "embeddings", "prior", "decoder", "upsampler", "sample", "score_clip", "evaluate")
 TRAINED = ("clip", "prior", "decoder", "upsampler")
 NOT_RUN = "not run"
 
@@ -512,6 +512,72 @@ def pct(v) -> str:
     return f"{100 * v:.1f} %" if isinstance(v, (int, float)) else NOT_RUN
 
 
+def demo_figures(out_dir: str | Path) -> dict:
+    """The run's headline figures, as the report shows them: strict/all (with its interval, images and seeds), the
+    strict verdicts, the lenient reader, CLIP R@1, FID / CLIP-FD / CLIP score (samples and real images), and each
+    stage's wall and CPU seconds with their totals."""
+    out = Path(out_dir)
+    evaluation = read_json(out / "evaluate" / "metrics.json") or {}
+    retrieval = read_json(out / "retrieval" / "metrics.json") or {}
+    checker = checker_from_samples(out / "sample") or {}
+    figures: dict = {k: v for k, v in checker.items() if not isinstance(v, dict)}
+    for key, names in (
+        ("fid", ("fid",)),
+        ("clip_fd", ("clip_fd", "fd_clip")),
+        ("clip_score", ("clip_score",)),
+        ("reference_clip_score", ("reference_clip_score",)),
+    ):
+        figures[key] = find(evaluation, *names)
+    for key in ("image_to_text_R@1", "text_to_image_R@1", "num_samples"):
+        figures[f"retrieval/{key}"] = retrieval.get(key)
+    stages, total_wall, total_cpu = {}, 0.0, 0.0
+    for s in STAGES:
+        done = read_json(out / s / "DONE.json")
+        if done:
+            stages[s] = {"wall_s": done.get("wall_s"), "cpu_s": done.get("cpu_s")}
+            total_wall += done.get("wall_s") or 0.0
+            total_cpu += done.get("cpu_s") or 0.0
+    figures.update({"stages": stages, "total_wall_min": total_wall / 60, "total_cpu_min": total_cpu / 60})
+    return figures
+
+
+def main(argv: list[str]) -> None:
+    """``demo_report.py OUT_DIR [--result results/demo.json]``: the report, and with ``--result`` the headline
+    figures as a results file (dalle2.results.write_result: the command, git sha, machine, checkpoint sha256s)."""
+    args = list(argv)
+    result = None
+    if "--result" in args:
+        i = args.index("--result")
+        result = args[i + 1]
+        del args[i : i + 2]
+    out = args[0] if args else "demo_out"
+    write_report(out)
+    if result:
+        from dalle2.results import write_result
+
+        ckpts = {
+            s: Path(out) / s / "checkpoints" / "last.ckpt"
+            for s in ("clip", "prior", "decoder", "upsampler", "score_clip")
+        }
+        path = write_result(
+            result,
+            demo_figures(out),
+            checkpoints={s: str(p) for s, p in ckpts.items() if p.is_file()},
+            split="test",
+            seeds=sorted(
+                {
+                    int(json.loads(x).get("seed", 0))
+                    for x in (Path(out) / "sample" / "manifest.jsonl").read_text().splitlines()
+                    if x.strip()
+                }
+            )
+            if (Path(out) / "sample" / "manifest.jsonl").is_file()
+            else None,
+            notes=f"train_all run in {out} (its train_all.yaml holds the settings)",
+        )
+        print(f"[dalle2] wrote {path}")
+
+
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    write_report(sys.argv[1] if len(sys.argv) > 1 else "demo_out")
+    main(sys.argv[1:])

@@ -18,7 +18,7 @@ import torch
 
 from dalle2.clip.model import CLIP
 from dalle2.clip.tokenizer import EOT, SOT, Tokenizer, read_merges
-from dalle2.convert.diffusers_dir import ConversionError, read_json
+from dalle2.convert.diffusers_dir import ConversionError, load_converted, read_json
 
 __all__ = ["clip_text_config", "convert_clip_text", "load_tokenizer_dir"]
 
@@ -169,18 +169,5 @@ def convert_clip_text(
             if all(n in parts for n in names):
                 out[f"text.transformer.resblocks.{i}.attn.qkv.{kind}"] = torch.cat([parts[n] for n in names])
     model = CLIP(**cfg)
-    expected = model.state_dict()
-    out["logit_scale"] = expected["logit_scale"]
-    missing = sorted(set(expected) - set(out))
-    shapes = [
-        f"{k}: {tuple(out[k].shape)} vs {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in out and out[k].shape != v.shape
-    ]
-    if missing or unexpected or shapes:
-        raise ConversionError(
-            f"{source}: weights do not match its config: missing {missing[:6]}, unexpected {unexpected[:6]}, "
-            f"shape mismatches {shapes[:6]}"
-        )
-    model.load_state_dict(out, strict=True)
-    return model.eval()
+    out["logit_scale"] = model.state_dict()["logit_scale"]
+    return load_converted(model, out, unexpected=unexpected, source=str(source))

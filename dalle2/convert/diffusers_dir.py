@@ -112,3 +112,25 @@ def component_weights(src: str | Path, name: str) -> dict[str, torch.Tensor]:
     raise ConversionError(
         f"{folder}: no weights (expected {_WEIGHT_NAMES[0]}.safetensors, model.safetensors or their .bin / sharded forms)"
     )
+
+
+def load_converted(model, out: dict, *, unexpected: list[str], source: str, keep=frozenset()):
+    """Load the converted state dict ``out`` into ``model`` strictly (``keep``: our keys the source does not hold,
+    taken from the model as built) -> the model in eval mode; a ``ConversionError`` naming the missing, unexpected
+    (``unexpected``: source keys nothing consumed) and mis-shaped weights first."""
+    expected = model.state_dict()
+    for key in keep:
+        out.setdefault(key, expected[key])
+    missing = sorted(set(expected) - set(out))
+    shapes = [
+        f"{k}: {tuple(out[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in out and out[k].shape != v.shape
+    ]
+    if missing or unexpected or shapes:
+        raise ConversionError(
+            f"{source}: weights do not match its config: missing {missing[:6]}, unexpected {unexpected[:6]}, "
+            f"shape mismatches {shapes[:6]}"
+        )
+    model.load_state_dict({k: out[k] for k in expected}, strict=True)
+    return model.eval()
