@@ -156,20 +156,22 @@ def sample_upsampler(
     lowres_aug: LowResAugmentation,
     aug_level: int,
     residual: bool = False,
+    residual_gain: float = 1.0,
     steps: int = 50,
     sampler: str = "ddim",
     eta: float = 0.0,
     generator: Generators = None,
     threshold: Threshold = "static",
     dynamic_percentile: float = 0.995,
-    spacing: str = "trailing",
+    spacing: str = "leading",
     x_T: Tensor | None = None,
 ) -> Tensor:
     """``lowres_images (B, C, h, w)`` in [-1, 1] -> ``(B, C, h * scale, w * scale)`` in [-1, 1].
 
     The low-res images are noised at ``aug_level`` (no blur) with noise from ``generator``, as in training, and the
-    network sees that level.  With ``residual`` the network's output is added to ``bicubic(low-res)`` and the x0
-    clipping applies to that sum (the image), not to the residual.
+    network sees that level.  With ``residual`` the network diffuses ``residual_gain * (image - bicubic(low-res))``:
+    its output divided by the gain is added to ``bicubic(low-res)``, and the x0 clipping applies to that sum (the
+    image), not to the residual.
     """
     device = next(net.parameters()).device
     lo = lowres_images.to(device).float()
@@ -180,9 +182,10 @@ def sample_upsampler(
     B, C, h, w = lo.shape
     base = residual_base(lo, scale, residual=residual)
     transform = x0_transform(threshold, dynamic_percentile)
+    gain = float(residual_gain) if residual else 1.0
     if transform is not None and residual:
         image_transform = transform
-        transform = lambda r: image_transform(base + r) - base  # noqa: E731
+        transform = lambda r: (image_transform(base + r / gain) - base) * gain  # noqa: E731
     with eval_mode(net):
         out = sample(
             net,
@@ -197,4 +200,4 @@ def sample_upsampler(
             spacing=spacing,
             device=device,
         )
-    return (base + out.float()).clamp(-1.0, 1.0)
+    return (base + out.float() / gain).clamp(-1.0, 1.0)

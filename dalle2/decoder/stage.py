@@ -116,8 +116,9 @@ class UpsamplerStage(nn.Module):
         lowres_aug: LowResAugmentation,
         sample_aug_level: int = 0,
         residual: bool = False,
-        sample_spacing: str = "trailing",
-        downsample_mode: DownsampleMode = "bicubic",
+        residual_gain: float = 1.0,
+        sample_spacing: str = "leading",
+        downsample_mode: DownsampleMode = "area",
     ) -> None:
         super().__init__()
         if image_size % lowres_size:
@@ -128,6 +129,7 @@ class UpsamplerStage(nn.Module):
         self.lowres_size, self.image_size = int(lowres_size), int(image_size)
         self.scale = self.image_size // self.lowres_size
         self.sample_aug_level, self.residual = int(sample_aug_level), bool(residual)
+        self.residual_gain = float(residual_gain)
         self.sample_spacing, self.downsample_mode = sample_spacing, downsample_mode
 
     @classmethod
@@ -142,8 +144,9 @@ class UpsamplerStage(nn.Module):
             lowres_aug=lowres_augmentation(hparams.get("lowres_aug")),
             sample_aug_level=int(hparams.get("sample_aug_level", 0)),
             residual=bool(hparams.get("residual", False)),
-            sample_spacing=hparams.get("sample_spacing", "trailing"),
-            downsample_mode=hparams.get("downsample_mode", "bicubic"),
+            residual_gain=float(hparams.get("residual_gain", 1.0)),
+            sample_spacing=hparams.get("sample_spacing", "leading"),
+            downsample_mode=hparams.get("downsample_mode", "area"),
         )
 
     def lowres(self, images: Tensor) -> Tensor:
@@ -174,6 +177,7 @@ class UpsamplerStage(nn.Module):
             lowres_aug=self.lowres_aug,
             aug_level=self.sample_aug_level if aug_level is None else int(aug_level),
             residual=self.residual,
+            residual_gain=self.residual_gain,
             steps=steps,
             sampler=sampler,
             eta=eta,

@@ -63,6 +63,7 @@ PRESET_IMAGE_SIZES: dict[str, int] = {
     "tiny64": 64,
     "tiny64_lite": 64,
     "tiny_sr32_64": 64,
+    "tiny_sr64_256": 256,
     "base64": 64,
     "sr64_256": 256,
     "sr256_1024": 1024,

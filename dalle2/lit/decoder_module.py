@@ -301,8 +301,9 @@ class DecoderModule(FrozenClipMixin, _CascadeStageModule):
 class UpsamplerModule(_CascadeStageModule):
     """Super-resolution stage: ``p(high-res image | low-res image)``.
 
-    The low-res conditioning image is the batch image downsampled (antialiased ``downsample_mode``) by
-    ``image_size / lowres_size``, then augmented (:class:`~dalle2.diffusion.LowResAugmentation`: Gaussian blur
+    The low-res conditioning image is the batch image downsampled (``downsample_mode``; ``area`` by default: what the
+    data loader makes of a JPEG decoded at reduced scale, so the base decoder's samples, trained on that view, look
+    like the upsampler's training inputs) by ``image_size / lowres_size``, then augmented (:class:`~dalle2.diffusion.LowResAugmentation`: Gaussian blur
     and noise at a random level when training; no blur and ``sample_aug_level`` when sampling).  The network is
     fully convolutional: with ``train_crop_size`` it trains on random crops of that size (of the high-res image,
     the low-res crop being its downsampled copy) and still samples at full size.
@@ -313,12 +314,19 @@ class UpsamplerModule(_CascadeStageModule):
         lowres_aug: ``{"blur_sigma": [lo, hi], "blur_prob": p, "max_train_level": k, "schedule": "linear",
             "num_levels": 1000}``; training noise levels are uniform in ``[0, max_train_level]``.
         sample_aug_level: the (small) augmentation level used when sampling and validating.
-        train_crop_size: random-crop side of the high-res training image (None: whole images).
+        train_crop_size: random-crop side of the high-res training image (None: whole images); one crop per image.
+        train_crop_focus: the fraction of the crops centred on a pixel drawn in proportion to the detail bicubic
+            misses there (``|image - bicubic(low-res)|``), the rest uniform: on pictures of one object on a plain
+            background most uniform crops hold no edge, and the edges are what the upsampler has to learn.
         residual: diffuse the residual ``image - bicubic(low-res)`` instead of the image (the sample is then
             ``bicubic(low-res) + residual``): an untrained network already gives bicubic, and training only has to
             learn the missing detail. False (the paper's SR UNet) by default.
-        sample_spacing: the sampling timesteps (``dalle2.diffusion.sample``'s ``spacing``); ``leading`` ends with a
-            step at t = 0, which an upsampler judged by PSNR wants (``trailing`` stops at T / steps).
+        residual_gain: the residual is diffused multiplied by this (and the sample divided by it): the residual of
+            these pictures is a thin line of edge pixels (RMS ~0.03 at 256 px), which the schedule's noise buries at
+            all but the first few percent of the timesteps at gain 1 (docs/cascade.md "Causes").
+        sample_spacing: the sampling timesteps (``dalle2.diffusion.sample``'s ``spacing``); ``leading`` (default) ends
+            with a step at t = 0: the sample is the network's estimate from an almost clean image, with the edges drawn
+            (``trailing`` stops at T / steps - 1, whose estimate is a blur of them).
     """
 
     stage = "upsampler"
@@ -333,9 +341,11 @@ class UpsamplerModule(_CascadeStageModule):
         lowres_aug: dict | None = None,
         sample_aug_level: int = 0,
         train_crop_size: int | None = None,
-        downsample_mode: Literal["bicubic", "area", "bilinear"] = "bicubic",
+        train_crop_focus: float = 0.0,
+        downsample_mode: Literal["bicubic", "area", "bilinear"] = "area",
         residual: bool = False,
-        sample_spacing: Literal["uniform", "trailing", "leading", "karras"] = "trailing",
+        residual_gain: float = 1.0,
+        sample_spacing: Literal["uniform", "trailing", "leading", "karras"] = "leading",
         ema_decay: float = 0.9999,
         ema_warmup: int = 10,
         ema_update_every: int = 1,
@@ -363,6 +373,10 @@ class UpsamplerModule(_CascadeStageModule):
         self.scale = image_size // lowres_size
         if train_crop_size is not None and train_crop_size % self.scale:
             raise ValueError(f"train_crop_size {train_crop_size} must be a multiple of the scale {self.scale}")
+        if not 0.0 <= train_crop_focus <= 1.0:
+            raise ValueError(f"train_crop_focus must be in [0, 1], got {train_crop_focus}")
+        if residual_gain <= 0:
+            raise ValueError(f"residual_gain must be > 0, got {residual_gain}")
         self.lowres_aug = lowres_augmentation(lowres_aug)
         if not 0 <= sample_aug_level <= self.lowres_aug.num_levels:
             raise ValueError(f"sample_aug_level must be in [0, {self.lowres_aug.num_levels}], got {sample_aug_level}")
@@ -377,14 +391,31 @@ class UpsamplerModule(_CascadeStageModule):
         """What the network's output is added to: ``bicubic(low-res)`` with ``residual``, else zeros."""
         return residual_base(lowres_images, self.scale, residual=self.hparams.residual)
 
-    def _random_crop(self, images: Tensor) -> Tensor:
+    def _random_crop(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """One random ``train_crop_size`` crop per image, on the ``scale`` grid; with ``train_crop_focus`` = f, a
+        fraction f of them centred on a pixel drawn in proportion to the detail bicubic misses there."""
         c, H, W = self.hparams.train_crop_size, images.shape[-2], images.shape[-1]
         if c is None or (c >= H and c >= W):
             return images
-        s = self.scale
-        top = int(torch.randint(0, (H - c) // s + 1, ())) * s
-        left = int(torch.randint(0, (W - c) // s + 1, ())) * s
-        return images[..., top : top + c, left : left + c]
+        c_h, c_w, s, B = min(c, H), min(c, W), self.scale, images.shape[0]
+        gen_device = generator.device if generator is not None else images.device
+        tops = torch.randint(0, (H - c_h) // s + 1, (B,), generator=generator, device=gen_device).cpu() * s
+        lefts = torch.randint(0, (W - c_w) // s + 1, (B,), generator=generator, device=gen_device).cpu() * s
+        focus = float(self.hparams.get("train_crop_focus", 0.0) or 0.0)
+        if focus > 0:
+            with torch.no_grad():
+                lo = self.lowres(images)
+                detail = (images.float() - residual_base(lo, s, residual=True)).abs().sum(1).flatten(1)  # (B, H*W)
+            u = torch.rand(B, generator=generator, device=gen_device).cpu()
+            for i in range(B):
+                if u[i] < focus and float(detail[i].sum()) > 0:
+                    k = int(torch.multinomial(detail[i].float(), 1, generator=generator).cpu())
+                    cy, cx = k // W, k % W
+                    tops[i] = min(max(cy - c_h // 2, 0), H - c_h) // s * s
+                    lefts[i] = min(max(cx - c_w // 2, 0), W - c_w) // s * s
+        return torch.stack(
+            [images[i, :, t : t + c_h, x : x + c_w] for i, (t, x) in enumerate(zip(tops.tolist(), lefts.tolist()))]
+        )
 
     def training_inputs(
         self, batch: dict, *, train: bool, generator: torch.Generator | None = None
@@ -393,10 +424,15 @@ class UpsamplerModule(_CascadeStageModule):
         over bicubic — and its augmented low-res copy with the augmentation level."""
         hi = batch["image"]
         if train:
-            hi = self._random_crop(hi)
-        clean = self.lowres(hi)
-        lo, level = self.lowres_aug(clean, train=train, level=self.sample_aug_level, generator=generator)
-        target = hi - self.base(clean).to(hi.dtype) if self.hparams.residual else hi
+            hi = self._random_crop(hi, generator)
+            # the degraded low-res copy (blur or BSR); the residual is taken over ITS bicubic upsampling, as it is over
+            # the given low-res image's when sampling
+            clean = self.lowres_aug.degrade(hi, self.scale, self.lowres, generator=generator)
+        else:
+            clean = self.lowres(hi)
+        lo, level = self.lowres_aug.add_noise(clean, train=train, level=self.sample_aug_level, generator=generator)
+        hp = self.hparams
+        target = (hi - self.base(clean).to(hi.dtype)) * float(hp.get("residual_gain", 1.0)) if hp.residual else hi
         return self._image_input(target), {"lowres_image": self._image_input(lo), "lowres_aug_level": level}
 
     @torch.no_grad()
@@ -444,6 +480,7 @@ class UpsamplerModule(_CascadeStageModule):
             lowres_aug=self.lowres_aug,
             sample_aug_level=self.sample_aug_level,
             residual=hp.residual,
+            residual_gain=float(hp.get("residual_gain", 1.0)),
             sample_spacing=hp.sample_spacing,
             downsample_mode=hp.downsample_mode,
         )

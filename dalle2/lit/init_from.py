@@ -20,7 +20,16 @@ __all__ = ["STRUCTURAL_KEYS", "init_module_config", "load_init_weights", "read_i
 STRUCTURAL_KEYS = {
     "prior": ("use_text_tokens", "embed_scale", "x0_clip"),
     "decoder": ("image_size", "use_text"),
-    "upsampler": ("lowres_size", "image_size", "sample_aug_level", "lowres_aug", "sample_spacing", "residual"),
+    "upsampler": (
+        "lowres_size",
+        "image_size",
+        "sample_aug_level",
+        "lowres_aug",
+        "sample_spacing",
+        "residual",
+        "residual_gain",
+        "downsample_mode",
+    ),
 }
 
 
