@@ -461,3 +461,22 @@ def test_a_folder_fingerprint_reads_big_files_only_at_their_edges(tmp_path, monk
     assert identity.fingerprint(tmp_path / "emb", ("train",)) != first
     (d / "00002.tar").write_bytes(b"more")
     assert identity.fingerprint(tmp_path / "emb", ("train",)) not in (first, None)
+
+
+def test_a_stage_larger_than_its_pictures_is_refused_before_anything_runs(setup):
+    """Goal 4 of the cascade issue: a 64 -> 256 px upsampler on 32 px shards stops the run while it plans, naming
+    the sizes found — the CLIP planned before it never starts."""
+    out, fake, run = setup
+    with pytest.raises(SystemExit) as e:
+        run(
+            "upsampler.experiment=upsampler_tiny",
+            "upsampler.module.image_size=256",
+            "upsampler.module.lowres_size=64",
+            stages="[clip,upsampler]",
+        )
+    msg = str(e.value)
+    assert "upsampler" in msg and "256 px" in msg and "32x32" in msg, msg
+    assert fake.calls == [] and not (out / "clip").exists()
+    # a stage at a size the pictures have runs
+    run(stages="[clip]")
+    assert [c["stage"] for c in fake.calls] == ["clip"]

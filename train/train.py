@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from lightning.pytorch.utilities.exceptions import SIGTERMException  # noqa: E402
 
-from dalle2.data.resolution import ResolutionError, check_resolution  # noqa: E402
+from dalle2.data.resolution import ResolutionError, check_config_resolution  # noqa: E402
 from dalle2.lit.checkpoints import (  # noqa: E402
     CHECKPOINT_ERRORS,
     RunDirInUseError,
@@ -199,23 +199,9 @@ def apply_init_from(cfg: DictConfig, trust: bool):
 
 def check_data_resolution(cfg: DictConfig) -> None:
     """Stop before anything is built when the training pictures are smaller than the stage's resolution (a 256 px
-    upsampler on 64 px pictures would learn upsampled, blurred targets): dalle2.data.resolution.  The resolution is
-    the larger of data.image_size and the module's image_size (an upsampler's output side)."""
-    data, module = cfg.get("data") or {}, cfg.get("module") or {}
-    if not data.get("load_image", True) or not data.get("train_urls"):
-        return
-    sizes = {
-        k: v for k, v in (("data.image_size", data.get("image_size")), ("module.image_size", module.get("image_size")))
-    }
-    sizes = {k: int(v) for k, v in sizes.items() if isinstance(v, int) and not isinstance(v, bool)}
-    if not sizes:
-        return
-    key = max(sizes, key=sizes.get)
-    stage = cfg.get("stage_name") or "stage"
-    urls = OmegaConf.to_container(data.train_urls) if OmegaConf.is_config(data.train_urls) else data.train_urls
-    urls = "::".join(map(str, urls)) if isinstance(urls, (list, tuple)) else str(urls)
+    upsampler on 64 px pictures would learn upsampled, blurred targets): dalle2.data.resolution."""
     try:
-        check_resolution(urls, sizes[key], what=f"the {stage} ({key}={sizes[key]})")
+        check_config_resolution(cfg)
     except ResolutionError as exn:
         sys.exit(f"[dalle2] error: {exn}")
 

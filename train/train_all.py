@@ -58,6 +58,7 @@ from dalle2.train_all.commands import (  # noqa: E402,F401
 )
 from dalle2.train_all.identity import OUTPUTS, fingerprint, read_marker  # noqa: E402
 from dalle2.train_all.planning import (  # noqa: E402
+    RUNS,
     Decision,
     Upstream,
     forced_stages,
@@ -65,6 +66,7 @@ from dalle2.train_all.planning import (  # noqa: E402
     plan_stages,
     refusals,
 )
+from dalle2.train_all.resolution import resolution_errors  # noqa: E402
 from dalle2.train_all.runner import Attempt, earlier_attempts, move_aside, run_commands, total  # noqa: E402
 
 # --------------------------------------------------------------------------------------------- stages
@@ -257,6 +259,16 @@ def run(cfg: DictConfig) -> dict[str, dict]:
         out_dir=plan.out,
         upstream=upstream,
     )
+    too_small = resolution_errors(
+        {d.stage: built[d.stage].commands[0] for d in decisions if d.action in RUNS and d.stage in TRAINED},
+        ROOT / "conf",
+    )
+    decisions = [
+        Decision(d.stage, "refuse", "pictures smaller than its resolution", message=f"[train_all] {too_small[d.stage]}")
+        if d.stage in too_small
+        else d
+        for d in decisions
+    ]
     print(format_plan(decisions, plan.out), flush=True)
     refused = refusals(decisions)
     if refused is not None:

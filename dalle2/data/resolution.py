@@ -18,7 +18,7 @@ from collections import Counter
 
 from PIL import Image
 
-__all__ = ["ResolutionError", "check_resolution", "probe_image_sizes"]
+__all__ = ["ResolutionError", "check_config_resolution", "check_resolution", "probe_image_sizes"]
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
@@ -91,3 +91,25 @@ def check_resolution(urls: str, image_size: int, *, what: str, max_samples: int 
             stacklevel=2,
         )
     return sizes
+
+
+def check_config_resolution(cfg) -> list[tuple[int, int]]:
+    """:func:`check_resolution` for a composed train/train.py config: the resolution is the larger of
+    ``data.image_size`` and ``module.image_size`` (an upsampler's output side), the pictures those of
+    ``data.train_urls``.  Nothing is checked for a run that loads no pictures (embedding shards)."""
+    from omegaconf import OmegaConf
+
+    data, module = cfg.get("data") or {}, cfg.get("module") or {}
+    if not data.get("load_image", True) or not data.get("train_urls"):
+        return []
+    sizes = {
+        k: v for k, v in (("data.image_size", data.get("image_size")), ("module.image_size", module.get("image_size")))
+    }
+    sizes = {k: int(v) for k, v in sizes.items() if isinstance(v, int) and not isinstance(v, bool)}
+    if not sizes:
+        return []
+    key = max(sizes, key=sizes.get)
+    stage = cfg.get("stage_name") or "stage"
+    urls = OmegaConf.to_container(data.train_urls) if OmegaConf.is_config(data.train_urls) else data.train_urls
+    urls = "::".join(map(str, urls)) if isinstance(urls, (list, tuple)) else str(urls)
+    return check_resolution(urls, sizes[key], what=f"the {stage} ({key}={sizes[key]})")
