@@ -122,3 +122,19 @@ def test_the_diffused_residual_has_unit_variance(experiment, pictures256):
     hi = F.interpolate(pictures256, size=int(mod.image_size), mode="area")  # the data at the stage's size
     x0, _ = m.training_inputs({"image": hi}, train=False, generator=torch.Generator().manual_seed(0))
     assert 0.5 <= float(x0.std()) <= 2.0
+
+
+def test_focused_crops_hold_the_detail_and_uniform_ones_often_do_not():
+    # On one small object over a plain background most uniform crops hold no edge at all, so they teach the
+    # upsampler nothing; train_crop_focus centres crops on detail bicubic misses (one crop per image).
+    hi = -torch.ones(64, 3, 64, 64)
+    hi[:, :, 40:48, 40:48] = 1.0  # a small square: the only detail
+    torch.manual_seed(0)
+    detail = lambda m, x: (x - m.base(m.lowres(x))).abs().flatten(1).sum(1)  # noqa: E731
+    uniform = upsampler(residual=True, train_crop_size=32)
+    focused = upsampler(residual=True, train_crop_size=32, train_crop_focus=1.0)
+    u = detail(uniform, uniform._random_crop(hi))
+    f = detail(focused, focused._random_crop(hi))
+    assert (f > 0).all() and float((u > 0).float().mean()) < 0.5
+    with pytest.raises(ValueError, match="train_crop_focus"):
+        upsampler(train_crop_focus=1.5)
