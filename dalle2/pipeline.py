@@ -112,15 +112,12 @@ def resolve_stages(cfg: Any, *, error_prefix: str = "error: ", need_prior: bool 
     """An entry point's ``pipeline=DIR`` or ``ckpt.*`` -> ``cfg.ckpt.*`` filled with the stage files (exits with one
     line, ``error_prefix`` first, for neither; likewise without a prior when ``need_prior``); returns the
     directory's own sampling settings (the base that ``steps.*`` / ``guidance.*`` ... override)."""
-    from omegaconf import open_dict
-
     try:
         paths = stage_paths(cfg)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"{error_prefix}{e}") from None
-    with open_dict(cfg):
-        for key in ("clip", "prior", "decoder", "upsamplers"):
-            cfg.ckpt[key] = paths[key]
+    for key in ("clip", "prior", "decoder", "upsamplers"):  # every entry point's config has these keys
+        cfg.ckpt[key] = paths[key]
     if need_prior and not cfg.ckpt.prior:
         raise SystemExit(f"{error_prefix}text-to-image needs a prior: ckpt.prior= (or pipeline=DIR)")
     return SamplingSettings.from_dict(paths["sampling"]) if paths["sampling"] else None

@@ -20,6 +20,17 @@ def _seed_and_threads():
 
 
 @pytest.fixture(scope="session")
+def builtin_shards64(tmp_path_factory):
+    """The same small built-in shards at 64 px, for stages that train at 64 px (a 32 -> 64 upsampler): training one
+    on 32 px pictures is refused (dalle2.data.resolution)."""
+    from dalle2.data.synthetic import write_shards
+
+    root = tmp_path_factory.mktemp("builtin64")
+    urls = write_shards(root, num_train=256, num_val=64, image_size=64, samples_per_shard=64, seed=0)
+    return {"train": urls["train"], "val": urls["val"], "test": urls["test"], "root": str(root)}
+
+
+@pytest.fixture(scope="session")
 def builtin_shards(tmp_path_factory):
     """Small built-in captioned shards (img2dataset layout) at 32 px: {"train", "val", "test": urls, "root": dir}."""
     from dalle2.data.synthetic import write_shards

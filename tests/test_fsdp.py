@@ -242,13 +242,13 @@ def test_fsdp_clip_with_an_empty_val_shard_on_one_rank_in_bf16_with_activation_c
 
 
 @pytest.mark.slow
-def test_fsdp_upsampler_with_fewer_val_batches_on_one_rank(builtin_shards, tmp_path):
+def test_fsdp_upsampler_with_fewer_val_batches_on_one_rank(builtin_shards64, tmp_path):
     """The upsampler under ``trainer=fsdp``; val = 64 samples for rank 0 and 4 for rank 1 (batches of 2: 32 and 2), with
     ``limit_val_batches=4`` (trainer=fsdp's old default): rank 0 went on to its 3rd forward while rank 1 waited in the
     end-of-validation gather — a hang. Every rank now runs 2 batches, logs the val loss over them, and rank 0 warns."""
     from helpers.shards import write_tar
 
-    good = f"{builtin_shards['val'].split('{')[0]}00000.tar"
+    good = f"{builtin_shards64['val'].split('{')[0]}00000.tar"
     with tarfile.open(good) as tar:
         first = [m for m in tar.getmembers() if m.isfile()]
         keys = sorted({m.name.split(".", 1)[0] for m in first})[:4]
@@ -259,7 +259,7 @@ def test_fsdp_upsampler_with_fewer_val_batches_on_one_rank(builtin_shards, tmp_p
     proc, probe = probe_run(
         "upsampler",
         tmp_path / "run",
-        builtin_shards,
+        builtin_shards64,
         f"{good}::{small}",
         "data.val_batch_size=2",
         "trainer.limit_val_batches=4",

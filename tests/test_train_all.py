@@ -288,9 +288,9 @@ def tiny_overrides(builtin_shards, out_dir) -> list[str]:
 
 
 @pytest.mark.slow
-def test_whole_stack_few_steps_every_artefact_then_rerun_skips(builtin_shards, tmp_path):
+def test_whole_stack_few_steps_every_artefact_then_rerun_skips(builtin_shards64, tmp_path):
     out = tmp_path / "demo"
-    args = tiny_overrides(builtin_shards, out)
+    args = tiny_overrides(builtin_shards64, out)
     env = dict(os.environ, PYTHONPATH=REPO_ROOT, OMP_NUM_THREADS="1", WANDB_MODE="offline")
     proc = subprocess.run(
         [sys.executable, "train/train_all.py", *args],
@@ -319,7 +319,7 @@ def test_whole_stack_few_steps_every_artefact_then_rerun_skips(builtin_shards, t
     from dalle2.data.webdataset import expand_urls, iter_raw_samples
 
     for split in ("train", "val"):
-        names = sorted(Path(u).name for u in expand_urls(builtin_shards[split]))
+        names = sorted(Path(u).name for u in expand_urls(builtin_shards64[split]))
         assert sorted(p.name for p in (out / "embeddings" / split).glob("*.tar")) == names
     first = next(iter_raw_samples(str(sorted((out / "embeddings/val").glob("*.tar"))[0])))
     assert {"img_emb.npy", "txt_emb.npy", "txt_tokens.npy"} <= set(first)

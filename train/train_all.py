@@ -66,7 +66,6 @@ from dalle2.train_all.planning import (  # noqa: E402
     plan_stages,
     refusals,
 )
-from dalle2.train_all.resolution import resolution_errors  # noqa: E402
 from dalle2.train_all.runner import Attempt, earlier_attempts, move_aside, run_commands, total  # noqa: E402
 
 # --------------------------------------------------------------------------------------------- stages
@@ -230,6 +229,39 @@ def uses(plan: Plan, stages: list[str]) -> dict[str, tuple[str, ...]]:
     """The earlier stages whose outputs each stage reads (an upsampler only when the cascade has one)."""
     enabled = plan.enabled_models()
     return {s: tuple(u for u in DEPENDS[s] if u not in TRAINED or u in enabled) for s in stages}
+
+
+def resolution_errors(commands: dict[str, list[str]], conf_dir: Path) -> dict[str, str]:
+    """``{stage: error}`` for the stages (name -> train/train.py argv) that would train on pictures smaller than
+    their resolution: each command line composed as train.py composes it (Hydra's compose API, with train_all's own
+    Hydra state put back after) and checked by ``check_config_resolution``, the check train.py makes at its start.
+    A command line that does not compose here is left to the stage (it fails with Hydra's own message)."""
+    if not commands:
+        return {}
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.initialize import get_gh_backup, restore_gh_from_backup
+
+    from dalle2.data.resolution import ResolutionError, check_config_resolution
+
+    errors: dict[str, str] = {}
+    backup = get_gh_backup()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+            for stage, argv in commands.items():
+                overrides = [a for a in argv[2:] if not a.lstrip("+").startswith("hydra.")]
+                try:
+                    cfg = compose(config_name="config", overrides=overrides)
+                except Exception:  # noqa: BLE001 - the stage reports its own composition error
+                    continue
+                try:
+                    check_config_resolution(cfg)
+                except ResolutionError as exn:
+                    errors[stage] = str(exn)
+    finally:
+        restore_gh_from_backup(backup)
+    return errors
 
 
 def run(cfg: DictConfig) -> dict[str, dict]:

@@ -30,7 +30,11 @@ class ResolutionError(ValueError):
 def _first_local_shard(urls: str) -> str | None:
     from dalle2.data.urls import expand_urls
 
-    for url in expand_urls(urls):
+    try:
+        expanded = expand_urls(urls)
+    except (FileNotFoundError, ValueError):
+        return None  # missing shards are reported by the shard check (or the stage that writes them runs first)
+    for url in expanded:
         path = url[len("file:") :] if url.startswith("file:") else url
         if "://" in path or path.startswith("pipe:"):
             return None  # remote shards are not probed (reading them is the loader's job)
@@ -97,8 +101,6 @@ def check_config_resolution(cfg) -> list[tuple[int, int]]:
     """:func:`check_resolution` for a composed train/train.py config: the resolution is the larger of
     ``data.image_size`` and ``module.image_size`` (an upsampler's output side), the pictures those of
     ``data.train_urls``.  Nothing is checked for a run that loads no pictures (embedding shards)."""
-    from omegaconf import OmegaConf
-
     data, module = cfg.get("data") or {}, cfg.get("module") or {}
     if not data.get("load_image", True) or not data.get("train_urls"):
         return []
@@ -110,6 +112,6 @@ def check_config_resolution(cfg) -> list[tuple[int, int]]:
         return []
     key = max(sizes, key=sizes.get)
     stage = cfg.get("stage_name") or "stage"
-    urls = OmegaConf.to_container(data.train_urls) if OmegaConf.is_config(data.train_urls) else data.train_urls
-    urls = "::".join(map(str, urls)) if isinstance(urls, (list, tuple)) else str(urls)
+    urls = data.train_urls
+    urls = urls if isinstance(urls, str) else "::".join(map(str, list(urls)))  # a list (or Hydra ListConfig) of urls
     return check_resolution(urls, sizes[key], what=f"the {stage} ({key}={sizes[key]})")
