@@ -57,7 +57,7 @@ DEMO_OUT ?= demo_out
 DEMO_EXPERIMENT ?= demo
 DEMO_OVERRIDES ?=
 
-# The whole stack on the built-in data (~29 min on 2 CPU cores with native bf16): CLIP -> retrieval eval -> embedding
+# The whole stack on the built-in data (2 CPU cores; time measured in results/demo.json): CLIP -> retrieval eval -> embedding
 # shards -> prior -> 64 px decoder -> samples of 64 held-out captions -> FID/CLIP-FD/CLIP score, lenient and strict
 # checkers -> $(DEMO_OUT)/report.md (DEMO_EXPERIMENT=demo_cascade: 32 px decoder + upsampler). Finished stages are
 # skipped when rerun; e.g.

@@ -268,8 +268,11 @@ def write_report(out_dir: str | Path) -> Path:
     checker = None
     if evaluation:
         checker = {k: v for k, v in flat_items(evaluation) if _is_checker_key(k)} or None
+    from_samples = checker_from_samples(out / "sample")  # with strict/all's interval over the seeds sampled
     if checker is None:
-        checker = checker_from_samples(out / "sample")
+        checker = from_samples
+    elif from_samples:
+        checker.update({k: from_samples[k] for k in ("strict/all_ci", "num_images", "seeds") if k in from_samples})
     prior = logs["prior"]
     cos = {k: last(prior, f"val/{k}") for k in ("cos_sampled", "cos_text_baseline", "cos_shuffled")}
     r1 = (retrieval or {}).get("image_to_text_R@1"), (retrieval or {}).get("text_to_image_R@1")
