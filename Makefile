@@ -38,9 +38,9 @@ format: $(STAMP)
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
-# `make test` (what CI runs, ~15 min on 2 cores): lint, the docs site, and every test not marked `slow` -- the
+# `make test` (what CI runs, ~12 min on 2 cores): lint, the docs site, and every test not marked `slow` -- the
 # unhappy-path guarantees (kill -9 and resume, a signal to one rank, a dead rank, uneven shards) included.
-# `make test-all` adds the `slow` ones (compile parity, FSDP vs DDP equality, the whole stack, notebooks, ~23 min more).
+# `make test-all` adds the `slow` ones (compile parity, FSDP vs DDP equality, the whole stack, notebooks).
 test: lint docs
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
