@@ -256,8 +256,9 @@ def clip_score_scorer(evaluation: dict | None, out: Path) -> str:
     return f"scored by {path}"
 
 
-def write_report(out_dir: str | Path) -> Path:
-    """Write ``out_dir/report.md`` and ``report.html``; returns the Markdown path."""
+def write_report(out_dir: str | Path, from_samples: dict | None = None) -> Path:
+    """Write ``out_dir/report.md`` and ``report.html``; returns the Markdown path.  ``from_samples``: the
+    :func:`checker_from_samples` figures when the caller has them already (computed here otherwise)."""
     out = Path(out_dir)
     figs = out / "report"
     doc = Doc(out)
@@ -268,7 +269,8 @@ def write_report(out_dir: str | Path) -> Path:
     checker = None
     if evaluation:
         checker = {k: v for k, v in flat_items(evaluation) if _is_checker_key(k)} or None
-    from_samples = checker_from_samples(out / "sample")  # with strict/all's interval over the seeds sampled
+    if from_samples is None:  # with strict/all's interval over the seeds sampled
+        from_samples = checker_from_samples(out / "sample")
     if checker is None:
         checker = from_samples
     elif from_samples:
@@ -515,14 +517,14 @@ def pct(v) -> str:
     return f"{100 * v:.1f} %" if isinstance(v, (int, float)) else NOT_RUN
 
 
-def demo_figures(out_dir: str | Path) -> dict:
+def demo_figures(out_dir: str | Path, from_samples: dict | None = None) -> dict:
     """The run's headline figures, as the report shows them: strict/all (with its interval, images and seeds), the
     strict verdicts, the lenient reader, CLIP R@1, FID / CLIP-FD / CLIP score (samples and real images), and each
     stage's wall and CPU seconds with their totals."""
     out = Path(out_dir)
     evaluation = read_json(out / "evaluate" / "metrics.json") or {}
     retrieval = read_json(out / "retrieval" / "metrics.json") or {}
-    checker = checker_from_samples(out / "sample") or {}
+    checker = (checker_from_samples(out / "sample") if from_samples is None else from_samples) or {}
     figures: dict = {k: v for k, v in checker.items() if not isinstance(v, dict)}
     for key, names in (
         ("fid", ("fid",)),
@@ -554,7 +556,8 @@ def main(argv: list[str]) -> None:
         result = args[i + 1]
         del args[i : i + 2]
     out = args[0] if args else "demo_out"
-    write_report(out)
+    from_samples = checker_from_samples(Path(out) / "sample")  # once, for the report and the results file
+    write_report(out, from_samples)
     if result:
         from dalle2.results import write_result
 
@@ -564,7 +567,7 @@ def main(argv: list[str]) -> None:
         }
         path = write_result(
             result,
-            demo_figures(out),
+            demo_figures(out, from_samples),
             checkpoints={s: str(p) for s, p in ckpts.items() if p.is_file()},
             split="test",
             seeds=sorted(

@@ -12,7 +12,6 @@ enough; when only some are too small it warns with their count.
 from __future__ import annotations
 
 import io
-import os
 import warnings
 from collections import Counter
 
@@ -27,20 +26,15 @@ class ResolutionError(ValueError):
     """The shard pictures are smaller than the resolution the stage trains at."""
 
 
-def _first_local_shard(urls: str) -> str | None:
-    from dalle2.data.urls import expand_urls
+def _first_local_shard(urls) -> str | None:
+    from dalle2.data.urls import expand_urls, is_remote
 
     try:
-        expanded = expand_urls(urls)
+        expanded = expand_urls(urls)  # local paths come back existing, without file:
     except (FileNotFoundError, ValueError):
         return None  # missing shards are reported by the shard check (or the stage that writes them runs first)
-    for url in expanded:
-        path = url[len("file:") :] if url.startswith("file:") else url
-        if "://" in path or path.startswith("pipe:"):
-            return None  # remote shards are not probed (reading them is the loader's job)
-        if os.path.isfile(path):
-            return path
-    return None
+    first = expanded[0]
+    return None if is_remote(first) else first  # remote shards are not probed (reading them is the loader's job)
 
 
 def probe_image_sizes(urls: str, *, max_samples: int = 16) -> tuple[str | None, list[tuple[int, int]]]:
@@ -105,13 +99,14 @@ def check_config_resolution(cfg) -> list[tuple[int, int]]:
     if not data.get("load_image", True) or not data.get("train_urls"):
         return []
     sizes = {
-        k: v for k, v in (("data.image_size", data.get("image_size")), ("module.image_size", module.get("image_size")))
+        k: int(v)
+        for k, v in (("data.image_size", data.get("image_size")), ("module.image_size", module.get("image_size")))
+        if isinstance(v, int) and not isinstance(v, bool)
     }
-    sizes = {k: int(v) for k, v in sizes.items() if isinstance(v, int) and not isinstance(v, bool)}
     if not sizes:
         return []
     key = max(sizes, key=sizes.get)
     stage = cfg.get("stage_name") or "stage"
     urls = data.train_urls
-    urls = urls if isinstance(urls, str) else "::".join(map(str, list(urls)))  # a list (or Hydra ListConfig) of urls
+    urls = urls if isinstance(urls, str) else [str(u) for u in urls]  # a list (or Hydra ListConfig) of urls
     return check_resolution(urls, sizes[key], what=f"the {stage} ({key}={sizes[key]})")
