@@ -51,7 +51,7 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 data: $(STAMP)
-	$(PY) -m dalle2.data.synthetic --out data_builtin --num-train 4096 --num-val 512 --num-test 512 --image-size 64
+	$(PY) -m dalle2.data.synthetic --out data_builtin --num-train 4096 --num-val 512 --num-test 512 --image-size 256 --reuse
 
 DEMO_OUT ?= demo_out
 DEMO_EXPERIMENT ?= demo
@@ -63,7 +63,7 @@ DEMO_OVERRIDES ?=
 # skipped when rerun; e.g.
 #   make demo DEMO_OVERRIDES="decoder.trainer.max_steps=6000 force=[decoder]"
 demo: $(STAMP)
-	test -f data_builtin/test/00001.tar || $(PY) -m dalle2.data.synthetic --out data_builtin --num-train 4096 --num-val 512 --num-test 512 --image-size 64
+	$(PY) -m dalle2.data.synthetic --out data_builtin --num-train 4096 --num-val 512 --num-test 512 --image-size 256 --reuse
 	$(PY) train/train_all.py experiment=$(DEMO_EXPERIMENT) out_dir=$(DEMO_OUT) $(DEMO_OVERRIDES)
 	@echo "[make demo] report: $(DEMO_OUT)/report.md (also $(DEMO_OUT)/report.html; samples in $(DEMO_OUT)/sample/)"
 

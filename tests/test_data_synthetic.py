@@ -191,3 +191,25 @@ def test_cli_writes_disjoint_train_val_test_splits(tmp_path, capsys):
     assert set(urls) == {"train", "val"} and not (tmp_path / "c/test").exists()
     with pytest.raises(ValueError, match="num_test"):
         write_shards(tmp_path / "d", num_train=2, num_val=2, num_test=-1)
+
+
+def test_reuse_keeps_shards_of_the_size_asked_and_rewrites_others(tmp_path, capsys):
+    """`make demo` / `make data` pass --reuse: shards already there at --image-size are kept (not rewritten), shards
+    of another size (the 64 px built-in data of older versions) or an incomplete set are written again."""
+    from dalle2.data.synthetic import main
+
+    args = ["--out", str(tmp_path), "--num-train", "6", "--num-val", "5", "--samples-per-shard", "4", "--reuse"]
+    main([*args, "--image-size", "16"])
+    shard = tmp_path / "train/00001.tar"
+    before = shard.stat().st_mtime_ns
+    capsys.readouterr()
+    main([*args, "--image-size", "16"])
+    assert "kept" in capsys.readouterr().out and shard.stat().st_mtime_ns == before
+    main([*args, "--image-size", "24"])  # another size: rewritten
+    assert "kept" not in capsys.readouterr().out
+    from dalle2.data.resolution import probe_image_sizes
+
+    assert probe_image_sizes(str(shard))[1][0] == (24, 24)
+    (tmp_path / "test/00001.tar").unlink()  # incomplete: rewritten
+    main([*args, "--image-size", "24"])
+    assert "kept" not in capsys.readouterr().out and (tmp_path / "test/00001.tar").is_file()

@@ -23,7 +23,10 @@ keys are 9-digit zero-padded strings (``"000000012"``).
 
 CLI::
 
-    python -m dalle2.data.synthetic --out data_builtin --num-train 4096 --num-val 512 --num-test 512 --image-size 64
+    python -m dalle2.data.synthetic --out data_builtin --num-train 4096 --num-val 512 --num-test 512 --image-size 256
+
+(256 px: every stage reads the size it needs, the base decoder 64 px, the upsampler 256 px; ``--reuse`` keeps shards
+already written at that size.)
 """
 
 from __future__ import annotations
@@ -284,6 +287,35 @@ def write_shards(
     return urls
 
 
+def existing_shards(
+    out_dir: str | os.PathLike,
+    image_size: int,
+    *,
+    num_train: int,
+    num_val: int,
+    num_test: int | None = None,
+    samples_per_shard: int = 256,
+) -> dict[str, str] | None:
+    """``{split: urls}`` of the shards :func:`write_shards` would write in ``out_dir`` when they are all there and
+    their first pictures are ``image_size`` px; otherwise None."""
+    from dalle2.data.resolution import probe_image_sizes
+
+    num_test = num_val if num_test is None else num_test
+    urls = {}
+    for split, num in (("train", num_train), ("val", num_val), ("test", num_test)):
+        if num <= 0:
+            continue
+        last = max(1, -(-num // samples_per_shard)) - 1
+        paths = [os.path.join(os.fspath(out_dir), split, f"{i:05d}.tar") for i in range(last + 1)]
+        if not all(os.path.isfile(x) for x in paths):
+            return None
+        _, sizes = probe_image_sizes(paths[0], max_samples=4)
+        if not sizes or any(s != (image_size, image_size) for s in sizes):
+            return None
+        urls[split] = os.path.join(os.fspath(out_dir), split, f"{{00000..{last:05d}}}.tar")
+    return urls
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Write the built-in synthetic captioned shards (img2dataset layout).")
     p.add_argument("--out", required=True, help="output directory (gets train/, val/ and test/)")
@@ -292,7 +324,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--num-test", type=int, default=None, help="held-out samples for reporting (test/; default: --num-val)"
     )
-    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--image-size", type=int, default=256, help="side of the pictures (stages read the size they need)")
     p.add_argument("--samples-per-shard", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-format", choices=["jpg", "png"], default="jpg")
@@ -303,7 +335,26 @@ def main(argv: list[str] | None = None) -> None:
         help="scale of the position/size/colour jitter (1: the "
         "built-in data's; <= 1.2 keeps every shape off the border at 32 px)",
     )
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="keep shards already in --out when every split's are there with pictures of --image-size px "
+        "(otherwise write them: shards of another size, e.g. from an older version, are rewritten)",
+    )
     a = p.parse_args(argv)
+    if a.reuse:
+        found = existing_shards(
+            a.out,
+            a.image_size,
+            num_train=a.num_train,
+            num_val=a.num_val,
+            num_test=a.num_test,
+            samples_per_shard=a.samples_per_shard,
+        )
+        if found is not None:
+            for split, url in found.items():
+                print(f"{split}: {url} (kept: {a.image_size} px pictures)")
+            return
     urls = write_shards(
         a.out,
         num_train=a.num_train,
