@@ -1,13 +1,14 @@
 """Does the super-resolution stage beat bicubic?  Real / bicubic / SR on held-out built-in pictures.
 
     python eval/sr_table.py --upsampler demo_out/upsampler/checkpoints/last.ckpt --split test --num 256 \
-        --out results/sr_table.json [--md sr_table.md] [--steps 7] [--aug-level 0]
+        --out results/sr_table.json [--md sr_table.md] [--steps 7] [--aug-level 0] [--start-t 100]
 
 The first ``--num`` pictures of the split are read twice through the data loader (``load_rgb``): at the
 upsampler's output size (the real high-res pictures) and at its input size, the view the base decoder is trained
 on and so the kind of image the pipeline gives the upsampler.  Each low-res picture is upsampled by bicubic and by
 the upsampler (EMA weights, DDIM ``--steps``, seeded per picture), and each set is scored against the real pictures
-(``dalle2.decoder.sr_eval.compare_upsampling``): PSNR, the edge blend width (the strict checker's, in px, and its
+(``dalle2.decoder.sr_eval.compare_upsampling``; an upsampler with a regression mean also gets a row for that estimate
+alone, ``sr_mean_only``): PSNR, the edge blend width (the strict checker's, in px, and its
 ratio to the real pictures'), the strict checker (``strict/all``: every attribute, sharpness included) and the
 lenient one.  ``--split val`` while choosing settings, ``--split test`` for the figures you report.  Written with
 ``dalle2.results.write_result`` (the command, git sha, machine, the checkpoint's sha256).
@@ -34,13 +35,16 @@ from dalle2.stages import load_stage  # noqa: E402
 COLUMNS = ("psnr", "edge_width", "edge_width_ratio", "strict/all", "strict/sharp", "strict/shape", "accuracy/all")
 
 
-def upsample_all(stage, low: torch.Tensor, *, steps: int, aug_level: int | None, seed: int, batch_size: int):
+def upsample_all(
+    stage, low: torch.Tensor, *, steps: int, aug_level: int | None, seed: int, batch_size: int, start_t=None
+):
     """``stage.upsample`` of every picture, picture i seeded by (seed, i) whatever the batch size."""
     out = []
     for i in range(0, len(low), batch_size):
         idx = list(range(i, min(len(low), i + batch_size)))
         gens = sample_generators([seed] * len(idx), idx, STREAM_UPSAMPLER)
-        out.append(stage.upsample(low[idx], steps=steps, generator=gens, aug_level=aug_level).cpu())
+        up = stage.upsample(low[idx], steps=steps, generator=gens, aug_level=aug_level, start_t=start_t)
+        out.append(up.cpu())
     return torch.cat(out)
 
 
@@ -59,6 +63,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--num", type=int, default=256)
     p.add_argument("--steps", type=int, default=7)
     p.add_argument("--aug-level", type=int, default=None, help="low-res noise level (default: the stage's own)")
+    p.add_argument(
+        "--start-t",
+        type=int,
+        default=None,
+        help="start the chain at this timestep from the noised estimate (SDEdit; default: the stage's "
+        "sample_start_t; -1: the whole chain)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--out", default=None, help="results JSON (dalle2.results.write_result)")
@@ -71,14 +82,19 @@ def main(argv: list[str] | None = None) -> dict:
     lo = load_val(urls, image_size=stage.lowres_size, num=a.num)
     attributes = [parse_caption(c) for c in hi["caption"]]
     t0, cpu0 = time.time(), time.process_time()
-    sr = upsample_all(stage, lo["image"], steps=a.steps, aug_level=a.aug_level, seed=a.seed, batch_size=a.batch_size)
+    kw = dict(aug_level=a.aug_level, seed=a.seed, batch_size=a.batch_size)
+    sr = upsample_all(stage, lo["image"], steps=a.steps, start_t=a.start_t, **kw)
     seconds = {"wall_s": time.time() - t0, "cpu_s": time.process_time() - cpu0}
-    rows = compare_upsampling(hi["image"], {"bicubic": bicubic(lo["image"], stage.image_size), "sr": sr}, attributes)
+    candidates = {"bicubic": bicubic(lo["image"], stage.image_size), "sr": sr}
+    if callable(getattr(stage.net, "regression_mean", None)):  # its deterministic estimate alone, for comparison
+        candidates["sr_mean_only"] = upsample_all(stage, lo["image"], steps=0, **kw)
+    rows = compare_upsampling(hi["image"], candidates, attributes)
     figures = {
         "rows": rows,
         "stage": f"{stage.lowres_size} -> {stage.image_size} px",
         "num": len(attributes),
         "steps": a.steps,
+        "start_t": stage.sample_start_t if a.start_t is None else a.start_t,
         "aug_level": stage.sample_aug_level if a.aug_level is None else a.aug_level,
         "sr_seconds_per_image": {k: v / len(attributes) for k, v in seconds.items()},
     }

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dalle2.diffusion import GaussianDiffusion, LowResAugmentation, cfg_model_fn, dynamic_threshold, sample, static_clip
-from dalle2.diffusion.samplers import Generators
+from dalle2.diffusion.samplers import Generators, randn
+from dalle2.diffusion.schedules import respace_timesteps
 from dalle2.nn import eval_mode
 
 Threshold = Literal["static", "dynamic", "none"]
@@ -60,6 +61,15 @@ def residual_base(lowres_images: Tensor, scale: int, *, residual: bool) -> Tenso
     if not residual:
         return lowres_images.new_zeros(*lowres_images.shape[:-2], *size)
     return F.interpolate(lowres_images.float(), size=size, mode="bicubic", align_corners=False)
+
+
+def upsampler_base(net: nn.Module, lowres_images: Tensor, scale: int, *, residual: bool) -> Tensor:
+    """What an upsampler's diffusion output is added to: the network's regression mean when it has one
+    (:class:`~dalle2.decoder.sr_mean.MeanResidualSR`), else :func:`residual_base`."""
+    if residual and callable(getattr(net, "regression_mean", None)):
+        with eval_mode(net):
+            return net.regression_mean(lowres_images).float()
+    return residual_base(lowres_images, scale, residual=residual)
 
 
 def decoder_conditioning(
@@ -165,13 +175,18 @@ def sample_upsampler(
     dynamic_percentile: float = 0.995,
     spacing: str = "leading",
     x_T: Tensor | None = None,
+    start_t: int | None = None,
 ) -> Tensor:
     """``lowres_images (B, C, h, w)`` in [-1, 1] -> ``(B, C, h * scale, w * scale)`` in [-1, 1].
 
     The low-res images are noised at ``aug_level`` (no blur) with noise from ``generator``, as in training, and the
     network sees that level.  With ``residual`` the network diffuses ``residual_gain * (image - bicubic(low-res))``:
-    its output divided by the gain is added to ``bicubic(low-res)``, and the x0 clipping applies to that sum (the
-    image), not to the residual.
+    its output divided by the gain is added to ``bicubic(low-res)`` (or to the network's regression mean,
+    :func:`upsampler_base`), and the x0 clipping applies to that sum (the image), not to the residual.  ``steps=0``
+    returns that deterministic estimate alone.  ``start_t`` (with ``residual``) starts the chain at that training
+    timestep from the noised estimate (a zero residual: ``x = sqrt(1 - alpha_bar) * noise``) and takes ``steps``
+    steps spaced uniformly down to t = 0 (SDEdit, Meng et al. 2022): the few last steps, where the network draws
+    the edges (docs/decoder.md "The cascade"), refine the estimate.
     """
     device = next(net.parameters()).device
     lo = lowres_images.to(device).float()
@@ -180,12 +195,24 @@ def sample_upsampler(
     else:
         lo_aug, level = lowres_aug(lo, train=False, level=int(aug_level), generator=generator)
     B, C, h, w = lo.shape
-    base = residual_base(lo, scale, residual=residual)
+    base = upsampler_base(net, lo, scale, residual=residual)
+    if steps == 0:  # the deterministic estimate alone (bicubic, or the regression mean of dalle2.decoder.sr_mean)
+        return base.float().clamp(-1.0, 1.0)
     transform = x0_transform(threshold, dynamic_percentile)
     gain = float(residual_gain) if residual else 1.0
     if transform is not None and residual:
         image_transform = transform
         transform = lambda r: (image_transform(base + r / gain) - base) * gain  # noqa: E731
+    timesteps = None
+    if start_t is not None:
+        if not residual or not 0 <= int(start_t) < diffusion.num_timesteps:
+            raise ValueError(
+                f"start_t needs a residual upsampler and 0 <= start_t < {diffusion.num_timesteps}; got {start_t}"
+            )
+        timesteps = respace_timesteps(int(start_t) + 1, min(int(steps), int(start_t) + 1), "uniform").to(device)
+        if x_T is None:
+            noise = randn((B, C, h * scale, w * scale), generator=generator, device=device)
+            x_T = diffusion.q_sample(torch.zeros_like(noise), torch.full((B,), int(start_t), device=device), noise)
     with eval_mode(net):
         out = sample(
             net,
@@ -199,5 +226,6 @@ def sample_upsampler(
             x0_transform=transform,
             spacing=spacing,
             device=device,
+            timesteps=timesteps,
         )
     return (base + out.float() / gain).clamp(-1.0, 1.0)

@@ -119,6 +119,7 @@ class UpsamplerStage(nn.Module):
         residual_gain: float = 1.0,
         sample_spacing: str = "leading",
         downsample_mode: DownsampleMode = "area",
+        sample_start_t: int | None = None,
     ) -> None:
         super().__init__()
         if image_size % lowres_size:
@@ -131,6 +132,7 @@ class UpsamplerStage(nn.Module):
         self.sample_aug_level, self.residual = int(sample_aug_level), bool(residual)
         self.residual_gain = float(residual_gain)
         self.sample_spacing, self.downsample_mode = sample_spacing, downsample_mode
+        self.sample_start_t = None if sample_start_t is None else int(sample_start_t)
 
     @classmethod
     def from_hparams(cls, hparams: Mapping[str, Any]) -> UpsamplerStage:
@@ -147,6 +149,7 @@ class UpsamplerStage(nn.Module):
             residual_gain=float(hparams.get("residual_gain", 1.0)),
             sample_spacing=hparams.get("sample_spacing", "leading"),
             downsample_mode=hparams.get("downsample_mode", "area"),
+            sample_start_t=hparams.get("sample_start_t"),
         )
 
     def lowres(self, images: Tensor) -> Tensor:
@@ -167,8 +170,11 @@ class UpsamplerStage(nn.Module):
         dynamic_percentile: float = 0.995,
         x_T: Tensor | None = None,
         spacing: str | None = None,
+        start_t: int | None = None,
     ) -> Tensor:
-        """``(B, C, h, w)`` in [-1, 1] -> ``(B, C, h * scale, w * scale)`` in [-1, 1] (:func:`sample_upsampler`)."""
+        """``(B, C, h, w)`` in [-1, 1] -> ``(B, C, h * scale, w * scale)`` in [-1, 1] (:func:`sample_upsampler`;
+        ``start_t`` None: the stage's ``sample_start_t``, -1: the whole chain)."""
+        start_t = self.sample_start_t if start_t is None else start_t
         return sample_upsampler(
             self.net,
             self.diffusion,
@@ -186,4 +192,5 @@ class UpsamplerStage(nn.Module):
             dynamic_percentile=dynamic_percentile,
             spacing=spacing or self.sample_spacing,
             x_T=x_T,
+            start_t=None if start_t is None or start_t < 0 else start_t,
         )

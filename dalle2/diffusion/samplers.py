@@ -421,6 +421,7 @@ def sample(
     rho: float = 7.0,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
+    timesteps: Tensor | None = None,
 ) -> Tensor:
     """Draw samples: the one entry point the prior, decoder and pipeline use.
 
@@ -431,7 +432,9 @@ def sample(
     ``spacing``: how the ``steps`` timesteps are chosen (``trailing`` measured best on the analytic benchmark
     for every sampler; ``karras`` snaps Karras sigmas, rho = ``rho``, to training timesteps).
     ``eta`` only applies to ``ddim``.  ``x0_transform`` (e.g. :func:`~dalle2.diffusion.guidance.static_clip`)
-    is applied to every x0 prediction.  Returns the clean sample, same shape as ``x_T``.
+    is applied to every x0 prediction.  ``timesteps`` (descending training timesteps) replaces ``steps`` /
+    ``spacing``: a chain that starts below T - 1 takes ``x_T`` as the noisy image at its first timestep (SDEdit).
+    Returns the clean sample, same shape as ``x_T``.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; expected one of {sorted(SAMPLERS)}")
@@ -441,7 +444,8 @@ def sample(
         if device is None and isinstance(generator, torch.Generator):
             device = generator.device
         x = randn(shape_or_x_T, generator=generator, device=device, dtype=dtype or torch.float32)
-    timesteps = sampling_timesteps(diffusion, sampler, steps, spacing, rho=rho)
+    if timesteps is None:
+        timesteps = sampling_timesteps(diffusion, sampler, steps, spacing, rho=rho)
     kwargs: dict[str, Any] = dict(
         diffusion=diffusion, model_kwargs=model_kwargs, x0_transform=x0_transform, callback=callback
     )

@@ -30,7 +30,14 @@ from torch import Tensor
 
 from dalle2.clip.model import text_mask
 from dalle2.decoder.networks import build_unet
-from dalle2.decoder.sampling import Threshold, decoder_conditioning, downsample, psnr, residual_base
+from dalle2.decoder.sampling import (
+    Threshold,
+    decoder_conditioning,
+    downsample,
+    psnr,
+    residual_base,
+    upsampler_base,
+)
 from dalle2.decoder.stage import DecoderStage, UpsamplerStage, decoder_diffusion_config, lowres_augmentation
 from dalle2.lit.diffusion_base import DiffusionStageModule, FrozenClipMixin
 from dalle2.seeding import mix_seed
@@ -327,6 +334,9 @@ class UpsamplerModule(_CascadeStageModule):
         sample_spacing: the sampling timesteps (``dalle2.diffusion.sample``'s ``spacing``); ``leading`` (default) ends
             with a step at t = 0: the sample is the network's estimate from an almost clean image, with the edges drawn
             (``trailing`` stops at T / steps - 1, whose estimate is a blur of them).
+        sample_start_t: with ``residual`` (best with ``network.regression_mean``), start sampling at this training
+            timestep from the noised deterministic estimate and step uniformly down to 0 (SDEdit); None: the whole
+            chain from pure noise.
     """
 
     stage = "upsampler"
@@ -346,6 +356,8 @@ class UpsamplerModule(_CascadeStageModule):
         residual: bool = False,
         residual_gain: float = 1.0,
         sample_spacing: Literal["uniform", "trailing", "leading", "karras"] = "leading",
+        sample_start_t: int | None = None,
+        mean_loss: Literal["mse", "l1"] = "mse",
         ema_decay: float = 0.9999,
         ema_warmup: int = 10,
         ema_update_every: int = 1,
@@ -377,19 +389,39 @@ class UpsamplerModule(_CascadeStageModule):
             raise ValueError(f"train_crop_focus must be in [0, 1], got {train_crop_focus}")
         if residual_gain <= 0:
             raise ValueError(f"residual_gain must be > 0, got {residual_gain}")
+        if mean_loss not in ("mse", "l1"):
+            raise ValueError(f"mean_loss must be 'mse' or 'l1', got {mean_loss!r}")
         self.lowres_aug = lowres_augmentation(lowres_aug)
         if not 0 <= sample_aug_level <= self.lowres_aug.num_levels:
             raise ValueError(f"sample_aug_level must be in [0, {self.lowres_aug.num_levels}], got {sample_aug_level}")
         self.sample_aug_level = int(sample_aug_level)
+        if (
+            network.get("regression_mean") is not None
+        ):  # dalle2.decoder.sr_mean: the diffusion refines a regression mean
+            if not residual:
+                raise ValueError("network.regression_mean needs residual: true (the diffusion models image - mean)")
+            mean = {"scale": self.scale, "gain": residual_gain, **network["regression_mean"]}
+            if int(mean["scale"]) != self.scale:
+                raise ValueError(
+                    f"network.regression_mean.scale {mean['scale']} != image_size / lowres_size {self.scale}"
+                )
+            network = {**network, "regression_mean": mean}
+            self.hparams["network"] = network  # the stage (UpsamplerStage.from_hparams) builds the same network
         self._build_net(network, channels_last=channels_last, grad_checkpointing=grad_checkpointing)
 
     def lowres(self, images: Tensor) -> Tensor:
         """High-res images ``(B, C, H, W)`` -> their clean low-res copies ``(B, C, H/scale, W/scale)``."""
         return downsample(images, images.shape[-1] // self.scale, mode=self.hparams.downsample_mode)
 
-    def base(self, lowres_images: Tensor) -> Tensor:
-        """What the network's output is added to: ``bicubic(low-res)`` with ``residual``, else zeros."""
-        return residual_base(lowres_images, self.scale, residual=self.hparams.residual)
+    def base(self, lowres_images: Tensor, *, use_ema: bool = False) -> Tensor:
+        """What the network's output is added to: with ``residual``, the regression mean of the network's
+        (``network.regression_mean``) or ``bicubic(low-res)``; else zeros. No gradient."""
+        with torch.no_grad():
+            return upsampler_base(self._network(use_ema), lowres_images, self.scale, residual=self.hparams.residual)
+
+    @property
+    def has_regression_mean(self) -> bool:
+        return self.hparams.network.get("regression_mean") is not None
 
     def _random_crop(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """One random ``train_crop_size`` crop per image, on the ``scale`` grid; with ``train_crop_focus`` = f, a
@@ -421,7 +453,34 @@ class UpsamplerModule(_CascadeStageModule):
         self, batch: dict, *, train: bool, generator: torch.Generator | None = None
     ) -> tuple[Tensor, dict]:
         """``(x0, model_kwargs)``: the (cropped, when training with ``train_crop_size``) high-res image — or its residual
-        over bicubic — and its augmented low-res copy with the augmentation level."""
+        over bicubic / the regression mean — and its augmented low-res copy with the augmentation level."""
+        x0, kwargs, _ = self.sr_inputs(batch, train=train, generator=generator)
+        return x0, kwargs
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        x0, kwargs, mean_loss = self.sr_inputs(batch, train=True)
+        losses, per_sample = self.diffusion.training_losses(self.net, x0, model_kwargs=kwargs, return_per_sample=True)
+        if mean_loss is not None:  # the regression mean's MSE, on the residual over bicubic times its gain
+            losses["loss/diffusion"] = losses["loss"].detach()
+            losses["loss/mean"] = mean_loss.detach()
+            losses["loss"] = losses["loss"] + mean_loss
+            per_sample["loss"] = per_sample["loss"] + mean_loss.detach()
+        self.log_losses(losses, per_sample)
+        return losses["loss"]
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        gen = torch.Generator(device=self.device).manual_seed(mix_seed(batch_idx, self.global_rank))
+        x0, kwargs, mean_loss = self.sr_inputs(batch, train=False, generator=gen, use_ema=True)
+        losses = self.diffusion.training_losses(self.ema_net, x0, generator=gen, model_kwargs=kwargs)
+        if mean_loss is not None:
+            losses["mean_loss"] = mean_loss
+        self.log_val({f"val/{k}": v for k, v in losses.items()}, x0.shape[0])
+
+    def sr_inputs(
+        self, batch: dict, *, train: bool, generator: torch.Generator | None = None, use_ema: bool = False
+    ) -> tuple[Tensor, dict, Tensor | None]:
+        """``(x0, model_kwargs, mean_loss)``: :meth:`training_inputs` and, with a regression mean, its MSE loss
+        (gradient to the mean network; the diffusion target is taken over its detached output)."""
         hi = batch["image"]
         if train:
             hi = self._random_crop(hi, generator)
@@ -431,9 +490,19 @@ class UpsamplerModule(_CascadeStageModule):
         else:
             clean = self.lowres(hi)
         lo, level = self.lowres_aug.add_noise(clean, train=train, level=self.sample_aug_level, generator=generator)
-        hp = self.hparams
-        target = (hi - self.base(clean).to(hi.dtype)) * float(hp.get("residual_gain", 1.0)) if hp.residual else hi
-        return self._image_input(target), {"lowres_image": self._image_input(lo), "lowres_aug_level": level}
+        hp, mean_loss = self.hparams, None
+        if self.has_regression_mean:
+            net = self._network(use_ema)
+            predicted = net.mean_residual(clean)
+            bicubic_up = residual_base(clean, self.scale, residual=True)
+            gain = float(hp.network["regression_mean"]["gain"])
+            err = predicted.float() - (hi.float() - bicubic_up) * gain
+            mean_loss = err.abs().mean() if hp.get("mean_loss", "mse") == "l1" else err.pow(2).mean()
+            base = bicubic_up + predicted.detach().float() / gain
+        else:
+            base = self.base(clean)
+        target = (hi - base.to(hi.dtype)) * float(hp.get("residual_gain", 1.0)) if hp.residual else hi
+        return self._image_input(target), {"lowres_image": self._image_input(lo), "lowres_aug_level": level}, mean_loss
 
     @torch.no_grad()
     def upsample(
@@ -450,6 +519,7 @@ class UpsamplerModule(_CascadeStageModule):
         use_ema: bool = True,
         x_T: Tensor | None = None,
         spacing: str | None = None,
+        start_t: int | None = None,
     ) -> Tensor:
         """``lowres_images (B, C, h, w)`` in [-1, 1] -> ``(B, C, h * scale, w * scale)`` in [-1, 1].
 
@@ -467,6 +537,7 @@ class UpsamplerModule(_CascadeStageModule):
             dynamic_percentile=dynamic_percentile,
             x_T=x_T,
             spacing=spacing,
+            start_t=start_t,
         )
 
     def sampling_stage(self, *, use_ema: bool = True) -> UpsamplerStage:
@@ -483,6 +554,7 @@ class UpsamplerModule(_CascadeStageModule):
             residual_gain=float(hp.get("residual_gain", 1.0)),
             sample_spacing=hp.sample_spacing,
             downsample_mode=hp.downsample_mode,
+            sample_start_t=hp.get("sample_start_t"),
         )
 
     def preview(

@@ -50,7 +50,15 @@ __all__ = ["DTYPES", "FSDP2Strategy", "SHARD_UNITS", "compile_network", "is_shar
 # the units of sharding (each one all-gathered for its forward and freed after): blocks of every network here
 SHARD_UNITS: tuple[type[nn.Module], ...] = (PriorBlock, ResidualAttentionBlock, ResBlock, PixelAttention, Bottleneck)
 # methods other than forward that the stages call on a network (they all-gather its root parameters too)
-FORWARD_METHODS = ("encode_text", "encode_image", "embed_images", "encode_text_features", "clamped_logit_scale")
+FORWARD_METHODS = (
+    "encode_text",
+    "encode_image",
+    "embed_images",
+    "encode_text_features",
+    "clamped_logit_scale",
+    "regression_mean",
+    "mean_residual",
+)
 DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
