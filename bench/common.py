@@ -266,7 +266,9 @@ def setup_decoder(
     )
 
 
-def setup_upsampler(config: str, batch: int, device: torch.device, *, channels_last: bool = False) -> StageSetup:
+def setup_upsampler(
+    config: str, batch: int, device: torch.device, *, channels_last: bool = False, crop: int = 0
+) -> StageSetup:
     from dalle2.lit.decoder_module import UpsamplerModule
 
     config = UPSAMPLER_PRESETS.get(config, config)
@@ -279,13 +281,20 @@ def setup_upsampler(config: str, batch: int, device: torch.device, *, channels_l
         lowres_aug={"max_train_level": 250},
         sample_aug_level=50,
         channels_last=channels_last,
+        train_crop_size=crop or None,  # e.g. a quarter of the side, as the paper trains its SR stages
     ).to(device)
 
     def make_batch() -> dict[str, Any]:
         return {"image": torch.rand(batch, 3, size, size, device=device) * 2 - 1}
 
+    side = crop or size
     return _stage_setup(
-        "upsampler", config, module, make_batch, (batch, 3, size, size), {"image_size": size, "lowres_size": low}
+        "upsampler",
+        config,
+        module,
+        make_batch,
+        (batch, 3, side, side),
+        {"image_size": size, "lowres_size": low, "train_crop_size": crop or None},
     )
 
 
@@ -311,7 +320,13 @@ def setup_clip(config: str, batch: int, device: torch.device) -> StageSetup:
 
 
 def setup_stage(
-    stage: str, config: str | None, batch: int | None, device: torch.device, *, channels_last: bool = False
+    stage: str,
+    config: str | None,
+    batch: int | None,
+    device: torch.device,
+    *,
+    channels_last: bool = False,
+    crop: int = 0,
 ) -> StageSetup:
     if stage not in STAGES:
         raise SystemExit(f"unknown stage {stage!r}; expected one of {STAGES}")
@@ -322,7 +337,7 @@ def setup_stage(
     elif stage == "decoder":
         s = setup_decoder(config, batch, device, channels_last=channels_last)
     elif stage == "upsampler":
-        s = setup_upsampler(config, batch, device, channels_last=channels_last)
+        s = setup_upsampler(config, batch, device, channels_last=channels_last, crop=crop)
     else:
         s = setup_clip(config, batch, device)
     s.net.to(device)

@@ -11,7 +11,8 @@ precision fp32|bf16 (bf16 = autocast); compile 0|1 (``torch.compile`` of the net
 threads (CPU); device; ema 0|1; optimizer default|foreach|forloop (``default`` = ``dalle2.lit.optim.default_adamw``:
 the fused kernel, on CPU too); compare <flag> (run the flag off and on in one process, steps interleaved, and report
 the speed ratio: channels_last, compile, precision, optimizer, ema, threads 1 vs 2); peak_tflops (for MFU; default by GPU name);
-profile N (print the N top ops of one profiled step to stderr).
+profile N (print the N top ops of one profiled step to stderr); crop (upsampler: train on random crops of that side, e.g.
+``config=sr256_1024 crop=256``, the paper's quarter-size crops).
 
 The loss is the library's: ``GaussianDiffusion.training_losses`` with the stage's diffusion settings
 (``conf/stage/*.yaml``) and the modules' conditioning drops, or ``ClipLoss``.  Model FLOPs per step (forward +
@@ -52,6 +53,7 @@ DEFAULTS = {
     "seed": 0,
     "flops": True,
     "profile": 0,
+    "crop": 0,
     "out": None,
 }
 COMPARABLE = {
@@ -86,7 +88,7 @@ class Runner:
         torch.manual_seed(a["seed"])
         self.a, self.device = a, device
         self.setup = s = setup_stage(
-            a["stage"], a["config"], a["batch"] or None, device, channels_last=a["channels_last"]
+            a["stage"], a["config"], a["batch"] or None, device, channels_last=a["channels_last"], crop=a["crop"]
         )
         self.net = s.net.train()
         groups = param_groups(self.net, weight_decay=a["weight_decay"])

@@ -53,8 +53,9 @@ class SamplingSettings:
             elif not isinstance(st, StageSettings):
                 raise TypeError(f"SamplingSettings.{name} must be StageSettings or a dict, got {type(st).__name__}")
             st = getattr(self, name)
-            if int(st.steps) < 1:
-                raise ValueError(f"{name}.steps must be >= 1, got {st.steps}")
+            least = 0 if name == "upsampler" else 1  # upsampler steps 0: its deterministic estimate alone
+            if int(st.steps) < least:
+                raise ValueError(f"{name}.steps must be >= {least}, got {st.steps}")
         if self.upsampler.guidance_scale != 1.0:
             raise ValueError("the upsamplers have no classifier-free guidance: upsampler.guidance_scale must be 1")
         if int(self.n_prior_samples) < 1:

@@ -8,7 +8,7 @@ upsampler's output size (the real high-res pictures) and at its input size, the 
 on and so the kind of image the pipeline gives the upsampler.  Each low-res picture is upsampled by bicubic and by
 the upsampler (EMA weights, DDIM ``--steps``, seeded per picture), and each set is scored against the real pictures
 (``dalle2.decoder.sr_eval.compare_upsampling``; an upsampler with a regression mean also gets a row for that estimate
-alone, ``sr_mean_only``): PSNR, the edge blend width (the strict checker's, in px, and its
+alone, ``sr_mean_only``, and one started from the noised estimate the whole chain from noise, ``sr_whole_chain``): PSNR, the edge blend width (the strict checker's, in px, and its
 ratio to the real pictures'), the strict checker (``strict/all``: every attribute, sharpness included) and the
 lenient one.  ``--split val`` while choosing settings, ``--split test`` for the figures you report.  Written with
 ``dalle2.results.write_result`` (the command, git sha, machine, the checkpoint's sha256).
@@ -88,13 +88,16 @@ def main(argv: list[str] | None = None) -> dict:
     candidates = {"bicubic": bicubic(lo["image"], stage.image_size), "sr": sr}
     if callable(getattr(stage.net, "regression_mean", None)):  # its deterministic estimate alone, for comparison
         candidates["sr_mean_only"] = upsample_all(stage, lo["image"], steps=0, **kw)
+    start_t = stage.sample_start_t if a.start_t is None else a.start_t
+    if a.steps > 0 and start_t is not None and start_t >= 0:  # and the whole chain from noise (start_t=-1)
+        candidates["sr_whole_chain"] = upsample_all(stage, lo["image"], steps=a.steps, start_t=-1, **kw)
     rows = compare_upsampling(hi["image"], candidates, attributes)
     figures = {
         "rows": rows,
         "stage": f"{stage.lowres_size} -> {stage.image_size} px",
         "num": len(attributes),
         "steps": a.steps,
-        "start_t": stage.sample_start_t if a.start_t is None else a.start_t,
+        "start_t": start_t,
         "aug_level": stage.sample_aug_level if a.aug_level is None else a.aug_level,
         "sr_seconds_per_image": {k: v / len(attributes) for k, v in seconds.items()},
     }
