@@ -53,6 +53,9 @@ for stage in prior decoder upsampler; do
   step "train_$stage" "$T_TRAIN" "$PY" bench/train_step.py stage=$stage "${cfg[@]}" "${STEPS[@]}" device=$DEVICE \
     precision=$PRECISION compare=compile --out "$WORK/train_$stage.json"
 done
+# the 256 -> 1024 SR at paper width (254 M params) on the paper's quarter-size crops: step time and peak memory
+step train_sr256_1024 "$T_TRAIN" "$PY" bench/train_step.py stage=upsampler config=sr256_1024 crop=256 batch=4 \
+  "${STEPS[@]}" device=$DEVICE precision=$PRECISION --out "$WORK/train_sr256_1024.json"
 step sample "$T_SAMPLE" "$PY" bench/sample.py stages=decoder,upsampler samplers=ddim "${SAMPLE[@]}" device=$DEVICE \
   precision=$PRECISION --out "$WORK/sample.json"
 

@@ -12,7 +12,8 @@ threads (CPU); device; ema 0|1; optimizer default|foreach|forloop (``default`` =
 the fused kernel, on CPU too); compare <flag> (run the flag off and on in one process, steps interleaved, and report
 the speed ratio: channels_last, compile, precision, optimizer, ema, threads 1 vs 2); peak_tflops (for MFU; default by GPU name);
 profile N (print the N top ops of one profiled step to stderr); crop (upsampler: train on random crops of that side, e.g.
-``config=sr256_1024 crop=256``, the paper's quarter-size crops).
+``config=sr256_1024 crop=256``, the paper's quarter-size crops); result (also write a results file,
+``dalle2.results.write_result``).
 
 The loss is the library's: ``GaussianDiffusion.training_losses`` with the stage's diffusion settings
 (``conf/stage/*.yaml``) and the modules' conditioning drops, or ``ClipLoss``.  Model FLOPs per step (forward +
@@ -55,6 +56,7 @@ DEFAULTS = {
     "profile": 0,
     "crop": 0,
     "out": None,
+    "result": None,
 }
 COMPARABLE = {
     "channels_last": (False, True),
@@ -213,6 +215,10 @@ def main(argv: list[str] | None = None) -> dict:
         result.update(result_for(runners[0], times[0], a, device, flops))
     result.update(peak_memory(device))
     result.update(machine_info(device))
+    if a["result"]:  # a results file (dalle2.results.write_result: the command, git sha, machine)
+        from dalle2.results import write_result
+
+        write_result(a["result"], result, notes="the machine may be shared: s_per_step is wall time")
     return emit(result, a["out"])
 
 

@@ -195,3 +195,16 @@ def test_fused_adamw_allows_clipping_under_mixed_precision():
     )
     trainer.fit(M(), data)
     assert trainer.global_step == 2 and trainer.optimizers[0].defaults["fused"] is True
+
+
+def test_train_step_on_sr_crops_counts_the_crops_flops_and_writes_a_results_file(tmp_path):
+    # crop=: the SR stage trains on random crops (the paper's quarter-size ones): the step's FLOPs are the crop's,
+    # a quarter of the whole picture's at half the side, and result= writes a results file (command, sha, machine)
+    args = ["stage=upsampler", "config=tiny_sr32_64", "batch=1", "steps=1", "warmup=0", "threads=1"]
+    whole = bench_train.main(args)
+    out = tmp_path / "r.json"
+    cropped = bench_train.main([*args, "crop=32", f"result={out}"])
+    assert cropped["train_crop_size"] == 32 and whole["train_crop_size"] is None
+    assert 0.15 < cropped["flops_per_step"] / whole["flops_per_step"] < 0.35
+    saved = json.loads(out.read_text())
+    assert saved["figures"]["flops_per_step"] == cropped["flops_per_step"] and saved["git_sha"]
