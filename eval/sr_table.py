@@ -1,14 +1,15 @@
 """Does the super-resolution stage beat bicubic?  Real / bicubic / SR on held-out built-in pictures.
 
     python eval/sr_table.py --upsampler demo_out/upsampler/checkpoints/last.ckpt --split test --num 256 \
-        --out results/sr_table.json [--md sr_table.md] [--steps 7] [--aug-level 0] [--start-t 100]
+        --out results/sr_table.json [--md sr_table.md] [--steps 7] [--aug-level 0] [--start-t 100] [--whole-chain 7]
 
 The first ``--num`` pictures of the split are read twice through the data loader (``load_rgb``): at the
 upsampler's output size (the real high-res pictures) and at its input size, the view the base decoder is trained
 on and so the kind of image the pipeline gives the upsampler.  Each low-res picture is upsampled by bicubic and by
 the upsampler (EMA weights, DDIM ``--steps``, seeded per picture), and each set is scored against the real pictures
-(``dalle2.decoder.sr_eval.compare_upsampling``; an upsampler with a regression mean also gets a row for that estimate
-alone, ``sr_mean_only``, and one started from the noised estimate the whole chain from noise, ``sr_whole_chain``): PSNR, the edge blend width (the strict checker's, in px, and its
+(``dalle2.decoder.sr_eval.compare_upsampling``; an upsampler with a regression mean also gets rows for the other
+ways to sample it: the estimate alone ``sr_mean_only``, refined from the noised estimate ``sr_refined``
+(``--refined``), the whole chain from noise ``sr_whole_chain`` (``--whole-chain``)): PSNR, the edge blend width (the strict checker's, in px, and its
 ratio to the real pictures'), the strict checker (``strict/all``: every attribute, sharpness included) and the
 lenient one.  ``--split val`` while choosing settings, ``--split test`` for the figures you report.  Written with
 ``dalle2.results.write_result`` (the command, git sha, machine, the checkpoint's sha256).
@@ -71,6 +72,18 @@ def main(argv: list[str] | None = None) -> dict:
         "sample_start_t; -1: the whole chain)",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--whole-chain",
+        type=int,
+        default=7,
+        help="an upsampler with a regression mean: also a row sampled by the whole chain from noise, this many "
+        "steps (0: no such row)",
+    )
+    p.add_argument(
+        "--refined",
+        default="3:100",
+        help="STEPS:START_T: also a row refined from the estimate noised to START_T in STEPS steps (0:0: none)",
+    )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--out", default=None, help="results JSON (dalle2.results.write_result)")
     p.add_argument("--md", default=None, help="also write the table as Markdown")
@@ -86,11 +99,15 @@ def main(argv: list[str] | None = None) -> dict:
     sr = upsample_all(stage, lo["image"], steps=a.steps, start_t=a.start_t, **kw)
     seconds = {"wall_s": time.time() - t0, "cpu_s": time.process_time() - cpu0}
     candidates = {"bicubic": bicubic(lo["image"], stage.image_size), "sr": sr}
-    if callable(getattr(stage.net, "regression_mean", None)):  # its deterministic estimate alone, for comparison
-        candidates["sr_mean_only"] = upsample_all(stage, lo["image"], steps=0, **kw)
     start_t = stage.sample_start_t if a.start_t is None else a.start_t
-    if a.steps > 0 and start_t is not None and start_t >= 0:  # and the whole chain from noise (start_t=-1)
-        candidates["sr_whole_chain"] = upsample_all(stage, lo["image"], steps=a.steps, start_t=-1, **kw)
+    if callable(getattr(stage.net, "regression_mean", None)):  # the other ways to sample it, for comparison
+        if a.steps > 0:
+            candidates["sr_mean_only"] = upsample_all(stage, lo["image"], steps=0, **kw)
+        steps, start = (int(v) for v in a.refined.split(":"))
+        if steps > 0 and (a.steps, start_t) != (steps, start):
+            candidates["sr_refined"] = upsample_all(stage, lo["image"], steps=steps, start_t=start, **kw)
+        if a.whole_chain > 0 and (a.steps == 0 or (start_t is not None and start_t >= 0)):
+            candidates["sr_whole_chain"] = upsample_all(stage, lo["image"], steps=a.whole_chain, start_t=-1, **kw)
     rows = compare_upsampling(hi["image"], candidates, attributes)
     figures = {
         "rows": rows,

@@ -70,3 +70,19 @@ def test_sr_table_cli_writes_a_results_file(shards, tmp_path):
     assert set(rows) == {"real", "bicubic", "sr"} and res["figures"]["stage"] == "16 -> 64 px"
     assert rows["sr"]["psnr"] < rows["bicubic"]["psnr"]  # an untrained upsampler: worse than bicubic, and it shows
     assert "upsampler" in json.dumps(res.get("checkpoints", {})) and res["split"] == "test"
+
+
+def test_sr_table_of_an_upsampler_with_a_regression_mean_compares_its_ways_to_sample(shards, tmp_path):
+    from helpers.cascade import SR_NET
+
+    net = {**SR_NET, "regression_mean": {"channels": 8, "layers": 2}}
+    m = tiny_upsampler(lowres_size=16, image_size=64, network=net, residual=True, residual_gain=8.0)
+    ckpt = save_module(m, tmp_path / "up.ckpt")  # unperturbed: the mean starts at bicubic
+    out = tmp_path / "sr_table.json"
+    args = ["--upsampler", ckpt, "--urls", shards["test"], "--num", "4", "--out", str(out)]
+    proc = run_script("eval/sr_table.py", *args, "--steps", "0", "--whole-chain", "2", "--refined", "2:10", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["figures"]["rows"]
+    assert set(rows) == {"real", "bicubic", "sr", "sr_refined", "sr_whole_chain"}
+    # the estimate of a mean network that has not been trained is bicubic (its last layer starts at zero)
+    assert rows["sr"]["psnr"] == pytest.approx(rows["bicubic"]["psnr"], abs=0.05)
