@@ -58,8 +58,9 @@ DEMO_EXPERIMENT ?= demo
 DEMO_OVERRIDES ?=
 
 # The whole stack on the built-in data (2 CPU cores; time measured in results/demo.json): CLIP -> retrieval eval -> embedding
-# shards -> prior -> 64 px decoder -> samples of 64 held-out captions -> FID/CLIP-FD/CLIP score, lenient and strict
-# checkers -> $(DEMO_OUT)/report.md (DEMO_EXPERIMENT=demo_cascade: 32 px decoder + upsampler). Finished stages are
+# shards -> prior -> 64 px decoder -> 64 -> 256 px upsampler -> 256 px samples of 64 held-out captions -> FID/CLIP-FD/
+# CLIP score, lenient and strict checkers -> $(DEMO_OUT)/report.md (DEMO_EXPERIMENT=demo_cascade: 32 px decoder +
+# 32 -> 64 upsampler). Finished stages are
 # skipped when rerun; e.g.
 #   make demo DEMO_OVERRIDES="decoder.trainer.max_steps=6000 force=[decoder]"
 demo: $(STAMP)
