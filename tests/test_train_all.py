@@ -207,16 +207,18 @@ def test_reported_figures_use_the_test_split_and_val_is_for_choosing(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "experiment, decoder_experiment, clip_precision",
-    [("demo", "decoder_tiny64_lite", "bf16-mixed-if-native"), ("demo64", "decoder_tiny64", None)],
+    "experiment, decoder_experiment, clip_precision, cascade",
+    [("demo", "decoder_tiny64_lite", "bf16-mixed-if-native", True), ("demo64", "decoder_tiny64", None, False)],
 )
-def test_64_px_demos_plan_a_64_px_decoder_and_no_upsampler(tmp_path, experiment, decoder_experiment, clip_precision):
-    """demo: the lighter bf16 decoder for 4500 steps, CLIP in bf16 too; demo64: the fp32 reference (the cascade
-    demo's CLIP); both stop the cascade at the decoder."""
+def test_demos_plan_a_64_px_decoder_and_the_demo_the_64_to_256_upsampler(
+    tmp_path, experiment, decoder_experiment, clip_precision, cascade
+):
+    """demo: the lighter bf16 decoder for 4500 steps, CLIP in bf16 too, then the 64 -> 256 SR sampled by its mean
+    (steps 0); demo64: the fp32 reference, stopping the cascade at the decoder."""
     cfg = compose([f"experiment={experiment}", f"out_dir={tmp_path}", "dry_run=true", "report=false"])
     summary = run(cfg)
     assert [s for s in STAGES if summary.get(s, {}).get("status") == "would run"] == [
-        s for s in STAGES if s != "upsampler"
+        s for s in STAGES if cascade or s != "upsampler"
     ]  # score_clip included: the CLIP score comes from an independent CLIP
     plan = train_all.Plan(cfg)
     decoder, clip = plan.build("decoder").commands[0], plan.build("clip").commands[0]
@@ -225,7 +227,12 @@ def test_64_px_demos_plan_a_64_px_decoder_and_no_upsampler(tmp_path, experiment,
     assert [a for a in clip if "precision" in a] == (
         [f"++trainer.precision={clip_precision}"] if clip_precision else []
     )
-    assert "ckpt.upsamplers=[]" in plan.build("sample").commands[0]
+    sample = plan.build("sample").commands[0]
+    if cascade:
+        assert "experiment=upsampler_64_256" in plan.build("upsampler").commands[0]
+        assert "ckpt.upsamplers=[]" not in sample and any("steps.upsampler=0" in a for a in sample)
+    else:
+        assert "ckpt.upsamplers=[]" in sample
 
 
 def test_unknown_stage_is_a_clear_error(tmp_path):
