@@ -139,3 +139,19 @@ def test_a_chain_started_at_start_t_refines_the_estimate_in_the_steps_asked():
     seen.clear()
     m.upsample(lo, steps=2, start_t=-1, generator=torch.Generator().manual_seed(0))
     assert seen[0] > 20 and seen[-1] == 0
+
+
+def test_the_training_loss_is_the_diffusions_plus_the_means_and_reaches_both_networks():
+    m = upsampler()
+    batch = {"image": torch.rand(2, 3, 64, 64) * 2 - 1}
+    torch.manual_seed(0)
+    x0, kw, extra = m.inputs_and_losses(batch, train=True)
+    diffusion = m.diffusion.training_losses(m.net, x0, model_kwargs=kw)["loss"]
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="self.trainer"):  # logging without a Trainer
+        loss = m.training_step(batch, 0)
+    assert set(extra) == {"loss/mean"}
+    torch.testing.assert_close(loss, diffusion + extra["loss/mean"])
+    loss.backward()
+    assert all(p.grad is not None for p in m.net.mean.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.net.unet.parameters())

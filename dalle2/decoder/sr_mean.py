@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dalle2.decoder.sampling import residual_base
+
 __all__ = ["RegressionMean", "MeanResidualSR"]
 
 
@@ -51,12 +53,8 @@ class RegressionMean(nn.Module):
         """The predicted ``(image - bicubic(low-res)) * gain``, ``(B, C, h * scale, w * scale)``."""
         return F.pixel_shuffle(self.body(lowres), self.scale)
 
-    def bicubic(self, lowres: Tensor) -> Tensor:
-        size = (lowres.shape[-2] * self.scale, lowres.shape[-1] * self.scale)
-        return F.interpolate(lowres.float(), size=size, mode="bicubic", align_corners=False)
-
     def forward(self, lowres: Tensor) -> Tensor:
-        return self.bicubic(lowres) + self.residual(lowres).float() / self.gain
+        return residual_base(lowres, self.scale, residual=True) + self.residual(lowres).float() / self.gain
 
 
 class MeanResidualSR(nn.Module):

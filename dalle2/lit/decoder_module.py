@@ -45,6 +45,15 @@ from dalle2.seeding import mix_seed
 __all__ = ["DecoderModule", "UpsamplerModule", "psnr", "downsample"]
 
 
+def add_losses(losses: dict[str, Tensor], extra: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The diffusion's ``losses`` plus a stage's own: ``loss`` becomes their sum, ``loss/diffusion`` keeps the
+    diffusion's part, each extra one is logged under its name (detached)."""
+    out = {**losses, "loss/diffusion": losses["loss"].detach()}
+    out.update({k: v.detach() for k, v in extra.items()})
+    out["loss"] = losses["loss"] + sum(extra.values())
+    return out
+
+
 class _CascadeStageModule(DiffusionStageModule):
     """What the decoder and the upsamplers share: the UNet, its EMA, channels-last, the EMA validation loss."""
 
@@ -75,9 +84,20 @@ class _CascadeStageModule(DiffusionStageModule):
     def model_kwargs(self, batch: dict, *, train: bool, generator: torch.Generator | None = None) -> dict:
         raise NotImplementedError
 
+    def inputs_and_losses(
+        self, batch: dict, *, train: bool, generator: torch.Generator | None = None, use_ema: bool = False
+    ) -> tuple[Tensor, dict, dict[str, Tensor]]:
+        """:meth:`training_inputs` and the stage's losses besides the diffusion's (``{"loss/<name>": scalar}``, added
+        to the loss; none here), computed with the EMA network when ``use_ema``."""
+        x0, kwargs = self.training_inputs(batch, train=train, generator=generator)
+        return x0, kwargs, {}
+
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        x0, kwargs = self.training_inputs(batch, train=True)
+        x0, kwargs, extra = self.inputs_and_losses(batch, train=True)
         losses, per_sample = self.diffusion.training_losses(self.net, x0, model_kwargs=kwargs, return_per_sample=True)
+        if extra:
+            losses = add_losses(losses, extra)
+            per_sample["loss"] = per_sample["loss"] + sum(v.detach() for v in extra.values())
         # a non-finite loss is skipped and counted by dalle2.lit.fault_tolerance.NonFiniteGuard (callbacks.nonfinite)
         self.log_losses(losses, per_sample)
         return losses["loss"]
@@ -85,8 +105,9 @@ class _CascadeStageModule(DiffusionStageModule):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         # fixed noise/timesteps per batch so that val/loss is comparable between evaluations
         gen = torch.Generator(device=self.device).manual_seed(mix_seed(batch_idx, self.global_rank))
-        x0, kwargs = self.training_inputs(batch, train=False, generator=gen)
+        x0, kwargs, extra = self.inputs_and_losses(batch, train=False, generator=gen, use_ema=True)
         losses = self.diffusion.training_losses(self.ema_net, x0, generator=gen, model_kwargs=kwargs)
+        losses.update(extra)  # logged beside val/loss (the diffusion's, comparable across stages), not added to it
         self.log_val({f"val/{k}": v for k, v in losses.items()}, x0.shape[0])
 
     def preview(self, batch: dict, **kwargs: Any) -> dict:
@@ -395,9 +416,8 @@ class UpsamplerModule(_CascadeStageModule):
         if not 0 <= sample_aug_level <= self.lowres_aug.num_levels:
             raise ValueError(f"sample_aug_level must be in [0, {self.lowres_aug.num_levels}], got {sample_aug_level}")
         self.sample_aug_level = int(sample_aug_level)
-        if (
-            network.get("regression_mean") is not None
-        ):  # dalle2.decoder.sr_mean: the diffusion refines a regression mean
+        # dalle2.decoder.sr_mean: the diffusion refines a regression mean
+        if network.get("regression_mean") is not None:
             if not residual:
                 raise ValueError("network.regression_mean needs residual: true (the diffusion models image - mean)")
             mean = {"scale": self.scale, "gain": residual_gain, **network["regression_mean"]}
@@ -457,24 +477,11 @@ class UpsamplerModule(_CascadeStageModule):
         x0, kwargs, _ = self.sr_inputs(batch, train=train, generator=generator)
         return x0, kwargs
 
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        x0, kwargs, mean_loss = self.sr_inputs(batch, train=True)
-        losses, per_sample = self.diffusion.training_losses(self.net, x0, model_kwargs=kwargs, return_per_sample=True)
-        if mean_loss is not None:  # the regression mean's MSE, on the residual over bicubic times its gain
-            losses["loss/diffusion"] = losses["loss"].detach()
-            losses["loss/mean"] = mean_loss.detach()
-            losses["loss"] = losses["loss"] + mean_loss
-            per_sample["loss"] = per_sample["loss"] + mean_loss.detach()
-        self.log_losses(losses, per_sample)
-        return losses["loss"]
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        gen = torch.Generator(device=self.device).manual_seed(mix_seed(batch_idx, self.global_rank))
-        x0, kwargs, mean_loss = self.sr_inputs(batch, train=False, generator=gen, use_ema=True)
-        losses = self.diffusion.training_losses(self.ema_net, x0, generator=gen, model_kwargs=kwargs)
-        if mean_loss is not None:
-            losses["mean_loss"] = mean_loss
-        self.log_val({f"val/{k}": v for k, v in losses.items()}, x0.shape[0])
+    def inputs_and_losses(
+        self, batch: dict, *, train: bool, generator: torch.Generator | None = None, use_ema: bool = False
+    ) -> tuple[Tensor, dict, dict[str, Tensor]]:
+        x0, kwargs, mean_loss = self.sr_inputs(batch, train=train, generator=generator, use_ema=use_ema)
+        return x0, kwargs, ({} if mean_loss is None else {"loss/mean": mean_loss})
 
     def sr_inputs(
         self, batch: dict, *, train: bool, generator: torch.Generator | None = None, use_ema: bool = False
